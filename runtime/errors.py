@@ -1,0 +1,21 @@
+"""Errors a user can cause. The CLI prints them as one line and exits 2, without a traceback."""
+
+
+class DscompileError(Exception):
+    """Base of every error caused by user input (files, options, shapes)."""
+
+
+class CheckpointError(DscompileError):
+    """A checkpoint folder, its config or one of its tensors is missing, corrupt or unsupported."""
+
+
+class ConfigError(DscompileError):
+    """A config.json field is missing, contradictory or unsupported."""
+
+
+class EngineError(DscompileError):
+    """An engine folder (OUT) is missing, corrupt, or given inputs it cannot take."""
+
+
+class OptionError(DscompileError):
+    """A command-line option has a value outside what the command accepts."""
