@@ -1,0 +1,190 @@
+"""`dsc::moe`: a whole DeepSeekMoE layer as one op (routing, dispatch, experts, combine, shared).
+
+    out = Σ_k w[t,k] · expert_{idx[t,k]}(x[t]) + shared(x[t])
+    expert_e(x) = w2[e] @ (silu(w1[e] @ x) * (w3[e] @ x))
+
+`route` is the gate (DeepSeek-V2 softmax "greedy" / "group_limited_greedy", DeepSeek-V3 sigmoid
+"noaux_tc"); `moe_experts_reference` really dispatches: tokens are grouped by expert and only the
+chosen experts run, on their tokens. On CUDA the experts run as Triton grouped GEMMs
+(`triton_kernels.py`) when Triton is importable.
+
+Shapes: T tokens (all leading dims of x flattened), D hidden, E routed experts, K active experts
+per token (top_k), I expert intermediate size, Is shared intermediate size (n_shared * I).
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+
+
+def check_routing_args(num_experts: int, top_k: int, n_group: int, topk_group: int,
+                       topk_method: str) -> None:
+    """Raises ValueError naming the routing argument that cannot work with E experts."""
+    if topk_method not in TOPK_METHODS:
+        raise ValueError(f"moe: topk_method={topk_method!r} is not one of {TOPK_METHODS}")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"moe: top_k={top_k} must be in [1, E={num_experts}]")
+    if n_group < 1 or num_experts % n_group != 0:
+        raise ValueError(f"moe: n_group={n_group} must divide the number of experts "
+                         f"E={num_experts}")
+    if not 1 <= topk_group <= n_group:
+        raise ValueError(f"moe: topk_group={topk_group} must be in [1, n_group={n_group}]")
+    if topk_method != "greedy" and top_k > topk_group * (num_experts // n_group):
+        # Otherwise top-k would have to pick experts of groups that were just masked out.
+        raise ValueError(f"moe: top_k={top_k} exceeds the {topk_group * (num_experts // n_group)}"
+                         f" experts of topk_group={topk_group} groups")
+
+
+def _keep_best_groups(choice: Tensor, group_scores: Tensor, topk_group: int) -> Tensor:
+    """-inf (never 0: choices can be negative) for the experts outside the best groups."""
+    T, n_group = group_scores.shape
+    best = group_scores.topk(topk_group, dim=-1, sorted=False).indices     # [T, topk_group]
+    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+    keep = keep.unsqueeze(-1).expand(T, n_group, choice.shape[-1] // n_group)
+    return choice.masked_fill(~keep.reshape(choice.shape), float("-inf"))
+
+
+def route(x2d: Tensor, gate_weight: Tensor, bias: Optional[Tensor], top_k: int, n_group: int,
+          topk_group: int, topk_method: str, norm_topk_prob: bool,
+          routed_scaling_factor: float) -> tuple[Tensor, Tensor]:
+    """DeepSeek gate in float32: returns (weights [T, K] float32, expert ids [T, K] int64)."""
+    E = gate_weight.shape[0]
+    check_routing_args(E, top_k, n_group, topk_group, topk_method)
+    T = x2d.shape[0]
+    logits = x2d.float() @ gate_weight.float().t()                          # [T, E]
+    if topk_method == "noaux_tc":
+        scores = logits.sigmoid()
+        choice = scores if bias is None else scores + bias.float()
+        grouped = choice.view(T, n_group, E // n_group)
+        group_scores = grouped.topk(min(2, E // n_group), dim=-1).values.sum(-1)  # [T, n_group]
+        choice = _keep_best_groups(choice, group_scores, topk_group)
+        idx = choice.topk(top_k, dim=-1).indices
+        weights = scores.gather(1, idx)
+        if norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * routed_scaling_factor, idx
+
+    scores = logits.softmax(dim=-1)
+    choice = scores
+    if topk_method == "group_limited_greedy":
+        group_scores = scores.view(T, n_group, E // n_group).amax(dim=-1)  # [T, n_group]
+        choice = _keep_best_groups(scores, group_scores, topk_group)
+    idx = choice.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, idx)
+    # DeepSeek-V2's published gate scales only when it does not normalize.
+    if norm_topk_prob and top_k > 1:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    else:
+        weights = weights * routed_scaling_factor
+    return weights, idx
+
+
+def check_expert_weights(x2d: Tensor, w1: Tensor, w2: Tensor, w3: Tensor) -> None:
+    """Raises ValueError naming the expert weight whose shape does not match x and w1."""
+    if w1.dim() != 3:
+        raise ValueError(f"moe: w1 must be [E, I, D], got shape {tuple(w1.shape)}")
+    E, I, D = w1.shape
+    if x2d.shape[-1] != D:
+        raise ValueError(f"moe: x has hidden size {x2d.shape[-1]} but w1 {tuple(w1.shape)} "
+                         f"expects D={D}")
+    for name, t, shape in (("w3", w3, (E, I, D)), ("w2", w2, (E, D, I))):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"moe: {name} has shape {tuple(t.shape)}, expected {shape}")
+
+
+def moe_experts_reference(x2d: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, weights: Tensor,
+                          idx: Tensor) -> Tensor:
+    """Routed experts with real dispatch: Σ_k weights[t,k]·expert_idx[t,k](x[t]) as [T, D] float32.
+
+    Each expert runs once, in x's dtype, on the tokens routed to it; experts without tokens cost
+    nothing. The weighted combine accumulates in float32.
+    """
+    T, K = idx.shape
+    E = w1.shape[0]
+    flat = idx.reshape(-1)                                    # [T*K], entry j = (token j//K)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=E)
+    token_of = order // K
+    weight_of = weights.reshape(-1)[order].float()
+    out = torch.zeros(T, x2d.shape[-1], dtype=torch.float32, device=x2d.device)
+    start = 0
+    # Host loop over experts is the point here: it is the dispatch, not a trace-time graph.
+    for e, n in enumerate(counts.tolist()):
+        if n == 0:
+            continue
+        tokens = token_of[start:start + n]
+        xe = x2d[tokens]                                      # [n, D]
+        h = F.silu(xe @ w1[e].t()) * (xe @ w3[e].t())         # [n, I]
+        ye = h @ w2[e].t()                                    # [n, D]
+        out.index_add_(0, tokens, ye.float() * weight_of[start:start + n, None])
+        start += n
+    return out
+
+
+def _shared_mlp(x2d: Tensor, w1: Tensor, w2: Tensor, w3: Tensor) -> Tensor:
+    return F.linear(F.silu(F.linear(x2d, w1)) * F.linear(x2d, w3), w2)
+
+
+def _check_shared(shared_w1: Optional[Tensor], shared_w2: Optional[Tensor],
+                  shared_w3: Optional[Tensor]) -> bool:
+    given = [w is not None for w in (shared_w1, shared_w2, shared_w3)]
+    if any(given) and not all(given):
+        raise ValueError("moe: shared_w1, shared_w2 and shared_w3 must all be given or all be "
+                         f"None, got given={given}")
+    return all(given)
+
+
+def moe_reference(x: Tensor, gate_weight: Tensor, e_score_correction_bias: Optional[Tensor],
+                  w1: Tensor, w2: Tensor, w3: Tensor, shared_w1: Optional[Tensor],
+                  shared_w2: Optional[Tensor], shared_w3: Optional[Tensor], top_k: int,
+                  n_group: int, topk_group: int, topk_method: str, norm_topk_prob: bool,
+                  routed_scaling_factor: float, experts=moe_experts_reference) -> Tensor:
+    """The op's definition; `experts` swaps in another implementation of the routed experts."""
+    has_shared = _check_shared(shared_w1, shared_w2, shared_w3)
+    x2d = x.reshape(-1, x.shape[-1])                          # [T, D]
+    check_expert_weights(x2d, w1, w2, w3)
+    weights, idx = route(x2d, gate_weight, e_score_correction_bias, top_k, n_group, topk_group,
+                         topk_method, norm_topk_prob, routed_scaling_factor)
+    out = experts(x2d, w1, w2, w3, weights, idx)             # [T, D] float32
+    if has_shared:
+        out = out + _shared_mlp(x2d, shared_w1, shared_w2, shared_w3).float()
+    return out.to(x.dtype).reshape(x.shape)
+
+
+@torch.library.custom_op("dsc::moe", mutates_args=())
+def moe(x: Tensor, gate_weight: Tensor, e_score_correction_bias: Optional[Tensor], w1: Tensor,
+        w2: Tensor, w3: Tensor, shared_w1: Optional[Tensor], shared_w2: Optional[Tensor],
+        shared_w3: Optional[Tensor], top_k: int, n_group: int, topk_group: int,
+        topk_method: str, norm_topk_prob: bool, routed_scaling_factor: float) -> Tensor:
+    """DeepSeekMoE layer: gate, top-k dispatch, routed experts, weighted combine, shared experts."""
+    return moe_reference(x, gate_weight, e_score_correction_bias, w1, w2, w3, shared_w1,
+                         shared_w2, shared_w3, top_k, n_group, topk_group, topk_method,
+                         norm_topk_prob, routed_scaling_factor)
+
+
+@moe.register_fake
+def _moe_fake(x, gate_weight, e_score_correction_bias, w1, w2, w3, shared_w1, shared_w2,
+              shared_w3, top_k, n_group, topk_group, topk_method, norm_topk_prob,
+              routed_scaling_factor):
+    # Argument errors surface at export time too, not only when the engine first runs.
+    check_routing_args(gate_weight.shape[0], top_k, n_group, topk_group, topk_method)
+    _check_shared(shared_w1, shared_w2, shared_w3)
+    return torch.empty_like(x)
+
+
+@moe.register_kernel("cuda")
+def _moe_cuda(x, gate_weight, e_score_correction_bias, w1, w2, w3, shared_w1, shared_w2,
+              shared_w3, top_k, n_group, topk_group, topk_method, norm_topk_prob,
+              routed_scaling_factor):
+    try:
+        from .triton_kernels import triton_moe_experts
+    except ImportError:
+        # Without Triton the op must still run: its definition dispatches in torch.
+        triton_moe_experts = moe_experts_reference
+    return moe_reference(x, gate_weight, e_score_correction_bias, w1, w2, w3, shared_w1,
+                         shared_w2, shared_w3, top_k, n_group, topk_group, topk_method,
+                         norm_topk_prob, routed_scaling_factor, experts=triton_moe_experts)
