@@ -1,0 +1,404 @@
+"""Build TensorRT engines (`prefill.engine`, `decode.engine`) from an OUT folder's ONNX graphs.
+
+The official TensorRT Python API does the work: `trt.OnnxParser` reads `prefill.onnx` /
+`decode.onnx` (external weights are found next to the file), one optimization profile per graph
+covers the dynamic dims of the engine contract, and `builder.build_serialized_network` produces the
+plan, written atomically into OUT. The returned dict is the manifest's "tensorrt" section
+(documented in `runtime/trt_engine.py`, which loads and runs the engines).
+
+Custom ops: the `dsc` ops reach TensorRT already lowered to standard ONNX operators that its parser
+imports, so no plugin is needed. ONNX Runtime-targeted exports may use `com.microsoft` contrib ops
+(MoE, ...); the TensorRT parser has no importer for them, so they must not appear in an export meant
+for TensorRT. `build_engines` runs the static check (`exporter/trt_compat.py`) first and refuses
+with the first offending ops before any TensorRT work starts.
+
+Profiles (B batch, S new tokens, P past tokens, T = P + S):
+- prefill: B 1..max_batch, S 1..max_new_tokens, P 0..max_context-1, T 1..max_context. P == 0 (the
+  first step) is an empty tensor, which TensorRT accepts as a zero-length dimension.
+- decode: S == 1, P 1..max_context-1, T 2..max_context. The runtime only sends P > 0 to decode
+  (a first step is always prefill), so decode's profile need not include empty tensors.
+Kernels are tuned at `opt`: B = max_batch; prefill at P = 0 with S half of max_new_tokens (the
+common case: one prefill of a whole prompt); decode at P = half of max_context. `opt` is always a
+consistent point (T = P + S) so the builder tunes on a shape that really occurs.
+
+Precision: when the export's dtype (that of `past.0.kv_latent`) already is the requested precision,
+the network is created strongly typed (types come from the ONNX, as TensorRT 10 recommends). An fp32
+export built for fp16/bf16 uses the weakly typed network with `BuilderFlag.FP16`/`BF16` (deprecated
+since TensorRT 10.12, absent where TensorRT removed weak typing: then re-export in that dtype).
+
+`tensorrt` is imported only inside functions, through `require_tensorrt()`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import onnx
+
+from exporter.trt_compat import check_model
+from runtime.errors import DscompileError, EngineError, OptionError
+from runtime.trt_engine import GRAPHS, PRECISIONS, TRT_FORMAT, TensorRTUnavailable, require_tensorrt
+
+__all__ = [
+    "TensorRTBuildError",
+    "TensorRTUnavailable",
+    "require_tensorrt",
+    "validate_options",
+    "read_graph_io",
+    "compute_profile",
+    "network_mode",
+    "trt_section",
+    "build_engines",
+]
+
+_ONNX_DTYPE_PRECISION = {
+    onnx.TensorProto.FLOAT: "fp32",
+    onnx.TensorProto.FLOAT16: "fp16",
+    onnx.TensorProto.BFLOAT16: "bf16",
+}
+_PAST = re.compile(r"^past\.(\d+)\.(kv_latent|k_rope)$")
+_PRESENT = re.compile(r"^present\.(\d+)\.(kv_latent|k_rope)$")
+# Axis roles of each contract input: B batch, S new tokens, T = P + S, P past, "C" a static width.
+_ROLES = {"input_ids": ("B", "S"), "position_ids": ("B", "S"), "attention_mask": ("B", "T")}
+_PAST_ROLES = ("B", "P", "C")
+
+
+class TensorRTBuildError(DscompileError):
+    """TensorRT's ONNX parser or builder refused a graph of an OUT folder."""
+
+    def __init__(self, message: str, errors: list[str] | None = None):
+        super().__init__(message)
+        self.errors = errors or []  # every parser error, one line each, for the CLI to list
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    """Inputs and outputs of one ONNX graph: name -> (dims: int or None when dynamic, ONNX elem type)."""
+
+    path: Path
+    inputs: dict[str, tuple[tuple[int | None, ...], int]]
+    outputs: dict[str, tuple[tuple[int | None, ...], int]]
+
+    @property
+    def num_layers(self) -> int:
+        return len({m.group(1) for n in self.inputs if (m := _PAST.match(n))})
+
+    @property
+    def model_dtype(self) -> int:
+        return self.inputs["past.0.kv_latent"][1]
+
+
+def validate_options(
+    precision: str, max_batch: int, max_new_tokens: int, max_context: int, workspace_gb: float
+) -> None:
+    """OptionError naming the first option outside what a build accepts."""
+    if precision not in PRECISIONS:
+        raise OptionError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    sizes = (("--max-batch", max_batch), ("--max-new-tokens", max_new_tokens), ("--max-context", max_context))
+    for option, value in sizes:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise OptionError(f"{option} must be an integer >= 1, got {value!r}")
+    if max_context < max_new_tokens:
+        raise OptionError(f"--max-context ({max_context}) must be >= --max-new-tokens ({max_new_tokens})")
+    if max_context < 2:
+        raise OptionError(f"--max-context must be >= 2 so that decode has a past token, got {max_context}")
+    if not isinstance(workspace_gb, (int, float)) or not math.isfinite(workspace_gb) or workspace_gb <= 0:
+        raise OptionError(f"--workspace-gb must be a number > 0, got {workspace_gb!r}")
+
+
+def _dims(vi: onnx.ValueInfoProto) -> tuple[int | None, ...]:
+    dims = vi.type.tensor_type.shape.dim
+    return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims)
+
+
+def read_graph_io(path: str | os.PathLike, graph: str) -> GraphIO:
+    """Read a graph's IO from its ONNX file (weights not loaded) and check it follows the engine contract."""
+    path = Path(path)
+    if not path.is_file():
+        raise EngineError(f"{path}: no such ONNX file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends; the file name is what the user needs
+        raise EngineError(f"{path}: not a valid ONNX file ({type(e).__name__})") from None
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = {
+        vi.name: (_dims(vi), vi.type.tensor_type.elem_type) for vi in model.graph.input if vi.name not in initializers
+    }
+    outputs = {vi.name: (_dims(vi), vi.type.tensor_type.elem_type) for vi in model.graph.output}
+    io = GraphIO(path, inputs, outputs)
+    _check_contract(io, graph)
+    return io
+
+
+def _check_contract(io: GraphIO, graph: str) -> None:
+    where = io.path
+    for name in io.inputs:
+        if name not in _ROLES and not _PAST.match(name):
+            raise EngineError(
+                f"{where}: input '{name}' is not part of the engine contract "
+                "(input_ids, position_ids, attention_mask, past.{i}.kv_latent, past.{i}.k_rope)"
+            )
+    for name in _ROLES:
+        if name not in io.inputs:
+            raise EngineError(f"{where}: input '{name}' is missing")
+        dims = io.inputs[name][0]
+        if len(dims) != 2:
+            raise EngineError(f"{where}: input '{name}' must be 2D [B, {_ROLES[name][1]}], has {len(dims)} dims")
+    layers = sorted({int(m.group(1)) for n in io.inputs if (m := _PAST.match(n))})
+    if not layers or layers != list(range(len(layers))):
+        raise EngineError(f"{where}: past.{{i}}.* inputs must cover layers 0..L-1 (L >= 1), got {layers}")
+    for i in layers:
+        for kind in ("kv_latent", "k_rope"):
+            for prefix, table in (("past", io.inputs), ("present", io.outputs)):
+                name = f"{prefix}.{i}.{kind}"
+                if name not in table:
+                    raise EngineError(f"{where}: {'input' if prefix == 'past' else 'output'} '{name}' is missing")
+                dims = table[name][0]
+                if len(dims) != 3 or dims[2] is None:
+                    seq = "P" if prefix == "past" else "P+S"
+                    raise EngineError(f"{where}: '{name}' must be [B, {seq}, width] with a static width")
+    if "logits" not in io.outputs:
+        raise EngineError(f"{where}: output 'logits' is missing")
+    for name in io.outputs:
+        if name != "logits" and not _PRESENT.match(name):
+            raise EngineError(f"{where}: output '{name}' is not part of the engine contract")
+        if _PRESENT.match(name) and int(_PRESENT.match(name).group(1)) not in layers:
+            raise EngineError(f"{where}: output '{name}' has no matching past input")
+    if io.model_dtype not in _ONNX_DTYPE_PRECISION:
+        dtype = onnx.TensorProto.DataType.Name(io.model_dtype)
+        raise EngineError(f"{where}: cache dtype {dtype} is not float32/float16/bfloat16")
+    if graph == "decode":
+        s = io.inputs["input_ids"][0][1]
+        if s not in (None, 1):
+            raise EngineError(f"{where}: decode input_ids must have S == 1, has {s}")
+
+
+def _ranges(graph: str, max_batch: int, max_new_tokens: int, max_context: int) -> dict[str, tuple[int, int, int]]:
+    """(min, opt, max) per axis role; opt is a consistent point: T = P + S."""
+    if graph == "decode":
+        p_opt = max(1, max_context // 2)
+        return {"B": (1, max_batch, max_batch), "S": (1, 1, 1), "P": (1, p_opt, max_context - 1),
+                "T": (2, p_opt + 1, max_context)}
+    s_opt = max(1, max_new_tokens // 2)
+    return {"B": (1, max_batch, max_batch), "S": (1, s_opt, max_new_tokens), "P": (0, 0, max_context - 1),
+            "T": (1, s_opt, max_context)}
+
+
+def compute_profile(io: GraphIO, graph: str, *, max_batch: int, max_new_tokens: int, max_context: int
+                    ) -> dict[str, dict[str, list[int]]]:
+    """min/opt/max shapes for every input of one graph; static ONNX dims are kept as they are."""
+    ranges = _ranges(graph, max_batch, max_new_tokens, max_context)
+    profile = {}
+    for name, (dims, _) in io.inputs.items():
+        roles = _ROLES.get(name, _PAST_ROLES)
+        shape = {"min": [], "opt": [], "max": []}
+        for dim, role in zip(dims, roles):
+            lo, opt, hi = (dim, dim, dim) if dim is not None else ranges[role]
+            shape["min"].append(lo)
+            shape["opt"].append(opt)
+            shape["max"].append(hi)
+        profile[name] = shape
+    return profile
+
+
+def network_mode(export_dtype: int, precision: str) -> tuple[bool, str | None]:
+    """(strongly typed?, BuilderFlag name or None) for an export dtype and a requested precision."""
+    exported = _ONNX_DTYPE_PRECISION.get(export_dtype)
+    if exported == precision:
+        return True, None
+    if exported == "fp32" and precision in ("fp16", "bf16"):
+        return False, precision.upper()
+    raise OptionError(
+        f"--precision {precision} cannot be built from a {exported} export (TensorRT keeps exported "
+        f"low-precision types): use --precision {exported} or re-export in {precision}"
+    )
+
+
+def _graph_files(out: Path) -> dict[str, Path]:
+    """ONNX file per graph: the manifest's `graphs.<g>.file` where there is one, else `<g>.onnx`."""
+    files = {g: out / f"{g}.onnx" for g in GRAPHS}
+    manifest = out / "manifest.json"
+    if manifest.is_file():
+        try:
+            graphs = json.loads(manifest.read_text(encoding="utf-8")).get("graphs", {})
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            raise EngineError(f"{manifest}: not valid JSON") from None
+        for g in GRAPHS:
+            name = graphs.get(g, {}).get("file") if isinstance(graphs.get(g), dict) else None
+            if isinstance(name, str):
+                files[g] = out / name
+    return files
+
+
+def _refuse_incompatible(path: Path) -> None:
+    errors = [f for f in check_model(path) if f.severity == "error"]
+    if errors:
+        first = ", ".join(
+            f"{f.op_type if f.domain == 'ai.onnx' else f.domain + '::' + f.op_type} ({f.node})" for f in errors[:3]
+        )
+        more = f" and {len(errors) - 3} more" if len(errors) > 3 else ""
+        raise TensorRTBuildError(
+            f"{path}: not buildable by TensorRT: {first}{more}: {errors[0].reason} "
+            f"(details: dscompile inspect {path.parent} --trt-compat)"
+        )
+
+
+def _write_atomic(path: Path, data) -> None:
+    """Write to a temporary name in the same folder, then rename: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(memoryview(data))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _parser_errors(parser) -> list[str]:
+    lines = []
+    for i in range(parser.num_errors):
+        e = parser.get_error(i)
+        node_name = e.node_name() if hasattr(e, "node_name") else ""
+        operator = e.node_operator() if hasattr(e, "node_operator") else ""
+        where = node_name or f"node #{e.node()}"
+        lines.append(_one_line(f"{where} ({operator or '?'}): {e.desc()}"))
+    return lines
+
+
+def build_engines(
+    out_dir: str | os.PathLike,
+    *,
+    precision: str = "fp16",
+    max_batch: int = 1,
+    max_new_tokens: int = 512,
+    max_context: int = 4096,
+    workspace_gb: float = 8.0,
+    timing_cache_path: str | os.PathLike | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Build OUT/prefill.engine and OUT/decode.engine; return the manifest's "tensorrt" section.
+
+    `max_new_tokens` is the longest prefill (S), `max_context` the longest P + S. Everything that
+    needs no TensorRT (options, contract, compatibility) is checked before TensorRT is imported.
+    """
+    say = progress or (lambda _msg: None)
+    validate_options(precision, max_batch, max_new_tokens, max_context, workspace_gb)
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise EngineError(f"{out}: no such engine folder")
+    files = _graph_files(out)
+    ios = {g: read_graph_io(files[g], g) for g in GRAPHS}
+    if ios["prefill"].num_layers != ios["decode"].num_layers or ios["prefill"].model_dtype != ios["decode"].model_dtype:
+        raise EngineError(f"{out}: prefill and decode graphs disagree on the cache (layers or dtype)")
+    for g in GRAPHS:
+        _refuse_incompatible(files[g])
+    strongly_typed, flag = network_mode(ios["prefill"].model_dtype, precision)
+    profiles = {
+        g: compute_profile(ios[g], g, max_batch=max_batch, max_new_tokens=max_new_tokens, max_context=max_context)
+        for g in GRAPHS
+    }
+
+    trt = require_tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    for g in GRAPHS:
+        say(f"{g}: parsing {files[g].name}")
+        engine_path = out / f"{g}.engine"
+        plan = _build_one(
+            trt, logger, files[g], profiles[g], strongly_typed, flag, workspace_gb, timing_cache_path, say
+        )
+        _write_atomic(engine_path, plan)
+        say(f"{g}: wrote {engine_path.name} ({engine_path.stat().st_size / 2**20:.1f} MiB)")
+    return trt_section(
+        tensorrt_version=trt.__version__, precision=precision, strongly_typed=strongly_typed, max_batch=max_batch,
+        max_new_tokens=max_new_tokens, max_context=max_context, workspace_gb=workspace_gb,
+        timing_cache_path=timing_cache_path, onnx_files={g: files[g].name for g in GRAPHS}, profiles=profiles,
+    )
+
+
+def trt_section(*, tensorrt_version: str, precision: str, strongly_typed: bool, max_batch: int, max_new_tokens: int,
+                max_context: int, workspace_gb: float, timing_cache_path, onnx_files: dict[str, str],
+                profiles: dict[str, dict]) -> dict[str, Any]:
+    """The manifest's "tensorrt" section (schema in runtime/trt_engine.py, read by `read_trt_section`)."""
+    return {
+        "format": TRT_FORMAT,
+        "tensorrt_version": tensorrt_version,
+        "precision": precision,
+        "strongly_typed": strongly_typed,
+        "max_batch": max_batch,
+        "max_new_tokens": max_new_tokens,
+        "max_context": max_context,
+        "workspace_gb": float(workspace_gb),
+        "timing_cache": str(timing_cache_path) if timing_cache_path else None,
+        "graphs": {
+            g: {"onnx": onnx_files[g], "engine": f"{g}.engine", "profile": profiles[g]} for g in GRAPHS
+        },
+    }
+
+
+def _build_one(trt, logger, onnx_path: Path, profile: dict, strongly_typed: bool, flag: str | None,
+               workspace_gb: float, timing_cache_path, say) -> Any:
+    builder = trt.Builder(logger)
+    # TensorRT 10 networks are always explicit-batch; the only creation flag that matters is typing.
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    # parse_from_file (not parse(bytes)) so that external weights are found next to the ONNX file.
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = _parser_errors(parser)
+        for line in errors:
+            say(f"parser error: {line}")
+        first = errors[0] if errors else "no error detail"
+        raise TensorRTBuildError(
+            f"{onnx_path}: TensorRT's ONNX parser refused {len(errors)} node(s); first: {first}", errors
+        )
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    if flag is not None:
+        builder_flag = getattr(trt.BuilderFlag, flag, None)
+        if builder_flag is None:
+            raise TensorRTBuildError(
+                f"{onnx_path}: TensorRT {trt.__version__} has no BuilderFlag.{flag} (weak typing removed): "
+                f"re-export the model in {flag.lower()}"
+            )
+        config.set_flag(builder_flag)
+
+    trt_profile = builder.create_optimization_profile()
+    network_inputs = [network.get_input(i).name for i in range(network.num_inputs)]
+    for name in network_inputs:
+        if name not in profile:
+            raise TensorRTBuildError(f"{onnx_path}: network input '{name}' has no optimization profile")
+        p = profile[name]
+        trt_profile.set_shape(name, p["min"], p["opt"], p["max"])
+    if config.add_optimization_profile(trt_profile) < 0:
+        # The likeliest cause is prefill's P == 0 minimum (empty past tensors); the log says which input.
+        raise TensorRTBuildError(
+            f"{onnx_path}: TensorRT rejected the optimization profile (see the TensorRT log for the input at fault)"
+        )
+
+    cache = None
+    if timing_cache_path is not None:
+        blob = Path(timing_cache_path).read_bytes() if Path(timing_cache_path).is_file() else b""
+        cache = config.create_timing_cache(blob)
+        # A cache from another TensorRT version or GPU is refused rather than silently mixed in.
+        if not config.set_timing_cache(cache, ignore_mismatch=False):
+            raise TensorRTBuildError(f"{timing_cache_path}: timing cache does not match this TensorRT/GPU; delete it")
+
+    say(f"{onnx_path.stem}: building ({'strongly typed' if strongly_typed else flag})")
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise TensorRTBuildError(f"{onnx_path}: TensorRT could not build an engine (see the TensorRT log above)")
+    if cache is not None:
+        _write_atomic(Path(timing_cache_path), config.get_timing_cache().serialize())
+    return plan

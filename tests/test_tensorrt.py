@@ -1,0 +1,304 @@
+"""TensorRT backend: engine building (exporter/tensorrt.py) and running (runtime/trt_engine.py).
+
+Everything that needs no TensorRT (options, profiles, the IO contract, the compatibility gate, the
+manifest section, input checks) runs everywhere. Tests that build or run real engines are marked
+`tensorrt` and skip where TensorRT or a CUDA GPU is missing.
+"""
+
+import importlib.util
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from exporter.tensorrt import (
+    TensorRTBuildError,
+    build_engines,
+    compute_profile,
+    network_mode,
+    read_graph_io,
+    trt_section,
+    validate_options,
+)
+from runtime.engine import EngineInfo
+from runtime.errors import EngineError, OptionError
+from runtime.trt_engine import (
+    TensorRTUnavailable,
+    TrtEngine,
+    check_profile,
+    choose_graph,
+    engine_info_from_io,
+    read_trt_section,
+    require_tensorrt,
+    torch_dtype,
+)
+
+HAS_TRT = importlib.util.find_spec("tensorrt") is not None
+SKIP_REASON = "TensorRT is not installed (needs NVIDIA's package index and a CUDA GPU)"
+needs_trt = pytest.mark.skipif(not (HAS_TRT and torch.cuda.is_available()), reason=SKIP_REASON)
+no_trt = pytest.mark.skipif(HAS_TRT, reason="TensorRT is installed here: the 'unavailable' path cannot be shown")
+
+V, C, R, LAYERS = 32, 4, 2, 2
+
+
+def _toy_graph(graph: str, dtype=TensorProto.FLOAT, decode_static_s=False, extra_node=None):
+    """A tiny model that follows the engine contract: embeddings -> logits, new latents appended to the cache."""
+    s_dim = 1 if decode_static_s else "S"
+    np_dtype = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}[dtype]
+    rng = np.random.default_rng(0)
+    init = [
+        numpy_helper.from_array(rng.standard_normal((V, C)).astype(np_dtype), "emb"),
+        numpy_helper.from_array(rng.standard_normal((V, R)).astype(np_dtype), "emb_rope"),
+        numpy_helper.from_array(rng.standard_normal((C, V)).astype(np_dtype), "head"),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["emb", "input_ids"], ["h"], name="embed"),
+        helper.make_node("Gather", ["emb_rope", "input_ids"], ["hr"], name="embed_rope"),
+        helper.make_node("MatMul", ["h", "head"], ["logits_raw"], name="lm_head"),
+        helper.make_node("Cast", ["logits_raw"], ["logits"], to=TensorProto.FLOAT, name="to_f32"),
+    ]
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", s_dim]),
+        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["B", s_dim]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["B", "T"]),
+    ]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", s_dim, V])]
+    for i in range(LAYERS):
+        for kind, width, new in (("kv_latent", C, "h"), ("k_rope", R, "hr")):
+            inputs.append(helper.make_tensor_value_info(f"past.{i}.{kind}", dtype, ["B", "P", width]))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", dtype, ["B", "T", width]))
+            nodes.append(helper.make_node("Concat", [f"past.{i}.{kind}", new], [f"present.{i}.{kind}"], axis=1,
+                                          name=f"cache_{i}_{kind}"))
+    if extra_node is not None:
+        nodes.append(extra_node)
+    model = helper.make_model(helper.make_graph(nodes, graph, inputs, outputs, init),
+                              opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    return model
+
+
+def _write_out(tmp_path, **kw):
+    for g in ("prefill", "decode"):
+        onnx.save(_toy_graph(g, **kw), str(tmp_path / f"{g}.onnx"))
+    return tmp_path
+
+
+# -- options and profiles -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, option",
+    [
+        (dict(precision="int8"), "--precision"),
+        (dict(max_batch=0), "--max-batch"),
+        (dict(max_new_tokens=-1), "--max-new-tokens"),
+        (dict(max_context=100, max_new_tokens=200), "--max-context"),
+        (dict(workspace_gb=0), "--workspace-gb"),
+    ],
+)
+def test_options_are_refused_with_the_option_named(kwargs, option):
+    args = dict(precision="fp16", max_batch=4, max_new_tokens=128, max_context=1024, workspace_gb=4.0) | kwargs
+    with pytest.raises(OptionError) as e:
+        validate_options(**args)
+    assert str(e.value).startswith(option) and "\n" not in str(e.value)
+
+
+def test_build_refuses_bad_options_before_touching_out(tmp_path):
+    with pytest.raises(OptionError, match="--max-context"):
+        build_engines(tmp_path / "does-not-exist", max_new_tokens=64, max_context=32)
+
+
+def test_prefill_profile_from_onnx_inputs(tmp_path):
+    onnx.save(_toy_graph("prefill"), str(tmp_path / "prefill.onnx"))
+    io = read_graph_io(tmp_path / "prefill.onnx", "prefill")
+    assert io.num_layers == LAYERS
+    p = compute_profile(io, "prefill", max_batch=4, max_new_tokens=128, max_context=1024)
+    assert p["input_ids"] == {"min": [1, 1], "opt": [4, 64], "max": [4, 128]}
+    assert p["position_ids"] == p["input_ids"]
+    assert p["attention_mask"] == {"min": [1, 1], "opt": [4, 64], "max": [4, 1024]}
+    assert p["past.1.kv_latent"] == {"min": [1, 0, C], "opt": [4, 0, C], "max": [4, 1023, C]}
+    assert p["past.0.k_rope"] == {"min": [1, 0, R], "opt": [4, 0, R], "max": [4, 1023, R]}
+    assert sorted(p) == sorted(io.inputs)
+
+
+def test_decode_profile_keeps_static_dims_and_starts_past_at_one(tmp_path):
+    onnx.save(_toy_graph("decode", decode_static_s=True), str(tmp_path / "decode.onnx"))
+    io = read_graph_io(tmp_path / "decode.onnx", "decode")
+    p = compute_profile(io, "decode", max_batch=2, max_new_tokens=128, max_context=1024)
+    assert p["input_ids"] == {"min": [1, 1], "opt": [2, 1], "max": [2, 1]}
+    assert p["attention_mask"] == {"min": [1, 2], "opt": [2, 513], "max": [2, 1024]}
+    assert p["past.0.kv_latent"] == {"min": [1, 1, C], "opt": [2, 512, C], "max": [2, 1023, C]}
+    # opt is a point that really occurs: T = P + S
+    assert p["attention_mask"]["opt"][1] == p["past.0.kv_latent"]["opt"][1] + p["input_ids"]["opt"][1]
+
+
+def test_contract_violations_name_the_tensor(tmp_path):
+    model = _toy_graph("prefill")
+    model.graph.input[1].name = "positions"
+    onnx.save(model, str(tmp_path / "prefill.onnx"))
+    with pytest.raises(EngineError, match=r"prefill\.onnx: input 'positions' is not part of the engine contract"):
+        read_graph_io(tmp_path / "prefill.onnx", "prefill")
+    model = _toy_graph("prefill")
+    del model.graph.output[-1]  # present.1.k_rope
+    onnx.save(model, str(tmp_path / "prefill.onnx"))
+    with pytest.raises(EngineError, match=r"output 'present\.1\.k_rope' is missing"):
+        read_graph_io(tmp_path / "prefill.onnx", "prefill")
+    (tmp_path / "decode.onnx").write_bytes(b"garbage")
+    with pytest.raises(EngineError, match=r"decode\.onnx: not a valid ONNX file"):
+        read_graph_io(tmp_path / "decode.onnx", "decode")
+
+
+def test_network_mode_per_export_dtype():
+    assert network_mode(TensorProto.FLOAT, "fp32") == (True, None)
+    assert network_mode(TensorProto.FLOAT16, "fp16") == (True, None)
+    assert network_mode(TensorProto.FLOAT, "fp16") == (False, "FP16")
+    assert network_mode(TensorProto.FLOAT, "bf16") == (False, "BF16")
+    with pytest.raises(OptionError, match="--precision bf16 cannot be built from a fp16 export"):
+        network_mode(TensorProto.FLOAT16, "bf16")
+
+
+# -- the build gate (no TensorRT needed) ---------------------------------------------------------
+
+
+def test_build_refuses_com_microsoft_ops_before_tensorrt(tmp_path):
+    moe = helper.make_node("MoE", ["h"], ["moe_out"], domain="com.microsoft", name="layers.1.moe")
+    _write_out(tmp_path, extra_node=moe)
+    with pytest.raises(TensorRTBuildError) as e:
+        build_engines(tmp_path, precision="fp32")
+    msg = str(e.value)
+    assert "prefill.onnx: not buildable by TensorRT: com.microsoft::MoE (layers.1.moe)" in msg
+    assert "domain 'com.microsoft' is not supported by TensorRT" in msg and "\n" not in msg
+    assert not list(tmp_path.glob("*.engine"))
+
+
+def test_build_refuses_missing_graph(tmp_path):
+    onnx.save(_toy_graph("prefill"), str(tmp_path / "prefill.onnx"))
+    with pytest.raises(EngineError, match=r"decode\.onnx: no such ONNX file"):
+        build_engines(tmp_path, precision="fp32")
+
+
+@no_trt
+def test_build_without_tensorrt_says_what_to_install(tmp_path):
+    _write_out(tmp_path)
+    with pytest.raises(TensorRTUnavailable) as e:
+        build_engines(tmp_path, precision="fp32", max_batch=2, max_new_tokens=8, max_context=16)
+    msg = str(e.value)
+    assert 'pip install "dscompile[tensorrt]"' in msg and "NVIDIA" in msg and "CUDA GPU" in msg
+    assert "\n" not in msg
+    assert not list(tmp_path.glob("*.engine")) and not list(tmp_path.glob(".*tmp*"))
+
+
+@no_trt
+def test_require_tensorrt_raises_unavailable():
+    with pytest.raises(TensorRTUnavailable, match="TensorRT is not installed"):
+        require_tensorrt()
+
+
+# -- the runtime side without TensorRT ------------------------------------------------------------
+
+
+@no_trt
+def test_trt_engine_load_without_tensorrt(tmp_path):
+    with pytest.raises(TensorRTUnavailable, match=r'pip install "dscompile\[tensorrt\]"'):
+        TrtEngine.load(tmp_path)
+
+
+def test_choose_graph():
+    assert choose_graph(1, 5) == "decode"
+    assert choose_graph(1, 0) == "prefill"  # a one-token prompt: nothing cached yet
+    assert choose_graph(7, 5) == "prefill"  # chunked prefill against a cache
+
+
+def _section(tmp_path):
+    _write_out(tmp_path)
+    profiles = {g: compute_profile(read_graph_io(tmp_path / f"{g}.onnx", g), g, max_batch=2, max_new_tokens=8,
+                                   max_context=16) for g in ("prefill", "decode")}
+    return trt_section(tensorrt_version="10.15.1", precision="fp32", strongly_typed=True, max_batch=2,
+                       max_new_tokens=8, max_context=16, workspace_gb=1, timing_cache_path=None,
+                       onnx_files={"prefill": "prefill.onnx", "decode": "decode.onnx"}, profiles=profiles)
+
+
+def test_manifest_section_written_by_the_builder_is_read_by_the_runtime(tmp_path):
+    section = _section(tmp_path)
+    json.dumps(section)
+    assert read_trt_section({"tensorrt": section}, tmp_path) is section
+    assert section["graphs"]["decode"]["engine"] == "decode.engine"
+    broken = json.loads(json.dumps(section))
+    del broken["graphs"]["decode"]["profile"]
+    with pytest.raises(EngineError, match=r"manifest\.json: tensorrt\.graphs\.decode\.profile is missing"):
+        read_trt_section({"tensorrt": broken}, tmp_path)
+    with pytest.raises(EngineError, match="no 'tensorrt' section"):
+        read_trt_section({}, tmp_path)
+
+
+def test_profile_check_names_tensor_and_range(tmp_path):
+    profile = _section(tmp_path)["graphs"]["prefill"]["profile"]
+    check_profile("prefill", {"input_ids": (2, 8), "past.0.kv_latent": (2, 0, C)}, profile)
+    with pytest.raises(EngineError, match=r"prefill engine: input_ids dim 1 is 9, the engine was built for 1\.\.8"):
+        check_profile("prefill", {"input_ids": (1, 9)}, profile)
+    with pytest.raises(EngineError, match=r"past\.0\.kv_latent dim 0 is 3, the engine was built for 1\.\.2"):
+        check_profile("prefill", {"past.0.kv_latent": (3, 4, C)}, profile)
+
+
+def test_engine_info_from_engine_io():
+    io = {
+        "input_ids": ((-1, -1), torch.int64),
+        "past.0.kv_latent": ((-1, -1, C), torch.float16),
+        "past.0.k_rope": ((-1, -1, R), torch.float16),
+        "past.1.kv_latent": ((-1, -1, C), torch.float16),
+        "past.1.k_rope": ((-1, -1, R), torch.float16),
+        "logits": ((-1, -1, V), torch.float32),
+    }
+    assert engine_info_from_io(io, 4096) == EngineInfo(2, C, R, V, 4096, torch.float16)
+    del io["past.0.k_rope"], io["past.0.kv_latent"]
+    with pytest.raises(EngineError, match="numbered 0..L-1"):
+        engine_info_from_io(io, 4096)
+
+
+def test_torch_dtype_names():
+    assert torch_dtype("HALF") is torch.float16 and torch_dtype("BF16") is torch.bfloat16
+    assert torch_dtype("FLOAT") is torch.float32 and torch_dtype("INT64") is torch.int64
+    with pytest.raises(EngineError, match="no torch equivalent"):
+        torch_dtype("FP4")
+
+
+# -- real TensorRT ---------------------------------------------------------------------------------
+
+
+@pytest.mark.tensorrt
+@needs_trt
+@pytest.mark.parametrize("precision", ["fp32"])
+def test_build_and_run_matches_onnxruntime(tmp_path, precision):
+    import onnxruntime as ort
+
+    _write_out(tmp_path)
+    section = build_engines(tmp_path, precision=precision, max_batch=2, max_new_tokens=8, max_context=16,
+                            timing_cache_path=tmp_path / "timing.cache")
+    assert (tmp_path / "prefill.engine").stat().st_size > 0 and (tmp_path / "decode.engine").stat().st_size > 0
+    assert (tmp_path / "timing.cache").is_file()
+    (tmp_path / "manifest.json").write_text(json.dumps({"graphs": {"prefill": {"file": "prefill.onnx"}},
+                                                        "tensorrt": section}))
+    engine = TrtEngine.load(tmp_path)
+    assert engine.info == EngineInfo(LAYERS, C, R, V, 16, torch.float32)
+
+    ids = torch.tensor([[3, 5, 7], [1, 2, 9]])
+    pos = torch.arange(3).expand(2, 3)
+    mask = torch.ones(2, 3, dtype=torch.int64)
+    logits, cache = engine.step(ids, pos, mask, None)
+    sess = ort.InferenceSession(str(tmp_path / "prefill.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": ids.numpy(), "position_ids": pos.numpy(), "attention_mask": mask.numpy()}
+    for i in range(LAYERS):
+        feeds[f"past.{i}.kv_latent"] = np.zeros((2, 0, C), np.float32)
+        feeds[f"past.{i}.k_rope"] = np.zeros((2, 0, R), np.float32)
+    ref = sess.run(["logits"], feeds)[0]
+    err = (logits.cpu() - torch.from_numpy(ref)).abs()
+    assert err.max() <= 1e-4 * max(1.0, float(np.abs(ref).max())), f"max {err.max():.3e} mean {err.mean():.3e}"
+    assert cache.length == 3 and cache.layers[0][0].is_cuda
+
+    # one decode step runs the decode engine and grows the cache by one
+    logits2, cache2 = engine.step(ids[:, -1:], pos[:, -1:] + 1, torch.ones(2, 4, dtype=torch.int64), cache)
+    assert logits2.shape == (2, 1, V) and cache2.length == 4
+    assert len(engine.generate([[3, 5], [7]], 4)) == 2
