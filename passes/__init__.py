@@ -1,1 +1,162 @@
-"""passes"""
+"""Graph passes over torch.export ExportedPrograms, run as one ordered pipeline.
+
+Each pass is one module with `run(ep, options) -> (ep, count)` (and optionally
+`describe(options) -> dict`, e.g. the cost model behind its choice, shown in the report). `run_pipeline` runs
+them in `PIPELINE` order and returns the rewritten program and a `PassReport`; with
+`verify=True` the program before and after each pass runs on the same random inputs (random
+cache contents too) and an error above the dtype's tolerance stops the pipeline, naming the pass.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import sympy
+import torch
+from torch.export import ExportedProgram
+
+from passes import absorb_mla, fuse_moe
+from runtime.errors import DscompileError
+
+PIPELINE = [absorb_mla, fuse_moe]
+
+# Max |after - before| <= TOL * max(1, max|before|) (DESIGN.md, Verification).
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+class PassVerificationError(DscompileError):
+    """A pass changed what the program computes by more than the tolerance."""
+
+
+@dataclass
+class PassOptions:
+    """What passes may know: the graph's phase, the user's choices and the model fields they need."""
+
+    phase: str  # "prefill" or "decode"
+    args: Any  # ModelArgs (passes read its fields, never import model/)
+    absorb: str = "auto"  # auto | fold | reassociate | none
+    fuse_moe: bool = True
+
+
+@dataclass
+class PassResult:
+    name: str
+    count: int
+    seconds: float
+    max_error: float | None = None  # None: not verified
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PassReport:
+    phase: str
+    results: list[PassResult] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"phase": self.phase, "passes": [asdict(r) for r in self.results]}
+
+
+def pipeline_names() -> list[str]:
+    return [p.__name__.rsplit(".", 1)[-1] for p in PIPELINE]
+
+
+def describe_pipeline() -> list[tuple[str, str]]:
+    """(name, first docstring line) of each pass, in order: what `export --list-passes` prints."""
+    return [(p.__name__.rsplit(".", 1)[-1], (p.__doc__ or "").strip().splitlines()[0]) for p in PIPELINE]
+
+
+def run_pipeline(
+    ep: ExportedProgram, options: PassOptions, *, verify: bool = False, seed: int = 0
+) -> tuple[ExportedProgram, PassReport]:
+    report = PassReport(options.phase)
+    inputs = random_inputs(ep, options.args.vocab_size, seed) if verify else None
+    before = _run(ep, inputs) if inputs is not None else None
+    for p in PIPELINE:
+        name = p.__name__.rsplit(".", 1)[-1]
+        start = time.perf_counter()
+        ep, count = p.run(ep, options)
+        details = p.describe(options) if hasattr(p, "describe") else {}
+        result = PassResult(name, count, time.perf_counter() - start, details=details)
+        if before is not None and count:
+            after = _run(ep, inputs)
+            result.max_error = max_error(before, after)
+            dtype = before[0].dtype if before[0].dtype != torch.float32 else _weight_dtype(ep)
+            bound = TOLERANCE.get(dtype, 1e-4) * max(1.0, max(float(t.abs().max()) for t in before))
+            if not result.max_error <= bound:
+                raise PassVerificationError(
+                    f"pass {name} changed the {options.phase} graph's outputs by {result.max_error:.3g} "
+                    f"(tolerance {bound:.3g})"
+                )
+            before = after
+        elif before is not None:
+            result.max_error = 0.0
+        report.results.append(result)
+    return ep, report
+
+
+def _weight_dtype(ep: ExportedProgram) -> torch.dtype:
+    for t in ep.state_dict.values():
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+def _run(ep: ExportedProgram, inputs: tuple) -> list[torch.Tensor]:
+    with torch.no_grad():
+        out = ep.module()(*inputs)
+    return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def max_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((x.float() - y.float()).abs().max()) if x.numel() else 0.0 for x, y in zip(a, b))
+
+
+def random_inputs(ep: ExportedProgram, vocab_size: int, seed: int = 0) -> tuple:
+    """Inputs of the IO contract with concrete sizes inside the program's ranges.
+
+    Dynamic sizes get distinct small values (so no two dims coincide by accident); the cache gets
+    random contents; one batch row is left-padded.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    values: dict[sympy.Symbol, int] = {}
+    for i, (sym, rng) in enumerate(sorted(ep.range_constraints.items(), key=lambda kv: str(kv[0]))):
+        if isinstance(sym, sympy.Symbol):
+            lo = max(int(rng.lower), 1)
+            values[sym] = min(lo + 1 + i, int(rng.upper) if rng.upper.is_finite else 10**9)
+    specs = [n for n in ep.graph.nodes if n.op == "placeholder"]
+    user = {s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"}
+    shapes = {}
+    for n in specs:
+        if n.name in user:
+            val = n.meta["val"]
+            shapes[n.name] = (
+                tuple(int(sympy.sympify(d.node.expr if isinstance(d, torch.SymInt) else d).subs(values)) for d in val.shape),
+                val.dtype,
+            )
+    names = [s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    ids_shape = shapes[names[0]][0]
+    total = shapes[names[2]][0][1]
+    B, S = ids_shape
+    past = total - S
+    ids = torch.randint(0, vocab_size, ids_shape, generator=gen)
+    pos = (torch.arange(S) + past).expand(B, S).clone()
+    mask = torch.ones(B, total, dtype=torch.int64)
+    if B > 1 and total > 1:
+        mask[0, 0] = 0  # a left-padded row
+    out: list[torch.Tensor] = [ids, pos, mask]
+    for name in names[3:]:
+        shape, dtype = shapes[name]
+        out.append(torch.randn(shape, generator=gen).to(dtype))
+    flat = tuple(out)
+    return _unflatten(ep, flat)
+
+
+def _unflatten(ep: ExportedProgram, flat: tuple) -> tuple:
+    """Flat user inputs -> the structure the exported module's forward takes."""
+    args_spec = ep.call_spec.in_spec
+    if args_spec is None:
+        return flat
+    args, _kwargs = torch.utils._pytree.tree_unflatten(list(flat), args_spec)
+    return tuple(args)

@@ -1,0 +1,93 @@
+"""torch.export capture of the two graphs of the engine contract: "prefill" and "decode".
+
+Both take (input_ids [B, S], position_ids [B, S], attention_mask [B, P+S], past) where past is,
+per layer, (kv_latent [B, P, C], k_rope [B, P, R]), and return (logits [B, S, V], present) with
+present the cache grown by S tokens. Prefill has S >= 1 and P >= 0; decode has S == 1.
+Batch, new tokens and past length are dynamic. Capture runs as well on a model whose weights
+live on the meta device, so a 671B config is captured without its weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.export import Dim, ExportedProgram
+
+PHASES = ("prefill", "decode")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Largest sizes the engines accept (dynamic-dim ranges of the captured graphs)."""
+
+    max_batch: int = 64
+    max_new_tokens: int = 8192  # prefill S
+    max_context: int = 16384  # P + S
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1 or self.max_new_tokens < 1 or self.max_context < self.max_new_tokens:
+            raise ValueError(f"invalid limits {self}: need max_batch >= 1, 1 <= max_new_tokens <= max_context")
+
+
+class ContractModule(nn.Module):
+    """The model behind the IO contract: flat cache tuples in, logits and present cache out."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position_ids, attention_mask, past):
+        logits, present = self.model(input_ids, position_ids, attention_mask, [tuple(p) for p in past])
+        return logits, present
+
+
+def io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    """Public input and output names of both graphs (DESIGN.md, the engine contract)."""
+    cache = [f"{{}}.{i}.{kind}" for i in range(num_layers) for kind in ("kv_latent", "k_rope")]
+    inputs = ["input_ids", "position_ids", "attention_mask"] + [c.format("past") for c in cache]
+    outputs = ["logits"] + [c.format("present") for c in cache]
+    return inputs, outputs
+
+
+def example_inputs(model: nn.Module, phase: str, batch: int = 2, new: int = 3, past: int = 4, seed: int = 0):
+    """Inputs of the contract on the model's device and cache dtype (random cache contents)."""
+    args = model.args
+    weight = model.embed_tokens.weight
+    device, dtype = weight.device, weight.dtype
+    S = new
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, args.vocab_size, (batch, S), generator=gen).to(device)
+    pos = (torch.arange(S) + past).expand(batch, S).contiguous().to(device)
+    mask = torch.ones(batch, past + S, dtype=torch.int64).to(device)
+    cache = [
+        (
+            torch.randn(batch, past, args.kv_lora_rank, generator=gen).to(device=device, dtype=dtype),
+            torch.randn(batch, past, args.qk_rope_head_dim, generator=gen).to(device=device, dtype=dtype),
+        )
+        for _ in range(args.num_hidden_layers)
+    ]
+    return ids, pos, mask, cache
+
+
+def capture(model: nn.Module, phase: str, limits: Limits = Limits()) -> ExportedProgram:
+    """Export one graph of the contract with dynamic batch, new tokens (prefill) and past length."""
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    # Decode is traced with S dynamic as well: with S fixed at 1, torch.export relates
+    # total = past + 1 and its 0/1 specialization then forbids P < 2. The graph stays the same
+    # function; the decode graph differs by its passes (cost model of one new token).
+    batch = Dim("batch", min=1, max=limits.max_batch)
+    seq = Dim("seq", min=1, max=limits.max_new_tokens)
+    past = Dim("past", min=0, max=limits.max_context - 1)
+    total = Dim("total", min=1)  # == past + seq, derived by export; its bound follows from theirs
+    dims = {
+        "input_ids": {0: batch, 1: seq},
+        "position_ids": {0: batch, 1: seq},
+        "attention_mask": {0: batch, 1: total},
+        "past": [({0: batch, 1: past}, {0: batch, 1: past}) for _ in range(model.args.num_hidden_layers)],
+    }
+    inputs = example_inputs(model, phase)
+    with torch.no_grad():
+        return torch.export.export(ContractModule(model), inputs, dynamic_shapes=dims, strict=False)
