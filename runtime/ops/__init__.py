@@ -3,3 +3,5 @@
 Each op has a reference implementation (its definition), a fake implementation for export and,
 where it pays, a Triton kernel used on CUDA. Nothing here imports the rest of the project.
 """
+
+from runtime.ops import latent_attention, moe  # noqa: F401  (registers the ops)

@@ -98,7 +98,7 @@ def check_expert_weights(x2d: Tensor, w1: Tensor, w2: Tensor, w3: Tensor) -> Non
 
 def moe_experts_reference(x2d: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, weights: Tensor,
                           idx: Tensor) -> Tensor:
-    """Routed experts with real dispatch: Σ_k weights[t,k]·expert_idx[t,k](x[t]) as [T, D] float32.
+    """Routed experts with real dispatch: Σ_k weights[t,k]·expert_idx[t,k](x[t]), [T, D] float32.
 
     Each expert runs once, in x's dtype, on the tokens routed to it; experts without tokens cost
     nothing. The weighted combine accumulates in float32.
