@@ -125,6 +125,8 @@ def build_model(args: ModelArgs, dtype: torch.dtype = torch.float32, device: str
     if str(device) != "meta":
         model = model.to_empty(device=device)
         model.rotary_emb.inv_freq = args.rope_inv_freq().to(device)
+        if args.tie_word_embeddings:  # to_empty materializes each module's reference separately
+            model.lm_head.weight = model.embed_tokens.weight
     for layer in model.layers:  # the routing bias stays fp32 whatever the weights' dtype
         gate = getattr(layer.mlp, "gate", None)
         if gate is not None and hasattr(gate, "e_score_correction_bias"):
