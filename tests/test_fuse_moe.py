@@ -1,0 +1,209 @@
+"""fuse_moe: structure, exact count, numerics before vs after, and the cases where it must not fire.
+
+Tiny checkpoints of the three routing methods (V3 noaux_tc, V2 group_limited_greedy, V2-Lite
+greedy) are captured once per module in both phases; each test rewrites a deep copy.
+
+Shape legend: B batch, S new tokens, P past tokens, D hidden, E routed experts, K active experts.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+
+import passes
+from conftest import TOLERANCE, assert_close
+from exporter.capture import capture, example_inputs
+from model.checkpoint import build_model, load_checkpoint
+from model.synthetic import random_state, tiny_args
+from passes import PassOptions, fuse_moe
+from passes.ep_edit import param_name, regions
+from passes.fuse_moe import FuseMoeError
+from runtime.ops.moe import route
+
+aten = torch.ops.aten
+MOE = torch.ops.dsc.moe.default
+
+# variant -> make_checkpoint options: v3 has two MoE layers (exact count > 1); v2 needs 8 experts
+# for routing groups to exist (group_limited_greedy), v2-lite routes greedily.
+VARIANTS = {"v3": dict(layers=3, experts=8), "v2": dict(layers=2, experts=8), "v2-lite": dict(layers=2, experts=8)}
+CASES = [pytest.param(v, ph, id=f"{v}-{ph}") for v in VARIANTS for ph in ("prefill", "decode")]
+
+
+@pytest.fixture(scope="module")
+def captured(make_ckpt):
+    """captured(variant, phase) -> (args, model, ExportedProgram), each captured once per module."""
+    cache: dict[tuple[str, str], tuple] = {}
+    models: dict[str, torch.nn.Module] = {}
+
+    def get(variant: str, phase: str):
+        if variant not in models:
+            models[variant] = load_checkpoint(make_ckpt(variant, **VARIANTS[variant]))
+        if (variant, phase) not in cache:
+            model = models[variant]
+            cache[variant, phase] = (model.args, model, capture(model, phase))
+        return cache[variant, phase]
+
+    return get
+
+
+def _outputs(program, inputs) -> list[torch.Tensor]:
+    """Output leaves of an ExportedProgram (or of the module it made) on `inputs`."""
+    module = program.module() if isinstance(program, torch.export.ExportedProgram) else program
+    with torch.no_grad():
+        out = module(*inputs)
+    return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def _assert_same_outputs(before, after, inputs, what: str) -> None:
+    ref, got = _outputs(before, inputs), _outputs(after, inputs)
+    assert len(ref) == len(got)
+    for i, (r, g) in enumerate(zip(ref, got)):
+        assert_close(g, r, what=f"{what} output {i}")
+
+
+def _moe_layers(args) -> list[int]:
+    return [i for i in range(args.num_hidden_layers) if args.is_moe_layer(i)]
+
+
+@pytest.mark.parametrize("variant,phase", CASES)
+def test_structure_and_count(captured, variant, phase):
+    args, _model, ep = captured(variant, phase)
+    before_weights = set(ep.state_dict) | set(ep.constants)
+    out, count = fuse_moe.run(copy.deepcopy(ep), PassOptions(phase, args))
+
+    assert count == args.num_moe_layers > 0
+    targets = [n.target for n in out.graph.nodes if n.op == "call_function"]
+    # The routing and the dense experts are gone; attention has no softmax/sigmoid of its own (sdpa).
+    for gone in (aten.topk.default, aten.sigmoid.default, aten._softmax.default, aten.softmax.int, aten.einsum.default):
+        assert gone not in targets, f"{gone} left after fuse_moe"
+    fused = [n for n in out.graph.nodes if n.target == MOE]
+    assert sorted(param_name(out, n.args[1]) for n in fused) == sorted(
+        f"model.layers.{i}.mlp.gate.weight" for i in _moe_layers(args)
+    ), "expected exactly one dsc.moe per MoE layer"
+    assert [r.path for r in regions(out, "MoE")] == [f"model.layers.{i}.mlp" for i in _moe_layers(args)]
+
+    for n in fused:
+        path = param_name(out, n.args[1]).removesuffix(".gate.weight")
+        names = [param_name(out, a) if a is not None else None for a in n.args[1:9]]
+        shared = [f"{path}.shared_experts.{p}.weight" for p in ("gate_proj", "down_proj", "up_proj")]
+        bias = f"{path}.gate.e_score_correction_bias" if args.topk_method == "noaux_tc" else None
+        assert names == [f"{path}.gate.weight", bias, f"{path}.experts.gate_proj", f"{path}.experts.down_proj",
+                         f"{path}.experts.up_proj", *shared]
+        assert tuple(n.args[9:]) == (args.num_experts_per_tok, args.n_group, args.topk_group, args.topk_method,
+                                     args.norm_topk_prob, args.routed_scaling_factor)
+    # The op reads the existing placeholders: no weight was added, every routed-expert weight is
+    # read by dsc.moe alone.
+    assert set(out.state_dict) | set(out.constants) <= before_weights
+    for n in out.graph.nodes:
+        if n.op == "placeholder" and ".experts." in (param_name(out, n) or ""):
+            assert all(u.target == MOE for u in n.users), f"{param_name(out, n)} still read by {list(n.users)}"
+
+
+@pytest.mark.parametrize("variant,phase", CASES)
+def test_numerics_before_vs_after(captured, variant, phase):
+    args, _model, ep = captured(variant, phase)
+    out, count = fuse_moe.run(copy.deepcopy(ep), PassOptions(phase, args))
+    assert count == args.num_moe_layers
+    before, after = ep.module(), out.module()
+    for seed in (0, 1):
+        inputs = passes.random_inputs(ep, args.vocab_size, seed)
+        _assert_same_outputs(before, after, inputs, f"{variant} {phase} seed {seed}")
+
+
+@pytest.mark.parametrize("variant,phase", CASES)
+def test_pipeline_verifies(captured, variant, phase):
+    args, _model, ep = captured(variant, phase)
+    inputs = passes.random_inputs(ep, args.vocab_size, seed=3)
+    ref = _outputs(ep, inputs)
+    out, report = passes.run_pipeline(copy.deepcopy(ep), PassOptions(phase, args), verify=True, seed=3)
+    result = {r.name: r for r in report.results}["fuse_moe"]
+    assert result.count == args.num_moe_layers
+    bound = TOLERANCE[torch.float32] * max(1.0, max(float(t.abs().max()) for t in ref))
+    assert result.max_error is not None and result.max_error <= bound, f"max |Δ| {result.max_error} > {bound}"
+    for i, (r, g) in enumerate(zip(ref, _outputs(out, inputs))):
+        assert_close(g, r, what=f"{variant} {phase} pipeline output {i}")
+
+
+def test_dense_model_does_not_fire():
+    args = replace(tiny_args("v3", layers=1), n_routed_experts=None)
+    model = build_model(args)
+    model.load_state_dict(random_state(args))
+    ep = capture(model, "decode")
+    nodes = len(ep.graph.nodes)
+    out, count = fuse_moe.run(ep, PassOptions("decode", args))
+    assert count == 0 and not regions(out, "MoE")
+    assert len(out.graph.nodes) == nodes
+    assert not any(n.target == MOE for n in out.graph.nodes)
+
+
+def test_option_off_does_not_fire(captured):
+    args, _model, ep = captured("v3", "decode")
+    ep = copy.deepcopy(ep)
+    nodes = len(ep.graph.nodes)
+    out, count = fuse_moe.run(ep, PassOptions("decode", args, fuse_moe=False))
+    assert count == 0 and len(out.graph.nodes) == nodes
+    assert aten.topk.default in {n.target for n in out.graph.nodes}
+
+
+def test_second_run_finds_nothing_left(captured):
+    args, _model, ep = captured("v3", "decode")
+    out, count = fuse_moe.run(copy.deepcopy(ep), PassOptions("decode", args))
+    out2, count2 = fuse_moe.run(out, PassOptions("decode", args))
+    assert (count, count2) == (args.num_moe_layers, 0)
+
+
+WRONG = [
+    pytest.param("v3", dict(topk_method="greedy", scoring_func="softmax", n_group=1, topk_group=1),
+                 "model.layers.1.mlp: topk_method greedy needs softmax scores but the graph has sigmoid",
+                 id="v3-graph-greedy-config"),
+    pytest.param("v2-lite", dict(topk_method="noaux_tc", scoring_func="sigmoid"),
+                 "model.layers.1.mlp: topk_method noaux_tc needs sigmoid scores but the graph has softmax",
+                 id="v2lite-graph-noaux-config"),
+    pytest.param("v3", dict(num_experts_per_tok=3),
+                 "model.layers.1.mlp: no top-k with k = num_experts_per_tok (3)", id="wrong-top-k"),
+    pytest.param("v3", dict(first_k_dense_replace=2),
+                 "graph: the config has 1 MoE layers but the graph has 2 MoE regions", id="wrong-layer-count"),
+]
+
+
+@pytest.mark.parametrize("variant,change,message", WRONG)
+def test_wrong_structure_raises_with_reason(captured, variant, change, message):
+    args, _model, ep = captured(variant, "decode")
+    ep = copy.deepcopy(ep)
+    nodes = len(ep.graph.nodes)
+    with pytest.raises(FuseMoeError) as err:
+        fuse_moe.run(ep, PassOptions("decode", replace(args, **change)))
+    assert str(err.value) == message
+    assert len(ep.graph.nodes) == nodes, "a refused region must leave the graph untouched"
+
+
+def test_v3_groups_with_experts_that_get_no_tokens(captured):
+    """Real dispatch skips experts without tokens; the dense reference multiplies them by 0."""
+    args, model, ep = captured("v3", "prefill")
+    assert (args.n_routed_experts, args.n_group, args.topk_group) == (8, 4, 2)
+    model, ep = copy.deepcopy(model), copy.deepcopy(ep)  # the fixture's copies stay as loaded
+    for i in _moe_layers(args):
+        # Group 0 (experts 0 and 1) is never among the best 2 of 4 groups.
+        for bias in (model.layers[i].mlp.gate.e_score_correction_bias,
+                     ep.state_dict[f"model.layers.{i}.mlp.gate.e_score_correction_bias"]):
+            bias[:2] = -10.0
+    gate = model.layers[_moe_layers(args)[0]].mlp.gate
+    x = torch.randn(64, args.hidden_size, generator=torch.Generator().manual_seed(0))
+    _w, idx = route(x, gate.weight, gate.e_score_correction_bias, args.num_experts_per_tok, args.n_group,
+                    args.topk_group, args.topk_method, args.norm_topk_prob, args.routed_scaling_factor)
+    counts = torch.bincount(idx.flatten(), minlength=args.n_routed_experts)
+    assert (counts[:2] == 0).all() and (counts[2:] > 0).all(), counts
+
+    out, count = fuse_moe.run(copy.deepcopy(ep), PassOptions("prefill", args))
+    assert count == args.num_moe_layers
+    _assert_same_outputs(ep, out, passes.random_inputs(ep, args.vocab_size), "v3 empty experts, prefill")
+    # One token: K = 2 of 8 experts run, 6 get nothing; the fused graph still matches eager.
+    ids, pos, mask, cache = example_inputs(model, "decode", batch=1, new=1, past=5, seed=1)
+    with torch.no_grad():
+        ref = model(ids, pos, mask, cache)[0]
+        got = out.module()(ids, pos, mask, cache)[0]
+    assert_close(got, ref, what="v3 empty experts, one token vs eager")
