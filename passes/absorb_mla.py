@@ -23,7 +23,7 @@ import torch
 from torch.export import ExportedProgram
 
 import runtime.ops  # noqa: F401  (registers torch.ops.dsc.*)
-from passes.ep_edit import Region, add_param, emit, param, param_node, rebuild, regions, strip_views
+from passes.ep_edit import Region, add_param, clone, emit, param, param_node, rebuild, regions, strip_views
 from runtime.errors import DscompileError
 
 aten = torch.ops.aten
@@ -90,7 +90,8 @@ def run(ep: ExportedProgram, options) -> tuple[ExportedProgram, int]:
     found = regions(ep, "MLA")
     if form == "none" or not found:
         return ep, 0
-    for region in found:
+    ep = clone(ep)
+    for region in regions(ep, "MLA"):
         _rewrite(ep, region, form, options.args)
     return rebuild(ep), len(found)
 

@@ -6,11 +6,13 @@ Passes rewrite the ATen graph of a `torch.export.ExportedProgram`. What they sha
 - `add_param(ep, fqn, tensor)`: a new weight placeholder, registered in the graph signature;
 - `emit(ep, target, *args)`: a new node whose `meta["val"]` is computed by running the op on
   the arguments' fake values, so later passes and the ONNX exporter see shapes and dtypes;
+- `clone(ep)`: a copy to edit, so a pass never changes the program it was given;
 - `rebuild(ep)`: dead code removed, unused weights dropped, a fresh ExportedProgram.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,6 +133,22 @@ def emit(ep: ExportedProgram, target, *args, like: Node | None = None, **kwargs)
             if key in like.meta:
                 node.meta[key] = like.meta[key]
     return node
+
+
+def clone(ep: ExportedProgram) -> ExportedProgram:
+    """A copy whose graph can be edited without touching `ep` (weights are shared, not copied)."""
+    gm = copy.deepcopy(ep.graph_module)  # node.meta is copied shallowly: fake values are shared
+    return ExportedProgram(
+        root=gm,
+        graph=gm.graph,
+        graph_signature=copy.deepcopy(ep.graph_signature),
+        state_dict=dict(ep.state_dict),
+        range_constraints=ep.range_constraints,
+        module_call_graph=copy.deepcopy(ep.module_call_graph),
+        example_inputs=ep.example_inputs,
+        constants=dict(ep.constants),
+        verifiers=[ep.verifier],
+    )
 
 
 def rebuild(ep: ExportedProgram) -> ExportedProgram:

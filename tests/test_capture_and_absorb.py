@@ -1,0 +1,212 @@
+"""Capture (torch.export of prefill/decode) and the absorb_mla pass: structure, count, numerics, negatives."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import assert_close
+from exporter.capture import Limits, capture, io_names
+from model.args import ModelArgs
+from model.checkpoint import build_model, load_checkpoint
+from passes import PassOptions, absorb_mla, random_inputs, run_pipeline
+from passes.absorb_mla import AbsorbError, cost_model
+
+aten = torch.ops.aten
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "configs"
+VARIANTS = ("v2", "v2-lite", "v3")
+
+
+@pytest.fixture(scope="module")
+def models(make_ckpt):
+    return {v: load_checkpoint(make_ckpt(v, layers=3, experts=8)) for v in VARIANTS}
+
+
+@pytest.fixture(scope="module")
+def graphs(models):
+    return {(v, phase): capture(models[v], phase) for v in VARIANTS for phase in ("prefill", "decode")}
+
+
+def _outputs(ep, inputs):
+    with torch.no_grad():
+        logits, present = ep.module()(*inputs)
+    return logits, present
+
+
+def _targets(ep):
+    return [n.target for n in ep.graph.nodes if n.op == "call_function"]
+
+
+# ---- capture ----
+
+
+@pytest.mark.parametrize("B,S,P", [(1, 1, 0), (3, 5, 7), (2, 1, 9)])
+def test_captured_graph_matches_eager_for_any_batch_new_and_past(models, graphs, B, S, P):
+    model, ep = models["v3"], graphs[("v3", "prefill")]
+    gen = torch.Generator().manual_seed(B * 100 + S)
+    a = model.args
+    ids = torch.randint(0, a.vocab_size, (B, S), generator=gen)
+    pos = (torch.arange(S) + P).expand(B, S).contiguous()
+    mask = torch.ones(B, P + S, dtype=torch.int64)
+    past = [(torch.randn(B, P, a.kv_lora_rank, generator=gen), torch.randn(B, P, a.qk_rope_head_dim, generator=gen))
+            for _ in range(a.num_hidden_layers)]
+    logits, present = _outputs(ep, (ids, pos, mask, past))
+    with torch.no_grad():
+        ref, ref_cache = model(ids, pos, mask, past)
+    assert_close(logits, ref, what=f"prefill graph B={B} S={S} P={P}")
+    assert present[0][0].shape == (B, P + S, a.kv_lora_rank) and present[0][1].shape == (B, P + S, a.qk_rope_head_dim)
+
+
+def test_contract_names_cover_every_layer():
+    inputs, outputs = io_names(2)
+    assert inputs == ["input_ids", "position_ids", "attention_mask", "past.0.kv_latent", "past.0.k_rope",
+                      "past.1.kv_latent", "past.1.k_rope"]
+    assert outputs[0] == "logits" and outputs[-1] == "present.1.k_rope"
+
+
+def test_capture_on_meta_device_with_published_shapes():
+    """Real V3 widths (256 experts, 128 heads) with 4 layers, no weights: capture must not need storage."""
+    path = SHARED / "deepseek-v3.json"
+    if not path.is_file():
+        pytest.skip("published configs not found beside the repository")
+    args = dataclasses.replace(ModelArgs.from_json(path), num_hidden_layers=4)
+    ep = capture(build_model(args, torch.bfloat16, "meta"), "decode", Limits(max_batch=8, max_new_tokens=16, max_context=4096))
+    assert sum(t == aten.topk.default for t in _targets(ep)) >= args.num_moe_layers
+    assert all(t.device.type == "meta" for t in ep.state_dict.values())
+
+
+def test_limits_are_validated():
+    with pytest.raises(ValueError):
+        Limits(max_batch=0)
+    with pytest.raises(ValueError):
+        Limits(max_new_tokens=64, max_context=32)
+
+
+# ---- absorb_mla ----
+
+
+@pytest.mark.parametrize("form", ["reassociate", "fold"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_absorb_structure_count_and_numerics(models, graphs, variant, form):
+    model, ep = models[variant], graphs[(variant, "decode")]
+    a = model.args
+    inputs = random_inputs(ep, a.vocab_size, seed=1)
+    before = _outputs(ep, inputs)
+    new, count = absorb_mla.run(ep, PassOptions("decode", a, absorb=form))
+    after = _outputs(new, inputs)
+
+    assert count == a.num_hidden_layers
+    targets = _targets(new)
+    assert aten.scaled_dot_product_attention.default not in targets
+    assert targets.count(torch.ops.dsc.latent_attention.default) == a.num_hidden_layers
+    # Nothing multiplies the cached latent by kv_b_proj any more: the weight is gone from the program.
+    assert not [k for k in new.state_dict if "kv_b_proj" in k]
+    H, N, V, C = a.num_attention_heads, a.qk_nope_head_dim, a.v_head_dim, a.kv_lora_rank
+    sd = new.state_dict
+    if form == "reassociate":
+        assert sd["model.layers.0.self_attn.absorb.w_uk"].shape == (H, N, C)
+        assert sd["model.layers.0.self_attn.absorb.w_uv"].shape == (H, V, C)
+    else:
+        q_in = a.q_lora_rank or a.hidden_size
+        assert sd["model.layers.0.self_attn.absorb.w_qk"].shape == (H, q_in, C)
+        assert sd["model.layers.0.self_attn.absorb.w_ov"].shape == (a.hidden_size, H, C)
+        assert not [k for k in sd if "o_proj" in k]
+    # The latent cache is read only by the latent attention op (and returned as present).
+    for n in new.graph.nodes:
+        if n.target == torch.ops.dsc.latent_attention.default:
+            latent = n.args[2]
+            assert {u.target for u in latent.users} <= {torch.ops.dsc.latent_attention.default, "output"}
+    assert_close(after[0], before[0], what=f"{variant} {form} logits")
+    # Layer 0's cache is bit-identical (computed before any attention); later layers inherit rounding.
+    assert torch.equal(after[1][0][0], before[1][0][0]) and torch.equal(after[1][0][1], before[1][0][1])
+    for i, ((la, ra), (lb, rb)) in enumerate(zip(after[1], before[1])):
+        assert_close(la, lb, what=f"{variant} {form} present.{i}.kv_latent")
+        assert_close(ra, rb, what=f"{variant} {form} present.{i}.k_rope")
+
+
+def test_prefill_absorption_keeps_numerics(models, graphs):
+    ep, a = graphs[("v2", "prefill")], models["v2"].args
+    inputs = random_inputs(ep, a.vocab_size, seed=2)
+    before = _outputs(ep, inputs)
+    new, count = absorb_mla.run(ep, PassOptions("prefill", a, absorb="reassociate"))
+    assert count == a.num_hidden_layers
+    assert_close(_outputs(new, inputs)[0], before[0], what="v2 prefill reassociate")
+
+
+def test_none_and_graphs_without_mla_are_left_alone(models, graphs):
+    ep, a = graphs[("v3", "decode")], models["v3"].args
+    same, count = absorb_mla.run(ep, PassOptions("decode", a, absorb="none"))
+    assert count == 0 and same is ep
+
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return torch.nn.functional.scaled_dot_product_attention(self.proj(x), x, x)
+
+    plain = torch.export.export(Plain(), (torch.randn(1, 2, 3, 8),))
+    nodes = len(plain.graph.nodes)
+    out, count = absorb_mla.run(plain, PassOptions("decode", a, absorb="reassociate"))
+    assert count == 0 and len(out.graph.nodes) == nodes
+
+
+def test_region_of_another_shape_is_refused_with_a_reason(models):
+    a = models["v3"].args
+
+    class MLA(nn.Module):  # named like ours, but attends without the latent up-projection
+        def __init__(self):
+            super().__init__()
+            self.kv_b_proj = nn.Linear(8, 8, bias=False)
+
+        def forward(self, x):
+            return torch.nn.functional.scaled_dot_product_attention(x, x, x, scale=0.5)
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.self_attn = MLA()
+
+        def forward(self, x):
+            return self.self_attn(x)
+
+    ep = torch.export.export(Wrap(), (torch.randn(1, 2, 3, 8),))
+    with pytest.raises(AbsorbError, match="self_attn: expected one kv_b_proj matmul, found 0"):
+        absorb_mla.run(ep, PassOptions("decode", a, absorb="reassociate"))
+
+
+def test_cost_model_picks_latent_attention_for_decode_on_published_configs():
+    for name in ("deepseek-v2.json", "deepseek-v2-lite.json", "deepseek-v3.json"):
+        if not (SHARED / name).is_file():
+            pytest.skip("published configs not found beside the repository")
+        args = ModelArgs.from_json(SHARED / name)
+        decode = absorb_mla.describe(PassOptions("decode", args))
+        assert decode["form"] == "reassociate", f"{name}: {json.dumps(decode['cost_model'])}"
+        costs = cost_model(args, "decode")
+        # Reassociation reads the same weights (kv_b_proj split in two); folding pre-multiplies bigger ones.
+        assert costs["reassociate"]["bytes"] == costs["none"]["bytes"] < costs["fold"]["bytes"]
+        # Expanding the latent of every past token per step is what absorption removes:
+        assert costs["none"]["flops"] > 10 * costs["reassociate"]["flops"]
+        assert absorb_mla.describe(PassOptions("prefill", args))["form"] == "none"
+
+
+def test_unknown_absorb_option_is_a_user_error(models, graphs):
+    from runtime.errors import DscompileError
+
+    with pytest.raises(DscompileError, match="--absorb 'sometimes'"):
+        absorb_mla.run(graphs[("v3", "decode")], PassOptions("decode", models["v3"].args, absorb="sometimes"))
+
+
+def test_pipeline_report_verifies_each_pass(models, graphs):
+    ep, a = graphs[("v2-lite", "decode")], models["v2-lite"].args
+    new, report = run_pipeline(ep, PassOptions("decode", a), verify=True)
+    by_name = {r.name: r for r in report.results}
+    assert by_name["absorb_mla"].count == a.num_hidden_layers
+    assert by_name["absorb_mla"].max_error is not None and by_name["absorb_mla"].max_error < 1e-4
+    assert by_name["absorb_mla"].details["form"] == "reassociate"
