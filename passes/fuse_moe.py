@@ -30,8 +30,8 @@ from torch.fx import Node
 
 import runtime.ops  # noqa: F401  (registers torch.ops.dsc.*)
 from passes.ep_edit import Region, emit, param_name, param_node, rebuild, regions
-from runtime.ops.moe import check_expert_weights, check_routing_args
 from runtime.errors import DscompileError
+from runtime.ops.moe import check_expert_weights, check_routing_args
 
 aten = torch.ops.aten
 MOE_OP = torch.ops.dsc.moe.default
