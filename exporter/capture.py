@@ -32,22 +32,29 @@ class Limits:
 
 
 class ContractModule(nn.Module):
-    """The model behind the IO contract: flat cache tuples in, logits and present cache out."""
+    """The model behind the IO contract: flat cache tuples in, logits and present cache out.
 
-    def __init__(self, model: nn.Module):
+    With `debug`, the hidden state after each block is an extra output (`hidden.{i}`): the debug
+    build `compare` uses to find the first layer where an engine diverges.
+    """
+
+    def __init__(self, model: nn.Module, debug: bool = False):
         super().__init__()
         self.model = model
+        self.debug = debug
 
     def forward(self, input_ids, position_ids, attention_mask, past):
-        logits, present = self.model(input_ids, position_ids, attention_mask, [tuple(p) for p in past])
-        return logits, present
+        out = self.model(input_ids, position_ids, attention_mask, [tuple(p) for p in past], output_hidden_states=self.debug)
+        return out
 
 
-def io_names(num_layers: int) -> tuple[list[str], list[str]]:
+def io_names(num_layers: int, debug: bool = False) -> tuple[list[str], list[str]]:
     """Public input and output names of both graphs (DESIGN.md, the engine contract)."""
     cache = [f"{{}}.{i}.{kind}" for i in range(num_layers) for kind in ("kv_latent", "k_rope")]
     inputs = ["input_ids", "position_ids", "attention_mask"] + [c.format("past") for c in cache]
     outputs = ["logits"] + [c.format("present") for c in cache]
+    if debug:
+        outputs += [f"hidden.{i}" for i in range(num_layers)]
     return inputs, outputs
 
 
@@ -71,8 +78,8 @@ def example_inputs(model: nn.Module, phase: str, batch: int = 2, new: int = 3, p
     return ids, pos, mask, cache
 
 
-def capture(model: nn.Module, phase: str, limits: Limits = Limits()) -> ExportedProgram:
-    """Export one graph of the contract with dynamic batch, new tokens (prefill) and past length."""
+def capture(model: nn.Module, phase: str, limits: Limits = Limits(), debug: bool = False) -> ExportedProgram:
+    """Export one graph of the contract with dynamic batch, new tokens and past length."""
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
     # Decode is traced with S dynamic as well: with S fixed at 1, torch.export relates
@@ -90,4 +97,4 @@ def capture(model: nn.Module, phase: str, limits: Limits = Limits()) -> Exported
     }
     inputs = example_inputs(model, phase)
     with torch.no_grad():
-        return torch.export.export(ContractModule(model), inputs, dynamic_shapes=dims, strict=False)
+        return torch.export.export(ContractModule(model, debug), inputs, dynamic_shapes=dims, strict=False)

@@ -61,22 +61,31 @@ def regions(ep: ExportedProgram, cls: str) -> list[Region]:
     return list(found.values())
 
 
-def _fqn_by_placeholder(ep: ExportedProgram) -> dict[str, str]:
+def _index(ep: ExportedProgram) -> tuple[dict[str, str], dict[str, Node]]:
+    """(placeholder name -> weight name, weight name -> placeholder), cached on the graph module.
+
+    Looking these up through the graph signature rebuilds its dicts on every call, which makes a
+    pass over a 61-layer graph quadratic; the cache is keyed on the signature's identity and size.
+    """
     sig = ep.graph_signature
-    return {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants}
+    key = (id(sig), len(sig.input_specs), id(ep.graph))
+    cached = ep.graph_module.meta.get("dsc_index")
+    if cached is None or cached[0] != key:
+        by_name = {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants}
+        nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+        cached = (key, by_name, {fqn: nodes[name] for name, fqn in by_name.items() if name in nodes})
+        ep.graph_module.meta["dsc_index"] = cached
+    return cached[1], cached[2]
 
 
 def param_node(ep: ExportedProgram, fqn: str) -> Node | None:
     """The placeholder of the weight called `fqn` (state_dict name), or None."""
-    names = {v: k for k, v in _fqn_by_placeholder(ep).items()}
-    if fqn not in names:
-        return None
-    return next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name == names[fqn])
+    return _index(ep)[1].get(fqn)
 
 
 def param_name(ep: ExportedProgram, node: Node) -> str | None:
     """The weight name behind a placeholder node, or None for a user input."""
-    return _fqn_by_placeholder(ep).get(node.name)
+    return _index(ep)[0].get(node.name)
 
 
 def param(ep: ExportedProgram, fqn: str) -> torch.Tensor:
@@ -98,9 +107,8 @@ def add_param(ep: ExportedProgram, fqn: str, tensor: torch.Tensor) -> Node:
     if fqn in ep.state_dict:
         raise ValueError(f"weight {fqn} already exists")
     graph = ep.graph
-    first_user = next(
-        n for n in graph.nodes if n.op == "placeholder" and param_name(ep, n) is None
-    )
+    user_names = {s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT}
+    first_user = next(n for n in graph.nodes if n.op == "placeholder" and n.name in user_names)
     with graph.inserting_before(first_user):
         node = graph.placeholder("p_" + fqn.replace(".", "_"))
     node.meta["val"] = _fake_mode(ep).from_tensor(tensor, static_shapes=True)
@@ -109,6 +117,7 @@ def add_param(ep: ExportedProgram, fqn: str, tensor: torch.Tensor) -> Node:
     specs.insert(at, InputSpec(InputKind.PARAMETER, TensorArgument(node.name), target=fqn, persistent=None))
     ep.graph_signature.input_specs[:] = specs
     ep.state_dict[fqn] = torch.nn.Parameter(tensor.detach(), requires_grad=False)
+    ep.graph_module.meta.pop("dsc_index", None)
     return node
 
 
@@ -120,14 +129,31 @@ def _val(x: Any) -> Any:
     return x
 
 
+def _signature(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return ("T", str(tuple(x.shape)), str(x.dtype), str(tuple(x.stride())), str(x.device))
+    if isinstance(x, (list, tuple)):
+        return tuple(_signature(v) for v in x)
+    if isinstance(x, dict):
+        return tuple((k, _signature(v)) for k, v in sorted(x.items()))
+    return repr(x)
+
+
 def emit(ep: ExportedProgram, target, *args, like: Node | None = None, **kwargs) -> Node:
     """Insert `target(*args, **kwargs)` at the graph's current insertion point, with its fake value.
 
     `like` lends its nn_module_stack (and stack trace) so the new node stays in its module's region.
     """
     node = ep.graph.call_function(target, args, kwargs)
-    with _fake_mode(ep):
-        node.meta["val"] = target(*_val(args), **_val(kwargs))
+    vals, kwvals = _val(args), _val(kwargs)
+    # Every layer emits the same ops on the same symbolic shapes; fake dispatch with symbols is
+    # slow (~0.1 s an einsum), so an output value is computed once per signature and shared.
+    memo = ep.graph_module.meta.setdefault("dsc_emit_vals", {})
+    key = (str(target), _signature(vals), _signature(kwvals))
+    if key not in memo:
+        with _fake_mode(ep):
+            memo[key] = target(*vals, **kwvals)
+    node.meta["val"] = memo[key]
     if like is not None:
         for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
             if key in like.meta:
