@@ -95,12 +95,15 @@ def test_structure_and_count(captured, variant, phase):
                          f"{path}.experts.up_proj", *shared]
         assert tuple(n.args[9:]) == (args.num_experts_per_tok, args.n_group, args.topk_group, args.topk_method,
                                      args.norm_topk_prob, args.routed_scaling_factor)
-    # The op reads the existing placeholders: no weight was added, every routed-expert weight is
-    # read by dsc.moe alone.
+    # The op reads the existing placeholders: no weight was added, and every weight of an MoE
+    # layer (router, routed and shared experts) is read by dsc.moe alone.
     assert set(out.state_dict) | set(out.constants) <= before_weights
-    for n in out.graph.nodes:
-        if n.op == "placeholder" and ".experts." in (param_name(out, n) or ""):
-            assert all(u.target == MOE for u in n.users), f"{param_name(out, n)} still read by {list(n.users)}"
+    prefixes = tuple(f"model.layers.{i}.mlp." for i in _moe_layers(args))
+    moe_weights = [n for n in out.graph.nodes if n.op == "placeholder" and (param_name(out, n) or "").startswith(prefixes)]
+    per_layer = 4 + (args.topk_method == "noaux_tc") + 3 * bool(args.n_shared_experts)  # gate, bias, 3 routed, 3 shared
+    assert len(moe_weights) == len(fused) * per_layer
+    for n in moe_weights:
+        assert all(u.target == MOE for u in n.users), f"{param_name(out, n)} still read by {list(n.users)}"
 
 
 @pytest.mark.parametrize("variant,phase", CASES)
