@@ -27,12 +27,13 @@ R rope dim, D hidden, E routed experts, K active experts, I expert intermediate,
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
 import onnx
 import onnx_ir as ir
 import torch
 from onnxscript import opset23 as op
+from onnxscript.onnx_types import TensorType
 from onnxscript.values import Opset
 
 import runtime.ops  # noqa: F401  (registers torch.ops.dsc.*)
@@ -257,8 +258,21 @@ def choose_moe_experts(phase: str, dtype: torch.dtype) -> str:
     return "gather" if phase == "decode" else "dense"
 
 
+# ---------------------------------------------------------------- aten ops torchlib lowers too narrowly
+
+
+def einsum(equation: str, tensors: Sequence[TensorType], path: Optional[int] = None):
+    """aten.einsum (absorb_mla emits it): ONNX Einsum has no bfloat16, so bfloat16 runs in float32."""
+    dtype = tensors[0].dtype
+    if dtype != ir.DataType.BFLOAT16:
+        return op.Einsum(*tensors, equation=equation)
+    out = op.Einsum(*[op.Cast(t, to=FLOAT) for t in tensors], equation=equation)
+    return op.Cast(out, to=dtype)
+
+
 def translation_table(moe_experts: str = "moe_op") -> dict:
     return {
         torch.ops.dsc.latent_attention.default: latent_attention,
         torch.ops.dsc.moe.default: make_moe(moe_experts),
+        torch.ops.aten.einsum.default: einsum,
     }

@@ -1,0 +1,157 @@
+"""Export to OUT (exporter/export.py, exporter/lower.py): files, ONNX checker, absorbed decode
+graph, manifest, byte-reproducibility, half precision.
+
+Exports are expensive (~15 s each), so each (variant, dtype) is exported once per test session
+by `exported()`, which test_ort_engine.py shares.
+
+Shapes: B batch, S new tokens, P past, H heads, C kv_lora_rank, R rope dim, N/V nope/value dims.
+"""
+
+from __future__ import annotations
+
+import atexit
+import filecmp
+import shutil
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+from exporter.capture import Limits
+from exporter.export import export_checkpoint
+from exporter.lower import check_model
+from model.args import ModelArgs
+from model.checkpoint import load_checkpoint
+from model.synthetic import make_checkpoint
+from runtime.errors import OptionError
+from runtime.manifest import MANIFEST_FORMAT, read_manifest
+
+VARIANTS = ("v3", "v2", "v2-lite")
+LIMITS = Limits(max_batch=8, max_new_tokens=64, max_context=128)
+FILES = {"prefill.onnx", "decode.onnx", "weights.bin", "manifest.json", "prefill.pt2", "decode.pt2"}
+TOL = {torch.float32: 1e-4, torch.float16: 2e-2}
+
+_ROOT = Path(tempfile.mkdtemp(prefix="dsc_test_lower_"))
+atexit.register(shutil.rmtree, _ROOT, True)
+
+
+@lru_cache(maxsize=None)
+def checkpoint(variant: str) -> Path:
+    return make_checkpoint(_ROOT / f"ckpt-{variant}", variant, layers=2, experts=8)
+
+
+@lru_cache(maxsize=None)
+def exported(variant: str, dtype: str = "float32", copy: int = 0) -> Path:
+    """OUT of the tiny `variant` checkpoint (copy > 0: an independent second export)."""
+    out = _ROOT / f"out-{variant}-{dtype}-{copy}"
+    export_checkpoint(checkpoint(variant), out, dtype=dtype, limits=LIMITS)
+    return out
+
+
+def args_of(variant: str) -> ModelArgs:
+    return ModelArgs.from_json(checkpoint(variant) / "config.json")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_files_and_checker(variant):
+    out = exported(variant)
+    assert {p.name for p in out.iterdir()} == FILES
+    for graph in ("prefill", "decode"):
+        check_model(out / f"{graph}.onnx")  # full_check: strict shape inference included
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_decode_attends_in_latent_space(variant):
+    """No matmul against kv_b_proj [H*(N+V), C] over the cache; the latent composite instead."""
+    a = args_of(variant)
+    H, N, V, C, R = a.num_attention_heads, a.qk_nope_head_dim, a.v_head_dim, a.kv_lora_rank, a.qk_rope_head_dim
+    model = onnx.load(str(exported(variant) / "decode.onnx"), load_external_data=False)
+    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    kv_b = {(H * (N + V), C), (C, H * (N + V))}
+    expanding = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Einsum")
+                 and any(shapes.get(i) in kv_b for i in n.input)]
+    assert not expanding, f"decode graph still expands the latent cache with kv_b_proj: {expanding}"
+    ops = [n.op_type for n in model.graph.node]
+    assert "Attention" not in ops
+    assert ops.count("Softmax") >= a.num_hidden_layers  # one latent-attention composite per layer
+    for out in model.graph.output[1:]:
+        last = out.type.tensor_type.shape.dim[-1].dim_value
+        assert last == (C if out.name.endswith("kv_latent") else R), f"{out.name}: last dim {last}"
+    prefill = onnx.load(str(exported(variant) / "prefill.onnx"), load_external_data=False)
+    assert [o.name for o in prefill.graph.output] == [o.name for o in model.graph.output]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_manifest(variant):
+    out = exported(variant)
+    m = read_manifest(out)
+    a = args_of(variant)
+    assert m["format_version"] == MANIFEST_FORMAT and m["target"] == "onnxruntime" and m["dtype"] == "float32"
+    assert m["opset"] == 23 and m["model"] == a.to_config()
+    assert m["limits"] == {"max_batch": 8, "max_new_tokens": 64, "max_context": 128}
+    cache = m["cache"]
+    L, C, R = a.num_hidden_layers, a.kv_lora_rank, a.qk_rope_head_dim
+    assert cache["per_layer"] == {"kv_latent": C, "k_rope": R}
+    assert cache["bytes_per_token"] == L * (C + R) * 4
+    H, N, V = a.num_attention_heads, a.qk_nope_head_dim, a.v_head_dim
+    assert cache["mha_equivalent_bytes_per_token"] == L * H * (N + R + V) * 4
+    for graph in ("prefill", "decode"):
+        g = m["graphs"][graph]
+        assert g["file"] == f"{graph}.onnx" and g["program"] == f"{graph}.pt2"
+        ins = {i["name"]: i for i in g["inputs"]}
+        assert ins["input_ids"]["shape"] == ["batch", "seq"] and ins["input_ids"]["dtype"] == "int64"
+        assert ins["attention_mask"]["shape"] == ["batch", "past + seq"]
+        assert ins["past.0.kv_latent"]["shape"] == ["batch", "past", C]
+        outs = {o["name"]: o for o in g["outputs"]}
+        assert outs["logits"]["dtype"] == "float32" and outs["logits"]["shape"] == ["batch", "seq", a.vocab_size]
+        names = [p["name"] for p in g["passes"]["passes"]]
+        assert names == ["absorb_mla", "fuse_moe"]
+        assert {p["name"]: p["count"] for p in g["passes"]["passes"]}["fuse_moe"] == a.num_moe_layers
+    assert {p["name"]: p["count"] for p in m["graphs"]["decode"]["passes"]["passes"]}["absorb_mla"] == L
+    assert set(m["files"]) == FILES - {"manifest.json"}
+    for name, info in m["files"].items():
+        assert (out / name).stat().st_size == info["bytes"]
+    assert m["weights"]["shared_tensors"] > 0  # prefill and decode share their weights in weights.bin
+
+
+def test_two_exports_are_byte_identical():
+    a, b = exported("v2-lite"), exported("v2-lite", copy=1)
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    differ = [n for n in names if not filecmp.cmp(a / n, b / n, shallow=False)]
+    assert not differ, f"files differ between two exports: {differ}"
+
+
+def test_float16_export_loads_and_runs():
+    from runtime.ort_engine import OrtEngine
+
+    out = exported("v2-lite", "float16")
+    m = read_manifest(out)
+    assert m["dtype"] == "float16" and m["cache"]["dtype"] == "float16"
+    assert m["graphs"]["decode"]["outputs"][0]["dtype"] == "float32"  # logits stay float32
+    engine = OrtEngine.load(out, provider="cpu")
+    ids = torch.tensor([[5, 17, 42, 7], [1, 2, 3, 4]])
+    pos = torch.arange(4).expand(2, 4)
+    mask = torch.ones(2, 4, dtype=torch.int64)
+    logits, cache = engine.step(ids, pos, mask, None)
+    logits2, _ = engine.step(ids[:, :1], pos[:, -1:] + 1, torch.ones(2, 5, dtype=torch.int64), cache)
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all() and torch.isfinite(logits2).all()
+    assert cache.layers[0][0].dtype == torch.float16
+    ref = load_checkpoint(checkpoint("v2-lite"), dtype=torch.float32)
+    with torch.no_grad():
+        want, _ = ref(ids, pos, mask)
+    err = (logits - want).abs()
+    bound = TOL[torch.float16] * max(1.0, want.abs().max().item())
+    assert err.max() <= bound, f"float16 vs float32 eager: max|Δ|={err.max():.3e} mean|Δ|={err.mean():.3e} > {bound:.3e}"
+
+
+def test_refuses_a_non_empty_out(tmp_path):
+    (tmp_path / "keep.txt").write_text("x")
+    with pytest.raises(OptionError, match="not empty"):
+        export_checkpoint(checkpoint("v3"), tmp_path, limits=LIMITS)
+    with pytest.raises(OptionError, match="--dtype"):
+        export_checkpoint(checkpoint("v3"), tmp_path / "new", dtype="float8")
+    assert not (tmp_path / "new").exists() and [p.name for p in tmp_path.iterdir()] == ["keep.txt"]

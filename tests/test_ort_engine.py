@@ -1,0 +1,161 @@
+"""OrtEngine (runtime/ort_engine.py) against the eager model: prefill + 16 decode steps with left
+padding, greedy generation, and the errors a user can cause (broken OUT, bad inputs).
+
+Uses the exports of test_lower.py (`exported()`, one per variant and session).
+
+Shapes: B batch, S new tokens, P past, V vocab.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import onnx
+import pytest
+import torch
+
+from model.checkpoint import load_checkpoint
+from runtime.errors import EngineError
+from runtime.manifest import read_manifest
+from runtime.ort_engine import OrtEngine, OrtKVCache
+from test_lower import LIMITS, VARIANTS, checkpoint, exported
+
+TOL = 1e-4  # fp32: max|Δ| <= TOL · max(1, max|ref|) (DESIGN.md, Verification)
+DECODE_STEPS = 16
+
+
+@pytest.fixture(scope="module", params=VARIANTS)
+def pair(request):
+    variant = request.param
+    return variant, OrtEngine.load(exported(variant), provider="cpu"), load_checkpoint(checkpoint(variant))
+
+
+def test_steps_match_eager(pair):
+    """B=2, row 0 left-padded by 3; logits compared on every non-padded position, every step."""
+    variant, engine, model = pair
+    B, S = 2, 7
+    ids = torch.randint(0, engine.info.vocab_size, (B, S), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(B, S, dtype=torch.int64)
+    mask[0, :3] = 0
+    ids[0, :3] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache_e = cache_r = None
+    errors = []
+    for step in range(DECODE_STEPS + 1):
+        got, cache_e = engine.step(ids, pos, mask, cache_e)
+        with torch.no_grad():
+            want, cache_r = model(ids, pos, mask, cache_r)
+        valid = mask[:, -ids.shape[1]:].bool()  # [B, S] positions that are real tokens
+        err = (got - want).abs()[valid]
+        bound = TOL * max(1.0, want[valid].abs().max().item())
+        errors.append((err.max().item(), err.mean().item()))
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        assert err.max() <= bound, (f"{variant} step {step} (S={ids.shape[1]}): max|Δ|={err.max():.3e} "
+                                    f"mean|Δ|={err.mean():.3e} > {bound:.3e}")
+        ids = want[:, -1].argmax(-1, keepdim=True)
+        pos = pos[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.int64)], dim=1)
+    assert isinstance(cache_e, OrtKVCache) and cache_e.length == S + DECODE_STEPS
+    # Padded positions hold whatever a query that sees nothing computes (never attended to): skip them.
+    real = mask[:, :-1].bool()  # [B, P] of the final cache
+    for i, ((k_e, r_e), (k_r, r_r)) in enumerate(zip(cache_e.layers, cache_r)):
+        for name, a, b in (("kv_latent", k_e, k_r), ("k_rope", r_e, r_r)):
+            err = (a - b).abs()[real]
+            bound = TOL * max(1.0, b[real].abs().max().item())
+            assert err.max() <= bound, f"{variant} present.{i}.{name}: max|Δ|={err.max():.3e} mean|Δ|={err.mean():.3e}"
+
+
+def test_greedy_generate_matches_eager(pair):
+    variant, engine, model = pair
+    prompts = [[3, 14, 15, 92, 65], [35, 89]]
+    got = engine.generate(prompts, 8)
+    # Eager greedy with the same left padding.
+    longest = max(map(len, prompts))
+    ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    want, cache = [[] for _ in prompts], None
+    with torch.no_grad():
+        for _ in range(8):
+            logits, cache = model(ids, pos, mask, cache)
+            ids = logits[:, -1].argmax(-1, keepdim=True)
+            for row in range(len(prompts)):
+                want[row].append(int(ids[row]))
+            pos = pos[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=torch.int64)], dim=1)
+    assert got == want, f"{variant}: engine {got} != eager {want}"
+
+
+def test_step_accepts_a_torch_cache(pair):
+    """A plain KVCache of torch tensors (e.g. from another engine) binds as well as an OrtKVCache."""
+    from runtime.engine import KVCache
+
+    _, engine, _ = pair
+    ids, pos, mask = torch.tensor([[1, 2, 3]]), torch.tensor([[0, 1, 2]]), torch.ones(1, 3, dtype=torch.int64)
+    _, cache = engine.step(ids, pos, mask, None)
+    plain = KVCache([(k.clone(), r.clone()) for k, r in cache.layers])
+    a, _ = engine.step(ids[:, :1], pos[:, -1:] + 1, torch.ones(1, 4, dtype=torch.int64), cache)
+    b, _ = engine.step(ids[:, :1], pos[:, -1:] + 1, torch.ones(1, 4, dtype=torch.int64), plain)
+    assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.fixture
+def broken(tmp_path):
+    """A private copy of an OUT to damage."""
+    dst = tmp_path / "out"
+    shutil.copytree(exported("v3"), dst)
+    return dst
+
+
+def test_missing_out(tmp_path):
+    with pytest.raises(EngineError, match="not found"):
+        OrtEngine.load(tmp_path / "nothing")
+
+
+def test_truncated_onnx(broken):
+    data = (broken / "decode.onnx").read_bytes()
+    (broken / "decode.onnx").write_bytes(data[: len(data) // 3])
+    with pytest.raises(EngineError, match="decode.onnx") as err:
+        OrtEngine.load(broken)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_manifest_version(broken):
+    path = broken / "manifest.json"
+    m = json.loads(path.read_text())
+    m["format_version"] = 99
+    path.write_text(json.dumps(m))
+    with pytest.raises(EngineError, match="format_version 99"):
+        OrtEngine.load(broken)
+    path.write_text("{not json")
+    with pytest.raises(EngineError, match="manifest.json: not valid JSON"):
+        read_manifest(broken)
+
+
+def test_external_data_outside_out(broken):
+    model = onnx.load(str(broken / "prefill.onnx"), load_external_data=False)
+    tensor = next(t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+    for entry in tensor.external_data:
+        if entry.key == "location":
+            entry.value = "../weights.bin"
+    onnx.save(model, str(broken / "prefill.onnx"))
+    with pytest.raises(EngineError, match="not a relative path inside"):
+        OrtEngine.load(broken)
+
+
+def test_bad_inputs(pair):
+    _, engine, _ = pair
+    V = engine.info.vocab_size
+    with pytest.raises(EngineError, match=f"input id {V} is outside the vocabulary"):
+        engine.step(torch.tensor([[1, V]]), torch.tensor([[0, 1]]), torch.ones(1, 2, dtype=torch.int64), None)
+    with pytest.raises(EngineError, match="outside the vocabulary"):
+        engine.generate([[1, -1]], 2)
+    too_long = [[1] * (LIMITS.max_context + 1)]
+    with pytest.raises(EngineError, match="exceed"):
+        engine.generate(too_long, 1)
+    with pytest.raises(EngineError, match="attention_mask"):
+        engine.step(torch.tensor([[1, 2]]), torch.tensor([[0, 1]]), torch.ones(1, 3, dtype=torch.int64), None)
