@@ -120,7 +120,9 @@ def moe_experts_reference(x2d: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, weigh
         xe = x2d[tokens]                                      # [n, D]
         h = F.silu(xe @ w1[e].t()) * (xe @ w3[e].t())         # [n, I]
         ye = h @ w2[e].t()                                    # [n, D]
-        out.index_add_(0, tokens, ye.float() * weight_of[start:start + n, None])
+        # index_put_ with accumulate, not index_add_: the same sums, but index_add_'s scatter_add
+        # stalls for ~25 ms behind an MKL matmul when another process holds a core.
+        out.index_put_((tokens,), ye.float() * weight_of[start:start + n, None], accumulate=True)
         start += n
     return out
 
