@@ -132,44 +132,289 @@ def make_checkpoint_cmd(
 
 @app.command()
 def demo(
-    cache_dir: Optional[Path] = typer.Option(None, help="Where the demo checkpoint is generated (default ~/.cache/dscompile)."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Where the demo checkpoint and engine go (default ~/.cache/dscompile)."),
     new_tokens: int = typer.Option(8, help="Tokens to generate."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON report."),
 ) -> None:
-    """Run the main job on an embedded default: a tiny deterministic DeepSeek-V3-style checkpoint."""
+    """Run the main job on an embedded default: make a tiny DeepSeek-V3 checkpoint, export, run, compare.
+
+    The checkpoint is generated deterministically (seed 0) in a cache folder; the engine is
+    exported next to it with every pass verified, generates from two prompts of different
+    lengths (left padding) and is compared with the PyTorch eager model.
+    """
     start = time.perf_counter()
     with guard():
+        from exporter.compare import run_compare
         from exporter.eager import EagerEngine
+        from exporter.export import export_checkpoint
         from model.checkpoint import load_checkpoint
         from model.synthetic import make_checkpoint
+        from runtime.ort_engine import OrtEngine
 
+        if new_tokens < 1:
+            raise OptionError(f"--new-tokens must be >= 1, got {new_tokens}")
         root = cache_dir or cache_home()
         ckpt = root / f"demo-{DEMO_VARIANT}-seed{DEMO_SEED}"
-        if not (ckpt / "config.json").is_file():
-            make_checkpoint(ckpt, DEMO_VARIANT, seed=DEMO_SEED)
-        model = load_checkpoint(ckpt)
-        prompts = [[1, 2, 3, 4], [5, 6]]
-        eager_tokens = EagerEngine(model).generate(prompts, new_tokens)
-        a = model.args
-        report = {
-            "checkpoint": str(ckpt),
-            "model": {"model_type": a.model_type, "layers": a.num_hidden_layers, "experts": a.n_routed_experts,
-                      "topk_method": a.topk_method, "params": sum(p.numel() for p in model.parameters())},
-            "prompts": prompts,
-            "eager_tokens": eager_tokens,
-            "cache_values_per_token_per_layer": a.cache_dim,
-        }
-        ok = all(len(t) == new_tokens for t in eager_tokens)
+        engine_dir = root / f"demo-{DEMO_VARIANT}-seed{DEMO_SEED}-onnx"
+        with Bars(not as_json) as bars:
+            if not (ckpt / "config.json").is_file():
+                make_checkpoint(ckpt, DEMO_VARIANT, seed=DEMO_SEED)
+            manifest = export_checkpoint(ckpt, engine_dir, verify=True, force=True, progress=bars)
+            engine = OrtEngine.load(engine_dir)
+            eager = EagerEngine(load_checkpoint(ckpt), engine.info.max_positions)
+            prompts = [[1, 2, 3, 4, 5], [6, 7]]
+            tokens = engine.generate(prompts, new_tokens)
+            eager_tokens = eager.generate(prompts, new_tokens)
+            report = run_compare(engine, eager, dtype=manifest["dtype"], decode_steps=new_tokens, progress=bars)
+        a = eager.model.args
+        passes = {f"{phase}.{p['name']}": p["count"] for phase, g in manifest["graphs"].items()
+                  for p in g["passes"]["passes"]}
+        worst = max(s["logits"]["max_abs"] for s in report["steps"])
+        ok = report["passed"] and tokens == eager_tokens
+        payload = {"checkpoint": str(ckpt), "engine": str(engine_dir), "model_type": a.model_type,
+                   "passes": passes, "prompts": prompts, "engine_tokens": tokens, "eager_tokens": eager_tokens,
+                   "compare": report, "cache": manifest["cache"], "passed": ok}
         lines = [
-            f"checkpoint  {ckpt}",
-            f"model       {a.model_type}, {a.num_hidden_layers} layers, {a.n_routed_experts} experts "
-            f"({a.topk_method}), {report['model']['params'] / 1e6:.2f}M params",
-            f"cache       {a.cache_dim} values per token and layer (kv_lora_rank {a.kv_lora_rank} + rope {a.qk_rope_head_dim})",
-        ] + [f"eager       prompt {p} -> {t}" for p, t in zip(prompts, eager_tokens)]
+            f"checkpoint  {ckpt}  ({a.model_type}, {a.num_hidden_layers} layers, {a.n_routed_experts} experts, {a.topk_method})",
+            f"engine      {engine_dir}  (ONNX Runtime, {manifest['dtype']})",
+            "passes      " + ", ".join(f"{k} x{v}" for k, v in passes.items()),
+            f"cache       {manifest['cache']['bytes_per_token']} bytes/token vs {manifest['cache']['mha_equivalent_bytes_per_token']} for MHA",
+        ]
+        lines += [f"run         prompt {p} -> {t}" for p, t in zip(prompts, tokens)]
+        lines.append(f"eager       {'same tokens' if tokens == eager_tokens else 'DIFFERENT tokens: ' + str(eager_tokens)}")
+        lines.append(f"compare     prefill + {new_tokens} decode steps, max |Δ logits| {worst:.2g}")
         lines.append(_status_line(ok, start))
-        _emit({**report, "passed": ok}, as_json, lines)
+        _emit(payload, as_json, lines)
         if not ok:
             raise typer.Exit(1)
+
+
+BACKENDS = ("onnxruntime", "torch", "tensorrt")
+
+
+def load_engine(out: Path, backend: str, provider: str = "auto"):
+    """The engine of OUT for a backend name (what `run` and `compare` execute)."""
+    if backend == "onnxruntime":
+        from runtime.ort_engine import OrtEngine
+
+        return OrtEngine.load(out, provider=provider)
+    if backend == "torch":
+        from runtime.torch_engine import TorchEngine
+
+        return TorchEngine.load(out, device={"auto": "auto", "cpu": "cpu", "cuda": "cuda"}.get(provider, "auto"))
+    if backend == "tensorrt":
+        from runtime.trt_engine import TrtEngine
+
+        return TrtEngine.load(out)
+    raise OptionError(f"--backend {backend!r} is not one of {', '.join(BACKENDS)}")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+@app.command()
+def export(
+    checkpoint: Optional[Path] = typer.Argument(None, help="Checkpoint folder (config.json + *.safetensors)."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Engine folder to write."),
+    dtype: str = typer.Option("float32", help="float32, float16 or bfloat16."),
+    absorb: str = typer.Option("auto", help="MLA absorption: auto (cost model), fold, reassociate or none."),
+    fuse_moe: bool = typer.Option(True, "--fuse-moe/--no-fuse-moe", help="Fuse MoE routing + dispatch into dsc.moe."),
+    verify: bool = typer.Option(False, "--verify", help="Check each pass numerically on random inputs."),
+    opset: int = typer.Option(23, help="ONNX opset (>= 23)."),
+    target: str = typer.Option("onnxruntime", help="onnxruntime, or tensorrt (also builds TensorRT engines)."),
+    precision: str = typer.Option("fp16", help="TensorRT engine precision: fp32, fp16 or bf16."),
+    max_batch: int = typer.Option(64, help="Largest batch the engines accept."),
+    max_new_tokens: int = typer.Option(4096, help="Largest prompt (new tokens in one step)."),
+    max_context: int = typer.Option(16384, help="Largest past + new tokens."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    list_passes: bool = typer.Option(False, "--list-passes", help="Print the pass pipeline and exit."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+) -> None:
+    """Compile a checkpoint into OUT: ONNX graphs (prefill, decode), weights, manifest."""
+    start = time.perf_counter()
+    with guard():
+        if list_passes:
+            from passes import describe_pipeline
+
+            rows = describe_pipeline()
+            _emit({"passes": [{"name": n, "doc": d} for n, d in rows]}, as_json,
+                  [f"{i}. {n:12s} {d}" for i, (n, d) in enumerate(rows, 1)])
+            return
+        if checkpoint is None or out is None:
+            raise OptionError("export needs CHECKPOINT and -o OUT")
+        if target not in ("onnxruntime", "tensorrt"):
+            raise OptionError(f"--target {target!r} is not one of onnxruntime, tensorrt")
+        if dtype not in DTYPES:
+            raise OptionError(f"--dtype {dtype!r} is not one of float32, float16, bfloat16")
+        from exporter.capture import Limits
+
+        try:
+            limits = Limits(max_batch=max_batch, max_new_tokens=max_new_tokens, max_context=max_context)
+        except ValueError:
+            raise OptionError("need --max-batch >= 1 and 1 <= --max-new-tokens <= --max-context") from None
+        if target == "tensorrt":
+            from exporter.tensorrt import require_tensorrt, validate_options
+
+            validate_options(precision, max_batch, max_new_tokens, max_context, 8.0)
+            require_tensorrt()
+        from exporter.export import export_checkpoint
+
+        with Bars(not as_json) as bars:
+            manifest = export_checkpoint(checkpoint, out, dtype=DTYPES[dtype], absorb=absorb, fuse_moe=fuse_moe,
+                                         verify=verify, opset=opset, limits=limits, force=force, progress=bars)
+            if target == "tensorrt":
+                from exporter.tensorrt import build_engines
+
+                build_engines(out, precision=precision, max_batch=max_batch, max_new_tokens=max_new_tokens,
+                              max_context=max_context, progress=bars)
+        lines = []
+        for phase, g in manifest["graphs"].items():
+            for p in g["passes"]["passes"]:
+                err = "" if p.get("max_error") is None else f", verified max |Δ| {p['max_error']:.2g}"
+                form = f" ({p['details']['form']})" if p.get("details", {}).get("form") else ""
+                lines.append(f"{phase:8s} {p['name']:12s} {p['count']:4d} rewrites{form}{err}")
+        for name, f in sorted(manifest["files"].items()):
+            lines.append(f"file     {name:24s} {_mb(f['bytes'])}")
+        c = manifest["cache"]
+        lines.append(f"cache    {c['bytes_per_token']} bytes per token ({c['mha_equivalent_bytes_per_token']} "
+                     f"for the MHA equivalent, {c['compression']}x smaller)")
+        lines.append(_status_line(True, start))
+        _emit(manifest, as_json, lines)
+
+
+@app.command()
+def run(
+    out: Path = typer.Argument(..., help="Engine folder written by `dscompile export`."),
+    input_ids: str = typer.Option(..., "--input-ids", help="Prompt token ids, e.g. 1,2,3 (';' separates prompts)."),
+    max_new_tokens: int = typer.Option(16, help="Tokens to generate per prompt."),
+    temperature: float = typer.Option(0.0, help="0 for greedy decoding, else sampling temperature."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass (with --temperature > 0)."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    eos: Optional[int] = typer.Option(None, help="Stop a prompt at this token id."),
+    backend: str = typer.Option("onnxruntime", help="onnxruntime, torch or tensorrt."),
+    provider: str = typer.Option("auto", help="auto, cpu or cuda (onnxruntime: also tensorrt)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the tokens as JSON."),
+) -> None:
+    """Generate tokens with an exported engine (greedy or sampled), streaming them as they come."""
+    start = time.perf_counter()
+    with guard():
+        prompts = _parse_ids(input_ids)
+        if not prompts:
+            raise OptionError("--input-ids is empty")
+        if max_new_tokens < 1:
+            raise OptionError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+        engine = load_engine(out, backend, provider)
+        stream = (lambda row, tok: typer.echo(f"[{row}] {tok}", err=True)) if not as_json and sys.stderr.isatty() else None
+        t0 = time.perf_counter()
+        tokens = engine.generate(prompts, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                 eos_token_id=eos, on_token=stream)
+        seconds = time.perf_counter() - t0
+        produced = sum(len(t) for t in tokens)
+        payload = {"prompts": prompts, "tokens": tokens, "backend": backend, "seconds": round(seconds, 4),
+                   "tokens_per_second": round(produced / seconds, 2) if seconds else None}
+        lines = [f"prompt {p} -> {t}" for p, t in zip(prompts, tokens)]
+        lines.append(f"{produced} tokens in {seconds:.2f}s ({produced / max(seconds, 1e-9):.1f} tokens/s, {backend})")
+        lines.append(_status_line(True, start))
+        _emit(payload, as_json, lines)
+
+
+@app.command()
+def compare(
+    checkpoint: Path = typer.Argument(..., help="The checkpoint the engine was exported from."),
+    out: Path = typer.Argument(..., help="Engine folder."),
+    atol: Optional[float] = typer.Option(None, help="Absolute tolerance (default: the dtype's, scaled by max|ref|)."),
+    rtol: Optional[float] = typer.Option(None, help="Relative tolerance, against max|ref| (default 0)."),
+    decode_steps: int = typer.Option(4, help="Decode steps after the prefill."),
+    batch: int = typer.Option(2, help="Batch rows (rows after the first are left-padded)."),
+    prompt_len: int = typer.Option(8, help="Prompt length."),
+    seed: int = typer.Option(0, help="Input seed."),
+    backend: str = typer.Option("onnxruntime", help="onnxruntime, torch or tensorrt."),
+    provider: str = typer.Option("auto", help="auto, cpu or cuda."),
+    plot: Optional[Path] = typer.Option(None, help="Write a PNG of hidden-state error by layer."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Check an engine against PyTorch eager: per step and output, and the first diverging layer.
+
+    Exit 0 within tolerance, 1 outside it, 2 on bad input.
+    """
+    start = time.perf_counter()
+    with guard():
+        from exporter.compare import eager_for, locate_divergence, run_compare
+        from runtime.manifest import read_manifest
+
+        manifest = read_manifest(out)
+        engine = load_engine(out, backend, provider)
+        eager = eager_for(checkpoint, engine.info.max_positions)
+        _check_same_model(manifest, eager.model.args.to_config(), checkpoint)
+        with Bars(not as_json) as bars:
+            report = run_compare(engine, eager, dtype=manifest["dtype"], atol=atol, rtol=rtol,
+                                 decode_steps=decode_steps, batch=batch, prompt=prompt_len, seed=seed, progress=bars)
+            if not report["passed"] or plot is not None:
+                report["layers"] = locate_divergence(checkpoint, out, manifest, eager, report, atol=atol, rtol=rtol,
+                                                     plot=plot, progress=bars)
+        lines = [f"{'step':>4} {'graph':8s} {'max abs':>10} {'max rel':>10} {'mean abs':>10} {'cache max':>10}  result"]
+        for s in report["steps"]:
+            lines.append(f"{s['step']:>4} {s['graph']:8s} {s['logits']['max_abs']:10.3g} {s['logits']['max_rel']:10.3g} "
+                         f"{s['logits']['mean_abs']:10.3g} {s['cache']['max_abs']:10.3g}  "
+                         f"{'ok' if s['passed'] else 'OVER (atol %.3g)' % s['atol']}")
+        layers = report.get("layers")
+        if layers:
+            first = layers.get("first_diverging_layer")
+            lines.append("first diverging layer: " + (str(first) if first is not None else "none (per-layer states within tolerance)"))
+        lines.append(_status_line(report["passed"], start))
+        _emit(report, as_json, lines)
+        if not report["passed"]:
+            raise typer.Exit(1)
+
+
+def _check_same_model(manifest: dict, config: dict, checkpoint: Path) -> None:
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "kv_lora_rank", "vocab_size", "n_routed_experts")
+    diff = [k for k in keys if manifest["model"].get(k) != config.get(k)]
+    if diff:
+        raise OptionError(f"{checkpoint}: not the checkpoint this engine was exported from ({diff[0]} differs)")
+
+
+@app.command()
+def inspect(
+    out: Path = typer.Argument(..., help="Engine folder."),
+    trt_compat: bool = typer.Option(False, "--trt-compat", help="Check every ONNX node against TensorRT's parser."),
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+) -> None:
+    """Show what an engine folder holds: graphs, IO, op counts, weights, cache, passes."""
+    with guard():
+        from runtime.manifest import read_manifest
+
+        manifest = read_manifest(out)
+        c, cfg = manifest["cache"], manifest["model"]
+        info = {
+            "model": {k: cfg.get(k) for k in ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads",
+                                             "kv_lora_rank", "n_routed_experts", "num_experts_per_tok", "topk_method")},
+            "dtype": manifest["dtype"], "target": manifest["target"], "opset": manifest["opset"],
+            "limits": manifest["limits"], "cache": c, "weights": manifest["weights"],
+            "graphs": {name: {k: g.get(k) for k in ("file", "inputs", "outputs", "op_counts", "passes", "moe_lowering")}
+                       for name, g in manifest["graphs"].items()},
+        }
+        lines = [f"model    {cfg['model_type']}, {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, "
+                 f"{cfg.get('n_routed_experts')} experts; dtype {manifest['dtype']}; opset {manifest['opset']}",
+                 f"limits   {manifest['limits']}",
+                 f"cache    {c['bytes_per_token']} bytes/token vs {c['mha_equivalent_bytes_per_token']} for MHA "
+                 f"({c['compression']}x smaller)",
+                 f"weights  {_mb(manifest['weights'].get('bytes', 0))} in {manifest['weights'].get('file')}"]
+        for name, g in info["graphs"].items():
+            lines.append(f"graph    {name}: {g['file']}, {sum((g['op_counts'] or {}).values())} nodes")
+            ins = ", ".join(f"{i['name']}{i['shape']}" for i in g["inputs"][:3])
+            lines.append(f"  inputs  {ins}, + {len(g['inputs']) - 3} cache tensors")
+            top = sorted((g["op_counts"] or {}).items(), key=lambda kv: -kv[1])[:8]
+            lines.append("  ops     " + ", ".join(f"{k} {v}" for k, v in top))
+            for p in g["passes"]["passes"]:
+                lines.append(f"  pass    {p['name']}: {p['count']} rewrites")
+        if trt_compat:
+            from exporter.trt_compat import check_out_dir
+
+            info["trt_compat"] = check_out_dir(out)
+            lines.append(f"tensorrt {json.dumps(info['trt_compat'].get('summary', info['trt_compat']), default=str)[:400]}")
+        _emit(info, as_json, lines)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -52,8 +52,13 @@ def export_checkpoint(
     limits: Limits = Limits(),
     force: bool = False,
     progress: Progress | None = None,
+    debug: bool = False,
 ) -> dict[str, Any]:
-    """Compile a checkpoint into OUT for ONNX Runtime; returns the manifest written there."""
+    """Compile a checkpoint into OUT for ONNX Runtime; returns the manifest written there.
+
+    `debug` builds also output the hidden state after every block (`hidden.{i}`), which is how
+    `compare` finds the first layer where an engine diverges.
+    """
     if dtype not in DTYPES:
         raise OptionError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if opset < 23:
@@ -67,18 +72,23 @@ def export_checkpoint(
     model = load_checkpoint(checkpoint, dtype=torch_dtype, progress=lambda d, t: report("load", d, t))
     args = model.args
     programs, reports, lowered, lowerings = {}, {}, {}, {}
-    for i, phase in enumerate(PHASES):
-        programs[phase] = capture(model, phase, limits)
-        report("capture", i + 1, len(PHASES))
-    del model  # the programs hold the weights from here on
+    # Both graphs trace the same function with the same dynamic dims, so one capture serves
+    # both; the passes then specialize each (they never edit the program they are given).
+    traced = capture(model, "prefill", limits, debug=debug)
+    report("capture", 1, 1)
+    del model  # the program holds the weights from here on
+    verified = _verify_in_float32(checkpoint, limits, absorb, fuse_moe, debug) if verify and dtype != "float32" else None
     for i, phase in enumerate(PHASES):
         options = PassOptions(phase, args, absorb=absorb, fuse_moe=fuse_moe)
-        programs[phase], reports[phase] = run_pipeline(programs[phase], options, verify=verify)
+        programs[phase], reports[phase] = run_pipeline(traced, options, verify=verify and verified is None)
+        if verified is not None:
+            for result, checked in zip(reports[phase].results, verified[phase].results):
+                result.max_error, result.details["verified_in"] = checked.max_error, "float32"
         report("passes", i + 1, len(PHASES))
     for i, phase in enumerate(PHASES):
         lowerings[phase] = choose_moe_experts(phase, torch_dtype)
         lowered[phase] = lower(programs[phase], phase, args.num_hidden_layers, opset=opset,
-                               moe_experts=lowerings[phase])
+                               moe_experts=lowerings[phase], debug=debug)
         report("lower", i + 1, len(PHASES))
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -124,6 +134,19 @@ def export_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _verify_in_float32(checkpoint, limits: Limits, absorb: str, fuse_moe: bool, debug: bool) -> dict[str, Any]:
+    """Pass verification of a float32 copy of the model.
+
+    The passes rewrite algebra that does not depend on the dtype, but checking them in fp16/bf16
+    on random inputs is not meaningful: rounding flips near-tied MoE routing decisions (a
+    different expert, a large difference) even when the rewrite is exact.
+    """
+    model = load_checkpoint(checkpoint, dtype=torch.float32)
+    traced = capture(model, "prefill", limits, debug=debug)
+    return {phase: run_pipeline(traced, PassOptions(phase, model.args, absorb=absorb, fuse_moe=fuse_moe),
+                                verify=True)[1] for phase in PHASES}
 
 
 def cache_layout(args, dtype: torch.dtype) -> dict[str, Any]:

@@ -13,6 +13,7 @@ Passes rewrite the ATen graph of a `torch.export.ExportedProgram`. What they sha
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,14 +164,26 @@ def emit(ep: ExportedProgram, target, *args, like: Node | None = None, **kwargs)
 
 def clone(ep: ExportedProgram) -> ExportedProgram:
     """A copy whose graph can be edited without touching `ep` (weights are shared, not copied)."""
-    gm = copy.deepcopy(ep.graph_module)  # node.meta is copied shallowly: fake values are shared
+    # Our caches hold fake tensors and nodes of this graph: keep them out of the deep copy
+    # (node.meta itself is copied shallowly, so fake values are shared, as they may be).
+    src = ep.graph_module
+    saved = {k: src.meta.pop(k) for k in list(src.meta) if k.startswith("dsc_")}
+    try:
+        with warnings.catch_warnings():  # torch's own tree specs warn about themselves when copied
+            warnings.simplefilter("ignore", FutureWarning)
+            gm = copy.deepcopy(src)
+            signature, call_graph = copy.deepcopy(ep.graph_signature), copy.deepcopy(ep.module_call_graph)
+    finally:
+        src.meta.update(saved)
+    if "dsc_emit_vals" in saved:  # same fake mode, same symbols: still valid for the copy
+        gm.meta["dsc_emit_vals"] = saved["dsc_emit_vals"]
     return ExportedProgram(
         root=gm,
         graph=gm.graph,
-        graph_signature=copy.deepcopy(ep.graph_signature),
+        graph_signature=signature,
         state_dict=dict(ep.state_dict),
         range_constraints=ep.range_constraints,
-        module_call_graph=copy.deepcopy(ep.module_call_graph),
+        module_call_graph=call_graph,
         example_inputs=ep.example_inputs,
         constants=dict(ep.constants),
         verifiers=[ep.verifier],

@@ -29,7 +29,7 @@ from torch.export import ExportedProgram
 from torch.fx import Node
 
 import runtime.ops  # noqa: F401  (registers torch.ops.dsc.*)
-from passes.ep_edit import Region, emit, param_name, param_node, rebuild, regions
+from passes.ep_edit import Region, clone, emit, param_name, param_node, rebuild, regions
 from runtime.errors import DscompileError
 from runtime.ops.moe import check_expert_weights, check_routing_args
 
@@ -64,10 +64,13 @@ def run(ep: ExportedProgram, options) -> tuple[ExportedProgram, int]:
     if len(found) != args.num_moe_layers:
         raise FuseMoeError(f"graph: the config has {args.num_moe_layers} MoE layers but the graph has "
                            f"{len(found)} MoE regions")
-    # Every region is checked before any is edited: a failure leaves the graph untouched.
-    plans = [_check(ep, r, args) for r in todo]
-    if not plans:
+    # Every region is checked before any is edited.
+    if not todo:
         return ep, 0
+    # Edit a copy: the caller's program is never changed, whatever fails below.
+    ep = clone(ep)
+    paths = {r.path for r in todo}
+    plans = [_check(ep, r, args) for r in regions(ep, "MoE") if r.path in paths]
     for plan in plans:
         _rewrite(ep, plan, args)
     return rebuild(ep), len(plans)
