@@ -247,6 +247,10 @@ def export(
             raise OptionError(f"--target {target!r} is not one of onnxruntime, tensorrt")
         if dtype not in DTYPES:
             raise OptionError(f"--dtype {dtype!r} is not one of float32, float16, bfloat16")
+        from passes.absorb_mla import FORMS
+
+        if absorb not in FORMS:  # before loading anything: a typo should not cost a capture
+            raise OptionError(f"--absorb {absorb!r} is not one of {', '.join(FORMS)}")
         from exporter.capture import Limits
 
         try:
@@ -361,7 +365,13 @@ def compare(
         layers = report.get("layers")
         if layers:
             first = layers.get("first_diverging_layer")
-            lines.append("first diverging layer: " + (str(first) if first is not None else "none (per-layer states within tolerance)"))
+            if first is not None:
+                lines.append(f"first diverging layer: {first} (hidden state after block {first} is out of tolerance)")
+            elif not report["passed"]:
+                lines.append("first diverging layer: none in a fresh debug build of this checkpoint: OUT is not what "
+                             "it compiles to (modified files, other weights or other options)")
+            else:
+                lines.append("first diverging layer: none (every block's hidden state is within tolerance)")
         lines.append(_status_line(report["passed"], start))
         _emit(report, as_json, lines)
         if not report["passed"]:
