@@ -45,8 +45,8 @@ TRT_FORMAT = 1
 GRAPHS = ("prefill", "decode")
 PRECISIONS = ("fp32", "fp16", "bf16")
 INSTALL_HINT = (
-    'pip install "dscompile[tensorrt]" (TensorRT wheels download from NVIDIA\'s package index, '
-    "pypi.nvidia.com, and need a CUDA GPU)"
+    'pip install "dscompile[tensorrt]" (TensorRT wheels download from NVIDIA\'s own package index '
+    "and need a CUDA GPU)"
 )
 
 # TensorRT DataType member name -> torch dtype (names are stable across TensorRT 10.x).
