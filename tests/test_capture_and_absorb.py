@@ -210,3 +210,14 @@ def test_pipeline_report_verifies_each_pass(models, graphs):
     assert by_name["absorb_mla"].count == a.num_hidden_layers
     assert by_name["absorb_mla"].max_error is not None and by_name["absorb_mla"].max_error < 1e-4
     assert by_name["absorb_mla"].details["form"] == "reassociate"
+
+
+def test_same_checkpoint_and_options_give_the_same_graph(models):
+    """Node names, targets and order are a function of the model and options alone."""
+    def signature(phase):
+        ep, _ = run_pipeline(capture(models["v2-lite"], phase), PassOptions(phase, models["v2-lite"].args))
+        return [(n.name, str(n.target)) for n in ep.graph.nodes], sorted(ep.state_dict)
+
+    first = signature("decode")
+    assert first == signature("decode")
+    assert any("dsc.latent_attention" in t for _, t in first[0])
