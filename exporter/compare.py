@@ -21,9 +21,8 @@ from exporter.eager import EagerEngine
 from model.checkpoint import load_checkpoint
 from runtime.engine import Engine, KVCache
 from runtime.errors import OptionError
+from runtime.tolerance import bound as tolerance_bound
 
-# Max |Δ| <= TOL * max(1, max|ref|) per dtype of the engine (DESIGN.md, Verification).
-TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
 
 
 @dataclass
@@ -52,7 +51,7 @@ def tolerance(dtype: str, atol: float | None, rtol: float | None, ref_max: float
     """--atol/--rtol when given, else the dtype's named tolerance scaled by max(1, max|ref|)."""
     if atol is not None and atol < 0 or rtol is not None and rtol < 0:
         raise OptionError("--atol and --rtol must be >= 0")
-    base = TOLERANCE.get(dtype, TOLERANCE["float32"]) * max(1.0, ref_max)
+    base = tolerance_bound(dtype, ref_max)
     return (base if atol is None else atol), (0.0 if rtol is None else rtol)
 
 

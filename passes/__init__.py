@@ -19,11 +19,10 @@ from torch.export import ExportedProgram
 
 from passes import absorb_mla, fuse_moe
 from runtime.errors import DscompileError
+from runtime.tolerance import bound as tolerance_bound
 
 PIPELINE = [absorb_mla, fuse_moe]
 
-# Max |after - before| <= TOL * max(1, max|before|) (DESIGN.md, Verification).
-TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 
 class PassVerificationError(DscompileError):
@@ -83,7 +82,7 @@ def run_pipeline(
             after = _run(ep, inputs)
             result.max_error = max_error(before, after)
             dtype = before[0].dtype if before[0].dtype != torch.float32 else _weight_dtype(ep)
-            bound = TOLERANCE.get(dtype, 1e-4) * max(1.0, max(float(t.abs().max()) for t in before))
+            bound = tolerance_bound(dtype, max(float(t.abs().max()) for t in before))
             if not result.max_error <= bound:
                 raise PassVerificationError(
                     f"pass {name} changed the {options.phase} graph's outputs by {result.max_error:.3g} "

@@ -21,6 +21,8 @@ import torch
 
 from runtime.errors import EngineError
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
 
 @dataclass(frozen=True)
 class EngineInfo:
@@ -32,6 +34,22 @@ class EngineInfo:
     vocab_size: int
     max_positions: int  # largest P + S the engine accepts
     cache_dtype: torch.dtype
+
+    @staticmethod
+    def from_manifest(manifest: dict, where: str = "manifest.json") -> "EngineInfo":
+        """Sizes from an OUT folder's manifest (its model config, limits and cache dtype)."""
+        cfg = manifest["model"]
+        name = manifest.get("cache", {}).get("dtype", manifest["dtype"])
+        if name not in DTYPES:
+            raise EngineError(f"{where}: cache dtype {name!r} is not one of {', '.join(DTYPES)}")
+        return EngineInfo(
+            num_layers=int(cfg["num_hidden_layers"]),
+            kv_lora_rank=int(cfg["kv_lora_rank"]),
+            qk_rope_head_dim=int(cfg["qk_rope_head_dim"]),
+            vocab_size=int(cfg["vocab_size"]),
+            max_positions=min(int(manifest["limits"]["max_context"]), int(cfg["max_position_embeddings"])),
+            cache_dtype=DTYPES[name],
+        )
 
 
 @dataclass

@@ -32,7 +32,6 @@ from runtime.manifest import read_manifest
 PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
 _ORT_PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                  "tensorrt": "TensorrtExecutionProvider"}
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # onnx.TensorProto element types (ints are what IOBinding and OrtValue accept for bfloat16 too).
 _ONNX_TYPES = {torch.float32: 1, torch.int64: 7, torch.float16: 10, torch.bfloat16: 16}
 
@@ -104,19 +103,7 @@ class OrtEngine(Engine):
 
     def __init__(self, out_dir: Path, manifest: dict[str, Any], sessions: dict[str, Any], device: str):
         self.out_dir, self.manifest, self.sessions, self.device = out_dir, manifest, sessions, device
-        cfg, cache = manifest["model"], manifest["cache"]
-        dtype = _TORCH_DTYPES.get(cache.get("dtype", manifest["dtype"]))
-        if dtype is None:
-            raise EngineError(f"{out_dir / 'manifest.json'}: cache dtype {cache.get('dtype')!r} is not one of "
-                              f"{', '.join(_TORCH_DTYPES)}")
-        self.info = EngineInfo(
-            num_layers=int(cfg["num_hidden_layers"]),
-            kv_lora_rank=int(cfg["kv_lora_rank"]),
-            qk_rope_head_dim=int(cfg["qk_rope_head_dim"]),
-            vocab_size=int(cfg["vocab_size"]),
-            max_positions=min(int(manifest["limits"]["max_context"]), int(cfg["max_position_embeddings"])),
-            cache_dtype=dtype,
-        )
+        self.info = EngineInfo.from_manifest(manifest, str(out_dir / "manifest.json"))
         n = self.info.num_layers
         self._past = [f"past.{i}.{k}" for i in range(n) for k in ("kv_latent", "k_rope")]
         self._present = [f"present.{i}.{k}" for i in range(n) for k in ("kv_latent", "k_rope")]

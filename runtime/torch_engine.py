@@ -17,23 +17,12 @@ from runtime.engine import Engine, EngineInfo, KVCache
 from runtime.errors import EngineError
 from runtime.manifest import read_manifest
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
 class TorchEngine(Engine):
     """Prefill and decode ExportedPrograms on CPU or CUDA."""
 
     def __init__(self, out_dir: Path, manifest: dict[str, Any], modules: dict[str, Any], device: str):
         self.out_dir, self.manifest, self.modules, self.device = out_dir, manifest, modules, device
-        cfg = manifest["model"]
-        self.info = EngineInfo(
-            num_layers=int(cfg["num_hidden_layers"]),
-            kv_lora_rank=int(cfg["kv_lora_rank"]),
-            qk_rope_head_dim=int(cfg["qk_rope_head_dim"]),
-            vocab_size=int(cfg["vocab_size"]),
-            max_positions=min(int(manifest["limits"]["max_context"]), int(cfg["max_position_embeddings"])),
-            cache_dtype=_DTYPES[manifest["dtype"]],
-        )
+        self.info = EngineInfo.from_manifest(manifest, str(out_dir / "manifest.json"))
 
     @classmethod
     def load(cls, out_dir: str | Path, device: str = "auto") -> "TorchEngine":

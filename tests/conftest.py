@@ -8,18 +8,25 @@ from pathlib import Path
 import pytest
 import torch
 
-# Max |Δ| <= TOL * max(1, max|ref|) (DESIGN.md, Verification).
-TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+from runtime.tolerance import OP_TOLERANCE, TOLERANCE, bound
 
 
-def assert_close(actual: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype = torch.float32, what: str = "") -> None:
-    """Assert the DESIGN.md tolerance; the failure message reports max and mean error."""
-    actual, ref = actual.detach().float(), ref.detach().float()
+def assert_close(actual: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype = torch.float32, what: str = "",
+                 table: dict = TOLERANCE) -> None:
+    """Assert the named tolerance of `dtype`; the failure message reports max and mean error."""
+    actual, ref = actual.detach().double().cpu(), ref.detach().double().cpu()
     assert actual.shape == ref.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite output"
     err = (actual - ref).abs()
-    bound = TOLERANCE[dtype] * max(1.0, float(ref.abs().max()) if ref.numel() else 1.0)
+    limit = bound(dtype, float(ref.abs().max()) if ref.numel() else 0.0, table)
     max_err = float(err.max()) if err.numel() else 0.0
-    assert max_err <= bound, f"{what}: max |Δ| {max_err:.3g} > {bound:.3g} (mean |Δ| {float(err.mean()):.3g})"
+    mean_err = float(err.mean()) if err.numel() else 0.0
+    assert max_err <= limit, f"{what}: max |Δ| {max_err:.3g} > {limit:.3g} (mean |Δ| {mean_err:.3g})"
+
+
+def assert_op_close(actual: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
+    """assert_close with the single-op table (an op against its reference implementation)."""
+    assert_close(actual, ref, dtype, what, table=OP_TOLERANCE)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import passes
-from conftest import TOLERANCE, assert_close
+from conftest import assert_close
+from runtime.tolerance import bound as tolerance_bound
 from exporter.capture import capture, example_inputs
 from model.checkpoint import build_model, load_checkpoint
 from model.synthetic import random_state, tiny_args
@@ -125,7 +126,7 @@ def test_pipeline_verifies(captured, variant, phase):
     out, report = passes.run_pipeline(copy.deepcopy(ep), PassOptions(phase, args), verify=True, seed=3)
     result = {r.name: r for r in report.results}["fuse_moe"]
     assert result.count == args.num_moe_layers
-    bound = TOLERANCE[torch.float32] * max(1.0, max(float(t.abs().max()) for t in ref))
+    bound = tolerance_bound(torch.float32, max(float(t.abs().max()) for t in ref))
     assert result.max_error is not None and result.max_error <= bound, f"max |Δ| {result.max_error} > {bound}"
     for i, (r, g) in enumerate(zip(ref, _outputs(out, inputs))):
         assert_close(g, r, what=f"{variant} {phase} pipeline output {i}")

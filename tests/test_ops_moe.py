@@ -12,17 +12,9 @@ import torch.nn.functional as F
 
 import runtime.ops  # noqa: F401  (registers the dsc ops)
 from runtime.ops.moe import moe_experts_reference, route
-
-# max |Δ| <= TOL[dtype] · max(1, max|ref|)
-TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+from conftest import assert_op_close as assert_close
 
 
-def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str) -> None:
-    err = (out.double() - ref.double()).abs()
-    bound = TOL[dtype] * max(1.0, ref.abs().max().item())
-    assert torch.isfinite(out).all(), f"{what}: non-finite output"
-    assert err.max().item() <= bound, (
-        f"{what}: max|Δ|={err.max().item():.3e} mean|Δ|={err.mean().item():.3e} > {bound:.3e}")
 
 
 @dataclass(frozen=True)

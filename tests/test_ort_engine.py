@@ -15,13 +15,14 @@ import onnx
 import pytest
 import torch
 
+from runtime.tolerance import bound as tolerance_bound
+
 from model.checkpoint import load_checkpoint
 from runtime.errors import EngineError
 from runtime.manifest import read_manifest
 from runtime.ort_engine import OrtEngine, OrtKVCache
 from test_lower import LIMITS, VARIANTS, checkpoint, exported
 
-TOL = 1e-4  # fp32: max|Δ| <= TOL · max(1, max|ref|) (DESIGN.md, Verification)
 DECODE_STEPS = 16
 
 
@@ -48,7 +49,7 @@ def test_steps_match_eager(pair):
             want, cache_r = model(ids, pos, mask, cache_r)
         valid = mask[:, -ids.shape[1]:].bool()  # [B, S] positions that are real tokens
         err = (got - want).abs()[valid]
-        bound = TOL * max(1.0, want[valid].abs().max().item())
+        bound = tolerance_bound(torch.float32, want[valid].abs().max().item())
         errors.append((err.max().item(), err.mean().item()))
         assert got.dtype == torch.float32 and got.shape == want.shape
         assert err.max() <= bound, (f"{variant} step {step} (S={ids.shape[1]}): max|Δ|={err.max():.3e} "
@@ -62,7 +63,7 @@ def test_steps_match_eager(pair):
     for i, ((k_e, r_e), (k_r, r_r)) in enumerate(zip(cache_e.layers, cache_r)):
         for name, a, b in (("kv_latent", k_e, k_r), ("k_rope", r_e, r_r)):
             err = (a - b).abs()[real]
-            bound = TOL * max(1.0, b[real].abs().max().item())
+            bound = tolerance_bound(torch.float32, b[real].abs().max().item())
             assert err.max() <= bound, f"{variant} present.{i}.{name}: max|Δ|={err.max():.3e} mean|Δ|={err.mean():.3e}"
 
 

@@ -35,20 +35,12 @@ finally:
 import runtime.ops  # noqa: E402, F401  (registers the dsc ops)
 from runtime.ops import latent_attention as la_mod  # noqa: E402
 from runtime.ops import moe as moe_mod  # noqa: E402
+from conftest import assert_op_close as assert_close  # noqa: E402
 
-# max |Δ| <= TOL[dtype] · max(1, max|ref|)
-TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 
 needs_triton = pytest.mark.skipif(_TRITON_MISSING is not None, reason=str(_TRITON_MISSING))
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-
-def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str) -> None:
-    err = (out.double().cpu() - ref.double().cpu()).abs()
-    bound = TOL[dtype] * max(1.0, ref.abs().max().item())
-    assert torch.isfinite(out).all(), f"{what}: non-finite output"
-    assert err.max().item() <= bound, (
-        f"{what}: max|Δ|={err.max().item():.3e} mean|Δ|={err.mean().item():.3e} > {bound:.3e}")
 
 
 @pytest.fixture
