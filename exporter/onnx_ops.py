@@ -5,8 +5,11 @@ traced onnxscript function (plain Python over `onnxscript.opset23`), so Python b
 ops' attributes (topk_method, top_k, ...) pick the ONNX subgraph at export time.
 
 - `dsc.latent_attention` -> a MatMul / Softmax / MatMul composite (FACTS.md: on ONNX Runtime's CPU
-  provider ~4.7x faster than the standard `Attention` op for this MQA shape). The key [kv; k_rope]
-  is concatenated once, so the scores are one MatMul of [B,H,S,C+R] against [B,1,C+R,T].
+  provider ~4.7x faster than the standard `Attention` op for this MQA shape), heads folded into
+  the rows so the cache is read once per step (see the function).
+- `aten.scaled_dot_product_attention` (prefill without absorption) -> the same kind of composite
+  instead of torchlib's `Attention`.
+- `aten.einsum` (absorb_mla's weight products) -> MatMuls instead of ONNX Einsum.
 - `dsc.moe` -> routing with standard ops (Gemm, Sigmoid/Softmax, TopK, group masking with -inf,
   GatherElements, normalization, scaling) followed by one of three expert lowerings:
     "moe_op": ORT's `com.microsoft.MoE` (fc1 = gate/up interleaved, swiglu_fusion=1) with the
@@ -100,19 +103,56 @@ def _to_float(x, dtype: ir.DataType):
 def latent_attention(q_latent, q_rope, kv_latent, k_rope, mask, scale: float):
     """scores = [q_lat; q_rope]·[kv; k_rope]ᵀ·scale + mask; softmax (float32); @ kv.
 
+    All heads share one key and value (MQA), so the heads are folded into the rows of one MatMul
+    per batch row: [B, H*S, C] @ [B, C, T] reads each cached token once, where a per-head
+    broadcast MatMul reads it H times. The key is never concatenated (a copy of the whole cache
+    per step): the latent and rope parts are two MatMuls summed. The transposes feed MatMuls
+    directly, which ONNX Runtime fuses (FusedMatMul with transB, no copy).
+
     Softmax of a row that is -inf everywhere gives NaN where the reference gives 0; the graphs'
     masks are finite (the model masks with the dtype's most negative value), so no row is.
     """
     dtype = q_latent.dtype
-    q = _to_float(op.Concat(q_latent, q_rope, axis=-1), dtype)          # [B, H, S, C+R]
-    kv = _to_float(kv_latent, kv_latent.dtype)                         # [B, T, C]
-    key = op.Concat(kv, _to_float(k_rope, k_rope.dtype), axis=-1)       # [B, T, C+R]
-    key_t = op.Unsqueeze(op.Transpose(key, perm=[0, 2, 1]), _const([1]))  # [B, 1, C+R, T]
-    scores = op.MatMul(q, key_t)                                        # [B, H, S, T]
-    scores = op.Add(op.Mul(scores, op.Constant(value_float=float(scale))), _to_float(mask, mask.dtype))
-    p = op.Softmax(scores, axis=-1)
-    out = op.MatMul(p, op.Unsqueeze(kv, _const([1])))                   # [B, H, S, C]
+    C, R = int(q_latent.shape[-1]), int(q_rope.shape[-1])
+    shape = op.Shape(q_latent)                                          # [B, H, S, C]
+    s = op.Constant(value_float=float(scale))
+    q = op.Mul(op.Reshape(_to_float(q_latent, dtype), _const([0, -1, C])), s)           # [B, H*S, C]
+    qr = op.Mul(op.Reshape(_to_float(q_rope, q_rope.dtype), _const([0, -1, R])), s)     # [B, H*S, R]
+    kv = _to_float(kv_latent, kv_latent.dtype)                          # [B, T, C]
+    kr = _to_float(k_rope, k_rope.dtype)                                # [B, T, R]
+    scores = op.Add(op.MatMul(q, op.Transpose(kv, perm=[0, 2, 1])),
+                    op.MatMul(qr, op.Transpose(kr, perm=[0, 2, 1])))   # [B, H*S, T]
+    scores = op.Reshape(scores, op.Concat(op.Shape(q_latent, start=0, end=3), op.Shape(kv, start=1, end=2), axis=0))
+    p = op.Softmax(op.Add(scores, _to_float(mask, mask.dtype)), axis=-1)  # [B, H, S, T]
+    out = op.MatMul(op.Reshape(p, op.Concat(op.Shape(p, start=0, end=1), _const([-1]), op.Shape(p, start=3), axis=0)),
+                    kv)                                                 # [B, H*S, C]
+    out = op.Reshape(out, shape)                                        # [B, H, S, C]
     return out if dtype == FLOAT else op.Cast(out, to=dtype)
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False):
+    """aten.scaled_dot_product_attention (the un-absorbed prefill) as MatMul / Softmax / MatMul.
+
+    torchlib lowers it to the standard `Attention` op, which ONNX Runtime's CPU provider runs
+    ~4.7x slower than this composite (FACTS.md). Softmax runs in float32.
+    """
+    if dropout_p or is_causal or enable_gqa:
+        raise ValueError("scaled_dot_product_attention: dropout, is_causal and enable_gqa are not lowered "
+                         "(the model passes an explicit mask)")
+    dtype = query.dtype
+    s = float(scale) if scale is not None else float(query.shape[-1]) ** -0.5
+    q = op.Mul(query, op.CastLike(op.Constant(value_float=s), query))
+    scores = _to_float(op.MatMul(q, op.Transpose(key, perm=[0, 1, 3, 2])), dtype)  # [B, H, S, T]
+    if attn_mask is not None:
+        if attn_mask.dtype == ir.DataType.BOOL:
+            scores = op.Where(attn_mask, scores, op.Constant(value_float=float("-inf")))
+        else:
+            scores = op.Add(scores, _to_float(attn_mask, attn_mask.dtype))
+    p = op.Softmax(scores, axis=-1)
+    if dtype != FLOAT:
+        p = op.Cast(p, to=dtype)
+    return op.MatMul(p, value)                                          # [B, H, S, V]
 
 
 # ---------------------------------------------------------------- moe: routing
@@ -265,8 +305,35 @@ def choose_moe_experts(phase: str, dtype: torch.dtype) -> str:
 # ---------------------------------------------------------------- aten ops torchlib lowers too narrowly
 
 
+def _einsum_matmul(equation: str, a, b):
+    """The einsums absorb_mla emits (b: a weight), as MatMuls; None for any other equation.
+
+    ONNX Runtime's CPU Einsum runs these at ~1 GB/s (it transposes and loops itself); MatMul
+    broadcasts the heads of the weight over the batch and calls the GEMM kernels.
+    """
+    if equation == "bshn,hnc->bhsc":  # reassociate, query side: W_UKᵀ q_nope per head
+        return op.MatMul(op.Transpose(a, perm=[0, 2, 1, 3]), b)
+    if equation == "bhsc,hvc->bhsv":  # reassociate, output side: W_UV o per head
+        return op.MatMul(a, op.Transpose(b, perm=[0, 2, 1]))
+    if equation == "bsq,hqc->bhsc":  # fold, query side
+        return op.MatMul(op.Unsqueeze(a, _const([1])), b)
+    if equation == "bhsc,dhc->bsd":  # fold, output side: [B, S, H*C] @ [H*C, D]
+        H, C = int(b.shape[1]), int(b.shape[2])
+        x = op.Reshape(op.Transpose(a, perm=[0, 2, 1, 3]), _const([0, 0, H * C]))
+        return op.MatMul(x, op.Transpose(op.Reshape(b, _const([-1, H * C])), perm=[1, 0]))
+    return None
+
+
 def einsum(equation: str, tensors: Sequence[TensorType], path: Optional[int] = None):
-    """aten.einsum (absorb_mla emits it): ONNX Einsum has no bfloat16, so bfloat16 runs in float32."""
+    """aten.einsum (absorb_mla emits it): MatMuls where the equation is known, else ONNX Einsum.
+
+    ONNX Einsum has no bfloat16, so a bfloat16 Einsum runs in float32.
+    """
+    equation = equation.replace(" ", "")
+    if len(tensors) == 2:
+        out = _einsum_matmul(equation, *tensors)
+        if out is not None:
+            return out
     dtype = tensors[0].dtype
     if dtype != ir.DataType.BFLOAT16:
         return op.Einsum(*tensors, equation=equation)
@@ -279,4 +346,5 @@ def translation_table(moe_experts: str = "moe_op") -> dict:
         torch.ops.dsc.latent_attention.default: latent_attention,
         torch.ops.dsc.moe.default: make_moe(moe_experts),
         torch.ops.aten.einsum.default: einsum,
+        torch.ops.aten.scaled_dot_product_attention.default: scaled_dot_product_attention,
     }

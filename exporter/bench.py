@@ -1,0 +1,824 @@
+"""`dscompile bench`: latency of every way to run a checkpoint, side by side, against the bandwidth floor.
+
+One run measures, with the same threads and the same inputs:
+- "eager":            our PyTorch reference (model/transformer.py) behind the Engine interface;
+- "hf":               transformers' DeepseekV2/V3ForCausalLM (its defaults: SDPA, grouped_mm experts)
+                      with its DynamicCache;
+- "hf-onnx":          transformers' own ONNX export of the same weights, run in ONNX Runtime (the
+                      attempt and its outcome are reported: what exported, or why nothing did);
+- "ours":             our ONNX Runtime engine, every pass on;
+- "ours-absorb-none", "ours-no-fuse-moe": the same engine with one pass off (ablations).
+
+For each: prefill latency of `prefill_tokens` tokens (batch 1) and the latency of one decode step
+at each context P and batch B (median of `repeats` runs after `warmup` runs). The decode step at
+P runs against a cache of P tokens filled with random values (cache contents do not change the
+work done); each timed step starts from the same P.
+
+Floors (measured in the same run): read bandwidth = bytes / time of a sum over a large tensor;
+bytes per decode step = the weights the active path must read (attention, dense MLPs, router,
+shared experts, the routed experts B tokens choose, final norm, lm_head, B embedding rows) plus
+the latent cache; floor = bytes / bandwidth. A result's "floor fraction" is floor / measured
+(1.0 = running at the speed of memory). Prefill's floor is the larger of its weight bytes over
+the bandwidth and its FLOPs over a measured GEMM rate.
+
+The bench config (`bench_args`) is DeepSeek-V2-Lite's dimensions with 4 layers, 16 routed
+experts and a 32000 vocabulary; its seeded random checkpoint is written once under the cache
+folder (~/.cache/dscompile or $DSCOMPILE_HOME) and reused, and so are the engines exported from it
+(one folder per set of export options and source version).
+
+Shape legend: B batch, S new tokens, P past tokens (the context), L layers, H heads, D hidden,
+C kv_lora_rank, R rope dim, E routed experts, K active experts, I intermediate sizes, V vocab.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from model.args import ModelArgs
+from runtime.engine import Engine, KVCache
+from runtime.errors import OptionError
+
+SYSTEMS = ("eager", "hf", "hf-onnx", "ours", "ours-absorb-none", "ours-no-fuse-moe")
+OUR_ENGINES = {  # system -> export options
+    "ours": {"absorb": "auto", "fuse_moe": True},
+    "ours-absorb-none": {"absorb": "none", "fuse_moe": True},
+    "ours-no-fuse-moe": {"absorb": "auto", "fuse_moe": False},
+}
+DEFAULT_CONTEXTS = (128, 1024, 4096)
+DEFAULT_BATCHES = (1, 4)
+PREFILL_TOKENS = 128
+THREADS = 2
+BENCH_SEED = 0
+BANDWIDTH_BYTES = 1 << 30  # large enough that no cache level holds it
+Progress = Callable[[str, int, int], None]
+
+
+# ---------------------------------------------------------------- the bench config and its files
+
+
+def bench_args() -> ModelArgs:
+    """DeepSeek-V2-Lite's dimensions (deepseek-ai/DeepSeek-V2-Lite config.json) at a size this machine holds.
+
+    4 layers instead of 27 (the first dense, as published), 16 routed experts instead of 64 (6
+    active + 2 shared, as published) and a 32000 vocabulary instead of 102400: 2.9 GB of fp32
+    weights, of which one decode token reads about 1.58 GB.
+    """
+    return ModelArgs(
+        model_type="deepseek_v2", vocab_size=32000, hidden_size=2048, intermediate_size=10944,
+        num_hidden_layers=4, num_attention_heads=16, max_position_embeddings=163840,
+        q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        n_routed_experts=16, num_experts_per_tok=6, n_shared_experts=2, moe_intermediate_size=1408,
+        first_k_dense_replace=1, topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0,
+        norm_topk_prob=False, scoring_func="softmax",
+        rope_type="yarn", rope_factor=40.0, rope_original_max_position_embeddings=4096,
+        rope_mscale=0.707, rope_mscale_all_dim=0.707,
+    )
+
+
+def bench_checkpoint(home: Path, progress: Progress | None = None) -> Path:
+    """The bench config's seeded checkpoint under `home`, written on first use."""
+    from model.synthetic import random_state, write_checkpoint
+
+    path = home / "bench" / f"checkpoint-v2lite-4l-seed{BENCH_SEED}"
+    if not (path / "config.json").is_file():
+        args = bench_args()
+        write_checkpoint(path, args, random_state(args, BENCH_SEED))
+    if progress:
+        progress("checkpoint", 1, 1)
+    return path
+
+
+def _source_key() -> str:
+    """Hash of the compiler's sources: an engine exported by other code is not reused."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for folder in ("exporter", "passes", "model", "runtime"):
+        for path in sorted((root / folder).rglob("*.py")):
+            if path.name != "bench.py" and path.name != "cli.py":
+                h.update(path.relative_to(root).as_posix().encode())
+                h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _checkpoint_key(checkpoint: Path) -> str:
+    """Identity of a checkpoint folder: its path, config and weight files' names, sizes and times."""
+    h = hashlib.sha256(str(checkpoint.resolve()).encode())
+    for path in sorted(checkpoint.iterdir()):
+        if path.is_file():
+            st = path.stat()
+            h.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:12]
+
+
+def engine_dir(checkpoint: Path, home: Path, options: dict[str, Any]) -> Path:
+    """Where the engine of (checkpoint, export options, compiler sources) is cached."""
+    opts = "-".join(f"{k}={v}" for k, v in sorted(options.items()))
+    key = hashlib.sha256(f"{_checkpoint_key(checkpoint)}|{opts}|{_source_key()}".encode()).hexdigest()[:16]
+    return home / "bench" / "engines" / f"{checkpoint.name}-{key}"
+
+
+def cached_export(checkpoint: Path, home: Path, options: dict[str, Any], progress: Progress | None = None) -> Path:
+    """Export (once) and return the engine folder for these options."""
+    from exporter.export import export_checkpoint
+
+    out = engine_dir(checkpoint, home, options)
+    if not (out / "manifest.json").is_file():
+        export_checkpoint(checkpoint, out, force=True, progress=progress, **options)
+    return out
+
+
+# ---------------------------------------------------------------- floors
+
+
+def _attention_params(a: ModelArgs) -> int:
+    H, D, C, R = a.num_attention_heads, a.hidden_size, a.kv_lora_rank, a.qk_rope_head_dim
+    if a.q_lora_rank is None:
+        q = D * H * a.qk_head_dim
+    else:
+        q = D * a.q_lora_rank + a.q_lora_rank + a.q_lora_rank * H * a.qk_head_dim
+    return q + D * (C + R) + C + C * H * (a.qk_nope_head_dim + a.v_head_dim) + H * a.v_head_dim * D + 2 * D
+
+
+def experts_read(a: ModelArgs, batch: int) -> float:
+    """Expected distinct routed experts B tokens choose (uniformly random K of E each); K when B == 1."""
+    E, K = a.n_routed_experts, a.num_experts_per_tok
+    return E * (1.0 - ((E - K) / E) ** batch)
+
+
+def step_weight_params(a: ModelArgs, batch: int) -> dict[str, float]:
+    """Parameters one decode step of B tokens must read, by part of the model."""
+    D, L = a.hidden_size, a.num_hidden_layers
+    moe = [i for i in range(L) if a.is_moe_layer(i)]
+    expert = 3 * D * a.moe_intermediate_size
+    parts = {
+        "attention": L * _attention_params(a),
+        "dense_mlp": (L - len(moe)) * 3 * D * a.intermediate_size,
+        "router": len(moe) * a.n_routed_experts * D if moe else 0,
+        "shared_experts": len(moe) * a.n_shared_experts * expert if moe else 0,
+        "routed_experts": len(moe) * experts_read(a, batch) * expert if moe else 0.0,
+        "lm_head": a.vocab_size * D + D,
+        "embeddings": batch * D,
+    }
+    return parts
+
+
+def decode_floor(a: ModelArgs, batch: int, context: int, elt: int, bandwidth: float) -> dict[str, float]:
+    """Bytes one decode step reads (weights of the active path + the latent cache) and the time at `bandwidth`."""
+    weights = sum(step_weight_params(a, batch).values()) * elt
+    cache = batch * context * a.num_hidden_layers * (a.kv_lora_rank + a.qk_rope_head_dim) * elt
+    total = weights + cache
+    return {"weight_bytes": weights, "cache_bytes": cache, "bytes": total, "ms": 1e3 * total / bandwidth}
+
+
+def prefill_floor(a: ModelArgs, batch: int, tokens: int, elt: int, bandwidth: float, flops: float) -> dict[str, float]:
+    """max(all weights read once / bandwidth, matmul FLOPs / GEMM rate) for a prompt of B x S tokens."""
+    n = batch * tokens
+    params = step_weight_params(a, n)  # n tokens: (nearly) every expert is read
+    weights = sum(params.values()) * elt
+    active = sum(step_weight_params(a, 1).values()) - a.hidden_size  # per token, embeddings are a lookup
+    H, C = a.num_attention_heads, a.kv_lora_rank
+    attn = a.num_hidden_layers * batch * H * tokens * tokens * (a.qk_head_dim + a.v_head_dim)  # causal half of 2*S*T*d
+    work = 2.0 * n * active + 2.0 * attn
+    del C
+    return {"weight_bytes": weights, "flops": work, "bytes": weights,
+            "ms": 1e3 * max(weights / bandwidth, work / flops)}
+
+
+def measure_bandwidth(nbytes: int = BANDWIDTH_BYTES, repeats: int = 5) -> float:
+    """Read bandwidth in bytes/s: a sum over a tensor of `nbytes` (torch threads as set)."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    x.sum()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t)
+    return nbytes / statistics.median(times)
+
+
+def measure_gemm(n: int = 2048, repeats: int = 5) -> float:
+    """fp32 matmul rate in FLOP/s (n x n x n)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2.0 * n**3 / statistics.median(times)
+
+
+# ---------------------------------------------------------------- timing
+
+
+def time_ms(fn: Callable[[], Any], repeats: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append(1e3 * (time.perf_counter() - t))
+    return out
+
+
+def _inputs(vocab: int, batch: int, tokens: int, past: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, tokens), generator=gen)
+    pos = (torch.arange(tokens) + past).expand(batch, tokens).contiguous()
+    mask = torch.ones(batch, past + tokens, dtype=torch.int64)
+    return ids, pos, mask
+
+
+class System:
+    """Something that runs the model: a prefill and a decode step to time, and what its cache holds."""
+
+    name = ""
+
+    def prefill(self, batch: int, tokens: int) -> Callable[[], Any]:
+        raise NotImplementedError
+
+    def decode(self, batch: int, context: int) -> Callable[[], Any]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class EngineSystem(System):
+    """An `Engine` (ours: eager or ONNX Runtime) over the IO contract."""
+
+    def __init__(self, name: str, engine: Engine, args: ModelArgs):
+        self.name, self.engine, self.args = name, engine, args
+
+    def prefill(self, batch, tokens):
+        ids, pos, mask = _inputs(self.args.vocab_size, batch, tokens, 0, 1)
+        return lambda: self.engine.step(ids, pos, mask, None)
+
+    def decode(self, batch, context):
+        info = self.engine.info
+        gen = torch.Generator().manual_seed(2)
+        cache = KVCache([(torch.randn(batch, context, info.kv_lora_rank, generator=gen).to(info.cache_dtype),
+                          torch.randn(batch, context, info.qk_rope_head_dim, generator=gen).to(info.cache_dtype))
+                         for _ in range(info.num_layers)])
+        ids, pos, mask = _inputs(self.args.vocab_size, batch, 1, context, 3)
+        return lambda: self.engine.step(ids, pos, mask, cache)
+
+    def close(self):
+        self.engine = None
+
+
+class HFSystem(System):
+    """transformers' DeepseekV2/V3ForCausalLM with its DynamicCache (its default attention and experts)."""
+
+    name = "hf"
+
+    def __init__(self, checkpoint: Path, args: ModelArgs):
+        import transformers
+
+        cls = (transformers.DeepseekV3ForCausalLM if args.model_type == "deepseek_v3"
+               else transformers.DeepseekV2ForCausalLM)
+        self.model = cls.from_pretrained(checkpoint, dtype=torch.float32).eval()
+        self.args = args
+        self.attn = self.model.config._attn_implementation
+        self.experts = getattr(self.model.config, "_experts_implementation", None)
+
+    def _cache(self, batch: int, context: int):
+        """A DynamicCache of `context` random tokens, filled through its public `update`.
+
+        Each layer's entries are shaped as the model's own first step writes them (transformers
+        5 stores MLA's latent and rotated key, not expanded keys and values).
+        """
+        from transformers import DynamicCache
+
+        probe = DynamicCache(config=self.model.config)
+        ids, pos, mask = _inputs(self.args.vocab_size, batch, 1, 0, 4)
+        with torch.no_grad():
+            self.model(input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=probe, use_cache=True)
+        cache = DynamicCache(config=self.model.config)
+        gen = torch.Generator().manual_seed(2)
+        for i, layer in enumerate(probe.layers):
+            k, v = layer.keys, layer.values
+            cache.update(torch.randn(*k.shape[:-2], context, k.shape[-1], generator=gen).to(k.dtype),
+                         torch.randn(*v.shape[:-2], context, v.shape[-1], generator=gen).to(v.dtype), i)
+        return cache
+
+    def cache_bytes_per_token(self) -> int:
+        """Bytes transformers' DynamicCache holds per token, all layers (measured on its tensors)."""
+        tokens = 8
+        ids, pos, mask = _inputs(self.args.vocab_size, 1, tokens, 0, 5)
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        with torch.no_grad():
+            self.model(input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=cache, use_cache=True)
+        total = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+        return total // tokens
+
+    def prefill(self, batch, tokens):
+        ids, pos, mask = _inputs(self.args.vocab_size, batch, tokens, 0, 1)
+
+        def run():
+            from transformers import DynamicCache
+
+            with torch.no_grad():
+                return self.model(input_ids=ids, position_ids=pos, attention_mask=mask,
+                                  past_key_values=DynamicCache(config=self.model.config), use_cache=True)
+
+        return run
+
+    def decode(self, batch, context):
+        cache = self._cache(batch, context)
+        ids, pos, mask = _inputs(self.args.vocab_size, batch, 1, context, 3)
+
+        def run():
+            with torch.no_grad():
+                out = self.model(input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=cache,
+                                 use_cache=True)
+            cache.crop(-1)  # every timed step starts from the same context
+            return out
+
+        return run
+
+    def close(self):
+        self.model = None
+
+
+# ---------------------------------------------------------------- transformers' own ONNX export
+
+
+def _first_reason(err: BaseException) -> str:
+    """The line of a (multi-page) exporter error that says what failed."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    keys = ("not supported", "No decompositions", "Failure message", "Unsupported", "Error:")
+    hit = next((ln for ln in lines if any(k in ln for k in keys)), lines[0] if lines else type(err).__name__)
+    return f"{type(err).__name__}: {hit}"[:400]
+
+
+class _HFDecodeGraph(torch.nn.Module):
+    """transformers' model with its cache as flat tensors, the form an ONNX graph can take and return."""
+
+    def __init__(self, model, num_layers: int):
+        super().__init__()
+        self.model, self.num_layers = model, num_layers
+
+    def forward(self, input_ids, position_ids, attention_mask, *past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for i in range(self.num_layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                         past_key_values=cache, use_cache=True)
+        return (out.logits, *[t for layer in cache.layers for t in (layer.keys, layer.values)])
+
+
+def _hf_onnx_attempts(checkpoint: Path, out: Path) -> dict[str, Any]:
+    """Try transformers' model through torch.onnx: dynamo, then TorchScript; with the cache, then without.
+
+    Stops at the first graph that exports. Returns {"file": path or None, "with_cache": bool,
+    "attempts": [{"exporter", "graph", "ok", "error", "seconds"}]}.
+    """
+    import warnings
+
+    args = ModelArgs.from_json(checkpoint / "config.json")
+    hf = HFSystem(checkpoint, args)
+    L = args.num_hidden_layers
+    wrapper = _HFDecodeGraph(hf.model, L).eval()
+    probe = hf._cache(1, 4)
+    past = [t for layer in probe.layers for t in (layer.keys, layer.values)]
+    ids, pos, mask = _inputs(args.vocab_size, 1, 1, 4, 6)
+    names = ["input_ids", "position_ids", "attention_mask"] + [f"past.{i}.{k}" for i in range(L) for k in ("key", "value")]
+    outs = ["logits"] + [f"present.{i}.{k}" for i in range(L) for k in ("key", "value")]
+    axes = {"input_ids": {0: "batch", 1: "seq"}, "position_ids": {0: "batch", 1: "seq"},
+            "attention_mask": {0: "batch", 1: "total"}, "logits": {0: "batch", 1: "seq"}}
+    axes.update({n: {0: "batch", 2: "past"} for n in names[3:]})
+    axes.update({n: {0: "batch", 2: "total"} for n in outs[1:]})
+    auto = torch.export.Dim.AUTO
+    shapes = ({0: auto, 1: auto}, {0: auto, 1: auto}, {0: auto, 1: auto}, *[{0: auto, 2: auto} for _ in past])
+    plain_ids, _, plain_mask = _inputs(args.vocab_size, 1, 4, 0, 6)
+    plain_axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
+
+    class NoCache(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    plans = [
+        ("dynamo", "decode with cache", wrapper, (ids, pos, mask, *past), names, outs, {"dynamic_shapes": shapes}),
+        ("torchscript", "decode with cache", wrapper, (ids, pos, mask, *past), names, outs, {"dynamic_axes": axes}),
+        ("dynamo", "no cache", NoCache(hf.model), (plain_ids, plain_mask), list(plain_axes), ["logits"],
+         {"dynamic_shapes": ({0: auto, 1: auto}, {0: auto, 1: auto})}),
+        ("torchscript", "no cache", NoCache(hf.model), (plain_ids, plain_mask), list(plain_axes), ["logits"],
+         {"dynamic_axes": plain_axes}),
+    ]
+    result: dict[str, Any] = {"file": None, "with_cache": False, "attempts": [],
+                              "cache_dims": [t.shape[-1] for t in past]}
+    for exporter, graph, module, example, in_names, out_names, dyn in plans:
+        path = out / f"hf-{exporter}-{graph.replace(' ', '-')}.onnx"
+        start = time.perf_counter()
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                if exporter == "dynamo":
+                    torch.onnx.export(module, example, str(path), dynamo=True, opset_version=23, external_data=True,
+                                      input_names=in_names, output_names=out_names, verbose=False, **dyn)
+                else:
+                    torch.onnx.export(module, example, str(path), dynamo=False, opset_version=17,
+                                      input_names=in_names, output_names=out_names, **dyn)
+            ok, error = True, None
+        except Exception as err:  # every exporter failure is a finding to report, not a crash
+            ok, error = False, _first_reason(err)
+        result["attempts"].append({"exporter": f"torch.onnx.export ({exporter})", "graph": graph, "ok": ok,
+                                   "error": error, "seconds": round(time.perf_counter() - start, 1)})
+        if ok:
+            result.update(file=str(path), with_cache=graph == "decode with cache")
+            break
+    return result
+
+
+HF_ONNX_TIMEOUT_S = 900
+
+
+def hf_onnx_export(checkpoint: Path, home: Path) -> dict[str, Any]:
+    """transformers' own ONNX export of `checkpoint` (see `_hf_onnx_attempts`), cached per checkpoint and versions.
+
+    The attempts run in a child process: exporters print pages of graph dumps on failure, hold
+    the model's memory, and may not finish; the child is given up after HF_ONNX_TIMEOUT_S.
+    """
+    import subprocess
+    import sys
+
+    import transformers
+
+    key = f"{_checkpoint_key(checkpoint)}-torch{torch.__version__}-transformers{transformers.__version__}"
+    out = home / "bench" / "hf-onnx" / key.replace("+", "_")
+    report = out / "attempts.json"
+    if report.is_file():
+        return json.loads(report.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    code = ("import json, sys; from pathlib import Path; from exporter.bench import _hf_onnx_attempts; "
+            "r = _hf_onnx_attempts(Path(sys.argv[1]), Path(sys.argv[2])); Path(sys.argv[3]).write_text(json.dumps(r))")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, str(checkpoint), str(out), str(report)], env=env,
+                              capture_output=True, text=True, timeout=HF_ONNX_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"file": None, "with_cache": False, "attempts": [
+            {"exporter": "torch.onnx.export", "graph": "all", "ok": False, "seconds": HF_ONNX_TIMEOUT_S,
+             "error": f"gave up after {HF_ONNX_TIMEOUT_S} s"}]}
+    if proc.returncode != 0 or not report.is_file():
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"file": None, "with_cache": False, "attempts": [
+            {"exporter": "torch.onnx.export", "graph": "all", "ok": False,
+             "seconds": round(time.perf_counter() - start, 1), "error": f"exporter process failed: {tail[:300]}"}]}
+    return json.loads(report.read_text())
+
+
+class HFOnnxSystem(System):
+    """transformers' exported graph in ONNX Runtime (decode needs the graph exported with its cache)."""
+
+    name = "hf-onnx"
+
+    def __init__(self, path: Path, args: ModelArgs, with_cache: bool, threads: int, cache_shapes: list):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.args, self.with_cache, self.cache_shapes = args, with_cache, cache_shapes
+
+    def _feeds(self, batch: int, tokens: int, past: int) -> dict:
+        ids, pos, mask = _inputs(self.args.vocab_size, batch, tokens, past, 1)
+        if not self.with_cache:
+            return {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+        feeds = {"input_ids": ids.numpy(), "position_ids": pos.numpy(), "attention_mask": mask.numpy()}
+        for i, dim in enumerate(self.cache_shapes):  # [key dim, value dim] per layer, interleaved
+            name = f"past.{i // 2}.{'key' if i % 2 == 0 else 'value'}"
+            feeds[name] = torch.randn(batch, 1, past, dim).numpy()
+        return feeds
+
+    def prefill(self, batch, tokens):
+        feeds = self._feeds(batch, tokens, 0)
+        return lambda: self.session.run(None, feeds)
+
+    def decode(self, batch, context):
+        if not self.with_cache:
+            return None
+        feeds = self._feeds(batch, 1, context)
+        return lambda: self.session.run(None, feeds)
+
+    def close(self):
+        self.session = None
+
+
+# ---------------------------------------------------------------- the run
+
+
+def parse_ints(text: str, option: str, minimum: int = 1) -> list[int]:
+    """'128,1024' -> [128, 1024], or an OptionError naming the option."""
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise OptionError(f"{option} {text!r} is not a comma-separated list of integers") from None
+    if not values or min(values) < minimum:
+        raise OptionError(f"{option} {text!r}: every value must be >= {minimum}")
+    return sorted(set(values))
+
+
+def parse_systems(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in SYSTEMS]
+    if not names or bad:
+        raise OptionError(f"--systems {text!r}: each must be one of {', '.join(SYSTEMS)}")
+    return [s for s in SYSTEMS if s in names]
+
+
+@dataclass
+class BenchOptions:
+    contexts: list[int] = field(default_factory=lambda: list(DEFAULT_CONTEXTS))
+    batches: list[int] = field(default_factory=lambda: list(DEFAULT_BATCHES))
+    repeats: int = 5
+    warmup: int = 2
+    prefill_tokens: int = PREFILL_TOKENS
+    systems: list[str] = field(default_factory=lambda: list(SYSTEMS))
+    threads: int = THREADS
+    bandwidth_bytes: int = BANDWIDTH_BYTES
+    gemm_size: int = 2048
+
+    def check(self) -> None:
+        if self.repeats < 1:
+            raise OptionError(f"--repeats must be >= 1, got {self.repeats}")
+        if self.warmup < 0:
+            raise OptionError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.prefill_tokens < 1:
+            raise OptionError(f"--prefill-tokens must be >= 1, got {self.prefill_tokens}")
+        if self.threads < 1:
+            raise OptionError(f"--threads must be >= 1, got {self.threads}")
+        if not self.contexts or min(self.contexts) < 1:
+            raise OptionError("--contexts: every value must be >= 1")
+        if not self.batches or min(self.batches) < 1:
+            raise OptionError("--batch: every value must be >= 1")
+
+
+def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progress: Progress | None = None) -> dict:
+    """Measure every system in `options.systems` on `checkpoint` (None: the bench config). Returns the report."""
+    from exporter.eager import EagerEngine
+    from model.checkpoint import load_checkpoint
+    from runtime.ort_engine import OrtEngine
+
+    options.check()
+    report = progress or (lambda stage, done, total: None)
+    torch.set_num_threads(options.threads)
+    checkpoint = Path(checkpoint) if checkpoint is not None else bench_checkpoint(home, report)
+    args = ModelArgs.from_json(checkpoint / "config.json")
+    elt = 4  # float32: the dtype every system here runs in
+    result: dict[str, Any] = {
+        "checkpoint": str(checkpoint), "model": args.to_config(), "dtype": "float32",
+        "threads": options.threads, "repeats": options.repeats, "warmup": options.warmup,
+        "prefill": {"tokens": options.prefill_tokens, "batch": 1},
+        "contexts": options.contexts, "batches": options.batches, "systems": options.systems,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+                    "loadavg_start": [round(x, 2) for x in os.getloadavg()]},
+        "results": [], "skipped": {}, "engines": {},
+    }
+    engines = {}
+    todo = [s for s in options.systems if s in OUR_ENGINES]
+    for i, name in enumerate(todo):  # exports first: they are slow and memory-hungry, not measured
+        engines[name] = cached_export(checkpoint, home, OUR_ENGINES[name])
+        result["engines"][name] = {"dir": str(engines[name]), "options": OUR_ENGINES[name]}
+        report("export", i + 1, len(todo))
+
+    bw0 = measure_bandwidth(options.bandwidth_bytes)
+    gemm = measure_gemm(options.gemm_size)
+    total = len(options.systems) * (1 + len(options.contexts) * len(options.batches))
+    done = 0
+
+    def measure(system: System) -> None:
+        nonlocal done
+        rows = []
+        fn = system.prefill(1, options.prefill_tokens)
+        if fn is not None:
+            rows.append(("prefill", 1, 0, time_ms(fn, options.repeats, options.warmup)))
+        done += 1
+        report("measure", done, total)
+        for batch in options.batches:
+            for context in options.contexts:
+                fn = system.decode(batch, context)
+                if fn is not None:
+                    rows.append(("decode", batch, context, time_ms(fn, options.repeats, options.warmup)))
+                del fn
+                done += 1
+                report("measure", done, total)
+        for phase, batch, context, runs in rows:
+            result["results"].append({"system": system.name, "phase": phase, "batch": batch, "context": context,
+                                      "ms": statistics.median(runs), "runs_ms": [round(r, 3) for r in runs]})
+
+    def load(name: str) -> System | None:
+        if name == "eager":
+            return EngineSystem(name, EagerEngine(load_checkpoint(checkpoint)), args)
+        if name in OUR_ENGINES:
+            return EngineSystem(name, OrtEngine.load(engines[name], provider="cpu", threads=options.threads), args)
+        if name == "hf":
+            try:
+                import transformers  # noqa: F401
+            except ImportError as err:
+                result["skipped"]["hf"] = f"transformers is not installed ({err})"
+                return None
+            return HFSystem(checkpoint, args)
+        raise AssertionError(name)
+
+    for name in options.systems:
+        if name == "hf-onnx":
+            continue  # measured right after "hf", whose loaded model it exports
+        system = load(name)
+        if system is None:
+            done += 1 + len(options.contexts) * len(options.batches)
+            continue
+        measure(system)
+        if name == "hf":
+            result["cache_hf_bytes_per_token"] = system.cache_bytes_per_token()
+        system.close()
+        del system
+        gc.collect()
+        if name == "hf" and "hf-onnx" in options.systems:
+            hf_export = result["hf_onnx_export"] = hf_onnx_export(checkpoint, home)
+            if hf_export["file"] is not None:
+                measure(HFOnnxSystem(Path(hf_export["file"]), args, hf_export["with_cache"], options.threads,
+                                     hf_export["cache_dims"]))
+                if not hf_export["with_cache"]:
+                    result["skipped"]["hf-onnx"] = "decode: only the graph without a cache exported"
+            else:
+                result["skipped"]["hf-onnx"] = "transformers' model did not export: " + "; ".join(
+                    f"{a['exporter']} {a['graph']}: {a['error']}" for a in hf_export["attempts"])
+            gc.collect()
+    if "hf-onnx" in options.systems and "hf" not in options.systems:
+        result["skipped"]["hf-onnx"] = "measured only with the hf system (--systems must include hf)"
+
+    bw1 = measure_bandwidth(options.bandwidth_bytes)
+    bandwidth = max(bw0, bw1)  # the faster reading: floors are lower bounds
+    result["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    result["bandwidth"] = {"bytes_per_s": bandwidth, "start": bw0, "end": bw1, "tensor_bytes": options.bandwidth_bytes}
+    result["gemm_flops"] = gemm
+    from exporter.export import cache_layout
+
+    layout = cache_layout(args, torch.float32)
+    result["cache"] = {"ours_bytes_per_token": layout["bytes_per_token"],
+                       "mha_equivalent_bytes_per_token": layout["mha_equivalent_bytes_per_token"],
+                       "transformers_bytes_per_token": result.pop("cache_hf_bytes_per_token", None)}
+    hf_ms = {(r["phase"], r["batch"], r["context"]): r["ms"] for r in result["results"] if r["system"] == "hf"}
+    hfo_ms = {(r["phase"], r["batch"], r["context"]): r["ms"] for r in result["results"] if r["system"] == "hf-onnx"}
+    for r in result["results"]:
+        if r["phase"] == "decode":
+            floor = decode_floor(args, r["batch"], r["context"], elt, bandwidth)
+        else:
+            floor = prefill_floor(args, r["batch"], options.prefill_tokens, elt, bandwidth, gemm)
+        r["floor_ms"] = floor["ms"]
+        r["floor_bytes"] = floor["bytes"]
+        r["floor_fraction"] = floor["ms"] / r["ms"]
+        key = (r["phase"], r["batch"], r["context"])
+        r["speedup_vs_hf"] = hf_ms[key] / r["ms"] if key in hf_ms else None
+        r["speedup_vs_hf_onnx"] = hfo_ms[key] / r["ms"] if key in hfo_ms else None
+    result["floors"] = {
+        "decode": [{"batch": b, "context": p, **decode_floor(args, b, p, elt, bandwidth)}
+                   for b in options.batches for p in options.contexts],
+        "prefill": prefill_floor(args, 1, options.prefill_tokens, elt, bandwidth, gemm),
+        "step_weight_params_batch1": step_weight_params(args, 1),
+    }
+    result["targets"] = targets(result)
+    return result
+
+
+# ---------------------------------------------------------------- targets, table, plot
+
+
+def _find(result: dict, system: str, phase: str, batch: int, context: int) -> dict | None:
+    return next((r for r in result["results"] if r["system"] == system and r["phase"] == phase
+                 and r["batch"] == batch and r["context"] == context), None)
+
+
+def targets(result: dict) -> list[dict[str, Any]]:
+    """Issue 6's targets for "ours", where this run measured what they need."""
+    out = []
+
+    def add(name: str, value: float | None, goal: str, ok: bool | None) -> None:
+        out.append({"target": name, "value": value, "goal": goal,
+                    "passed": None if value is None else ok})
+
+    for context, need in ((128, 0.85), (1024, 0.80), (4096, 0.80)):
+        r = _find(result, "ours", "decode", 1, context)
+        if r:
+            add(f"decode B=1 P={context}: fraction of bandwidth floor", r["floor_fraction"], f">= {need}",
+                r["floor_fraction"] >= need)
+    for context, need in ((1024, 1.7), (4096, 5.0)):
+        r = _find(result, "ours", "decode", 1, context)
+        if r and "hf" in result["systems"]:
+            v = r["speedup_vs_hf"]
+            add(f"decode B=1 P={context}: speedup vs transformers eager", v, f">= {need}", v is not None and v >= need)
+    for context, need in ((1024, 5.0), (4096, 15.0)):
+        r = _find(result, "ours", "decode", 1, context)
+        if r and "hf-onnx" in result["systems"]:
+            v = r["speedup_vs_hf_onnx"]
+            add(f"decode B=1 P={context}: speedup vs transformers' ONNX export", v, f">= {need}",
+                v is not None and v >= need)
+    a, b = _find(result, "ours", "decode", 1, 4096), _find(result, "ours", "decode", 1, 128)
+    if a and b:
+        add("decode B=1: step at P=4096 / step at P=128", a["ms"] / b["ms"], "<= 1.2", a["ms"] / b["ms"] <= 1.2)
+    r, h = _find(result, "ours", "decode", 4, 128), _find(result, "hf", "decode", 4, 128)
+    if r and h:
+        add("decode B=4 P=128: time / transformers eager's", r["ms"] / h["ms"], "<= 0.8", r["ms"] / h["ms"] <= 0.8)
+    r, h = _find(result, "ours", "prefill", 1, 0), _find(result, "hf", "prefill", 1, 0)
+    if r and h:
+        add(f"prefill {result['prefill']['tokens']} tokens: time / transformers eager's", r["ms"] / h["ms"], "<= 0.8",
+            r["ms"] / h["ms"] <= 0.8)
+    return out
+
+
+def _fmt(v: float | None, spec: str, unit: str = "") -> str:
+    return "-" if v is None else format(v, spec) + unit
+
+
+def table_lines(result: dict) -> list[str]:
+    """The report as text: one row per measurement, then cache, floors, skipped systems, targets."""
+    bw = result["bandwidth"]
+    lines = [f"bandwidth {bw['bytes_per_s'] / 1e9:.1f} GB/s (sum over {bw['tensor_bytes'] / 2**30:.1f} GiB, "
+             f"{result['threads']} threads; start {bw['start'] / 1e9:.1f}, end {bw['end'] / 1e9:.1f}); "
+             f"GEMM {result['gemm_flops'] / 1e9:.0f} GFLOP/s; load {result['machine']['loadavg_start'][0]:.1f} -> "
+             f"{result['machine']['loadavg_end'][0]:.1f}",
+             f"median of {result['repeats']} runs after {result['warmup']} warm-up; prefill {result['prefill']['tokens']} "
+             "tokens, batch 1; floor% = floor / measured",
+             f"{'system':18s} {'phase':8s} {'B':>2} {'P':>5} {'ms':>9} {'floor ms':>9} {'floor%':>7} "
+             f"{'vs hf':>6} {'vs hf-onnx':>10}"]
+    for r in result["results"]:
+        lines.append(f"{r['system']:18s} {r['phase']:8s} {r['batch']:>2} {r['context'] or '-':>5} {r['ms']:9.1f} "
+                     f"{r['floor_ms']:9.1f} {100 * r['floor_fraction']:6.0f}% {_fmt(r['speedup_vs_hf'], '5.2f', 'x'):>6} "
+                     f"{_fmt(r['speedup_vs_hf_onnx'], '9.2f', 'x'):>10}")
+    c = result["cache"]
+    lines.append(f"cache bytes/token: ours {c['ours_bytes_per_token']}, MHA-equivalent "
+                 f"{c['mha_equivalent_bytes_per_token']}, transformers' DynamicCache "
+                 f"{c['transformers_bytes_per_token'] if c['transformers_bytes_per_token'] is not None else '-'}")
+    w = result["floors"]["decode"][0]
+    lines.append(f"decode floor B=1: {w['weight_bytes'] / 1e9:.3f} GB of weights + cache "
+                 f"({result['model']['num_hidden_layers']} layers x (C+R) x 4 bytes per token)")
+    for attempt in result.get("hf_onnx_export", {}).get("attempts", []):
+        lines.append(f"hf-onnx: {attempt['exporter']}, {attempt['graph']}: "
+                     f"{'exported' if attempt['ok'] else attempt['error']} ({attempt['seconds']} s)")
+    for name, why in result["skipped"].items():
+        lines.append(f"skipped {name}: {why}")
+    for t in result["targets"]:
+        mark = {True: "pass", False: "MISS", None: "n/a"}[t["passed"]]
+        lines.append(f"target  {t['target']:58s} {_fmt(t['value'], '.2f'):>6} ({t['goal']}) {mark}")
+    return lines
+
+
+def plot(result: dict, path: Path) -> None:
+    """PNG: decode step latency vs context, one line per system (solid B=1, dashed larger batches) and the floor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    styles = ["-", "--", ":", "-."]
+    for bi, batch in enumerate(result["batches"]):
+        for si, system in enumerate(result["systems"]):
+            rows = sorted((r for r in result["results"] if r["system"] == system and r["phase"] == "decode"
+                           and r["batch"] == batch), key=lambda r: r["context"])
+            if rows:
+                ax.plot([r["context"] for r in rows], [r["ms"] for r in rows], styles[bi % 4], marker="o",
+                        color=f"C{si}", label=f"{system} B={batch}")
+        floors = sorted((f for f in result["floors"]["decode"] if f["batch"] == batch), key=lambda f: f["batch"])
+        ax.plot([f["context"] for f in floors], [f["ms"] for f in floors], styles[bi % 4], color="black",
+                label=f"bandwidth floor B={batch}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context (past tokens)")
+    ax.set_ylabel("decode step (ms, median)")
+    ax.set_title(f"decode latency, {result['threads']} threads, float32")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def to_json(result: dict) -> str:
+    return json.dumps(result, indent=2, sort_keys=True, default=str)

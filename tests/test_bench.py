@@ -1,0 +1,133 @@
+"""`dscompile bench` (exporter/bench.py): the floor arithmetic, the report's structure on a tiny
+checkpoint (1 repeat, tiny contexts), and bad options through the real CLI.
+
+Benchmarks are not tests: nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from exporter.bench import (BenchOptions, decode_floor, experts_read, parse_ints, plot, run_bench,
+                            step_weight_params, table_lines, to_json)
+from model.checkpoint import build_model
+from model.synthetic import make_checkpoint, tiny_args
+from runtime.errors import OptionError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_decode_floor_by_hand():
+    """tiny v2-lite, 2 layers (the first dense): every parameter a decode token reads, counted by hand."""
+    a = tiny_args("v2-lite", layers=2)  # D 64, H 4, C 32, R 8, N 16, V 16, E 8, K 2, 2 shared of I 32, dense I 128
+    attention = (64 * 4 * (16 + 8)      # q_proj (q_lora_rank None)
+                 + 64 * (32 + 8) + 32   # kv_a_proj_with_mqa, kv_a_layernorm
+                 + 32 * 4 * (16 + 16)   # kv_b_proj
+                 + 4 * 16 * 64          # o_proj
+                 + 2 * 64)              # the block's two RMSNorms
+    assert attention == 17056
+    expert = 3 * 64 * 32
+    parts = step_weight_params(a, 1)
+    assert parts == {"attention": 2 * 17056, "dense_mlp": 3 * 64 * 128, "router": 8 * 64,
+                     "shared_experts": 2 * expert, "routed_experts": 2 * expert, "lm_head": 256 * 64 + 64,
+                     "embeddings": 64}
+    params = 34112 + 24576 + 512 + 12288 + 12288 + 16448 + 64
+    floor = decode_floor(a, batch=1, context=10, elt=4, bandwidth=1e9)
+    assert floor["weight_bytes"] == params * 4 == 401152
+    assert floor["cache_bytes"] == 10 * 2 * (32 + 8) * 4 == 3200
+    assert floor["ms"] == pytest.approx(1e3 * (401152 + 3200) / 1e9)
+    # batch 2: the expected distinct experts of two uniform top-2-of-8 choices, cache twice
+    assert experts_read(a, 2) == pytest.approx(8 * (1 - (6 / 8) ** 2)) == 3.5
+    assert decode_floor(a, 2, 10, 4, 1e9)["cache_bytes"] == 6400
+
+
+def test_floor_matches_the_model_parameters():
+    """Batch 1 reads every parameter except the embedding table (one row) and the E-K idle experts."""
+    a = tiny_args("v2-lite", layers=3)
+    model = build_model(a, torch.float32, "meta")
+    total = sum(p.numel() for p in model.parameters())
+    idle = a.num_moe_layers * (a.n_routed_experts - a.num_experts_per_tok) * 3 * a.hidden_size * a.moe_intermediate_size
+    want = total - (a.vocab_size - 1) * a.hidden_size - idle
+    assert sum(step_weight_params(a, 1).values()) == want
+
+
+def test_parse_ints():
+    assert parse_ints("4096,128, 1024", "--contexts") == [128, 1024, 4096]
+    with pytest.raises(OptionError, match="--contexts"):
+        parse_ints("128,x", "--contexts")
+    with pytest.raises(OptionError, match="--batch"):
+        parse_ints("0", "--batch")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    ckpt = make_checkpoint(root / "ckpt", "v2-lite", layers=2)
+    options = BenchOptions(contexts=[3, 6], batches=[1, 2], repeats=1, warmup=0, prefill_tokens=4,
+                           systems=["eager", "hf", "ours"], bandwidth_bytes=1 << 22, gemm_size=128)
+    return run_bench(ckpt, root / "home", options), root
+
+
+def test_report_structure(report):
+    result, root = report
+    assert json.loads(to_json(result))["systems"] == ["eager", "hf", "ours"]
+    rows = result["results"]
+    for system in ("eager", "hf", "ours"):
+        mine = [(r["phase"], r["batch"], r["context"]) for r in rows if r["system"] == system]
+        assert mine == [("prefill", 1, 0), ("decode", 1, 3), ("decode", 1, 6), ("decode", 2, 3), ("decode", 2, 6)]
+    for r in rows:
+        assert r["ms"] > 0 and len(r["runs_ms"]) == 1 and r["floor_ms"] > 0
+        assert r["floor_fraction"] == pytest.approx(r["floor_ms"] / r["ms"])
+        assert r["speedup_vs_hf"] is not None and r["speedup_vs_hf_onnx"] is None
+    cache = result["cache"]
+    assert cache["ours_bytes_per_token"] == 2 * (32 + 8) * 4
+    assert cache["mha_equivalent_bytes_per_token"] == 2 * 4 * (16 + 8 + 16) * 4
+    assert cache["transformers_bytes_per_token"] > 0
+    assert result["bandwidth"]["bytes_per_s"] > 0 and result["engines"]["ours"]["options"]["fuse_moe"] is True
+    names = {t["target"] for t in result["targets"]}
+    assert any(n.startswith("prefill") for n in names)  # the only target a tiny context set can evaluate
+
+
+def test_table_and_plot(report):
+    result, root = report
+    lines = table_lines(result)
+    assert lines[2].split()[:4] == ["system", "phase", "B", "P"]
+    assert sum(1 for ln in lines if ln.startswith(("eager ", "hf ", "ours "))) == len(result["results"])
+    assert any(ln.startswith("cache bytes/token: ours 320") for ln in lines)
+    png = root / "decode.png"
+    plot(result, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_engine_export_is_cached(report, tmp_path):
+    """A second run reuses the exported engine folder (same checkpoint, options, sources)."""
+    result, root = report
+    engine = Path(result["engines"]["ours"]["dir"])
+    stamp = (engine / "manifest.json").stat().st_mtime_ns
+    again = run_bench(Path(result["checkpoint"]), root / "home",
+                      BenchOptions(contexts=[2], batches=[1], repeats=1, warmup=0, prefill_tokens=2,
+                                   systems=["ours"], bandwidth_bytes=1 << 20, gemm_size=64))
+    assert again["engines"]["ours"]["dir"] == str(engine)
+    assert (engine / "manifest.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["--contexts", "128,abc"], "--contexts"),
+    (["--batch", "0"], "--batch"),
+    (["--systems", "ours,vllm"], "--systems"),
+])
+def test_bad_options_exit_2_with_one_line(argv, option, tmp_path):
+    env = {**os.environ, "DSCOMPILE_HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "exporter.cli", "bench", *argv], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and option in lines[0], proc.stderr
+    assert not any(tmp_path.iterdir())  # refused before generating or exporting anything
