@@ -228,6 +228,8 @@ def export(
     max_new_tokens: int = typer.Option(4096, help="Largest prompt (new tokens in one step)."),
     max_context: int = typer.Option(16384, help="Largest past + new tokens."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite",
+                                         help="Export a checkpoint with NaN/Inf weights (warns) instead of refusing it."),
     list_passes: bool = typer.Option(False, "--list-passes", help="Print the pass pipeline and exit."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
@@ -266,7 +268,8 @@ def export(
 
         with Bars(not as_json) as bars:
             manifest = export_checkpoint(checkpoint, out, dtype=DTYPES[dtype], absorb=absorb, fuse_moe=fuse_moe,
-                                         verify=verify, opset=opset, limits=limits, force=force, progress=bars)
+                                         verify=verify, opset=opset, limits=limits, force=force, progress=bars,
+                                         allow_nonfinite=allow_nonfinite)
             if target == "tensorrt":
                 from exporter.tensorrt import build_engines
 

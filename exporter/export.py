@@ -4,10 +4,22 @@
     -> OUT/prefill.onnx, OUT/decode.onnx, OUT/weights.bin (shared), OUT/prefill.pt2,
        OUT/decode.pt2 (optimized ExportedPrograms, for the torch engine), OUT/manifest.json
 
-Everything is written into a temporary folder beside OUT and renamed into place at the end, so a
-failed export never leaves a half-written OUT, and with `force` an existing OUT is replaced only
-once the new one is complete. Two exports of the same checkpoint with the same options are
-byte-identical (no timings or paths in the files).
+Atomic output. Everything is written into `.OUT.tmp-<pid>` beside OUT (created first, so an
+unwritable OUT fails before minutes of lowering), flushed to disk, and renamed into place at the
+end: a failed or killed export never leaves a half-written OUT. With `force` an existing OUT is
+swapped with the new one in one `renameat2(RENAME_EXCHANGE)` where the filesystem has it, so OUT
+is at every moment either the old complete folder or the new one; elsewhere the old OUT is
+renamed aside first (a kill between the two renames leaves no OUT and the old one in
+`.OUT.old-<pid>`). Leftover `.OUT.tmp-<pid>` / `.OUT.old-<pid>` folders of processes that no
+longer run are removed by the next export to the same OUT. Write failures (disk full, file size
+limit, read-only folder) are one OutputError line; nothing is left behind.
+
+Two exports of the same checkpoint with the same options are byte-identical (no timings or
+paths in the files).
+
+Testing hook: with the environment variable DSCOMPILE_TEST_PAUSE_AT set to one of PAUSE_POINTS,
+the export prints `dscompile: paused at <stage>` on stderr and sleeps there, so a test can kill
+it at a known moment (tests/test_reliability.py). Unset, it costs one dictionary lookup.
 
 Shape legend: B batch, S new tokens, P past tokens, H heads, N/R/V nope/rope/value head dims,
 C kv_lora_rank, L layers.
@@ -15,10 +27,17 @@ C kv_lora_rank, L layers.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import hashlib
 import importlib.metadata
+import io
 import os
+import re
 import shutil
+import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,7 +49,8 @@ from exporter.lower import check_model, lower, save_models
 from exporter.onnx_ops import choose_moe_experts
 from model.checkpoint import load_checkpoint
 from passes import PassOptions, run_pipeline
-from runtime.errors import OptionError
+from passes.absorb_mla import FORMS as ABSORB_FORMS
+from runtime.errors import DscompileError, OptionError
 from runtime.manifest import MANIFEST_FORMAT, write_manifest
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -38,6 +58,14 @@ WEIGHTS_FILE = "weights.bin"
 TARGET = "onnxruntime"
 Progress = Callable[[str, int, int], None]
 STAGES = ("load", "capture", "passes", "lower", "write")
+# Where DSCOMPILE_TEST_PAUSE_AT can stop an export: between lowering the two graphs (OUT's temp
+# folder exists and is empty), with the temp folder half-written (graphs and weights, no
+# manifest), and just before the finished folder replaces OUT.
+PAUSE_POINTS = ("lower", "write", "replace")
+
+
+class OutputError(DscompileError):
+    """OUT cannot be written: read-only or missing parent, disk full, file size limit."""
 
 
 def export_checkpoint(
@@ -53,23 +81,40 @@ def export_checkpoint(
     force: bool = False,
     progress: Progress | None = None,
     debug: bool = False,
+    allow_nonfinite: bool = False,
 ) -> dict[str, Any]:
     """Compile a checkpoint into OUT for ONNX Runtime; returns the manifest written there.
 
     `debug` builds also output the hidden state after every block (`hidden.{i}`), which is how
-    `compare` finds the first layer where an engine diverges.
+    `compare` finds the first layer where an engine diverges. `allow_nonfinite` exports a
+    checkpoint with NaN/Inf weights (with a warning) instead of refusing it.
     """
     if dtype not in DTYPES:
         raise OptionError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if absorb not in ABSORB_FORMS:  # checked here too, so a typo fails before the model is loaded
+        raise OptionError(f"--absorb {absorb!r} is not one of {', '.join(ABSORB_FORMS)}")
     if opset < 23:
         raise OptionError(f"--opset {opset} is too old: the lowering needs opset >= 23 (RMSNormalization, Attention)")
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise OptionError(f"{out}: exists and is not empty (pass --force to replace it)")
+    tmp = _make_temp_folder(out)
+    try:
+        return _export(checkpoint, out, tmp, dtype=dtype, absorb=absorb, fuse_moe=fuse_moe, verify=verify,
+                       opset=opset, limits=limits, progress=progress, debug=debug, allow_nonfinite=allow_nonfinite)
+    finally:
+        _remove(tmp)  # after a success it is gone already (or holds the replaced OUT)
+
+
+def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_moe: bool, verify: bool,
+            opset: int, limits: Limits, progress: Progress | None, debug: bool,
+            allow_nonfinite: bool) -> dict[str, Any]:
+    """export_checkpoint's body: everything is written into `tmp`, which replaces `out` at the end."""
     report = progress or (lambda stage, done, total: None)
     torch_dtype = DTYPES[dtype]
 
-    model = load_checkpoint(checkpoint, dtype=torch_dtype, progress=lambda d, t: report("load", d, t))
+    model = load_checkpoint(checkpoint, dtype=torch_dtype, progress=lambda d, t: report("load", d, t),
+                            allow_nonfinite=allow_nonfinite)
     args = model.args
     programs, reports, lowered, lowerings = {}, {}, {}, {}
     # Both graphs trace the same function with the same dynamic dims, so one capture serves
@@ -77,7 +122,8 @@ def export_checkpoint(
     traced = capture(model, "prefill", limits, debug=debug)
     report("capture", 1, 1)
     del model  # the program holds the weights from here on
-    verified = _verify_in_float32(checkpoint, limits, absorb, fuse_moe, debug) if verify and dtype != "float32" else None
+    verified = (_verify_in_float32(checkpoint, limits, absorb, fuse_moe, debug, allow_nonfinite)
+                if verify and dtype != "float32" else None)
     for i, phase in enumerate(PHASES):
         options = PassOptions(phase, args, absorb=absorb, fuse_moe=fuse_moe)
         programs[phase], reports[phase] = run_pipeline(traced, options, verify=verify and verified is None)
@@ -90,17 +136,18 @@ def export_checkpoint(
         lowered[phase] = lower(programs[phase], phase, args.num_hidden_layers, opset=opset,
                                moe_experts=lowerings[phase], debug=debug)
         report("lower", i + 1, len(PHASES))
+        if i == 0:
+            _pause_point("lower")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    writing = f"{WEIGHTS_FILE} or a graph"  # what an OSError without a file name was writing
     try:
         stored = save_models(lowered, tmp, WEIGHTS_FILE, progress=lambda d, t: report("write", d, t + 3))
         graphs = {}
         for phase in PHASES:
             check_model(tmp / stored[phase]["file"])
-            torch.export.save(programs[phase], tmp / f"{phase}.pt2")
+            writing = f"{phase}.pt2"
+            _save_program(programs[phase], tmp / writing)
+            _pause_point("write")
             graphs[phase] = {
                 "file": stored[phase]["file"],
                 "program": f"{phase}.pt2",
@@ -127,23 +174,27 @@ def export_checkpoint(
             "graphs": graphs,
             "files": _files(tmp),
         }
+        writing = "manifest.json"
         write_manifest(tmp, manifest)
         report("write", len(stored) + 3, len(stored) + 3)
+        writing = "the finished folder"
+        _sync_folder(tmp)
+        _pause_point("replace")
         _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    except OSError as err:  # disk full, file size limit, folder removed under us
+        raise OutputError(f"{out}: cannot write the export ({_reason(err, writing)}); OUT was left as it was") from None
     return manifest
 
 
-def _verify_in_float32(checkpoint, limits: Limits, absorb: str, fuse_moe: bool, debug: bool) -> dict[str, Any]:
+def _verify_in_float32(checkpoint, limits: Limits, absorb: str, fuse_moe: bool, debug: bool,
+                       allow_nonfinite: bool) -> dict[str, Any]:
     """Pass verification of a float32 copy of the model.
 
     The passes rewrite algebra that does not depend on the dtype, but checking them in fp16/bf16
     on random inputs is not meaningful: rounding flips near-tied MoE routing decisions (a
     different expert, a large difference) even when the rewrite is exact.
     """
-    model = load_checkpoint(checkpoint, dtype=torch.float32)
+    model = load_checkpoint(checkpoint, dtype=torch.float32, allow_nonfinite=allow_nonfinite)
     traced = capture(model, "prefill", limits, debug=debug)
     return {phase: run_pipeline(traced, PassOptions(phase, model.args, absorb=absorb, fuse_moe=fuse_moe),
                                 verify=True)[1] for phase in PHASES}
@@ -220,13 +271,164 @@ def _version() -> str:
         return "unknown"
 
 
+def _save_program(program, path: Path) -> None:
+    """torch.export.save through a file object that never raises into torch's zip writer.
+
+    Given a path, torch's C++ writer meets a full disk by throwing from its destructor, which
+    aborts the whole process (SIGABRT, a C++ backtrace, the temp folder left behind). So torch
+    writes into `_DeferredErrorFile`, which keeps the first OSError and reports every write as
+    done; the error is raised here, in Python, once torch has finished.
+    """
+    with open(path, "wb") as raw:
+        f = _DeferredErrorFile(raw)
+        torch.export.save(program, f)
+        if f.error is not None:
+            raise f.error
+    if f.error is not None:  # pragma: no cover - raised above; keeps the close error from hiding it
+        raise f.error
+
+
+class _DeferredErrorFile(io.RawIOBase):
+    """A binary file for torch's writer: the first OSError is kept in `.error`, later writes are dropped."""
+
+    def __init__(self, raw):
+        super().__init__()
+        self.raw, self.error = raw, None
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return self.raw.seekable()
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def write(self, data) -> int:
+        if self.error is None:
+            try:
+                self.raw.write(data)
+            except OSError as err:
+                self.error = err
+        return len(data)
+
+    def flush(self) -> None:
+        if self.error is None:
+            try:
+                self.raw.flush()
+            except OSError as err:
+                self.error = err
+
+
+def _reason(err: OSError, writing: str | None = None) -> str:
+    """'File too large: weights.bin' from an OSError: the cause and the file, no temp paths."""
+    name = Path(err.filename).name if err.filename else writing
+    text = err.strerror or str(err)
+    return f"{text}: {name}" if name and name not in text else text
+
+
+def _temp_names(out: Path) -> re.Pattern:
+    return re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old)-(\d+)$")
+
+
+def _make_temp_folder(out: Path) -> Path:
+    """Create OUT's private temp folder beside it, after removing those of dead exports."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        pattern = _temp_names(out)
+        for path in out.parent.iterdir():
+            m = pattern.match(path.name)
+            if m and not _alive(int(m.group(2))):
+                _remove(path)
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        _remove(tmp)  # a previous export of this process, killed by an exception we did not see
+        tmp.mkdir()
+    except OSError as err:
+        raise OutputError(f"{out}: cannot create the output folder beside it ({_reason(err)})") from None
+    return tmp
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this id runs (on this host: temp folders carry the writer's pid)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync every file and the folder, so the rename below never publishes data still in page cache
+    (after a power cut, a renamed folder could otherwise hold empty or short files)."""
+    for path in sorted(folder.iterdir()):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # some filesystems refuse fsync on a directory; the files are synced
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _pause_point(stage: str) -> None:
+    """The testing hook of the module docstring (DSCOMPILE_TEST_PAUSE_AT)."""
+    if os.environ.get("DSCOMPILE_TEST_PAUSE_AT") == stage:
+        print(f"dscompile: paused at {stage}", file=sys.stderr, flush=True)
+        time.sleep(3600)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where that is not available."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # not glibc >= 2.28, or not Linux
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False  # the filesystem has no exchange: fall back to two renames
+    raise OSError(code, os.strerror(code), str(b))
+
+
 def _replace(tmp: Path, out: Path) -> None:
-    """Rename the finished folder into place; an old OUT goes only after the new one is there."""
-    if not out.exists():
+    """Put the finished folder in place of OUT (see the module docstring); the old OUT is deleted after."""
+    if not out.exists() and not out.is_symlink():
         tmp.rename(out)
-        return
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    shutil.rmtree(old, ignore_errors=True)
-    out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    elif _exchange(tmp, out):
+        _remove(tmp)  # now the old OUT
+    else:
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        _remove(old)
+        out.rename(old)
+        tmp.rename(out)
+        _remove(old)
+    _fsync_dir(out.parent)

@@ -9,6 +9,11 @@ Both expert layouts found in the wild load:
 - transformers 5.x stacked layout: `mlp.experts.gate_up_proj` [E, 2I, D], `mlp.experts.down_proj` [E, D, I].
 DeepSeek-V3's FP8 weights (float8_e4m3fn `weight` + float32 `weight_scale_inv` per block) are
 dequantized to the requested dtype. Multi-token-prediction layers are skipped.
+
+Every floating-point tensor is checked for NaN/Inf as it streams in (one `isfinite` pass over a
+tensor that is being copied anyway): a checkpoint with non-finite weights is refused, naming the
+tensor, unless `allow_nonfinite` (then each one is logged as a warning). A NaN weight does not
+fail loudly later: it turns some rows of logits into NaN, which greedy decoding reads as token 0.
 """
 
 from __future__ import annotations
@@ -139,11 +144,13 @@ def load_checkpoint(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     progress: Callable[[int, int], None] | None = None,
+    allow_nonfinite: bool = False,
 ) -> Transformer:
     """Read config.json and the safetensors weights of `path` into a Transformer.
 
     With device="meta" the weights are not read (their names and shapes are still checked), so
     full-size configs can be captured. `progress(done, total)` is called after each shard.
+    Non-finite weights are refused unless `allow_nonfinite` (see the module docstring).
     """
     path = Path(path)
     if not path.is_dir():
@@ -183,6 +190,12 @@ def load_checkpoint(
             want = (want[0], 2 * want[1], want[2])
         if tuple(shape) != want:
             raise CheckpointError(f"{file}: tensor {hf_name} has shape {list(shape)}, the config implies {list(want)}")
+        if not meta and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())  # only on the failure path: the count helps triage
+            if not allow_nonfinite:
+                raise CheckpointError(f"{file}: tensor {hf_name} has {bad} non-finite value(s) (NaN/Inf); "
+                                      "pass --allow-nonfinite to export it anyway")
+            log.warning("tensor %s in %s has %d non-finite value(s) (NaN/Inf); loading it anyway", hf_name, file, bad)
         if target.half is not None:
             up = params[target.name.replace("gate_proj", "up_proj")]
             if not meta:
