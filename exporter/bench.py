@@ -45,6 +45,7 @@ from typing import Any, Callable
 
 import torch
 
+import exporter.export  # noqa: F401  (loaded before _SOURCE_KEY hashes the sources it stands for)
 from model.args import ModelArgs
 from runtime.engine import Engine, KVCache
 from runtime.errors import OptionError
@@ -100,7 +101,11 @@ def bench_checkpoint(home: Path, progress: Progress | None = None) -> Path:
 
 
 def _source_key() -> str:
-    """Hash of the compiler's sources: an engine exported by other code is not reused."""
+    """Hash of the compiler's sources (as imported with this module): an engine exported by other code is not reused."""
+    return _SOURCE_KEY
+
+
+def _hash_sources() -> str:
     root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
     for folder in ("exporter", "passes", "model", "runtime"):
@@ -109,6 +114,9 @@ def _source_key() -> str:
                 h.update(path.relative_to(root).as_posix().encode())
                 h.update(path.read_bytes())
     return h.hexdigest()[:12]
+
+
+_SOURCE_KEY = _hash_sources()
 
 
 def _checkpoint_key(checkpoint: Path) -> str:
