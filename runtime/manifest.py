@@ -18,12 +18,25 @@ The manifest (written by `exporter/export.py`, read by every engine) records:
 version is known, the graph files exist and parse as ONNX (without their weights), and no
 external-data location is absolute or escapes OUT. Every failure is one EngineError line naming
 the file. Nothing here imports the compiler: an engine runs from OUT alone.
+
+`check_program_file(out_dir, rel)` does the same for a `.pt2` program before torch.export.load
+reads it. torch.export.load is not safe on untrusted files: it unpickles payloads marked
+`use_pickle`, custom and opaque constants, legacy `.pt` weight files, and falls back to
+`torch.load(weights_only=False)` for sample inputs that do not load with weights_only=True; an
+archive can also carry AOTInductor shared libraries. So a program is loaded only if its archive
+holds nothing but what torch.export.save writes for our graphs: raw tensor payloads, JSON, and
+sample inputs that load with weights_only=True. An OUT from an unknown source is still best run
+with the ONNX Runtime backend, which executes no Python from OUT.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -115,3 +128,55 @@ def _tensors(graph):
                 yield from _tensors(attr.g)
             for sub in attr.graphs:
                 yield from _tensors(sub)
+
+
+# What torch.export.save writes for a program of plain tensors (under the archive's root folder).
+_PT2_MEMBERS = re.compile(
+    r"^[^/]+/(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
+    r"|models/\w+\.json|data/weights/weight_\d+|data/weights/\w+_weights_config\.json"
+    r"|data/constants/tensor_\d+|data/constants/\w+_constants_config\.json|data/sample_inputs/\w+\.pt)$"
+)
+
+
+def check_program_file(out: str | Path, rel: str) -> Path:
+    """The .pt2 inside OUT holds nothing torch.export.load would unpickle or execute (module docstring)."""
+    out = Path(out)
+    if not isinstance(rel, str) or not _inside(out, rel):
+        raise EngineError(f"{out / MANIFEST_FILE}: program file {rel!r} is not a path inside {out}")
+    path = out / rel
+    if not path.is_file():
+        raise EngineError(f"{path}: program file not found; re-export to run the torch backend")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                if not _PT2_MEMBERS.match(name):
+                    raise EngineError(f"{path}: archive member {name!r} is not one dscompile writes; refusing to load "
+                                      "it (torch.export.load may unpickle or execute it)")
+                if name.endswith("_config.json"):
+                    _check_payload_config(path, name, archive.read(name))
+                elif name.endswith(".pt"):
+                    _check_weights_only(path, name, archive.read(name))
+    except (zipfile.BadZipFile, OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise EngineError(f"{path}: not a readable program archive ({type(err).__name__}: {err})") from None
+    return path
+
+
+def _check_payload_config(path: Path, name: str, data: bytes) -> None:
+    entries = json.loads(data.decode()).get("config", {})
+    for fqn, meta in entries.items():
+        if not isinstance(meta, dict) or meta.get("use_pickle") or not str(meta.get("path_name", "")).startswith(
+                ("weight_", "tensor_")):
+            raise EngineError(f"{path}: {name} stores {fqn} as a pickled or custom object; refusing to load it")
+
+
+def _check_weights_only(path: Path, name: str, data: bytes) -> None:
+    import torch  # noqa: PLC0415 - only the torch backend loads programs
+
+    try:
+        with warnings.catch_warnings():  # a crafted pickle's protocol warning would precede our one line
+            warnings.simplefilter("ignore")
+            torch.load(io.BytesIO(data), weights_only=True)
+    except Exception as err:  # UnpicklingError for forbidden globals, others for damage
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise EngineError(f"{path}: {name} does not load with weights_only=True ({first}); refusing to load it "
+                          "(torch.export.load would retry with weights_only=False)") from None

@@ -3,6 +3,10 @@
 The programs hold `dsc` ops; torch dispatches them to their Triton kernels on CUDA and to the
 reference implementations on CPU. Same `step`/`generate` interface and IO contract as the other
 engines. Needs only OUT (and torch): the programs carry their weights.
+
+torch.export.load unpickles parts of a .pt2 archive, so each program is first checked by
+runtime.manifest.check_program_file (nothing but raw tensors, JSON and weights_only-loadable
+sample inputs); an OUT from an untrusted source is safest with the ONNX Runtime backend.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch
 import runtime.ops  # noqa: F401  (registers torch.ops.dsc.* before the programs are loaded)
 from runtime.engine import Engine, EngineInfo, KVCache
 from runtime.errors import EngineError
-from runtime.manifest import read_manifest
+from runtime.manifest import check_program_file, read_manifest
 
 class TorchEngine(Engine):
     """Prefill and decode ExportedPrograms on CPU or CUDA."""
@@ -40,6 +44,7 @@ class TorchEngine(Engine):
             path = out / rel if rel else None
             if path is None or not path.is_file():
                 raise EngineError(f"{out}: the {name} program ({rel}) is missing; re-export to run the torch backend")
+            check_program_file(out, rel)  # torch.export.load unpickles: only plain-tensor archives pass
             try:
                 program = torch.export.load(path)
             except Exception as err:  # torch raises several types for a damaged archive
