@@ -2,6 +2,7 @@
 
     python benchmarks/bench.py [CHECKPOINT] [--contexts 128,1024,4096] [--batch 1,4] [--repeats 5]
                                [--systems eager,hf,hf-onnx,ours,ours-absorb-none,ours-no-fuse-moe]
+                               [--engine NAME=FOLDER ...]
                                [--json OUT.json] [--plot OUT.png]
 
 Without CHECKPOINT it measures the bench config (V2-Lite dimensions, 4 layers, 16 experts),
@@ -14,7 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from exporter.bench import (SYSTEMS, BenchOptions, parse_ints, parse_systems, plot, run_bench,  # noqa: E402
+from exporter.bench import (SYSTEMS, BenchOptions, parse_engines, parse_ints, parse_systems, plot,  # noqa: E402
+                            run_bench,
                             table_lines, to_json)
 from exporter.cli import cache_home  # noqa: E402
 
@@ -29,12 +31,14 @@ def main() -> None:
     p.add_argument("--prefill-tokens", type=int, default=128)
     p.add_argument("--systems", default=",".join(SYSTEMS))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--engine", action="append", default=[], metavar="NAME=FOLDER",
+                   help="also measure an engine folder exported elsewhere (e.g. by an older version)")
     p.add_argument("--json", type=Path, help="write the report here")
     p.add_argument("--plot", type=Path, help="write the PNG here")
     a = p.parse_args()
     options = BenchOptions(contexts=parse_ints(a.contexts, "--contexts"), batches=parse_ints(a.batch, "--batch"),
                            repeats=a.repeats, warmup=a.warmup, prefill_tokens=a.prefill_tokens,
-                           systems=parse_systems(a.systems), threads=a.threads)
+                           systems=parse_systems(a.systems), threads=a.threads, extra_engines=parse_engines(a.engine))
     result = run_bench(a.checkpoint, cache_home(), options, progress=lambda stage, done, total: print(
         f"{stage} {done}/{total}", file=sys.stderr, flush=True))
     result["command"] = "python " + " ".join(sys.argv)

@@ -38,6 +38,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -133,17 +134,27 @@ def _checkpoint_key(checkpoint: Path) -> str:
 def engine_dir(checkpoint: Path, home: Path, options: dict[str, Any]) -> Path:
     """Where the engine of (checkpoint, export options, compiler sources) is cached."""
     opts = "-".join(f"{k}={v}" for k, v in sorted(options.items()))
-    key = hashlib.sha256(f"{_checkpoint_key(checkpoint)}|{opts}|{_source_key()}".encode()).hexdigest()[:16]
-    return home / "bench" / "engines" / f"{checkpoint.name}-{key}"
+    key = hashlib.sha256(f"{_checkpoint_key(checkpoint)}|{opts}".encode()).hexdigest()[:12]
+    return home / "bench" / "engines" / f"{checkpoint.name}-{key}-{_source_key()}"
 
 
 def cached_export(checkpoint: Path, home: Path, options: dict[str, Any], progress: Progress | None = None) -> Path:
-    """Export (once) and return the engine folder for these options."""
+    """Export (once) and return the engine folder for these options.
+
+    Engines of the same checkpoint and options exported by other sources are deleted first (a
+    bench-config engine is several GB), and so are the optimized programs (`*.pt2`, two more
+    copies of the weights) that only the torch engine reads: the bench runs the ONNX graphs.
+    """
     from exporter.export import export_checkpoint
 
     out = engine_dir(checkpoint, home, options)
     if not (out / "manifest.json").is_file():
+        stem = out.name.rsplit("-", 1)[0]
+        for stale in out.parent.glob(f"{stem}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         export_checkpoint(checkpoint, out, force=True, progress=progress, **options)
+        for program in out.glob("*.pt2"):
+            program.unlink()
     return out
 
 
@@ -413,7 +424,8 @@ def _hf_onnx_attempts(checkpoint: Path, out: Path) -> dict[str, Any]:
     probe = hf._cache(1, 4)
     past = [t for layer in probe.layers for t in (layer.keys, layer.values)]
     ids, pos, mask = _inputs(args.vocab_size, 1, 1, 4, 6)
-    names = ["input_ids", "position_ids", "attention_mask"] + [f"past.{i}.{k}" for i in range(L) for k in ("key", "value")]
+    names = ["input_ids", "position_ids", "attention_mask"]
+    names += [f"past.{i}.{k}" for i in range(L) for k in ("key", "value")]
     outs = ["logits"] + [f"present.{i}.{k}" for i in range(L) for k in ("key", "value")]
     axes = {"input_ids": {0: "batch", 1: "seq"}, "position_ids": {0: "batch", 1: "seq"},
             "attention_mask": {0: "batch", 1: "total"}, "logits": {0: "batch", 1: "seq"}}
@@ -559,6 +571,20 @@ def parse_ints(text: str, option: str, minimum: int = 1) -> list[int]:
     return sorted(set(values))
 
 
+def parse_engines(items: list[str]) -> dict[str, Path]:
+    """['before=/path/OUT', ...] -> {name: folder}: exported engine folders measured as extra systems."""
+    engines: dict[str, Path] = {}
+    for item in items:
+        name, _, folder = item.partition("=")
+        if not name or not folder or name in SYSTEMS or name in engines:
+            raise OptionError(f"--engine {item!r}: expected NAME=FOLDER with a new name "
+                              f"(not one of {', '.join(SYSTEMS)})")
+        if not (Path(folder) / "manifest.json").is_file():
+            raise OptionError(f"--engine {item!r}: {folder} has no manifest.json (not an engine folder)")
+        engines[name] = Path(folder)
+    return engines
+
+
 def parse_systems(text: str) -> list[str]:
     names = [t.strip() for t in text.split(",") if t.strip()]
     bad = [n for n in names if n not in SYSTEMS]
@@ -578,6 +604,7 @@ class BenchOptions:
     threads: int = THREADS
     bandwidth_bytes: int = BANDWIDTH_BYTES
     gemm_size: int = 2048
+    extra_engines: dict[str, Path] = field(default_factory=dict)  # name -> an engine folder exported elsewhere
 
     def check(self) -> None:
         if self.repeats < 1:
@@ -610,7 +637,8 @@ def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progre
         "checkpoint": str(checkpoint), "model": args.to_config(), "dtype": "float32",
         "threads": options.threads, "repeats": options.repeats, "warmup": options.warmup,
         "prefill": {"tokens": options.prefill_tokens, "batch": 1},
-        "contexts": options.contexts, "batches": options.batches, "systems": options.systems,
+        "contexts": options.contexts, "batches": options.batches,
+        "systems": options.systems + list(options.extra_engines),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                     "loadavg_start": [round(x, 2) for x in os.getloadavg()]},
         "results": [], "skipped": {}, "engines": {},
@@ -624,7 +652,7 @@ def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progre
 
     bw0 = measure_bandwidth(options.bandwidth_bytes)
     gemm = measure_gemm(options.gemm_size)
-    total = len(options.systems) * (1 + len(options.contexts) * len(options.batches))
+    total = len(result["systems"]) * (1 + len(options.contexts) * len(options.batches))
     done = 0
 
     def measure(system: System) -> None:
@@ -651,8 +679,10 @@ def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progre
     def load(name: str) -> System | None:
         if name == "eager":
             return EngineSystem(name, EagerEngine(load_checkpoint(checkpoint)), args)
-        if name in OUR_ENGINES:
-            return EngineSystem(name, OrtEngine.load(engines[name], provider="cpu", threads=options.threads), args)
+        if name in OUR_ENGINES or name in options.extra_engines:
+            folder = engines[name] if name in OUR_ENGINES else options.extra_engines[name]
+            result["engines"].setdefault(name, {"dir": str(folder), "options": None})
+            return EngineSystem(name, OrtEngine.load(folder, provider="cpu", threads=options.threads), args)
         if name == "hf":
             try:
                 import transformers  # noqa: F401
@@ -662,7 +692,7 @@ def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progre
             return HFSystem(checkpoint, args)
         raise AssertionError(name)
 
-    for name in options.systems:
+    for name in result["systems"]:
         if name == "hf-onnx":
             continue  # measured right after "hf", whose loaded model it exports
         system = load(name)
@@ -780,13 +810,15 @@ def table_lines(result: dict) -> list[str]:
              f"GEMM {result['gemm_flops'] / 1e9:.0f} GFLOP/s; load {result['machine']['loadavg_start'][0]:.1f} -> "
              f"{result['machine']['loadavg_end'][0]:.1f}",
              f"median (and best) of {result['repeats']} runs after {result['warmup']} warm-up; prefill "
-             f"{result['prefill']['tokens']} tokens, batch 1; floor% = floor / median; vs x = that system's median / this one",
+             f"{result['prefill']['tokens']} tokens, batch 1; floor% = floor / median; "
+             "vs X = X's median / this median",
              f"{'system':18s} {'phase':8s} {'B':>2} {'P':>5} {'ms':>9} {'best ms':>9} {'floor ms':>9} {'floor%':>7} "
              f"{'vs hf':>6} {'vs hf-onnx':>10}"]
     for r in result["results"]:
         lines.append(f"{r['system']:18s} {r['phase']:8s} {r['batch']:>2} {r['context'] or '-':>5} {r['ms']:9.1f} "
                      f"{r['best_ms']:9.1f} "
-                     f"{r['floor_ms']:9.1f} {100 * r['floor_fraction']:6.0f}% {_fmt(r['speedup_vs_hf'], '5.2f', 'x'):>6} "
+                     f"{r['floor_ms']:9.1f} {100 * r['floor_fraction']:6.0f}% "
+                     f"{_fmt(r['speedup_vs_hf'], '5.2f', 'x'):>6} "
                      f"{_fmt(r['speedup_vs_hf_onnx'], '9.2f', 'x'):>10}")
     c = result["cache"]
     lines.append(f"cache bytes/token: ours {c['ours_bytes_per_token']}, MHA-equivalent "

@@ -442,6 +442,7 @@ def bench(
     systems: str = typer.Option(",".join(("eager", "hf", "hf-onnx", "ours", "ours-absorb-none", "ours-no-fuse-moe")),
                                 help="Systems to measure, comma-separated."),
     threads: int = typer.Option(2, help="Threads for torch and ONNX Runtime (intra-op)."),
+    engine: list[str] = typer.Option([], "--engine", help="NAME=FOLDER: also measure an engine folder exported elsewhere."),
     plot: Optional[Path] = typer.Option(None, help="Write a PNG of decode latency vs context per system."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
@@ -452,7 +453,8 @@ def bench(
     """
     start = time.perf_counter()
     with guard():
-        from exporter.bench import BenchOptions, parse_ints, parse_systems, plot as write_plot, run_bench, table_lines
+        from exporter.bench import (BenchOptions, parse_engines, parse_ints, parse_systems, plot as write_plot,
+                                    run_bench, table_lines)
 
         if config is not None and config != "bench":
             raise OptionError(f"--config {config!r}: the only built-in config is 'bench'")
@@ -462,7 +464,7 @@ def bench(
             raise OptionError(f"{checkpoint}: no config.json (not a checkpoint folder)")
         options = BenchOptions(contexts=parse_ints(contexts, "--contexts"), batches=parse_ints(batch, "--batch"),
                                repeats=repeats, warmup=warmup, prefill_tokens=prefill_tokens,
-                               systems=parse_systems(systems), threads=threads)
+                               systems=parse_systems(systems), threads=threads, extra_engines=parse_engines(engine))
         options.check()
         with Bars(not as_json) as bars:
             result = run_bench(checkpoint, cache_home(), options, progress=bars)

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from exporter.bench import (BenchOptions, decode_floor, experts_read, parse_ints, plot, run_bench,
-                            step_weight_params, table_lines, to_json)
+from exporter.bench import (BenchOptions, decode_floor, experts_read, parse_engines, parse_ints, plot,
+                            run_bench, step_weight_params, table_lines, to_json)
 from model.checkpoint import build_model
 from model.synthetic import make_checkpoint, tiny_args
 from runtime.errors import OptionError
@@ -107,15 +107,23 @@ def test_table_and_plot(report):
 
 
 def test_engine_export_is_cached(report, tmp_path):
-    """A second run reuses the exported engine folder (same checkpoint, options, sources)."""
+    """A second run reuses the exported engine folder (same checkpoint, options, sources); an engine
+    folder given by name is measured beside it."""
     result, root = report
     engine = Path(result["engines"]["ours"]["dir"])
     stamp = (engine / "manifest.json").stat().st_mtime_ns
     again = run_bench(Path(result["checkpoint"]), root / "home",
                       BenchOptions(contexts=[2], batches=[1], repeats=1, warmup=0, prefill_tokens=2,
-                                   systems=["ours"], bandwidth_bytes=1 << 20, gemm_size=64))
+                                   systems=["ours"], bandwidth_bytes=1 << 20, gemm_size=64,
+                                   extra_engines=parse_engines([f"mine={engine}"])))
     assert again["engines"]["ours"]["dir"] == str(engine)
     assert (engine / "manifest.json").stat().st_mtime_ns == stamp
+    assert again["systems"] == ["ours", "mine"]
+    assert [r["system"] for r in again["results"]] == ["ours", "ours", "mine", "mine"]
+    with pytest.raises(OptionError, match="--engine"):
+        parse_engines([f"ours={engine}"])  # a built-in system's name
+    with pytest.raises(OptionError, match="--engine"):
+        parse_engines([f"x={tmp_path}"])  # no manifest.json
 
 
 @pytest.mark.parametrize("argv, option", [
