@@ -113,8 +113,9 @@ def fold_moe_weights(model: ir.Model) -> int:
     """Give each com.microsoft.MoE its gate/up-interleaved fc1 [E, 2I, D] as one initializer.
 
     The translation emits fc1 = Reshape(Concat(Unsqueeze(w1, 2), Unsqueeze(w3, 2), axis=2)); the
-    onnxscript optimizer folds that only for small weights. Here it always becomes a constant,
-    named after the layer's experts so that prefill and decode share it in the weight file.
+    onnxscript optimizer folds all, part or none of that depending on the weights' size. Whatever
+    is left is evaluated here, so fc1 is always one constant, named after the layer's experts so
+    that prefill and decode share it in the weight file.
     """
     graph = model.graph
     count = 0
@@ -124,13 +125,8 @@ def fold_moe_weights(model: ir.Model) -> int:
         fc1, fc2 = node.inputs[2], node.inputs[4]
         prefix = fc2.name.rsplit(".", 1)[0] if fc2 is not None and fc2.name else f"moe{count}"
         name = f"{prefix}.gate_up_interleaved"
-        if fc1.const_value is None:
-            w1, w3 = _interleave_sources(fc1, node)
-            a, b = w1.const_value.numpy(), w3.const_value.numpy()  # [E, I, D] each
-            E, I, D = a.shape
-            tensor = ir.tensor(np.stack([a, b], axis=2).reshape(E, 2 * I, D), name=name)
-        else:
-            tensor = fc1.const_value
+        array = _evaluate_constant(fc1, node)  # [E, 2I, D]
+        tensor = ir.tensor(np.ascontiguousarray(array), name=name)
         value = ir.Value(name=name, shape=ir.Shape(tensor.shape.numpy()), type=ir.TensorType(tensor.dtype),
                          const_value=tensor)
         graph.register_initializer(value)
@@ -139,20 +135,21 @@ def fold_moe_weights(model: ir.Model) -> int:
     return count
 
 
-def _interleave_sources(fc1: ir.Value, node: ir.Node) -> tuple[ir.Value, ir.Value]:
-    """(w1, w3) initializers behind Reshape(Concat(Unsqueeze(w1), Unsqueeze(w3))), or an error."""
-    reshape = fc1.producer()
-    concat = reshape.inputs[0].producer() if reshape is not None and reshape.op_type == "Reshape" else None
-    if concat is None or concat.op_type != "Concat" or len(concat.inputs) != 2:
-        raise LoweringError(f"MoE node {node.name}: fc1 is not the interleave of two expert weights")
-    sources = []
-    for v in concat.inputs:
-        unsq = v.producer()
-        src = unsq.inputs[0] if unsq is not None and unsq.op_type == "Unsqueeze" else None
-        if src is None or src.const_value is None:
-            raise LoweringError(f"MoE node {node.name}: fc1 is not computed from two weight initializers")
-        sources.append(src)
-    return sources[0], sources[1]
+def _evaluate_constant(value: ir.Value, node: ir.Node) -> np.ndarray:
+    """The array behind `value`: a constant, or Unsqueeze/Concat/Reshape of constants."""
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    producer = value.producer()
+    if producer is None or producer.op_type not in ("Unsqueeze", "Concat", "Reshape"):
+        raise LoweringError(f"MoE node {node.name}: fc1 is not computed from expert weight initializers "
+                            f"({producer.op_type if producer is not None else 'a graph input'} in the way)")
+    inputs = [_evaluate_constant(v, node) for v in producer.inputs]
+    if producer.op_type == "Unsqueeze":
+        return np.expand_dims(inputs[0], tuple(int(a) for a in inputs[1]))
+    if producer.op_type == "Concat":
+        return np.concatenate(inputs, axis=producer.attributes["axis"].as_int())
+    shape = [inputs[0].shape[i] if int(d) == 0 else int(d) for i, d in enumerate(inputs[1])]  # Reshape: 0 keeps a dim
+    return inputs[0].reshape(shape)
 
 
 # ---------------------------------------------------------------- writing
