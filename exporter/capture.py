@@ -29,6 +29,22 @@ class Limits:
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_new_tokens < 1 or self.max_context < self.max_new_tokens:
             raise ValueError(f"invalid limits {self}: need max_batch >= 1, 1 <= max_new_tokens <= max_context")
+        # The trace needs S >= 2 and P >= 2 in its example (torch.export specializes sizes 0 and 1).
+        if self.max_new_tokens < 2 or self.max_context < self.example_new + 2:
+            raise ValueError(f"invalid limits {self}: need max_new_tokens >= 2 and max_context >= "
+                             f"{min(3, max(self.max_new_tokens, 2)) + 2}")
+
+    @property
+    def example_batch(self) -> int:
+        return min(2, self.max_batch)
+
+    @property
+    def example_new(self) -> int:
+        return min(3, self.max_new_tokens)
+
+    @property
+    def example_past(self) -> int:
+        return min(4, self.max_context - self.example_new)
 
 
 class ContractModule(nn.Module):
@@ -85,7 +101,8 @@ def capture(model: nn.Module, phase: str, limits: Limits = Limits(), debug: bool
     # Decode is traced with S dynamic as well: with S fixed at 1, torch.export relates
     # total = past + 1 and its 0/1 specialization then forbids P < 2. The graph stays the same
     # function; the decode graph differs by its passes (cost model of one new token).
-    batch = Dim("batch", min=1, max=limits.max_batch)
+    # A batch limit of 1 is a static dim: a dynamic one would need an example of 2.
+    batch = Dim("batch", min=1, max=limits.max_batch) if limits.max_batch > 1 else None
     seq = Dim("seq", min=1, max=limits.max_new_tokens)
     past = Dim("past", min=0, max=limits.max_context - 1)
     total = Dim("total", min=1)  # == past + seq, derived by export; its bound follows from theirs
@@ -95,6 +112,6 @@ def capture(model: nn.Module, phase: str, limits: Limits = Limits(), debug: bool
         "attention_mask": {0: batch, 1: total},
         "past": [({0: batch, 1: past}, {0: batch, 1: past}) for _ in range(model.args.num_hidden_layers)],
     }
-    inputs = example_inputs(model, phase)
+    inputs = example_inputs(model, phase, limits.example_batch, limits.example_new, limits.example_past)
     with torch.no_grad():
         return torch.export.export(ContractModule(model, debug), inputs, dynamic_shapes=dims, strict=False)

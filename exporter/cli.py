@@ -257,8 +257,8 @@ def export(
 
         try:
             limits = Limits(max_batch=max_batch, max_new_tokens=max_new_tokens, max_context=max_context)
-        except ValueError:
-            raise OptionError("need --max-batch >= 1 and 1 <= --max-new-tokens <= --max-context") from None
+        except ValueError as err:  # the limits name the rule they break
+            raise OptionError(f"--max-batch/--max-new-tokens/--max-context: {str(err).split(': ', 1)[-1]}") from None
         if target == "tensorrt":
             from exporter.tensorrt import require_tensorrt, validate_options
 
@@ -425,8 +425,18 @@ def inspect(
         if trt_compat:
             from exporter.trt_compat import check_out_dir
 
-            info["trt_compat"] = check_out_dir(out)
-            lines.append(f"tensorrt {json.dumps(info['trt_compat'].get('summary', info['trt_compat']), default=str)[:400]}")
+            info["trt_compat"] = compat = check_out_dir(out)
+            table = compat["table"]
+            lines.append(f"tensorrt checked against TensorRT {table['tensorrt_version']}'s ONNX parser ({table['source']})")
+            for name, result in sorted(compat["files"].items()):
+                verdict = "compatible" if result["compatible"] else "NOT compatible"
+                lines.append(f"  {name}: {verdict}, {result['errors']} error(s), {result['warnings']} warning(s)")
+                seen = set()
+                for f in result["findings"]:
+                    key = (f["severity"], f["op_type"], f["reason"])
+                    if key not in seen:  # one line per distinct problem, not per node
+                        seen.add(key)
+                        lines.append(f"    {f['severity']:7s} {f['op_type']}: {f['reason']}")
         _emit(info, as_json, lines)
 
 
@@ -477,7 +487,6 @@ def bench(
         lines.append(_status_line(True, start))
         result["command"] = "dscompile " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         _emit(result, as_json, lines)
-
 
 
 def main() -> None:  # pragma: no cover - console entry point

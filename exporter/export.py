@@ -32,7 +32,6 @@ import ctypes
 import errno
 import hashlib
 import importlib.metadata
-import inspect
 import io
 import os
 import re
@@ -45,7 +44,7 @@ from typing import Any, Callable
 import onnx_ir as ir
 import torch
 
-from exporter.capture import PHASES, Limits, capture, example_inputs
+from exporter.capture import PHASES, Limits, capture
 from exporter.lower import check_model, lower, save_models
 from exporter.onnx_ops import choose_moe_experts
 from model.checkpoint import load_checkpoint
@@ -96,7 +95,6 @@ def export_checkpoint(
         raise OptionError(f"--absorb {absorb!r} is not one of {', '.join(ABSORB_FORMS)}")
     if opset < 23:
         raise OptionError(f"--opset {opset} is too old: the lowering needs opset >= 23 (RMSNormalization, Attention)")
-    _check_limits(limits)
     out = Path(out_dir)
     if out.name in ("", ".", ".."):  # the temp folder is named after OUT and goes beside it
         out = Path(os.path.abspath(out))
@@ -188,20 +186,6 @@ def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_m
     except OSError as err:  # disk full, file size limit, folder removed under us
         raise OutputError(f"{out}: cannot write the export ({_reason(err, writing)}); OUT was left as it was") from None
     return manifest
-
-
-def _check_limits(limits: Limits) -> None:
-    """Limits below the example inputs capture traces with make torch.export fail with a page of text.
-
-    (exporter/capture.py could pick example sizes inside the limits instead, and a static batch
-    dim for --max-batch 1; until then these are the smallest limits that capture.)
-    """
-    ex = {k: v.default for k, v in inspect.signature(example_inputs).parameters.items()}
-    smallest = {"--max-batch": (limits.max_batch, ex["batch"]), "--max-new-tokens": (limits.max_new_tokens, ex["new"]),
-                "--max-context": (limits.max_context, ex["past"] + ex["new"])}
-    for option, (value, least) in smallest.items():
-        if value < least:
-            raise OptionError(f"{option} {value} is below {least}, the smallest the graphs can be captured with")
 
 
 def _verify_in_float32(checkpoint, limits: Limits, absorb: str, fuse_moe: bool, debug: bool,

@@ -188,8 +188,8 @@ def _build_cases(tmp: Path, ckpt: Path, small_ckpt: Path, engine: Path) -> dict[
 
     # ---- options
     export_case("dtype_float8", ckpt, "--dtype 'float8' is not one of", "--dtype", "float8")
-    c["max_batch_1"] = Case(_dscompile("export", ckpt, "-o", out("mb1"), "--max-batch", "1"),
-                            "--max-batch 1 is below 2, the smallest the graphs can be captured with", out=out("mb1"))
+    c["max_new_tokens_1"] = Case(_dscompile("export", ckpt, "-o", out("mnt1"), "--max-new-tokens", "1"),
+                                 "need max_new_tokens >= 2", out=out("mnt1"))
     export_case("absorb_maybe", ckpt, "--absorb 'maybe' is not one of auto, fold, reassociate, none", "--absorb", "maybe")
 
     # ---- engines (OUT of test_lower.exported("v3"): vocab 256, max context LIMITS.max_context)
@@ -243,7 +243,7 @@ CASE_NAMES = [
     "unsupported_model_type", "kv_lora_rank_contradicts_tensors", "moe_width_contradicts_tensors", "missing_shard",
     "truncated_safetensors", "header_length_too_large", "header_not_utf8",
     "nan_weight", "inf_weight", "pickle_only", "out_not_empty", "out_parent_is_a_file",
-    "out_read_only", "file_size_limit", "disk_full", "dtype_float8", "max_batch_1", "absorb_maybe",
+    "out_read_only", "file_size_limit", "disk_full", "dtype_float8", "max_new_tokens_1", "absorb_maybe",
     "run_missing_out", "run_id_above_vocab",
     "run_prompt_too_long", "run_prompt_plus_new_too_long",
     "run_provider_unknown", "run_external_data_escapes", "inspect_external_data_absolute",
