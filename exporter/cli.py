@@ -269,12 +269,15 @@ def export(
         with Bars(not as_json) as bars:
             manifest = export_checkpoint(checkpoint, out, dtype=DTYPES[dtype], absorb=absorb, fuse_moe=fuse_moe,
                                          verify=verify, opset=opset, limits=limits, force=force, progress=bars,
-                                         allow_nonfinite=allow_nonfinite)
+                                         allow_nonfinite=allow_nonfinite, target=target)
             if target == "tensorrt":
                 from exporter.tensorrt import build_engines
+                from runtime.manifest import write_manifest
 
-                build_engines(out, precision=precision, max_batch=max_batch, max_new_tokens=max_new_tokens,
-                              max_context=max_context, progress=bars)
+                manifest["tensorrt"] = build_engines(out, precision=precision, max_batch=max_batch,
+                                                     max_new_tokens=max_new_tokens, max_context=max_context,
+                                                     progress=bars)
+                write_manifest(out, manifest)
         lines = []
         for phase, g in manifest["graphs"].items():
             for p in g["passes"]["passes"]:

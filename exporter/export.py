@@ -55,7 +55,8 @@ from runtime.manifest import MANIFEST_FORMAT, write_manifest
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 WEIGHTS_FILE = "weights.bin"
-TARGET = "onnxruntime"
+TARGET = "onnxruntime"  # the manifest's runtime: every export runs in ONNX Runtime
+TARGETS = ("onnxruntime", "tensorrt")  # what the lowering is restricted for
 Progress = Callable[[str, int, int], None]
 STAGES = ("load", "capture", "passes", "lower", "write")
 # Where DSCOMPILE_TEST_PAUSE_AT can stop an export: between lowering the two graphs (OUT's temp
@@ -82,8 +83,12 @@ def export_checkpoint(
     progress: Progress | None = None,
     debug: bool = False,
     allow_nonfinite: bool = False,
+    target: str = "onnxruntime",
 ) -> dict[str, Any]:
     """Compile a checkpoint into OUT for ONNX Runtime; returns the manifest written there.
+
+    `target="tensorrt"` lowers with standard ONNX ops only (no com.microsoft contrib ops), so
+    the graphs also feed TensorRT's ONNX parser; ONNX Runtime runs either.
 
     `debug` builds also output the hidden state after every block (`hidden.{i}`), which is how
     `compare` finds the first layer where an engine diverges. `allow_nonfinite` exports a
@@ -93,6 +98,8 @@ def export_checkpoint(
         raise OptionError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if absorb not in ABSORB_FORMS:  # checked here too, so a typo fails before the model is loaded
         raise OptionError(f"--absorb {absorb!r} is not one of {', '.join(ABSORB_FORMS)}")
+    if target not in TARGETS:
+        raise OptionError(f"--target {target!r} is not one of {', '.join(TARGETS)}")
     if opset < 23:
         raise OptionError(f"--opset {opset} is too old: the lowering needs opset >= 23 (RMSNormalization, Attention)")
     out = Path(out_dir)
@@ -103,14 +110,15 @@ def export_checkpoint(
     tmp = _make_temp_folder(out)
     try:
         return _export(checkpoint, out, tmp, dtype=dtype, absorb=absorb, fuse_moe=fuse_moe, verify=verify,
-                       opset=opset, limits=limits, progress=progress, debug=debug, allow_nonfinite=allow_nonfinite)
+                       opset=opset, limits=limits, progress=progress, debug=debug, allow_nonfinite=allow_nonfinite,
+                       target=target)
     finally:
         _remove(tmp)  # after a success it is gone already (or holds the replaced OUT)
 
 
 def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_moe: bool, verify: bool,
             opset: int, limits: Limits, progress: Progress | None, debug: bool,
-            allow_nonfinite: bool) -> dict[str, Any]:
+            allow_nonfinite: bool, target: str) -> dict[str, Any]:
     """export_checkpoint's body: everything is written into `tmp`, which replaces `out` at the end."""
     report = progress or (lambda stage, done, total: None)
     torch_dtype = DTYPES[dtype]
@@ -134,7 +142,7 @@ def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_m
                 result.max_error, result.details["verified_in"] = checked.max_error, "float32"
         report("passes", i + 1, len(PHASES))
     for i, phase in enumerate(PHASES):
-        lowerings[phase] = choose_moe_experts(phase, torch_dtype)
+        lowerings[phase] = choose_moe_experts(phase, torch_dtype, target)
         lowered[phase] = lower(programs[phase], phase, args.num_hidden_layers, opset=opset,
                                moe_experts=lowerings[phase], debug=debug)
         report("lower", i + 1, len(PHASES))
@@ -164,6 +172,7 @@ def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_m
             "format_version": MANIFEST_FORMAT,
             "tool": {"name": "dscompile", "version": _version()},
             "target": TARGET,
+            "lowered_for": target,
             "dtype": dtype,
             "opset": opset,
             "model": args.to_config(),

@@ -315,7 +315,7 @@ def make_moe(experts: str) -> Callable:
     return moe
 
 
-def choose_moe_experts(phase: str, dtype: torch.dtype) -> str:
+def choose_moe_experts(phase: str, dtype: torch.dtype, target: str = "onnxruntime") -> str:
     """The routed-experts lowering for a graph (measured: benchmarks/ort_moe_lowering.py).
 
     Measured (ORT 1.31.1 CPU, 2 cores, D=2048 I=1408 E=16 K=6 + 2 shared, float32, median ms):
@@ -330,6 +330,10 @@ def choose_moe_experts(phase: str, dtype: torch.dtype) -> str:
     gather the chosen experts for decode (faster than dense at 1 token above) and run all experts
     densely for prefill (not re-measured in fp16).
     """
+    if target == "tensorrt":
+        # TensorRT's ONNX parser has no com.microsoft ops: gather the chosen experts for decode and
+        # run all experts densely for prefill, with standard ops only (see `inspect --trt-compat`).
+        return "gather" if phase == "decode" else "dense"
     if dtype == torch.float32:
         return "moe_op" if phase == "decode" else "grouped"
     return "gather" if phase == "decode" else "dense"
