@@ -7,9 +7,11 @@ plan, written atomically into OUT. The returned dict is the manifest's "tensorrt
 (documented in `runtime/trt_engine.py`, which loads and runs the engines).
 
 Custom ops: the `dsc` ops reach TensorRT already lowered to standard ONNX operators that its parser
-imports, so no plugin is needed. ONNX Runtime-targeted exports may use `com.microsoft` contrib ops
-(MoE, ...); the TensorRT parser has no importer for them, so they must not appear in an export meant
-for TensorRT. `build_engines` runs the static check (`exporter/trt_compat.py`) first and refuses
+imports, so no plugin is needed: one ONNX serves every backend, and the static check proves the
+parser takes it, where a plugin would need a build per GPU and TensorRT version. ONNX
+Runtime-targeted exports use `com.microsoft.MoE` for the experts (the fastest CPU lowering); the
+TensorRT parser has no importer for it, so `dscompile export --target tensorrt` lowers MoE with
+Gather/MatMul instead (exporter/onnx_ops.py, `choose_moe_experts`). `build_engines` runs the static check (`exporter/trt_compat.py`) first and refuses
 with the first offending ops before any TensorRT work starts.
 
 Profiles (B batch, S new tokens, P past tokens, T = P + S):
