@@ -40,14 +40,14 @@ class AbsorbError(DscompileError):
     """An MLA region does not have the structure the pass rewrites."""
 
 
-def cost_model(args, phase: str, batch: int = 1) -> dict[str, dict[str, float]]:
+def cost_model(args, phase: str, batch: int = 1, dtype_bytes: int = 2) -> dict[str, dict[str, float]]:
     """FLOPs, weight+cache bytes and roofline time of one attention step per layer, for each form."""
     H, N, R, V, C, D = (args.num_attention_heads, args.qk_nope_head_dim, args.qk_rope_head_dim,
                         args.v_head_dim, args.kv_lora_rank, args.hidden_size)
     q_in = args.q_lora_rank or D
     S, T = (1, REFERENCE_CONTEXT) if phase == "decode" else (REFERENCE_PREFILL, REFERENCE_PREFILL)
     S, T = S * batch, T * batch  # tokens in the step / keys read, over the batch
-    elt = 2 if getattr(args, "_dtype_bytes", None) is None else args._dtype_bytes
+    elt = dtype_bytes  # bytes per weight and cache value; the choice depends on ratios, not on this
     w_q = q_in * H * (N + R)
     cache_bytes = T * (C + R) * elt
     forms = {
