@@ -25,7 +25,7 @@ class EagerEngine(Engine):
 
     def step(self, input_ids, position_ids, attention_mask, cache):
         past = cache.length if cache is not None else 0
-        self.check_inputs(input_ids, past)
+        self.check_inputs(input_ids, past, position_ids, attention_mask)
         with torch.no_grad():
             logits, present = self.model(input_ids, position_ids, attention_mask, cache.layers if cache else None)
         return logits, KVCache(present)

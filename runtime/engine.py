@@ -90,8 +90,21 @@ class Engine(ABC):
     ) -> tuple[torch.Tensor, KVCache]:
         """Run S new tokens against the cache; return float32 logits [B, S, V] and the new cache."""
 
-    def check_inputs(self, input_ids: torch.Tensor, past_len: int) -> None:
-        """Refuse token ids out of vocabulary and sequences longer than the engine allows."""
+    def check_inputs(
+        self,
+        input_ids: torch.Tensor,
+        past_len: int,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> None:
+        """Refuse token ids out of vocabulary, sequences longer than the engine allows, and
+        position_ids / attention_mask that do not have the contract's [B, S] / [B, P+S] shapes."""
+        B, S = int(input_ids.shape[0]), int(input_ids.shape[1])
+        if position_ids is not None and tuple(position_ids.shape) != (B, S):
+            raise EngineError(f"position_ids has shape {list(position_ids.shape)}, expected [B, S] = {[B, S]}")
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, past_len + S):
+            raise EngineError(f"attention_mask has shape {list(attention_mask.shape)}, expected [B, P+S] = "
+                              f"{[B, past_len + S]}")
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.info.vocab_size):
             bad = int(input_ids.max()) if int(input_ids.max()) >= self.info.vocab_size else int(input_ids.min())
             raise EngineError(f"input id {bad} is outside the vocabulary [0, {self.info.vocab_size})")
@@ -161,6 +174,11 @@ class Engine(ABC):
             step_pos = step_pos[:, -1:] + 1
             mask = torch.cat([mask, torch.ones((batch, 1), dtype=torch.int64)], dim=1)
         return out
+
+
+def choose_graph(new_tokens: int, past_len: int) -> str:
+    """The decode graph serves exactly one new token against a non-empty cache; prefill does the rest."""
+    return "decode" if new_tokens == 1 and past_len > 0 else "prefill"
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from runtime.engine import Engine, EngineInfo, KVCache
+from runtime.engine import Engine, EngineInfo, KVCache, choose_graph
 from runtime.errors import EngineError
 from runtime.manifest import read_manifest
 
@@ -144,13 +144,8 @@ class OrtEngine(Engine):
              cache: KVCache | None) -> tuple[torch.Tensor, KVCache]:
         B, S = input_ids.shape
         P = cache.length if cache is not None else 0
-        self.check_inputs(input_ids, P)
-        if tuple(position_ids.shape) != (B, S):
-            raise EngineError(f"position_ids has shape {tuple(position_ids.shape)}, expected {(B, S)}")
-        if tuple(attention_mask.shape) != (B, P + S):
-            raise EngineError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected [B, P+S] = "
-                              f"{[B, P + S]}")
-        session = self.sessions["decode" if S == 1 and P > 0 else "prefill"]
+        self.check_inputs(input_ids, P, position_ids, attention_mask)
+        session = self.sessions[choose_graph(S, P)]
         binding = session.io_binding()
         keep = []  # tensors whose memory is bound by pointer: alive until the run returns
         for name, t in (("input_ids", input_ids), ("position_ids", position_ids), ("attention_mask", attention_mask)):

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 import runtime.ops  # noqa: F401  (registers torch.ops.dsc.* before the programs are loaded)
-from runtime.engine import Engine, EngineInfo, KVCache
+from runtime.engine import Engine, EngineInfo, KVCache, choose_graph
 from runtime.errors import EngineError
 from runtime.manifest import check_program_file, read_manifest
 
@@ -54,14 +54,14 @@ class TorchEngine(Engine):
 
     def step(self, input_ids, position_ids, attention_mask, cache):
         P = cache.length if cache is not None else 0
-        self.check_inputs(input_ids, P)
+        self.check_inputs(input_ids, P, position_ids, attention_mask)
         B = input_ids.shape[0]
         if cache is None:
             cache = KVCache.empty(self.info, B, self.device)
         if len(cache.layers) != self.info.num_layers or cache.layers[0][0].shape[0] != B:
             raise EngineError(f"cache of {len(cache.layers)} layers and batch {cache.layers[0][0].shape[0]} does not "
                               f"fit {self.info.num_layers} layers and batch {B}")
-        graph = "decode" if input_ids.shape[1] == 1 and P > 0 else "prefill"
+        graph = choose_graph(int(input_ids.shape[1]), P)
         dev = self.device
         with torch.no_grad():
             logits, present = self.modules[graph](

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from runtime.engine import Engine, EngineInfo, KVCache
+from runtime.engine import Engine, EngineInfo, KVCache, choose_graph
 from runtime.errors import DscompileError, EngineError
 
 TRT_FORMAT = 1
@@ -87,11 +87,6 @@ def torch_dtype(trt_dtype: Any) -> torch.dtype:
     if name not in _TORCH_DTYPES:
         raise EngineError(f"TensorRT data type {name} has no torch equivalent")
     return _TORCH_DTYPES[name]
-
-
-def choose_graph(new_tokens: int, past_len: int) -> str:
-    """The decode engine serves exactly one new token against a non-empty cache; prefill does the rest."""
-    return "decode" if new_tokens == 1 and past_len > 0 else "prefill"
 
 
 def read_trt_section(manifest: dict[str, Any], out_dir: Path) -> dict[str, Any]:
@@ -224,11 +219,7 @@ class TrtEngine(Engine):
     ) -> tuple[torch.Tensor, KVCache]:
         batch, new = int(input_ids.shape[0]), int(input_ids.shape[1])
         past = cache.length if cache is not None else 0
-        self.check_inputs(input_ids, past)
-        if tuple(position_ids.shape) != (batch, new):
-            raise EngineError(f"position_ids has shape {list(position_ids.shape)}, expected {[batch, new]}")
-        if tuple(attention_mask.shape) != (batch, past + new):
-            raise EngineError(f"attention_mask has shape {list(attention_mask.shape)}, expected {[batch, past + new]}")
+        self.check_inputs(input_ids, past, position_ids, attention_mask)
         if cache is None:
             cache = KVCache.empty(self.info, batch, self.device)
         graph = self.graphs[choose_graph(new, past)]
