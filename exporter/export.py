@@ -50,10 +50,10 @@ from exporter.onnx_ops import choose_moe_experts
 from model.checkpoint import load_checkpoint
 from passes import PassOptions, run_pipeline
 from passes.absorb_mla import FORMS as ABSORB_FORMS
+from runtime.engine import DTYPES
 from runtime.errors import DscompileError, OptionError
 from runtime.manifest import MANIFEST_FORMAT, write_manifest
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 WEIGHTS_FILE = "weights.bin"
 TARGET = "onnxruntime"  # the manifest's runtime: every export runs in ONNX Runtime
 TARGETS = ("onnxruntime", "tensorrt")  # what the lowering is restricted for

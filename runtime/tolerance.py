@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import torch
 
+from runtime.engine import DTYPES
+
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 OP_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
-DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def bound(dtype: torch.dtype | str, ref_max: float, table: dict = TOLERANCE) -> float:
     """The largest allowed max |Δ| for outputs whose reference peaks at `ref_max`."""
-    dtype = DTYPE_NAMES.get(dtype, torch.float32) if isinstance(dtype, str) else dtype
+    dtype = DTYPES.get(dtype, torch.float32) if isinstance(dtype, str) else dtype
     return table.get(dtype, table[torch.float32]) * max(1.0, ref_max)
