@@ -142,8 +142,7 @@ def cached_export(checkpoint: Path, home: Path, options: dict[str, Any], progres
     """Export (once) and return the engine folder for these options.
 
     Engines of the same checkpoint and options exported by other sources are deleted first (a
-    bench-config engine is several GB), and so are the optimized programs (`*.pt2`, two more
-    copies of the weights) that only the torch engine reads: the bench runs the ONNX graphs.
+    bench-config engine is several GB).
     """
     from exporter.export import export_checkpoint
 
@@ -153,8 +152,6 @@ def cached_export(checkpoint: Path, home: Path, options: dict[str, Any], progres
         for stale in out.parent.glob(f"{stem}-*"):
             shutil.rmtree(stale, ignore_errors=True)
         export_checkpoint(checkpoint, out, force=True, progress=progress, **options)
-        for program in out.glob("*.pt2"):
-            program.unlink()
     return out
 
 

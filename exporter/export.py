@@ -1,8 +1,17 @@
 """The export job: checkpoint -> OUT (two ONNX graphs, one weight file, the manifest, the programs).
 
-    load_checkpoint -> capture(prefill), capture(decode) -> run_pipeline per graph -> lower both
+    load_checkpoint(meta) -> capture -> run_pipeline per graph -> lower both
     -> OUT/prefill.onnx, OUT/decode.onnx, OUT/weights.bin (shared), OUT/prefill.pt2,
        OUT/decode.pt2 (optimized ExportedPrograms, for the torch engine), OUT/manifest.json
+
+Streaming. The model is loaded on the meta device: capture, passes and lowering see shapes only,
+and each weight carries how to read it (model.checkpoint.CheckpointSource) or compute it from
+others (passes.ep_edit.derive: the absorbed MLA matrices, folded layouts). Weights are read,
+converted and written one tensor at a time into weights.bin, so peak memory follows the largest
+weight (a layer's stacked experts), not the model. The programs are saved without weights: their
+weights are in weights.bin too (deduplicated against the graphs'), placed by the manifest's
+`graphs.<phase>.program_weights`. `verify` is the exception: checking the passes numerically
+runs the model, so it loads a float32 copy in memory.
 
 Atomic output. Everything is written into `.OUT.tmp-<pid>` beside OUT (created first, so an
 unwritable OUT fails before minutes of lowering), flushed to disk, and renamed into place at the
@@ -123,20 +132,19 @@ def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_m
     report = progress or (lambda stage, done, total: None)
     torch_dtype = DTYPES[dtype]
 
-    model = load_checkpoint(checkpoint, dtype=torch_dtype, progress=lambda d, t: report("load", d, t),
-                            allow_nonfinite=allow_nonfinite)
+    model = load_checkpoint(checkpoint, dtype=torch_dtype, device="meta", scan=True,
+                            progress=lambda d, t: report("load", d, t), allow_nonfinite=allow_nonfinite)
     args = model.args
     programs, reports, lowered, lowerings = {}, {}, {}, {}
     # Both graphs trace the same function with the same dynamic dims, so one capture serves
     # both; the passes then specialize each (they never edit the program they are given).
     traced = capture(model, "prefill", limits, debug=debug)
     report("capture", 1, 1)
-    del model  # the program holds the weights from here on
-    verified = (_verify_in_float32(checkpoint, limits, absorb, fuse_moe, debug, allow_nonfinite)
-                if verify and dtype != "float32" else None)
+    del model
+    verified = _verify_in_float32(checkpoint, limits, absorb, fuse_moe, debug, allow_nonfinite) if verify else None
     for i, phase in enumerate(PHASES):
         options = PassOptions(phase, args, absorb=absorb, fuse_moe=fuse_moe)
-        programs[phase], reports[phase] = run_pipeline(traced, options, verify=verify and verified is None)
+        programs[phase], reports[phase] = run_pipeline(traced, options)
         if verified is not None:
             for result, checked in zip(reports[phase].results, verified[phase].results):
                 result.max_error, result.details["verified_in"] = checked.max_error, "float32"
@@ -151,7 +159,8 @@ def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_m
 
     writing = f"{WEIGHTS_FILE} or a graph"  # what an OSError without a file name was writing
     try:
-        stored = save_models(lowered, tmp, WEIGHTS_FILE, progress=lambda d, t: report("write", d, t + 3))
+        stored = save_models(lowered, tmp, WEIGHTS_FILE, progress=lambda d, t: report("write", d, t + 3),
+                             extra={phase: program_weights(programs[phase]) for phase in PHASES})
         graphs = {}
         for phase in PHASES:
             check_model(tmp / stored[phase]["file"])
@@ -164,6 +173,7 @@ def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_m
                 "inputs": [_io(v) for v in lowered[phase].graph.inputs],
                 "outputs": [_io(v) for v in lowered[phase].graph.outputs],
                 "passes": _passes(reports[phase]),
+                "program_weights": stored["extra"][phase],
                 "moe_lowering": lowerings[phase] if args.num_moe_layers else None,
                 "op_counts": _op_counts(lowered[phase]),
             }
@@ -197,13 +207,19 @@ def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_m
     return manifest
 
 
+def program_weights(program) -> dict[str, torch.Tensor]:
+    """A program's weights and tensor constants by name: what its `.pt2` is saved without."""
+    return {**program.state_dict, **{k: v for k, v in program.constants.items() if isinstance(v, torch.Tensor)}}
+
+
 def _verify_in_float32(checkpoint, limits: Limits, absorb: str, fuse_moe: bool, debug: bool,
                        allow_nonfinite: bool) -> dict[str, Any]:
-    """Pass verification of a float32 copy of the model.
+    """Pass verification of a float32 copy of the model, loaded in memory.
 
-    The passes rewrite algebra that does not depend on the dtype, but checking them in fp16/bf16
-    on random inputs is not meaningful: rounding flips near-tied MoE routing decisions (a
-    different expert, a large difference) even when the rewrite is exact.
+    The export itself runs on meta weights (nothing to run). The passes rewrite algebra that does
+    not depend on the dtype, and checking them in fp16/bf16 on random inputs is not meaningful:
+    rounding flips near-tied MoE routing decisions (a different expert, a large difference) even
+    when the rewrite is exact.
     """
     model = load_checkpoint(checkpoint, dtype=torch.float32, allow_nonfinite=allow_nonfinite)
     traced = capture(model, "prefill", limits, debug=debug)

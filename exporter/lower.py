@@ -1,17 +1,25 @@
 """Lowering of optimized ExportedPrograms to ONNX, and the writing of both graphs into OUT.
 
 `lower(ep, phase, num_layers, ...)` runs `torch.onnx.export` (dynamo) with the `dsc` op
-translations of `exporter/onnx_ops.py` and the public IO names, then makes the model
-reproducible and readable:
+translations of `exporter/onnx_ops.py` and the public IO names, then optimizes, folds the weights
+and makes the model reproducible and readable:
+- weights stay where they are: an ExportedProgram captured on the meta device (what export does)
+  lowers to initializers that are `ir.LazyTensor`s reading each weight when it is written, and
+  the constant subgraphs over large weights (Transpose of a linear's weight, the interleaving of
+  gate and up experts) fold into lazy initializers too (`fold_weights`), computed by torch on
+  demand. The onnxscript optimizer only folds small constants (it would compute and hold every
+  large folded weight in memory at once), so the two paths give the same graphs;
 - dynamic dims get the contract's names (batch, seq, past; "past + seq" for the total length)
   instead of torch's generated ones (s26, s70);
 - node metadata (`pkg.torch.onnx.stack_trace` records the caller's path and line) and doc
   strings are cleared, so two exports are byte-identical;
-- the fc1 weights of `com.microsoft.MoE` nodes become one new interleaved initializer per layer.
+- the fc1 weights of `com.microsoft.MoE` nodes are named after their layer's experts.
 
-`save_models` writes several graphs with ONE shared external data file: initializers with the
-same content are stored once (prefill and decode read the same weights), offsets are
-4096-aligned (ONNX Runtime can memory-map them). `check_model` runs the ONNX checker with
+`save_models` writes several graphs with ONE shared external data file, one tensor at a time (a
+lazy weight is computed, written and dropped): initializers with the same content are stored once
+(prefill and decode read the same weights), offsets are 4096-aligned (ONNX Runtime can
+memory-map them). The ExportedPrograms' own weights can go into the same file (`extra`), so the
+`.pt2` programs are saved without weights. `check_model` runs the ONNX checker with
 full_check (strict shape inference included) by path, so models above 2 GB work.
 
 Shape legend: B batch, S new tokens, P past tokens, E experts, I expert intermediate, D hidden.
@@ -26,19 +34,23 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
+import onnxscript.optimizer
+import onnxscript.rewriter.onnx_fusions
 import torch
+from onnx_ir.tensor_adapters import TorchTensor, from_torch_dtype, to_torch_dtype
 from torch.export import ExportedProgram
 
 from exporter.capture import io_names
 from exporter.onnx_ops import MSFT_DOMAIN, translation_table
+from passes.ep_edit import derive, materialize
 from runtime.errors import DscompileError
 
 ALIGNMENT = 4096  # page size: ONNX Runtime memory-maps external data at page-aligned offsets
 INLINE_BELOW = 1024  # bytes; smaller tensors stay inside the .onnx (shape constants, norms of tiny configs)
+FOLD_LIMIT = 8192  # elements: the optimizer folds constants up to this size, fold_weights the larger ones
 _SYMBOL = re.compile(r"\bs\d+\b")
 
 
@@ -58,22 +70,48 @@ def lower(ep: ExportedProgram, phase: str, num_layers: int, *, opset: int = 23,
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                ep, (), None, dynamo=True, opset_version=opset, external_data=True,
+                ep, (), None, dynamo=True, opset_version=opset, external_data=True, optimize=False,
                 custom_translation_table=translation_table(moe_experts),
                 input_names=inputs, output_names=outputs, verbose=False,
             )
+            model = program.model
+            defer_weights(model)
+            # What ONNXProgram.optimize does, with large constants left to fold_weights.
+            onnxscript.optimizer.optimize_ir(model, should_fold=_small_only)
+            onnxscript.rewriter.onnx_fusions.fuse(model)
     except Exception as err:  # torch.onnx wraps every failure in a multi-page report
+        cause = _our_error(err)
+        if cause is not None:  # a weight read while folding (a checkpoint changed under us): say that
+            raise cause from None
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise LoweringError(f"{phase} graph: torch.onnx.export failed: {first}") from err
-    model = program.model
     _check_io(model, inputs, outputs, phase)
     rename_dims(model)
     ir_passes.ClearMetadataAndDocStringPass()(model)
     model.doc_string = None
     model.metadata_props.clear()
-    fold_moe_weights(model)
+    fold_weights(model)
+    name_moe_weights(model)
     ir_passes.RemoveUnusedNodesPass()(model)
     return model
+
+
+def _our_error(err: BaseException) -> DscompileError | None:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, DscompileError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _small_only(node: ir.Node) -> bool | None:
+    """The optimizer's folding rule: never a node reading a large constant (fold_weights does those)."""
+    for value in node.inputs:
+        if value is not None and value.const_value is not None and value.const_value.size > FOLD_LIMIT:
+            return False
+    return None
 
 
 def _check_io(model: ir.Model, inputs: list[str], outputs: list[str], phase: str) -> None:
@@ -109,13 +147,106 @@ def rename_dims(model: ir.Model) -> dict[str, str]:
     return names
 
 
-def fold_moe_weights(model: ir.Model) -> int:
-    """Give each com.microsoft.MoE its gate/up-interleaved fc1 [E, 2I, D] as one initializer.
+# Ops over weights that fold_weights computes (with torch): layout changes and casts.
+_FOLDABLE = ("Transpose", "Reshape", "Unsqueeze", "Squeeze", "Concat", "Cast", "Identity")
 
-    The translation emits fc1 = Reshape(Concat(Unsqueeze(w1, 2), Unsqueeze(w3, 2), axis=2)); the
-    onnxscript optimizer folds all, part or none of that depending on the weights' size. Whatever
-    is left is evaluated here, so fc1 is always one constant, named after the layer's experts so
-    that prefill and decode share it in the weight file.
+
+def fold_weights(model: ir.Model) -> int:
+    """Replace each foldable node over a large constant by a lazily computed initializer.
+
+    A node qualifies when all its inputs are constants, one of them above FOLD_LIMIT elements, and
+    its op is a layout change or a cast (`_FOLDABLE`). Its output becomes an initializer backed by a
+    torch tensor from `passes.ep_edit.derive`: real when the inputs are real, meta (computed when
+    written) when they are not. Chains fold in graph order. Returns the number of nodes folded.
+    """
+    graph = model.graph
+    count = 0
+    for node in list(graph):
+        if node.domain or node.op_type not in _FOLDABLE or len(node.outputs) != 1:
+            continue
+        if any(v is None or v.const_value is None for v in node.inputs) or _small_only(node) is not False:
+            continue
+        out = node.outputs[0]
+        inputs = [_torch_value(v) for v in node.inputs]
+        folded = derive(_TorchFold(node), *inputs)
+        name = _unique_name(graph, f"{_weight_name(node.inputs)}.{node.op_type.lower()}")
+        tensor = _MetaWeight(folded, name) if folded.is_meta else TorchTensor(folded, name=name)
+        value = ir.Value(name=name, shape=ir.Shape(list(folded.shape)), type=ir.TensorType(tensor.dtype),
+                         const_value=tensor)
+        graph.register_initializer(value)
+        out.replace_all_uses_with(value)
+        if out in graph.outputs:
+            continue
+        graph.remove(node, safe=True)
+        count += 1
+    return count
+
+
+class _TorchFold:
+    """One ONNX layout/cast node as a pure torch function (for derive: runs on meta or real tensors)."""
+
+    def __init__(self, node: ir.Node):
+        self.op = node.op_type
+        self.attrs = {k: (a.as_ints() if a.type == ir.AttributeType.INTS else a.as_int())
+                      for k, a in node.attributes.items() if a.type in (ir.AttributeType.INTS, ir.AttributeType.INT)}
+
+    def __call__(self, *xs: torch.Tensor) -> torch.Tensor:
+        x, op, attrs = xs[0], self.op, self.attrs
+        if op == "Transpose":
+            return x.permute(attrs.get("perm", list(range(x.dim()))[::-1])).contiguous()
+        if op == "Reshape":
+            shape = [int(d) for d in xs[1].tolist()]
+            if not attrs.get("allowzero", 0):
+                shape = [x.shape[i] if d == 0 else d for i, d in enumerate(shape)]
+            return x.reshape(shape).contiguous()
+        if op == "Unsqueeze":
+            axes = [int(a) for a in xs[1].reshape(-1).tolist()]
+            rank = x.dim() + len(axes)
+            for a in sorted(a % rank for a in axes):
+                x = x.unsqueeze(a)
+            return x
+        if op == "Squeeze":
+            axes = [int(a) for a in xs[1].reshape(-1).tolist()] if len(xs) > 1 else [i for i, d in enumerate(x.shape) if d == 1]
+            return x.squeeze(tuple(a % x.dim() for a in axes))
+        if op == "Concat":
+            return torch.cat(xs, dim=attrs["axis"])
+        if op == "Cast":
+            return x.to(to_torch_dtype(ir.DataType(attrs["to"])))
+        return x  # Identity
+
+
+def _torch_value(value: ir.Value) -> torch.Tensor:
+    """The torch tensor behind a constant: the program's weight itself (meta or real), or a copy of a small one."""
+    tensor = value.const_value
+    if isinstance(tensor, _MetaWeight):
+        return tensor.weight
+    if isinstance(tensor, ir.Tensor) and isinstance(tensor.raw, torch.Tensor):
+        return tensor.raw
+    return torch.from_numpy(tensor.numpy().copy())
+
+
+def _weight_name(values) -> str:
+    """The name of the largest input (the weight a folded constant is made from)."""
+    big = max((v for v in values if v is not None), key=lambda v: v.const_value.size)
+    return big.name or "weight"
+
+
+def _unique_name(graph: ir.Graph, name: str) -> str:
+    taken = set(graph.initializers)
+    if name not in taken:
+        return name
+    i = 1
+    while f"{name}.{i}" in taken:
+        i += 1
+    return f"{name}.{i}"
+
+
+def name_moe_weights(model: ir.Model) -> int:
+    """Name each com.microsoft.MoE's gate/up-interleaved fc1 [E, 2I, D] after its layer's experts.
+
+    The translation emits fc1 = Reshape(Concat(Unsqueeze(w1, 2), Unsqueeze(w3, 2), axis=2));
+    fold_weights has made that one constant. The name makes the weight file readable; prefill and
+    decode share the bytes either way.
     """
     graph = model.graph
     count = 0
@@ -123,77 +254,120 @@ def fold_moe_weights(model: ir.Model) -> int:
         if node.domain != MSFT_DOMAIN or node.op_type != "MoE":
             continue
         fc1, fc2 = node.inputs[2], node.inputs[4]
+        if fc1.const_value is None or not fc1.is_initializer():
+            raise LoweringError(f"MoE node {node.name}: fc1 is not computed from expert weight initializers "
+                                f"({fc1.producer().op_type if fc1.producer() is not None else 'a graph input'} in the way)")
         prefix = fc2.name.rsplit(".", 1)[0] if fc2 is not None and fc2.name else f"moe{count}"
         name = f"{prefix}.gate_up_interleaved"
-        array = _evaluate_constant(fc1, node)  # [E, 2I, D]
-        tensor = ir.tensor(np.ascontiguousarray(array), name=name)
-        value = ir.Value(name=name, shape=ir.Shape(tensor.shape.numpy()), type=ir.TensorType(tensor.dtype),
-                         const_value=tensor)
-        graph.register_initializer(value)
-        node.replace_input_with(2, value)
+        if fc1.name != name and name not in graph.initializers and len(fc1.uses()) == 1:
+            fc1.name = name  # onnx_ir renames the initializer entry with it
         count += 1
     return count
 
 
-def _evaluate_constant(value: ir.Value, node: ir.Node) -> np.ndarray:
-    """The array behind `value`: a constant, or Unsqueeze/Concat/Reshape of constants."""
-    if value.const_value is not None:
-        return value.const_value.numpy()
-    producer = value.producer()
-    if producer is None or producer.op_type not in ("Unsqueeze", "Concat", "Reshape"):
-        raise LoweringError(f"MoE node {node.name}: fc1 is not computed from expert weight initializers "
-                            f"({producer.op_type if producer is not None else 'a graph input'} in the way)")
-    inputs = [_evaluate_constant(v, node) for v in producer.inputs]
-    if producer.op_type == "Unsqueeze":
-        return np.expand_dims(inputs[0], tuple(int(a) for a in inputs[1]))
-    if producer.op_type == "Concat":
-        return np.concatenate(inputs, axis=producer.attributes["axis"].as_int())
-    shape = [inputs[0].shape[i] if int(d) == 0 else int(d) for i, d in enumerate(inputs[1])]  # Reshape: 0 keeps a dim
-    return inputs[0].reshape(shape)
+class _MetaWeight(ir.LazyTensor):
+    """An initializer whose values are a meta torch tensor's: computed (materialize) when read."""
+
+    def __init__(self, weight: torch.Tensor, name: str | None):
+        super().__init__(lambda: TorchTensor(materialize(weight), name=name), dtype=from_torch_dtype(weight.dtype),
+                         shape=ir.Shape(list(weight.shape)), name=name)
+        self.weight = weight
+
+
+def defer_weights(model: ir.Model) -> int:
+    """Make every initializer backed by a meta torch tensor a `_MetaWeight` (values read on demand)."""
+    count = 0
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.Tensor) and isinstance(tensor.raw, torch.Tensor) and tensor.raw.is_meta:
+            value.const_value = _MetaWeight(tensor.raw, value.name)
+            count += 1
+    return count
 
 
 # ---------------------------------------------------------------- writing
 
 
 def save_models(models: dict[str, ir.Model], out_dir: str | Path, weights_file: str = "weights.bin",
-                progress: Callable[[int, int], None] | None = None) -> dict[str, dict]:
+                progress: Callable[[int, int], None] | None = None,
+                extra: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, dict]:
     """Write `{name}.onnx` per model and one shared `weights_file`; returns what was stored.
 
-    An initializer whose bytes were already written (by this graph or another) is referenced,
-    not written again: prefill and decode share their weights whatever their initializer names
-    (torch.onnx names folded constants `val_N`, per graph).
-    Returns {"weights": {"file", "bytes", "tensors", "shared_tensors", "shared_bytes"}, graph: {"file"}}.
+    Tensors are written one at a time: a lazy one is computed, written and dropped, so writing
+    needs the memory of the largest tensor, not of the model. An initializer whose bytes were
+    already written (by this graph or another) is referenced, not written again: prefill and
+    decode share their weights whatever their initializer names. `extra` adds named groups of
+    torch tensors (the programs' weights, meta ones materialized) to the same file, deduplicated
+    against everything else; their places are returned as {group: {name: {"offset", "bytes"}}}.
+    Returns {"weights": {"file", "bytes", "tensors", "shared_tensors", "shared_bytes"},
+    graph: {"file"}, "extra": ...}.
     """
     out_dir = Path(out_dir)
     written: dict[tuple[str, int], int] = {}  # (sha256, length) -> offset
+    extra = extra or {}
     todo = [v for m in models.values() for v in m.graph.initializers.values()]
+    total_steps = len(todo) + sum(len(group) for group in extra.values())
     shared = shared_bytes = 0
-    with open(out_dir / weights_file, "wb") as f:
-        for done, value in enumerate(todo, 1):
-            tensor = value.const_value
-            if tensor is None or isinstance(tensor, ir.ExternalTensor) or tensor.nbytes < INLINE_BELOW:
-                continue
-            data = tensor.tobytes()
-            key = (hashlib.sha256(data).hexdigest(), len(data))
-            if key in written:
-                shared += 1
-                shared_bytes += len(data)
-            else:
-                written[key] = f.tell() + (-f.tell() % ALIGNMENT)
-                f.write(b"\0" * (written[key] - f.tell()))
+    places: dict[str, dict[str, dict[str, int]]] = {group: {} for group in extra}
+    path = out_dir / weights_file
+    try:
+        with open(path, "wb") as f:
+
+            def put(data: bytes) -> int:
+                nonlocal shared, shared_bytes
+                key = (hashlib.sha256(data).hexdigest(), len(data))
+                if key in written:
+                    shared += 1
+                    shared_bytes += len(data)
+                    return written[key]
+                offset = f.tell() + (-f.tell() % ALIGNMENT)
+                f.write(b"\0" * (offset - f.tell()))
                 f.write(data)
-            value.const_value = ir.ExternalTensor(weights_file, written[key], len(data), tensor.dtype,
-                                                  shape=tensor.shape, name=value.name, base_dir=out_dir)
-            if progress is not None:
-                progress(done, len(todo))
-        total = f.tell()
+                written[key] = offset
+                return offset
+
+            done = 0
+            for value in todo:
+                done += 1
+                tensor = value.const_value
+                if tensor is None or isinstance(tensor, ir.ExternalTensor) or tensor.nbytes < INLINE_BELOW:
+                    continue
+                data = tensor.tobytes()
+                offset = put(data)
+                value.const_value = ir.ExternalTensor(weights_file, offset, len(data), tensor.dtype,
+                                                      shape=tensor.shape, name=value.name, base_dir=out_dir)
+                del data, tensor
+                if progress is not None:
+                    progress(done, total_steps)
+            by_identity: dict[int, dict[str, int]] = {}  # the same weight object in several groups: read once
+            for group, tensors in extra.items():
+                for name, weight in tensors.items():
+                    done += 1
+                    if id(weight) not in by_identity:
+                        data = _tensor_bytes(materialize(weight))
+                        by_identity[id(weight)] = {"offset": put(data), "bytes": len(data)}
+                        del data
+                    places[group][name] = by_identity[id(weight)]
+                    if progress is not None:
+                        progress(done, total_steps)
+            total = f.tell()
+    except OSError as err:  # buffered writes fail at a later write or at close, naming no file: name it
+        if err.filename is None:
+            raise OSError(err.errno, err.strerror, str(path)) from None
+        raise
     result: dict[str, dict] = {"weights": {"file": weights_file, "bytes": total, "tensors": len(written),
-                                           "shared_tensors": shared, "shared_bytes": shared_bytes}}
+                                           "shared_tensors": shared, "shared_bytes": shared_bytes},
+                               "extra": places}
     for graph_name, model in models.items():
         path = out_dir / f"{graph_name}.onnx"
         ir.save(model, path)
         result[graph_name] = {"file": path.name}
     return result
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    """The raw little-endian bytes of a tensor (any dtype, bfloat16 included)."""
+    return t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
 
 
 def check_model(path: str | Path) -> None:

@@ -10,6 +10,12 @@ Both expert layouts found in the wild load:
 DeepSeek-V3's FP8 weights (float8_e4m3fn `weight` + float32 `weight_scale_inv` per block) are
 dequantized to the requested dtype. Multi-token-prediction layers are skipped.
 
+With device="meta" nothing is read: names and shapes are checked from the safetensors headers,
+and every weight is a meta tensor whose `dsc_source` (a `CheckpointSource`) reads it when asked,
+with the same conversions (expert stacking, FP8 dequantization, dtype). That is how an export
+streams: it never holds more than the few tensors it is writing. `scan=True` checks the values
+(finite, readable) in one pass of one tensor at a time before that.
+
 Every floating-point tensor is checked for NaN/Inf as it streams in (one `isfinite` pass over a
 tensor that is being copied anyway): a checkpoint with non-finite weights is refused, naming the
 tensor, unless `allow_nonfinite` (then each one is logged as a warning). A NaN weight does not
@@ -105,14 +111,23 @@ def _open(file: Path):
 
 
 def iter_tensors(files: list[Path], read: bool = True) -> Iterator[tuple[str, Path, torch.Tensor | tuple]]:
-    """Yield (name, file, tensor) per stored tensor, shard by shard; with read=False the shape only."""
+    """Yield (name, file, tensor) per stored tensor, shard by shard; with read=False the shape only.
+
+    Each tensor is read through its own short-lived mapping of the file: pages of a shard that
+    were read stay resident (and counted as ours) while the mapping lives, so holding one open
+    across a whole shard costs the shard's size in memory, one tensor at a time does not.
+    """
     for file in files:
         with _open(file) as f:
-            for name in f.keys():
-                try:
-                    yield name, file, (f.get_tensor(name) if read else tuple(f.get_slice(name).get_shape()))
-                except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-                    raise CheckpointError(f"{file}: tensor {name} cannot be read ({err})") from None
+            names = list(f.keys())
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in names} if not read else None
+        for name in names:
+            if not read:
+                yield name, file, shapes[name]
+                continue
+            with _open(file) as f:
+                tensor = _read(f, file, name)
+            yield name, file, tensor
 
 
 def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
@@ -122,12 +137,81 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[i
     return weight.float() * scale
 
 
+@dataclass(frozen=True)
+class Part:
+    """One stored tensor that fills (part of) one of our weights."""
+
+    file: Path
+    name: str  # the checkpoint's tensor name
+    expert: int | None = None  # the slice of a stacked [E, ...] weight it fills
+    half: str | None = None  # "gate" or "up": the half of a stacked gate_up_proj it is
+
+
+class CheckpointSource:
+    """Reads one weight of a meta-loaded model from the safetensors files (the `dsc_source` protocol)."""
+
+    def __init__(self, name: str, parts: list[Part], like: torch.Tensor, fp8: dict[str, Path],
+                 fp8_block: tuple[int, int]):
+        self.name, self.parts, self.shape, self.dtype = name, parts, tuple(like.shape), like.dtype
+        self.fp8, self.fp8_block = fp8, fp8_block
+
+    def load(self) -> torch.Tensor:
+        out = torch.empty(self.shape, dtype=self.dtype)
+        for file in sorted({p.file for p in self.parts}):
+            with _open(file) as f:
+                for part in (p for p in self.parts if p.file == file):
+                    tensor = _read(f, file, part.name)
+                    if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                        scale_file = self.fp8.get(part.name)
+                        if scale_file is None:
+                            raise CheckpointError(f"{file}: fp8 tensor {part.name} has no {part.name}_scale_inv")
+                        with _open(scale_file) as g:
+                            scale = _read(g, scale_file, part.name + "_scale_inv")
+                        tensor = dequantize_fp8(tensor, scale, self.fp8_block)
+                    if part.half is not None:
+                        tensor = tensor.chunk(2, dim=1)[0 if part.half == "gate" else 1]
+                    (out if part.expert is None else out[part.expert]).copy_(tensor.to(self.dtype))
+        return out
+
+
+class _Computed:
+    """`dsc_source` of a buffer the model computes from its config (RoPE frequencies)."""
+
+    def __init__(self, fn: Callable[[], torch.Tensor]):
+        self.fn = fn
+
+    def load(self) -> torch.Tensor:
+        return self.fn()
+
+
+def _read(f, file: Path, name: str) -> torch.Tensor:
+    try:
+        return f.get_tensor(name)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{file}: tensor {name} cannot be read ({err})") from None
+
+
+def check_finite(tensor: torch.Tensor, file: Path, name: str, allow_nonfinite: bool) -> None:
+    """Refuse (or, with allow_nonfinite, log) a floating-point tensor holding NaN/Inf."""
+    if tensor.is_floating_point() and tensor.element_size() == 1:  # float8: isfinite works on wider types
+        tensor = tensor.float()
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())  # only on the failure path: the count helps triage
+        if not allow_nonfinite:
+            raise CheckpointError(f"{file}: tensor {name} has {bad} non-finite value(s) (NaN/Inf); "
+                                  "pass --allow-nonfinite to export it anyway")
+        log.warning("tensor %s in %s has %d non-finite value(s) (NaN/Inf); loading it anyway", name, file, bad)
+
+
 def build_model(args: ModelArgs, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Transformer:
     """An uninitialized Transformer in `dtype` on `device` (the meta device builds no storage)."""
     with torch.device("meta"):
         model = Transformer(args)
     model = model.to(dtype)
-    if str(device) != "meta":
+    if str(device) == "meta":  # fp32 like the real one below, computed when materialized
+        model.rotary_emb.inv_freq = torch.empty(model.rotary_emb.inv_freq.shape, device="meta")
+        model.rotary_emb.inv_freq.dsc_source = _Computed(args.rope_inv_freq)
+    else:
         model = model.to_empty(device=device)
         model.rotary_emb.inv_freq = args.rope_inv_freq().to(device)
         if args.tie_word_embeddings:  # to_empty materializes each module's reference separately
@@ -145,12 +229,15 @@ def load_checkpoint(
     device: str | torch.device = "cpu",
     progress: Callable[[int, int], None] | None = None,
     allow_nonfinite: bool = False,
+    scan: bool = False,
 ) -> Transformer:
     """Read config.json and the safetensors weights of `path` into a Transformer.
 
     With device="meta" the weights are not read (their names and shapes are still checked), so
     full-size configs can be captured. `progress(done, total)` is called after each shard.
-    Non-finite weights are refused unless `allow_nonfinite` (see the module docstring).
+    Non-finite weights are refused unless `allow_nonfinite` (see the module docstring); with
+    device="meta" they are found only with `scan`, which reads every tensor once, one at a time,
+    to check it (and that its data reads), and drops it.
     """
     path = Path(path)
     if not path.is_dir():
@@ -171,6 +258,8 @@ def load_checkpoint(
     pending_fp8: dict[str, tuple[torch.Tensor, Path]] = {}
     skipped_mtp: set[int] = set()
     unknown: list[str] = []
+    parts: dict[str, list[Part]] = {}  # meta: our name -> the stored tensors it is read from
+    fp8_scales: dict[str, Path] = {}  # meta: weight name -> the file of its weight_scale_inv
 
     def place(hf_name: str, file: Path, tensor) -> None:
         target = map_name(hf_name)
@@ -190,12 +279,15 @@ def load_checkpoint(
             want = (want[0], 2 * want[1], want[2])
         if tuple(shape) != want:
             raise CheckpointError(f"{file}: tensor {hf_name} has shape {list(shape)}, the config implies {list(want)}")
-        if not meta and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())  # only on the failure path: the count helps triage
-            if not allow_nonfinite:
-                raise CheckpointError(f"{file}: tensor {hf_name} has {bad} non-finite value(s) (NaN/Inf); "
-                                      "pass --allow-nonfinite to export it anyway")
-            log.warning("tensor %s in %s has %d non-finite value(s) (NaN/Inf); loading it anyway", hf_name, file, bad)
+        if not meta:
+            check_finite(tensor, file, hf_name, allow_nonfinite)
+        if meta:  # what CheckpointSource will read
+            if target.half is not None:
+                up_name = target.name.replace("gate_proj", "up_proj")
+                parts.setdefault(target.name, []).append(Part(file, hf_name, half="gate"))
+                parts.setdefault(up_name, []).append(Part(file, hf_name, half="up"))
+            else:
+                parts.setdefault(target.name, []).append(Part(file, hf_name, expert=target.expert))
         if target.half is not None:
             up = params[target.name.replace("gate_proj", "up_proj")]
             if not meta:
@@ -212,13 +304,17 @@ def load_checkpoint(
 
     total = len(files)
     for done, file in enumerate(files, 1):
-        for name, src, tensor in iter_tensors([file], read=not meta):
+        for name, src, tensor in iter_tensors([file], read=not meta or scan):
+            if meta and scan:  # checked here once; only the shape goes on
+                check_finite(tensor, src, name, allow_nonfinite)
+                tensor = tuple(tensor.shape)
             layer = _LAYER.match(name)
             if layer and int(layer.group(1)) >= args.num_hidden_layers:
                 skipped_mtp.add(int(layer.group(1)))
                 continue
             if name.endswith(".weight_scale_inv"):
                 scales[name[: -len("_scale_inv")]] = tensor
+                fp8_scales[name[: -len("_scale_inv")]] = src
                 continue
             if not meta and tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
                 pending_fp8[name] = (tensor, src)
@@ -241,6 +337,10 @@ def load_checkpoint(
         need = params[name].shape[0] if name_is_stacked(name) else 1
         if filled.get(name, 0) < need:
             raise CheckpointError(f"{path}: tensor {_hf_name(name)} is missing from the checkpoint")
+    if meta:
+        block = args.fp8_block_size or (128, 128)
+        for name, found in parts.items():
+            params[name].dsc_source = CheckpointSource(name, found, params[name], fp8_scales, block)
     return model
 
 

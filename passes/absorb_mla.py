@@ -23,7 +23,7 @@ import torch
 from torch.export import ExportedProgram
 
 import runtime.ops  # noqa: F401  (registers torch.ops.dsc.*)
-from passes.ep_edit import Region, add_param, clone, emit, param, param_node, rebuild, regions, strip_views
+from passes.ep_edit import Region, add_param, clone, derive, emit, param, param_node, rebuild, regions, strip_views
 from runtime.errors import DscompileError
 
 aten = torch.ops.aten
@@ -133,10 +133,11 @@ def _rewrite(ep: ExportedProgram, region: Region, form: str, args) -> None:
     if mask is None or scale is None:
         raise AbsorbError(f"{region.path}: attention without an explicit mask and scale")
 
-    w_kv = param(ep, f"{region.path}.kv_b_proj.weight").detach().view(H, N + V, C)
-    w_uk, w_uv = w_kv[:, :N].contiguous(), w_kv[:, N:].contiguous()  # [H, N, C], [H, V, C]
+    w_kv = param(ep, f"{region.path}.kv_b_proj.weight")
     graph = ep.graph
     if form == "reassociate":
+        w_uk = derive(lambda w: w.detach().view(H, N + V, C)[:, :N].contiguous(), w_kv)  # [H, N, C]
+        w_uv = derive(lambda w: w.detach().view(H, N + V, C)[:, N:].contiguous(), w_kv)  # [H, V, C]
         uk, uv = add_param(ep, f"{region.path}.absorb.w_uk", w_uk), add_param(ep, f"{region.path}.absorb.w_uv", w_uv)
         with graph.inserting_before(sdpa):
             q_lat = emit(ep, aten.einsum.default, "bshn,hnc->bhsc", [q_nope, uk], like=sdpa)
@@ -150,11 +151,19 @@ def _rewrite(ep: ExportedProgram, region: Region, form: str, args) -> None:
     q_lin = _linear_of(ep, region, "q_b_proj" if args.q_lora_rank is not None else "q_proj")
     o_lin = _linear_of(ep, region, "o_proj")
     q_name = "q_b_proj" if args.q_lora_rank is not None else "q_proj"
-    w_q = param(ep, f"{region.path}.{q_name}.weight").detach()
-    w_uq = w_q.view(H, N + args.qk_rope_head_dim, -1)[:, :N]  # [H, N, q_in]
-    w_qk = torch.einsum("hnc,hnq->hqc", w_uk.float(), w_uq.float()).to(w_q.dtype).contiguous()
-    w_o = param(ep, f"{region.path}.o_proj.weight").detach()  # [D, H*V]
-    w_ov = torch.einsum("dhv,hvc->dhc", w_o.float().view(w_o.shape[0], H, V), w_uv.float()).to(w_o.dtype).contiguous()
+    w_q = param(ep, f"{region.path}.{q_name}.weight")
+    R = args.qk_rope_head_dim
+
+    def fold_q(w_kv, w_q):  # [H, q_in, C]: W_UK^T folded into the query's up-projection
+        w_uk, w_uq = w_kv.detach().view(H, N + V, C)[:, :N], w_q.detach().view(H, N + R, -1)[:, :N]
+        return torch.einsum("hnc,hnq->hqc", w_uk.float(), w_uq.float()).to(w_q.dtype).contiguous()
+
+    def fold_o(w_kv, w_o):  # [D, H, C]: W_UV folded into the output projection
+        w_uv = w_kv.detach().view(H, N + V, C)[:, N:]
+        return torch.einsum("dhv,hvc->dhc", w_o.detach().float().view(w_o.shape[0], H, V), w_uv.float()).to(w_o.dtype).contiguous()
+
+    w_qk = derive(fold_q, w_kv, w_q)
+    w_ov = derive(fold_o, w_kv, param(ep, f"{region.path}.o_proj.weight"))
     qk, ov = add_param(ep, f"{region.path}.absorb.w_qk", w_qk), add_param(ep, f"{region.path}.absorb.w_ov", w_ov)
     with graph.inserting_before(sdpa):
         q_lat = emit(ep, aten.einsum.default, "bsq,hqc->bhsc", [q_lin.args[0], qk], like=sdpa)

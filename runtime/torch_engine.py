@@ -2,7 +2,8 @@
 
 The programs hold `dsc` ops; torch dispatches them to their Triton kernels on CUDA and to the
 reference implementations on CPU. Same `step`/`generate` interface and IO contract as the other
-engines. Needs only OUT (and torch): the programs carry their weights.
+engines. Needs only OUT (and torch). The programs are saved without their weights: those are
+read from OUT's weights.bin at the places the manifest gives (`graphs.<phase>.program_weights`).
 
 torch.export.load unpickles parts of a .pt2 archive, so each program is first checked by
 runtime.manifest.check_program_file (nothing but raw tensors, JSON and weights_only-loadable
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.export.passes import move_to_device_pass
 
 import runtime.ops  # noqa: F401  (registers torch.ops.dsc.* before the programs are loaded)
 from runtime.engine import Engine, EngineInfo, KVCache, choose_graph
@@ -49,7 +51,11 @@ class TorchEngine(Engine):
                 program = torch.export.load(path)
             except Exception as err:  # torch raises several types for a damaged archive
                 raise EngineError(f"{path}: cannot load the program ({str(err).splitlines()[0]})") from None
-            modules[name] = program.module().to(device)
+            _load_weights(program, out, manifest, name)
+            # Captured on the meta device: device arguments in the graph (arange, zeros) say "meta".
+            program._example_inputs = None  # meta sample inputs, which cannot be moved
+            program = move_to_device_pass(program, device)
+            modules[name] = program.module()
         return cls(out, manifest, modules, device)
 
     def step(self, input_ids, position_ids, attention_mask, cache):
@@ -69,3 +75,27 @@ class TorchEngine(Engine):
                 [(k.to(dev), r.to(dev)) for k, r in cache.layers],
             )
         return logits.float(), KVCache([tuple(p) for p in present])
+
+
+def _load_weights(program, out: Path, manifest: dict[str, Any], graph: str) -> None:
+    """Fill a weightless program's weights and constants from OUT's weight file (see the docstring)."""
+    places = manifest["graphs"][graph].get("program_weights")
+    weights_file = out / manifest["weights"]["file"]
+    if places is None:
+        raise EngineError(f"{out}: the manifest gives no program_weights for {graph}; re-export to run the torch backend")
+    size = weights_file.stat().st_size
+    with open(weights_file, "rb") as f:
+        for table in (program.state_dict, program.constants):
+            for fqn, like in list(table.items()):
+                if not isinstance(like, torch.Tensor) or not like.is_meta:
+                    continue
+                place = places.get(fqn)
+                nbytes = like.numel() * like.element_size()
+                if place is None or place["bytes"] != nbytes or place["offset"] + nbytes > size:
+                    raise EngineError(f"{out}: program weight {fqn} of {graph} is missing from {weights_file.name} "
+                                      "or does not match its shape; re-export")
+                tensor = torch.empty(like.shape, dtype=like.dtype)
+                f.seek(place["offset"])
+                if f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != nbytes:
+                    raise EngineError(f"{weights_file}: truncated at program weight {fqn}")
+                table[fqn] = torch.nn.Parameter(tensor, requires_grad=False) if isinstance(like, torch.nn.Parameter) else tensor

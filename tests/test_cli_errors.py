@@ -35,7 +35,7 @@ from test_lower import LIMITS, exported
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--max-batch", "2", "--max-new-tokens", "16", "--max-context", "32"]  # the cheapest export
 # The whole-export cases use a one-layer checkpoint (ONE_LAYER): weights.bin ~160 KB, each .pt2 ~400 KB.
-FSIZE_LIMIT = 250_000  # bytes per file: weights.bin and the graphs fit, prefill.pt2 does not (torch's writer)
+FSIZE_LIMIT = 250_000  # bytes per file: the graphs fit, weights.bin does not
 TMPFS_SIZE = "100k"  # weights.bin does not fit (our own write)
 ONE_LAYER = dict(layers=1, experts=4, hidden=32, vocab=64)
 
@@ -174,7 +174,7 @@ def _build_cases(tmp: Path, ckpt: Path, small_ckpt: Path, engine: Path) -> dict[
         skip = _mount_tmpfs(ro, "ro,size=64k")
     c["out_read_only"] = Case(_dscompile("export", ckpt, "-o", ro / "out", *SMALL),
                               "cannot create the output folder beside it (", out=ro / "out", skip=skip)
-    export_case("file_size_limit", small_ckpt, "cannot write the export (File too large: prefill.pt2)",
+    export_case("file_size_limit", small_ckpt, "cannot write the export (File too large: weights.bin)",
                 limit_fsize=True)
     small = tmp / "small-fs"
     c["disk_full"] = Case(_dscompile("export", small_ckpt, "-o", small / "out", *SMALL),
