@@ -27,7 +27,7 @@ from torch import nn
 from torch.export import Dim
 
 import runtime.ops  # noqa: F401  (registers torch.ops.dsc.*)
-from exporter.lower import fold_moe_weights
+from exporter.lower import fold_weights, name_moe_weights
 from exporter.onnx_ops import MOE_EXPERTS, translation_table
 from runtime.ops.moe import moe_reference
 
@@ -57,7 +57,8 @@ def build(layer: MoELayer, experts: str, threads: int) -> ort.InferenceSession:
     program = torch.onnx.export(ep, (), None, dynamo=True, opset_version=23,
                                 custom_translation_table=translation_table(experts), verbose=False)
     model = program.model
-    fold_moe_weights(model)
+    fold_weights(model)
+    name_moe_weights(model)
     ir.passes.common.RemoveUnusedNodesPass()(model)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -22,7 +22,7 @@ ops' attributes (topk_method, top_k, ...) pick the ONNX subgraph at export time.
   `benchmarks/ort_moe_lowering.py` measures them; `choose_moe_experts` encodes the result.
 
 The fc1 input of `com.microsoft.MoE` is emitted as Reshape(Concat(Unsqueeze(w1), Unsqueeze(w3)))
-of the two weight initializers; `lower.fold_moe_weights` replaces that chain by ONE new
+of the two weight initializers; `lower.fold_weights` replaces that chain by ONE new
 interleaved initializer after export (the onnxscript optimizer only folds small constants).
 
 Shapes: B batch, S new tokens, T keys (attention) or tokens (MoE: B*S), H heads, C kv_lora_rank,
