@@ -10,8 +10,10 @@ The manifest (written by `exporter/export.py`, read by every engine) records:
     cache            per-layer layout {"kv_latent": C, "k_rope": R}, dtype, bytes per token (all
                      layers) and the MHA-equivalent bytes per token with what it counts
     weights          the shared external data file, its bytes and tensor counts
-    graphs           per graph ("prefill", "decode"): file, program (.pt2), inputs/outputs
-                     (name, dtype, shape with symbolic dims as strings), passes (PassReport), lowering
+    graphs           per graph ("prefill", "decode"): file, program (.pt2, saved without weights),
+                     program_weights ({weight name: {"offset", "bytes"}} in the weights file: where
+                     the torch engine reads the program's weights), inputs/outputs (name, dtype,
+                     shape with symbolic dims as strings), passes (PassReport), lowering
     files            per file in OUT: bytes and sha256
 
 `read_manifest(out_dir)` validates OUT before any graph is loaded: the manifest parses, its format
