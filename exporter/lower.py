@@ -8,7 +8,8 @@ and makes the model reproducible and readable:
   the constant subgraphs over large weights (Transpose of a linear's weight, the interleaving of
   gate and up experts) fold into lazy initializers too (`fold_weights`), computed by torch on
   demand. The onnxscript optimizer only folds small constants (it would compute and hold every
-  large folded weight in memory at once), so the two paths give the same graphs;
+  large folded weight in memory at once); a program with weights in memory lowers through the
+  same steps to the same graph and values (tests/test_streaming.py);
 - dynamic dims get the contract's names (batch, seq, past; "past + seq" for the total length)
   instead of torch's generated ones (s26, s70);
 - node metadata (`pkg.torch.onnx.stack_trace` records the caller's path and line) and doc
