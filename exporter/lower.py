@@ -168,6 +168,8 @@ def fold_weights(model: ir.Model) -> int:
         if any(v is None or v.const_value is None for v in node.inputs) or _small_only(node) is not False:
             continue
         out = node.outputs[0]
+        if out.is_graph_output():
+            continue
         inputs = [_torch_value(v) for v in node.inputs]
         folded = derive(_TorchFold(node), *inputs)
         name = _unique_name(graph, f"{_weight_name(node.inputs)}.{node.op_type.lower()}")
@@ -176,8 +178,6 @@ def fold_weights(model: ir.Model) -> int:
                          const_value=tensor)
         graph.register_initializer(value)
         out.replace_all_uses_with(value)
-        if out in graph.outputs:
-            continue
         graph.remove(node, safe=True)
         count += 1
     return count
@@ -233,11 +233,10 @@ def _weight_name(values) -> str:
 
 
 def _unique_name(graph: ir.Graph, name: str) -> str:
-    taken = set(graph.initializers)
-    if name not in taken:
+    if name not in graph.initializers:
         return name
     i = 1
-    while f"{name}.{i}" in taken:
+    while f"{name}.{i}" in graph.initializers:
         i += 1
     return f"{name}.{i}"
 
@@ -327,28 +326,45 @@ def save_models(models: dict[str, ir.Model], out_dir: str | Path, weights_file: 
                 written[key] = offset
                 return offset
 
+            # A weight object seen before (prefill, decode and the programs hold the same ones) is
+            # not read again: {id: (offset, bytes, written for a graph)}.
+            seen: dict[int, tuple[int, int, bool]] = {}
             done = 0
             for value in todo:
                 done += 1
                 tensor = value.const_value
                 if tensor is None or isinstance(tensor, ir.ExternalTensor) or tensor.nbytes < INLINE_BELOW:
                     continue
-                data = tensor.tobytes()
-                offset = put(data)
-                value.const_value = ir.ExternalTensor(weights_file, offset, len(data), tensor.dtype,
+                key = id(tensor.weight) if isinstance(tensor, _MetaWeight) else None
+                if key in seen:  # what put() would find by content, without reading it
+                    offset, nbytes, _ = seen[key]
+                    shared += 1
+                    shared_bytes += nbytes
+                else:
+                    data = tensor.tobytes()
+                    offset, nbytes = put(data), len(data)
+                    del data
+                    if key is not None:
+                        seen[key] = (offset, nbytes, True)
+                value.const_value = ir.ExternalTensor(weights_file, offset, nbytes, tensor.dtype,
                                                       shape=tensor.shape, name=value.name, base_dir=out_dir)
-                del data, tensor
+                del tensor
                 if progress is not None:
                     progress(done, total_steps)
-            by_identity: dict[int, dict[str, int]] = {}  # the same weight object in several groups: read once
             for group, tensors in extra.items():
                 for name, weight in tensors.items():
                     done += 1
-                    if id(weight) not in by_identity:
+                    if id(weight) in seen:
+                        offset, nbytes, for_graph = seen[id(weight)]
+                        if for_graph:  # counted as put() counts a content match
+                            seen[id(weight)] = (offset, nbytes, False)
+                            shared += 1
+                            shared_bytes += nbytes
+                    else:
                         data = _tensor_bytes(materialize(weight))
-                        by_identity[id(weight)] = {"offset": put(data), "bytes": len(data)}
+                        seen[id(weight)] = (put(data), len(data), False)
                         del data
-                    places[group][name] = by_identity[id(weight)]
+                    places[group][name] = {"offset": seen[id(weight)][0], "bytes": seen[id(weight)][1]}
                     if progress is not None:
                         progress(done, total_steps)
             total = f.tell()

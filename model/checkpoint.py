@@ -120,11 +120,11 @@ def iter_tensors(files: list[Path], read: bool = True) -> Iterator[tuple[str, Pa
     for file in files:
         with _open(file) as f:
             names = list(f.keys())
-            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in names} if not read else None
-        for name in names:
             if not read:
-                yield name, file, shapes[name]
+                for name in names:
+                    yield name, file, tuple(f.get_slice(name).get_shape())
                 continue
+        for name in names:
             with _open(file) as f:
                 tensor = _read(f, file, name)
             yield name, file, tensor
