@@ -14,11 +14,14 @@ at each context P and batch B (median of `repeats` runs after `warmup` runs). Th
 P runs against a cache of P tokens filled with random values (cache contents do not change the
 work done); each timed step starts from the same P.
 
-Floors (measured in the same run): read bandwidth = bytes / time of a sum over a large tensor;
+Floors (measured in the same run): read bandwidth = bytes / time of a sum over a tensor far larger
+than the last-level cache, read once before every timed run (the bandwidth of a shared machine
+drifts by 2x within minutes, so each run is held against the bandwidth of its own moment);
 bytes per decode step = the weights the active path must read (attention, dense MLPs, router,
 shared experts, the routed experts B tokens choose, final norm, lm_head, B embedding rows) plus
-the latent cache; floor = bytes / bandwidth. A result's "floor fraction" is floor / measured
-(1.0 = running at the speed of memory). Prefill's floor is the larger of its weight bytes over
+the latent cache; floor = bytes / bandwidth. A result's "floor fraction" is the median over its runs of
+floor / run time (1.0 = running at the speed of memory); its "floor_ms" is the floor at the
+median of its bandwidth readings. Prefill's floor is the larger of its weight bytes over
 the bandwidth and its FLOPs over a measured GEMM rate.
 
 The bench config (`bench_args`) is DeepSeek-V2-Lite's dimensions with 4 layers, 16 routed
@@ -212,16 +215,25 @@ def prefill_floor(a: ModelArgs, batch: int, tokens: int, elt: int, bandwidth: fl
             "ms": 1e3 * max(weights / bandwidth, work / flops)}
 
 
-def measure_bandwidth(nbytes: int = BANDWIDTH_BYTES, repeats: int = 5) -> float:
-    """Read bandwidth in bytes/s: a sum over a tensor of `nbytes` (torch threads as set)."""
-    x = torch.ones(nbytes // 4, dtype=torch.float32)
-    x.sum()
-    times = []
-    for _ in range(repeats):
+class BandwidthProbe:
+    """Read bandwidth in bytes/s: the time of one sum over a tensor of `nbytes` (torch threads as set).
+
+    The buffer is allocated once and read again before every timed run, so each run's floor comes
+    from the bandwidth the machine had at that moment: on a shared (virtual) machine it drifts by
+    2x within minutes, far more than the differences the floor fractions are meant to show."""
+
+    def __init__(self, nbytes: int = BANDWIDTH_BYTES):
+        self.nbytes = nbytes
+        self.buffer = torch.ones(nbytes // 4, dtype=torch.float32)
+        self.buffer.sum()  # first touch: page faults are not bandwidth
+
+    def __call__(self) -> float:
         t = time.perf_counter()
-        x.sum()
-        times.append(time.perf_counter() - t)
-    return nbytes / statistics.median(times)
+        self.buffer.sum()
+        return self.nbytes / (time.perf_counter() - t)
+
+    def median(self, repeats: int = 5) -> float:
+        return statistics.median(self() for _ in range(repeats))
 
 
 def measure_gemm(n: int = 2048, repeats: int = 5) -> float:
@@ -239,15 +251,20 @@ def measure_gemm(n: int = 2048, repeats: int = 5) -> float:
 # ---------------------------------------------------------------- timing
 
 
-def time_ms(fn: Callable[[], Any], repeats: int, warmup: int) -> list[float]:
+def time_ms(fn: Callable[[], Any], repeats: int, warmup: int,
+            probe: Callable[[], float] | None = None) -> tuple[list[float], list[float]]:
+    """Milliseconds of `repeats` calls of `fn` after `warmup` calls; with `probe`, each timed call is
+    preceded by one bandwidth reading, returned beside the times (else an empty list)."""
     for _ in range(warmup):
         fn()
-    out = []
+    out, bandwidths = [], []
     for _ in range(repeats):
+        if probe is not None:
+            bandwidths.append(probe())
         t = time.perf_counter()
         fn()
         out.append(1e3 * (time.perf_counter() - t))
-    return out
+    return out, bandwidths
 
 
 def _inputs(vocab: int, batch: int, tokens: int, past: int, seed: int):
@@ -647,7 +664,8 @@ def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progre
         result["engines"][name] = {"dir": str(engines[name]), "options": OUR_ENGINES[name]}
         report("export", i + 1, len(todo))
 
-    bw0 = measure_bandwidth(options.bandwidth_bytes)
+    probe = BandwidthProbe(options.bandwidth_bytes)
+    bw0 = probe.median()
     gemm = measure_gemm(options.gemm_size)
     total = len(result["systems"]) * (1 + len(options.contexts) * len(options.batches))
     done = 0
@@ -657,21 +675,22 @@ def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progre
         rows = []
         fn = system.prefill(1, options.prefill_tokens)
         if fn is not None:
-            rows.append(("prefill", 1, 0, time_ms(fn, options.repeats, options.warmup)))
+            rows.append(("prefill", 1, 0, *time_ms(fn, options.repeats, options.warmup, probe)))
         done += 1
         report("measure", done, total)
         for batch in options.batches:
             for context in options.contexts:
                 fn = system.decode(batch, context)
                 if fn is not None:
-                    rows.append(("decode", batch, context, time_ms(fn, options.repeats, options.warmup)))
+                    rows.append(("decode", batch, context, *time_ms(fn, options.repeats, options.warmup, probe)))
                 del fn
                 done += 1
                 report("measure", done, total)
-        for phase, batch, context, runs in rows:
+        for phase, batch, context, runs, bandwidths in rows:
             result["results"].append({"system": system.name, "phase": phase, "batch": batch, "context": context,
                                       "ms": statistics.median(runs), "best_ms": min(runs),
-                                      "runs_ms": [round(r, 3) for r in runs]})
+                                      "runs_ms": [round(r, 3) for r in runs],
+                                      "runs_bandwidth": [round(b) for b in bandwidths]})
 
     def load(name: str) -> System | None:
         if name == "eager":
@@ -716,10 +735,13 @@ def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progre
     if "hf-onnx" in options.systems and "hf" not in options.systems:
         result["skipped"]["hf-onnx"] = "measured only with the hf system (--systems must include hf)"
 
-    bw1 = measure_bandwidth(options.bandwidth_bytes)
-    bandwidth = max(bw0, bw1)  # the faster reading: floors are lower bounds
+    bw1 = probe.median()
+    del probe
+    paired = [b for r in result["results"] for b in r["runs_bandwidth"]]
+    bandwidth = statistics.median(paired) if paired else max(bw0, bw1)
     result["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    result["bandwidth"] = {"bytes_per_s": bandwidth, "start": bw0, "end": bw1, "tensor_bytes": options.bandwidth_bytes}
+    result["bandwidth"] = {"bytes_per_s": bandwidth, "start": bw0, "end": bw1, "tensor_bytes": options.bandwidth_bytes,
+                           "paired_min": min(paired, default=None), "paired_max": max(paired, default=None)}
     result["gemm_flops"] = gemm
     from exporter.export import cache_layout
 
@@ -729,14 +751,19 @@ def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progre
                        "transformers_bytes_per_token": result.pop("cache_hf_bytes_per_token", None)}
     hf_ms = {(r["phase"], r["batch"], r["context"]): r["ms"] for r in result["results"] if r["system"] == "hf"}
     hfo_ms = {(r["phase"], r["batch"], r["context"]): r["ms"] for r in result["results"] if r["system"] == "hf-onnx"}
-    for r in result["results"]:
+
+    def floor(r: dict, bandwidth: float) -> dict:
         if r["phase"] == "decode":
-            floor = decode_floor(args, r["batch"], r["context"], elt, bandwidth)
-        else:
-            floor = prefill_floor(args, r["batch"], options.prefill_tokens, elt, bandwidth, gemm)
-        r["floor_ms"] = floor["ms"]
-        r["floor_bytes"] = floor["bytes"]
-        r["floor_fraction"] = floor["ms"] / r["ms"]
+            return decode_floor(args, r["batch"], r["context"], elt, bandwidth)
+        return prefill_floor(args, r["batch"], options.prefill_tokens, elt, bandwidth, gemm)
+
+    for r in result["results"]:
+        r["bandwidth"] = statistics.median(r["runs_bandwidth"])
+        r["floor_bytes"] = floor(r, r["bandwidth"])["bytes"]
+        r["floor_ms"] = floor(r, r["bandwidth"])["ms"]
+        # each run against the bandwidth read just before it, then the median over runs
+        r["floor_fraction"] = statistics.median(floor(r, b)["ms"] / t for b, t in zip(r["runs_bandwidth"],
+                                                                                      r["runs_ms"]))
         key = (r["phase"], r["batch"], r["context"])
         r["speedup_vs_hf"] = hf_ms[key] / r["ms"] if key in hf_ms else None
         r["speedup_vs_hf_onnx"] = hfo_ms[key] / r["ms"] if key in hfo_ms else None
@@ -802,18 +829,21 @@ def _fmt(v: float | None, spec: str, unit: str = "") -> str:
 def table_lines(result: dict) -> list[str]:
     """The report as text: one row per measurement, then cache, floors, skipped systems, targets."""
     bw = result["bandwidth"]
-    lines = [f"bandwidth {bw['bytes_per_s'] / 1e9:.1f} GB/s (sum over {bw['tensor_bytes'] / 2**30:.1f} GiB, "
-             f"{result['threads']} threads; start {bw['start'] / 1e9:.1f}, end {bw['end'] / 1e9:.1f}); "
+    spread = (f"{bw['paired_min'] / 1e9:.1f}-{bw['paired_max'] / 1e9:.1f} over the run"
+              if bw.get("paired_min") is not None else "no paired readings")
+    lines = [f"bandwidth {bw['bytes_per_s'] / 1e9:.1f} GB/s median (sum over {bw['tensor_bytes'] / 2**30:.1f} GiB, "
+             f"{result['threads']} threads, read before every timed run: {spread}; "
+             f"start {bw['start'] / 1e9:.1f}, end {bw['end'] / 1e9:.1f}); "
              f"GEMM {result['gemm_flops'] / 1e9:.0f} GFLOP/s; load {result['machine']['loadavg_start'][0]:.1f} -> "
              f"{result['machine']['loadavg_end'][0]:.1f}",
              f"median (and best) of {result['repeats']} runs after {result['warmup']} warm-up; prefill "
-             f"{result['prefill']['tokens']} tokens, batch 1; floor% = floor / median; "
-             "vs X = X's median / this median",
-             f"{'system':18s} {'phase':8s} {'B':>2} {'P':>5} {'ms':>9} {'best ms':>9} {'floor ms':>9} {'floor%':>7} "
-             f"{'vs hf':>6} {'vs hf-onnx':>10}"]
+             f"{result['prefill']['tokens']} tokens, batch 1; floor% = median over runs of (floor at the bandwidth "
+             "read just before the run) / run time; vs X = X's median / this median",
+             f"{'system':18s} {'phase':8s} {'B':>2} {'P':>5} {'ms':>9} {'best ms':>9} {'GB/s':>5} {'floor ms':>9} "
+             f"{'floor%':>7} {'vs hf':>6} {'vs hf-onnx':>10}"]
     for r in result["results"]:
         lines.append(f"{r['system']:18s} {r['phase']:8s} {r['batch']:>2} {r['context'] or '-':>5} {r['ms']:9.1f} "
-                     f"{r['best_ms']:9.1f} "
+                     f"{r['best_ms']:9.1f} {r['bandwidth'] / 1e9:5.1f} "
                      f"{r['floor_ms']:9.1f} {100 * r['floor_fraction']:6.0f}% "
                      f"{_fmt(r['speedup_vs_hf'], '5.2f', 'x'):>6} "
                      f"{_fmt(r['speedup_vs_hf_onnx'], '9.2f', 'x'):>10}")
