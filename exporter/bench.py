@@ -4,8 +4,10 @@ One run measures, with the same threads and the same inputs:
 - "eager":            our PyTorch reference (model/transformer.py) behind the Engine interface;
 - "hf":               transformers' DeepseekV2/V3ForCausalLM (its defaults: SDPA, grouped_mm experts)
                       with its DynamicCache;
-- "hf-onnx":          transformers' own ONNX export of the same weights, run in ONNX Runtime (the
-                      attempt and its outcome are reported: what exported, or why nothing did);
+- "hf-onnx":          transformers' own ONNX export of the same weights, run in ONNX Runtime (every
+                      attempt and its outcome are reported; DeepSeek-V2's complex RoPE stops both
+                      exporters, so its RoPE is rewritten in real numbers and transformers' eager
+                      attention and batched_mm experts are selected: see `_hf_onnx_attempts`);
 - "ours":             our ONNX Runtime engine, every pass on;
 - "ours-absorb-none", "ours-no-fuse-moe": the same engine with one pass off (ablations).
 
@@ -35,6 +37,7 @@ C kv_lora_rank, R rope dim, E routed experts, K active experts, I intermediate s
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
@@ -43,6 +46,7 @@ import platform
 import re
 import shutil
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -423,11 +427,67 @@ class _HFDecodeGraph(torch.nn.Module):
         return (out.logits, *[t for layer in cache.layers for t in (layer.keys, layer.values)])
 
 
-def _hf_onnx_attempts(checkpoint: Path, out: Path) -> dict[str, Any]:
-    """Try transformers' model through torch.onnx: dynamo, then TorchScript; with the cache, then without.
+@contextlib.contextmanager
+def _real_valued_rope(model):
+    """transformers' DeepSeek-V2 rotary embedding rewritten without complex tensors, for the exporters.
 
-    Stops at the first graph that exports. Returns {"file": path or None, "with_cache": bool,
-    "attempts": [{"exporter", "graph", "ok", "error", "seconds"}]}.
+    Its code builds complex frequencies (torch.polar) and rotates through view_as_complex, which
+    neither torch.onnx exporter converts. Inside this context the model's rotary module returns
+    the same rotation as real [..., dim/2, 2] (cos, sin) pairs, and the module's apply_rotary_emb
+    applies it as (a·cos - b·sin, a·sin + b·cos) on the same interleaved pairs: the same numbers,
+    nothing else of transformers' model changed. Yields True when there was something to rewrite.
+    """
+    module = sys.modules[type(model).__module__]
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    if rotary is None or not hasattr(module, "apply_rotary_emb"):
+        yield False
+        return
+
+    def rope(x, position_ids):
+        freqs = position_ids[..., None].float() * rotary.inv_freq.to(device=x.device, dtype=torch.float)
+        return torch.stack((freqs.cos(), freqs.sin()), dim=-1) * rotary.attention_scaling  # [B, S, R/2, 2]
+
+    def apply(xq, xk, cos_sin):
+        cos_sin = cos_sin.unsqueeze(1)  # [B, 1, S, R/2, 2]: broadcast over heads
+        cos, sin = cos_sin[..., 0], cos_sin[..., 1]
+
+        def rotate(x):
+            pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+            a, b = pairs[..., 0], pairs[..., 1]
+            return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(3).type_as(x)
+
+        return rotate(xq), rotate(xk)
+
+    saved = module.apply_rotary_emb
+    rotary.forward = rope  # an instance attribute shadows the class's method
+    module.apply_rotary_emb = apply
+    try:
+        yield True
+    finally:
+        del rotary.forward
+        module.apply_rotary_emb = saved
+
+
+EXPORTABLE_IMPLEMENTATIONS = {"attention": "eager", "experts": "batched_mm"}
+
+
+def _hf_onnx_attempts(checkpoint: Path, out: Path) -> dict[str, Any]:
+    """Try transformers' model through torch.onnx, stopping at the first graph that exports.
+
+    1. The model as loaded (its default SDPA attention and grouped_mm experts), with its cache:
+       dynamo, then TorchScript.
+    2. Where both fail: the same model, with DeepSeek-V2's complex RoPE rewritten in real numbers
+       (`_real_valued_rope`, shown to give transformers' logits first; V3's RoPE is real already)
+       and with transformers' own
+       export-friendly implementations selected through its public setters (eager attention:
+       torchlib maps SDPA to an MHA `Attention` that rejects MLA's one-head latent key;
+       batched_mm experts: grouped_mm is a custom op with no ONNX translation and the eager
+       expert loop is data-dependent): with the cache (dynamo, then TorchScript), then without.
+
+    An exported graph is then run in ONNX Runtime on a fresh input and compared with transformers'
+    model as loaded (`ort_max_abs_diff`). Returns {"file", "with_cache", "rope", "implementations",
+    "rope_rewrite_max_abs_diff", "ort_max_abs_diff", "attempts": [{"exporter", "graph", "rope",
+    "ok", "error", "seconds"}], "cache_dims"}.
     """
     import warnings
 
@@ -460,18 +520,20 @@ def _hf_onnx_attempts(checkpoint: Path, out: Path) -> dict[str, Any]:
         def forward(self, input_ids, attention_mask):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
-    plans = [
-        ("dynamo", "decode with cache", wrapper, (ids, pos, mask, *past), names, outs, {"dynamic_shapes": shapes}),
-        ("torchscript", "decode with cache", wrapper, (ids, pos, mask, *past), names, outs, {"dynamic_axes": axes}),
-        ("dynamo", "no cache", NoCache(hf.model), (plain_ids, plain_mask), list(plain_axes), ["logits"],
-         {"dynamic_shapes": ({0: auto, 1: auto}, {0: auto, 1: auto})}),
-        ("torchscript", "no cache", NoCache(hf.model), (plain_ids, plain_mask), list(plain_axes), ["logits"],
-         {"dynamic_axes": plain_axes}),
-    ]
-    result: dict[str, Any] = {"file": None, "with_cache": False, "attempts": [],
-                              "cache_dims": [t.shape[-1] for t in past]}
-    for exporter, graph, module, example, in_names, out_names, dyn in plans:
-        path = out / f"hf-{exporter}-{graph.replace(' ', '-')}.onnx"
+    cached = (wrapper, (ids, pos, mask, *past), names, outs)
+    plain = (NoCache(hf.model), (plain_ids, plain_mask), list(plain_axes), ["logits"])
+    plans = {("dynamo", "decode with cache"): (*cached, {"dynamic_shapes": shapes}),
+             ("torchscript", "decode with cache"): (*cached, {"dynamic_axes": axes}),
+             ("dynamo", "no cache"): (*plain, {"dynamic_shapes": ({0: auto, 1: auto}, {0: auto, 1: auto})}),
+             ("torchscript", "no cache"): (*plain, {"dynamic_axes": plain_axes})}
+    loaded = {"attention": hf.model.config._attn_implementation,
+              "experts": getattr(hf.model.config, "_experts_implementation", None)}
+    result: dict[str, Any] = {"file": None, "with_cache": False, "attempts": [], "rope": "transformers' code",
+                              "implementations": loaded, "cache_dims": [t.shape[-1] for t in past]}
+
+    def attempt(rope: str, exporter: str, graph: str) -> bool:
+        module, example, in_names, out_names, dyn = plans[exporter, graph]
+        path = out / f"hf-{exporter}-{graph.replace(' ', '-')}{'-real-rope' if rope == 'real-valued' else ''}.onnx"
         start = time.perf_counter()
         try:
             with warnings.catch_warnings(), torch.no_grad():
@@ -485,15 +547,71 @@ def _hf_onnx_attempts(checkpoint: Path, out: Path) -> dict[str, Any]:
             ok, error = True, None
         except Exception as err:  # every exporter failure is a finding to report, not a crash
             ok, error = False, _first_reason(err)
-        result["attempts"].append({"exporter": f"torch.onnx.export ({exporter})", "graph": graph, "ok": ok,
-                                   "error": error, "seconds": round(time.perf_counter() - start, 1)})
+        result["attempts"].append({"exporter": f"torch.onnx.export ({exporter})", "graph": graph, "rope": rope,
+                                   "ok": ok, "error": error, "seconds": round(time.perf_counter() - start, 1)})
         if ok:
             result.update(file=str(path), with_cache=graph == "decode with cache")
-            break
-    return result
+        return ok
+
+    def exported() -> dict[str, Any]:
+        result["ort_max_abs_diff"] = _check_hf_onnx(Path(result["file"]), hf, args, result["with_cache"])
+        return result
+
+    if attempt("transformers'", "dynamo", "decode with cache") or attempt("transformers'", "torchscript",
+                                                                         "decode with cache"):
+        return exported()
+    with _real_valued_rope(hf.model) as rewritten:
+        with torch.no_grad():
+            got = wrapper(ids, pos, mask, *past)[0]
+    if rewritten:
+        with torch.no_grad():
+            want = wrapper(ids, pos, mask, *past)[0]
+        result["rope_rewrite_max_abs_diff"] = diff = float((got - want).abs().max())
+        if not diff <= 1e-4 * max(1.0, float(want.abs().max())):
+            result["rope"] = "real-valued rewrite refused: its logits differ from transformers' code"
+            return result
+        result["rope"] = "rewritten in real numbers (nothing else of transformers' code changed)"
+    hf.model.set_attn_implementation(EXPORTABLE_IMPLEMENTATIONS["attention"])
+    hf.model.set_experts_implementation(EXPORTABLE_IMPLEMENTATIONS["experts"])
+    result["implementations"] = dict(EXPORTABLE_IMPLEMENTATIONS)
+    try:
+        with _real_valued_rope(hf.model):
+            rope = "real-valued" if rewritten else "transformers'"
+            ok = any(attempt(rope, exporter, graph) for exporter, graph in plans)
+    finally:
+        hf.model.set_attn_implementation(loaded["attention"])
+        if loaded["experts"] is not None:
+            hf.model.set_experts_implementation(loaded["experts"])
+    return exported() if ok else result
+
+
+def _check_hf_onnx(path: Path, hf: "HFSystem", args: ModelArgs, with_cache: bool) -> float:
+    """Max |logits| difference between the exported graph in ONNX Runtime and transformers' model
+    as loaded, on an input unlike the export's example (another context length and tokens)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    if with_cache:
+        cache = hf._cache(1, 7)
+        past = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+        ids, pos, mask = _inputs(args.vocab_size, 1, 1, 7, 9)
+        feeds = {"input_ids": ids.numpy(), "position_ids": pos.numpy(), "attention_mask": mask.numpy()}
+        feeds.update({f"past.{i // 2}.{'key' if i % 2 == 0 else 'value'}": t.numpy() for i, t in enumerate(past)})
+        with torch.no_grad():
+            want = _HFDecodeGraph(hf.model, args.num_hidden_layers)(ids, pos, mask, *past)[0]
+    else:
+        ids, _, mask = _inputs(args.vocab_size, 1, 5, 0, 9)
+        feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+        with torch.no_grad():
+            want = hf.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    got = torch.from_numpy(session.run(["logits"], feeds)[0])
+    return float((got - want).abs().max())
 
 
 HF_ONNX_TIMEOUT_S = 900
+HF_ONNX_RECIPE = "r2"  # bump when _hf_onnx_attempts changes what it tries: cached reports are keyed by it
 
 
 def hf_onnx_export(checkpoint: Path, home: Path) -> dict[str, Any]:
@@ -503,11 +621,11 @@ def hf_onnx_export(checkpoint: Path, home: Path) -> dict[str, Any]:
     the model's memory, and may not finish; the child is given up after HF_ONNX_TIMEOUT_S.
     """
     import subprocess
-    import sys
 
     import transformers
 
-    key = f"{_checkpoint_key(checkpoint)}-torch{torch.__version__}-transformers{transformers.__version__}"
+    key = (f"{_checkpoint_key(checkpoint)}-torch{torch.__version__}-transformers{transformers.__version__}"
+           f"-{HF_ONNX_RECIPE}")
     out = home / "bench" / "hf-onnx" / key.replace("+", "_")
     report = out / "attempts.json"
     if report.is_file():
@@ -534,7 +652,11 @@ def hf_onnx_export(checkpoint: Path, home: Path) -> dict[str, Any]:
 
 
 class HFOnnxSystem(System):
-    """transformers' exported graph in ONNX Runtime (decode needs the graph exported with its cache)."""
+    """transformers' exported graph in ONNX Runtime (decode needs the graph exported with its cache).
+
+    Sizes the exporter fixed in the graph (torch.export specializes a dimension the example input
+    has as 1) are respected: a measurement the graph cannot take returns None and is listed in
+    `unmeasured`."""
 
     name = "hf-onnx"
 
@@ -546,6 +668,30 @@ class HFOnnxSystem(System):
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.args, self.with_cache, self.cache_shapes = args, with_cache, cache_shapes
+        ids = next(i for i in self.session.get_inputs() if i.name == "input_ids")
+        self.fixed_batch, self.fixed_tokens = (d if isinstance(d, int) else None for d in ids.shape)
+        self.unmeasured: list[str] = []
+
+    def _runner(self, what: str, batch: int, tokens: int, past: int) -> Callable[[], Any] | None:
+        """A timed call of the graph on these sizes, or None (noted in `unmeasured`) where the graph
+        declares other fixed sizes or refuses them when run (sizes fixed inside: Reshape constants)."""
+        if self.fixed_batch not in (None, batch) or self.fixed_tokens not in (None, tokens):
+            self.unmeasured.append(f"{what} (the graph's inputs fix batch {self.fixed_batch or 'B'} x "
+                                   f"{self.fixed_tokens or 'S'} new tokens)")
+            return None
+        import onnxruntime as ort
+
+        feeds = self._feeds(batch, tokens, past)
+        quiet = ort.RunOptions()
+        quiet.log_severity_level = 4  # a refusal is expected here and reported below, not logged
+        try:
+            self.session.run(None, feeds, quiet)
+        except Exception as err:  # onnxruntime's own error types: a size the graph cannot run is a finding
+            node = re.search(r"Name:'([^']*)'", str(err))
+            self.unmeasured.append(f"{what} (fails in ONNX Runtime{' at node ' + node[1] if node else ''}: "
+                                   "the exporter fixed these sizes inside the graph)")
+            return None
+        return lambda: self.session.run(None, feeds)
 
     def _feeds(self, batch: int, tokens: int, past: int) -> dict:
         ids, pos, mask = _inputs(self.args.vocab_size, batch, tokens, past, 1)
@@ -558,14 +704,10 @@ class HFOnnxSystem(System):
         return feeds
 
     def prefill(self, batch, tokens):
-        feeds = self._feeds(batch, tokens, 0)
-        return lambda: self.session.run(None, feeds)
+        return self._runner(f"prefill of {tokens} tokens", batch, tokens, 0)
 
     def decode(self, batch, context):
-        if not self.with_cache:
-            return None
-        feeds = self._feeds(batch, 1, context)
-        return lambda: self.session.run(None, feeds)
+        return self._runner(f"decode B={batch}", batch, 1, context) if self.with_cache else None
 
     def close(self):
         self.session = None
@@ -724,10 +866,15 @@ def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progre
         if name == "hf" and "hf-onnx" in options.systems:
             hf_export = result["hf_onnx_export"] = hf_onnx_export(checkpoint, home)
             if hf_export["file"] is not None:
-                measure(HFOnnxSystem(Path(hf_export["file"]), args, hf_export["with_cache"], options.threads,
-                                     hf_export["cache_dims"]))
+                hf_onnx = HFOnnxSystem(Path(hf_export["file"]), args, hf_export["with_cache"], options.threads,
+                                       hf_export["cache_dims"])
+                measure(hf_onnx)
+                hf_onnx.close()
+                gaps = list(dict.fromkeys(hf_onnx.unmeasured))
                 if not hf_export["with_cache"]:
-                    result["skipped"]["hf-onnx"] = "decode: only the graph without a cache exported"
+                    gaps.insert(0, "decode: only the graph without a cache exported")
+                if gaps:
+                    result["skipped"]["hf-onnx"] = "; ".join(gaps)
             else:
                 result["skipped"]["hf-onnx"] = (f"transformers' model did not export in any of "
                                                 f"{len(hf_export['attempts'])} attempts (hf_onnx_export)")
@@ -855,8 +1002,17 @@ def table_lines(result: dict) -> list[str]:
     lines.append(f"decode floor B=1: {w['weight_bytes'] / 1e9:.3f} GB of weights + cache "
                  f"({result['model']['num_hidden_layers']} layers x (C+R) x 4 bytes per token)")
     for attempt in result.get("hf_onnx_export", {}).get("attempts", []):
-        lines.append(f"hf-onnx: {attempt['exporter']}, {attempt['graph']}: "
+        rope = f", {attempt['rope']} RoPE" if "rope" in attempt else ""
+        lines.append(f"hf-onnx: {attempt['exporter']}, {attempt['graph']}{rope}: "
                      f"{'exported' if attempt['ok'] else attempt['error']} ({attempt['seconds']} s)")
+    export = result.get("hf_onnx_export", {})
+    if export.get("file"):
+        rope = (f"RoPE {export['rope']} (logits {export['rope_rewrite_max_abs_diff']:.1e} from transformers' code), "
+                if "rope_rewrite_max_abs_diff" in export else "")
+        impl = export.get("implementations", {})
+        lines.append(f"hf-onnx graph: {rope}attention {impl.get('attention')}, experts {impl.get('experts')}; "
+                     f"ONNX Runtime vs transformers' model as loaded: max abs diff "
+                     f"{export.get('ort_max_abs_diff', float('nan')):.1e}")
     for name, why in result["skipped"].items():
         lines.append(f"skipped {name}: {why}")
     for t in result["targets"]:

@@ -157,3 +157,52 @@ def test_bad_options_exit_2_with_one_line(argv, option, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and option in lines[0], proc.stderr
     assert not any(tmp_path.iterdir())  # refused before generating or exporting anything
+
+
+def test_real_valued_rope_gives_transformers_logits_and_restores_it(tmp_path):
+    """The rewrite the hf-onnx attempts need (the exporters reject complex tensors) computes what
+    transformers' complex RoPE computes, and leaves the model as it was afterwards."""
+    pytest.importorskip("transformers", reason="transformers is the external reference (test dependency)")
+    import transformers.models.deepseek_v2.modeling_deepseek_v2 as v2
+
+    from exporter.bench import HFSystem, _inputs, _real_valued_rope
+    from model.args import ModelArgs
+
+    ckpt = make_checkpoint(tmp_path / "ckpt", "v2-lite", layers=2)
+    hf = HFSystem(ckpt, ModelArgs.from_json(ckpt / "config.json"))
+    ids, pos, mask = _inputs(hf.args.vocab_size, 2, 5, 0, 3)
+    pos = pos + 11  # not position 0, where every rotation is the identity
+    run = lambda: hf.model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False).logits  # noqa: E731
+    original = v2.apply_rotary_emb
+    with torch.no_grad():
+        want = run()
+        with _real_valued_rope(hf.model) as rewritten:
+            assert rewritten and v2.apply_rotary_emb is not original
+            assert not hf.model.model.rotary_emb(want, pos).is_complex()
+            got = run()
+        assert v2.apply_rotary_emb is original and hf.model.model.rotary_emb(want, pos).is_complex()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - want).abs().max() < (want - run().roll(1, dims=1)).abs().max()  # the check can fail
+
+
+def test_hf_onnx_exports_and_is_measured_where_its_graph_allows(tmp_path):
+    """transformers' own export of a V2 checkpoint: after the complex-RoPE attempts fail, the
+    rewritten model exports with its cache, matches transformers in ONNX Runtime, and is timed
+    for the decode rows its graph takes (batch fixed to 1 by the exporter); the rest is listed."""
+    pytest.importorskip("transformers", reason="transformers is the external reference (test dependency)")
+    ckpt = make_checkpoint(tmp_path / "ckpt", "v2-lite", layers=2)
+    options = BenchOptions(contexts=[3], batches=[1, 2], repeats=1, warmup=0, prefill_tokens=4,
+                           systems=["hf", "hf-onnx"], bandwidth_bytes=1 << 20, gemm_size=64)
+    result = run_bench(ckpt, tmp_path / "home", options)
+    export = result["hf_onnx_export"]
+    assert [a["ok"] for a in export["attempts"]][:2] == [False, False]  # complex RoPE: both exporters refuse
+    assert "complex" in export["attempts"][0]["error"] and export["attempts"][-1]["ok"]
+    assert export["with_cache"] and export["rope_rewrite_max_abs_diff"] < 1e-4
+    assert export["ort_max_abs_diff"] < 1e-4
+    assert export["implementations"] == {"attention": "eager", "experts": "batched_mm"}
+    mine = [(r["phase"], r["batch"], r["context"]) for r in result["results"] if r["system"] == "hf-onnx"]
+    assert mine == [("decode", 1, 3)]
+    assert "prefill of 4 tokens" in result["skipped"]["hf-onnx"] and "decode B=2" in result["skipped"]["hf-onnx"]
+    row = next(r for r in result["results"] if r["system"] == "hf" and r["phase"] == "decode" and r["batch"] == 1)
+    assert row["speedup_vs_hf_onnx"] > 0
+    assert any(ln.startswith("hf-onnx graph: RoPE rewritten") for ln in table_lines(result))
