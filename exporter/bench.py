@@ -24,7 +24,7 @@ shared experts, the routed experts B tokens choose, final norm, lm_head, B embed
 the latent cache; floor = bytes / bandwidth. A result's "floor fraction" is the median over its runs of
 floor / run time (1.0 = running at the speed of memory); its "floor_ms" is the floor at the
 median of its bandwidth readings. Prefill's floor is the larger of its weight bytes over
-the bandwidth and its FLOPs over a measured GEMM rate.
+the bandwidth and its FLOPs over the fp32 GEMM rate, also read before every prefill run.
 
 The bench config (`bench_args`) is DeepSeek-V2-Lite's dimensions with 4 layers, 16 routed
 experts and a 32000 vocabulary; its seeded random checkpoint is written once under the cache
@@ -71,6 +71,7 @@ PREFILL_TOKENS = 128
 THREADS = 2
 BENCH_SEED = 0
 BANDWIDTH_BYTES = 1 << 30  # large enough that no cache level holds it
+GEMM_SIZE = 1024  # ~2 GFLOP: a reading of ~15 ms before each prefill run
 Progress = Callable[[str, int, int], None]
 
 
@@ -219,56 +220,53 @@ def prefill_floor(a: ModelArgs, batch: int, tokens: int, elt: int, bandwidth: fl
             "ms": 1e3 * max(weights / bandwidth, work / flops)}
 
 
-class BandwidthProbe:
-    """Read bandwidth in bytes/s: the time of one sum over a tensor of `nbytes` (torch threads as set).
+class MachineProbe:
+    """What the machine can do right now: read bandwidth (bytes/s, one sum over a tensor of
+    `nbytes`) and fp32 GEMM rate (FLOP/s, one `gemm_size`³ matmul), torch threads as set.
 
-    The buffer is allocated once and read again before every timed run, so each run's floor comes
-    from the bandwidth the machine had at that moment: on a shared (virtual) machine it drifts by
-    2x within minutes, far more than the differences the floor fractions are meant to show."""
+    The buffers are allocated once and read again before every timed run, so each run's floor
+    comes from what the machine had at that moment: on a shared (virtual) machine both drift by
+    up to 2x within minutes, far more than the differences the floor fractions are meant to show."""
 
-    def __init__(self, nbytes: int = BANDWIDTH_BYTES):
-        self.nbytes = nbytes
+    def __init__(self, nbytes: int = BANDWIDTH_BYTES, gemm_size: int = GEMM_SIZE):
+        self.nbytes, self.gemm_size = nbytes, gemm_size
         self.buffer = torch.ones(nbytes // 4, dtype=torch.float32)
+        gen = torch.Generator().manual_seed(0)
+        self.a, self.b = (torch.randn(gemm_size, gemm_size, generator=gen) for _ in range(2))
         self.buffer.sum()  # first touch: page faults are not bandwidth
+        self.a @ self.b
 
-    def __call__(self) -> float:
+    def bandwidth(self) -> float:
         t = time.perf_counter()
         self.buffer.sum()
         return self.nbytes / (time.perf_counter() - t)
 
-    def median(self, repeats: int = 5) -> float:
-        return statistics.median(self() for _ in range(repeats))
-
-
-def measure_gemm(n: int = 2048, repeats: int = 5) -> float:
-    """fp32 matmul rate in FLOP/s (n x n x n)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    times = []
-    for _ in range(repeats):
+    def gemm(self) -> float:
         t = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t)
-    return 2.0 * n**3 / statistics.median(times)
+        self.a @ self.b
+        return 2.0 * self.gemm_size**3 / (time.perf_counter() - t)
+
+    def median(self, reading: Callable[[], float], repeats: int = 5) -> float:
+        return statistics.median(reading() for _ in range(repeats))
 
 
 # ---------------------------------------------------------------- timing
 
 
 def time_ms(fn: Callable[[], Any], repeats: int, warmup: int,
-            probe: Callable[[], float] | None = None) -> tuple[list[float], list[float]]:
+            probe: Callable[[], Any] | None = None) -> tuple[list[float], list[Any]]:
     """Milliseconds of `repeats` calls of `fn` after `warmup` calls; with `probe`, each timed call is
-    preceded by one bandwidth reading, returned beside the times (else an empty list)."""
+    preceded by one reading of the machine, returned beside the times (else an empty list)."""
     for _ in range(warmup):
         fn()
-    out, bandwidths = [], []
+    out, readings = [], []
     for _ in range(repeats):
         if probe is not None:
-            bandwidths.append(probe())
+            readings.append(probe())
         t = time.perf_counter()
         fn()
         out.append(1e3 * (time.perf_counter() - t))
-    return out, bandwidths
+    return out, readings
 
 
 def _inputs(vocab: int, batch: int, tokens: int, past: int, seed: int):
@@ -759,7 +757,7 @@ class BenchOptions:
     systems: list[str] = field(default_factory=lambda: list(SYSTEMS))
     threads: int = THREADS
     bandwidth_bytes: int = BANDWIDTH_BYTES
-    gemm_size: int = 2048
+    gemm_size: int = GEMM_SIZE
     extra_engines: dict[str, Path] = field(default_factory=dict)  # name -> an engine folder exported elsewhere
 
     def check(self) -> None:
@@ -806,9 +804,8 @@ def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progre
         result["engines"][name] = {"dir": str(engines[name]), "options": OUR_ENGINES[name]}
         report("export", i + 1, len(todo))
 
-    probe = BandwidthProbe(options.bandwidth_bytes)
-    bw0 = probe.median()
-    gemm = measure_gemm(options.gemm_size)
+    probe = MachineProbe(options.bandwidth_bytes, options.gemm_size)
+    bw0, gemm0 = probe.median(probe.bandwidth), probe.median(probe.gemm)
     total = len(result["systems"]) * (1 + len(options.contexts) * len(options.batches))
     done = 0
 
@@ -817,22 +814,25 @@ def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progre
         rows = []
         fn = system.prefill(1, options.prefill_tokens)
         if fn is not None:
-            rows.append(("prefill", 1, 0, *time_ms(fn, options.repeats, options.warmup, probe)))
+            runs, readings = time_ms(fn, options.repeats, options.warmup, lambda: (probe.bandwidth(), probe.gemm()))
+            rows.append(("prefill", 1, 0, runs, [b for b, _ in readings], [g for _, g in readings]))
         done += 1
         report("measure", done, total)
         for batch in options.batches:
             for context in options.contexts:
                 fn = system.decode(batch, context)
                 if fn is not None:
-                    rows.append(("decode", batch, context, *time_ms(fn, options.repeats, options.warmup, probe)))
+                    runs, readings = time_ms(fn, options.repeats, options.warmup, probe.bandwidth)
+                    rows.append(("decode", batch, context, runs, readings, []))
                 del fn
                 done += 1
                 report("measure", done, total)
-        for phase, batch, context, runs, bandwidths in rows:
+        for phase, batch, context, runs, bandwidths, gemms in rows:
             result["results"].append({"system": system.name, "phase": phase, "batch": batch, "context": context,
                                       "ms": statistics.median(runs), "best_ms": min(runs),
                                       "runs_ms": [round(r, 3) for r in runs],
-                                      "runs_bandwidth": [round(b) for b in bandwidths]})
+                                      "runs_bandwidth": [round(b) for b in bandwidths],
+                                      "runs_gemm_flops": [round(g) for g in gemms]})
 
     def load(name: str) -> System | None:
         if name == "eager":
@@ -882,14 +882,17 @@ def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progre
     if "hf-onnx" in options.systems and "hf" not in options.systems:
         result["skipped"]["hf-onnx"] = "measured only with the hf system (--systems must include hf)"
 
-    bw1 = probe.median()
+    bw1, gemm1 = probe.median(probe.bandwidth), probe.median(probe.gemm)
     del probe
     paired = [b for r in result["results"] for b in r["runs_bandwidth"]]
     bandwidth = statistics.median(paired) if paired else max(bw0, bw1)
+    paired_gemm = [g for r in result["results"] for g in r["runs_gemm_flops"]]
+    gemm = statistics.median(paired_gemm) if paired_gemm else max(gemm0, gemm1)
     result["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     result["bandwidth"] = {"bytes_per_s": bandwidth, "start": bw0, "end": bw1, "tensor_bytes": options.bandwidth_bytes,
                            "paired_min": min(paired, default=None), "paired_max": max(paired, default=None)}
     result["gemm_flops"] = gemm
+    result["gemm"] = {"flops": gemm, "start": gemm0, "end": gemm1, "size": options.gemm_size}
     from exporter.export import cache_layout
 
     layout = cache_layout(args, torch.float32)
@@ -899,18 +902,20 @@ def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progre
     hf_ms = {(r["phase"], r["batch"], r["context"]): r["ms"] for r in result["results"] if r["system"] == "hf"}
     hfo_ms = {(r["phase"], r["batch"], r["context"]): r["ms"] for r in result["results"] if r["system"] == "hf-onnx"}
 
-    def floor(r: dict, bandwidth: float) -> dict:
+    def floor(r: dict, bandwidth: float, flops: float) -> dict:
         if r["phase"] == "decode":
             return decode_floor(args, r["batch"], r["context"], elt, bandwidth)
-        return prefill_floor(args, r["batch"], options.prefill_tokens, elt, bandwidth, gemm)
+        return prefill_floor(args, r["batch"], options.prefill_tokens, elt, bandwidth, flops)
 
     for r in result["results"]:
         r["bandwidth"] = statistics.median(r["runs_bandwidth"])
-        r["floor_bytes"] = floor(r, r["bandwidth"])["bytes"]
-        r["floor_ms"] = floor(r, r["bandwidth"])["ms"]
-        # each run against the bandwidth read just before it, then the median over runs
-        r["floor_fraction"] = statistics.median(floor(r, b)["ms"] / t for b, t in zip(r["runs_bandwidth"],
-                                                                                      r["runs_ms"]))
+        r["gemm_flops"] = statistics.median(r["runs_gemm_flops"]) if r["runs_gemm_flops"] else None
+        at_median = floor(r, r["bandwidth"], r["gemm_flops"] or gemm)
+        r["floor_bytes"], r["floor_ms"] = at_median["bytes"], at_median["ms"]
+        # each run against the machine as read just before it, then the median over runs
+        flops = r["runs_gemm_flops"] or [gemm] * len(r["runs_ms"])
+        r["floor_fraction"] = statistics.median(floor(r, b, f)["ms"] / t for b, f, t in
+                                                zip(r["runs_bandwidth"], flops, r["runs_ms"]))
         key = (r["phase"], r["batch"], r["context"])
         r["speedup_vs_hf"] = hf_ms[key] / r["ms"] if key in hf_ms else None
         r["speedup_vs_hf_onnx"] = hfo_ms[key] / r["ms"] if key in hfo_ms else None
@@ -981,7 +986,8 @@ def table_lines(result: dict) -> list[str]:
     lines = [f"bandwidth {bw['bytes_per_s'] / 1e9:.1f} GB/s median (sum over {bw['tensor_bytes'] / 2**30:.1f} GiB, "
              f"{result['threads']} threads, read before every timed run: {spread}; "
              f"start {bw['start'] / 1e9:.1f}, end {bw['end'] / 1e9:.1f}); "
-             f"GEMM {result['gemm_flops'] / 1e9:.0f} GFLOP/s; load {result['machine']['loadavg_start'][0]:.1f} -> "
+             f"GEMM {result['gemm_flops'] / 1e9:.0f} GFLOP/s ({result['gemm']['size']}³, median of the readings "
+             f"before prefill runs); load {result['machine']['loadavg_start'][0]:.1f} -> "
              f"{result['machine']['loadavg_end'][0]:.1f}",
              f"median (and best) of {result['repeats']} runs after {result['warmup']} warm-up; prefill "
              f"{result['prefill']['tokens']} tokens, batch 1; floor% = median over runs of (floor at the bandwidth "

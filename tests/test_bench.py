@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from exporter.bench import (BandwidthProbe, BenchOptions, decode_floor, experts_read, parse_engines, parse_ints, plot,
+from exporter.bench import (BenchOptions, MachineProbe, decode_floor, experts_read, parse_engines, parse_ints, plot,
                             run_bench, step_weight_params, table_lines, time_ms, to_json)
 from model.checkpoint import build_model
 from model.synthetic import make_checkpoint, tiny_args
@@ -58,7 +58,7 @@ def test_floor_matches_the_model_parameters():
     assert sum(step_weight_params(a, 1).values()) == want
 
 
-def test_time_ms_reads_bandwidth_before_each_timed_run():
+def test_time_ms_reads_the_machine_before_each_timed_run():
     events = []
     readings = iter([30e9, 50e9, 40e9])
     times, bandwidths = time_ms(lambda: events.append("run"), repeats=3, warmup=2,
@@ -68,10 +68,11 @@ def test_time_ms_reads_bandwidth_before_each_timed_run():
     assert time_ms(lambda: None, repeats=2, warmup=0)[1] == []
 
 
-def test_bandwidth_probe_reads_its_buffer():
-    probe = BandwidthProbe(1 << 22)
-    assert probe.buffer.numel() * 4 == 1 << 22
-    assert 1e8 < probe() < 1e13 and 1e8 < probe.median(3) < 1e13  # 0.1 GB/s .. 10 TB/s
+def test_machine_probe_reads_its_buffers():
+    probe = MachineProbe(1 << 22, gemm_size=64)
+    assert probe.buffer.numel() * 4 == 1 << 22 and probe.a.shape == (64, 64)
+    assert 1e8 < probe.bandwidth() < 1e13 and 1e8 < probe.median(probe.bandwidth, 3) < 1e13  # 0.1 GB/s .. 10 TB/s
+    assert 1e6 < probe.gemm() < 1e14 and 1e6 < probe.median(probe.gemm, 3) < 1e14
 
 
 def test_parse_ints():
@@ -100,8 +101,10 @@ def test_report_structure(report):
         assert mine == [("prefill", 1, 0), ("decode", 1, 3), ("decode", 1, 6), ("decode", 2, 3), ("decode", 2, 6)]
     for r in rows:
         assert r["ms"] > 0 and len(r["runs_ms"]) == 1 and r["floor_ms"] > 0
-        # one bandwidth reading per timed run, and each run is held against its own reading
+        # one bandwidth reading per timed run (and a GEMM reading per prefill run); each run is held
+        # against its own readings
         assert len(r["runs_bandwidth"]) == 1 and r["bandwidth"] == r["runs_bandwidth"][0] > 0
+        assert len(r["runs_gemm_flops"]) == (r["phase"] == "prefill")
         assert r["floor_fraction"] == pytest.approx(r["floor_ms"] / r["runs_ms"][0], rel=1e-3)
         assert r["speedup_vs_hf"] is not None and r["speedup_vs_hf_onnx"] is None
     cache = result["cache"]
