@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from exporter.bench import (BenchOptions, MachineProbe, decode_floor, experts_read, parse_engines, parse_ints, plot,
-                            run_bench, step_weight_params, table_lines, time_ms, to_json)
+from exporter.bench import (BenchOptions, MachineProbe, context_scaling, decode_floor, experts_read, parse_engines,
+                            parse_ints, plot, run_bench, step_weight_params, table_lines, time_ms, to_json)
 from model.checkpoint import build_model
 from model.synthetic import make_checkpoint, tiny_args
 from runtime.errors import OptionError
@@ -68,6 +68,19 @@ def test_time_ms_reads_the_machine_before_each_timed_run():
     assert time_ms(lambda: None, repeats=2, warmup=0)[1] == []
 
 
+def test_context_scaling_alternates_the_two_contexts():
+    calls = []
+
+    class Fake:
+        def decode(self, batch, context):
+            return None if context == 99 else lambda: calls.append((batch, context))
+
+    scaling = context_scaling(Fake(), 8, 64, repeats=3, warmup=1)
+    assert calls == [(1, 8), (1, 64)] * 4  # one warm-up pair, then three timed pairs
+    assert scaling["contexts"] == [8, 64] and len(scaling["runs_ms"]) == 3 and scaling["ratio"] > 0
+    assert context_scaling(Fake(), 8, 99, 3, 1) is None and context_scaling(Fake(), 8, 8, 3, 1) is None
+
+
 def test_machine_probe_reads_its_buffers():
     probe = MachineProbe(1 << 22, gemm_size=64)
     assert probe.buffer.numel() * 4 == 1 << 22 and probe.a.shape == (64, 64)
@@ -107,6 +120,10 @@ def test_report_structure(report):
         assert len(r["runs_gemm_flops"]) == (r["phase"] == "prefill")
         assert r["floor_fraction"] == pytest.approx(r["floor_ms"] / r["runs_ms"][0], rel=1e-3)
         assert r["speedup_vs_hf"] is not None and r["speedup_vs_hf_onnx"] is None
+    for system in ("eager", "hf", "ours"):
+        scaling = result["context_scaling"][system]
+        assert scaling["contexts"] == [3, 6] and len(scaling["runs_ms"]) == 1
+        assert scaling["ratio"] == pytest.approx(scaling["runs_ms"][0][1] / scaling["runs_ms"][0][0], rel=1e-2)
     cache = result["cache"]
     assert cache["ours_bytes_per_token"] == 2 * (32 + 8) * 4
     assert cache["mha_equivalent_bytes_per_token"] == 2 * 4 * (16 + 8 + 16) * 4
