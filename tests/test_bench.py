@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from exporter.bench import (BenchOptions, MachineProbe, context_scaling, decode_floor, experts_read, parse_engines,
-                            parse_ints, plot, run_bench, step_weight_params, table_lines, time_ms, to_json)
+from exporter.bench import (BenchOptions, MachineProbe, compare_alternately, context_scaling, decode_floor,
+                            experts_read, parse_engines, parse_ints, plot, run_bench, step_weight_params, table_lines,
+                            time_ms, to_json)
 from model.checkpoint import build_model
 from model.synthetic import make_checkpoint, tiny_args
 from runtime.errors import OptionError
@@ -81,6 +82,28 @@ def test_context_scaling_alternates_the_two_contexts():
     assert context_scaling(Fake(), 8, 99, 3, 1) is None and context_scaling(Fake(), 8, 8, 3, 1) is None
 
 
+def test_compare_alternately_takes_turns_and_skips_what_cannot_run():
+    calls = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def prefill(self, batch, tokens):
+            return lambda: calls.append((self.name, "prefill"))
+
+        def decode(self, batch, context):
+            if self.name == "ref" and batch > 1:
+                return None
+            return lambda: calls.append((self.name, context))
+
+    rows = compare_alternately(Fake("ours"), Fake("ref"), [("prefill", 1, 0), ("decode", 1, 5), ("decode", 2, 5)],
+                               prefill_tokens=4, repeats=2, warmup=1)
+    assert [(r["phase"], r["batch"]) for r in rows] == [("prefill", 1), ("decode", 1)]
+    assert calls == [("ours", "prefill"), ("ref", "prefill")] * 3 + [("ours", 5), ("ref", 5)] * 3
+    assert rows[0]["system"] == "ours" and rows[0]["reference"] == "ref" and len(rows[0]["runs_ms"]) == 2
+
+
 def test_machine_probe_reads_its_buffers():
     probe = MachineProbe(1 << 22, gemm_size=64)
     assert probe.buffer.numel() * 4 == 1 << 22 and probe.a.shape == (64, 64)
@@ -124,6 +147,15 @@ def test_report_structure(report):
         scaling = result["context_scaling"][system]
         assert scaling["contexts"] == [3, 6] and len(scaling["runs_ms"]) == 1
         assert scaling["ratio"] == pytest.approx(scaling["runs_ms"][0][1] / scaling["runs_ms"][0][0], rel=1e-2)
+    # ours and transformers run alternately for every ratio a target compares
+    alternating = [(r["reference"], r["phase"], r["batch"], r["context"]) for r in result["alternating"]]
+    assert alternating == [("hf", "prefill", 1, 0), ("hf", "decode", 1, 3), ("hf", "decode", 1, 6),
+                           ("hf", "decode", 2, 3)]
+    for r in result["alternating"]:
+        assert len(r["runs_ms"]) == 1 and r["time_ratio"] == pytest.approx(r["runs_ms"][0][0] / r["runs_ms"][0][1],
+                                                                           rel=1e-2)
+    prefill = next(t for t in result["targets"] if t["target"].startswith("prefill"))
+    assert prefill["value"] == result["alternating"][0]["time_ratio"] and prefill["table"] > 0
     cache = result["cache"]
     assert cache["ours_bytes_per_token"] == 2 * (32 + 8) * 4
     assert cache["mha_equivalent_bytes_per_token"] == 2 * 4 * (16 + 8 + 16) * 4
