@@ -78,6 +78,10 @@ THREADS = 2
 BENCH_SEED = 0
 BANDWIDTH_BYTES = 1 << 30  # large enough that no cache level holds it
 GEMM_SIZE = 1024  # ~2 GFLOP: a reading of ~15 ms before each prefill run
+# Pause after a probe reading and between calls taken in turn: the threads of whatever ran last
+# (torch's after a probe, another session's) spin-wait for a while after their work and would
+# share the cores with the timed call (measured: a decode step 57 -> 61 ms right after a probe).
+SETTLE_S = 0.1
 Progress = Callable[[str, int, int], None]
 
 
@@ -262,13 +266,15 @@ class MachineProbe:
 def time_ms(fn: Callable[[], Any], repeats: int, warmup: int,
             probe: Callable[[], Any] | None = None) -> tuple[list[float], list[Any]]:
     """Milliseconds of `repeats` calls of `fn` after `warmup` calls; with `probe`, each timed call is
-    preceded by one reading of the machine, returned beside the times (else an empty list)."""
+    preceded by one reading of the machine (and a pause of SETTLE_S), returned beside the times
+    (else an empty list)."""
     for _ in range(warmup):
         fn()
     out, readings = [], []
     for _ in range(repeats):
         if probe is not None:
             readings.append(probe())
+            time.sleep(SETTLE_S)
         t = time.perf_counter()
         fn()
         out.append(1e3 * (time.perf_counter() - t))
@@ -282,7 +288,12 @@ def alternate(fns: list[Callable[[], Any]], repeats: int, warmup: int) -> list[l
     for _ in range(warmup):
         for fn in fns:
             fn()
-    return [[time_ms(fn, 1, 0)[0][0] for fn in fns] for _ in range(repeats)]
+
+    def settled(fn: Callable[[], Any]) -> float:
+        time.sleep(SETTLE_S)
+        return time_ms(fn, 1, 0)[0][0]
+
+    return [[settled(fn) for fn in fns] for _ in range(repeats)]
 
 
 def context_scaling(system: "System", short: int, long: int, repeats: int, warmup: int) -> dict | None:
