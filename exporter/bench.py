@@ -78,9 +78,10 @@ THREADS = 2
 BENCH_SEED = 0
 BANDWIDTH_BYTES = 1 << 30  # large enough that no cache level holds it
 GEMM_SIZE = 1024  # ~2 GFLOP: a reading of ~15 ms before each prefill run
-# Pause after a probe reading and between calls taken in turn: the threads of whatever ran last
-# (torch's after a probe, another session's) spin-wait for a while after their work and would
-# share the cores with the timed call (measured: a decode step 57 -> 61 ms right after a probe).
+# Pause before and after a probe reading and between calls taken in turn: the threads of whatever
+# ran last (torch's after a probe, ONNX Runtime's after a step) spin-wait for a while after their
+# work and share the cores with what runs next (measured: a decode step 57 -> 61 ms right after
+# a probe; a probe 32.5 -> 24.6 GB/s right after a step).
 SETTLE_S = 0.1
 Progress = Callable[[str, int, int], None]
 
@@ -266,13 +267,14 @@ class MachineProbe:
 def time_ms(fn: Callable[[], Any], repeats: int, warmup: int,
             probe: Callable[[], Any] | None = None) -> tuple[list[float], list[Any]]:
     """Milliseconds of `repeats` calls of `fn` after `warmup` calls; with `probe`, each timed call is
-    preceded by one reading of the machine (and a pause of SETTLE_S), returned beside the times
+    preceded by one reading of the machine (with a pause of SETTLE_S on each side), returned beside the times
     (else an empty list)."""
     for _ in range(warmup):
         fn()
     out, readings = [], []
     for _ in range(repeats):
         if probe is not None:
+            time.sleep(SETTLE_S)
             readings.append(probe())
             time.sleep(SETTLE_S)
         t = time.perf_counter()
