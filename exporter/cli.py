@@ -462,7 +462,8 @@ def bench(
     """Measure prefill and decode latency of eager, transformers, and our engines against the bandwidth floor.
 
     Everything is measured in one run with the same threads; the table gives each median next to
-    its floor (bytes the step must read / measured read bandwidth) and the issue's targets.
+    its floor (bytes the step must read / the read bandwidth measured just before each run) and the
+    issue's targets, whose ratios come from ours and transformers run alternately.
     """
     start = time.perf_counter()
     with guard():
