@@ -961,6 +961,8 @@ def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progre
             reference = (load(name) if name == "hf" else
                          HFOnnxSystem(Path(hf_export["file"]), args, hf_export["with_cache"], options.threads,
                                       hf_export["cache_dims"]))
+            if reference is None:  # transformers is not installed: already listed under "skipped"
+                continue
             result["alternating"] += compare_alternately(ours, reference, configs, options.prefill_tokens,
                                                          options.repeats, options.warmup)
             reference.close()

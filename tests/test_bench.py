@@ -196,6 +196,17 @@ def test_engine_export_is_cached(report, tmp_path):
         parse_engines([f"x={tmp_path}"])  # no manifest.json
 
 
+def test_without_transformers_ours_is_measured_and_hf_skipped(report, monkeypatch):
+    result, root = report
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError
+    again = run_bench(Path(result["checkpoint"]), root / "home",
+                      BenchOptions(contexts=[2, 4], batches=[1], repeats=1, warmup=0, prefill_tokens=2,
+                                   systems=["hf", "ours"], bandwidth_bytes=1 << 20, gemm_size=64))
+    assert "transformers is not installed" in again["skipped"]["hf"]
+    assert {r["system"] for r in again["results"]} == {"ours"} and again["alternating"] == []
+    assert list(again["context_scaling"]) == ["ours"]
+
+
 @pytest.mark.parametrize("argv, option", [
     (["--contexts", "128,abc"], "--contexts"),
     (["--batch", "0"], "--batch"),
