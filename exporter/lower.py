@@ -361,7 +361,7 @@ def save_models(models: dict[str, ir.Model], out_dir: str | Path, weights_file: 
                             shared += 1
                             shared_bytes += nbytes
                     else:
-                        data = _tensor_bytes(materialize(weight))
+                        data = TorchTensor(materialize(weight)).tobytes()  # as the graphs' weights are written
                         seen[id(weight)] = (put(data), len(data), False)
                         del data
                     places[group][name] = {"offset": seen[id(weight)][0], "bytes": seen[id(weight)][1]}
@@ -380,11 +380,6 @@ def save_models(models: dict[str, ir.Model], out_dir: str | Path, weights_file: 
         ir.save(model, path)
         result[graph_name] = {"file": path.name}
     return result
-
-
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    """The raw little-endian bytes of a tensor (any dtype, bfloat16 included)."""
-    return t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
 
 
 def check_model(path: str | Path) -> None:
