@@ -914,6 +914,12 @@ def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progre
                 result["skipped"]["hf"] = f"transformers is not installed ({err})"
                 return None
             return HFSystem(checkpoint, args)
+        if name == "hf-onnx":  # the graph hf_onnx_export wrote, if any
+            export = result.get("hf_onnx_export", {})
+            if not export.get("file"):
+                return None
+            return HFOnnxSystem(Path(export["file"]), args, export["with_cache"], options.threads,
+                                export["cache_dims"])
         raise AssertionError(name)
 
     for name in result["systems"]:
@@ -932,8 +938,7 @@ def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progre
         if name == "hf" and "hf-onnx" in options.systems:
             hf_export = result["hf_onnx_export"] = hf_onnx_export(checkpoint, home)
             if hf_export["file"] is not None:
-                hf_onnx = HFOnnxSystem(Path(hf_export["file"]), args, hf_export["with_cache"], options.threads,
-                                       hf_export["cache_dims"])
+                hf_onnx = load("hf-onnx")
                 measure(hf_onnx)
                 hf_onnx.close()
                 gaps = list(dict.fromkeys(hf_onnx.unmeasured))
@@ -950,25 +955,20 @@ def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progre
 
     # ours against each transformers system, run alternately (the targets' ratios); both loaded at once
     references = [n for n in ("hf", "hf-onnx") if n in options.systems and "ours" in options.systems]
-    hf_export = result.get("hf_onnx_export", {})
-    if "hf-onnx" in references and not hf_export.get("file"):
-        references.remove("hf-onnx")
     configs = ([("prefill", 1, 0)] + [("decode", 1, p) for p in options.contexts]
                + [("decode", b, min(options.contexts)) for b in options.batches if b > 1])
-    if references:
-        ours = load("ours")
-        for i, name in enumerate(references):
-            reference = (load(name) if name == "hf" else
-                         HFOnnxSystem(Path(hf_export["file"]), args, hf_export["with_cache"], options.threads,
-                                      hf_export["cache_dims"]))
-            if reference is None:  # transformers is not installed: already listed under "skipped"
-                continue
+    ours = None  # loaded once a reference is
+    for i, name in enumerate(references):
+        reference = load(name)  # None: transformers missing, or its model did not export (listed under "skipped")
+        if reference is not None:
+            ours = ours or load("ours")
             result["alternating"] += compare_alternately(ours, reference, configs, options.prefill_tokens,
                                                          options.repeats, options.warmup)
             reference.close()
             del reference
             gc.collect()
-            report("compare", i + 1, len(references))
+        report("compare", i + 1, len(references))
+    if ours is not None:
         ours.close()
         del ours
         gc.collect()
