@@ -408,7 +408,8 @@ def inspect(
                                              "kv_lora_rank", "n_routed_experts", "num_experts_per_tok", "topk_method")},
             "dtype": manifest["dtype"], "target": manifest["target"], "opset": manifest["opset"],
             "limits": manifest["limits"], "cache": c, "weights": manifest["weights"],
-            "graphs": {name: {k: g.get(k) for k in ("file", "inputs", "outputs", "op_counts", "passes", "moe_lowering")}
+            "graphs": {name: {k: g.get(k) for k in ("file", "inputs", "outputs", "op_counts", "passes", "moe_lowering",
+                                                    "in_place")}
                        for name, g in manifest["graphs"].items()},
         }
         lines = [f"model    {cfg['model_type']}, {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, "
@@ -425,6 +426,9 @@ def inspect(
             lines.append("  ops     " + ", ".join(f"{k} {v}" for k, v in top))
             for p in g["passes"]["passes"]:
                 lines.append(f"  pass    {p['name']}: {p['count']} rewrites")
+            if g.get("in_place"):
+                lines.append(f"  in place {g['in_place']['file']}: the cache written in capacity buffers "
+                             f"(TensorScatter x{g['in_place']['op_counts'].get('TensorScatter', 0)}; ONNX Runtime CPU)")
         if trt_compat:
             from exporter.trt_compat import check_out_dir
 

@@ -2,7 +2,8 @@
 
     load_checkpoint(meta) -> capture -> run_pipeline per graph -> lower both
     -> OUT/prefill.onnx, OUT/decode.onnx, OUT/weights.bin (shared), OUT/prefill.pt2,
-       OUT/decode.pt2 (optimized ExportedPrograms, for the torch engine), OUT/manifest.json
+       OUT/decode.pt2 (optimized ExportedPrograms, for the torch engine), OUT/manifest.json,
+       OUT/decode_inplace.onnx (decode writing the cache in place: ONNX Runtime on CPU runs it)
 
 Streaming. The model is loaded on the meta device: capture, passes and lowering see shapes only,
 and each weight carries how to read it (model.checkpoint.CheckpointSource) or compute it from
@@ -54,16 +55,17 @@ import onnx_ir as ir
 import torch
 
 from exporter.capture import PHASES, Limits, capture
-from exporter.lower import check_model, lower, save_models
+from exporter.lower import IN_PLACE_OPSET, check_model, in_place_decode, lower, save_models
 from exporter.onnx_ops import choose_moe_experts
 from model.checkpoint import load_checkpoint
 from passes import PassOptions, run_pipeline
 from passes.absorb_mla import FORMS as ABSORB_FORMS
 from runtime.engine import DTYPES
 from runtime.errors import DscompileError, OptionError
-from runtime.manifest import MANIFEST_FORMAT, write_manifest
+from runtime.manifest import MANIFEST_FORMAT, WRITE_INDEX, write_manifest
 
 WEIGHTS_FILE = "weights.bin"
+IN_PLACE_FILE = "decode_inplace.onnx"  # the decode graph writing its cache in place (exporter.lower.in_place_decode)
 TARGET = "onnxruntime"  # the manifest's runtime: every export runs in ONNX Runtime
 TARGETS = ("onnxruntime", "tensorrt")  # what the lowering is restricted for
 Progress = Callable[[str, int, int], None]
@@ -177,6 +179,18 @@ def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_m
                 "moe_lowering": lowerings[phase] if args.num_moe_layers else None,
                 "op_counts": _op_counts(lowered[phase]),
             }
+        writing = IN_PLACE_FILE
+        in_place = in_place_decode(tmp / graphs["decode"]["file"], tmp / IN_PLACE_FILE)
+        check_model(tmp / IN_PLACE_FILE)
+        graphs["decode"]["in_place"] = {
+            "file": IN_PLACE_FILE,
+            "opset": max(opset, IN_PLACE_OPSET),
+            "inputs": [_io(v) for v in in_place.graph.inputs],
+            "outputs": [_io(v) for v in in_place.graph.outputs],
+            "op_counts": _op_counts(in_place),
+            "use": f"one new token; past.{{i}}.* are buffers of capacity T >= P+1, bound as present.{{i}}.* too; "
+                   f"{WRITE_INDEX} [B] = P; attention_mask [B, T] with 0 for the free rows",
+        }
         report("write", len(stored) + 1, len(stored) + 3)
         manifest = {
             "format_version": MANIFEST_FORMAT,

@@ -90,6 +90,11 @@ class Engine(ABC):
     ) -> tuple[torch.Tensor, KVCache]:
         """Run S new tokens against the cache; return float32 logits [B, S, V] and the new cache."""
 
+    def own_cache(self, cache: KVCache) -> KVCache:
+        """`cache` in the form this engine steps from fastest (ONNX Runtime: in-place buffers);
+        by default as it is. Stepping from the result gives the same logits as from `cache`."""
+        return cache
+
     def check_inputs(
         self,
         input_ids: torch.Tensor,

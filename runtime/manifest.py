@@ -13,7 +13,10 @@ The manifest (written by `exporter/export.py`, read by every engine) records:
     graphs           per graph ("prefill", "decode"): file, program (.pt2, saved without weights),
                      program_weights ({weight name: {"offset", "bytes"}} in the weights file: where
                      the torch engine reads the program's weights), inputs/outputs (name, dtype,
-                     shape with symbolic dims as strings), passes (PassReport), lowering
+                     shape with symbolic dims as strings), passes (PassReport), lowering;
+                     decode may add "in_place" {file, opset, inputs, outputs, op_counts, use}: the
+                     same decode step writing its cache into capacity buffers (optional; engines
+                     that do not use it run the contract's decode graph)
     files            per file in OUT: bytes and sha256
 
 `read_manifest(out_dir)` validates OUT before any graph is loaded: the manifest parses, its format
@@ -47,6 +50,7 @@ from runtime.errors import EngineError
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
 GRAPHS = ("prefill", "decode")
+WRITE_INDEX = "write_index"  # the in-place decode graph's extra input: the cache row to write, [B]
 _REQUIRED = ("format_version", "model", "dtype", "target", "limits", "cache", "graphs")
 
 
@@ -81,9 +85,14 @@ def read_manifest(out_dir: str | Path, *, check_graphs: bool = True) -> dict[str
     graphs = manifest["graphs"]
     if not isinstance(graphs, dict) or any(g not in graphs or "file" not in graphs[g] for g in GRAPHS):
         raise EngineError(f"{path}: 'graphs' must name the files of {' and '.join(GRAPHS)}")
+    in_place = graphs["decode"].get("in_place")
+    if in_place is not None and (not isinstance(in_place, dict) or "file" not in in_place):
+        raise EngineError(f"{path}: 'graphs.decode.in_place' must name its file")
     if check_graphs:
         for g in GRAPHS:
             check_onnx_file(out, graphs[g]["file"])
+        if in_place is not None:
+            check_onnx_file(out, in_place["file"])
     return manifest
 
 

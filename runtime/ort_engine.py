@@ -9,6 +9,17 @@ prefill graph otherwise, through IOBinding:
   they become torch tensors (zero-copy, DLPack) only when someone reads `cache.layers`;
 - logits come back as a float32 torch tensor (zero-copy view of ORT's output on CPU).
 
+In-place decode (CPU provider, exports that have `graphs.decode.in_place`): the contract's decode
+graph copies the whole cache into a new `present` every step (Concat), and ORT allocates those
+outputs afresh. The in-place graph (exporter.lower.in_place_decode) instead writes the new row into
+capacity buffers bound as both its cache inputs and outputs. The cache it returns is an
+`OrtCapacityCache`: rows [0, P) of `CacheBuffers` of capacity T (a multiple of CAPACITY_STEP).
+Stepping from a cache of length P writes row P of its buffers when no live cache reads that row
+(the usual chain: each step's cache replaces the previous one, or the returned cache is dropped);
+otherwise, or when the buffers are full, the rows are first copied into new buffers. So a cache
+never changes under whoever holds it, and a generation loop copies the cache once per
+CAPACITY_STEP tokens instead of every token. `own_cache` turns any cache into this form up front.
+
 Provider: "auto" picks CUDA when onnxruntime offers it and a CUDA GPU is present, else CPU;
 "cpu", "cuda" and "tensorrt" insist. Session logs are limited to errors: a CPU machine with the
 onnxruntime-gpu wheel prints nothing alarming.
@@ -20,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +39,15 @@ import torch
 
 from runtime.engine import Engine, EngineInfo, KVCache, choose_graph
 from runtime.errors import EngineError
-from runtime.manifest import read_manifest
+from runtime.manifest import WRITE_INDEX, read_manifest
 
 PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
 _ORT_PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                  "tensorrt": "TensorrtExecutionProvider"}
 # onnx.TensorProto element types (ints are what IOBinding and OrtValue accept for bfloat16 too).
 _ONNX_TYPES = {torch.float32: 1, torch.int64: 7, torch.float16: 10, torch.bfloat16: 16}
+CAPACITY_STEP = 128  # tokens: in-place cache buffers grow by this much (one copy per CAPACITY_STEP steps)
+IN_PLACE = "decode_inplace"  # the session of the manifest's graphs.decode.in_place
 
 
 def cuda_gpu_present() -> bool:
@@ -98,8 +112,57 @@ class OrtKVCache(KVCache):
         raise AttributeError("OrtKVCache is read-only: build a KVCache from torch tensors instead")
 
 
+class CacheBuffers:
+    """Capacity buffers [B, T, dim] for every cache tensor, as OrtValues and torch views of them."""
+
+    def __init__(self, values: list[Any], batch: int, capacity: int):
+        self.values, self.batch, self.capacity = values, batch, capacity
+        self.tensors = [torch.from_dlpack(v._ortvalue) for v in values]
+        self.readers: weakref.WeakSet = weakref.WeakSet()  # live OrtCapacityCaches over these buffers
+
+    def writable_at(self, row: int) -> bool:
+        """Row `row` exists and no live cache reads it (or anything after it)."""
+        return row < self.capacity and all(c.length <= row for c in self.readers)
+
+    def cache(self, length: int) -> "OrtCapacityCache":
+        cache = OrtCapacityCache(self, length)
+        self.readers.add(cache)
+        return cache
+
+
+class OrtCapacityCache(KVCache):
+    """The first `length` rows of CacheBuffers: what the in-place decode graph steps from."""
+
+    __eq__ = object.__eq__  # identity: CacheBuffers tracks its readers in a WeakSet
+    __hash__ = object.__hash__
+
+    def __init__(self, buffers: CacheBuffers, length: int):
+        self.buffers = buffers
+        self._length = length
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    def rows(self) -> list[torch.Tensor]:
+        """Views [B, length, dim] of the buffers, in contract order (no copy)."""
+        return [t[:, : self._length] for t in self.buffers.tensors]
+
+    @property
+    def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of this cache's rows: a later step may reuse the buffers once this cache is gone."""
+        t = [r.clone() for r in self.rows()]
+        return [(t[i], t[i + 1]) for i in range(0, len(t), 2)]
+
+    @layers.setter
+    def layers(self, value) -> None:
+        raise AttributeError("OrtCapacityCache is read-only: build a KVCache from torch tensors instead")
+
+
 class OrtEngine(Engine):
     """Prefill and decode ONNX Runtime sessions over one OUT folder."""
+
+    capacity_step = CAPACITY_STEP
 
     def __init__(self, out_dir: Path, manifest: dict[str, Any], sessions: dict[str, Any], device: str):
         self.out_dir, self.manifest, self.sessions, self.device = out_dir, manifest, sessions, device
@@ -109,9 +172,10 @@ class OrtEngine(Engine):
         self._present = [f"present.{i}.{k}" for i in range(n) for k in ("kv_latent", "k_rope")]
         for name, session in sessions.items():
             got = [i.name for i in session.get_inputs()]
-            if got != ["input_ids", "position_ids", "attention_mask", *self._past]:
-                raise EngineError(f"{out_dir / manifest['graphs'][name]['file']}: inputs {got} do not follow "
-                                  "the engine contract")
+            want = ["input_ids", "position_ids", "attention_mask", *self._past]
+            graph = manifest["graphs"]["decode"]["in_place"] if name == IN_PLACE else manifest["graphs"][name]
+            if got != (want + [WRITE_INDEX] if name == IN_PLACE else want):
+                raise EngineError(f"{out_dir / graph['file']}: inputs {got} do not follow the engine contract")
 
     @classmethod
     def load(cls, out_dir: str | Path, provider: str = "auto", threads: int | None = None) -> "OrtEngine":
@@ -130,8 +194,12 @@ class OrtEngine(Engine):
                 raise EngineError(f"threads must be >= 1, got {threads}")
             options.intra_op_num_threads = threads
         sessions = {}
-        for name in ("prefill", "decode"):
-            path = out / manifest["graphs"][name]["file"]
+        files = {name: manifest["graphs"][name]["file"] for name in ("prefill", "decode")}
+        in_place = manifest["graphs"]["decode"].get("in_place")
+        if in_place is not None and providers[0] == "CPUExecutionProvider":
+            files[IN_PLACE] = in_place["file"]
+        for name, file in files.items():
+            path = out / file
             try:
                 sessions[name] = ort.InferenceSession(os.fspath(path), options, providers=providers)
             except Exception as err:  # ORT raises its own Fail/InvalidGraph/RuntimeException types
@@ -145,7 +213,10 @@ class OrtEngine(Engine):
         B, S = input_ids.shape
         P = cache.length if cache is not None else 0
         self.check_inputs(input_ids, P, position_ids, attention_mask)
-        session = self.sessions[choose_graph(S, P)]
+        graph = choose_graph(S, P)
+        if graph == "decode" and IN_PLACE in self.sessions:
+            return self._decode_in_place(input_ids, position_ids, attention_mask, cache)
+        session = self.sessions[graph]
         binding = session.io_binding()
         keep = []  # tensors whose memory is bound by pointer: alive until the run returns
         for name, t in (("input_ids", input_ids), ("position_ids", position_ids), ("attention_mask", attention_mask)):
@@ -156,27 +227,87 @@ class OrtEngine(Engine):
             for name, value in zip(self._past, cache.values):
                 binding.bind_ortvalue_input(name, value)
         else:
-            layers = cache.layers if cache is not None else None
-            if layers is not None and len(layers) != self.info.num_layers:
-                raise EngineError(f"cache has {len(layers)} layers, the engine {self.info.num_layers}")
-            for i in range(self.info.num_layers):
-                for j, dim in enumerate((self.info.kv_lora_rank, self.info.qk_rope_head_dim)):
-                    t = layers[i][j] if layers is not None else torch.zeros(B, 0, dim, dtype=self.info.cache_dtype)
-                    if tuple(t.shape) != (B, P, dim):
-                        raise EngineError(f"cache tensor {self._past[2 * i + j]} has shape {tuple(t.shape)}, "
-                                          f"expected {(B, P, dim)}")
-                    keep.append(self._bind_tensor(binding, self._past[2 * i + j], t.to(self.info.cache_dtype)))
+            for name, t in zip(self._past, self._cache_rows(cache, B, P)):
+                keep.append(self._bind_tensor(binding, name, t))
         binding.bind_output("logits", "cpu")
         for name in self._present:
             binding.bind_output(name, self.device)
+        self._run(session, binding, B, S, P)
+        outputs = binding.get_outputs()
+        logits = torch.from_dlpack(outputs[0]._ortvalue)
+        return logits.float(), OrtKVCache(list(outputs[1:]), P + S)
+
+    def own_cache(self, cache: KVCache) -> KVCache:
+        """`cache` in capacity buffers when decode runs in place (rows copied once), else as it is."""
+        if IN_PLACE not in self.sessions or cache.length == 0 or isinstance(cache, OrtCapacityCache):
+            return cache
+        return self._new_buffers(cache, int(cache.layers[0][0].shape[0])).cache(cache.length)
+
+    def _decode_in_place(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         cache: KVCache) -> tuple[torch.Tensor, KVCache]:
+        """One new token through the in-place graph: row P of the cache buffers is written, nothing copied."""
+        B, P = int(input_ids.shape[0]), cache.length
+        if isinstance(cache, OrtCapacityCache) and cache.buffers.batch == B and cache.buffers.writable_at(P):
+            buffers = cache.buffers
+        else:
+            buffers = self._new_buffers(cache, B)
+        mask = torch.zeros(B, buffers.capacity, dtype=torch.int64)  # the free rows are not attended
+        mask[:, : P + 1] = attention_mask
+        write_index = torch.full((B,), P, dtype=torch.int64)
+        binding = self.sessions[IN_PLACE].io_binding()
+        keep = []
+        for name, t in (("input_ids", input_ids), ("position_ids", position_ids), ("attention_mask", mask),
+                        (WRITE_INDEX, write_index)):
+            keep.append(self._bind_tensor(binding, name, t.to(torch.int64)))
+        binding.bind_output("logits", "cpu")
+        for past, present, value in zip(self._past, self._present, buffers.values):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
+        self._run(self.sessions[IN_PLACE], binding, B, 1, P)
+        logits = torch.from_dlpack(binding.get_outputs()[0]._ortvalue)
+        return logits.float(), buffers.cache(P + 1)
+
+    def _new_buffers(self, cache: KVCache, batch: int) -> CacheBuffers:
+        """Buffers of capacity for the next step at least, holding `cache`'s rows; the free rows are zero."""
+        P = cache.length
+        capacity = (P + self.capacity_step) // self.capacity_step * self.capacity_step  # > P
+        ort = _ort()
+        values = [ort.OrtValue.ortvalue_from_shape_and_type([batch, capacity, int(t.shape[-1])],
+                                                           _ONNX_TYPES[self.info.cache_dtype])
+                  for t in self._cache_rows(cache, batch, P)]
+        buffers = CacheBuffers(values, batch, capacity)
+        for buffer, rows in zip(buffers.tensors, self._cache_rows(cache, batch, P)):
+            buffer[:, :P].copy_(rows)
+            buffer[:, P:].zero_()  # masked rows still enter the products: no garbage (NaN) there
+        return buffers
+
+    def _cache_rows(self, cache: KVCache | None, B: int, P: int) -> list[torch.Tensor]:
+        """The cache as [B, P, dim] tensors in contract order (views where possible), or an EngineError."""
+        if isinstance(cache, OrtCapacityCache):
+            if cache.buffers.batch != B or len(cache.buffers.values) != len(self._past):
+                raise EngineError(f"cache holds batch {cache.buffers.batch} and {len(cache.buffers.values) // 2} "
+                                  f"layers, the step batch {B} and the engine {self.info.num_layers} layers")
+            return cache.rows()
+        layers = cache.layers if cache is not None else None
+        if layers is not None and len(layers) != self.info.num_layers:
+            raise EngineError(f"cache has {len(layers)} layers, the engine {self.info.num_layers}")
+        rows = []
+        for i in range(self.info.num_layers):
+            for j, dim in enumerate((self.info.kv_lora_rank, self.info.qk_rope_head_dim)):
+                t = layers[i][j] if layers is not None else torch.zeros(B, 0, dim, dtype=self.info.cache_dtype)
+                if tuple(t.shape) != (B, P, dim):
+                    raise EngineError(f"cache tensor {self._past[2 * i + j]} has shape {tuple(t.shape)}, "
+                                      f"expected {(B, P, dim)}")
+                rows.append(t.to(self.info.cache_dtype))
+        return rows
+
+    @staticmethod
+    def _run(session, binding, B: int, S: int, P: int) -> None:
         try:
             session.run_with_iobinding(binding)
         except Exception as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise EngineError(f"ONNX Runtime failed on a step with B={B}, S={S}, P={P}: {first}") from None
-        outputs = binding.get_outputs()
-        logits = torch.from_dlpack(outputs[0]._ortvalue)
-        return logits.float(), OrtKVCache(list(outputs[1:]), P + S)
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                       attention_mask: torch.Tensor) -> list[torch.Tensor]:

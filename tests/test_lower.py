@@ -33,7 +33,8 @@ from runtime.manifest import MANIFEST_FORMAT, read_manifest
 
 VARIANTS = ("v3", "v2", "v2-lite")
 LIMITS = Limits(max_batch=8, max_new_tokens=64, max_context=128)
-FILES = {"prefill.onnx", "decode.onnx", "weights.bin", "manifest.json", "prefill.pt2", "decode.pt2"}
+FILES = {"prefill.onnx", "decode.onnx", "decode_inplace.onnx", "weights.bin", "manifest.json", "prefill.pt2",
+         "decode.pt2"}
 
 _ROOT = Path(tempfile.mkdtemp(prefix="dsc_test_lower_"))
 atexit.register(shutil.rmtree, _ROOT, True)
@@ -60,8 +61,33 @@ def args_of(variant: str) -> ModelArgs:
 def test_files_and_checker(variant):
     out = exported(variant)
     assert {p.name for p in out.iterdir()} == FILES
-    for graph in ("prefill", "decode"):
+    for graph in ("prefill", "decode", "decode_inplace"):
         check_model(out / f"{graph}.onnx")  # full_check: strict shape inference included
+
+
+@pytest.mark.parametrize("variant", ["v3", "v2"])
+def test_in_place_decode_graph(variant):
+    """decode_inplace.onnx is decode.onnx with each cache Concat replaced by a TensorScatter at
+    write_index, writing the same weights (references into the same weights.bin)."""
+    out = exported(variant)
+    L = args_of(variant).num_hidden_layers
+    base = onnx.load(str(out / "decode.onnx"), load_external_data=False)
+    model = onnx.load(str(out / "decode_inplace.onnx"), load_external_data=False)
+    assert [i.name for i in model.graph.input] == [i.name for i in base.graph.input] + ["write_index"]
+    assert [o.name for o in model.graph.output] == [o.name for o in base.graph.output]
+    ops, base_ops = [n.op_type for n in model.graph.node], [n.op_type for n in base.graph.node]
+    assert ops.count("TensorScatter") == 2 * L and base_ops.count("TensorScatter") == 0
+    assert ops.count("Concat") == base_ops.count("Concat") - 2 * L
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for out_value in model.graph.output[1:]:
+        node = producers[out_value.name]
+        assert node.op_type == "TensorScatter" and node.input[0] == out_value.name.replace("present", "past")
+        assert node.input[2] == "write_index"
+    assert {i.name for i in model.graph.initializer} == {i.name for i in base.graph.initializer}
+    assert next(o.version for o in model.opset_import if o.domain == "") == 24
+    m = read_manifest(out)["graphs"]["decode"]["in_place"]
+    assert m["file"] == "decode_inplace.onnx" and m["op_counts"]["TensorScatter"] == 2 * L
+    assert {i["name"]: i["shape"] for i in m["inputs"]}["attention_mask"] == ["batch", "past"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

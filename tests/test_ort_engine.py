@@ -1,5 +1,6 @@
 """OrtEngine (runtime/ort_engine.py) against the eager model: prefill + 16 decode steps with left
-padding, greedy generation, and the errors a user can cause (broken OUT, bad inputs).
+padding, greedy generation, the in-place decode graph against the contract's decode graph (and
+caches that a later step must not change), and the errors a user can cause (broken OUT, bad inputs).
 
 Uses the exports of test_lower.py (`exported()`, one per variant and session).
 
@@ -20,7 +21,7 @@ from runtime.tolerance import bound as tolerance_bound
 from model.checkpoint import load_checkpoint
 from runtime.errors import EngineError
 from runtime.manifest import read_manifest
-from runtime.ort_engine import OrtEngine, OrtKVCache
+from runtime.ort_engine import OrtCapacityCache, OrtEngine, OrtKVCache
 from test_lower import LIMITS, VARIANTS, checkpoint, exported
 
 DECODE_STEPS = 16
@@ -57,7 +58,7 @@ def test_steps_match_eager(pair):
         ids = want[:, -1].argmax(-1, keepdim=True)
         pos = pos[:, -1:] + 1
         mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.int64)], dim=1)
-    assert isinstance(cache_e, OrtKVCache) and cache_e.length == S + DECODE_STEPS
+    assert isinstance(cache_e, OrtCapacityCache) and cache_e.length == S + DECODE_STEPS  # decoded in place
     # Padded positions hold whatever a query that sees nothing computes (never attended to): skip them.
     real = mask[:, :-1].bool()  # [B, P] of the final cache
     for i, ((k_e, r_e), (k_r, r_r)) in enumerate(zip(cache_e.layers, cache_r)):
@@ -98,7 +99,82 @@ def test_step_accepts_a_torch_cache(pair):
     plain = KVCache([(k.clone(), r.clone()) for k, r in cache.layers])
     a, _ = engine.step(ids[:, :1], pos[:, -1:] + 1, torch.ones(1, 4, dtype=torch.int64), cache)
     b, _ = engine.step(ids[:, :1], pos[:, -1:] + 1, torch.ones(1, 4, dtype=torch.int64), plain)
-    assert torch.equal(a, b)
+    c, _ = engine.step(ids[:, :1], pos[:, -1:] + 1, torch.ones(1, 4, dtype=torch.int64), engine.own_cache(plain))
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+
+# ---------------------------------------------------------------- in-place decode
+
+
+def _without_in_place(variant: str, tmp_path) -> OrtEngine:
+    """The same OUT with no in-place graph in its manifest (an export made before there was one)."""
+    dst = tmp_path / "contract"
+    shutil.copytree(exported(variant), dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    del m["graphs"]["decode"]["in_place"]
+    (dst / "manifest.json").write_text(json.dumps(m))
+    return OrtEngine.load(dst, provider="cpu")
+
+
+@pytest.mark.parametrize("variant", ["v3", "v2"])
+def test_in_place_decode_matches_contract_decode(variant, tmp_path):
+    """B=2 (row 0 left-padded) through 10 decode steps with buffers growing by 4 rows: the in-place
+    graph gives the contract decode graph's logits and cache, and writes the same buffers until they
+    are full."""
+    engine = OrtEngine.load(exported(variant), provider="cpu")
+    engine.capacity_step = 4
+    contract = _without_in_place(variant, tmp_path)
+    assert "decode_inplace" in engine.sessions and "decode_inplace" not in contract.sessions
+    B, S = 2, 5
+    ids = torch.randint(0, engine.info.vocab_size, (B, S), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(B, S, dtype=torch.int64)
+    mask[0, :2] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache_i = cache_c = None
+    buffers = []
+    for step in range(11):
+        got, cache_i = engine.step(ids, pos, mask, cache_i)
+        want, cache_c = contract.step(ids, pos, mask, cache_c)
+        bound = tolerance_bound(torch.float32, want.abs().max().item())
+        assert (got - want).abs().max() <= bound, f"{variant} step {step}: max|Δ|={(got - want).abs().max():.3e}"
+        if step > 0:
+            assert isinstance(cache_i, OrtCapacityCache) and isinstance(cache_c, OrtKVCache)
+            if not buffers or buffers[-1][0] is not cache_i.buffers:
+                buffers.append((cache_i.buffers, cache_i.buffers.tensors[0].data_ptr()))
+        ids = want[:, -1].argmax(-1, keepdim=True)
+        pos = pos[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.int64)], dim=1)
+    # P = 5..14: rows 5-7 in capacity 8, 8-11 in 12, 12-14 in 16; one buffer set each
+    assert [b.capacity for b, _ in buffers] == [8, 12, 16]
+    assert all(b.tensors[0].data_ptr() == ptr for b, ptr in buffers)
+    assert cache_i.length == cache_c.length == S + 10
+    real = mask[:, :-1].bool()
+    for (k_i, r_i), (k_c, r_c) in zip(cache_i.layers, cache_c.layers):
+        for a, b in ((k_i, k_c), (r_i, r_c)):
+            assert a.shape == b.shape
+            assert (a - b).abs()[real].max() <= tolerance_bound(torch.float32, b[real].abs().max().item())
+
+
+def test_in_place_step_never_changes_a_held_cache(pair):
+    """Two steps from one cache while the first result is held: the second writes into new buffers.
+    Once both results are dropped, a step writes the original buffers again, with the same logits."""
+    _, engine, _ = pair
+    ids, pos = torch.tensor([[5, 6, 7]]), torch.tensor([[0, 1, 2]])
+    _, prefilled = engine.step(ids, pos, torch.ones(1, 3, dtype=torch.int64), None)
+    cache = engine.own_cache(prefilled)
+    assert isinstance(cache, OrtCapacityCache) and cache.length == 3
+    mask = torch.ones(1, 4, dtype=torch.int64)
+    la, ca = engine.step(torch.tensor([[11]]), torch.tensor([[3]]), mask, cache)
+    held = [r.clone() for r in ca.rows()]
+    lb, cb = engine.step(torch.tensor([[12]]), torch.tensor([[3]]), mask, cache)
+    assert cb.buffers is not ca.buffers and ca.buffers is cache.buffers
+    assert all(torch.equal(h, r) for h, r in zip(held, ca.rows())), "a step changed a cache someone holds"
+    assert not torch.equal(ca.rows()[0][:, 3], cb.rows()[0][:, 3])  # the two tokens wrote different rows
+    assert not torch.equal(la, lb)
+    del ca, cb
+    lc, cc = engine.step(torch.tensor([[11]]), torch.tensor([[3]]), mask, cache)
+    assert cc.buffers is cache.buffers
+    assert torch.equal(lc, la)
 
 
 # ---------------------------------------------------------------- errors
@@ -135,6 +211,12 @@ def test_unknown_manifest_version(broken):
     path.write_text("{not json")
     with pytest.raises(EngineError, match="manifest.json: not valid JSON"):
         read_manifest(broken)
+
+
+def test_missing_in_place_graph(broken):
+    (broken / "decode_inplace.onnx").unlink()
+    with pytest.raises(EngineError, match="decode_inplace.onnx: graph file not found"):
+        OrtEngine.load(broken)
 
 
 def test_external_data_outside_out(broken):

@@ -134,8 +134,8 @@ def test_next_export_cleans_up_and_is_byte_identical(first, killed, ckpt):
         after = _files(out)
         differ = sorted(n for n in before.keys() | after.keys() if before.get(n) != after.get(n))
         assert not differ, f"files differ between an export here and one in another process: {differ}"
-        assert set(after) == {"prefill.onnx", "decode.onnx", "weights.bin", "manifest.json", "prefill.pt2",
-                              "decode.pt2"}
+        assert set(after) == {"prefill.onnx", "decode.onnx", "decode_inplace.onnx", "weights.bin", "manifest.json",
+                              "prefill.pt2", "decode.pt2"}
     finally:
         shutil.rmtree(live, ignore_errors=True)
 
