@@ -3,7 +3,8 @@
     load_checkpoint(meta) -> capture -> run_pipeline per graph -> lower both
     -> OUT/prefill.onnx, OUT/decode.onnx, OUT/weights.bin (shared), OUT/prefill.pt2,
        OUT/decode.pt2 (optimized ExportedPrograms, for the torch engine), OUT/manifest.json,
-       OUT/decode_inplace.onnx (decode writing the cache in place: ONNX Runtime on CPU runs it)
+       OUT/decode_inplace.onnx (decode writing the cache in place, run by ONNX Runtime on CPU;
+       not in exports lowered for TensorRT)
 
 Streaming. The model is loaded on the meta device: capture, passes and lowering see shapes only,
 and each weight carries how to read it (model.checkpoint.CheckpointSource) or compute it from
@@ -179,18 +180,19 @@ def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_m
                 "moe_lowering": lowerings[phase] if args.num_moe_layers else None,
                 "op_counts": _op_counts(lowered[phase]),
             }
-        writing = IN_PLACE_FILE
-        in_place = in_place_decode(tmp / graphs["decode"]["file"], tmp / IN_PLACE_FILE)
-        check_model(tmp / IN_PLACE_FILE)
-        graphs["decode"]["in_place"] = {
-            "file": IN_PLACE_FILE,
-            "opset": max(opset, IN_PLACE_OPSET),
-            "inputs": [_io(v) for v in in_place.graph.inputs],
-            "outputs": [_io(v) for v in in_place.graph.outputs],
-            "op_counts": _op_counts(in_place),
-            "use": f"one new token; past.{{i}}.* are buffers of capacity T >= P+1, bound as present.{{i}}.* too; "
-                   f"{WRITE_INDEX} [B] = P; attention_mask [B, T] with 0 for the free rows",
-        }
+        if target == "onnxruntime":  # TensorRT builds from the contract graphs; its parser takes 4D TensorScatter only
+            writing = IN_PLACE_FILE
+            in_place = in_place_decode(tmp / graphs["decode"]["file"], tmp / IN_PLACE_FILE)
+            check_model(tmp / IN_PLACE_FILE)
+            graphs["decode"]["in_place"] = {
+                "file": IN_PLACE_FILE,
+                "opset": max(opset, IN_PLACE_OPSET),
+                "inputs": [_io(v) for v in in_place.graph.inputs],
+                "outputs": [_io(v) for v in in_place.graph.outputs],
+                "op_counts": _op_counts(in_place),
+                "use": f"one new token; past.{{i}}.* are buffers of capacity T >= P+1, bound as present.{{i}}.* "
+                       f"too; {WRITE_INDEX} [B] = P; attention_mask [B, T] with 0 for the free rows",
+            }
         report("write", len(stored) + 1, len(stored) + 3)
         manifest = {
             "format_version": MANIFEST_FORMAT,

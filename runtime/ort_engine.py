@@ -271,13 +271,12 @@ class OrtEngine(Engine):
         """Buffers of capacity for the next step at least, holding `cache`'s rows; the free rows are zero."""
         P = cache.length
         capacity = (P + self.capacity_step) // self.capacity_step * self.capacity_step  # > P
-        ort = _ort()
+        ort, rows = _ort(), self._cache_rows(cache, batch, P)
         values = [ort.OrtValue.ortvalue_from_shape_and_type([batch, capacity, int(t.shape[-1])],
-                                                           _ONNX_TYPES[self.info.cache_dtype])
-                  for t in self._cache_rows(cache, batch, P)]
+                                                           _ONNX_TYPES[self.info.cache_dtype]) for t in rows]
         buffers = CacheBuffers(values, batch, capacity)
-        for buffer, rows in zip(buffers.tensors, self._cache_rows(cache, batch, P)):
-            buffer[:, :P].copy_(rows)
+        for buffer, t in zip(buffers.tensors, rows):
+            buffer[:, :P].copy_(t)
             buffer[:, P:].zero_()  # masked rows still enter the products: no garbage (NaN) there
         return buffers
 
