@@ -9,8 +9,8 @@ prefill graph otherwise, through IOBinding:
   they become torch tensors (zero-copy, DLPack) only when someone reads `cache.layers`;
 - logits come back as a float32 torch tensor (zero-copy view of ORT's output on CPU).
 
-In-place decode (CPU provider, exports that have `graphs.decode.in_place`): the contract's decode
-graph copies the whole cache into a new `present` every step (Concat), and ORT allocates those
+In-place decode (CPU provider, exports that have `graphs.decode.in_place`, which is then loaded
+instead of the contract's decode graph): the contract's decode graph copies the whole cache into a new `present` every step (Concat), and ORT allocates those
 outputs afresh. The in-place graph (exporter.lower.in_place_decode) instead writes the new row into
 capacity buffers bound as both its cache inputs and outputs. The cache it returns is an
 `OrtCapacityCache`: rows [0, P) of `CacheBuffers` of capacity T (a multiple of CAPACITY_STEP).
@@ -194,10 +194,12 @@ class OrtEngine(Engine):
                 raise EngineError(f"threads must be >= 1, got {threads}")
             options.intra_op_num_threads = threads
         sessions = {}
-        files = {name: manifest["graphs"][name]["file"] for name in ("prefill", "decode")}
+        # On CPU the in-place graph replaces the contract's decode graph (each session holds its own
+        # copy of the weights, so the two are not loaded together).
         in_place = manifest["graphs"]["decode"].get("in_place")
-        if in_place is not None and providers[0] == "CPUExecutionProvider":
-            files[IN_PLACE] = in_place["file"]
+        decode = IN_PLACE if in_place is not None and providers[0] == "CPUExecutionProvider" else "decode"
+        files = {"prefill": manifest["graphs"]["prefill"]["file"],
+                 decode: in_place["file"] if decode == IN_PLACE else manifest["graphs"]["decode"]["file"]}
         for name, file in files.items():
             path = out / file
             try:

@@ -124,7 +124,7 @@ def test_in_place_decode_matches_contract_decode(variant, tmp_path):
     engine = OrtEngine.load(exported(variant), provider="cpu")
     engine.capacity_step = 4
     contract = _without_in_place(variant, tmp_path)
-    assert "decode_inplace" in engine.sessions and "decode_inplace" not in contract.sessions
+    assert set(engine.sessions) == {"prefill", "decode_inplace"} and set(contract.sessions) == {"prefill", "decode"}
     B, S = 2, 5
     ids = torch.randint(0, engine.info.vocab_size, (B, S), generator=torch.Generator().manual_seed(3))
     mask = torch.ones(B, S, dtype=torch.int64)
