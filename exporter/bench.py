@@ -472,6 +472,11 @@ def _first_reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {hit}"[:400]
 
 
+def _hf_cache_names(prefix: str, num_layers: int) -> list[str]:
+    """The exported transformers graph's cache IO names: `{prefix}.{i}.key`, `{prefix}.{i}.value` per layer."""
+    return [f"{prefix}.{i}.{k}" for i in range(num_layers) for k in ("key", "value")]
+
+
 class _HFDecodeGraph(torch.nn.Module):
     """transformers' model with its cache as flat tensors, the form an ONNX graph can take and return."""
 
@@ -562,8 +567,8 @@ def _hf_onnx_attempts(checkpoint: Path, out: Path) -> dict[str, Any]:
     past = [t for layer in probe.layers for t in (layer.keys, layer.values)]
     ids, pos, mask = _inputs(args.vocab_size, 1, 1, 4, 6)
     names = ["input_ids", "position_ids", "attention_mask"]
-    names += [f"past.{i}.{k}" for i in range(L) for k in ("key", "value")]
-    outs = ["logits"] + [f"present.{i}.{k}" for i in range(L) for k in ("key", "value")]
+    names += _hf_cache_names("past", L)
+    outs = ["logits"] + _hf_cache_names("present", L)
     axes = {"input_ids": {0: "batch", 1: "seq"}, "position_ids": {0: "batch", 1: "seq"},
             "attention_mask": {0: "batch", 1: "total"}, "logits": {0: "batch", 1: "seq"}}
     axes.update({n: {0: "batch", 2: "past"} for n in names[3:]})
@@ -660,7 +665,7 @@ def _check_hf_onnx(path: Path, hf: "HFSystem", args: ModelArgs, with_cache: bool
         past = [t for layer in cache.layers for t in (layer.keys, layer.values)]
         ids, pos, mask = _inputs(args.vocab_size, 1, 1, 7, 9)
         feeds = {"input_ids": ids.numpy(), "position_ids": pos.numpy(), "attention_mask": mask.numpy()}
-        feeds.update({f"past.{i // 2}.{'key' if i % 2 == 0 else 'value'}": t.numpy() for i, t in enumerate(past)})
+        feeds.update({name: t.numpy() for name, t in zip(_hf_cache_names("past", args.num_hidden_layers), past)})
         with torch.no_grad():
             want = _HFDecodeGraph(hf.model, args.num_hidden_layers)(ids, pos, mask, *past)[0]
     else:
@@ -760,8 +765,8 @@ class HFOnnxSystem(System):
         if not self.with_cache:
             return {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
         feeds = {"input_ids": ids.numpy(), "position_ids": pos.numpy(), "attention_mask": mask.numpy()}
-        for i, dim in enumerate(self.cache_shapes):  # [key dim, value dim] per layer, interleaved
-            name = f"past.{i // 2}.{'key' if i % 2 == 0 else 'value'}"
+        names = _hf_cache_names("past", len(self.cache_shapes) // 2)
+        for name, dim in zip(names, self.cache_shapes):  # [key dim, value dim] per layer, interleaved
             feeds[name] = torch.randn(batch, 1, past, dim).numpy()
         return feeds
 

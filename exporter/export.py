@@ -56,7 +56,7 @@ import onnx_ir as ir
 import torch
 
 from exporter.capture import PHASES, Limits, capture
-from exporter.lower import IN_PLACE_OPSET, check_model, in_place_decode, lower, save_models
+from exporter.lower import check_model, in_place_decode, lower, save_models
 from exporter.onnx_ops import choose_moe_experts
 from model.checkpoint import load_checkpoint
 from passes import PassOptions, run_pipeline
@@ -186,7 +186,7 @@ def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_m
             check_model(tmp / IN_PLACE_FILE)
             graphs["decode"]["in_place"] = {
                 "file": IN_PLACE_FILE,
-                "opset": max(opset, IN_PLACE_OPSET),
+                "opset": in_place.opset_imports[""],
                 "inputs": [_io(v) for v in in_place.graph.inputs],
                 "outputs": [_io(v) for v in in_place.graph.outputs],
                 "op_counts": _op_counts(in_place),
