@@ -400,6 +400,7 @@ def inspect(
     """Show what an engine folder holds: graphs, IO, op counts, weights, cache, passes."""
     with guard():
         from runtime.manifest import read_manifest
+        from runtime.weights import resident_estimate
 
         manifest = read_manifest(out)
         c, cfg = manifest["cache"], manifest["model"]
@@ -418,6 +419,18 @@ def inspect(
                  f"cache    {c['bytes_per_token']} bytes/token vs {c['mha_equivalent_bytes_per_token']} for MHA "
                  f"({c['compression']}x smaller)",
                  f"weights  {_mb(manifest['weights'].get('bytes', 0))} in {manifest['weights'].get('file')}"]
+        weights = manifest["weights"]
+        layouts = weights.get("layouts")
+        if layouts is not None and weights.get("parameter_bytes"):
+            lines.append(f"         {weights['bytes'] / weights['parameter_bytes']:.3f}x the parameter bytes; beyond one "
+                         f"copy: second layouts {_mb(layouts['second_layout_bytes'])}, computed by passes "
+                         f"{_mb(layouts['computed_bytes'])}")
+        info["files"] = manifest.get("files", {})
+        for name, f in sorted(info["files"].items()):
+            lines.append(f"file     {name:24s} {_mb(f['bytes'])}")
+        info["resident_estimate"] = resident_estimate(out, manifest)
+        for backend, r in info["resident_estimate"].items():
+            lines.append(f"memory   {backend:16s} {_mb(r['bytes'])} of weights ({r['how']})")
         for name, g in info["graphs"].items():
             lines.append(f"graph    {name}: {g['file']}, {sum((g['op_counts'] or {}).values())} nodes")
             ins = ", ".join(f"{i['name']}{i['shape']}" for i in g["inputs"][:3])

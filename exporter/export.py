@@ -64,6 +64,7 @@ from passes.absorb_mla import FORMS as ABSORB_FORMS
 from runtime.engine import DTYPES
 from runtime.errors import DscompileError, OptionError
 from runtime.manifest import MANIFEST_FORMAT, WRITE_INDEX, write_manifest
+from runtime.weights import fingerprint
 
 WEIGHTS_FILE = "weights.bin"
 IN_PLACE_FILE = "decode_inplace.onnx"  # the decode graph writing its cache in place (exporter.lower.in_place_decode)
@@ -207,12 +208,16 @@ def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_m
             "cache": cache_layout(args, torch_dtype),
             "weights": {**stored["weights"],
                         "parameter_bytes": _parameter_bytes(programs["prefill"]),
-                        "note": "bytes of the shared external data file; tensors below 1 KiB stay inside the .onnx"},
+                        "fingerprint": fingerprint(tmp / WEIGHTS_FILE),
+                        "note": "bytes of the shared external data file; tensors below 1 KiB stay inside the .onnx; "
+                                "second_layouts and computed list what it holds beyond one copy of each weight"},
             "graphs": graphs,
             "files": _files(tmp),
         }
         writing = "manifest.json"
         write_manifest(tmp, manifest)
+        # Engines map the file: read-only makes writing into it under a running engine deliberate.
+        os.chmod(tmp / WEIGHTS_FILE, 0o444)
         report("write", len(stored) + 3, len(stored) + 3)
         writing = "the finished folder"
         _sync_folder(tmp)

@@ -33,7 +33,7 @@ import logging
 import re
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import onnx
 import onnx_ir as ir
@@ -46,13 +46,16 @@ from torch.export import ExportedProgram
 
 from exporter.capture import io_names
 from exporter.onnx_ops import MSFT_DOMAIN, translation_table
-from passes.ep_edit import derive, materialize
+from passes.ep_edit import Derived, derive, materialize
 from runtime.errors import DscompileError
 from runtime.manifest import WRITE_INDEX
 
 ALIGNMENT = 4096  # page size: ONNX Runtime memory-maps external data at page-aligned offsets
 INLINE_BELOW = 1024  # bytes; smaller tensors stay inside the .onnx (shape constants, norms of tiny configs)
-FOLD_LIMIT = 8192  # elements: the optimizer folds constants up to this size, fold_weights the larger ones
+# Elements: the optimizer folds constants below this size (they stay inside the .onnx), fold_weights
+# every node over a weight that goes to the weights file, so each such fold is known to the writer
+# (which stores a layout once and lets the programs view it).
+FOLD_LIMIT = INLINE_BELOW // 4
 _SYMBOL = re.compile(r"\bs\d+\b")
 
 
@@ -111,7 +114,7 @@ def _our_error(err: BaseException) -> DscompileError | None:
 def _small_only(node: ir.Node) -> bool | None:
     """The optimizer's folding rule: never a node reading a large constant (fold_weights does those)."""
     for value in node.inputs:
-        if value is not None and value.const_value is not None and value.const_value.size > FOLD_LIMIT:
+        if value is not None and value.const_value is not None and value.const_value.size >= FOLD_LIMIT:
             return False
     return None
 
@@ -156,7 +159,7 @@ _FOLDABLE = ("Transpose", "Reshape", "Unsqueeze", "Squeeze", "Concat", "Cast", "
 def fold_weights(model: ir.Model) -> int:
     """Replace each foldable node over a large constant by a lazily computed initializer.
 
-    A node qualifies when all its inputs are constants, one of them above FOLD_LIMIT elements, and
+    A node qualifies when all its inputs are constants, one of them of FOLD_LIMIT elements or more, and
     its op is a layout change or a cast (`_FOLDABLE`). Its output becomes an initializer backed by a
     torch tensor from `passes.ep_edit.derive`: real when the inputs are real, meta (computed when
     written) when they are not. Chains fold in graph order. Returns the number of nodes folded.
@@ -215,6 +218,50 @@ class _TorchFold:
         if op == "Cast":
             return x.to(to_torch_dtype(ir.DataType(attrs["to"])))
         return x  # Identity
+
+    def input_view(self, i: int, out: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+        """Input `i` as a view of the output's values, or None when it is not one.
+
+        `out` stands for the output (any tensor with its shape: a meta tensor with strides over the
+        stored bytes gives the input's strides over them). A layout change only moves values, so
+        each data input is a view of its output; a Cast makes new values, and the shape and axes
+        inputs of Reshape/Unsqueeze/Squeeze are not data.
+        """
+        op, x = self.op, inputs[i]
+        if op == "Cast" or (i > 0 and op != "Concat"):
+            return None
+        try:
+            if op == "Transpose":
+                perm = self.attrs.get("perm", list(range(x.dim()))[::-1])
+                return out.permute([perm.index(d) for d in range(len(perm))])
+            if op == "Concat":
+                axis = self.attrs["axis"] % out.dim()
+                start = sum(int(t.shape[axis]) for t in inputs[:i])
+                return out.narrow(axis, start, int(x.shape[axis]))
+            return out.view(x.shape)  # Reshape, Unsqueeze, Squeeze, Identity: the same values in order
+        except RuntimeError:  # a reshape of a strided view that is no view
+            return None
+
+
+def stored_views(weight: torch.Tensor):
+    """(tensor, view) for each tensor that `weight` was folded from by layout changes alone.
+
+    `view` is a meta tensor over `weight`'s contiguous bytes (storage offset and strides in
+    elements) holding that tensor's values: a program weight found here needs no bytes of its
+    own in the weights file. Follows chains of folds (Unsqueeze, Concat, Reshape: the interleaved
+    experts) down to the weights they started from.
+    """
+    todo = [(weight, torch.empty(weight.shape, dtype=weight.dtype, device="meta"))]
+    while todo:
+        tensor, view = todo.pop()
+        source = getattr(tensor, "dsc_source", None)
+        if not isinstance(source, Derived) or not isinstance(source.fn, _TorchFold):
+            continue
+        for i, x in enumerate(source.inputs):
+            inner = source.fn.input_view(i, view, source.inputs)
+            if inner is not None and inner.dtype == x.dtype and tuple(inner.shape) == tuple(x.shape):
+                yield x, inner
+                todo.append((x, inner))
 
 
 def _torch_value(value: ir.Value) -> torch.Tensor:
@@ -297,19 +344,27 @@ def save_models(models: dict[str, ir.Model], out_dir: str | Path, weights_file: 
     Tensors are written one at a time: a lazy one is computed, written and dropped, so writing
     needs the memory of the largest tensor, not of the model. An initializer whose bytes were
     already written (by this graph or another) is referenced, not written again: prefill and
-    decode share their weights whatever their initializer names. `extra` adds named groups of
-    torch tensors (the programs' weights, meta ones materialized) to the same file, deduplicated
-    against everything else; their places are returned as {group: {name: {"offset", "bytes"}}}.
-    Returns {"weights": {"file", "bytes", "tensors", "shared_tensors", "shared_bytes"},
-    graph: {"file"}, "extra": ...}.
+    decode share their weights whatever their initializer names.
+
+    `extra` adds named groups of torch tensors (the programs' weights) to the same file. A program
+    weight that a graph stores in another layout (a linear's weight the graphs read transposed,
+    the gate and up experts they read interleaved: folds of `fold_weights`) is not written again:
+    its place is a strided view of the graph's bytes, {"offset", "bytes"} of the stored tensor
+    plus {"shape", "stride", "storage_offset"} in elements. Only the rest is written (deduplicated
+    against everything else); places are returned as {group: {name: place}}.
+
+    Returns {"weights": {"file", "bytes", "tensors", "shared_tensors", "shared_bytes",
+    "viewed_tensors", "layouts"}, graph: {"file"}, "extra": ...}; "layouts" (see `_layouts`) says
+    which stored bytes hold the same checkpoint weight twice and which a pass computed.
     """
     out_dir = Path(out_dir)
     written: dict[tuple[str, int], int] = {}  # (sha256, length) -> offset
     extra = extra or {}
     todo = [v for m in models.values() for v in m.graph.initializers.values()]
     total_steps = len(todo) + sum(len(group) for group in extra.values())
-    shared = shared_bytes = 0
-    places: dict[str, dict[str, dict[str, int]]] = {group: {} for group in extra}
+    shared = shared_bytes = viewed = 0
+    places: dict[str, dict[str, dict[str, Any]]] = {group: {} for group in extra}
+    stored: dict[int, tuple[str, torch.Tensor, int, int]] = {}  # offset -> (name, weight, offset, bytes)
     path = out_dir / weights_file
     try:
         with open(path, "wb") as f:
@@ -330,13 +385,15 @@ def save_models(models: dict[str, ir.Model], out_dir: str | Path, weights_file: 
             # A weight object seen before (prefill, decode and the programs hold the same ones) is
             # not read again: {id: (offset, bytes, written for a graph)}.
             seen: dict[int, tuple[int, int, bool]] = {}
+            views: dict[int, dict[str, Any]] = {}  # id of a tensor stored in another layout -> its place
             done = 0
             for value in todo:
                 done += 1
                 tensor = value.const_value
                 if tensor is None or isinstance(tensor, ir.ExternalTensor) or tensor.nbytes < INLINE_BELOW:
                     continue
-                key = id(tensor.weight) if isinstance(tensor, _MetaWeight) else None
+                weight = tensor.weight if isinstance(tensor, _MetaWeight) else None
+                key = id(weight) if weight is not None else None
                 if key in seen:  # what put() would find by content, without reading it
                     offset, nbytes, _ = seen[key]
                     shared += 1
@@ -345,8 +402,13 @@ def save_models(models: dict[str, ir.Model], out_dir: str | Path, weights_file: 
                     data = tensor.tobytes()
                     offset, nbytes = put(data), len(data)
                     del data
-                    if key is not None:
+                    if weight is not None:
                         seen[key] = (offset, nbytes, True)
+                        stored.setdefault(offset, (value.name, weight, offset, nbytes))
+                        for source, view in stored_views(weight):
+                            views.setdefault(id(source), {"offset": offset, "bytes": nbytes, "shape": list(view.shape),
+                                                          "stride": list(view.stride()),
+                                                          "storage_offset": view.storage_offset()})
                 value.const_value = ir.ExternalTensor(weights_file, offset, nbytes, tensor.dtype,
                                                       shape=tensor.shape, name=value.name, base_dir=out_dir)
                 del tensor
@@ -361,11 +423,16 @@ def save_models(models: dict[str, ir.Model], out_dir: str | Path, weights_file: 
                             seen[id(weight)] = (offset, nbytes, False)
                             shared += 1
                             shared_bytes += nbytes
+                        places[group][name] = {"offset": offset, "bytes": nbytes}
+                    elif id(weight) in views:
+                        places[group][name] = views[id(weight)]
+                        viewed += 1
                     else:
                         data = TorchTensor(materialize(weight)).tobytes()  # as the graphs' weights are written
                         seen[id(weight)] = (put(data), len(data), False)
+                        stored.setdefault(seen[id(weight)][0], (f"{group}:{name}", weight, *seen[id(weight)][:2]))
                         del data
-                    places[group][name] = {"offset": seen[id(weight)][0], "bytes": seen[id(weight)][1]}
+                        places[group][name] = {"offset": seen[id(weight)][0], "bytes": seen[id(weight)][1]}
                     if progress is not None:
                         progress(done, total_steps)
             total = f.tell()
@@ -374,13 +441,56 @@ def save_models(models: dict[str, ir.Model], out_dir: str | Path, weights_file: 
             raise OSError(err.errno, err.strerror, str(path)) from None
         raise
     result: dict[str, dict] = {"weights": {"file": weights_file, "bytes": total, "tensors": len(written),
-                                           "shared_tensors": shared, "shared_bytes": shared_bytes},
+                                           "shared_tensors": shared, "shared_bytes": shared_bytes,
+                                           "viewed_tensors": viewed, "layouts": _layouts(stored.values())},
                                "extra": places}
     for graph_name, model in models.items():
         path = out_dir / f"{graph_name}.onnx"
         ir.save(model, path)
         result[graph_name] = {"file": path.name}
     return result
+
+
+def _origins(weight: torch.Tensor) -> tuple[list[torch.Tensor], bool]:
+    """(the checkpoint weights a stored tensor holds, whether a pass computed it from them).
+
+    Layout folds (`_TorchFold`) keep values; any other derivation (absorb_mla's products and
+    slices) computes new ones.
+    """
+    leaves, computed, todo = [], False, [weight]
+    while todo:
+        t = todo.pop()
+        source = getattr(t, "dsc_source", None)
+        if not isinstance(source, Derived):
+            leaves.append(t)
+            continue
+        computed |= not isinstance(source.fn, _TorchFold)
+        todo.extend(x for x in source.inputs if x.numel() >= FOLD_LIMIT)  # not the shape arguments
+    return leaves, computed
+
+
+def _layouts(stored) -> dict[str, Any]:
+    """What the weights file holds beyond one copy of each checkpoint weight.
+
+    "second_layouts": tensors holding a checkpoint weight that another stored tensor holds too,
+    in another layout (a graph reading it differently); "computed": tensors a pass computed from
+    checkpoint weights (absorb_mla's), which may stand beside the weights they came from. Each
+    with its bytes; the rest of the file is one copy of each weight.
+    """
+    holders: dict[int, str] = {}
+    second, computed = [], []
+    for name, weight, offset, nbytes in sorted(stored, key=lambda s: s[2]):
+        leaves, is_computed = _origins(weight)
+        if is_computed:
+            computed.append({"name": name, "offset": offset, "bytes": nbytes})
+            continue
+        again = [holders[id(t)] for t in leaves if id(t) in holders]
+        if again:
+            second.append({"name": name, "offset": offset, "bytes": nbytes, "also_in": sorted(set(again))})
+        for t in leaves:
+            holders.setdefault(id(t), name)
+    return {"second_layouts": second, "second_layout_bytes": sum(e["bytes"] for e in second),
+            "computed": computed, "computed_bytes": sum(e["bytes"] for e in computed)}
 
 
 def check_model(path: str | Path) -> None:

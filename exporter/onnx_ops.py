@@ -335,7 +335,7 @@ def choose_moe_experts(phase: str, dtype: torch.dtype, target: str = "onnxruntim
         # run all experts densely for prefill, with standard ops only (see `inspect --trt-compat`).
         return "gather" if phase == "decode" else "dense"
     if dtype == torch.float32:
-        return "moe_op" if phase == "decode" else "grouped"
+        return "moe_op"
     return "gather" if phase == "decode" else "dense"
 
 

@@ -2,8 +2,11 @@
 
 The programs hold `dsc` ops; torch dispatches them to their Triton kernels on CUDA and to the
 reference implementations on CPU. Same `step`/`generate` interface and IO contract as the other
-engines. Needs only OUT (and torch). The programs are saved without their weights: those are
-read from OUT's weights.bin at the places the manifest gives (`graphs.<phase>.program_weights`).
+engines. Needs only OUT (and torch). The programs are saved without their weights: they are
+views of OUT's weights.bin, mapped once and shared by both programs (runtime/weights.py), at the
+places the manifest gives (`graphs.<phase>.program_weights`; a weight the graphs store in another
+layout, e.g. transposed, is a strided view of those bytes). On CUDA each stored region is copied
+to the device once.
 
 torch.export.load unpickles parts of a .pt2 archive, so each program is first checked by
 runtime.manifest.check_program_file (nothing but raw tensors, JSON and weights_only-loadable
@@ -22,12 +25,15 @@ import runtime.ops  # noqa: F401  (registers torch.ops.dsc.* before the programs
 from runtime.engine import Engine, EngineInfo, KVCache, choose_graph
 from runtime.errors import EngineError
 from runtime.manifest import check_program_file, read_manifest
+from runtime.weights import WeightsFile
 
 class TorchEngine(Engine):
     """Prefill and decode ExportedPrograms on CPU or CUDA."""
 
-    def __init__(self, out_dir: Path, manifest: dict[str, Any], modules: dict[str, Any], device: str):
+    def __init__(self, out_dir: Path, manifest: dict[str, Any], modules: dict[str, Any], device: str,
+                 weights: WeightsFile):
         self.out_dir, self.manifest, self.modules, self.device = out_dir, manifest, modules, device
+        self.weights = weights
         self.info = EngineInfo.from_manifest(manifest, str(out_dir / "manifest.json"))
 
     @classmethod
@@ -41,6 +47,8 @@ class TorchEngine(Engine):
         if device == "cuda" and not torch.cuda.is_available():
             raise EngineError("device 'cuda' asked for, but torch sees no CUDA GPU")
         modules = {}
+        weights = WeightsFile.open(out, manifest)  # checked before any program is read
+        on_device: dict[tuple[int, int], torch.Tensor] = {}
         for name in ("prefill", "decode"):
             rel = manifest["graphs"][name].get("program")
             path = out / rel if rel else None
@@ -51,16 +59,17 @@ class TorchEngine(Engine):
                 program = torch.export.load(path)
             except Exception as err:  # torch raises several types for a damaged archive
                 raise EngineError(f"{path}: cannot load the program ({str(err).splitlines()[0]})") from None
-            _load_weights(program, out, manifest, name)
+            _load_weights(program, weights, manifest, name, device, on_device)
             # Captured on the meta device: device arguments in the graph (arange, zeros) say "meta".
             program._example_inputs = None  # meta sample inputs, which cannot be moved
             program = move_to_device_pass(program, device)
             modules[name] = program.module()
-        return cls(out, manifest, modules, device)
+        return cls(out, manifest, modules, device, weights)
 
     def step(self, input_ids, position_ids, attention_mask, cache):
         P = cache.length if cache is not None else 0
         self.check_inputs(input_ids, P, position_ids, attention_mask)
+        self.weights.check()
         B = input_ids.shape[0]
         if cache is None:
             cache = KVCache.empty(self.info, B, self.device)
@@ -77,25 +86,32 @@ class TorchEngine(Engine):
         return logits.float(), KVCache([tuple(p) for p in present])
 
 
-def _load_weights(program, out: Path, manifest: dict[str, Any], graph: str) -> None:
-    """Fill a weightless program's weights and constants from OUT's weight file (see the docstring)."""
+def _load_weights(program, weights: WeightsFile, manifest: dict[str, Any], graph: str, device: str,
+                  on_device: dict[tuple[int, int], torch.Tensor]) -> None:
+    """Fill a weightless program's weights and constants with views of OUT's one weight map.
+
+    On CPU each weight is a view of the map (no copy, no read until used), so prefill and
+    decode share their tensors. On CUDA each stored region is copied to the device once
+    (`on_device`, shared by the programs) and the weights are views of those copies.
+    """
     places = manifest["graphs"][graph].get("program_weights")
-    weights_file = out / manifest["weights"]["file"]
     if places is None:
-        raise EngineError(f"{out}: the manifest gives no program_weights for {graph}; re-export to run the torch backend")
-    size = weights_file.stat().st_size
-    with open(weights_file, "rb") as f:
-        for table in (program.state_dict, program.constants):
-            for fqn, like in list(table.items()):
-                if not isinstance(like, torch.Tensor) or not like.is_meta:
-                    continue
-                place = places.get(fqn)
-                nbytes = like.numel() * like.element_size()
-                if place is None or place["bytes"] != nbytes or place["offset"] + nbytes > size:
-                    raise EngineError(f"{out}: program weight {fqn} of {graph} is missing from {weights_file.name} "
-                                      "or does not match its shape; re-export")
-                tensor = torch.empty(like.shape, dtype=like.dtype)
-                f.seek(place["offset"])
-                if f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != nbytes:
-                    raise EngineError(f"{weights_file}: truncated at program weight {fqn}")
-                table[fqn] = torch.nn.Parameter(tensor, requires_grad=False) if isinstance(like, torch.nn.Parameter) else tensor
+        raise EngineError(f"{weights.path.parent}: the manifest gives no program_weights for {graph}; re-export to "
+                          "run the torch backend")
+    for table in (program.state_dict, program.constants):
+        for fqn, like in list(table.items()):
+            if not isinstance(like, torch.Tensor) or not like.is_meta:
+                continue
+            place = places.get(fqn)
+            what = f"program weight {fqn} of {graph}"
+            if place is None or (place.get("stride") is None and place["bytes"] != like.numel() * like.element_size()):
+                raise EngineError(f"{weights.path}: {what} is missing from it or does not match its shape; re-export")
+            tensor = weights.tensor(place, like.dtype, tuple(like.shape), what)
+            if device != "cpu":
+                region = (int(place["offset"]), int(place["bytes"]))
+                if region not in on_device:
+                    on_device[region] = weights.tensor({"offset": region[0], "bytes": region[1]}, torch.uint8,
+                                                       (region[1],), what).to(device)
+                tensor = on_device[region].view(like.dtype).as_strided(tensor.shape, tensor.stride(),
+                                                                        tensor.storage_offset() - region[0] // like.element_size())
+            table[fqn] = torch.nn.Parameter(tensor, requires_grad=False) if isinstance(like, torch.nn.Parameter) else tensor

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from runtime.weights import fingerprint
+
 
 def dsc(*args: str, env: dict | None = None, check: int | None = 0) -> subprocess.CompletedProcess:
     out = subprocess.run([sys.executable, "-m", "exporter.cli", *map(str, args)], capture_output=True, text=True,
@@ -86,9 +88,13 @@ def test_compare_fails_on_a_modified_engine_and_says_where(exported, tmp_path):
     ckpt, out, _ = exported
     bad = tmp_path / "bad"
     shutil.copytree(out, bad)
+    os.chmod(bad / "weights.bin", 0o644)  # exported read-only
     data = bytearray((bad / "weights.bin").read_bytes())
     data[4096 : 4096 + 8192] = bytes(8192)  # zero part of one weight
     (bad / "weights.bin").write_bytes(bytes(data))
+    manifest = json.loads((bad / "manifest.json").read_text())  # a deliberate edit, not a foreign file
+    manifest["weights"]["fingerprint"] = fingerprint(bad / "weights.bin")
+    (bad / "manifest.json").write_text(json.dumps(manifest))
     result = dsc("compare", ckpt, bad, "--decode-steps", "1", check=1)
     lines = result.stdout.splitlines()
     assert lines[-1].startswith("FAILED | ")
