@@ -82,7 +82,7 @@ def lower(ep: ExportedProgram, phase: str, num_layers: int, *, opset: int = 23,
             model = program.model
             defer_weights(model)
             # What ONNXProgram.optimize does, with large constants left to fold_weights.
-            onnxscript.optimizer.optimize_ir(model, should_fold=_small_only)
+            onnxscript.optimizer.optimize_ir(model, should_fold=_small_only, input_size_limit=FOLD_LIMIT - 1)
             onnxscript.rewriter.onnx_fusions.fuse(model)
     except Exception as err:  # torch.onnx wraps every failure in a multi-page report
         cause = _our_error(err)

@@ -82,7 +82,9 @@ def test_lowering_meta_program_matches_and_reads_no_large_weight(make_ckpt, monk
     for phase in PHASES:
         sizes.clear()
         lazy_model = _lowered(lazy, phase)
-        assert max(sizes, default=0) <= FOLD_LIMIT, f"{phase}: lowering read a weight of {max(sizes)} elements"
+        # The optimizer folds below FOLD_LIMIT elements and compares initializers of up to 1024 by value
+        # (onnx_ir's initializer deduplication); nothing larger may be read before the weights are written.
+        assert max(sizes, default=0) <= max(FOLD_LIMIT, 1024), f"{phase}: lowering read a weight of {max(sizes)} elements"
         real_model = _lowered(real, phase)
         got = {n: v.const_value.numpy() for n, v in lazy_model.graph.initializers.items()}
         want = {n: v.const_value.numpy() for n, v in real_model.graph.initializers.items()}

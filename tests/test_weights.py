@@ -181,3 +181,17 @@ def test_fingerprint_differs_for_other_contents(tmp_path):
     a.write_bytes(bytes(1 << 20))
     b.write_bytes(bytes(1 << 20 - 1) + b"\1")
     assert fingerprint(a) == fingerprint(a) and fingerprint(a) != fingerprint(b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the device copy of the programs' weights")
+def test_torch_engine_on_cuda_holds_one_device_copy(big):
+    _, out, _ = big
+    engine = TorchEngine.load(out, device="cuda")
+    prefill = dict(engine.modules["prefill"].named_parameters())
+    decode = dict(engine.modules["decode"].named_parameters())
+    for name in ("model.lm_head.weight", "model.layers.2.mlp.experts.gate_proj"):
+        assert prefill[name].is_cuda and prefill[name].data_ptr() == decode[name].data_ptr(), name
+    cpu = TorchEngine.load(out, device="cpu")
+    ids = [[1, 2, 3, 4]]
+    assert engine.generate(ids, max_new_tokens=4) == cpu.generate(ids, max_new_tokens=4)
