@@ -948,9 +948,11 @@ def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progre
         except LoadMeasureError as err:  # a finding of this run, not a reason to lose its other measurements
             entry["error"] = str(err)
         if spec[0] == "ours":
-            weights = json.loads((Path(spec[1]) / "manifest.json").read_text())["weights"]["bytes"]
-            entry["weights_bytes"] = weights
-            entry["growth_over_weights"] = entry["rss_growth"] / weights if "rss_growth" in entry else None
+            weights = json.loads((Path(spec[1]) / "manifest.json").read_text())["weights"]
+            # the file holds every graph's and program's tensors (the same bytes once), which can be more
+            # than the parameters: both are shown
+            entry["weights_bytes"], entry["parameter_bytes"] = weights["bytes"], weights.get("parameter_bytes")
+            entry["growth_over_weights"] = entry["rss_growth"] / weights["bytes"] if "rss_growth" in entry else None
         result["load"][name] = entry
 
     for name in result["systems"]:
@@ -1129,8 +1131,9 @@ def _load_lines(load: dict[str, dict]) -> list[str]:
         if "error" in e:
             lines.append(f"load    {name:18s} failed: {e['error']}")
             continue
-        weights = (f"; weights file {mb(e['weights_bytes'])} MB, growth/weights {e['growth_over_weights']:.2f}x"
-                   if "weights_bytes" in e else "")
+        params = f" (parameters {mb(e['parameter_bytes'])} MB)" if e.get("parameter_bytes") else ""
+        weights = (f"; weights file {mb(e['weights_bytes'])} MB{params}, growth/weights "
+                   f"{e['growth_over_weights']:.2f}x" if "weights_bytes" in e else "")
         lines.append(f"load    {name:18s} {e['load_s']:7.2f} s  RSS +{mb(e['rss_growth'])} MB -> "
                      f"{mb(e['rss_after'])} MB, peak {mb(e['rss_peak'])} MB{weights} (after: "
                      f"{mb(e['rss_anon_after'])} MB anonymous, {mb(e['rss_file_after'])} MB file-backed; "

@@ -17,8 +17,11 @@ What is and is not counted:
   initialization imports torch._dynamo);
 - the files are read from the page cache as the machine has it (the bench reads them in-process
   before, so they are usually warm): a cold disk would add its read time to "load_s";
-- RSS counts the pages of a memory-mapped file only once touched; "rss_file_after" and
-  "rss_anon_after" split "rss_after" into file-backed pages and the process's own (copies).
+- RSS counts the pages of a memory-mapped file only once touched, so it can grow after the load:
+  ONNX Runtime maps some of an engine's weights from its file instead of copying them (our CPU
+  decode session: its first step on the bench config adds ~0.7 GB of file-backed pages, the
+  weights it reads). "rss_file_after" and "rss_anon_after" split "rss_after" into file-backed
+  pages and the process's own (copies).
 
 This module imports only the standard library at the top, so a child holds nothing a loader
 does not import itself.

@@ -177,6 +177,7 @@ def test_report_has_each_systems_load_time_and_memory(report):
     manifest = json.loads((Path(result["engines"]["ours"]["dir"]) / "manifest.json").read_text())
     ours = load["ours"]
     assert ours["weights_bytes"] == manifest["weights"]["bytes"] > 0
+    assert ours["parameter_bytes"] == manifest["weights"]["parameter_bytes"] > 0
     assert ours["growth_over_weights"] == pytest.approx(ours["rss_growth"] / ours["weights_bytes"])
     assert "weights_bytes" not in load["hf"] and "weights_bytes" not in load["eager"]
 
