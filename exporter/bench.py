@@ -28,6 +28,12 @@ floor / run time (1.0 = running at the speed of memory); its "floor_ms" is the f
 median of its bandwidth readings. Prefill's floor is the larger of its weight bytes over
 the bandwidth and its FLOPs over the fp32 GEMM rate, also read before every prefill run.
 
+Load (`load`): each system is also loaded alone in a fresh process (`exporter/loadmem.py`), for
+its load time (ours: OrtEngine.load; eager: reading the checkpoint into our model; hf:
+transformers' from_pretrained; hf-onnx: creating its ONNX Runtime session, not the export) and
+its resident memory before and after the load and at its peak; for our engines beside the size
+of their weights file. (Read in this process, one system's memory would count against the next.)
+
 Ratios between two measurements are taken from the two run alternately, not from the table's
 medians (rows minutes apart on a machine whose speed drifts): our engine against transformers
 and its ONNX export (prefill, decode at batch 1 for each context, larger batches at the shortest
@@ -63,6 +69,7 @@ from typing import Any, Callable
 import torch
 
 import exporter.export  # noqa: F401  (loaded before _SOURCE_KEY hashes the sources it stands for)
+from exporter.loadmem import LOADERS, LoadMeasureError, hf_onnx_session, load_hf_model, measure_load
 from model.args import ModelArgs
 from runtime.engine import Engine, KVCache
 from runtime.errors import OptionError
@@ -128,12 +135,15 @@ def _source_key() -> str:
     return _SOURCE_KEY
 
 
+MEASUREMENT_ONLY = ("bench.py", "cli.py", "loadmem.py")  # code that measures engines, not code that makes them
+
+
 def _hash_sources() -> str:
     root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
     for folder in ("exporter", "passes", "model", "runtime"):
         for path in sorted((root / folder).rglob("*.py")):
-            if path.name != "bench.py" and path.name != "cli.py":
+            if path.name not in MEASUREMENT_ONLY:
                 h.update(path.relative_to(root).as_posix().encode())
                 h.update(path.read_bytes())
     return h.hexdigest()[:12]
@@ -386,11 +396,7 @@ class HFSystem(System):
     name = "hf"
 
     def __init__(self, checkpoint: Path, args: ModelArgs):
-        import transformers
-
-        cls = (transformers.DeepseekV3ForCausalLM if args.model_type == "deepseek_v3"
-               else transformers.DeepseekV2ForCausalLM)
-        self.model = cls.from_pretrained(checkpoint, dtype=torch.float32).eval()
+        self.model = load_hf_model(checkpoint)
         self.args = args
         self.attn = self.model.config._attn_implementation
         self.experts = getattr(self.model.config, "_experts_implementation", None)
@@ -728,12 +734,7 @@ class HFOnnxSystem(System):
     name = "hf-onnx"
 
     def __init__(self, path: Path, args: ModelArgs, with_cache: bool, threads: int, cache_shapes: list):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = hf_onnx_session(path, threads)
         self.args, self.with_cache, self.cache_shapes = args, with_cache, cache_shapes
         ids = next(i for i in self.session.get_inputs() if i.name == "input_ids")
         self.fixed_batch, self.fixed_tokens = (d if isinstance(d, int) else None for d in ids.shape)
@@ -865,7 +866,7 @@ def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progre
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                     "loadavg_start": [round(x, 2) for x in os.getloadavg()]},
         "results": [], "skipped": {}, "engines": {}, "context_scaling": {},
-        "alternating": [],
+        "alternating": [], "load": {},
     }
     engines = {}
     todo = [s for s in options.systems if s in OUR_ENGINES]
@@ -930,6 +931,30 @@ def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progre
                                 export["cache_dims"])
         raise AssertionError(name)
 
+    def measure_load_of(name: str) -> None:
+        """Load time and resident memory of `name` alone, in a fresh process (exporter/loadmem.py); for
+        our engines beside the size of their weights file."""
+        if name in OUR_ENGINES or name in options.extra_engines:
+            folder = engines[name] if name in OUR_ENGINES else options.extra_engines[name]
+            spec: tuple = ("ours", str(folder), options.threads)
+        elif name == "hf-onnx":
+            spec = ("hf-onnx", result["hf_onnx_export"]["file"], options.threads)
+        else:
+            spec = (name, str(checkpoint))
+        entry: dict[str, Any] = {"loader": LOADERS[spec[0]][1]}
+        try:
+            entry.update(measure_load(spec))
+            entry["rss_growth"] = entry["rss_after"] - entry["rss_before"]
+        except LoadMeasureError as err:  # a finding of this run, not a reason to lose its other measurements
+            entry["error"] = str(err)
+        if spec[0] == "ours":
+            weights = json.loads((Path(spec[1]) / "manifest.json").read_text())["weights"]
+            # the file holds every graph's and program's tensors (the same bytes once), which can be more
+            # than the parameters: both are shown
+            entry["weights_bytes"], entry["parameter_bytes"] = weights["bytes"], weights.get("parameter_bytes")
+            entry["growth_over_weights"] = entry["rss_growth"] / weights["bytes"] if "rss_growth" in entry else None
+        result["load"][name] = entry
+
     for name in result["systems"]:
         if name == "hf-onnx":
             continue  # measured right after "hf", whose loaded model it exports
@@ -943,12 +968,14 @@ def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progre
         system.close()
         del system
         gc.collect()
+        measure_load_of(name)
         if name == "hf" and "hf-onnx" in options.systems:
             hf_export = result["hf_onnx_export"] = hf_onnx_export(checkpoint, home)
             if hf_export["file"] is not None:
                 hf_onnx = load("hf-onnx")
                 measure(hf_onnx)
                 hf_onnx.close()
+                measure_load_of("hf-onnx")
                 gaps = list(dict.fromkeys(hf_onnx.unmeasured))
                 if not hf_export["with_cache"]:
                     gaps.insert(0, "decode: only the graph without a cache exported")
@@ -1092,8 +1119,36 @@ def _fmt(v: float | None, spec: str, unit: str = "") -> str:
     return "-" if v is None else format(v, spec) + unit
 
 
+def _load_lines(load: dict[str, dict]) -> list[str]:
+    """One row per system: load time, RSS growth and RSS after load (and our weights file beside
+    them), then what each loader does."""
+    if not load:
+        return []
+    lines = ["load: each system alone in a fresh process, after its imports; RSS growth = RSS after load - "
+             "before; MB = 1e6 bytes; growth/weights = RSS growth / the engine's weights file"]
+    mb = lambda v: f"{v / 1e6:.0f}"  # noqa: E731
+    for name, e in load.items():
+        if "error" in e:
+            lines.append(f"load    {name:18s} failed: {e['error']}")
+            continue
+        params = f" (parameters {mb(e['parameter_bytes'])} MB)" if e.get("parameter_bytes") else ""
+        weights = (f"; weights file {mb(e['weights_bytes'])} MB{params}, growth/weights "
+                   f"{e['growth_over_weights']:.2f}x" if "weights_bytes" in e else "")
+        lines.append(f"load    {name:18s} {e['load_s']:7.2f} s  RSS +{mb(e['rss_growth'])} MB -> "
+                     f"{mb(e['rss_after'])} MB, peak {mb(e['rss_peak'])} MB{weights} (after: "
+                     f"{mb(e['rss_anon_after'])} MB anonymous, {mb(e['rss_file_after'])} MB file-backed; "
+                     f"imports before the load {e['import_s']:.1f} s, {mb(e['rss_start'])} -> "
+                     f"{mb(e['rss_before'])} MB)")
+    loaders: dict[str, list[str]] = {}
+    for name, e in load.items():
+        loaders.setdefault(e["loader"], []).append(name)
+    lines += [f"load    {', '.join(names)}: {loader}" for loader, names in loaders.items()]
+    return lines
+
+
 def table_lines(result: dict) -> list[str]:
-    """The report as text: one row per measurement, then cache, floors, skipped systems, targets."""
+    """The report as text: one row per measurement, then load time and memory, cache, floors,
+    skipped systems, targets."""
     bw = result["bandwidth"]
     spread = (f"{bw['paired_min'] / 1e9:.1f}-{bw['paired_max'] / 1e9:.1f} over the run"
               if bw.get("paired_min") is not None else "no paired readings")
@@ -1118,6 +1173,7 @@ def table_lines(result: dict) -> list[str]:
         short, long = next(iter(result["context_scaling"].values()))["contexts"]
         lines.append(f"decode B=1 step at P={long} / step at P={short}, the two run alternately: " + ", ".join(
             f"{name} {v['ratio']:.2f}x" for name, v in result["context_scaling"].items()))
+    lines += _load_lines(result.get("load", {}))
     c = result["cache"]
     lines.append(f"cache bytes/token: ours {c['ours_bytes_per_token']}, MHA-equivalent "
                  f"{c['mha_equivalent_bytes_per_token']}, transformers' DynamicCache "

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from exporter.bench import (BenchOptions, MachineProbe, compare_alternately, context_scaling, decode_floor,
+from exporter.bench import (BenchOptions, MachineProbe, _load_lines, compare_alternately, context_scaling, decode_floor,
                             experts_read, parse_engines, parse_ints, plot, run_bench, step_weight_params, table_lines,
                             time_ms, to_json)
+from exporter.loadmem import LoadMeasureError, measure_load
 from model.checkpoint import build_model
 from model.synthetic import make_checkpoint, tiny_args
 from runtime.errors import OptionError
@@ -165,12 +166,67 @@ def test_report_structure(report):
     assert any(n.startswith("prefill") for n in names)  # the only target a tiny context set can evaluate
 
 
+def test_report_has_each_systems_load_time_and_memory(report):
+    result, root = report
+    load = json.loads(to_json(result))["load"]
+    assert list(load) == ["eager", "hf", "ours"]
+    for name, e in load.items():
+        assert e["load_s"] > 0 and e["rss_growth"] == e["rss_after"] - e["rss_before"] > 0, name
+        assert e["rss_peak"] >= e["rss_after"], name
+    assert "OrtEngine.load" in load["ours"]["loader"] and "from_pretrained" in load["hf"]["loader"]
+    manifest = json.loads((Path(result["engines"]["ours"]["dir"]) / "manifest.json").read_text())
+    ours = load["ours"]
+    assert ours["weights_bytes"] == manifest["weights"]["bytes"] > 0
+    assert ours["parameter_bytes"] == manifest["weights"]["parameter_bytes"] > 0
+    assert ours["growth_over_weights"] == pytest.approx(ours["rss_growth"] / ours["weights_bytes"])
+    assert "weights_bytes" not in load["hf"] and "weights_bytes" not in load["eager"]
+
+
+def test_measure_load_runs_the_loader_in_a_fresh_interpreter(report):
+    """Our tiny engine loaded in a child process: it starts from a bare interpreter (not this
+    process's pages, as a fork would), and the load adds memory and takes time."""
+    result, root = report
+    m = measure_load(("ours", result["engines"]["ours"]["dir"], 1))
+    assert m["load_s"] > 0 and m["import_s"] > 0
+    assert 0 < m["rss_start"] < 100e6 < m["rss_before"]  # onnxruntime and torch imported before the load
+    assert m["rss_after"] > m["rss_before"] and m["rss_peak"] >= m["rss_after"]
+    assert 0 < m["rss_anon_after"] + m["rss_file_after"] <= m["rss_after"]
+    with pytest.raises(LoadMeasureError, match="manifest") as err:
+        measure_load(("ours", str(root), 1))  # not an engine folder: the child's EngineError, one line
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="loader"):
+        measure_load(("vllm", str(root)))
+
+
+def test_cli_json_reports_load(report):
+    """`dscompile bench --json` carries the load measurement (our engine from the fixture's cache)."""
+    result, root = report
+    env = {**os.environ, "DSCOMPILE_HOME": str(root / "home")}
+    proc = subprocess.run([sys.executable, "-m", "exporter.cli", "bench", result["checkpoint"], "--systems", "ours",
+                           "--contexts", "2", "--batch", "1", "--repeats", "1", "--warmup", "0",
+                           "--prefill-tokens", "2", "--json"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["engines"]["ours"]["dir"] == result["engines"]["ours"]["dir"]  # reused, not exported again
+    assert list(out["load"]) == ["ours"] and out["load"]["ours"]["rss_growth"] > 0
+
+
 def test_table_and_plot(report):
     result, root = report
     lines = table_lines(result)
     assert lines[2].split()[:4] == ["system", "phase", "B", "P"]
     assert sum(1 for ln in lines if ln.startswith(("eager ", "hf ", "ours "))) == len(result["results"])
     assert any(ln.startswith("cache bytes/token: ours 320") for ln in lines)
+    load = {ln.split()[1]: ln for ln in lines if ln.startswith("load    ") and ln.split()[1] in result["load"]}
+    assert list(load) == ["eager", "hf", "ours"]
+    ours = result["load"]["ours"]
+    assert f"RSS +{ours['rss_growth'] / 1e6:.0f} MB -> {ours['rss_after'] / 1e6:.0f} MB" in load["ours"]
+    assert f"growth/weights {ours['growth_over_weights']:.2f}x" in load["ours"]
+    assert "weights file" not in load["hf"]
+    failed = _load_lines({"ours": {"loader": "OrtEngine.load", "error": "ours: the loading process failed: boom",
+                                   "weights_bytes": 10, "growth_over_weights": None}})
+    assert failed[1] == f"load    {'ours':18s} failed: ours: the loading process failed: boom"
     png = root / "decode.png"
     plot(result, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -203,6 +259,7 @@ def test_without_transformers_ours_is_measured_and_hf_skipped(report, monkeypatc
                       BenchOptions(contexts=[2, 4], batches=[1], repeats=1, warmup=0, prefill_tokens=2,
                                    systems=["hf", "ours"], bandwidth_bytes=1 << 20, gemm_size=64))
     assert "transformers is not installed" in again["skipped"]["hf"]
+    assert list(again["load"]) == ["ours"]
     assert {r["system"] for r in again["results"]} == {"ours"} and again["alternating"] == []
     assert list(again["context_scaling"]) == ["ours"]
 
@@ -269,3 +326,4 @@ def test_hf_onnx_exports_and_is_measured_where_its_graph_allows(tmp_path):
     row = next(r for r in result["results"] if r["system"] == "hf" and r["phase"] == "decode" and r["batch"] == 1)
     assert row["speedup_vs_hf_onnx"] > 0
     assert any(ln.startswith("hf-onnx graph: RoPE rewritten") for ln in table_lines(result))
+    assert result["load"]["hf-onnx"]["load_s"] > 0 and "not included" in result["load"]["hf-onnx"]["loader"]
