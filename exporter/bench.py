@@ -945,6 +945,8 @@ def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progre
         try:
             entry.update(measure_load(spec))
             entry["rss_growth"] = entry["rss_after"] - entry["rss_before"]
+            # What the process holds once it has run: weights an engine maps count when read (loadmem)
+            entry["resident_growth"] = entry.get("pss_after_step", entry["pss_after"]) - entry["pss_before"]
         except LoadMeasureError as err:  # a finding of this run, not a reason to lose its other measurements
             entry["error"] = str(err)
         if spec[0] == "ours":
@@ -952,7 +954,8 @@ def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progre
             # the file holds every graph's and program's tensors (the same bytes once), which can be more
             # than the parameters: both are shown
             entry["weights_bytes"], entry["parameter_bytes"] = weights["bytes"], weights.get("parameter_bytes")
-            entry["growth_over_weights"] = entry["rss_growth"] / weights["bytes"] if "rss_growth" in entry else None
+            entry["growth_over_weights"] = (entry["resident_growth"] / weights["bytes"]
+                                            if "resident_growth" in entry else None)
         result["load"][name] = entry
 
     for name in result["systems"]:
@@ -1125,7 +1128,8 @@ def _load_lines(load: dict[str, dict]) -> list[str]:
     if not load:
         return []
     lines = ["load: each system alone in a fresh process, after its imports; RSS growth = RSS after load - "
-             "before; MB = 1e6 bytes; growth/weights = RSS growth / the engine's weights file"]
+             "before; resident = PSS growth once loaded and run one step (16-token prompt + 1 decode step; "
+             "counts mapped weights once); MB = 1e6 bytes; growth/weights = resident / the engine's weights file"]
     mb = lambda v: f"{v / 1e6:.0f}"  # noqa: E731
     for name, e in load.items():
         if "error" in e:
@@ -1134,7 +1138,8 @@ def _load_lines(load: dict[str, dict]) -> list[str]:
         params = f" (parameters {mb(e['parameter_bytes'])} MB)" if e.get("parameter_bytes") else ""
         weights = (f"; weights file {mb(e['weights_bytes'])} MB{params}, growth/weights "
                    f"{e['growth_over_weights']:.2f}x" if "weights_bytes" in e else "")
-        lines.append(f"load    {name:18s} {e['load_s']:7.2f} s  RSS +{mb(e['rss_growth'])} MB -> "
+        lines.append(f"load    {name:18s} {e['load_s']:7.2f} s  resident +{mb(e['resident_growth'])} MB, "
+                     f"RSS +{mb(e['rss_growth'])} MB -> "
                      f"{mb(e['rss_after'])} MB, peak {mb(e['rss_peak'])} MB{weights} (after: "
                      f"{mb(e['rss_anon_after'])} MB anonymous, {mb(e['rss_file_after'])} MB file-backed; "
                      f"imports before the load {e['import_s']:.1f} s, {mb(e['rss_start'])} -> "

@@ -17,11 +17,15 @@ What is and is not counted:
   initialization imports torch._dynamo);
 - the files are read from the page cache as the machine has it (the bench reads them in-process
   before, so they are usually warm): a cold disk would add its read time to "load_s";
-- RSS counts the pages of a memory-mapped file only once touched, so it can grow after the load:
-  ONNX Runtime maps some of an engine's weights from its file instead of copying them (our CPU
-  decode session: its first step on the bench config adds ~0.7 GB of file-backed pages, the
-  weights it reads). "rss_file_after" and "rss_anon_after" split "rss_after" into file-backed
-  pages and the process's own (copies).
+- RSS counts the pages of a memory-mapped file only once touched, so it grows after the load
+  when an engine maps its weights instead of copying them (ours: every ONNX Runtime session maps
+  weights.bin). So the engine then runs a first step (a 16-token prompt and one decode step;
+  transformers' model: the same two forward calls) and the readings are taken again
+  ("rss_after_step", "pss_after_step"; "rss_peak" is read last). VmRSS counts a file page once for
+  every map of it, and our prefill and decode sessions each map weights.bin: PSS ("pss_*",
+  /proc/self/smaps_rollup) counts it once, so PSS is the measure of what the process holds.
+  "rss_file_after" and "rss_anon_after" split "rss_after" into file-backed pages and the
+  process's own (copies).
 
 This module imports only the standard library at the top, so a child holds nothing a loader
 does not import itself.
@@ -66,36 +70,55 @@ def hf_onnx_session(path: str | Path, threads: int):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-# Each loader imports its libraries and returns the call to time (so imports stay outside it).
-def _ours(folder: str, threads: int) -> Callable[[], Any]:
+FIRST_STEP = list(range(1, 17))  # the prompt of the first step: 16 tokens, then one decode step
+
+
+def _generate(engine) -> None:
+    engine.generate([FIRST_STEP], max_new_tokens=2)
+
+
+def _hf_forward(model) -> None:
+    import torch
+
+    with torch.no_grad():
+        out = model(torch.tensor([FIRST_STEP]), use_cache=True)
+        model(torch.tensor([[1]]), past_key_values=out.past_key_values, use_cache=True)
+
+
+# Each loader imports its libraries and returns the call to time (so imports stay outside it) and
+# the first step to run on what it loaded (None: no step is measured).
+Loader = Callable[..., tuple[Callable[[], Any], Callable[[Any], None] | None]]
+
+
+def _ours(folder: str, threads: int):
     import onnxruntime  # noqa: F401  (OrtEngine imports it on first use)
 
     from runtime.ort_engine import OrtEngine
 
-    return lambda: OrtEngine.load(folder, provider="cpu", threads=threads)
+    return lambda: OrtEngine.load(folder, provider="cpu", threads=threads), _generate
 
 
-def _eager(checkpoint: str) -> Callable[[], Any]:
+def _eager(checkpoint: str):
     from exporter.eager import EagerEngine
     from model.checkpoint import load_checkpoint
 
-    return lambda: EagerEngine(load_checkpoint(checkpoint))
+    return lambda: EagerEngine(load_checkpoint(checkpoint)), _generate
 
 
-def _hf(checkpoint: str) -> Callable[[], Any]:
+def _hf(checkpoint: str):
     import torch  # noqa: F401  (transformers imports it lazily, as it does its model's module)
 
     hf_model_class(checkpoint)
-    return lambda: load_hf_model(checkpoint)
+    return lambda: load_hf_model(checkpoint), _hf_forward
 
 
-def _hf_onnx(path: str, threads: int) -> Callable[[], Any]:
+def _hf_onnx(path: str, threads: int):
     import onnxruntime  # noqa: F401
 
-    return lambda: hf_onnx_session(path, threads)
+    return lambda: hf_onnx_session(path, threads), None
 
 
-LOADERS: dict[str, tuple[Callable[..., Callable[[], Any]], str]] = {
+LOADERS: dict[str, tuple[Loader, str]] = {
     "ours": (_ours, "OrtEngine.load(folder, provider='cpu'): its prefill and decode ONNX Runtime sessions"),
     "eager": (_eager, "load_checkpoint + EagerEngine: our PyTorch model with the checkpoint's weights"),
     "hf": (_hf, "transformers' from_pretrained of the checkpoint (float32)"),
@@ -108,12 +131,12 @@ class LoadMeasureError(RuntimeError):
 
 
 def _status() -> dict[str, int]:
-    """VmRSS, VmHWM, RssAnon, RssFile of this process, in bytes."""
+    """VmRSS, VmHWM, RssAnon, RssFile and Pss of this process, in bytes."""
     out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
+    with open("/proc/self/status") as f, open("/proc/self/smaps_rollup") as g:
+        for line in [*f, *list(g)[1:]]:
             key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "Pss"):
                 out[key] = int(value.split()[0]) * 1024  # reported in kB
     return out
 
@@ -122,17 +145,22 @@ def _child(spec_json: str) -> None:
     kind, *args = json.loads(spec_json)
     start = _status()["VmRSS"]
     t0 = time.perf_counter()
-    load = LOADERS[kind][0](*args)
+    load, step = LOADERS[kind][0](*args)
     t1 = time.perf_counter()
-    before = _status()["VmRSS"]
+    before = _status()
     t2 = time.perf_counter()
     engine = load()
     seconds = time.perf_counter() - t2
     after = _status()
-    print(_MARK + json.dumps({"load_s": seconds, "import_s": t1 - t0, "rss_start": start,
-                              "rss_before": before, "rss_after": after["VmRSS"],
-                              "rss_peak": after["VmHWM"], "rss_anon_after": after["RssAnon"],
-                              "rss_file_after": after["RssFile"]}), flush=True)
+    result = {"load_s": seconds, "import_s": t1 - t0, "rss_start": start,
+              "rss_before": before["VmRSS"], "rss_after": after["VmRSS"],
+              "rss_peak": after["VmHWM"], "rss_anon_after": after["RssAnon"],
+              "rss_file_after": after["RssFile"], "pss_before": before["Pss"], "pss_after": after["Pss"]}
+    if step is not None:
+        step(engine)
+        stepped = _status()
+        result.update(rss_after_step=stepped["VmRSS"], pss_after_step=stepped["Pss"], rss_peak=stepped["VmHWM"])
+    print(_MARK + json.dumps(result), flush=True)
     del engine  # held until the readings above: its memory is what they measure
 
 
@@ -140,9 +168,10 @@ def measure_load(spec: tuple | list, timeout: float = LOAD_TIMEOUT_S) -> dict[st
     """Load one engine in a fresh process: `spec` is (loader, *args), the loader one of LOADERS:
     ("ours", folder, threads), ("eager", checkpoint), ("hf", checkpoint), ("hf-onnx", onnx_file, threads).
 
-    Returns {"load_s", "rss_before", "rss_after", "rss_peak"} and, to see where they come from,
-    {"import_s", "rss_start", "rss_anon_after", "rss_file_after"} (seconds and bytes; see the module
-    docstring), or raises LoadMeasureError.
+    Returns {"load_s", "rss_before", "rss_after", "rss_peak", "pss_before", "pss_after"}, after a
+    first step {"rss_after_step", "pss_after_step"} (not for "hf-onnx"), and, to see where they come
+    from, {"import_s", "rss_start", "rss_anon_after", "rss_file_after"} (seconds and bytes; see the
+    module docstring), or raises LoadMeasureError.
     """
     kind = spec[0]
     if kind not in LOADERS:

@@ -178,7 +178,8 @@ def test_report_has_each_systems_load_time_and_memory(report):
     ours = load["ours"]
     assert ours["weights_bytes"] == manifest["weights"]["bytes"] > 0
     assert ours["parameter_bytes"] == manifest["weights"]["parameter_bytes"] > 0
-    assert ours["growth_over_weights"] == pytest.approx(ours["rss_growth"] / ours["weights_bytes"])
+    assert ours["resident_growth"] == ours["pss_after_step"] - ours["pss_before"] > 0
+    assert ours["growth_over_weights"] == pytest.approx(ours["resident_growth"] / ours["weights_bytes"])
     assert "weights_bytes" not in load["hf"] and "weights_bytes" not in load["eager"]
 
 
@@ -191,6 +192,8 @@ def test_measure_load_runs_the_loader_in_a_fresh_interpreter(report):
     assert 0 < m["rss_start"] < 100e6 < m["rss_before"]  # onnxruntime and torch imported before the load
     assert m["rss_after"] > m["rss_before"] and m["rss_peak"] >= m["rss_after"]
     assert 0 < m["rss_anon_after"] + m["rss_file_after"] <= m["rss_after"]
+    # the first step reads the mapped weights: they count then, once (PSS), not at load
+    assert m["pss_after_step"] >= m["pss_after"] > m["pss_before"] > 0 and m["rss_after_step"] >= m["rss_after"]
     with pytest.raises(LoadMeasureError, match="manifest") as err:
         measure_load(("ours", str(root), 1))  # not an engine folder: the child's EngineError, one line
     assert "\n" not in str(err.value)
