@@ -5,7 +5,9 @@ are active, 2 shared; DeepSeek-V2-Lite-like greedy softmax routing) with each lo
 `exporter/onnx_ops.py` ("moe_op": com.microsoft.MoE, "gather": gather the chosen experts'
 weights, "dense": all experts + masked combine), runs it on the CPU provider for 1 token (decode)
 and 128 tokens (prefill), and prints the median time and the error against the op's reference.
-`choose_moe_experts` in onnx_ops.py encodes the outcome.
+All sessions are built first and timed in turn, one run of each per round, so the machine's
+drift between runs falls on every lowering alike. `choose_moe_experts` in onnx_ops.py encodes
+the outcome.
 
     python benchmarks/ort_moe_lowering.py [--tokens 1 128] [--threads N] [--repeat 20] [--dtype float32]
 
@@ -82,40 +84,46 @@ def main() -> None:
     print(f"MoE layer D={D} I={I} E={E} K={K} shared={SHARED} {a.dtype}: routed expert weights "
           f"{bytes_all / 1e6:.1f} MB, {bytes_all * K / E / 1e6:.1f} MB active per token; "
           f"threads={a.threads or 'default'}")
-    rows = []
+    sessions = {}
     for experts in a.experts:
         start = time.perf_counter()
-        session = build(layer, experts, a.threads)
+        sessions[experts] = build(layer, experts, a.threads)
         print(f"  built {experts} in {time.perf_counter() - start:.1f}s", flush=True)
-        for tokens in a.tokens:
+    rows = []
+    for tokens in a.tokens:
+        x = torch.randn(1, tokens, D, generator=torch.Generator().manual_seed(tokens)).to(dtype)
+        with torch.no_grad():
+            ref = moe_reference(x, layer.gate, None, layer.w1, layer.w2, layer.w3, layer.s1, layer.s2,
+                                layer.s3, K, 1, 1, "greedy", False, 1.0).float().numpy()
+        timed, errors = {}, {}
+        for experts, session in sessions.items():
             gathered = tokens * K * 3 * I * D * layer.w1.element_size()
             if experts == "gather" and gathered > GATHER_LIMIT_BYTES:
                 rows.append((experts, tokens, None, None, f"skipped: gathers {gathered / 1e9:.1f} GB of weights"))
                 continue
-            x = torch.randn(1, tokens, D, generator=torch.Generator().manual_seed(tokens)).to(dtype)
-            with torch.no_grad():
-                ref = moe_reference(x, layer.gate, None, layer.w1, layer.w2, layer.w3, layer.s1, layer.s2,
-                                    layer.s3, K, 1, 1, "greedy", False, 1.0).float().numpy()
-            feed = {session.get_inputs()[0].name: x.numpy()}
             for _ in range(3):
-                out = session.run(None, feed)[0]
-            times = []
-            for _ in range(a.repeat):
+                out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+            errors[experts] = float(np.abs(out.astype(np.float32) - ref).max()) / max(1.0, float(np.abs(ref).max()))
+            timed[experts] = []
+        # One run of each lowering in turn: load from the rest of the machine falls on all of them alike.
+        for _ in range(a.repeat):
+            for experts, times in timed.items():
+                session = sessions[experts]
+                feed = {session.get_inputs()[0].name: x.numpy()}
                 t0 = time.perf_counter()
                 session.run(None, feed)
                 times.append(time.perf_counter() - t0)
-            err = float(np.abs(out.astype(np.float32) - ref).max()) / max(1.0, float(np.abs(ref).max()))
-            rows.append((experts, tokens, statistics.median(times) * 1e3, err, ""))
-        del session
+        for experts, times in timed.items():
+            rows.append((experts, tokens, statistics.median(times) * 1e3, errors[experts], ""))
     print(f"\n{'lowering':<8} {'tokens':>6} {'median ms':>10} {'rel err':>9}  note")
     for experts, tokens, ms, err, note in rows:
         ms_s = f"{ms:10.2f}" if ms is not None else f"{'-':>10}"
         err_s = f"{err:9.1e}" if err is not None else f"{'-':>9}"
         print(f"{experts:<8} {tokens:>6} {ms_s} {err_s}  {note}")
     for tokens in a.tokens:
-        timed = [(ms, e) for e, t, ms, _, _ in rows if t == tokens and ms is not None]
-        if timed:
-            best = min(timed)
+        timed_rows = [(ms, e) for e, t, ms, _, _ in rows if t == tokens and ms is not None]
+        if timed_rows:
+            best = min(timed_rows)
             print(f"fastest at {tokens} token(s): {best[1]} ({best[0]:.2f} ms)")
 
 

@@ -215,7 +215,8 @@ def _mb(n: int) -> str:
 
 @app.command()
 def export(
-    checkpoint: Optional[Path] = typer.Argument(None, help="Checkpoint folder (config.json + *.safetensors)."),
+    checkpoint: Optional[Path] = typer.Argument(None, help="Checkpoint folder (config.json + *.safetensors); "
+                                                "with --graphs-only a config.json or its folder is enough."),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Engine folder to write."),
     dtype: str = typer.Option("float32", help="float32, float16 or bfloat16."),
     absorb: str = typer.Option("auto", help="MLA absorption: auto (cost model), fold, reassociate or none."),
@@ -230,6 +231,9 @@ def export(
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite",
                                          help="Export a checkpoint with NaN/Inf weights (warns) instead of refusing it."),
+    graphs_only: bool = typer.Option(False, "--graphs-only",
+                                     help="Write the graphs and the manifest only, from the config alone: no weights "
+                                          "are read or written (OUT can be inspected, not run)."),
     list_passes: bool = typer.Option(False, "--list-passes", help="Print the pass pipeline and exit."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
@@ -259,7 +263,8 @@ def export(
             limits = Limits(max_batch=max_batch, max_new_tokens=max_new_tokens, max_context=max_context)
         except ValueError as err:  # the limits name the rule they break
             raise OptionError(f"--max-batch/--max-new-tokens/--max-context: {str(err).split(': ', 1)[-1]}") from None
-        if target == "tensorrt":
+        build_trt = target == "tensorrt" and not graphs_only  # engines need the weights
+        if build_trt:
             from exporter.tensorrt import require_tensorrt, validate_options
 
             validate_options(precision, max_batch, max_new_tokens, max_context, 8.0)
@@ -269,8 +274,8 @@ def export(
         with Bars(not as_json) as bars:
             manifest = export_checkpoint(checkpoint, out, dtype=DTYPES[dtype], absorb=absorb, fuse_moe=fuse_moe,
                                          verify=verify, opset=opset, limits=limits, force=force, progress=bars,
-                                         allow_nonfinite=allow_nonfinite, target=target)
-            if target == "tensorrt":
+                                         allow_nonfinite=allow_nonfinite, target=target, graphs_only=graphs_only)
+            if build_trt:
                 from exporter.tensorrt import build_engines
                 from runtime.manifest import write_manifest
 
@@ -286,6 +291,11 @@ def export(
                 lines.append(f"{phase:8s} {p['name']:12s} {p['count']:4d} rewrites{form}{err}")
         for name, f in sorted(manifest["files"].items()):
             lines.append(f"file     {name:24s} {_mb(f['bytes'])}")
+        if graphs_only:
+            lines.append(f"weights  {manifest['weights']['file']} not written (graph-only; "
+                         f"{_mb(manifest['weights']['bytes'])} planned)")
+        for phase, g in manifest["graphs"].items():
+            lines.append(f"graph    {phase:8s} {sum(g['op_counts'].values())} nodes")
         c = manifest["cache"]
         lines.append(f"cache    {c['bytes_per_token']} bytes per token ({c['mha_equivalent_bytes_per_token']} "
                      f"for the MHA equivalent, {c['compression']}x smaller)")
@@ -402,13 +412,14 @@ def inspect(
         from runtime.manifest import read_manifest
         from runtime.weights import resident_estimate
 
-        manifest = read_manifest(out)
+        manifest = read_manifest(out, graphs_only_ok=True)
         c, cfg = manifest["cache"], manifest["model"]
         info = {
             "model": {k: cfg.get(k) for k in ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads",
                                              "kv_lora_rank", "n_routed_experts", "num_experts_per_tok", "topk_method")},
             "dtype": manifest["dtype"], "target": manifest["target"], "opset": manifest["opset"],
             "limits": manifest["limits"], "cache": c, "weights": manifest["weights"],
+            "graphs_only": bool(manifest.get("graphs_only")),
             "graphs": {name: {k: g.get(k) for k in ("file", "inputs", "outputs", "op_counts", "passes", "moe_lowering",
                                                     "in_place")}
                        for name, g in manifest["graphs"].items()},
@@ -418,7 +429,8 @@ def inspect(
                  f"limits   {manifest['limits']}",
                  f"cache    {c['bytes_per_token']} bytes/token vs {c['mha_equivalent_bytes_per_token']} for MHA "
                  f"({c['compression']}x smaller)",
-                 f"weights  {_mb(manifest['weights'].get('bytes', 0))} in {manifest['weights'].get('file')}"]
+                 f"weights  {_mb(manifest['weights'].get('bytes', 0))} in {manifest['weights'].get('file')}"
+                 + (" (planned, not written: a graph-only export)" if info["graphs_only"] else "")]
         weights = manifest["weights"]
         layouts = weights.get("layouts")
         if layouts is not None and weights.get("parameter_bytes"):

@@ -6,6 +6,13 @@
        OUT/decode_inplace.onnx (decode writing the cache in place, run by ONNX Runtime on CPU;
        not in exports lowered for TensorRT)
 
+Graph-only (`graphs_only=True`): the model is built from the config alone on the meta device (a
+config.json, or the folder that holds it, is enough: no weights are read), and only the graphs and
+the manifest are written. The graphs name their places in weights.bin as a full export would
+(planned by exporter.lower.plan_places), but no weight is computed and neither weights.bin nor
+the programs are written; the manifest says `"graphs_only": true` and engines refuse the folder.
+It is how a full-size config's lowering is inspected and measured (benchmarks/capture_full.py).
+
 Streaming. The model is loaded on the meta device: capture, passes and lowering see shapes only,
 and each weight carries how to read it (model.checkpoint.CheckpointSource) or compute it from
 others (passes.ep_edit.derive: the absorbed MLA matrices, folded layouts). Weights are read,
@@ -58,11 +65,12 @@ import torch
 from exporter.capture import PHASES, Limits, capture
 from exporter.lower import check_model, in_place_decode, lower, save_models
 from exporter.onnx_ops import choose_moe_experts
-from model.checkpoint import load_checkpoint
+from model.args import ModelArgs
+from model.checkpoint import build_model, load_checkpoint
 from passes import PassOptions, run_pipeline
 from passes.absorb_mla import FORMS as ABSORB_FORMS
 from runtime.engine import DTYPES
-from runtime.errors import DscompileError, OptionError
+from runtime.errors import CheckpointError, DscompileError, OptionError
 from runtime.manifest import MANIFEST_FORMAT, WRITE_INDEX, write_manifest
 from runtime.weights import fingerprint
 
@@ -97,8 +105,12 @@ def export_checkpoint(
     debug: bool = False,
     allow_nonfinite: bool = False,
     target: str = "onnxruntime",
+    graphs_only: bool = False,
 ) -> dict[str, Any]:
     """Compile a checkpoint into OUT for ONNX Runtime; returns the manifest written there.
+
+    `graphs_only` writes the graphs and the manifest, not the weights (module docstring);
+    `checkpoint` may then be a config.json or a folder holding one.
 
     `target="tensorrt"` lowers with standard ONNX ops only (no com.microsoft contrib ops), so
     the graphs also feed TensorRT's ONNX parser; ONNX Runtime runs either.
@@ -115,6 +127,9 @@ def export_checkpoint(
         raise OptionError(f"--target {target!r} is not one of {', '.join(TARGETS)}")
     if opset < 23:
         raise OptionError(f"--opset {opset} is too old: the lowering needs opset >= 23 (RMSNormalization, Attention)")
+    if graphs_only and verify:
+        raise OptionError("--graphs-only and --verify: verifying the passes runs the model on its weights, "
+                          "which a graph-only export does not read")
     out = Path(out_dir)
     if out.name in ("", ".", ".."):  # the temp folder is named after OUT and goes beside it
         out = Path(os.path.abspath(out))
@@ -124,20 +139,24 @@ def export_checkpoint(
     try:
         return _export(checkpoint, out, tmp, dtype=dtype, absorb=absorb, fuse_moe=fuse_moe, verify=verify,
                        opset=opset, limits=limits, progress=progress, debug=debug, allow_nonfinite=allow_nonfinite,
-                       target=target)
+                       target=target, graphs_only=graphs_only)
     finally:
         _remove(tmp)  # after a success it is gone already (or holds the replaced OUT)
 
 
 def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_moe: bool, verify: bool,
             opset: int, limits: Limits, progress: Progress | None, debug: bool,
-            allow_nonfinite: bool, target: str) -> dict[str, Any]:
+            allow_nonfinite: bool, target: str, graphs_only: bool) -> dict[str, Any]:
     """export_checkpoint's body: everything is written into `tmp`, which replaces `out` at the end."""
     report = progress or (lambda stage, done, total: None)
     torch_dtype = DTYPES[dtype]
 
-    model = load_checkpoint(checkpoint, dtype=torch_dtype, device="meta", scan=True,
-                            progress=lambda d, t: report("load", d, t), allow_nonfinite=allow_nonfinite)
+    if graphs_only:
+        model = build_model(ModelArgs.from_json(config_file(checkpoint)), torch_dtype, "meta")
+        report("load", 1, 1)
+    else:
+        model = load_checkpoint(checkpoint, dtype=torch_dtype, device="meta", scan=True,
+                                progress=lambda d, t: report("load", d, t), allow_nonfinite=allow_nonfinite)
     args = model.args
     programs, reports, lowered, lowerings = {}, {}, {}, {}
     # Both graphs trace the same function with the same dynamic dims, so one capture serves
@@ -163,28 +182,29 @@ def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_m
 
     writing = f"{WEIGHTS_FILE} or a graph"  # what an OSError without a file name was writing
     try:
+        extra = None if graphs_only else {phase: program_weights(programs[phase]) for phase in PHASES}
         stored = save_models(lowered, tmp, WEIGHTS_FILE, progress=lambda d, t: report("write", d, t + 3),
-                             extra={phase: program_weights(programs[phase]) for phase in PHASES})
+                             extra=extra, write_data=not graphs_only)
         graphs = {}
         for phase in PHASES:
-            check_model(tmp / stored[phase]["file"])
-            writing = f"{phase}.pt2"
-            _save_program(programs[phase], tmp / writing)
-            _pause_point("write")
+            check_model(tmp / stored[phase]["file"], with_data=not graphs_only)
             graphs[phase] = {
                 "file": stored[phase]["file"],
-                "program": f"{phase}.pt2",
                 "inputs": [_io(v) for v in lowered[phase].graph.inputs],
                 "outputs": [_io(v) for v in lowered[phase].graph.outputs],
                 "passes": _passes(reports[phase]),
-                "program_weights": stored["extra"][phase],
                 "moe_lowering": lowerings[phase] if args.num_moe_layers else None,
                 "op_counts": _op_counts(lowered[phase]),
             }
+            if not graphs_only:
+                writing = f"{phase}.pt2"
+                _save_program(programs[phase], tmp / writing)
+                graphs[phase].update(program=f"{phase}.pt2", program_weights=stored["extra"][phase])
+            _pause_point("write")
         if target == "onnxruntime":  # TensorRT builds from the contract graphs; its parser takes 4D TensorScatter only
             writing = IN_PLACE_FILE
             in_place = in_place_decode(tmp / graphs["decode"]["file"], tmp / IN_PLACE_FILE)
-            check_model(tmp / IN_PLACE_FILE)
+            check_model(tmp / IN_PLACE_FILE, with_data=not graphs_only)
             graphs["decode"]["in_place"] = {
                 "file": IN_PLACE_FILE,
                 "opset": in_place.opset_imports[""],
@@ -208,16 +228,22 @@ def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_m
             "cache": cache_layout(args, torch_dtype),
             "weights": {**stored["weights"],
                         "parameter_bytes": _parameter_bytes(programs["prefill"]),
-                        "fingerprint": fingerprint(tmp / WEIGHTS_FILE),
                         "note": "bytes of the shared external data file; tensors below 1 KiB stay inside the .onnx; "
                                 "second_layouts and computed list what it holds beyond one copy of each weight"},
             "graphs": graphs,
             "files": _files(tmp),
         }
+        if not graphs_only:
+            manifest["weights"]["fingerprint"] = fingerprint(tmp / WEIGHTS_FILE)
+        else:
+            manifest["graphs_only"] = True
+            manifest["weights"]["note"] = (f"graph-only export: {WEIGHTS_FILE} was not written; bytes is its "
+                                           "planned size, one place per weight the graphs reference (equal "
+                                           "contents not merged)")
         writing = "manifest.json"
         write_manifest(tmp, manifest)
-        # Engines map the file: read-only makes writing into it under a running engine deliberate.
-        os.chmod(tmp / WEIGHTS_FILE, 0o444)
+        if not graphs_only:  # engines map the file: read-only makes writing into it under one deliberate
+            os.chmod(tmp / WEIGHTS_FILE, 0o444)
         report("write", len(stored) + 3, len(stored) + 3)
         writing = "the finished folder"
         _sync_folder(tmp)
@@ -226,6 +252,15 @@ def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_m
     except OSError as err:  # disk full, file size limit, folder removed under us
         raise OutputError(f"{out}: cannot write the export ({_reason(err, writing)}); OUT was left as it was") from None
     return manifest
+
+
+def config_file(source: str | Path) -> Path:
+    """The config.json a graph-only export builds its model from: `source` itself or the one in that folder."""
+    path = Path(source)
+    config = path / "config.json" if path.is_dir() else path
+    if not config.is_file():
+        raise CheckpointError(f"{path}: {'config.json not found' if path.is_dir() else 'not found'}")
+    return config
 
 
 def program_weights(program) -> dict[str, torch.Tensor]:

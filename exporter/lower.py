@@ -20,20 +20,23 @@ and makes the model reproducible and readable:
 lazy weight is computed, written and dropped): initializers with the same content are stored once
 (prefill and decode read the same weights), offsets are 4096-aligned (ONNX Runtime can
 memory-map them). The ExportedPrograms' own weights can go into the same file (`extra`), so the
-`.pt2` programs are saved without weights. `check_model` runs the ONNX checker with
-full_check (strict shape inference included) by path, so models above 2 GB work.
+`.pt2` programs are saved without weights. With `write_data=False` only the graphs are written,
+referencing places planned in a data file that is never computed (a graph-only export).
+`check_model` runs the ONNX checker with full_check (strict shape inference included) by path, so
+models above 2 GB work.
 
 Shape legend: B batch, S new tokens, P past tokens, E experts, I expert intermediate, D hidden.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import onnx
 import onnx_ir as ir
@@ -46,7 +49,7 @@ from torch.export import ExportedProgram
 
 from exporter.capture import io_names
 from exporter.onnx_ops import MSFT_DOMAIN, translation_table
-from passes.ep_edit import Derived, derive, materialize
+from passes.ep_edit import Derived, derive, has_values, materialize
 from runtime.errors import DscompileError
 from runtime.manifest import WRITE_INDEX
 
@@ -81,9 +84,10 @@ def lower(ep: ExportedProgram, phase: str, num_layers: int, *, opset: int = 23,
             )
             model = program.model
             defer_weights(model)
-            # What ONNXProgram.optimize does, with large constants left to fold_weights.
-            onnxscript.optimizer.optimize_ir(model, should_fold=_small_only, input_size_limit=FOLD_LIMIT - 1)
-            onnxscript.rewriter.onnx_fusions.fuse(model)
+            with _values_hidden(model):
+                # What ONNXProgram.optimize does, with large constants left to fold_weights.
+                onnxscript.optimizer.optimize_ir(model, should_fold=_small_only, input_size_limit=FOLD_LIMIT - 1)
+                onnxscript.rewriter.onnx_fusions.fuse(model)
     except Exception as err:  # torch.onnx wraps every failure in a multi-page report
         cause = _our_error(err)
         if cause is not None:  # a weight read while folding (a checkpoint changed under us): say that
@@ -112,11 +116,38 @@ def _our_error(err: BaseException) -> DscompileError | None:
 
 
 def _small_only(node: ir.Node) -> bool | None:
-    """The optimizer's folding rule: never a node reading a large constant (fold_weights does those)."""
+    """The optimizer's folding rule: never a node reading a large constant (fold_weights does those),
+    nor one reading a weight that has no values (a graph-only export's model is built from its
+    config alone): the optimizer would compute it, fold_weights defers it like a large one."""
     for value in node.inputs:
-        if value is not None and value.const_value is not None and value.const_value.size >= FOLD_LIMIT:
+        const = value.const_value if value is not None else None
+        if const is None:
+            continue
+        if const.size >= FOLD_LIMIT or (isinstance(const, _MetaWeight) and not has_values(const.weight)):
             return False
     return None
+
+
+@contextlib.contextmanager
+def _values_hidden(model: ir.Model) -> Iterator[None]:
+    """The weights without values (a graph-only export's model is built from its config alone) are,
+    while inside, initializers without a value: the optimizer reads every small initializer it has
+    (to fold, to infer shapes, to merge equal ones), and these have nothing to read. It keeps them
+    as they are; fold_weights folds their layout changes afterwards, as for large weights."""
+    hidden = [(v, v.const_value) for v in model.graph.initializers.values()
+              if isinstance(v.const_value, _MetaWeight) and not has_values(v.const_value.weight)]
+    dedup = logging.getLogger("onnx_ir.passes.common.initializer_deduplication")
+    level = dedup.level
+    for value, _ in hidden:
+        value.const_value = None
+    if hidden:
+        dedup.setLevel(logging.ERROR)  # it warns once per initializer without a value
+    try:
+        yield
+    finally:
+        for value, tensor in hidden:
+            value.const_value = tensor
+        dedup.setLevel(level)
 
 
 def _check_io(model: ir.Model, inputs: list[str], outputs: list[str], phase: str) -> None:
@@ -338,7 +369,8 @@ def defer_weights(model: ir.Model) -> int:
 
 def save_models(models: dict[str, ir.Model], out_dir: str | Path, weights_file: str = "weights.bin",
                 progress: Callable[[int, int], None] | None = None,
-                extra: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, dict]:
+                extra: dict[str, dict[str, torch.Tensor]] | None = None, *,
+                write_data: bool = True) -> dict[str, dict]:
     """Write `{name}.onnx` per model and one shared `weights_file`; returns what was stored.
 
     Tensors are written one at a time: a lazy one is computed, written and dropped, so writing
@@ -356,8 +388,17 @@ def save_models(models: dict[str, ir.Model], out_dir: str | Path, weights_file: 
     Returns {"weights": {"file", "bytes", "tensors", "shared_tensors", "shared_bytes",
     "viewed_tensors", "layouts"}, graph: {"file"}, "extra": ...}; "layouts" (see `_layouts`) says
     which stored bytes hold the same checkpoint weight twice and which a pass computed.
+
+    `write_data=False` writes the graphs only: `plan_places` gives every weight its place in a
+    `weights_file` that is neither computed nor written.
     """
     out_dir = Path(out_dir)
+    if not write_data:
+        result = plan_places(models, out_dir, weights_file, extra)
+        for graph_name, model in models.items():
+            ir.save(model, out_dir / f"{graph_name}.onnx")
+            result[graph_name] = {"file": f"{graph_name}.onnx"}
+        return result
     written: dict[tuple[str, int], int] = {}  # (sha256, length) -> offset
     extra = extra or {}
     todo = [v for m in models.values() for v in m.graph.initializers.values()]
@@ -493,10 +534,63 @@ def _layouts(stored) -> dict[str, Any]:
             "computed": computed, "computed_bytes": sum(e["bytes"] for e in computed)}
 
 
-def check_model(path: str | Path) -> None:
-    """ONNX checker with full_check (strict shape inference) by path: works above 2 GB."""
+def plan_places(models: dict[str, ir.Model], out_dir: Path, weights_file: str,
+                extra: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, dict]:
+    """Point the models' initializers at planned places of `weights_file`, reading no weight.
+
+    Each distinct weight object gets its own aligned place; the same object in several graphs
+    (prefill and decode hold the same weights) gets one. Values are never compared (that would
+    read them), so the plan can be larger than what save_models writes, which also merges equal
+    contents. A lazy weight is external whatever its size: keeping it inline would compute it.
+    Returns what save_models returns, without the graph files.
+    """
+    places: dict[int, int] = {}  # id(weight object) -> offset
+    end = shared = shared_bytes = 0
+
+    def place(obj, nbytes: int) -> int:
+        nonlocal end, shared, shared_bytes
+        if id(obj) in places:
+            shared += 1
+            shared_bytes += nbytes
+            return places[id(obj)]
+        offset = places[id(obj)] = end + (-end % ALIGNMENT)
+        end = offset + nbytes
+        return offset
+
+    for model in models.values():
+        for value in model.graph.initializers.values():
+            tensor = value.const_value
+            if tensor is None or isinstance(tensor, ir.ExternalTensor):
+                continue
+            lazy = isinstance(tensor, _MetaWeight)
+            if not lazy and tensor.nbytes < INLINE_BELOW:
+                continue
+            offset = place(tensor.weight if lazy else tensor, tensor.nbytes)
+            value.const_value = ir.ExternalTensor(weights_file, offset, tensor.nbytes, tensor.dtype,
+                                                  shape=tensor.shape, name=value.name, base_dir=out_dir)
+    groups = {group: {name: {"offset": place(w, w.numel() * w.element_size()), "bytes": w.numel() * w.element_size()}
+                      for name, w in tensors.items()} for group, tensors in (extra or {}).items()}
+    return {"weights": {"file": weights_file, "bytes": end, "tensors": len(places), "shared_tensors": shared,
+                        "shared_bytes": shared_bytes}, "extra": groups}
+
+
+def check_model(path: str | Path, *, with_data: bool = True) -> None:
+    """ONNX checker with full_check (strict shape inference) by path: works above 2 GB.
+
+    Without `with_data` (a graph-only export: the external data file was never written, and the
+    checker looks for it) the graph is checked in memory with each external initializer turned
+    into a graph input of the same type and shape: the same nodes and shapes are checked.
+    """
     try:
-        onnx.checker.check_model(str(path), full_check=True)
+        if with_data:
+            onnx.checker.check_model(str(path), full_check=True)
+        else:
+            model = onnx.load(str(path), load_external_data=False)
+            graph = model.graph
+            for tensor in [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]:
+                graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+                graph.initializer.remove(tensor)
+            onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise LoweringError(f"{path}: fails the ONNX checker: {first}") from err

@@ -11,14 +11,15 @@ ops' attributes (topk_method, top_k, ...) pick the ONNX subgraph at export time.
   instead of torchlib's `Attention`.
 - `aten.einsum` (absorb_mla's weight products) -> MatMuls instead of ONNX Einsum.
 - `dsc.moe` -> routing with standard ops (Gemm, Sigmoid/Softmax, TopK, group masking with -inf,
-  GatherElements, normalization, scaling) followed by one of four expert lowerings:
+  GatherElements, normalization, scaling) followed by one of three expert lowerings, each a fixed
+  number of nodes whatever the number of routed experts (the stacked [E, ...] weights are read
+  whole by one op; nothing loops over experts, so a 256-expert graph is as large as an 8-expert one):
     "moe_op": ORT's `com.microsoft.MoE` (fc1 = gate/up interleaved, swiglu_fusion=1) with the
               routing computed outside: router_probs = log(w) on the chosen experts and a very
               negative value elsewhere, normalize_routing_weights=0, so the op returns
               Σ_k (w_k/Σw)·expert_k(x); multiplying by Σw gives Σ_k w_k·expert_k(x).
     "gather": Gather the chosen experts' stacked weights per token, then batched MatMuls.
     "dense":  all experts on all tokens (MatMul against the stacked weights) and a masked combine.
-    "grouped": per expert, Gemms on the tokens that chose it (NonZero / Gather / ScatterND add).
   `benchmarks/ort_moe_lowering.py` measures them; `choose_moe_experts` encodes the result.
 
 The fc1 input of `com.microsoft.MoE` is emitted as Reshape(Concat(Unsqueeze(w1), Unsqueeze(w3)))
@@ -44,7 +45,7 @@ import runtime.ops  # noqa: F401  (registers torch.ops.dsc.*)
 
 MSFT_DOMAIN = "com.microsoft"
 msft = Opset(MSFT_DOMAIN, 1)
-MOE_EXPERTS = ("moe_op", "gather", "dense", "grouped")
+MOE_EXPERTS = ("moe_op", "gather", "dense")
 # Routing logit of the experts not chosen, for com.microsoft.MoE: exp(this - max) is exactly 0.
 NOT_CHOSEN = -1e30
 FLOAT = ir.DataType.FLOAT
@@ -254,32 +255,6 @@ def experts_dense(x2d, x_dtype: ir.DataType, w1, w2, w3, weights, idx):
     return op.Transpose(out, perm=[1, 0])
 
 
-def experts_grouped(x2d, x_dtype: ir.DataType, w1, w2, w3, weights, idx, E: int):
-    """Per expert: gather the tokens that chose it, three GEMMs on them, scatter-add back; float32 [T, D].
-
-    The token grouping of a prefill (what transformers' grouped_mm does): each expert's weights
-    are read once for all its tokens, and only K/E of the dense form's FLOPs are done. Each
-    expert's weights are a constant slice of the stacked initializer, which ONNX Runtime folds
-    into its own initializer when the session is created.
-    """
-    zeros = op.ConstantOfShape(op.Concat(op.Shape(weights, start=0, end=1), _const([E]), axis=0),
-                               value=ir.tensor([0.0], dtype=FLOAT))     # [T, E]
-    combine = op.ScatterElements(zeros, idx, weights, axis=1)         # routing weight of the chosen, else 0
-    ones = op.ConstantOfShape(op.Shape(weights), value=ir.tensor([1.0], dtype=FLOAT))
-    chosen = op.Cast(op.ScatterElements(zeros, idx, ones, axis=1), to=ir.DataType.BOOL)  # [T, E]
-    out = op.ConstantOfShape(op.Shape(x2d), value=ir.tensor([0.0], dtype=FLOAT))  # [T, D]
-    for e in range(E):
-        ie = op.Constant(value_int=e)
-        tokens = op.Reshape(op.NonZero(op.Gather(chosen, ie, axis=1)), _const([-1]))  # [n]
-        xs = op.Gather(x2d, tokens, axis=0)                            # [n, D]
-        h = _silu_mul(op.Gemm(xs, op.Gather(w1, ie, axis=0), transB=1),
-                      op.Gemm(xs, op.Gather(w3, ie, axis=0), transB=1))  # [n, I]
-        y = _to_float(op.Gemm(h, op.Gather(w2, ie, axis=0), transB=1), x_dtype)  # [n, D]
-        y = op.Mul(y, op.Unsqueeze(op.Gather(op.Gather(combine, ie, axis=1), tokens, axis=0), _const([1])))
-        out = op.ScatterND(out, op.Unsqueeze(tokens, _const([1])), y, reduction="add")
-    return out
-
-
 def _shared(x2d, w1, w2, w3):
     h = _silu_mul(op.Gemm(x2d, w1, transB=1), op.Gemm(x2d, w3, transB=1))
     return op.Gemm(h, w2, transB=1)
@@ -301,8 +276,6 @@ def make_moe(experts: str) -> Callable:
             out = experts_moe_op(x2d, x.dtype, w1, w2, w3, weights, idx, E, I, D, top_k)
         elif experts == "gather":
             out = experts_gather(x2d, x.dtype, w1, w2, w3, weights, idx)
-        elif experts == "grouped":
-            out = experts_grouped(x2d, x.dtype, w1, w2, w3, weights, idx, E)
         else:
             out = experts_dense(x2d, x.dtype, w1, w2, w3, weights, idx)
         if shared_w1 is not None:
@@ -318,17 +291,21 @@ def make_moe(experts: str) -> Callable:
 def choose_moe_experts(phase: str, dtype: torch.dtype, target: str = "onnxruntime") -> str:
     """The routed-experts lowering for a graph (measured: benchmarks/ort_moe_lowering.py).
 
-    Measured (ORT 1.31.1 CPU, 2 cores, D=2048 I=1408 E=16 K=6 + 2 shared, float32, median ms):
-        tokens   moe_op   gather   dense   grouped
-             1     11.0     22.4    29.8         -
-           128    128.7        -   299.6         -
-           128    318.2        -   528.3     293.0   (a second run, under load average 3.5; ORT's
-                                                      profiler in the same conditions: moe_op layer
-                                                      182 ms of kernels, grouped 120 ms)
-    so com.microsoft.MoE wins decode and the per-expert token grouping wins prefill in float32.
-    The MoE CPU kernel returns zeros for float16 (measured, ORT 1.31.1), so half-precision graphs
-    gather the chosen experts for decode (faster than dense at 1 token above) and run all experts
-    densely for prefill (not re-measured in fp16).
+    Every choice is a graph whose size does not depend on the number of routed experts.
+    Measured (ORT 1.31.1 CPU, 2 threads, D=2048 I=1408 E=16 K=6 + 2 shared, float32, median ms
+    of 20 rounds alternating between the lowerings; "grouped" was a per-expert loop of Gemms over
+    the tokens that chose each expert, one subgraph per expert, since removed):
+        tokens   moe_op   gather    dense   grouped
+             1     77.5    221.9    213.6      87.5
+           128    611.0        -   1161.2     722.2   (gather: 26.6 GB of gathered weights, not run)
+           128    493.8        -   1014.9     616.9   (a second run, 30 rounds)
+    The machine was shared (load average 2.5-6 from other work; a quiet run of moe_op at 1 token
+    took 11 ms), so the absolute times are high; the ratios come from alternating runs: at 128
+    tokens moe_op took 0.80-0.85x the time of grouped and 0.49-0.53x that of dense. So float32 graphs
+    use com.microsoft.MoE for prefill and decode, both reading the same fc1 (gate/up
+    interleaved) and fc2 weights. Its CPU kernel returns zeros for float16 (measured, ORT
+    1.31.1), so half-precision graphs gather the chosen experts for decode (faster than dense at
+    1 token) and run all experts densely for prefill (not re-measured in fp16).
     """
     if target == "tensorrt":
         # TensorRT's ONNX parser has no com.microsoft ops: gather the chosen experts for decode and

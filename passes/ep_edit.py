@@ -119,6 +119,17 @@ def materialize(t: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def has_values(t: torch.Tensor) -> bool:
+    """Whether `materialize(t)` can work: `t` is real, or its source reaches real data (a model built
+    from a config alone, for a graph-only export, has meta weights without sources)."""
+    if not t.is_meta:
+        return True
+    source = getattr(t, "dsc_source", None)
+    if isinstance(source, Derived):
+        return all(has_values(i) for i in source.inputs)
+    return source is not None
+
+
 def derive(fn, *inputs: torch.Tensor) -> torch.Tensor:
     """`fn(*inputs)`, a new weight computed from weights; deferred (see the module docstring) when
     any input is a meta tensor. `fn` must be a pure function of its inputs."""

@@ -10,6 +10,9 @@ The manifest (written by `exporter/export.py`, read by every engine) records:
     cache            per-layer layout {"kv_latent": C, "k_rope": R}, dtype, bytes per token (all
                      layers) and the MHA-equivalent bytes per token with what it counts
     weights          the shared external data file, its bytes and tensor counts
+    graphs_only      true for a graph-only export (`export --graphs-only`): graphs and manifest, no
+                     weights file (weights.bytes is the planned size) and no programs; engines
+                     refuse it (load_manifest), `inspect` reads it
     graphs           per graph ("prefill", "decode"): file, program (.pt2, saved without weights),
                      program_weights ({weight name: {"offset", "bytes"}} in the weights file: where
                      the torch engine reads the program's weights), inputs/outputs (name, dtype,
@@ -61,8 +64,10 @@ def write_manifest(out_dir: str | Path, manifest: dict[str, Any]) -> Path:
     return path
 
 
-def read_manifest(out_dir: str | Path, *, check_graphs: bool = True) -> dict[str, Any]:
-    """The validated manifest of OUT (see the module docstring), or an EngineError."""
+def load_manifest(out_dir: str | Path, *, graphs_only_ok: bool = False) -> dict[str, Any]:
+    """OUT's manifest parsed, unchecked but for one thing: a graph-only export is refused unless
+    `graphs_only_ok`. Every engine reads its manifest through here, so none runs graphs whose
+    weights were never written."""
     out = Path(out_dir)
     if not out.is_dir():
         raise EngineError(f"{out}: engine folder not found")
@@ -75,6 +80,24 @@ def read_manifest(out_dir: str | Path, *, check_graphs: bool = True) -> dict[str
         raise EngineError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(manifest, dict):
         raise EngineError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+    if manifest.get("graphs_only") and not graphs_only_ok:
+        weights = manifest.get("weights")
+        name = weights.get("file") if isinstance(weights, dict) else None
+        raise EngineError(f"{out}: a graph-only export (no {name or 'weights file'}); export without --graphs-only "
+                          "to run it")
+    return manifest
+
+
+def read_manifest(out_dir: str | Path, *, check_graphs: bool = True, graphs_only_ok: bool = False) -> dict[str, Any]:
+    """The validated manifest of OUT (see the module docstring), or an EngineError.
+
+    A graph-only export (`"graphs_only": true`: graphs and manifest, no weights file) is refused
+    (load_manifest) unless `graphs_only_ok`, as `inspect` reads it; its graphs are then checked
+    without looking for their external data.
+    """
+    out = Path(out_dir)
+    manifest = load_manifest(out, graphs_only_ok=graphs_only_ok)
+    path = out / MANIFEST_FILE
     version = manifest.get("format_version")
     if version != MANIFEST_FORMAT:
         raise EngineError(f"{path}: format_version {version!r} is not supported (this dscompile reads "
@@ -89,10 +112,11 @@ def read_manifest(out_dir: str | Path, *, check_graphs: bool = True) -> dict[str
     if in_place is not None and (not isinstance(in_place, dict) or "file" not in in_place):
         raise EngineError(f"{path}: 'graphs.decode.in_place' must name its file")
     if check_graphs:
+        with_data = not manifest.get("graphs_only")
         for g in GRAPHS:
-            check_onnx_file(out, graphs[g]["file"])
+            check_onnx_file(out, graphs[g]["file"], with_data=with_data)
         if in_place is not None:
-            check_onnx_file(out, in_place["file"])
+            check_onnx_file(out, in_place["file"], with_data=with_data)
     return manifest
 
 
@@ -102,8 +126,9 @@ def _inside(out: Path, rel: str) -> bool:
     return os.path.realpath(out / rel).startswith(os.path.realpath(out) + os.sep)
 
 
-def check_onnx_file(out: Path, rel: str) -> None:
-    """The ONNX file exists inside OUT, parses (weights not loaded) and its external data stays in OUT."""
+def check_onnx_file(out: Path, rel: str, *, with_data: bool = True) -> None:
+    """The ONNX file exists inside OUT, parses (weights not loaded) and its external data stays in
+    OUT (and exists, unless not `with_data`: a graph-only export names a file it never wrote)."""
     import onnx  # noqa: PLC0415 - only engines that read ONNX need it
 
     if not isinstance(rel, str) or not _inside(out, rel):
@@ -124,7 +149,7 @@ def check_onnx_file(out: Path, rel: str) -> None:
         if location is None or not _inside(out, location):
             raise EngineError(f"{path}: tensor {tensor.name} has external data at {location!r}, "
                               f"which is not a relative path inside {out}")
-        if not (out / location).is_file():
+        if with_data and not (out / location).is_file():
             raise EngineError(f"{out / location}: external data of tensor {tensor.name} not found")
 
 

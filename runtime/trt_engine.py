@@ -30,7 +30,6 @@ Shape legend: B batch, S new tokens, P past tokens, V vocab, C kv_lora_rank, R r
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ import torch
 
 from runtime.engine import Engine, EngineInfo, KVCache, choose_graph
 from runtime.errors import DscompileError, EngineError
+from runtime.manifest import load_manifest
 
 TRT_FORMAT = 1
 GRAPHS = ("prefill", "decode")
@@ -182,14 +182,7 @@ class TrtEngine(Engine):
         """Deserialize OUT's prefill and decode engines and create one execution context for each."""
         trt = require_tensorrt()
         out = Path(out_dir)
-        manifest_path = out / "manifest.json"
-        if not manifest_path.is_file():
-            raise EngineError(f"{manifest_path}: no such file (is {out} an OUT folder?)")
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise EngineError(f"{manifest_path}: not valid JSON ({e.__class__.__name__})") from None
-        section = read_trt_section(manifest, out)
+        section = read_trt_section(load_manifest(out), out)
         if not torch.cuda.is_available():
             raise TensorRTUnavailable("TensorRT engines need a CUDA GPU and torch sees none")
         device = torch.device(device)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,13 +11,12 @@ from torch import nn
 
 from conftest import assert_close
 from exporter.capture import Limits, capture, io_names
-from model.args import ModelArgs
+from model.args import PUBLISHED_CONFIGS, ModelArgs
 from model.checkpoint import build_model, load_checkpoint
 from passes import PassOptions, absorb_mla, random_inputs, run_pipeline
 from passes.absorb_mla import AbsorbError, cost_model
 
 aten = torch.ops.aten
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "configs"
 VARIANTS = ("v2", "v2-lite", "v3")
 
 
@@ -71,9 +69,7 @@ def test_contract_names_cover_every_layer():
 
 def test_capture_on_meta_device_with_published_shapes():
     """Real V3 widths (256 experts, 128 heads) with 4 layers, no weights: capture must not need storage."""
-    path = SHARED / "deepseek-v3.json"
-    if not path.is_file():
-        pytest.skip("published configs not found beside the repository")
+    path = PUBLISHED_CONFIGS / "deepseek-v3.json"
     args = dataclasses.replace(ModelArgs.from_json(path), num_hidden_layers=4)
     ep = capture(build_model(args, torch.bfloat16, "meta"), "decode", Limits(max_batch=8, max_new_tokens=16, max_context=4096))
     assert sum(t == aten.topk.default for t in _targets(ep)) >= args.num_moe_layers
@@ -183,9 +179,7 @@ def test_region_of_another_shape_is_refused_with_a_reason(models):
 
 def test_cost_model_picks_latent_attention_for_decode_on_published_configs():
     for name in ("deepseek-v2.json", "deepseek-v2-lite.json", "deepseek-v3.json"):
-        if not (SHARED / name).is_file():
-            pytest.skip("published configs not found beside the repository")
-        args = ModelArgs.from_json(SHARED / name)
+        args = ModelArgs.from_json(PUBLISHED_CONFIGS / name)
         decode = absorb_mla.describe(PassOptions("decode", args))
         assert decode["form"] == "reassociate", f"{name}: {json.dumps(decode['cost_model'])}"
         costs = cost_model(args, "decode")

@@ -137,3 +137,22 @@ def test_demo_runs_the_main_job(tmp_path):
     report = json.loads(result.stdout)
     assert report["passed"] and report["engine_tokens"] == report["eager_tokens"]
     assert Path(report["engine"]).is_dir()
+
+
+def test_graphs_only_export_of_a_config_is_inspected_not_run(tmp_path):
+    from model.synthetic import tiny_args
+
+    config = tmp_path / "config.json"  # a config alone: no weights anywhere
+    config.write_text(json.dumps(tiny_args("v3", layers=2, experts=8).to_config()))
+    out = tmp_path / "out"
+    small = ["--max-batch", "2", "--max-new-tokens", "16", "--max-context", "32"]
+    manifest = json.loads(dsc("export", config, "-o", out, "--graphs-only", *small, "--json").stdout)
+    assert manifest["graphs_only"] is True
+    assert sorted(p.name for p in out.iterdir()) == ["decode.onnx", "decode_inplace.onnx", "manifest.json",
+                                                     "prefill.onnx"]
+    info = json.loads(dsc("inspect", out, "--json").stdout)
+    assert info["graphs_only"] is True and info["weights"]["bytes"] == manifest["weights"]["bytes"] > 0
+    assert info["graphs"]["prefill"]["op_counts"] == manifest["graphs"]["prefill"]["op_counts"]
+    assert "(planned, not written: a graph-only export)" in dsc("inspect", out).stdout
+    err = dsc("run", out, "--input-ids", "1,2", check=2).stderr.strip()
+    assert err == f"error: {out}: a graph-only export (no weights.bin); export without --graphs-only to run it"

@@ -29,6 +29,7 @@ import onnx
 import pytest
 from safetensors.torch import load_file, save_file
 
+from exporter.export import export_checkpoint
 from model.synthetic import make_checkpoint
 from test_lower import LIMITS, exported
 
@@ -216,6 +217,15 @@ def _build_cases(tmp: Path, ckpt: Path, small_ckpt: Path, engine: Path) -> dict[
     (escaped / "manifest.json").write_text(json.dumps(m))
     c["inspect_graph_file_escapes"] = Case(_dscompile("inspect", escaped),
                                            "graph file '../eng-up/decode.onnx' is not a path inside")
+
+    # ---- a graph-only export (no weights.bin): engines refuse it; --verify cannot check it
+    graphs = tmp / "graphs-only"
+    export_checkpoint(ckpt, graphs, limits=LIMITS, graphs_only=True)
+    refused = f"{graphs}: a graph-only export (no weights.bin); export without --graphs-only to run it"
+    c["run_graphs_only"] = Case(_dscompile("run", graphs, "--input-ids", "1,2"), refused)
+    c["run_graphs_only_torch"] = Case(_dscompile("run", graphs, "--input-ids", "1,2", "--backend", "torch"), refused)
+    c["compare_graphs_only"] = Case(_dscompile("compare", ckpt, graphs), refused)
+    export_case("graphs_only_verify", ckpt, "--graphs-only and --verify", "--graphs-only", "--verify")
     return c
 
 
@@ -247,7 +257,8 @@ CASE_NAMES = [
     "run_missing_out", "run_id_above_vocab",
     "run_prompt_too_long", "run_prompt_plus_new_too_long",
     "run_provider_unknown", "run_external_data_escapes", "inspect_external_data_absolute",
-    "inspect_graph_file_escapes",
+    "inspect_graph_file_escapes", "run_graphs_only", "run_graphs_only_torch", "compare_graphs_only",
+    "graphs_only_verify",
 ]
 
 

@@ -111,6 +111,31 @@ def test_decode_attends_in_latent_space(variant):
     assert [o.name for o in prefill.graph.output] == [o.name for o in model.graph.output]
 
 
+@pytest.mark.parametrize("variant", ["v3", "v2"])
+def test_float32_moe_is_one_com_microsoft_moe_per_layer_in_both_graphs(variant):
+    """Prefill as decode: one com.microsoft.MoE per MoE layer and nothing per expert (an expert
+    loop has NonZero/ScatterND and slices of the stacked weights), both graphs reading the same
+    fc1 and fc2 bytes of weights.bin."""
+    out = exported(variant)
+    a = args_of(variant)
+    manifest = read_manifest(out)
+    moe_weights = {}
+    for graph in ("prefill", "decode"):
+        model = onnx.load(str(out / f"{graph}.onnx"), load_external_data=False)
+        moes = [n for n in model.graph.node if n.domain == "com.microsoft" and n.op_type == "MoE"]
+        assert len(moes) == a.num_moe_layers and manifest["graphs"][graph]["moe_lowering"] == "moe_op"
+        ops = [n.op_type for n in model.graph.node]
+        assert "NonZero" not in ops and "ScatterND" not in ops
+        # The stacked expert weights [E, ...] are read by the MoE ops alone (an expert loop would
+        # slice them per expert).
+        stacked = {t.name for t in model.graph.initializer if len(t.dims) == 3 and t.dims[0] == a.n_routed_experts}
+        readers = {n.op_type for n in model.graph.node if stacked & set(n.input)}
+        assert len(stacked) == 2 * a.num_moe_layers and readers == {"MoE"}, readers
+        places = {t.name: {e.key: e.value for e in t.external_data} for t in model.graph.initializer}
+        moe_weights[graph] = [(places[n.input[2]]["offset"], places[n.input[4]]["offset"]) for n in moes]
+    assert moe_weights["prefill"] == moe_weights["decode"]
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_manifest(variant):
     out = exported(variant)
