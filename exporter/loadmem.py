@@ -90,12 +90,12 @@ def _hf_forward(model) -> None:
 Loader = Callable[..., tuple[Callable[[], Any], Callable[[Any], None] | None]]
 
 
-def _ours(folder: str, threads: int):
+def _ours(folder: str, threads: int, prepack: bool = False):
     import onnxruntime  # noqa: F401  (OrtEngine imports it on first use)
 
     from runtime.ort_engine import OrtEngine
 
-    return lambda: OrtEngine.load(folder, provider="cpu", threads=threads), _generate
+    return lambda: OrtEngine.load(folder, provider="cpu", threads=threads, prepack=prepack), _generate
 
 
 def _eager(checkpoint: str):
@@ -166,7 +166,7 @@ def _child(spec_json: str) -> None:
 
 def measure_load(spec: tuple | list, timeout: float = LOAD_TIMEOUT_S) -> dict[str, Any]:
     """Load one engine in a fresh process: `spec` is (loader, *args), the loader one of LOADERS:
-    ("ours", folder, threads), ("eager", checkpoint), ("hf", checkpoint), ("hf-onnx", onnx_file, threads).
+    ("ours", folder, threads[, prepack]), ("eager", checkpoint), ("hf", checkpoint), ("hf-onnx", onnx_file, threads).
 
     Returns {"load_s", "rss_before", "rss_after", "rss_peak", "pss_before", "pss_after"}, after a
     first step {"rss_after_step", "pss_after_step"} (not for "hf-onnx"), and, to see where they come
