@@ -1,9 +1,17 @@
-"""Capture a full-size published config on the meta device (no weights) and run the pass pipeline.
+"""Capture, rewrite and lower a full-size published config on the meta device: the graphs, no weights.
 
-Measures wall time and peak RSS of capture + passes for each graph. Target (issue): DeepSeek-V3
-671B captures in < 120 s and < 4 GiB on a 2-core machine.
+Runs the graph-only export (`export_checkpoint(..., graphs_only=True)`: capture, passes and
+lowering; prefill.onnx, decode.onnx, decode_inplace.onnx and manifest.json are written, weights.bin
+is neither computed nor written) of DeepSeek-V3 671B (the repository's copy of its config), then of
+the same config with 16 routed experts, and prints for each the wall time per stage, the peak RSS
+and the node count of every graph. The counts must be equal: no lowering grows with the number of
+routed experts. Target (issue): DeepSeek-V3 in < 10 min and < 8 GB peak on a 2-core machine.
 
-    python benchmarks/capture_full.py --config ../shared/configs/deepseek-v3.json [--json out.json]
+    python benchmarks/capture_full.py [--config model/configs/deepseek-v3.json] [--experts 256 16]
+        [--dtype float32] [--target onnxruntime] [--out DIR] [--json results.json]
+
+Peak RSS is the process's peak so far (Linux ru_maxrss), so the config's own expert count runs
+first and the line after it is that export's peak.
 """
 
 from __future__ import annotations
@@ -11,61 +19,100 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import onnx
 import torch
 
-from exporter.capture import Limits, capture
-from model.args import ModelArgs
-from model.checkpoint import build_model
-from passes import PassOptions, run_pipeline
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from exporter.capture import Limits  # noqa: E402
+from exporter.export import STAGES, TARGETS, export_checkpoint  # noqa: E402
+from model.args import PUBLISHED_CONFIGS  # noqa: E402
+from runtime.engine import DTYPES  # noqa: E402
+
+LIMITS = Limits(max_batch=64, max_new_tokens=4096, max_context=16384)
 
 
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
+def node_counts(out: Path, manifest: dict) -> dict[str, int]:
+    """Nodes of every graph file in OUT, read from the files (without their external data)."""
+    files = {name: g["file"] for name, g in manifest["graphs"].items()}
+    if manifest["graphs"]["decode"].get("in_place"):
+        files["decode_inplace"] = manifest["graphs"]["decode"]["in_place"]["file"]
+    return {name: len(onnx.load(str(out / f), load_external_data=False).graph.node) for name, f in files.items()}
+
+
+def lower_graphs(config: dict, experts: int, folder: Path, dtype: str, target: str) -> dict:
+    """One graph-only export of `config` with `experts` routed experts; its times, peak and node counts."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({**config, "n_routed_experts": experts}, indent=2))
+    ends: dict[str, float] = {}
+    start = time.perf_counter()
+    manifest = export_checkpoint(folder / "config.json", folder / "out", dtype=dtype, target=target, limits=LIMITS,
+                                 graphs_only=True, force=True,
+                                 progress=lambda stage, done, total: ends.__setitem__(stage, time.perf_counter()))
+    wall = time.perf_counter() - start
+    stages, last = {}, start
+    for stage in STAGES:
+        if stage in ends:
+            stages[stage] = round(ends[stage] - last, 1)
+            last = ends[stage]
+    return {"experts": experts, "wall_s": round(wall, 1), "stages_s": stages, "peak_rss_gib": round(peak_rss_gib(), 2),
+            "nodes": node_counts(folder / "out", manifest), "planned_weight_bytes": manifest["weights"]["bytes"],
+            "written": sorted(manifest["files"]), "moe_lowering": {g: manifest["graphs"][g]["moe_lowering"]
+                                                                   for g in ("prefill", "decode")}}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    default = Path(__file__).resolve().parents[2] / "shared" / "configs" / "deepseek-v3.json"
-    parser.add_argument("--config", type=Path, default=default, help="a published config.json")
-    parser.add_argument("--phases", default="decode,prefill")
+    parser.add_argument("--config", type=Path, default=PUBLISHED_CONFIGS / "deepseek-v3.json",
+                        help="a published config.json (default: DeepSeek-V3's)")
+    parser.add_argument("--experts", type=int, nargs="+",
+                        help="routed expert counts to lower, the config otherwise unchanged "
+                             "(default: its own, then 16)")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--target", default="onnxruntime", choices=list(TARGETS))
+    parser.add_argument("--out", type=Path, help="keep the exports here, one folder per expert count "
+                                                 "(default: a temporary folder, removed at the end)")
     parser.add_argument("--json", type=Path, help="write the results here")
     opts = parser.parse_args()
     torch.set_num_threads(2)
-    args = ModelArgs.from_json(opts.config)
-    start = time.perf_counter()
-    model = build_model(args, torch.bfloat16, "meta")
-    params = sum(p.numel() for p in model.parameters())
-    results = {"config": str(opts.config), "params": params, "layers": args.num_hidden_layers,
-               "experts": args.n_routed_experts, "build_s": time.perf_counter() - start, "graphs": {}}
-    # Both graphs trace the same function with the same dynamic dims: one capture serves both,
-    # and each phase's passes work on their own copy.
-    t0 = time.perf_counter()
-    traced = capture(model, "prefill", Limits(max_batch=64, max_new_tokens=4096, max_context=16384))
-    results["capture_s"] = round(time.perf_counter() - t0, 2)
-    print(f"capture  {results['capture_s']:6.1f} s  peak RSS {peak_rss_gib():.2f} GiB", flush=True)
-    for phase in opts.phases.split(","):
-        t1 = time.perf_counter()
-        ep, report = run_pipeline(traced, PassOptions(phase, args))
-        t2 = time.perf_counter()
-        results["graphs"][phase] = {
-            "passes_s": round(t2 - t1, 2),
-            "nodes": len(ep.graph.nodes),
-            "passes": {r.name: r.count for r in report.results},
-            "peak_rss_gib": round(peak_rss_gib(), 3),
-        }
-        print(f"{phase:8s} passes {t2 - t1:6.1f} s  nodes {len(ep.graph.nodes):6d}  "
-              f"passes {results['graphs'][phase]['passes']}  peak RSS {peak_rss_gib():.2f} GiB", flush=True)
-    results["total_s"] = round(time.perf_counter() - start, 2)
-    results["peak_rss_gib"] = round(peak_rss_gib(), 3)
-    print(f"{args.model_type} {params / 1e9:.1f}B params: total {results['total_s']:.1f} s, "
-          f"peak RSS {results['peak_rss_gib']:.2f} GiB (target < 120 s and < 4 GiB)")
+    config = json.loads(opts.config.read_text())
+    counts = opts.experts or [config["n_routed_experts"], 16]
+    root = opts.out or Path(tempfile.mkdtemp(prefix="capture_full_"))
+    results = {"config": str(opts.config), "layers": config["num_hidden_layers"], "dtype": opts.dtype,
+               "target": opts.target, "runs": []}
+    try:
+        for experts in counts:
+            run = lower_graphs(config, experts, root / f"experts-{experts}", opts.dtype, opts.target)
+            results["runs"].append(run)
+            stages = ", ".join(f"{k} {v}" for k, v in run["stages_s"].items())
+            nodes = ", ".join(f"{g} {n}" for g, n in run["nodes"].items())
+            moe = "/".join(run["moe_lowering"].values())
+            print(f"{experts:4d} experts: {run['wall_s']:7.1f} s ({stages})  peak RSS {run['peak_rss_gib']:.2f} GiB  "
+                  f"nodes {nodes}  (moe {moe}; weights.bin not written, "
+                  f"{run['planned_weight_bytes'] / 1e12:.2f} TB planned)", flush=True)
+    finally:
+        if opts.out is None:
+            shutil.rmtree(root, ignore_errors=True)
+    same = all(r["nodes"] == results["runs"][0]["nodes"] for r in results["runs"])
+    results["same_nodes"] = same
+    first = results["runs"][0]
+    print(f"{config['model_type']} {config['num_hidden_layers']} layers {opts.dtype}: "
+          f"{first['wall_s']:.1f} s and {first['peak_rss_gib']:.2f} GiB peak for {first['experts']} experts "
+          f"(target < 600 s and < 8 GB); node counts {'equal' if same else 'DIFFER'} for "
+          f"{', '.join(str(r['experts']) for r in results['runs'])} experts")
     if opts.json:
         opts.json.write_text(json.dumps(results, indent=2))
-    return 0
+    return 0 if same else 1
 
 
 if __name__ == "__main__":
