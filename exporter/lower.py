@@ -538,22 +538,25 @@ def plan_places(models: dict[str, ir.Model], out_dir: Path, weights_file: str,
                 extra: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, dict]:
     """Point the models' initializers at planned places of `weights_file`, reading no weight.
 
-    Each distinct weight object gets its own aligned place; the same object in several graphs
-    (prefill and decode hold the same weights) gets one. Values are never compared (that would
-    read them), so the plan can be larger than what save_models writes, which also merges equal
-    contents. A lazy weight is external whatever its size: keeping it inline would compute it.
+    Each distinct weight gets its own aligned place; the same weight in several graphs gets one:
+    the same object (prefill and decode hold the same weights), or the same fold of the same
+    weights (each graph folds its own transposed or interleaved copy: `_fold_key`). Values are
+    never compared (that would read them), so the plan can be larger than what save_models
+    writes, which also merges equal contents found otherwise. A lazy weight is external whatever
+    its size: keeping it inline would compute it.
     Returns what save_models returns, without the graph files.
     """
-    places: dict[int, int] = {}  # id(weight object) -> offset
+    places: dict[Any, int] = {}  # _fold_key(weight) -> offset
     end = shared = shared_bytes = 0
 
     def place(obj, nbytes: int) -> int:
         nonlocal end, shared, shared_bytes
-        if id(obj) in places:
+        key = _fold_key(obj)
+        if key in places:
             shared += 1
             shared_bytes += nbytes
-            return places[id(obj)]
-        offset = places[id(obj)] = end + (-end % ALIGNMENT)
+            return places[key]
+        offset = places[key] = end + (-end % ALIGNMENT)
         end = offset + nbytes
         return offset
 
@@ -572,6 +575,19 @@ def plan_places(models: dict[str, ir.Model], out_dir: Path, weights_file: str,
                       for name, w in tensors.items()} for group, tensors in (extra or {}).items()}
     return {"weights": {"file": weights_file, "bytes": end, "tensors": len(places), "shared_tensors": shared,
                         "shared_bytes": shared_bytes}, "extra": groups}
+
+
+def _fold_key(t) -> Any:
+    """What a weight is without reading it: its object, or for a `fold_weights` fold the fold
+    (op, attributes, arguments) of what it was folded from, so two graphs' folds of one weight
+    are one weight. Small real arguments (shapes, axes) count by value."""
+    source = getattr(t, "dsc_source", None)
+    if isinstance(source, Derived) and isinstance(source.fn, _TorchFold):
+        args = tuple(tuple(x.reshape(-1).tolist()) if not x.is_meta and x.numel() < FOLD_LIMIT else _fold_key(x)
+                     for x in source.inputs)
+        return ("fold", source.fn.op, tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                                                  for k, v in source.fn.attrs.items())), args)
+    return id(t)
 
 
 def check_model(path: str | Path, *, with_data: bool = True) -> None:
