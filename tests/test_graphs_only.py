@@ -101,7 +101,7 @@ def test_writes_graphs_and_manifest_but_no_weights(graphs_only_out):
     assert manifest == json.loads((out / "manifest.json").read_text())
     assert "program" not in manifest["graphs"]["prefill"] and "program_weights" not in manifest["graphs"]["decode"]
     # The graphs are complete: every large initializer names its place in the unwritten weights.bin.
-    ends = []
+    ends, spans = [], set()
     for f in GRAPH_FILES.values():
         model = onnx.load(str(out / f), load_external_data=False)
         external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
@@ -110,9 +110,19 @@ def test_writes_graphs_and_manifest_but_no_weights(graphs_only_out):
             info = {e.key: e.value for e in t.external_data}
             assert info["location"] == "weights.bin" and int(info["offset"]) % 4096 == 0
             ends.append(int(info["offset"]) + int(info["length"]))
+            spans.add((int(info["offset"]), int(info["length"])))
     assert max(ends) == manifest["weights"]["bytes"]
     # prefill and decode hold the same weight objects: they share places instead of getting two.
     assert manifest["weights"]["shared_tensors"] > 0
+    # ... and the folds each graph makes of a weight (transposed, interleaved) are one weight too:
+    # the plan is one copy of the parameters plus absorb_mla's computed weights, not one per graph
+    # (tensors below 1 KiB stay inside the graphs; the file's page alignment is not counted).
+    cfg = manifest["model"]
+    absorbed = (cfg["num_hidden_layers"] * cfg["num_attention_heads"] * (cfg["qk_nope_head_dim"] + cfg["v_head_dim"])
+                * cfg["kv_lora_rank"] * 4)  # decode's W_UK and W_UV, computed from kv_b_proj (float32)
+    absorbed += cfg["qk_rope_head_dim"] // 2 * 4  # RoPE's inv_freq: a buffer, not among the parameters
+    planned = sum(length for _, length in spans)
+    assert planned <= manifest["weights"]["parameter_bytes"] + absorbed, (planned, manifest["weights"])
 
 
 def test_reads_nothing_but_the_config_of_a_checkpoint(tmp_path, make_ckpt, monkeypatch):
@@ -150,7 +160,7 @@ def test_save_models_without_data_plans_places_and_computes_nothing(make_ckpt, t
     in_both = {obj for (phase, _), obj in weights.items() if phase == "prefill"} & \
               {obj for (phase, _), obj in weights.items() if phase == "decode"}
     assert in_both and stored["weights"]["shared_tensors"] >= len(in_both)
-    spans = sorted(next(iter(p)) for p in places.values())
+    spans = sorted({next(iter(p)) for p in places.values()})  # two graphs' folds of one weight share a place
     assert all(a[0] % 4096 == 0 and a[0] + a[1] <= b[0] for a, b in zip(spans, spans[1:])), "planned places overlap"
     assert stored["weights"]["bytes"] == spans[-1][0] + spans[-1][1]
 
