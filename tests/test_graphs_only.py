@@ -176,13 +176,15 @@ def test_refuses_verify_and_a_missing_config(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_engines_refuse_it_inspect_reads_it(graphs_only_out):
+def test_engines_refuse_it_inspect_reads_it(graphs_only_out, monkeypatch):
+    from runtime import trt_engine
     from runtime.ort_engine import OrtEngine
     from runtime.torch_engine import TorchEngine
 
     out, _ = graphs_only_out
+    monkeypatch.setattr(trt_engine, "require_tensorrt", lambda: None)  # the manifest is read before TensorRT is used
     message = f"{out}: a graph-only export (no weights.bin); export without --graphs-only to run it"
-    for load in (OrtEngine.load, TorchEngine.load, load_manifest, read_manifest):
+    for load in (OrtEngine.load, TorchEngine.load, trt_engine.TrtEngine.load, load_manifest, read_manifest):
         with pytest.raises(EngineError) as err:
             load(out)
         assert str(err.value) == message
