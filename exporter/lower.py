@@ -20,7 +20,9 @@ and makes the model reproducible and readable:
 lazy weight is computed, written and dropped): initializers with the same content are stored once
 (prefill and decode read the same weights), offsets are 4096-aligned (ONNX Runtime can
 memory-map them). The ExportedPrograms' own weights can go into the same file (`extra`), so the
-`.pt2` programs are saved without weights. With `write_data=False` only the graphs are written,
+`.pt2` programs are saved without weights; a program weight that a graph stores in another layout
+(folded transposed or interleaved by `fold_weights`) is not written again but placed as a strided
+view of the graph's bytes (`stored_views`), so the file holds one copy of each weight. With `write_data=False` only the graphs are written,
 referencing places planned in a data file that is never computed (a graph-only export).
 `check_model` runs the ONNX checker with full_check (strict shape inference included) by path, so
 models above 2 GB work.
