@@ -9,12 +9,17 @@ The manifest (written by `exporter/export.py`, read by every engine) records:
     limits           {"max_batch", "max_new_tokens", "max_context"}: the graphs' dynamic ranges
     cache            per-layer layout {"kv_latent": C, "k_rope": R}, dtype, bytes per token (all
                      layers) and the MHA-equivalent bytes per token with what it counts
-    weights          the shared external data file, its bytes and tensor counts
+    weights          the shared external data file: its bytes, tensor counts, parameter_bytes,
+                     fingerprint (runtime/weights.py: checked before any engine opens it),
+                     viewed_tensors and layouts (what it holds beyond one copy of each weight:
+                     second_layouts and pass-computed weights, each with its bytes)
     graphs_only      true for a graph-only export (`export --graphs-only`): graphs and manifest, no
                      weights file (weights.bytes is the planned size) and no programs; engines
                      refuse it (load_manifest), `inspect` reads it
     graphs           per graph ("prefill", "decode"): file, program (.pt2, saved without weights),
-                     program_weights ({weight name: {"offset", "bytes"}} in the weights file: where
+                     program_weights ({weight name: {"offset", "bytes"}} of stored bytes in the
+                     weights file, plus {"shape", "stride", "storage_offset"} in elements where the
+                     weight is a strided view of a tensor a graph stores in another layout: where
                      the torch engine reads the program's weights), inputs/outputs (name, dtype,
                      shape with symbolic dims as strings), passes (PassReport), lowering;
                      decode may add "in_place" {file, opset, inputs, outputs, op_counts, use}: the
