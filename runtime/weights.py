@@ -21,6 +21,7 @@ Export writes the file read-only to make such a write a deliberate act.
 from __future__ import annotations
 
 import hashlib
+import math
 import mmap
 import os
 from pathlib import Path
@@ -110,11 +111,11 @@ class WeightsFile:
             raise EngineError(f"{self.path}: {what} lies outside the file or is misaligned; re-export")
         base = self.bytes()[offset: offset + nbytes].view(dtype)
         if "stride" not in place:
-            if base.numel() != _numel(shape):
+            if base.numel() != math.prod(shape):
                 raise EngineError(f"{self.path}: {what} has {base.numel()} values, expected shape {list(shape)}")
             return base.view(shape)
         view_shape, stride, start = tuple(place["shape"]), tuple(place["stride"]), int(place["storage_offset"])
-        last = start + sum((n - 1) * s for n, s in zip(view_shape, stride)) if _numel(view_shape) else start
+        last = start + sum((n - 1) * s for n, s in zip(view_shape, stride)) if math.prod(view_shape) else start
         if view_shape != tuple(shape) or start < 0 or min(stride, default=0) < 0 or last >= max(base.numel(), 1):
             raise EngineError(f"{self.path}: {what} is a view that does not fit its stored tensor; re-export")
         return base.as_strided(view_shape, stride, base.storage_offset() + start)  # as_strided's offset is absolute
@@ -130,13 +131,6 @@ class WeightsFile:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def resident_estimate(out: Path, manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
