@@ -26,10 +26,10 @@ weights.bin: the pages are the file's, shared by the sessions (and by other proc
 same OUT). What would copy them is prepacking, where a CPU kernel copies a constant weight into
 its own packed layout at session creation: each session then holds its own packed copy (ONNX
 Runtime's Python API has no shared prepacked-weights container). It is off by default (`prepack`
-turns it on). Measured on the bench config (2.92 GB weights.bin, fp32, 2 threads): proportional
-resident memory after a prefill and decode steps 2.82 GB without prepacking, 3.70 GB with it
-(load 0.6 s vs 10.8 s); the decode step is the same, and long prefills are faster with it (see
-README, "Measured"). Session loading goes through `WeightsFile.open` first (runtime/weights.py):
+turns it on). Measured on the bench config (2.92 GB weights.bin, fp32, 2 threads,
+benchmarks/weights_sharing.py): proportional resident memory after a first step 2.70 GB without
+prepacking, 3.62 GB with it (load 0.3 s vs 2.6-3.0 s); with it prefill is 4-11% faster and decode
+4-5% (README, "Measured"). Session loading goes through `WeightsFile.open` first (runtime/weights.py):
 a truncated or foreign weights.bin is refused before any session opens, and a write into the file
 while the engine runs stops the next step.
 
