@@ -219,6 +219,9 @@ def export(
                                                 "with --graphs-only a config.json or its folder is enough."),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Engine folder to write."),
     dtype: str = typer.Option("float32", help="float32, float16 or bfloat16."),
+    weights: Optional[str] = typer.Option(None, help="Weight storage: int8 or int4 (block-wise, weight-only; "
+                                          "default: the export dtype)."),
+    block_size: int = typer.Option(32, help="Values per quantization scale with --weights: 16, 32, 64 or 128."),
     absorb: str = typer.Option("auto", help="MLA absorption: auto (cost model), fold, reassociate or none."),
     fuse_moe: bool = typer.Option(True, "--fuse-moe/--no-fuse-moe", help="Fuse MoE routing + dispatch into dsc.moe."),
     verify: bool = typer.Option(False, "--verify", help="Check each pass numerically on random inputs."),
@@ -263,6 +266,9 @@ def export(
             limits = Limits(max_batch=max_batch, max_new_tokens=max_new_tokens, max_context=max_context)
         except ValueError as err:  # the limits name the rule they break
             raise OptionError(f"--max-batch/--max-new-tokens/--max-context: {str(err).split(': ', 1)[-1]}") from None
+        from exporter.export import quant_scheme
+
+        quant_scheme(weights, block_size, dtype, target)  # before TensorRT's own checks: name the option
         build_trt = target == "tensorrt" and not graphs_only  # engines need the weights
         if build_trt:
             from exporter.tensorrt import require_tensorrt, validate_options
@@ -274,7 +280,8 @@ def export(
         with Bars(not as_json) as bars:
             manifest = export_checkpoint(checkpoint, out, dtype=DTYPES[dtype], absorb=absorb, fuse_moe=fuse_moe,
                                          verify=verify, opset=opset, limits=limits, force=force, progress=bars,
-                                         allow_nonfinite=allow_nonfinite, target=target, graphs_only=graphs_only)
+                                         allow_nonfinite=allow_nonfinite, target=target, graphs_only=graphs_only,
+                                         weights=weights, block_size=block_size)
             if build_trt:
                 from exporter.tensorrt import build_engines
                 from runtime.manifest import write_manifest

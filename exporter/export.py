@@ -60,13 +60,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 import onnx_ir as ir
+import onnx_ir.passes.common as ir_passes
 import torch
 
 from exporter.capture import PHASES, Limits, capture
 from exporter.lower import check_model, in_place_decode, lower, save_models
 from exporter.onnx_ops import choose_moe_experts
 from model.args import ModelArgs
-from model.checkpoint import build_model, load_checkpoint
+from exporter.quantize import GraphQuantizer
+from model.checkpoint import apply_quantization, build_model, load_checkpoint
+from model.quant import BLOCK_SIZES, Scheme
 from passes import PassOptions, run_pipeline
 from passes.absorb_mla import FORMS as ABSORB_FORMS
 from runtime.engine import DTYPES
@@ -79,6 +82,7 @@ IN_PLACE_FILE = "decode_inplace.onnx"  # the decode graph writing its cache in p
 TARGET = "onnxruntime"  # the manifest's runtime: every export runs in ONNX Runtime
 TARGETS = ("onnxruntime", "tensorrt")  # what the lowering is restricted for
 Progress = Callable[[str, int, int], None]
+WEIGHT_FORMATS = {"int8": 8, "int4": 4}  # --weights: block-wise weight-only quantization (model/quant.py)
 STAGES = ("load", "capture", "passes", "lower", "write")
 # Where DSCOMPILE_TEST_PAUSE_AT can stop an export: between lowering the two graphs (OUT's temp
 # folder exists and is empty), with the temp folder half-written (graphs and weights, no
@@ -106,8 +110,15 @@ def export_checkpoint(
     allow_nonfinite: bool = False,
     target: str = "onnxruntime",
     graphs_only: bool = False,
+    weights: str | None = None,
+    block_size: int = 32,
 ) -> dict[str, Any]:
     """Compile a checkpoint into OUT for ONNX Runtime; returns the manifest written there.
+
+    `weights` "int8" / "int4" stores every linear layer's weight and the routed experts as
+    block-wise integers (`block_size` values per float32 scale) run by ONNX Runtime's MatMulNBits
+    and QMoE (exporter/quantize.py); activations stay float32. A quantized export has no torch
+    programs (their weights would be a float copy): it runs on ONNX Runtime's CPU provider.
 
     `graphs_only` writes the graphs and the manifest, not the weights (module docstring);
     `checkpoint` may then be a config.json or a folder holding one.
@@ -127,6 +138,7 @@ def export_checkpoint(
         raise OptionError(f"--target {target!r} is not one of {', '.join(TARGETS)}")
     if opset < 23:
         raise OptionError(f"--opset {opset} is too old: the lowering needs opset >= 23 (RMSNormalization, Attention)")
+    scheme = quant_scheme(weights, block_size, dtype, target)
     if graphs_only and verify:
         raise OptionError("--graphs-only and --verify: verifying the passes runs the model on its weights, "
                           "which a graph-only export does not read")
@@ -139,24 +151,28 @@ def export_checkpoint(
     try:
         return _export(checkpoint, out, tmp, dtype=dtype, absorb=absorb, fuse_moe=fuse_moe, verify=verify,
                        opset=opset, limits=limits, progress=progress, debug=debug, allow_nonfinite=allow_nonfinite,
-                       target=target, graphs_only=graphs_only)
+                       target=target, graphs_only=graphs_only, scheme=scheme)
     finally:
         _remove(tmp)  # after a success it is gone already (or holds the replaced OUT)
 
 
 def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_moe: bool, verify: bool,
             opset: int, limits: Limits, progress: Progress | None, debug: bool,
-            allow_nonfinite: bool, target: str, graphs_only: bool) -> dict[str, Any]:
+            allow_nonfinite: bool, target: str, graphs_only: bool, scheme: Scheme | None) -> dict[str, Any]:
     """export_checkpoint's body: everything is written into `tmp`, which replaces `out` at the end."""
     report = progress or (lambda stage, done, total: None)
     torch_dtype = DTYPES[dtype]
+    quant_errors: dict[str, dict[str, float]] = {}
 
     if graphs_only:
         model = build_model(ModelArgs.from_json(config_file(checkpoint)), torch_dtype, "meta")
+        if scheme is not None:
+            apply_quantization(model, scheme)
         report("load", 1, 1)
     else:
         model = load_checkpoint(checkpoint, dtype=torch_dtype, device="meta", scan=True,
-                                progress=lambda d, t: report("load", d, t), allow_nonfinite=allow_nonfinite)
+                                progress=lambda d, t: report("load", d, t), allow_nonfinite=allow_nonfinite,
+                                quantize=scheme, quant_errors=quant_errors)
     args = model.args
     programs, reports, lowered, lowerings = {}, {}, {}, {}
     # Both graphs trace the same function with the same dynamic dims, so one capture serves
@@ -164,7 +180,10 @@ def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_m
     traced = capture(model, "prefill", limits, debug=debug)
     report("capture", 1, 1)
     del model
-    verified = _verify_in_float32(checkpoint, limits, absorb, fuse_moe, debug, allow_nonfinite) if verify else None
+    verified = _verify_in_float32(checkpoint, limits, absorb, fuse_moe, debug, allow_nonfinite,
+                                  scheme) if verify else None
+    quantizer = GraphQuantizer(scheme) if scheme is not None else None
+    quantized: dict[str, dict[str, int]] = {}
     for i, phase in enumerate(PHASES):
         options = PassOptions(phase, args, absorb=absorb, fuse_moe=fuse_moe)
         programs[phase], reports[phase] = run_pipeline(traced, options)
@@ -176,13 +195,18 @@ def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_m
         lowerings[phase] = choose_moe_experts(phase, torch_dtype, target)
         lowered[phase] = lower(programs[phase], phase, args.num_hidden_layers, opset=opset,
                                moe_experts=lowerings[phase], debug=debug)
+        if quantizer is not None:
+            quantized[phase] = quantizer(lowered[phase])
+            ir_passes.RemoveUnusedNodesPass()(lowered[phase])
         report("lower", i + 1, len(PHASES))
         if i == 0:
             _pause_point("lower")
 
     writing = f"{WEIGHTS_FILE} or a graph"  # what an OSError without a file name was writing
     try:
-        extra = None if graphs_only else {phase: program_weights(programs[phase]) for phase in PHASES}
+        # A quantized export has no programs: their float weights would double the file.
+        has_programs = not graphs_only and scheme is None
+        extra = {phase: program_weights(programs[phase]) for phase in PHASES} if has_programs else None
         stored = save_models(lowered, tmp, WEIGHTS_FILE, progress=lambda d, t: report("write", d, t + 3),
                              extra=extra, write_data=not graphs_only)
         graphs = {}
@@ -196,7 +220,9 @@ def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_m
                 "moe_lowering": lowerings[phase] if args.num_moe_layers else None,
                 "op_counts": _op_counts(lowered[phase]),
             }
-            if not graphs_only:
+            if scheme is not None:
+                graphs[phase]["quantized_ops"] = quantized[phase]
+            if has_programs:
                 writing = f"{phase}.pt2"
                 _save_program(programs[phase], tmp / writing)
                 graphs[phase].update(program=f"{phase}.pt2", program_weights=stored["extra"][phase])
@@ -233,6 +259,8 @@ def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_m
             "graphs": graphs,
             "files": _files(tmp),
         }
+        if scheme is not None:
+            manifest["quantization"] = quantization_report(scheme, lowered, quant_errors, graphs_only)
         if not graphs_only:
             manifest["weights"]["fingerprint"] = fingerprint(tmp / WEIGHTS_FILE)
         else:
@@ -254,6 +282,46 @@ def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_m
     return manifest
 
 
+def quant_scheme(weights: str | None, block_size: int, dtype: str, target: str) -> Scheme | None:
+    """The quantization scheme of `--weights` / `--block-size`, or None; an OptionError for bad combinations."""
+    if weights is None or weights == dtype:
+        return None
+    if weights not in WEIGHT_FORMATS:
+        raise OptionError(f"--weights {weights!r} is not one of {', '.join(WEIGHT_FORMATS)} (or the export dtype)")
+    if block_size not in BLOCK_SIZES:
+        raise OptionError(f"--block-size {block_size} is not one of {', '.join(map(str, BLOCK_SIZES))}")
+    if target != "onnxruntime":
+        raise OptionError(f"--weights {weights} with --target {target}: quantized engines are lowered for "
+                          "ONNX Runtime only (MatMulNBits, QMoE)")
+    if dtype != "float32":
+        raise OptionError(f"--weights {weights} with --dtype {dtype}: quantized engines compute in float32 "
+                          "(ONNX Runtime's CPU MatMulNBits/QMoE kernels); drop --dtype")
+    return Scheme(WEIGHT_FORMATS[weights], block_size)
+
+
+def quantization_report(scheme: Scheme, models: dict[str, ir.Model], errors: dict[str, dict[str, float]],
+                        graphs_only: bool) -> dict[str, Any]:
+    """The manifest's "quantization": scheme, kernels and their attributes, per-weight error, float weights kept."""
+    kept: dict[str, int] = {}
+    levels: dict[str, int] = {}
+    for model in models.values():
+        for node in model.graph:
+            if node.op_type in ("MatMulNBits", "QMoE"):
+                levels[node.op_type] = node.attributes["accuracy_level"].value
+        for value in model.graph.initializers.values():
+            t = value.const_value
+            if t is not None and t.dtype == ir.DataType.FLOAT and t.nbytes >= 1 << 16:
+                kept[value.name] = t.nbytes
+    return {**scheme.to_dict(), "provider": "cpu", "accuracy_level": levels,
+            "accuracy_level_note": "4: the kernels quantize activations to int8 per block (faster, adds error); "
+                                   "0: activations stay float32",
+            "weights_error": None if graphs_only else dict(sorted(errors.items())),
+            "weights_error_note": "per quantized weight: max |w - dequantized| and that over max |w|",
+            "float_weights": dict(sorted(kept.items())), "float_weight_bytes": sum(kept.values()),
+            "float_weights_note": "float32 weights of 64 KiB or more the graphs keep: embeddings, routers, and "
+                                  "weights a pass computed (absorbed per-head MLA matrices)"}
+
+
 def config_file(source: str | Path) -> Path:
     """The config.json a graph-only export builds its model from: `source` itself or the one in that folder."""
     path = Path(source)
@@ -269,7 +337,7 @@ def program_weights(program) -> dict[str, torch.Tensor]:
 
 
 def _verify_in_float32(checkpoint, limits: Limits, absorb: str, fuse_moe: bool, debug: bool,
-                       allow_nonfinite: bool) -> dict[str, Any]:
+                       allow_nonfinite: bool, scheme: Scheme | None = None) -> dict[str, Any]:
     """Pass verification of a float32 copy of the model, loaded in memory.
 
     The export itself runs on meta weights (nothing to run). The passes rewrite algebra that does
@@ -277,7 +345,7 @@ def _verify_in_float32(checkpoint, limits: Limits, absorb: str, fuse_moe: bool, 
     rounding flips near-tied MoE routing decisions (a different expert, a large difference) even
     when the rewrite is exact.
     """
-    model = load_checkpoint(checkpoint, dtype=torch.float32, allow_nonfinite=allow_nonfinite)
+    model = load_checkpoint(checkpoint, dtype=torch.float32, allow_nonfinite=allow_nonfinite, quantize=scheme)
     traced = capture(model, "prefill", limits, debug=debug)
     return {phase: run_pipeline(traced, PassOptions(phase, model.args, absorb=absorb, fuse_moe=fuse_moe),
                                 verify=True)[1] for phase in PHASES}

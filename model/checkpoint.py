@@ -35,8 +35,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from model.args import ModelArgs
+from model.quant import FakeQuantized, Scheme, error_of, fake_quantize, is_quantized
 from model.transformer import Transformer
-from runtime.errors import CheckpointError
+from runtime.errors import CheckpointError, OptionError
 
 log = logging.getLogger("dscompile")
 
@@ -230,6 +231,8 @@ def load_checkpoint(
     progress: Callable[[int, int], None] | None = None,
     allow_nonfinite: bool = False,
     scan: bool = False,
+    quantize: Scheme | None = None,
+    quant_errors: dict[str, dict[str, float]] | None = None,
 ) -> Transformer:
     """Read config.json and the safetensors weights of `path` into a Transformer.
 
@@ -238,6 +241,12 @@ def load_checkpoint(
     Non-finite weights are refused unless `allow_nonfinite` (see the module docstring); with
     device="meta" they are found only with `scan`, which reads every tensor once, one at a time,
     to check it (and that its data reads), and drops it.
+
+    `quantize` loads every weight that scheme quantizes (model.quant.is_quantized) fake-quantized:
+    as dequantize(quantize(w)), the values a quantized engine computes with, and marks it
+    (`dsc_quantize` attribute) for the lowering to store as bits and scales. On the meta device
+    the conversion happens when the weight is read (model.quant.FakeQuantized). `quant_errors`
+    receives each such weight's largest quantization error as it is computed.
     """
     path = Path(path)
     if not path.is_dir():
@@ -341,7 +350,37 @@ def load_checkpoint(
         block = args.fp8_block_size or (128, 128)
         for name, found in parts.items():
             params[name].dsc_source = CheckpointSource(name, found, params[name], fp8_scales, block)
+    if quantize is not None:
+        apply_quantization(model, quantize, quant_errors)
     return model
+
+
+def apply_quantization(model: Transformer, scheme: Scheme, errors: dict[str, dict[str, float]] | None = None) -> int:
+    """Mark (and, with values, fake-quantize) the weights `scheme` quantizes; returns how many.
+
+    Real weights are replaced by their fake-quantized values now; meta weights with a source read
+    them so later; meta weights without one (a model built from a config alone) are only marked.
+    """
+    errors = {} if errors is None else errors
+    count = 0
+    tied = model.args.tie_word_embeddings
+    for name, param in model.named_parameters():
+        if not is_quantized(name) or (tied and name == "lm_head.weight"):
+            continue
+        if param.shape[-1] % scheme.block_size:
+            raise OptionError(f"--block-size {scheme.block_size} does not divide the input dimension "
+                              f"{param.shape[-1]} of weight {_hf_name(name)}; choose one that divides it")
+        if param.is_meta:
+            source = getattr(param, "dsc_source", None)
+            if source is not None:
+                param.dsc_source = FakeQuantized(_hf_name(name), source, scheme, errors)
+        else:
+            fake = fake_quantize(param.data, scheme)
+            errors[_hf_name(name)] = error_of(param.data, fake)
+            param.data.copy_(fake)
+        param.dsc_quantize = scheme
+        count += 1
+    return count
 
 
 def name_is_stacked(ours: str) -> bool:

@@ -1,0 +1,243 @@
+"""Weight-only quantization of lowered graphs: linear layers to `MatMulNBits`, routed experts to `QMoE`.
+
+Runs on the ONNX model after `exporter.lower.lower` (weights still lazy). The model was loaded with
+its quantized weights fake-quantized (model.quant.FakeQuantized: each such weight loads as
+dequantize(quantize(w))), so every weight a pass computes from them (absorb_mla's products)
+already holds the quantized values, and the eager reference loaded the same way computes exactly
+what the engine does. This pass then stores the quantizable weights as bits + scales:
+
+- `MatMul(x, Wᵀ)` (torch's linear: the weight folded transposed) and `Gemm(x, W, transB=1)` over a
+  weight that is a layout of ONE quantized checkpoint weight -> `com.microsoft.MatMulNBits(x, q, d)`;
+- `com.microsoft.MoE` (both phases: exporter/onnx_ops.py) -> `com.microsoft.QMoE` with the same
+  routing: router_probs are the log mixing weights on the chosen experts (the rest -1e30), so
+  `router_weights = Softmax(router_probs)` is w/Σw on them and 0 elsewhere, what MoE mixes with
+  (the graph multiplies by Σw after the op, as before). One QMoE per layer whatever the expert count.
+
+Weights a pass computed (absorb_mla's W_UK/W_UV products, per head: [H, N, C] batched MatMuls that
+MatMulNBits cannot take) stay in float32, as do embeddings, the router and norms (model/quant.py).
+Quantizing the fake-quantized values again gives the same integers and scales (the block's largest
+value is on the grid), so the stored bits are those of the scheme on the checkpoint's weights.
+
+Each quantized weight is computed once per export: prefill and decode get the same lazy tensors
+(`memo`, keyed by what the weight is, see lower._fold_key), and the bits and scales of one weight
+come from one quantization (`_Quantization` hands the first result to the second request).
+
+`accuracy_level` (MatMulNBits and QMoE attribute) says whether the kernels may quantize
+activations to int8 per block; chosen per provider by measurement (`ACCURACY_LEVELS`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+import torch
+
+from exporter.lower import _MetaWeight, _fold_key, _origins, _unique_name
+from exporter.onnx_ops import MSFT_DOMAIN
+from model.quant import Scheme, pack, quantize
+from passes.ep_edit import derive
+from runtime.errors import OptionError
+
+# accuracy_level per op and bits on ONNX Runtime's CPU provider, measured with
+# benchmarks/quant_kernels.py (ORT 1.31.1, 2 threads; see that file for the numbers): 4 lets the
+# kernels quantize activations to int8 per block (much faster for 8-bit MatMulNBits and 4-bit QMoE).
+ACCURACY_LEVELS = {"cpu": {"MatMulNBits": {4: 4, 8: 4}, "QMoE": {4: 4, 8: 0}}}
+
+
+def _register_schemas() -> None:
+    """onnx does not know these ORT contrib ops: register them so the checker accepts the graphs."""
+    P = onnx.defs.OpSchema.FormalParameter
+    opt = onnx.defs.OpSchema.FormalParameterOption.Optional
+    A, AT = onnx.defs.OpSchema.Attribute, onnx.defs.OpSchema.AttrType
+    floats = ["tensor(float)", "tensor(float16)"]
+    try:
+        onnx.defs.get_schema("MatMulNBits", 1, MSFT_DOMAIN)
+    except onnx.defs.SchemaError:
+        onnx.defs.register_schema(onnx.defs.OpSchema(
+            "MatMulNBits", MSFT_DOMAIN, 1, doc="ONNX Runtime contrib op: matmul with block-quantized B.",
+            inputs=[P("A", "T1"), P("B", "T2"), P("scales", "T1"), P("zero_points", "T3", param_option=opt),
+                    P("g_idx", "T4", param_option=opt), P("bias", "T1", param_option=opt)],
+            outputs=[P("Y", "T1")],
+            type_constraints=[("T1", floats, "float"), ("T2", ["tensor(uint8)", "tensor(int32)"], "packed"),
+                              ("T3", ["tensor(uint8)", "tensor(int32)", "tensor(float)", "tensor(float16)"], "zp"),
+                              ("T4", ["tensor(int32)"], "g_idx")],
+            attributes=[A("K", AT.INT, "input features"), A("N", AT.INT, "output features"),
+                        A("bits", AT.INT, "bits per weight"), A("block_size", AT.INT, "values per block"),
+                        A("accuracy_level", AT.INT, "activation precision", required=False)]))
+    try:
+        onnx.defs.get_schema("QMoE", 1, MSFT_DOMAIN)
+    except onnx.defs.SchemaError:
+        onnx.defs.register_schema(onnx.defs.OpSchema(
+            "QMoE", MSFT_DOMAIN, 1, doc="ONNX Runtime contrib op: mixture of experts with quantized weights.",
+            inputs=[P("input", "T"), P("router_probs", "T"), P("fc1_experts_weights", "T1"), P("fc1_scales", "T2"),
+                    P("fc1_experts_bias", "T", param_option=opt), P("fc2_experts_weights", "T1"),
+                    P("fc2_scales", "T2"), P("fc2_experts_bias", "T", param_option=opt),
+                    P("fc3_experts_weights", "T1", param_option=opt), P("fc3_scales", "T2", param_option=opt),
+                    P("fc3_experts_bias", "T", param_option=opt), P("fc1_zero_points", "T1", param_option=opt),
+                    P("fc2_zero_points", "T1", param_option=opt), P("fc3_zero_points", "T1", param_option=opt),
+                    P("router_weights", "T", param_option=opt)],
+            outputs=[P("output", "T")],
+            type_constraints=[("T", floats, "float"), ("T1", ["tensor(uint8)"], "packed"), ("T2", floats, "scales")],
+            attributes=[A(n, t, n, required=False) for n, t in (
+                ("k", AT.INT), ("activation_type", AT.STRING), ("activation_alpha", AT.FLOAT),
+                ("activation_beta", AT.FLOAT), ("swiglu_fusion", AT.INT), ("swiglu_limit", AT.FLOAT),
+                ("normalize_routing_weights", AT.INT), ("use_sparse_mixer", AT.INT),
+                ("expert_weight_bits", AT.INT), ("block_size", AT.INT), ("accuracy_level", AT.INT))]))
+
+
+_register_schemas()
+
+
+class _Quantization:
+    """One weight's quantization, shared by its two stored tensors (bits, scales).
+
+    `derive` calls the functions on meta tensors for shapes; on real values the first request
+    quantizes and keeps the result until the other one has taken it.
+    """
+
+    def __init__(self, scheme: Scheme, transpose: bool, flat: bool):
+        # The weight arrives fake-quantized: quantizing it again needs no scale search (same result).
+        self.scheme = Scheme(scheme.bits, scheme.block_size, search=False)
+        self.transpose, self.flat = transpose, flat  # flat: bytes [..., rows, K·bits/8] (QMoE)
+        self._result: dict[str, torch.Tensor] | None = None
+
+    def _shapes(self, w: torch.Tensor) -> tuple[list[int], list[int]]:
+        lead = list(w.shape[:-2]) + [int(w.shape[-1] if self.transpose else w.shape[-2])]
+        K = int(w.shape[-2] if self.transpose else w.shape[-1])
+        blocks, block = K // self.scheme.block_size, self.scheme.block_size
+        packed = lead + ([blocks * block * self.scheme.bits // 8] if self.flat else [blocks, block * self.scheme.bits // 8])
+        return packed, lead + [blocks]
+
+    def _take(self, w: torch.Tensor, part: str) -> torch.Tensor:
+        if w.is_meta:
+            packed, scales = self._shapes(w)
+            return torch.empty(packed if part == "packed" else scales,
+                               dtype=torch.uint8 if part == "packed" else torch.float32, device="meta")
+        if self._result is None:
+            rows = w.transpose(-1, -2) if self.transpose else w
+            q, d = quantize(rows, self.scheme)
+            packed = pack(q, self.scheme.bits)
+            if self.flat:
+                packed = packed.reshape(*packed.shape[:-2], -1)
+            self._result = {"packed": packed, "scales": d}
+        out = self._result.pop(part)
+        if not self._result:
+            self._result = None
+        return out
+
+    def packed(self, w: torch.Tensor) -> torch.Tensor:
+        return self._take(w, "packed")
+
+    def scales(self, w: torch.Tensor) -> torch.Tensor:
+        return self._take(w, "scales")
+
+
+def _weight(value: ir.Value | None) -> torch.Tensor | None:
+    if value is None or not value.is_initializer() or not isinstance(value.const_value, _MetaWeight):
+        return None
+    return value.const_value.weight
+
+
+def quantizable(weight: torch.Tensor | None) -> bool:
+    """Whether a stored weight is a layout of one quantized checkpoint weight (not a computed one)."""
+    if weight is None:
+        return False
+    leaves, computed = _origins(weight)
+    return not computed and len(leaves) >= 1 and all(getattr(t, "dsc_quantize", None) is not None for t in leaves)
+
+
+class GraphQuantizer:
+    """Rewrites graphs for one scheme; shares the quantized tensors between the graphs it rewrites."""
+
+    def __init__(self, scheme: Scheme, provider: str = "cpu"):
+        self.scheme, self.provider = scheme, provider
+        self.levels = ACCURACY_LEVELS[provider]
+        self.memo: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _stored(self, graph: ir.Graph, value: ir.Value, transpose: bool, name: str) -> tuple[ir.Value, ir.Value]:
+        weight = value.const_value.weight
+        K = int(weight.shape[-2] if transpose else weight.shape[-1])
+        if K % self.scheme.block_size:
+            raise OptionError(f"--block-size {self.scheme.block_size} does not divide the input dimension {K} of "
+                              f"weight {name}; choose a block size that divides it")
+        flat = weight.dim() == 3
+        key = (_fold_key(weight), transpose, flat)
+        if key not in self.memo:
+            q = _Quantization(self.scheme, transpose, flat)
+            self.memo[key] = (derive(q.packed, weight), derive(q.scales, weight))
+        values = []
+        for tensor, suffix in zip(self.memo[key], (f"int{self.scheme.bits}", "scales")):
+            vname = _unique_name(graph, f"{name}.{suffix}")
+            v = ir.Value(name=vname, shape=ir.Shape(list(tensor.shape)), type=ir.TensorType(
+                ir.DataType.UINT8 if tensor.dtype == torch.uint8 else ir.DataType.FLOAT),
+                const_value=_MetaWeight(tensor, vname))
+            graph.register_initializer(v)
+            values.append(v)
+        return values[0], values[1]
+
+    def __call__(self, model: ir.Model) -> dict[str, int]:
+        """Rewrite `model` in place; returns counts of rewritten nodes."""
+        graph, bits = model.graph, self.scheme.bits
+        counts = {"MatMulNBits": 0, "QMoE": 0}
+        for node in list(graph):
+            if not node.domain and node.op_type == "MatMul":
+                b = node.inputs[1]
+                w = _weight(b)
+                if w is None or w.dim() != 2 or not quantizable(w):
+                    continue
+                K, N = (int(d) for d in w.shape)
+                name, transpose = b.name.removesuffix(".transpose"), True
+            elif not node.domain and node.op_type == "Gemm":
+                attrs = {k: a.value for k, a in node.attributes.items()}
+                b = node.inputs[1]
+                w = _weight(b)
+                if (w is None or w.dim() != 2 or len(node.inputs) > 2 or attrs.get("transA", 0) or
+                        attrs.get("transB", 0) != 1 or attrs.get("alpha", 1.0) != 1.0 or not quantizable(w)):
+                    continue
+                N, K = (int(d) for d in w.shape)
+                name, transpose = b.name, False
+            elif node.domain == MSFT_DOMAIN and node.op_type == "MoE":
+                fc1, fc2 = node.inputs[2], node.inputs[4]
+                if not (quantizable(_weight(fc1)) and quantizable(_weight(fc2))):
+                    continue
+                self._moe(graph, node)
+                counts["QMoE"] += 1
+                continue
+            else:
+                continue
+            packed, scales = self._stored(graph, b, transpose, name)
+            new = ir.node("MatMulNBits", [node.inputs[0], packed, scales], domain=MSFT_DOMAIN,
+                          attributes={"K": K, "N": N, "bits": bits, "block_size": self.scheme.block_size,
+                                      "accuracy_level": self.levels["MatMulNBits"][bits]},
+                          name=f"{node.name}.nbits" if node.name else None)
+            self._replace(graph, node, new)
+            counts["MatMulNBits"] += 1
+        model.opset_imports.setdefault(MSFT_DOMAIN, 1)
+        return counts
+
+    def _moe(self, graph: ir.Graph, node: ir.Node) -> None:
+        fc1, fc2 = node.inputs[2], node.inputs[4]
+        prefix = fc2.name.rsplit(".", 1)[0] if fc2.name else node.name
+        q1, s1 = self._stored(graph, fc1, False, f"{prefix}.gate_up_interleaved")
+        q2, s2 = self._stored(graph, fc2, False, fc2.name or f"{prefix}.down_proj")
+        router = node.inputs[1]
+        mix = ir.node("Softmax", [router], attributes={"axis": -1}, name=f"{node.name}.mixing_weights")
+        graph.insert_before(node, mix)
+        attrs = {k: a.value for k, a in node.attributes.items()}
+        attrs.update(expert_weight_bits=self.scheme.bits, block_size=self.scheme.block_size,
+                     accuracy_level=self.levels["QMoE"][self.scheme.bits], normalize_routing_weights=0)
+        inputs = [node.inputs[0], router, q1, s1, None, q2, s2] + [None] * 7 + [mix.outputs[0]]
+        new = ir.node("QMoE", inputs, domain=MSFT_DOMAIN, attributes=attrs, name=f"{node.name}.q")
+        self._replace(graph, node, new)
+
+    @staticmethod
+    def _replace(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
+        graph.insert_before(old, new)
+        out, got = old.outputs[0], new.outputs[0]
+        got.shape, got.type = out.shape, out.type
+        name = out.name
+        out.replace_all_uses_with(got, replace_graph_outputs=True)
+        graph.remove(old, safe=True)
+        got.name = name
