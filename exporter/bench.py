@@ -60,6 +60,7 @@ import platform
 import re
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -221,19 +222,50 @@ def step_weight_params(a: ModelArgs, batch: int) -> dict[str, float]:
     return parts
 
 
-def decode_floor(a: ModelArgs, batch: int, context: int, elt: int, bandwidth: float) -> dict[str, float]:
-    """Bytes one decode step reads (weights of the active path + the latent cache) and the time at `bandwidth`."""
-    weights = sum(step_weight_params(a, batch).values()) * elt
+# Parts a quantized engine keeps in float32 (exporter/quantize.py): the router, the embedding rows
+# it looks up; every other part is read at the scheme's bits per weight (scales included), except
+# the absorbed per-head MLA matrices of a decode step (`_absorbed_params`).
+_FLOAT_PARTS = ("router", "embeddings")
+
+
+def _absorbed_params(a: ModelArgs) -> int:
+    """kv_b_proj's parameters: a decode step over the latent cache reads them as float32 W_UK/W_UV."""
+    return a.num_hidden_layers * a.kv_lora_rank * a.num_attention_heads * (a.qk_nope_head_dim + a.v_head_dim)
+
+
+def step_weight_bytes(a: ModelArgs, batch: int, elt: int, bits_per_weight: float | None = None,
+                      absorbed: bool = True) -> float:
+    """Bytes of weights one step of B tokens reads: every parameter at `elt` bytes, or for a quantized
+    engine (`bits_per_weight`) the quantized parts at that rate and the float32 ones at 4 bytes."""
+    params = step_weight_params(a, batch)
+    if bits_per_weight is None:
+        return sum(params.values()) * elt
+    q = bits_per_weight / 8
+    total = sum(v * (4 if k in _FLOAT_PARTS else q) for k, v in params.items())
+    if absorbed:  # kv_b_proj read as float32 absorbed matrices instead of quantized
+        total += _absorbed_params(a) * (4 - q)
+    return total
+
+
+def decode_floor(a: ModelArgs, batch: int, context: int, elt: int, bandwidth: float,
+                 bits_per_weight: float | None = None) -> dict[str, float]:
+    """Bytes one decode step reads (weights of the active path + the latent cache) and the time at `bandwidth`.
+
+    With `bits_per_weight` (a quantized engine) its weights count at that rate (step_weight_bytes);
+    the cache stays at `elt` bytes a value.
+    """
+    weights = step_weight_bytes(a, batch, elt, bits_per_weight)
     cache = batch * context * a.num_hidden_layers * (a.kv_lora_rank + a.qk_rope_head_dim) * elt
     total = weights + cache
     return {"weight_bytes": weights, "cache_bytes": cache, "bytes": total, "ms": 1e3 * total / bandwidth}
 
 
-def prefill_floor(a: ModelArgs, batch: int, tokens: int, elt: int, bandwidth: float, flops: float) -> dict[str, float]:
+def prefill_floor(a: ModelArgs, batch: int, tokens: int, elt: int, bandwidth: float, flops: float,
+                  bits_per_weight: float | None = None) -> dict[str, float]:
     """max(all weights read once / bandwidth, matmul FLOPs / GEMM rate) for a prompt of B x S tokens."""
     n = batch * tokens
-    params = step_weight_params(a, n)  # n tokens: (nearly) every expert is read
-    weights = sum(params.values()) * elt
+    # n tokens: (nearly) every expert is read; prefill runs kv_b_proj itself (not absorbed)
+    weights = step_weight_bytes(a, n, elt, bits_per_weight, absorbed=False)
     active = sum(step_weight_params(a, 1).values()) - a.hidden_size  # per token, embeddings are a lookup
     H, C = a.num_attention_heads, a.kv_lora_rank
     attn = a.num_hidden_layers * batch * H * tokens * tokens * (a.qk_head_dim + a.v_head_dim)  # causal half of 2*S*T*d
@@ -809,6 +841,54 @@ def parse_engines(items: list[str]) -> dict[str, Path]:
     return engines
 
 
+def parse_llama_cpp(items: list[str]) -> dict[str, tuple[Path, Path]]:
+    """['q4_0=/path/llama-bench:/path/model-q4_0.gguf', ...] -> {name: (binary, gguf)}."""
+    found: dict[str, tuple[Path, Path]] = {}
+    for item in items:
+        name, _, rest = item.partition("=")
+        binary, _, gguf = rest.partition(":")
+        if not name or not binary or not gguf or name in SYSTEMS or name in found:
+            raise OptionError(f"--llama-cpp {item!r}: expected NAME=LLAMA_BENCH:GGUF with a new name")
+        for path, what in ((Path(binary), "llama-bench binary"), (Path(gguf), "GGUF file")):
+            if not path.is_file():
+                raise OptionError(f"--llama-cpp {item!r}: {path}: {what} not found")
+        found[name] = (Path(binary), Path(gguf))
+    return found
+
+
+def llama_bench_rows(name: str, binary: Path, gguf: Path, options: "BenchOptions", bandwidth: Callable[[], float],
+                     run=subprocess.run) -> tuple[list[dict[str, Any]], str | None]:
+    """llama.cpp's own `llama-bench` on a GGUF of the same model: prefill of `prefill_tokens` from empty and
+    decode (32 tokens after a prefilled depth = each context), batch 1, `threads` threads, `repeats` runs.
+
+    Each call is one process that loads the model itself, so its steps cannot be interleaved with ours;
+    the read bandwidth is taken just before each call (its floor fraction). Returns (rows, None) or
+    ([], why it could not run)."""
+    rows = []
+    tests = [("prefill", 0, ["-p", str(options.prefill_tokens), "-n", "0"])]
+    tests += [("decode", c, ["-p", "0", "-n", "32", "-d", str(c)]) for c in options.contexts]
+    for phase, context, extra in tests:
+        bw = bandwidth()
+        cmd = [str(binary), "-m", str(gguf), "-t", str(options.threads), "-o", "json", "-r", str(options.repeats),
+               *extra]
+        done = run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            return [], f"llama-bench exited with {done.returncode}: {last}"
+        try:
+            entry = json.loads(done.stdout)[0]
+            tokens = int(entry["n_gen"] if phase == "decode" else entry["n_prompt"])
+            samples = [ns / 1e6 for ns in entry["samples_ns"]]
+        except (ValueError, KeyError, IndexError, TypeError) as err:
+            return [], f"llama-bench printed no results JSON ({type(err).__name__}: {err})"
+        per = [ms / tokens for ms in samples] if phase == "decode" else samples  # decode: ms per token
+        rows.append({"system": name, "phase": phase, "batch": 1, "context": context, "ms": statistics.median(per),
+                     "best_ms": min(per), "runs_ms": [round(r, 3) for r in per],
+                     "runs_bandwidth": [round(bw)] * len(per), "runs_gemm_flops": [], "llama_cpp": {
+                         "cmd": " ".join(cmd), "gguf_bytes": gguf.stat().st_size}})
+    return rows, None
+
+
 def parse_systems(text: str) -> list[str]:
     names = [t.strip() for t in text.split(",") if t.strip()]
     bad = [n for n in names if n not in SYSTEMS]
@@ -829,6 +909,7 @@ class BenchOptions:
     bandwidth_bytes: int = BANDWIDTH_BYTES
     gemm_size: int = GEMM_SIZE
     extra_engines: dict[str, Path] = field(default_factory=dict)  # name -> an engine folder exported elsewhere
+    llama_cpp: dict[str, tuple[Path, Path]] = field(default_factory=dict)  # name -> (llama-bench, GGUF)
 
     def check(self) -> None:
         if self.repeats < 1:
@@ -862,7 +943,7 @@ def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progre
         "threads": options.threads, "repeats": options.repeats, "warmup": options.warmup,
         "prefill": {"tokens": options.prefill_tokens, "batch": 1},
         "contexts": options.contexts, "batches": options.batches,
-        "systems": options.systems + list(options.extra_engines),
+        "systems": options.systems + list(options.extra_engines) + list(options.llama_cpp),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                     "loadavg_start": [round(x, 2) for x in os.getloadavg()]},
         "results": [], "skipped": {}, "engines": {}, "context_scaling": {},
@@ -1006,10 +1087,28 @@ def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progre
             del reference
             gc.collect()
         report("compare", i + 1, len(references))
+    # each quantized engine (--engine) against ours in float32, run alternately (its time ratio)
+    quantized = [n for n, f in options.extra_engines.items() if "ours" in options.systems
+                 and json.loads((Path(f) / "manifest.json").read_text()).get("quantization")]
+    for name in quantized:
+        engine = load(name)
+        if engine is not None:
+            ours = ours or load("ours")
+            result["alternating"] += compare_alternately(engine, ours, configs, options.prefill_tokens,
+                                                         options.repeats, options.warmup)
+            engine.close()
+            del engine
+            gc.collect()
     if ours is not None:
         ours.close()
         del ours
         gc.collect()
+    for name, (binary, gguf) in options.llama_cpp.items():
+        rows, why = llama_bench_rows(name, binary, gguf, options, probe.bandwidth)
+        result["results"] += rows
+        if why:
+            result["skipped"][name] = why
+        result["engines"][name] = {"llama_cpp": str(binary), "gguf": str(gguf), "bytes": gguf.stat().st_size}
 
     bw1, gemm1 = probe.median(probe.bandwidth), probe.median(probe.gemm)
     del probe
@@ -1032,9 +1131,21 @@ def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progre
     hfo_ms = {(r["phase"], r["batch"], r["context"]): r["ms"] for r in result["results"] if r["system"] == "hf-onnx"}
 
     def floor(r: dict, bandwidth: float, flops: float) -> dict:
+        bpw = quantized_bits.get(r["system"])
         if r["phase"] == "decode":
-            return decode_floor(args, r["batch"], r["context"], elt, bandwidth)
-        return prefill_floor(args, r["batch"], options.prefill_tokens, elt, bandwidth, flops)
+            return decode_floor(args, r["batch"], r["context"], elt, bandwidth, bpw)
+        return prefill_floor(args, r["batch"], options.prefill_tokens, elt, bandwidth, flops, bpw)
+
+    quantized_bits = {}  # system -> bits per weight, for engines exported with --weights
+    every = step_weight_params(args, 1 << 20)  # every expert read
+    parameters = sum(every.values()) - every["embeddings"] + args.vocab_size * args.hidden_size
+    for name, (_, gguf) in options.llama_cpp.items():  # its average over every tensor, float parts included
+        quantized_bits[name] = 8 * gguf.stat().st_size / parameters
+    for name, folder in options.extra_engines.items():
+        quant = json.loads((Path(folder) / "manifest.json").read_text()).get("quantization")
+        if quant:
+            quantized_bits[name] = float(quant["bits_per_weight"])
+            result["engines"].setdefault(name, {"dir": str(folder)})["quantization"] = quant["scheme"]
 
     for r in result["results"]:
         r["bandwidth"] = statistics.median(r["runs_bandwidth"])

@@ -113,15 +113,34 @@ def make_checkpoint_cmd(
     shards: int = typer.Option(1, help="Number of safetensors shards (with an index when > 1)."),
     fp8: bool = typer.Option(False, "--fp8", help="Store linear weights as DeepSeek-V3's block-scaled FP8."),
     yarn: bool = typer.Option(True, "--yarn/--no-yarn", help="YaRN rope scaling, as the published models."),
+    config: Optional[str] = typer.Option(None, help="Full size instead: a config.json, or v2, v2-lite or v3 (the "
+                                         "published configs), written streamed in bfloat16 (the variant/size "
+                                         "options are ignored)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT_DIR if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
     """Write a random checkpoint in the Hugging Face layout (for tests, demos and benchmarks)."""
     with guard():
-        from model.synthetic import make_checkpoint
+        from model.synthetic import make_checkpoint, write_streamed_checkpoint
 
         if out_dir.exists() and any(out_dir.iterdir()) and not force:
             raise OptionError(f"{out_dir} exists and is not empty (use --force to replace it)")
+        if config is not None:
+            from model.args import PUBLISHED_CONFIGS, ModelArgs
+
+            named = PUBLISHED_CONFIGS / f"deepseek-{config}.json"
+            source = named if named.is_file() else Path(config)
+            if not source.is_file():
+                raise OptionError(f"--config {config!r}: not a file, nor one of v2, v2-lite, v3")
+            args = ModelArgs.from_json(source)
+            with Bars(not as_json) as bars:
+                path = write_streamed_checkpoint(out_dir, args, seed=seed,
+                                                 progress=lambda d, t: bars("write", d, t))
+            files = sorted(p.name for p in path.iterdir())
+            size = sum(p.stat().st_size for p in path.iterdir())
+            _emit({"path": str(path), "config": str(source), "files": files, "bytes": size}, as_json,
+                  [f"wrote a random {source.name} checkpoint to {path} ({len(files)} files, {size / 1e9:.2f} GB)"])
+            return
         path = make_checkpoint(out_dir, variant, layers=layers, experts=experts, hidden=hidden, heads=heads,
                                vocab=vocab, seed=seed, layout=layout, shards=shards, fp8=fp8, yarn=yarn)
         files = sorted(p.name for p in path.iterdir())
@@ -367,20 +386,30 @@ def compare(
     """
     start = time.perf_counter()
     with guard():
-        from exporter.compare import eager_for, locate_divergence, run_compare
+        from exporter.compare import eager_for, locate_divergence, lowering_table, run_compare, scheme_cost, scheme_of
         from runtime.manifest import read_manifest
 
         manifest = read_manifest(out)
         engine = load_engine(out, backend, provider)
-        eager = eager_for(checkpoint, engine.info.max_positions)
+        scheme = scheme_of(manifest)
+        # A quantized engine is judged against eager with the same quantized weights (the lowering's
+        # distance); its distance to fp32 eager (the scheme's cost) is reported beside it.
+        eager = eager_for(checkpoint, engine.info.max_positions, scheme)
         _check_same_model(manifest, eager.model.args.to_config(), checkpoint)
+        options = dict(dtype=manifest["dtype"], decode_steps=decode_steps, batch=batch, prompt=prompt_len, seed=seed)
         with Bars(not as_json) as bars:
-            report = run_compare(engine, eager, dtype=manifest["dtype"], atol=atol, rtol=rtol,
-                                 decode_steps=decode_steps, batch=batch, prompt=prompt_len, seed=seed, progress=bars)
+            report = run_compare(engine, eager, atol=atol, rtol=rtol, progress=bars, table=lowering_table(manifest),
+                                 **options)
             if not report["passed"] or plot is not None:
                 report["layers"] = locate_divergence(checkpoint, out, manifest, eager, report, atol=atol, rtol=rtol,
                                                      plot=plot, progress=bars)
+            if scheme is not None:
+                del eager
+                report["reference"] = f"eager with the same {scheme.name} weights (fake-quantized)"
+                report["scheme"] = scheme_cost(engine, checkpoint, progress=bars, **options)
         lines = [f"{'step':>4} {'graph':8s} {'max abs':>10} {'max rel':>10} {'mean abs':>10} {'cache max':>10}  result"]
+        if scheme is not None:
+            lines.insert(0, f"vs eager with the same {scheme.name} weights (the lowering's distance, judged)")
         for s in report["steps"]:
             lines.append(f"{s['step']:>4} {s['graph']:8s} {s['logits']['max_abs']:10.3g} {s['logits']['max_rel']:10.3g} "
                          f"{s['logits']['mean_abs']:10.3g} {s['cache']['max_abs']:10.3g}  "
@@ -395,6 +424,14 @@ def compare(
                              "it compiles to (modified files, other weights or other options)")
             else:
                 lines.append("first diverging layer: none (every block's hidden state is within tolerance)")
+        if "scheme" in report:
+            lines.append(f"vs fp32 eager ({scheme.name} block {scheme.block_size}: quantization's cost, not judged)")
+            lines.append(f"{'step':>4} {'graph':8s} {'rel rms':>10} {'KL':>10} {'top-1':>10}")
+            for s in report["scheme"]["steps"]:
+                lines.append(f"{s['step']:>4} {s['graph']:8s} {s['logits_rel_rms']:10.3g} {s['kl']:10.3g} "
+                             f"{s['top1_agreement']:10.3g}")
+            m = report["scheme"]["mean"]
+            lines.append(f"mean {'':8s} {m['logits_rel_rms']:10.3g} {m['kl']:10.3g} {m['top1_agreement']:10.3g}")
         lines.append(_status_line(report["passed"], start))
         _emit(report, as_json, lines)
         if not report["passed"]:
@@ -444,6 +481,15 @@ def inspect(
             lines.append(f"         {weights['bytes'] / weights['parameter_bytes']:.3f}x the parameter bytes; beyond one "
                          f"copy: second layouts {_mb(layouts['second_layout_bytes'])}, computed by passes "
                          f"{_mb(layouts['computed_bytes'])}")
+        quant = manifest.get("quantization")
+        if quant:
+            info["quantization"] = quant
+            errors = quant.get("weights_error") or {}
+            worst = max(errors.items(), key=lambda kv: kv[1]["max_rel"], default=None)
+            lines.append(f"quant    {quant['scheme']}, block {quant['block_size']} ({quant['bits_per_weight']:g} bits "
+                         f"per weight with scales); kernels {quant['accuracy_level']} (accuracy_level); float32 "
+                         f"weights kept {_mb(quant['float_weight_bytes'])}"
+                         + (f"; worst weight error {worst[1]['max_rel']:.3f} of its max |w| ({worst[0]})" if worst else ""))
         info["files"] = manifest.get("files", {})
         for name, f in sorted(info["files"].items()):
             lines.append(f"file     {name:24s} {_mb(f['bytes'])}")
@@ -491,7 +537,10 @@ def bench(
     systems: str = typer.Option(",".join(("eager", "hf", "hf-onnx", "ours", "ours-absorb-none", "ours-no-fuse-moe")),
                                 help="Systems to measure, comma-separated."),
     threads: int = typer.Option(2, help="Threads for torch and ONNX Runtime (intra-op)."),
-    engine: list[str] = typer.Option([], "--engine", help="NAME=FOLDER: also measure an engine folder exported elsewhere."),
+    engine: list[str] = typer.Option([], "--engine", help="NAME=FOLDER: also measure an engine folder exported elsewhere "
+                                     "(a quantized one is also run alternately against ours)."),
+    llama_cpp: list[str] = typer.Option([], "--llama-cpp", help="NAME=LLAMA_BENCH:GGUF: also measure llama.cpp's "
+                                        "llama-bench on a GGUF of the bench model."),
     plot: Optional[Path] = typer.Option(None, help="Write a PNG of decode latency vs context per system."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
@@ -503,7 +552,7 @@ def bench(
     """
     start = time.perf_counter()
     with guard():
-        from exporter.bench import (BenchOptions, parse_engines, parse_ints, parse_systems, plot as write_plot,
+        from exporter.bench import (BenchOptions, parse_engines, parse_ints, parse_llama_cpp, parse_systems, plot as write_plot,
                                     run_bench, table_lines)
 
         if config is not None and config != "bench":
@@ -514,7 +563,8 @@ def bench(
             raise OptionError(f"{checkpoint}: no config.json (not a checkpoint folder)")
         options = BenchOptions(contexts=parse_ints(contexts, "--contexts"), batches=parse_ints(batch, "--batch"),
                                repeats=repeats, warmup=warmup, prefill_tokens=prefill_tokens,
-                               systems=parse_systems(systems), threads=threads, extra_engines=parse_engines(engine))
+                               systems=parse_systems(systems), threads=threads, extra_engines=parse_engines(engine),
+                               llama_cpp=parse_llama_cpp(llama_cpp))
         options.check()
         with Bars(not as_json) as bars:
             result = run_bench(checkpoint, cache_home(), options, progress=bars)

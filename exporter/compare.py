@@ -21,6 +21,8 @@ from exporter.eager import EagerEngine
 from model.checkpoint import load_checkpoint
 from runtime.engine import Engine, KVCache
 from runtime.errors import OptionError
+from model.quant import Scheme
+from runtime.tolerance import QUANTIZED_ACTIVATIONS
 from runtime.tolerance import bound as tolerance_bound
 
 
@@ -31,6 +33,7 @@ class Stats:
     max_rel: float
     mean_abs: float
     ref_max: float
+    rel_rms: float = 0.0  # ||actual - ref|| / ||ref||
 
     @staticmethod
     def of(actual: torch.Tensor, ref: torch.Tensor) -> "Stats":
@@ -41,17 +44,30 @@ class Stats:
             return Stats(0.0, 0.0, 0.0, 0.0)
         d = (a - r).abs()
         rel = d / r.abs().clamp(min=1e-6)
-        return Stats(float(d.max()), float(rel.max()), float(d.mean()), float(r.abs().max()))
+        norm = float(r.double().norm())
+        return Stats(float(d.max()), float(rel.max()), float(d.mean()), float(r.abs().max()),
+                     float(d.double().norm()) / norm if norm else 0.0)
 
     def within(self, atol: float, rtol: float) -> bool:
         return self.max_abs <= atol + rtol * self.ref_max
 
 
-def tolerance(dtype: str, atol: float | None, rtol: float | None, ref_max: float) -> tuple[float, float]:
-    """--atol/--rtol when given, else the dtype's named tolerance scaled by max(1, max|ref|)."""
+def distribution(actual: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """Next-token distributions of logits [N, V]: mean KL(ref || actual) and top-1 agreement."""
+    a, r = actual.detach().double().cpu(), ref.detach().double().cpu()
+    if not r.numel():
+        return {"kl": 0.0, "top1_agreement": 1.0}
+    log_r, log_a = torch.log_softmax(r, -1), torch.log_softmax(a, -1)
+    kl = (log_r.exp() * (log_r - log_a)).sum(-1)
+    return {"kl": float(kl.mean()), "top1_agreement": float((a.argmax(-1) == r.argmax(-1)).double().mean())}
+
+
+def tolerance(dtype: str, atol: float | None, rtol: float | None, ref_max: float,
+              table: dict | None = None) -> tuple[float, float]:
+    """--atol/--rtol when given, else the dtype's named tolerance (from `table`) scaled by max(1, max|ref|)."""
     if atol is not None and atol < 0 or rtol is not None and rtol < 0:
         raise OptionError("--atol and --rtol must be >= 0")
-    base = tolerance_bound(dtype, ref_max)
+    base = tolerance_bound(dtype, ref_max) if table is None else tolerance_bound(dtype, ref_max, table)
     return (base if atol is None else atol), (0.0 if rtol is None else rtol)
 
 
@@ -78,8 +94,15 @@ def run_compare(
     prompt: int = 8,
     seed: int = 0,
     progress: Callable[[str, int, int], None] | None = None,
+    table: dict | None = None,
 ) -> dict[str, Any]:
-    """Prefill + `decode_steps` steps on both; per step: logits and cache error, pass/fail."""
+    """Prefill + `decode_steps` steps on both; per step: logits and cache error, pass/fail.
+
+    Both sides are fed the eager model's greedy tokens (teacher forcing). Per step also the
+    logits' relative RMS error, KL divergence and top-1 agreement of the next-token distributions.
+    `table` replaces the dtype's tolerance table (runtime/tolerance.py), e.g. for kernels that
+    quantize activations.
+    """
     if decode_steps < 0 or batch < 1 or prompt < 1:
         raise OptionError("--decode-steps must be >= 0, --batch and --prompt-len >= 1")
     ids, pos, mask = _inputs(eager.info.vocab_size, batch, prompt, seed)
@@ -93,16 +116,17 @@ def run_compare(
         got, g_cache = engine.step(step_ids, step_pos, mask, g_cache)
         real = mask[:, -step_ids.shape[1]:].bool()  # logits of padding positions mean nothing
         logits = Stats.of(got[real], ref[real])
-        a, r = tolerance(dtype, atol, rtol, logits.ref_max)
+        a, r = tolerance(dtype, atol, rtol, logits.ref_max, table)
         # Cache rows of padding positions are never attended to; engines may fill them differently.
         seen = mask.bool()
         cache = [Stats.of(g.cpu()[seen], e[seen]) for ge, ee in zip(g_cache.layers, e_cache.layers) for g, e in zip(ge, ee)]
         worst_cache = max(cache, key=lambda s: s.max_abs)
-        ca, cr = tolerance(dtype, atol, rtol, worst_cache.ref_max)
+        ca, cr = tolerance(dtype, atol, rtol, worst_cache.ref_max, table)
         ok = logits.within(a, r) and worst_cache.within(ca, cr)
         entry = {"step": i, "graph": "prefill" if i == 0 else "decode", "new_tokens": int(step_ids.shape[1]),
                  "batch": batch,
-                 "logits": vars(logits), "cache": vars(worst_cache), "atol": a, "rtol": r, "passed": ok}
+                 "logits": vars(logits), **distribution(got[real], ref[real]),
+                 "cache": vars(worst_cache), "atol": a, "rtol": r, "passed": ok}
         steps.append(entry)
         if progress is not None:
             progress("compare", i + 1, total)
@@ -138,8 +162,11 @@ def locate_divergence(
     fuse = passes.get("fuse_moe", {}).get("count", 0) > 0 or not eager.model.args.num_moe_layers
     scratch = scratch_dir()
     try:
+        quant = manifest.get("quantization")
         export_checkpoint(checkpoint, scratch / "debug", dtype=manifest["dtype"], absorb=absorb, fuse_moe=fuse,
-                          debug=True, progress=progress)
+                          debug=True, progress=progress, weights=quant["scheme"] if quant else None,
+                          block_size=int(quant["block_size"]) if quant else 32,
+                          accuracy_level=0 if quant and not any(quant["accuracy_level"].values()) else None)
         debug = OrtEngine.load(scratch / "debug", provider="cpu")
         batch, prompt = report["steps"][0]["batch"], report["steps"][0]["new_tokens"]
         ids, pos, mask = _inputs(eager.info.vocab_size, batch, prompt, report["seed"])
@@ -151,15 +178,16 @@ def locate_divergence(
         shutil.rmtree(scratch, ignore_errors=True)
     real = mask.bool()
     errors = [vars(Stats.of(g[real], r[real])) for g, r in zip(got, ref)]
-    first = first_diverging_layer(errors, report["dtype"], atol, rtol)
+    first = first_diverging_layer(errors, report["dtype"], atol, rtol, lowering_table(manifest))
     if plot is not None:
         plot_layers(errors, plot)
     return {"per_layer": errors, "first_diverging_layer": first, "plot": str(plot) if plot else None}
 
 
-def first_diverging_layer(errors: list[dict[str, float]], dtype: str, atol: float | None, rtol: float | None) -> int | None:
+def first_diverging_layer(errors: list[dict[str, float]], dtype: str, atol: float | None, rtol: float | None,
+                          table: dict | None = None) -> int | None:
     for i, e in enumerate(errors):
-        a, r = tolerance(dtype, atol, rtol, e["ref_max"])
+        a, r = tolerance(dtype, atol, rtol, e["ref_max"], table)
         if e["max_abs"] > a + r * e["ref_max"]:
             return i
     return None
@@ -187,9 +215,38 @@ def plot_layers(errors: list[dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
-def eager_for(checkpoint: str | Path, max_positions: int | None = None) -> EagerEngine:
-    """The fp32 eager reference of a checkpoint (every engine dtype is compared against fp32)."""
-    return EagerEngine(load_checkpoint(checkpoint, torch.float32), max_positions)
+def eager_for(checkpoint: str | Path, max_positions: int | None = None, scheme: Scheme | None = None) -> EagerEngine:
+    """The fp32 eager reference of a checkpoint (every engine dtype is compared against fp32); with
+    `scheme`, its quantized weights fake-quantized (the weights a quantized engine computes with)."""
+    return EagerEngine(load_checkpoint(checkpoint, torch.float32, quantize=scheme), max_positions)
+
+
+def scheme_of(manifest: dict[str, Any]) -> Scheme | None:
+    """The quantization scheme an export was made with (manifest "quantization"), or None."""
+    q = manifest.get("quantization")
+    return None if q is None else Scheme(int(q["bits"]), int(q["block_size"]))
+
+
+def lowering_table(manifest: dict[str, Any]) -> dict | None:
+    """The tolerance table for an engine against its own eager reference: the dtype's, or for
+    quantized kernels that quantize activations (accuracy_level > 0) the measured one."""
+    levels = (manifest.get("quantization") or {}).get("accuracy_level") or {}
+    return QUANTIZED_ACTIVATIONS if any(int(v) > 0 for v in levels.values()) else None
+
+
+def scheme_cost(engine: Engine, checkpoint: str | Path, **options) -> dict[str, Any]:
+    """What quantization costs: a quantized engine against the fp32 eager model, teacher-forced.
+
+    The other distance, the lowering's, is `run_compare` against the eager model with the same
+    quantized weights (`eager_for(..., scheme)`, `lowering_table`). This one is reported per step
+    (logits relative RMS error, KL divergence, top-1 agreement), not judged.
+    """
+    fp32 = eager_for(checkpoint, engine.info.max_positions)
+    cost = run_compare(engine, fp32, **{k: v for k, v in options.items() if k not in ("atol", "rtol", "table")})
+    steps = [{"step": s["step"], "graph": s["graph"], "logits_rel_rms": s["logits"]["rel_rms"], "kl": s["kl"],
+              "top1_agreement": s["top1_agreement"]} for s in cost["steps"]]
+    return {"distance": "engine vs the fp32 eager model (quantization's cost; not judged)", "steps": steps,
+            "mean": {k: sum(s[k] for s in steps) / len(steps) for k in ("logits_rel_rms", "kl", "top1_agreement")}}
 
 
 def scratch_dir() -> Path:

@@ -64,7 +64,7 @@ import onnx_ir.passes.common as ir_passes
 import torch
 
 from exporter.capture import PHASES, Limits, capture
-from exporter.lower import check_model, in_place_decode, lower, save_models
+from exporter.lower import LoweringError, check_model, in_place_decode, lower, save_models
 from exporter.onnx_ops import choose_moe_experts
 from model.args import ModelArgs
 from exporter.quantize import GraphQuantizer
@@ -112,6 +112,7 @@ def export_checkpoint(
     graphs_only: bool = False,
     weights: str | None = None,
     block_size: int = 32,
+    accuracy_level: int | None = None,
 ) -> dict[str, Any]:
     """Compile a checkpoint into OUT for ONNX Runtime; returns the manifest written there.
 
@@ -119,6 +120,8 @@ def export_checkpoint(
     block-wise integers (`block_size` values per float32 scale) run by ONNX Runtime's MatMulNBits
     and QMoE (exporter/quantize.py); activations stay float32. A quantized export has no torch
     programs (their weights would be a float copy): it runs on ONNX Runtime's CPU provider.
+    `accuracy_level` overrides the kernels' measured setting (exporter/quantize.py ACCURACY_LEVELS);
+    0 keeps activations in float32.
 
     `graphs_only` writes the graphs and the manifest, not the weights (module docstring);
     `checkpoint` may then be a config.json or a folder holding one.
@@ -139,6 +142,8 @@ def export_checkpoint(
     if opset < 23:
         raise OptionError(f"--opset {opset} is too old: the lowering needs opset >= 23 (RMSNormalization, Attention)")
     scheme = quant_scheme(weights, block_size, dtype, target)
+    if accuracy_level is not None and accuracy_level not in (0, 1, 2, 3, 4):
+        raise OptionError(f"accuracy level {accuracy_level} is not one of 0-4")
     if graphs_only and verify:
         raise OptionError("--graphs-only and --verify: verifying the passes runs the model on its weights, "
                           "which a graph-only export does not read")
@@ -151,14 +156,15 @@ def export_checkpoint(
     try:
         return _export(checkpoint, out, tmp, dtype=dtype, absorb=absorb, fuse_moe=fuse_moe, verify=verify,
                        opset=opset, limits=limits, progress=progress, debug=debug, allow_nonfinite=allow_nonfinite,
-                       target=target, graphs_only=graphs_only, scheme=scheme)
+                       target=target, graphs_only=graphs_only, scheme=scheme, accuracy_level=accuracy_level)
     finally:
         _remove(tmp)  # after a success it is gone already (or holds the replaced OUT)
 
 
 def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_moe: bool, verify: bool,
             opset: int, limits: Limits, progress: Progress | None, debug: bool,
-            allow_nonfinite: bool, target: str, graphs_only: bool, scheme: Scheme | None) -> dict[str, Any]:
+            allow_nonfinite: bool, target: str, graphs_only: bool, scheme: Scheme | None,
+            accuracy_level: int | None = None) -> dict[str, Any]:
     """export_checkpoint's body: everything is written into `tmp`, which replaces `out` at the end."""
     report = progress or (lambda stage, done, total: None)
     torch_dtype = DTYPES[dtype]
@@ -182,7 +188,7 @@ def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_m
     del model
     verified = _verify_in_float32(checkpoint, limits, absorb, fuse_moe, debug, allow_nonfinite,
                                   scheme) if verify else None
-    quantizer = GraphQuantizer(scheme) if scheme is not None else None
+    quantizer = GraphQuantizer(scheme, accuracy_level=accuracy_level) if scheme is not None else None
     quantized: dict[str, dict[str, int]] = {}
     for i, phase in enumerate(PHASES):
         options = PassOptions(phase, args, absorb=absorb, fuse_moe=fuse_moe)
@@ -227,7 +233,9 @@ def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_m
                 _save_program(programs[phase], tmp / writing)
                 graphs[phase].update(program=f"{phase}.pt2", program_weights=stored["extra"][phase])
             _pause_point("write")
-        if target == "onnxruntime":  # TensorRT builds from the contract graphs; its parser takes 4D TensorScatter only
+        # TensorRT builds from the contract graphs (its parser takes 4D TensorScatter only); a quantized
+        # engine runs every step in one session of the contract's decode graph (runtime/ort_engine.py).
+        if target == "onnxruntime" and scheme is None:
             writing = IN_PLACE_FILE
             in_place = in_place_decode(tmp / graphs["decode"]["file"], tmp / IN_PLACE_FILE)
             check_model(tmp / IN_PLACE_FILE, with_data=not graphs_only)
@@ -270,6 +278,9 @@ def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_m
                                            "contents not merged)")
         writing = "manifest.json"
         write_manifest(tmp, manifest)
+        if verify and scheme is not None:  # the quantized lowering, run, against eager with the same weights
+            manifest["quantization"]["verified"] = _verify_quantized(checkpoint, tmp, manifest, scheme, allow_nonfinite)
+            write_manifest(tmp, manifest)
         if not graphs_only:  # engines map the file: read-only makes writing into it under one deliberate
             os.chmod(tmp / WEIGHTS_FILE, 0o444)
         report("write", len(stored) + 3, len(stored) + 3)
@@ -310,7 +321,8 @@ def quantization_report(scheme: Scheme, models: dict[str, ir.Model], errors: dic
                 levels[node.op_type] = node.attributes["accuracy_level"].value
         for value in model.graph.initializers.values():
             t = value.const_value
-            if t is not None and t.dtype == ir.DataType.FLOAT and t.nbytes >= 1 << 16:
+            if t is not None and t.dtype == ir.DataType.FLOAT and t.nbytes >= 1 << 16 and \
+                    not value.name.endswith(".scales"):
                 kept[value.name] = t.nbytes
     return {**scheme.to_dict(), "provider": "cpu", "accuracy_level": levels,
             "accuracy_level_note": "4: the kernels quantize activations to int8 per block (faster, adds error); "
@@ -349,6 +361,29 @@ def _verify_in_float32(checkpoint, limits: Limits, absorb: str, fuse_moe: bool, 
     traced = capture(model, "prefill", limits, debug=debug)
     return {phase: run_pipeline(traced, PassOptions(phase, model.args, absorb=absorb, fuse_moe=fuse_moe),
                                 verify=True)[1] for phase in PHASES}
+
+
+def _verify_quantized(checkpoint, folder: Path, manifest: dict[str, Any], scheme: Scheme,
+                      allow_nonfinite: bool) -> dict[str, Any]:
+    """The finished engine (ONNX Runtime, CPU) against the eager model with the same fake-quantized
+    weights: a prefill and two decode steps of a left-padded batch, within the tolerance `compare`
+    uses for it (exporter.compare.lowering_table). A LoweringError if it is outside."""
+    from exporter.compare import lowering_table, run_compare  # noqa: PLC0415 - compare imports this module
+    from exporter.eager import EagerEngine  # noqa: PLC0415
+    from runtime.ort_engine import OrtEngine  # noqa: PLC0415
+
+    engine = OrtEngine.load(folder, provider="cpu")
+    eager = EagerEngine(load_checkpoint(checkpoint, torch.float32, allow_nonfinite=allow_nonfinite, quantize=scheme))
+    report = run_compare(engine, eager, dtype=manifest["dtype"], decode_steps=2, table=lowering_table(manifest))
+    worst = max(report["steps"], key=lambda s: s["logits"]["max_abs"] / max(s["atol"], 1e-30))
+    result = {"passed": report["passed"], "steps": len(report["steps"]), "worst_step": worst["step"],
+              "max_abs": worst["logits"]["max_abs"], "atol": worst["atol"],
+              "against": f"eager with the same {scheme.name} weights (fake-quantized)"}
+    del engine
+    if not report["passed"]:
+        raise LoweringError(f"the {scheme.name} engine differs from eager with the same quantized weights: max |Δ| "
+                            f"{worst['logits']['max_abs']:.3g} > {worst['atol']:.3g} at step {worst['step']}")
+    return result
 
 
 def cache_layout(args, dtype: torch.dtype) -> dict[str, Any]:

@@ -507,7 +507,10 @@ def _origins(weight: torch.Tensor) -> tuple[list[torch.Tensor], bool]:
         if not isinstance(source, Derived):
             leaves.append(t)
             continue
-        computed |= not isinstance(source.fn, _TorchFold)
+        # Layout folds keep values, and so does storing a weight quantized (exporter/quantize.py:
+        # the same weight in another encoding); anything else computes new ones.
+        computed |= not isinstance(source.fn, _TorchFold) and \
+            not getattr(getattr(source.fn, "__self__", None), "stores_weight", False)
         todo.extend(x for x in source.inputs if x.numel() >= FOLD_LIMIT)  # not the shape arguments
     return leaves, computed
 
@@ -523,6 +526,9 @@ def _layouts(stored) -> dict[str, Any]:
     holders: dict[int, str] = {}
     second, computed = [], []
     for name, weight, offset, nbytes in sorted(stored, key=lambda s: s[2]):
+        source = getattr(weight, "dsc_source", None)
+        if isinstance(source, Derived) and getattr(getattr(source.fn, "__self__", None), "stores_weight", False):
+            continue  # a quantized weight's bits or scales: its one stored encoding
         leaves, is_computed = _origins(weight)
         if is_computed:
             computed.append({"name": name, "offset": offset, "bytes": nbytes})

@@ -41,9 +41,15 @@ from passes.ep_edit import derive
 from runtime.errors import OptionError
 
 # accuracy_level per op and bits on ONNX Runtime's CPU provider, measured with
-# benchmarks/quant_kernels.py (ORT 1.31.1, 2 threads; see that file for the numbers): 4 lets the
-# kernels quantize activations to int8 per block (much faster for 8-bit MatMulNBits and 4-bit QMoE).
-ACCURACY_LEVELS = {"cpu": {"MatMulNBits": {4: 4, 8: 4}, "QMoE": {4: 4, 8: 0}}}
+# benchmarks/quant_kernels.py (ORT 1.31.1, 2 threads, 2026-12-01; ms, median of 9 alternating rounds):
+#                          fp32   int8 L0  int8 L4  int4 L0  int4 L4
+#   linear 2048->10944, 1   10.8    204.1      2.1     10.0      1.4
+#   linear ..., 128 tokens  62.8    161.2     73.9     66.2     54.8
+#   experts (16, K=6), 1    24.1     12.7     10.8     23.2      3.2
+#   experts ..., 128       211.3    168.1    195.7    151.0    161.1
+# Level 4 (activations quantized to int8 per block, ~0.5% relative error per linear op and ~1.2%
+# per expert op) is the fast one at decode for every kernel; QMoE int8 errs by ~1.2% at level 0 too.
+ACCURACY_LEVELS = {"cpu": {"MatMulNBits": {4: 4, 8: 4}, "QMoE": {4: 4, 8: 4}}}
 
 
 def _register_schemas() -> None:
@@ -96,6 +102,8 @@ class _Quantization:
     `derive` calls the functions on meta tensors for shapes; on real values the first request
     quantizes and keeps the result until the other one has taken it.
     """
+
+    stores_weight = True  # its outputs are the weight it reads, encoded (lower._origins: not "computed")
 
     def __init__(self, scheme: Scheme, transpose: bool, flat: bool):
         # The weight arrives fake-quantized: quantizing it again needs no scale search (same result).
@@ -151,9 +159,13 @@ def quantizable(weight: torch.Tensor | None) -> bool:
 class GraphQuantizer:
     """Rewrites graphs for one scheme; shares the quantized tensors between the graphs it rewrites."""
 
-    def __init__(self, scheme: Scheme, provider: str = "cpu"):
+    def __init__(self, scheme: Scheme, provider: str = "cpu", accuracy_level: int | None = None):
+        """`accuracy_level` overrides the provider's measured choice for every kernel (0: activations
+        stay float32, so the engine computes what the fake-quantized eager model does)."""
         self.scheme, self.provider = scheme, provider
         self.levels = ACCURACY_LEVELS[provider]
+        if accuracy_level is not None:
+            self.levels = {op: {bits: accuracy_level for bits in per} for op, per in self.levels.items()}
         self.memo: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _stored(self, graph: ir.Graph, value: ir.Value, transpose: bool, name: str) -> tuple[ir.Value, ir.Value]:

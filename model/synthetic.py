@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import tempfile
+import zlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -208,3 +209,84 @@ def make_checkpoint(
     """Generate and write a random checkpoint of the given family (deterministic for a seed)."""
     args = tiny_args(variant, layers=layers, experts=experts, hidden=hidden, heads=heads, vocab=vocab, yarn=yarn)
     return write_checkpoint(out_dir, args, random_state(args, seed), layout=layout, shards=shards, fp8=fp8)
+
+
+def write_streamed_checkpoint(
+    out_dir: str | Path,
+    args: ModelArgs,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    shard_bytes: int = 4 << 30,
+    progress=None,
+) -> Path:
+    """A random checkpoint of any size (a published config's), written one shard at a time.
+
+    Unlike `make_checkpoint`, no state dict of the whole model is built: each tensor is generated
+    on its own (seeded by `seed` and its name, so the same arguments give the same bytes), in the
+    published per-expert layout, and shards of about `shard_bytes` are written with an index as
+    they fill. Peak memory is one shard plus the largest tensor in float32. Values are scaled as in
+    `random_state`. `progress(done_bytes, total_bytes)` is called after each shard.
+    """
+    out_dir = Path(out_dir)
+    model = build_model(args, torch.float32, "meta")
+    shapes: list[tuple[str, tuple[int, ...], str]] = []  # (checkpoint name, shape, kind)
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        if name.endswith("inv_freq") or (args.tie_word_embeddings and name == "lm_head.weight"):
+            continue
+        kind = ("norm" if name.endswith("norm.weight") or name.endswith("layernorm.weight") else
+                "bias" if name.endswith("e_score_correction_bias") else
+                "embed" if name == "embed_tokens.weight" else "linear")
+        hf = name if name == "lm_head.weight" else f"model.{name}"
+        if ".mlp.experts." in name:
+            prefix, proj = hf.rsplit(".", 1)
+            shapes += [(f"{prefix}.{j}.{proj}.weight", tuple(p.shape[1:]), kind) for j in range(p.shape[0])]
+        else:
+            shapes.append((hf, tuple(p.shape), kind))
+    elt = torch.empty((), dtype=dtype).element_size()
+    total = sum(math.prod(s) * (4 if k == "bias" else elt) for _, s, k in shapes)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(args.to_config(), indent=2, sort_keys=True) + "\n")
+        weight_map: dict[str, str] = {}
+        shard: dict[str, torch.Tensor] = {}
+        size = done = 0
+        files: list[str] = []
+
+        def flush() -> None:
+            nonlocal shard, size, done
+            fname = f"model-{len(files) + 1:05d}.safetensors"
+            save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+            files.append(fname)
+            weight_map.update({n: fname for n in shard})
+            done += size
+            shard, size = {}, 0
+            if progress is not None:
+                progress(done, total)
+
+        for name, shape, kind in shapes:
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            t = torch.randn(shape, generator=gen)
+            if kind == "norm":
+                t = 1.0 + 0.1 * t
+            elif kind == "bias":
+                t = 0.1 * t
+            elif kind == "linear":
+                t /= math.sqrt(shape[-1])
+            t = t if kind == "bias" else t.to(dtype)
+            shard[name] = t.contiguous()
+            size += t.numel() * t.element_size()
+            if size >= shard_bytes:
+                flush()
+        if shard:
+            flush()
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

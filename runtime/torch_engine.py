@@ -40,6 +40,10 @@ class TorchEngine(Engine):
     def load(cls, out_dir: str | Path, device: str = "auto") -> "TorchEngine":
         out = Path(out_dir)
         manifest = read_manifest(out, check_graphs=False)
+        quant = manifest.get("quantization")
+        if quant:
+            raise EngineError(f"{out}: an {quant.get('scheme')} engine runs on ONNX Runtime only (--backend "
+                              "onnxruntime); the torch backend needs a float export")
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device not in ("cpu", "cuda"):

@@ -160,6 +160,10 @@ def resident_estimate(out: Path, manifest: dict[str, Any]) -> dict[str, dict[str
                 for p in (g.get("program_weights") or {}).values()}
     ort_cpu = _covered(per_graph["prefill"] | cpu_decode)
     torch_bytes = _covered(programs)
+    if manifest.get("quantization"):  # one session of the decode graph, its kernels' packed copy (ort_engine.py)
+        return {"onnxruntime-cpu": {"bytes": _covered(per_graph["decode"]),
+                                    "how": "one session of the decode graph: quantized kernels hold a packed "
+                                           "copy of their weights (about their size), the rest is mapped"}}
     return {
         "onnxruntime-cpu": {"bytes": ort_cpu, "how": "one memory map of weights.bin shared by the sessions"},
         "onnxruntime-cuda": {"bytes": sum(_covered(r) for r in per_graph.values()),

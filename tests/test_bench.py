@@ -50,6 +50,55 @@ def test_decode_floor_by_hand():
     assert decode_floor(a, 2, 10, 4, 1e9)["cache_bytes"] == 6400
 
 
+def test_quantized_decode_floor_by_hand():
+    """A quantized engine's floor: quantized parts at its bits per weight (scales included), the router
+    and the embedding row in float32, kv_b_proj read as float32 absorbed W_UK/W_UV, the cache at 4 bytes."""
+    a = tiny_args("v2-lite", layers=2)
+    parts = step_weight_params(a, 1)
+    bpw = 5.0  # int4, block 32
+    absorbed = 2 * 32 * 4 * (16 + 16)  # layers x kv_lora_rank x heads x (nope + v)
+    quantized = sum(parts.values()) - parts["router"] - parts["embeddings"] - absorbed
+    want = quantized * bpw / 8 + (parts["router"] + parts["embeddings"] + absorbed) * 4
+    floor = decode_floor(a, batch=1, context=10, elt=4, bandwidth=1e9, bits_per_weight=bpw)
+    assert floor["weight_bytes"] == pytest.approx(want)
+    assert floor["cache_bytes"] == 10 * 2 * (32 + 8) * 4
+    assert floor["weight_bytes"] < 0.25 * decode_floor(a, 1, 10, 4, 1e9)["weight_bytes"] + absorbed * 4
+
+
+def test_llama_bench_rows_from_its_json(tmp_path):
+    """How llama-bench's JSON becomes bench rows: one call per test, decode per token, prefill per prompt.
+    (The process is replaced by a function returning JSON in llama-bench's format; llama.cpp itself is
+    measured only where a binary and a GGUF are given.)"""
+    from exporter.bench import llama_bench_rows
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + b"\0" * 100)
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        depth = int(cmd[cmd.index("-d") + 1]) if "-d" in cmd else 0
+        n_gen = int(cmd[cmd.index("-n") + 1])
+        n_prompt = int(cmd[cmd.index("-p") + 1])
+        tokens = n_gen or n_prompt
+        out = [{"n_prompt": n_prompt, "n_gen": n_gen, "n_depth": depth,
+                "samples_ns": [tokens * (20e6 + depth * 1e3) + i * 1e6 for i in range(3)]}]
+        return subprocess.CompletedProcess(cmd, 0, json.dumps(out), "")
+
+    opts = BenchOptions(contexts=[128, 1024], repeats=3, threads=2)
+    rows, why = llama_bench_rows("q4_0", Path("/bin/llama-bench"), gguf, opts, lambda: 2.5e10, run=fake_run)
+    assert why is None and [(r["phase"], r["context"]) for r in rows] == [("prefill", 0), ("decode", 128), ("decode", 1024)]
+    assert rows[1]["ms"] == pytest.approx(20.128 + 1 / 32, rel=1e-6)  # median sample over 32 tokens, in ms
+    assert rows[0]["ms"] == pytest.approx(128 * 20.0 + 1)
+    assert all("-t" in c and c[c.index("-t") + 1] == "2" for c in calls)
+
+    def failing(cmd, **kw):
+        return subprocess.CompletedProcess(cmd, 1, "", "error: unknown model architecture")
+
+    rows, why = llama_bench_rows("q4_0", Path("/bin/llama-bench"), gguf, opts, lambda: 2.5e10, run=failing)
+    assert rows == [] and "unknown model architecture" in why
+
+
 def test_floor_matches_the_model_parameters():
     """Batch 1 reads every parameter except the embedding table (one row) and the E-K idle experts."""
     a = tiny_args("v2-lite", layers=3)

@@ -192,6 +192,16 @@ def _build_cases(tmp: Path, ckpt: Path, small_ckpt: Path, engine: Path) -> dict[
     c["max_new_tokens_1"] = Case(_dscompile("export", ckpt, "-o", out("mnt1"), "--max-new-tokens", "1"),
                                  "need max_new_tokens >= 2", out=out("mnt1"))
     export_case("absorb_maybe", ckpt, "--absorb 'maybe' is not one of auto, fold, reassociate, none", "--absorb", "maybe")
+    export_case("weights_int3", ckpt, "--weights 'int3' is not one of int8, int4", "--weights", "int3")
+    export_case("block_size_24", ckpt, "--block-size 24 is not one of 16, 32, 64, 128", "--weights", "int4",
+                "--block-size", "24")
+    export_case("weights_with_tensorrt", ckpt, "--weights int8 with --target tensorrt", "--weights", "int8",
+                "--target", "tensorrt")
+    export_case("weights_with_float16", ckpt, "--weights int4 with --dtype float16", "--weights", "int4",
+                "--dtype", "float16")
+    # the tiny v3's q_lora_rank is 48: block 32 does not divide q_b_proj's input dimension
+    export_case("block_size_not_dividing", ckpt, "--block-size 32 does not divide the input dimension 48 of weight "
+                "model.layers.0.self_attn.q_b_proj.weight", "--weights", "int4", "--block-size", "32")
 
     # ---- engines (OUT of test_lower.exported("v3"): vocab 256, max context LIMITS.max_context)
     V, ctx = 256, LIMITS.max_context
@@ -254,6 +264,7 @@ CASE_NAMES = [
     "truncated_safetensors", "header_length_too_large", "header_not_utf8",
     "nan_weight", "inf_weight", "pickle_only", "out_not_empty", "out_parent_is_a_file",
     "out_read_only", "file_size_limit", "disk_full", "dtype_float8", "max_new_tokens_1", "absorb_maybe",
+    "weights_int3", "block_size_24", "weights_with_tensorrt", "weights_with_float16", "block_size_not_dividing",
     "run_missing_out", "run_id_above_vocab",
     "run_prompt_too_long", "run_prompt_plus_new_too_long",
     "run_provider_unknown", "run_external_data_escapes", "inspect_external_data_absolute",
