@@ -1076,29 +1076,22 @@ def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progre
     references = [n for n in ("hf", "hf-onnx") if n in options.systems and "ours" in options.systems]
     configs = ([("prefill", 1, 0)] + [("decode", 1, p) for p in options.contexts]
                + [("decode", b, min(options.contexts)) for b in options.batches if b > 1])
-    ours = None  # loaded once a reference is
-    for i, name in enumerate(references):
-        reference = load(name)  # None: transformers missing, or its model did not export (listed under "skipped")
-        if reference is not None:
-            ours = ours or load("ours")
-            result["alternating"] += compare_alternately(ours, reference, configs, options.prefill_tokens,
-                                                         options.repeats, options.warmup)
-            reference.close()
-            del reference
-            gc.collect()
-        report("compare", i + 1, len(references))
-    # each quantized engine (--engine) against ours in float32, run alternately (its time ratio)
+    # ...and each quantized engine (--engine) against ours in float32 (its time ratio)
     quantized = [n for n, f in options.extra_engines.items() if "ours" in options.systems
                  and json.loads((Path(f) / "manifest.json").read_text()).get("quantization")]
-    for name in quantized:
-        engine = load(name)
-        if engine is not None:
+    pairs = [(name, False) for name in references] + [(name, True) for name in quantized]
+    ours = None  # loaded once another system is
+    for i, (name, ours_is_reference) in enumerate(pairs):
+        other = load(name)  # None: transformers missing, or its model did not export (listed under "skipped")
+        if other is not None:
             ours = ours or load("ours")
-            result["alternating"] += compare_alternately(engine, ours, configs, options.prefill_tokens,
+            first, second = (other, ours) if ours_is_reference else (ours, other)
+            result["alternating"] += compare_alternately(first, second, configs, options.prefill_tokens,
                                                          options.repeats, options.warmup)
-            engine.close()
-            del engine
+            other.close()
+            del other, first, second
             gc.collect()
+        report("compare", i + 1, len(pairs))
     if ours is not None:
         ours.close()
         del ours

@@ -228,10 +228,11 @@ def scheme_of(manifest: dict[str, Any]) -> Scheme | None:
 
 
 def lowering_table(manifest: dict[str, Any]) -> dict | None:
-    """The tolerance table for an engine against its own eager reference: the dtype's, or for
-    quantized kernels that quantize activations (accuracy_level > 0) the measured one."""
-    levels = (manifest.get("quantization") or {}).get("accuracy_level") or {}
-    return QUANTIZED_ACTIVATIONS if any(int(v) > 0 for v in levels.values()) else None
+    """The tolerance table for an engine against its own eager reference: the dtype's, or where
+    its quantized kernels quantize activations (manifest quantization.quantized_activations) the
+    measured one."""
+    quantized = (manifest.get("quantization") or {}).get("quantized_activations") or {}
+    return QUANTIZED_ACTIVATIONS if any(quantized.values()) else None
 
 
 def scheme_cost(engine: Engine, checkpoint: str | Path, **options) -> dict[str, Any]:

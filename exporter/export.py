@@ -67,7 +67,7 @@ from exporter.capture import PHASES, Limits, capture
 from exporter.lower import LoweringError, check_model, in_place_decode, lower, save_models
 from exporter.onnx_ops import choose_moe_experts
 from model.args import ModelArgs
-from exporter.quantize import GraphQuantizer
+from exporter.quantize import GraphQuantizer, quantizes_activations
 from model.checkpoint import apply_quantization, build_model, load_checkpoint
 from model.quant import BLOCK_SIZES, Scheme
 from passes import PassOptions, run_pipeline
@@ -325,6 +325,7 @@ def quantization_report(scheme: Scheme, models: dict[str, ir.Model], errors: dic
                     not value.name.endswith(".scales"):
                 kept[value.name] = t.nbytes
     return {**scheme.to_dict(), "provider": "cpu", "accuracy_level": levels,
+            "quantized_activations": {op: quantizes_activations(op, scheme.bits, level) for op, level in levels.items()},
             "accuracy_level_note": "4: the kernels quantize activations to int8 per block (faster, adds error); "
                                    "0: activations stay float32",
             "weights_error": None if graphs_only else dict(sorted(errors.items())),

@@ -7,6 +7,7 @@ several shards with an index), so everything downstream runs the real loading co
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -15,6 +16,7 @@ import tempfile
 import zlib
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -157,9 +159,7 @@ def write_checkpoint(
     if fp8:
         for name in [n for n in tensors if _fp8_eligible(n, tensors[n])]:
             tensors[name], tensors[name + "_scale_inv"] = quantize_fp8(tensors[name], args.fp8_block_size)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with _published(out_dir) as tmp:
         (tmp / "config.json").write_text(json.dumps(args.to_config(), indent=2, sort_keys=True) + "\n")
         names = sorted(tensors)
         if shards == 1:
@@ -175,13 +175,22 @@ def write_checkpoint(
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return out_dir
+
+
+@contextlib.contextmanager
+def _published(out_dir: Path) -> Iterator[Path]:
+    """A temp folder beside `out_dir` that replaces it when the block ends, and is removed if it fails."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        yield tmp
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir
 
 
 def _fp8_eligible(name: str, t: torch.Tensor) -> bool:
@@ -245,9 +254,7 @@ def write_streamed_checkpoint(
             shapes.append((hf, tuple(p.shape), kind))
     elt = torch.empty((), dtype=dtype).element_size()
     total = sum(math.prod(s) * (4 if k == "bias" else elt) for _, s, k in shapes)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with _published(out_dir) as tmp:
         (tmp / "config.json").write_text(json.dumps(args.to_config(), indent=2, sort_keys=True) + "\n")
         weight_map: dict[str, str] = {}
         shard: dict[str, torch.Tensor] = {}
@@ -283,10 +290,4 @@ def write_streamed_checkpoint(
             flush()
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

@@ -13,9 +13,12 @@ from runtime.engine import DTYPES
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 OP_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 # A quantized engine against the eager model with the same quantized weights, where its kernels
-# quantize activations to int8 per block (MatMulNBits/QMoE accuracy_level 4): whole programs,
-# float32 activations otherwise. Measured on the bench config (see the README, "Quantized engines").
-QUANTIZED_ACTIVATIONS = {torch.float32: 5e-2}
+# quantize activations to int8 per block (MatMulNBits/QMoE accuracy_level 4, the CPU choice):
+# whole programs, float32 activations otherwise. Measured on the bench config (V2-Lite widths,
+# 4 layers; a 32-token prompt, then 64 teacher-forced decode steps): worst max |Δ| / max(1, max|ref|)
+# 0.049 (int8) and 0.045 (int4) for the logits, 0.032 / 0.055 for the cache; logits relative RMS
+# error 0.019 / 0.021 on average. The bound is about twice the worst.
+QUANTIZED_ACTIVATIONS = {torch.float32: 1e-1}
 
 
 def bound(dtype: torch.dtype | str, ref_max: float, table: dict = TOLERANCE) -> float:

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ from model.args import PUBLISHED_CONFIGS, ModelArgs
 from model.checkpoint import dequantize_fp8, load_checkpoint
 from model.synthetic import make_checkpoint, quantize_fp8, random_state, tiny_args, write_checkpoint
 from runtime.errors import CheckpointError, ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 
@@ -208,3 +211,31 @@ def test_cli_reports_bad_checkpoint_in_one_line(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip() == "error: --variant 'v9' is not one of v2, v2-lite, v3"
     assert "Traceback" not in out.stderr
+
+
+def test_make_checkpoint_config_writes_a_streamed_bf16_checkpoint(tmp_path):
+    """`make-checkpoint --config FILE`: any config, generated tensor by tensor into shards with an
+    index, in bfloat16, the same bytes for the same seed, loading through the real loader."""
+    args = tiny_args("v2-lite", layers=2)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(args.to_config()))
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        done = subprocess.run([sys.executable, "-m", "exporter.cli", "make-checkpoint", str(out), "--config", str(config),
+                               "--json"], capture_output=True, text=True, cwd=ROOT)
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs.append(out)
+    index = json.loads((runs[0] / "model.safetensors.index.json").read_text())
+    tensors = {}
+    for f in sorted(set(index["weight_map"].values())):
+        tensors.update(load_file(runs[0] / f))
+        assert (runs[0] / f).read_bytes() == (runs[1] / f).read_bytes()
+    assert tensors["model.layers.1.mlp.experts.3.gate_proj.weight"].dtype == torch.bfloat16
+    assert not torch.equal(tensors["model.layers.1.mlp.experts.3.gate_proj.weight"],
+                           tensors["model.layers.1.mlp.experts.4.gate_proj.weight"])
+    model = load_checkpoint(runs[0])
+    assert model.args == args
+    bad = subprocess.run([sys.executable, "-m", "exporter.cli", "make-checkpoint", str(tmp_path / "c"), "--config",
+                          "v9"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "--config 'v9': not a file, nor one of v2, v2-lite, v3" in bad.stderr

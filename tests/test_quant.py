@@ -1,9 +1,11 @@
 """Weight-only int8/int4 engines: the quantizer, the lowering to MatMulNBits/QMoE, both distances.
 
-The exports keep activations in float32 (accuracy_level 0), so an engine must compute what the
-eager model with the same fake-quantized weights computes, within the float32 tolerance: a wrong
-packing, scale layout, transposition or routing (QMoE's top-k, its mixing weights, V2's scaling
-without renormalization, V3's sigmoid + bias + group limit + renormalization) is far outside it.
+The int4 exports keep activations in float32 (accuracy_level 0), so the engine must compute what
+the eager model with the same fake-quantized weights computes, within the float32 tolerance: a
+wrong packing, scale layout, transposition or routing (QMoE's top-k, its mixing weights, V2's
+scaling without renormalization, V3's sigmoid + bias + group limit + renormalization) is far
+outside it. ONNX Runtime's 8-bit QMoE quantizes activations at every level, so the int8 export is
+held to the measured QUANTIZED_ACTIVATIONS bound instead (its linear layers stay exact).
 One export per routing method: v2 (group-limited greedy softmax, not renormalized, scaled), v2-lite
 (greedy), v3 from a block-scaled FP8 checkpoint (noaux_tc with groups, renormalized).
 """
@@ -25,7 +27,7 @@ from model.checkpoint import load_checkpoint
 from model.quant import Scheme, dequantize, fake_quantize, pack, quantize, unpack
 from runtime.errors import EngineError
 from runtime.ort_engine import OrtEngine
-from runtime.tolerance import TOLERANCE
+from runtime.tolerance import QUANTIZED_ACTIVATIONS, TOLERANCE
 
 BLOCK = 16  # the tiny configs' q_lora_rank (48) and kv_lora_rank (32) are multiples of 16, not of 32
 CASES = {  # name: (variant, checkpoint options, bits)
@@ -126,16 +128,20 @@ def test_engine_matches_eager_with_the_same_quantized_weights(quantized, name):
     """The lowering's distance: fp32 tolerance (activations stay float32 at accuracy_level 0)."""
     ckpt, out = quantized(name)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert lowering_table(manifest) is None  # level 0: the float32 table
+    bits = CASES[name][2]
+    table = lowering_table(manifest)
+    assert table == (QUANTIZED_ACTIVATIONS if bits == 8 else None)  # level 0; int8 QMoE quantizes anyway
     engine = OrtEngine.load(out, provider="cpu")
     eager = eager_for(ckpt, engine.info.max_positions, scheme_of(manifest))
-    report = run_compare(engine, eager, decode_steps=3)
+    report = run_compare(engine, eager, decode_steps=3, table=table)
     worst = max(s["logits"]["max_abs"] / max(1.0, s["logits"]["ref_max"]) for s in report["steps"])
-    assert report["passed"], f"{name}: max |Δ| / max(1, |ref|) = {worst:.3g} > {TOLERANCE[torch.float32]}"
-    # ...and the scheme's distance is a real one: the engine is not the fp32 model
+    bound = (table or TOLERANCE)[torch.float32]
+    assert report["passed"], f"{name}: max |Δ| / max(1, |ref|) = {worst:.3g} > {bound}"
+    # ...and the scheme's distance is a real one: the engine is not the fp32 model, yet close to it
+    # (logits of an unrelated model would be ~1.4 away: two independent vectors of equal norm). The
+    # tiny random models are harsh on int4 (block 16 of FP8-rounded weights: ~0.6).
     cost = scheme_cost(engine, ckpt, decode_steps=3)
-    bits = CASES[name][2]
-    assert 1e-3 < cost["mean"]["logits_rel_rms"] < (0.05 if bits == 8 else 0.5), cost["mean"]
+    assert 1e-3 < cost["mean"]["logits_rel_rms"] < (0.05 if bits == 8 else 0.9), cost["mean"]
     assert 0.0 < cost["mean"]["kl"] and 0.0 <= cost["mean"]["top1_agreement"] <= 1.0
 
 
@@ -172,6 +178,7 @@ def test_manifest_records_the_scheme_and_errors(quantized):
     assert (q["scheme"], q["bits"], q["block_size"]) == ("int4", 4, BLOCK)
     assert q["bits_per_weight"] == 4 + 32 / BLOCK
     assert q["accuracy_level"] == {"MatMulNBits": 0, "QMoE": 0}
+    assert q["quantized_activations"] == {"MatMulNBits": False, "QMoE": False}
     model = load_checkpoint(ckpt, device="meta")
     expected = {("model." + n if n != "lm_head.weight" else n) for n, _ in model.named_parameters()
                 if quant.is_quantized(n)}
