@@ -104,18 +104,21 @@ def _quantize_blocks(x: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, tor
     lo, hi = -(1 << (scheme.bits - 1)), (1 << (scheme.bits - 1)) - 1
     peak = x.gather(-1, x.abs().argmax(-1, keepdim=True))  # [..., 1] signed value of largest magnitude
     best_d = peak / lo
-    best_q = _round(x, best_d, lo, hi)
-    if scheme.searches:
-        best_err = ((best_q * best_d - x) ** 2).sum(-1, keepdim=True)
+    if scheme.searches:  # keep each block's best scale; the integers are computed once, at the end
+        best_err = _squared_error(x, best_d, lo, hi)
         for factor in SEARCH_FACTORS[1:]:
             d = peak * factor / lo
-            q = _round(x, d, lo, hi)
-            err = ((q * d - x) ** 2).sum(-1, keepdim=True)
+            err = _squared_error(x, d, lo, hi)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_d = torch.where(better, d, best_d)
-            best_q = torch.where(better, q, best_q)
-    return best_q.to(torch.int8), best_d.squeeze(-1)
+    return _round(x, best_d, lo, hi).to(torch.int8), best_d.squeeze(-1)
+
+
+def _squared_error(x: torch.Tensor, d: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Per block, the squared error of x quantized with scales d: [..., 1]."""
+    t = _round(x, d, lo, hi).mul_(d).sub_(x)
+    return t.mul_(t).sum(-1, keepdim=True)
 
 
 def _round(x: torch.Tensor, d: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
