@@ -11,7 +11,8 @@
    (median of --repeats steps) with the fraction of the bandwidth floor (bytes a step reads:
    quantized weights + scales + float32 parts + latent cache, over the read bandwidth measured
    just before each step: exporter/bench.py decode_floor).
-Each engine is removed after it is measured unless --keep (disk: checkpoint 31 GB, int8 ~18 GB).
+Each engine is removed after it is measured unless --keep (disk: checkpoint 31 GB, int8 ~18 GB);
+--reuse measures an engine already there instead of exporting it.
 Not part of CI (disk and time).
 """
 
@@ -99,6 +100,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--keep", action="store_true", help="Keep the engines after measuring them.")
+    ap.add_argument("--reuse", action="store_true",
+                    help="Measure an engine already in --dir (kept by --keep, or exported by hand) instead of exporting.")
     ap.add_argument("--json", action="store_true")
     opts = ap.parse_args()
     from exporter.loadmem import measure_load
@@ -116,8 +119,11 @@ def main() -> None:
     report["checkpoint_bytes"] = sum(p.stat().st_size for p in checkpoint.iterdir())
     for scheme in [s.strip() for s in opts.weights.split(",") if s.strip()]:
         out = opts.dir / f"engine-v2-lite-{scheme}"
-        print(f"exporting {scheme} ...", file=sys.stderr, flush=True)
-        entry = {"export": _export(checkpoint, out, scheme)}
+        if opts.reuse and (out / "manifest.json").is_file():
+            entry = {"export": "reused (--reuse): exported before, not measured here"}
+        else:
+            print(f"exporting {scheme} ...", file=sys.stderr, flush=True)
+            entry = {"export": _export(checkpoint, out, scheme)}
         manifest = json.loads((out / "manifest.json").read_text())
         entry["weights_bin_bytes"] = manifest["weights"]["bytes"]
         entry["bits_per_weight"] = manifest["quantization"]["bits_per_weight"]
@@ -136,8 +142,10 @@ def main() -> None:
         return
     for scheme, e in report["schemes"].items():
         r = e["run"]
+        export = (f"export {e['export']['wall_s']:.0f} s, peak {e['export']['peak_rss_bytes'] / 1e9:.2f} GB"
+                  if isinstance(e["export"], dict) else "export reused")
         print(f"{scheme}: weights.bin {e['weights_bin_bytes'] / 1e9:.2f} GB ({e['bits_per_weight']} bits/weight); "
-              f"export {e['export']['wall_s']:.0f} s, peak {e['export']['peak_rss_bytes'] / 1e9:.2f} GB; "
+              f"{export}; "
               f"resident after a step {e['resident']['growth_over_weights_bin']:.2f}x weights.bin; "
               f"prefill 128: {r['prefill_128_ms']:.0f} ms; decode ms/token at 128: {r['decode_128']['ms']:.1f} "
               f"({r['decode_128']['floor_fraction']:.0%} of floor), at 1024: {r['decode_1024']['ms']:.1f} "

@@ -128,7 +128,7 @@ def _round(x: torch.Tensor, d: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
 
 def dequantize(q: torch.Tensor, d: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The weight [..., K] that (q, scales) stand for."""
-    w = q.float() * d.unsqueeze(-1)
+    w = q.float().mul_(d.unsqueeze(-1))  # in place: one weight-sized tensor, not two
     return w.reshape(*q.shape[:-2], -1).to(dtype)
 
 
@@ -168,10 +168,17 @@ class FakeQuantized:
         w = self.source.load()
         fake = fake_quantize(w, self.scheme)
         self.errors[self.name] = error_of(w, fake)
+        del w  # the source values go before the caller continues with the fake ones
         return fake
 
 
 def error_of(w: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
-    peak = float(w.abs().max()) if w.numel() else 0.0
-    err = float((w.float() - fake.float()).abs().max()) if w.numel() else 0.0
+    """max |w - fake| and that over max |w|, a row chunk at a time (no weight-sized temporaries)."""
+    peak = err = 0.0
+    rows, fakes = w.reshape(-1, w.shape[-1]), fake.reshape(-1, w.shape[-1])
+    step = max(1, (1 << 22) // max(1, w.shape[-1]))
+    for start in range(0, rows.shape[0], step):
+        a, b = rows[start:start + step].float(), fakes[start:start + step].float()
+        peak = max(peak, float(a.abs().max()))
+        err = max(err, float((a - b).abs_().max()))
     return {"max_abs": err, "max_rel": err / peak if peak else 0.0}
