@@ -129,7 +129,8 @@ def main() -> None:
         entry["bits_per_weight"] = manifest["quantization"]["bits_per_weight"]
         print(f"measuring {scheme} ...", file=sys.stderr, flush=True)
         load = measure_load(("ours", str(out), opts.threads))
-        entry["resident"] = {k: load.get(k) for k in ("pss_after", "pss_after_step", "rss_after_step", "load_s")}
+        entry["resident"] = {k: load.get(k) for k in ("load_s", "pss_before", "pss_after", "pss_after_step",
+                                                       "rss_after_step", "rss_anon_after", "rss_file_after")}
         growth = (load.get("pss_after_step") or 0) - (load.get("pss_before") or 0)
         entry["resident"]["growth_over_weights_bin"] = growth / manifest["weights"]["bytes"]
         entry["run"] = _run_engine(out, opts.threads, opts.repeats)
