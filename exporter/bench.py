@@ -938,6 +938,9 @@ def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progre
     checkpoint = Path(checkpoint) if checkpoint is not None else bench_checkpoint(home, report)
     args = ModelArgs.from_json(checkpoint / "config.json")
     elt = 4  # float32: the dtype every system here runs in
+    # the manifest's "quantization" of each --engine exported with --weights
+    quantizations = {name: q for name, folder in options.extra_engines.items()
+                     if (q := json.loads((Path(folder) / "manifest.json").read_text()).get("quantization"))}
     result: dict[str, Any] = {
         "checkpoint": str(checkpoint), "model": args.to_config(), "dtype": "float32",
         "threads": options.threads, "repeats": options.repeats, "warmup": options.warmup,
@@ -1077,8 +1080,7 @@ def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progre
     configs = ([("prefill", 1, 0)] + [("decode", 1, p) for p in options.contexts]
                + [("decode", b, min(options.contexts)) for b in options.batches if b > 1])
     # ...and each quantized engine (--engine) against ours in float32 (its time ratio)
-    quantized = [n for n, f in options.extra_engines.items() if "ours" in options.systems
-                 and json.loads((Path(f) / "manifest.json").read_text()).get("quantization")]
+    quantized = list(quantizations) if "ours" in options.systems else []
     pairs = [(name, False) for name in references] + [(name, True) for name in quantized]
     ours = None  # loaded once another system is
     for i, (name, ours_is_reference) in enumerate(pairs):
@@ -1134,11 +1136,9 @@ def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progre
     parameters = sum(every.values()) - every["embeddings"] + args.vocab_size * args.hidden_size
     for name, (_, gguf) in options.llama_cpp.items():  # its average over every tensor, float parts included
         quantized_bits[name] = 8 * gguf.stat().st_size / parameters
-    for name, folder in options.extra_engines.items():
-        quant = json.loads((Path(folder) / "manifest.json").read_text()).get("quantization")
-        if quant:
-            quantized_bits[name] = float(quant["bits_per_weight"])
-            result["engines"].setdefault(name, {"dir": str(folder)})["quantization"] = quant["scheme"]
+    for name, quant in quantizations.items():
+        quantized_bits[name] = float(quant["bits_per_weight"])
+        result["engines"].setdefault(name, {"dir": str(options.extra_engines[name])})["quantization"] = quant["scheme"]
 
     for r in result["results"]:
         r["bandwidth"] = statistics.median(r["runs_bandwidth"])

@@ -19,10 +19,10 @@ import torch
 
 from exporter.eager import EagerEngine
 from model.checkpoint import load_checkpoint
+from model.quant import Scheme
 from runtime.engine import Engine, KVCache
 from runtime.errors import OptionError
-from model.quant import Scheme
-from runtime.tolerance import QUANTIZED_ACTIVATIONS
+from runtime.tolerance import QUANTIZED_ACTIVATIONS, TOLERANCE
 from runtime.tolerance import bound as tolerance_bound
 
 
@@ -67,7 +67,7 @@ def tolerance(dtype: str, atol: float | None, rtol: float | None, ref_max: float
     """--atol/--rtol when given, else the dtype's named tolerance (from `table`) scaled by max(1, max|ref|)."""
     if atol is not None and atol < 0 or rtol is not None and rtol < 0:
         raise OptionError("--atol and --rtol must be >= 0")
-    base = tolerance_bound(dtype, ref_max) if table is None else tolerance_bound(dtype, ref_max, table)
+    base = tolerance_bound(dtype, ref_max, table or TOLERANCE)
     return (base if atol is None else atol), (0.0 if rtol is None else rtol)
 
 

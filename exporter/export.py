@@ -66,8 +66,8 @@ import torch
 from exporter.capture import PHASES, Limits, capture
 from exporter.lower import LoweringError, check_model, in_place_decode, lower, save_models
 from exporter.onnx_ops import choose_moe_experts
-from model.args import ModelArgs
 from exporter.quantize import GraphQuantizer, quantizes_activations
+from model.args import ModelArgs
 from model.checkpoint import apply_quantization, build_model, load_checkpoint
 from model.quant import BLOCK_SIZES, Scheme
 from passes import PassOptions, run_pipeline

@@ -507,12 +507,16 @@ def _origins(weight: torch.Tensor) -> tuple[list[torch.Tensor], bool]:
         if not isinstance(source, Derived):
             leaves.append(t)
             continue
-        # Layout folds keep values, and so does storing a weight quantized (exporter/quantize.py:
-        # the same weight in another encoding); anything else computes new ones.
-        computed |= not isinstance(source.fn, _TorchFold) and \
-            not getattr(getattr(source.fn, "__self__", None), "stores_weight", False)
+        # Layout folds keep values, and so does storing a weight quantized; anything else computes new ones.
+        computed |= not isinstance(source.fn, _TorchFold) and not _stores_weight(source)
         todo.extend(x for x in source.inputs if x.numel() >= FOLD_LIMIT)  # not the shape arguments
     return leaves, computed
+
+
+def _stores_weight(source: Derived) -> bool:
+    """Whether a derivation stores its input in another encoding (exporter/quantize.py's bits and
+    scales: methods of an object with `stores_weight`) rather than computing new values."""
+    return getattr(getattr(source.fn, "__self__", None), "stores_weight", False)
 
 
 def _layouts(stored) -> dict[str, Any]:
@@ -527,7 +531,7 @@ def _layouts(stored) -> dict[str, Any]:
     second, computed = [], []
     for name, weight, offset, nbytes in sorted(stored, key=lambda s: s[2]):
         source = getattr(weight, "dsc_source", None)
-        if isinstance(source, Derived) and getattr(getattr(source.fn, "__self__", None), "stores_weight", False):
+        if isinstance(source, Derived) and _stores_weight(source):
             continue  # a quantized weight's bits or scales: its one stored encoding
         leaves, is_computed = _origins(weight)
         if is_computed:

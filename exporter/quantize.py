@@ -38,7 +38,6 @@ from exporter.lower import _MetaWeight, _fold_key, _origins, _unique_name
 from exporter.onnx_ops import MSFT_DOMAIN
 from model.quant import Scheme, pack, quantize
 from passes.ep_edit import derive
-from runtime.errors import OptionError
 
 # accuracy_level per op and bits on ONNX Runtime's CPU provider, measured with
 # benchmarks/quant_kernels.py (ORT 1.31.1, 2 threads, 2026-12-01; ms, median of 9 alternating rounds):
@@ -175,11 +174,9 @@ class GraphQuantizer:
         self.memo: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _stored(self, graph: ir.Graph, value: ir.Value, transpose: bool, name: str) -> tuple[ir.Value, ir.Value]:
+        # The block size divides every quantized weight's input dimension: checked when the weights
+        # were marked (model.checkpoint.apply_quantization), naming the checkpoint weight.
         weight = value.const_value.weight
-        K = int(weight.shape[-2] if transpose else weight.shape[-1])
-        if K % self.scheme.block_size:
-            raise OptionError(f"--block-size {self.scheme.block_size} does not divide the input dimension {K} of "
-                              f"weight {name}; choose a block size that divides it")
         flat = weight.dim() == 3
         key = (_fold_key(weight), transpose, flat)
         if key not in self.memo:
