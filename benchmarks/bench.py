@@ -15,10 +15,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from exporter.bench import (SYSTEMS, BenchOptions, parse_engines, parse_ints, parse_systems, plot,  # noqa: E402
+from dscompile.exporter.bench import (SYSTEMS, BenchOptions, parse_engines, parse_ints, parse_systems, plot,  # noqa: E402
                             run_bench,
                             table_lines, to_json)
-from exporter.cli import cache_home  # noqa: E402
+from dscompile.exporter.cli import cache_home  # noqa: E402
 
 
 def main() -> None:

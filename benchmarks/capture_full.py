@@ -30,10 +30,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from exporter.capture import Limits  # noqa: E402
-from exporter.export import STAGES, TARGETS, export_checkpoint  # noqa: E402
-from model.args import PUBLISHED_CONFIGS  # noqa: E402
-from runtime.engine import DTYPES  # noqa: E402
+from dscompile.exporter.capture import Limits  # noqa: E402
+from dscompile.exporter.export import STAGES, TARGETS, export_checkpoint  # noqa: E402
+from dscompile.model.args import PUBLISHED_CONFIGS  # noqa: E402
+from dscompile.runtime.engine import DTYPES  # noqa: E402
 
 LIMITS = Limits(max_batch=64, max_new_tokens=4096, max_context=16384)
 

@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model.synthetic import random_state, tiny_args, write_checkpoint  # noqa: E402
+from dscompile.model.synthetic import random_state, tiny_args, write_checkpoint  # noqa: E402
 
 
 def bench_args(layers: int, experts: int, vocab: int):
@@ -76,11 +76,11 @@ def main() -> None:
         shards = sorted(ckpt.glob("*.safetensors"))
         largest, total = max(p.stat().st_size for p in shards), sum(p.stat().st_size for p in shards)
 
-        load_cmd = [sys.executable, "-c", "import sys; from model.checkpoint import load_checkpoint; "
+        load_cmd = [sys.executable, "-c", "import sys; from dscompile.model.checkpoint import load_checkpoint; "
                                           "load_checkpoint(sys.argv[1])", str(ckpt)]
         load_peak, load_s, _ = child_peak(load_cmd)
         shutil.rmtree(out, ignore_errors=True)
-        export_cmd = [sys.executable, "-m", "exporter.cli", "export", str(ckpt), "-o", str(out), "--max-batch", "2",
+        export_cmd = [sys.executable, "-m", "dscompile", "export", str(ckpt), "-o", str(out), "--max-batch", "2",
                       "--max-new-tokens", "64", "--max-context", "128", "--json"]
         export_peak, export_s, info = child_peak(export_cmd)
         if info["rc"] != 0:

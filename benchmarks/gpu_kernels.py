@@ -51,8 +51,8 @@ def copy_bandwidth_gbs(reps: int) -> float:
 
 
 def bench_latent_attention(reps: int, copy_gbs: float) -> list[dict]:
-    from runtime.ops.latent_attention import latent_attention_reference
-    from runtime.ops.triton_kernels import triton_latent_attention
+    from dscompile.runtime.ops.latent_attention import latent_attention_reference
+    from dscompile.runtime.ops.triton_kernels import triton_latent_attention
 
     rows = []
     for P in (1024, 4096, 16384):
@@ -81,8 +81,8 @@ def bench_latent_attention(reps: int, copy_gbs: float) -> list[dict]:
 
 
 def bench_moe(reps: int, copy_gbs: float) -> list[dict]:
-    from runtime.ops.moe import moe_experts_reference, route
-    from runtime.ops.triton_kernels import triton_moe_experts
+    from dscompile.runtime.ops.moe import moe_experts_reference, route
+    from dscompile.runtime.ops.triton_kernels import triton_moe_experts
 
     w1 = torch.randn(E, I, D, device="cuda", dtype=DTYPE) * D ** -0.5
     w3 = torch.randn(E, I, D, device="cuda", dtype=DTYPE) * D ** -0.5

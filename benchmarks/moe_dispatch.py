@@ -27,10 +27,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-import runtime.ops  # noqa: E402,F401  (registers torch.ops.dsc.*)
-from model.args import ModelArgs  # noqa: E402
-from model.transformer import MoE  # noqa: E402
-from runtime.ops.moe import route  # noqa: E402
+import dscompile.runtime.ops  # noqa: E402,F401  (registers torch.ops.dsc.*)
+from dscompile.model.args import ModelArgs  # noqa: E402
+from dscompile.model.transformer import MoE  # noqa: E402
+from dscompile.runtime.ops.moe import route  # noqa: E402
 
 # DeepSeek-V2-Lite's MoE (config.json of deepseek-ai/DeepSeek-V2-Lite), with 16 routed experts
 # instead of 64: the dense reference's cost grows with E, and 64 experts in fp32 (2.2 GB) are

@@ -28,10 +28,10 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-import runtime.ops  # noqa: F401  (registers torch.ops.dsc.*)
-from exporter.lower import fold_weights, name_moe_weights
-from exporter.onnx_ops import MOE_EXPERTS, translation_table
-from runtime.ops.moe import moe_reference
+import dscompile.runtime.ops  # noqa: F401  (registers torch.ops.dsc.*)
+from dscompile.exporter.lower import fold_weights, name_moe_weights
+from dscompile.exporter.onnx_ops import MOE_EXPERTS, translation_table
+from dscompile.runtime.ops.moe import moe_reference
 
 D, I, E, K, SHARED = 2048, 1408, 16, 6, 2
 GATHER_LIMIT_BYTES = 2 << 30

@@ -28,7 +28,7 @@ from onnx import helper as h
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.quant import Scheme, dequantize, pack, quantize  # noqa: E402
+from dscompile.model.quant import Scheme, dequantize, pack, quantize  # noqa: E402
 
 MS = "com.microsoft"
 LEVELS = (0, 1, 2, 3, 4)  # accuracy_level: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations

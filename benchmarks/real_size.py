@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 def _export(checkpoint: Path, out: Path, scheme: str) -> dict:
     """Run the export in a child; its wall time and peak RSS (ru_maxrss of that child alone)."""
-    code = ("import resource, sys, json; from exporter.export import export_checkpoint; "
+    code = ("import resource, sys, json; from dscompile.exporter.export import export_checkpoint; "
             f"export_checkpoint({str(checkpoint)!r}, {str(out)!r}, weights={scheme!r}, force=True); "
             "print(json.dumps({'peak_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))")
     start = time.perf_counter()
@@ -49,9 +49,9 @@ def _export(checkpoint: Path, out: Path, scheme: str) -> dict:
 def _run_engine(out: Path, threads: int, repeats: int) -> dict:
     import torch
 
-    from exporter.bench import MachineProbe, decode_floor
-    from model.args import ModelArgs
-    from runtime.ort_engine import OrtEngine
+    from dscompile.exporter.bench import MachineProbe, decode_floor
+    from dscompile.model.args import ModelArgs
+    from dscompile.runtime.ort_engine import OrtEngine
 
     manifest = json.loads((out / "manifest.json").read_text())
     args = ModelArgs.from_config(manifest["model"])
@@ -104,9 +104,9 @@ def main() -> None:
                     help="Measure an engine already in --dir (kept by --keep, or exported by hand) instead of exporting.")
     ap.add_argument("--json", action="store_true")
     opts = ap.parse_args()
-    from exporter.loadmem import measure_load
-    from model.args import PUBLISHED_CONFIGS, ModelArgs
-    from model.synthetic import write_streamed_checkpoint
+    from dscompile.exporter.loadmem import measure_load
+    from dscompile.model.args import PUBLISHED_CONFIGS, ModelArgs
+    from dscompile.model.synthetic import write_streamed_checkpoint
 
     checkpoint = opts.dir / "checkpoint-v2-lite-bf16-seed0"
     report: dict = {"config": "deepseek-v2-lite.json", "threads": opts.threads, "schemes": {}}

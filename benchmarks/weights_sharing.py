@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from exporter.loadmem import measure_load  # noqa: E402
-from runtime.engine import KVCache  # noqa: E402
-from runtime.ort_engine import OrtEngine  # noqa: E402
+from dscompile.exporter.loadmem import measure_load  # noqa: E402
+from dscompile.runtime.engine import KVCache  # noqa: E402
+from dscompile.runtime.ort_engine import OrtEngine  # noqa: E402
 
 PREFILL, CONTEXT, THREADS = 128, 1024, 2
 
@@ -88,8 +88,8 @@ def main() -> None:
     a = p.parse_args()
     engine = a.engine
     if engine is None:
-        from exporter.bench import OUR_ENGINES, bench_checkpoint, cached_export
-        from exporter.cli import cache_home
+        from dscompile.exporter.bench import OUR_ENGINES, bench_checkpoint, cached_export
+        from dscompile.exporter.cli import cache_home
 
         engine = cached_export(bench_checkpoint(cache_home()), cache_home(), OUR_ENGINES["ours"])
     variants = parse_variants(engine, a.extra)

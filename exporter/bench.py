@@ -69,11 +69,11 @@ from typing import Any, Callable
 
 import torch
 
-import exporter.export  # noqa: F401  (loaded before _SOURCE_KEY hashes the sources it stands for)
-from exporter.loadmem import LOADERS, LoadMeasureError, hf_onnx_session, load_hf_model, measure_load
-from model.args import ModelArgs
-from runtime.engine import Engine, KVCache
-from runtime.errors import OptionError
+import dscompile.exporter.export  # noqa: F401  (loaded before _SOURCE_KEY hashes the sources it stands for)
+from dscompile.exporter.loadmem import LOADERS, LoadMeasureError, hf_onnx_session, load_hf_model, measure_load
+from dscompile.model.args import ModelArgs
+from dscompile.runtime.engine import Engine, KVCache
+from dscompile.runtime.errors import OptionError
 
 SYSTEMS = ("eager", "hf", "hf-onnx", "ours", "ours-absorb-none", "ours-no-fuse-moe")
 OUR_ENGINES = {  # system -> export options
@@ -120,7 +120,7 @@ def bench_args() -> ModelArgs:
 
 def bench_checkpoint(home: Path, progress: Progress | None = None) -> Path:
     """The bench config's seeded checkpoint under `home`, written on first use."""
-    from model.synthetic import random_state, write_checkpoint
+    from dscompile.model.synthetic import random_state, write_checkpoint
 
     path = home / "bench" / f"checkpoint-v2lite-4l-seed{BENCH_SEED}"
     if not (path / "config.json").is_file():
@@ -176,7 +176,7 @@ def cached_export(checkpoint: Path, home: Path, options: dict[str, Any], progres
     Engines of the same checkpoint and options exported by other sources are deleted first (a
     bench-config engine is several GB).
     """
-    from exporter.export import export_checkpoint
+    from dscompile.exporter.export import export_checkpoint
 
     out = engine_dir(checkpoint, home, options)
     if not (out / "manifest.json").is_file():
@@ -928,9 +928,9 @@ class BenchOptions:
 
 def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progress: Progress | None = None) -> dict:
     """Measure every system in `options.systems` on `checkpoint` (None: the bench config). Returns the report."""
-    from exporter.eager import EagerEngine
-    from model.checkpoint import load_checkpoint
-    from runtime.ort_engine import OrtEngine
+    from dscompile.exporter.eager import EagerEngine
+    from dscompile.model.checkpoint import load_checkpoint
+    from dscompile.runtime.ort_engine import OrtEngine
 
     options.check()
     report = progress or (lambda stage, done, total: None)
@@ -1116,7 +1116,7 @@ def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progre
                            "paired_min": min(paired, default=None), "paired_max": max(paired, default=None)}
     result["gemm_flops"] = gemm
     result["gemm"] = {"flops": gemm, "start": gemm0, "end": gemm1, "size": options.gemm_size}
-    from exporter.export import cache_layout
+    from dscompile.exporter.export import cache_layout
 
     layout = cache_layout(args, torch.float32)
     result["cache"] = {"ours_bytes_per_token": layout["bytes_per_token"],

@@ -18,7 +18,7 @@ from typing import Any, Iterator, Optional
 
 import typer
 
-from runtime.errors import DscompileError, OptionError
+from dscompile.runtime.errors import DscompileError, OptionError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0],
                   pretty_exceptions_enable=False)
@@ -121,12 +121,12 @@ def make_checkpoint_cmd(
 ) -> None:
     """Write a random checkpoint in the Hugging Face layout (for tests, demos and benchmarks)."""
     with guard():
-        from model.synthetic import make_checkpoint, write_streamed_checkpoint
+        from dscompile.model.synthetic import make_checkpoint, write_streamed_checkpoint
 
         if out_dir.exists() and any(out_dir.iterdir()) and not force:
             raise OptionError(f"{out_dir} exists and is not empty (use --force to replace it)")
         if config is not None:
-            from model.args import PUBLISHED_CONFIGS, ModelArgs
+            from dscompile.model.args import PUBLISHED_CONFIGS, ModelArgs
 
             named = PUBLISHED_CONFIGS / f"deepseek-{config}.json"
             source = named if named.is_file() else Path(config)
@@ -163,12 +163,12 @@ def demo(
     """
     start = time.perf_counter()
     with guard():
-        from exporter.compare import run_compare
-        from exporter.eager import EagerEngine
-        from exporter.export import export_checkpoint
-        from model.checkpoint import load_checkpoint
-        from model.synthetic import make_checkpoint
-        from runtime.ort_engine import OrtEngine
+        from dscompile.exporter.compare import run_compare
+        from dscompile.exporter.eager import EagerEngine
+        from dscompile.exporter.export import export_checkpoint
+        from dscompile.model.checkpoint import load_checkpoint
+        from dscompile.model.synthetic import make_checkpoint
+        from dscompile.runtime.ort_engine import OrtEngine
 
         if new_tokens < 1:
             raise OptionError(f"--new-tokens must be >= 1, got {new_tokens}")
@@ -214,15 +214,15 @@ BACKENDS = ("onnxruntime", "torch", "tensorrt")
 def load_engine(out: Path, backend: str, provider: str = "auto"):
     """The engine of OUT for a backend name (what `run` and `compare` execute)."""
     if backend == "onnxruntime":
-        from runtime.ort_engine import OrtEngine
+        from dscompile.runtime.ort_engine import OrtEngine
 
         return OrtEngine.load(out, provider=provider)
     if backend == "torch":
-        from runtime.torch_engine import TorchEngine
+        from dscompile.runtime.torch_engine import TorchEngine
 
         return TorchEngine.load(out, device={"auto": "auto", "cpu": "cpu", "cuda": "cuda"}.get(provider, "auto"))
     if backend == "tensorrt":
-        from runtime.trt_engine import TrtEngine
+        from dscompile.runtime.trt_engine import TrtEngine
 
         return TrtEngine.load(out)
     raise OptionError(f"--backend {backend!r} is not one of {', '.join(BACKENDS)}")
@@ -263,7 +263,7 @@ def export(
     start = time.perf_counter()
     with guard():
         if list_passes:
-            from passes import describe_pipeline
+            from dscompile.passes import describe_pipeline
 
             rows = describe_pipeline()
             _emit({"passes": [{"name": n, "doc": d} for n, d in rows]}, as_json,
@@ -275,26 +275,26 @@ def export(
             raise OptionError(f"--target {target!r} is not one of onnxruntime, tensorrt")
         if dtype not in DTYPES:
             raise OptionError(f"--dtype {dtype!r} is not one of float32, float16, bfloat16")
-        from passes.absorb_mla import FORMS
+        from dscompile.passes.absorb_mla import FORMS
 
         if absorb not in FORMS:  # before loading anything: a typo should not cost a capture
             raise OptionError(f"--absorb {absorb!r} is not one of {', '.join(FORMS)}")
-        from exporter.capture import Limits
+        from dscompile.exporter.capture import Limits
 
         try:
             limits = Limits(max_batch=max_batch, max_new_tokens=max_new_tokens, max_context=max_context)
         except ValueError as err:  # the limits name the rule they break
             raise OptionError(f"--max-batch/--max-new-tokens/--max-context: {str(err).split(': ', 1)[-1]}") from None
-        from exporter.export import quant_scheme
+        from dscompile.exporter.export import quant_scheme
 
         quant_scheme(weights, block_size, dtype, target)  # before TensorRT's own checks: name the option
         build_trt = target == "tensorrt" and not graphs_only  # engines need the weights
         if build_trt:
-            from exporter.tensorrt import require_tensorrt, validate_options
+            from dscompile.exporter.tensorrt import require_tensorrt, validate_options
 
             validate_options(precision, max_batch, max_new_tokens, max_context, 8.0)
             require_tensorrt()
-        from exporter.export import export_checkpoint
+        from dscompile.exporter.export import export_checkpoint
 
         with Bars(not as_json) as bars:
             manifest = export_checkpoint(checkpoint, out, dtype=DTYPES[dtype], absorb=absorb, fuse_moe=fuse_moe,
@@ -302,8 +302,8 @@ def export(
                                          allow_nonfinite=allow_nonfinite, target=target, graphs_only=graphs_only,
                                          weights=weights, block_size=block_size)
             if build_trt:
-                from exporter.tensorrt import build_engines
-                from runtime.manifest import write_manifest
+                from dscompile.exporter.tensorrt import build_engines
+                from dscompile.runtime.manifest import write_manifest
 
                 manifest["tensorrt"] = build_engines(out, precision=precision, max_batch=max_batch,
                                                      max_new_tokens=max_new_tokens, max_context=max_context,
@@ -386,8 +386,8 @@ def compare(
     """
     start = time.perf_counter()
     with guard():
-        from exporter.compare import eager_for, locate_divergence, lowering_table, run_compare, scheme_cost, scheme_of
-        from runtime.manifest import read_manifest
+        from dscompile.exporter.compare import eager_for, locate_divergence, lowering_table, run_compare, scheme_cost, scheme_of
+        from dscompile.runtime.manifest import read_manifest
 
         manifest = read_manifest(out)
         engine = load_engine(out, backend, provider)
@@ -453,8 +453,8 @@ def inspect(
 ) -> None:
     """Show what an engine folder holds: graphs, IO, op counts, weights, cache, passes."""
     with guard():
-        from runtime.manifest import read_manifest
-        from runtime.weights import resident_estimate
+        from dscompile.runtime.manifest import read_manifest
+        from dscompile.runtime.weights import resident_estimate
 
         manifest = read_manifest(out, graphs_only_ok=True)
         c, cfg = manifest["cache"], manifest["model"]
@@ -508,7 +508,7 @@ def inspect(
                 lines.append(f"  in place {g['in_place']['file']}: the cache written in capacity buffers "
                              f"(TensorScatter x{g['in_place']['op_counts'].get('TensorScatter', 0)}; ONNX Runtime CPU)")
         if trt_compat:
-            from exporter.trt_compat import check_out_dir
+            from dscompile.exporter.trt_compat import check_out_dir
 
             info["trt_compat"] = compat = check_out_dir(out)
             table = compat["table"]
@@ -552,7 +552,7 @@ def bench(
     """
     start = time.perf_counter()
     with guard():
-        from exporter.bench import (BenchOptions, parse_engines, parse_ints, parse_llama_cpp, parse_systems, plot as write_plot,
+        from dscompile.exporter.bench import (BenchOptions, parse_engines, parse_ints, parse_llama_cpp, parse_systems, plot as write_plot,
                                     run_bench, table_lines)
 
         if config is not None and config != "bench":

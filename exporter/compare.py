@@ -17,13 +17,13 @@ from typing import Any, Callable
 
 import torch
 
-from exporter.eager import EagerEngine
-from model.checkpoint import load_checkpoint
-from model.quant import Scheme
-from runtime.engine import Engine, KVCache
-from runtime.errors import OptionError
-from runtime.tolerance import QUANTIZED_ACTIVATIONS, TOLERANCE
-from runtime.tolerance import bound as tolerance_bound
+from dscompile.exporter.eager import EagerEngine
+from dscompile.model.checkpoint import load_checkpoint
+from dscompile.model.quant import Scheme
+from dscompile.runtime.engine import Engine, KVCache
+from dscompile.runtime.errors import OptionError
+from dscompile.runtime.tolerance import QUANTIZED_ACTIVATIONS, TOLERANCE
+from dscompile.runtime.tolerance import bound as tolerance_bound
 
 
 
@@ -154,8 +154,8 @@ def locate_divergence(
     run on the compare's prefill inputs, and its hidden state after each block is compared with
     the eager model's.
     """
-    from exporter.export import export_checkpoint
-    from runtime.ort_engine import OrtEngine
+    from dscompile.exporter.export import export_checkpoint
+    from dscompile.runtime.ort_engine import OrtEngine
 
     passes = {p["name"]: p for p in manifest["graphs"]["prefill"]["passes"]["passes"]}
     absorb = passes.get("absorb_mla", {}).get("details", {}).get("form", "auto")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from model.transformer import Transformer
-from runtime.engine import Engine, EngineInfo, KVCache
+from dscompile.model.transformer import Transformer
+from dscompile.runtime.engine import Engine, EngineInfo, KVCache
 
 
 class EagerEngine(Engine):

@@ -63,19 +63,19 @@ import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 import torch
 
-from exporter.capture import PHASES, Limits, capture
-from exporter.lower import LoweringError, check_model, in_place_decode, lower, save_models
-from exporter.onnx_ops import choose_moe_experts
-from exporter.quantize import GraphQuantizer, quantizes_activations
-from model.args import ModelArgs
-from model.checkpoint import apply_quantization, build_model, load_checkpoint
-from model.quant import BLOCK_SIZES, Scheme
-from passes import PassOptions, run_pipeline
-from passes.absorb_mla import FORMS as ABSORB_FORMS
-from runtime.engine import DTYPES
-from runtime.errors import CheckpointError, DscompileError, OptionError
-from runtime.manifest import MANIFEST_FORMAT, WRITE_INDEX, write_manifest
-from runtime.weights import fingerprint
+from dscompile.exporter.capture import PHASES, Limits, capture
+from dscompile.exporter.lower import LoweringError, check_model, in_place_decode, lower, save_models
+from dscompile.exporter.onnx_ops import choose_moe_experts
+from dscompile.exporter.quantize import GraphQuantizer, quantizes_activations
+from dscompile.model.args import ModelArgs
+from dscompile.model.checkpoint import apply_quantization, build_model, load_checkpoint
+from dscompile.model.quant import BLOCK_SIZES, Scheme
+from dscompile.passes import PassOptions, run_pipeline
+from dscompile.passes.absorb_mla import FORMS as ABSORB_FORMS
+from dscompile.runtime.engine import DTYPES
+from dscompile.runtime.errors import CheckpointError, DscompileError, OptionError
+from dscompile.runtime.manifest import MANIFEST_FORMAT, WRITE_INDEX, write_manifest
+from dscompile.runtime.weights import fingerprint
 
 WEIGHTS_FILE = "weights.bin"
 IN_PLACE_FILE = "decode_inplace.onnx"  # the decode graph writing its cache in place (exporter.lower.in_place_decode)
@@ -369,9 +369,9 @@ def _verify_quantized(checkpoint, folder: Path, manifest: dict[str, Any], scheme
     """The finished engine (ONNX Runtime, CPU) against the eager model with the same fake-quantized
     weights: a prefill and two decode steps of a left-padded batch, within the tolerance `compare`
     uses for it (exporter.compare.lowering_table). A LoweringError if it is outside."""
-    from exporter.compare import lowering_table, run_compare  # noqa: PLC0415 - compare imports this module
-    from exporter.eager import EagerEngine  # noqa: PLC0415
-    from runtime.ort_engine import OrtEngine  # noqa: PLC0415
+    from dscompile.exporter.compare import lowering_table, run_compare  # noqa: PLC0415 - compare imports this module
+    from dscompile.exporter.eager import EagerEngine  # noqa: PLC0415
+    from dscompile.runtime.ort_engine import OrtEngine  # noqa: PLC0415
 
     engine = OrtEngine.load(folder, provider="cpu")
     eager = EagerEngine(load_checkpoint(checkpoint, torch.float32, allow_nonfinite=allow_nonfinite, quantize=scheme))

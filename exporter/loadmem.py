@@ -93,14 +93,14 @@ Loader = Callable[..., tuple[Callable[[], Any], Callable[[Any], None] | None]]
 def _ours(folder: str, threads: int, prepack: bool = False):
     import onnxruntime  # noqa: F401  (OrtEngine imports it on first use)
 
-    from runtime.ort_engine import OrtEngine
+    from dscompile.runtime.ort_engine import OrtEngine
 
     return lambda: OrtEngine.load(folder, provider="cpu", threads=threads, prepack=prepack), _generate
 
 
 def _eager(checkpoint: str):
-    from exporter.eager import EagerEngine
-    from model.checkpoint import load_checkpoint
+    from dscompile.exporter.eager import EagerEngine
+    from dscompile.model.checkpoint import load_checkpoint
 
     return lambda: EagerEngine(load_checkpoint(checkpoint)), _generate
 

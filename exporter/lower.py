@@ -49,11 +49,11 @@ import torch
 from onnx_ir.tensor_adapters import TorchTensor, from_torch_dtype, to_torch_dtype
 from torch.export import ExportedProgram
 
-from exporter.capture import io_names
-from exporter.onnx_ops import MSFT_DOMAIN, translation_table
-from passes.ep_edit import Derived, derive, has_values, materialize
-from runtime.errors import DscompileError
-from runtime.manifest import WRITE_INDEX
+from dscompile.exporter.capture import io_names
+from dscompile.exporter.onnx_ops import MSFT_DOMAIN, translation_table
+from dscompile.passes.ep_edit import Derived, derive, has_values, materialize
+from dscompile.runtime.errors import DscompileError
+from dscompile.runtime.manifest import WRITE_INDEX
 
 ALIGNMENT = 4096  # page size: ONNX Runtime memory-maps external data at page-aligned offsets
 INLINE_BELOW = 1024  # bytes; smaller tensors stay inside the .onnx (shape constants, norms of tiny configs)

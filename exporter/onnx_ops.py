@@ -41,7 +41,7 @@ from onnxscript import opset23 as op
 from onnxscript.onnx_types import TensorType
 from onnxscript.values import Opset
 
-import runtime.ops  # noqa: F401  (registers torch.ops.dsc.*)
+import dscompile.runtime.ops  # noqa: F401  (registers torch.ops.dsc.*)
 
 MSFT_DOMAIN = "com.microsoft"
 msft = Opset(MSFT_DOMAIN, 1)

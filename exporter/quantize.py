@@ -34,10 +34,10 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from exporter.lower import _MetaWeight, _fold_key, _origins, _unique_name
-from exporter.onnx_ops import MSFT_DOMAIN
-from model.quant import Scheme, pack, quantize
-from passes.ep_edit import derive
+from dscompile.exporter.lower import _MetaWeight, _fold_key, _origins, _unique_name
+from dscompile.exporter.onnx_ops import MSFT_DOMAIN
+from dscompile.model.quant import Scheme, pack, quantize
+from dscompile.passes.ep_edit import derive
 
 # accuracy_level per op and bits on ONNX Runtime's CPU provider, measured with
 # benchmarks/quant_kernels.py (ORT 1.31.1, 2 threads, 2026-12-01; ms, median of 9 alternating rounds):

@@ -43,9 +43,9 @@ from typing import Any, Callable
 
 import onnx
 
-from exporter.trt_compat import check_model
-from runtime.errors import DscompileError, EngineError, OptionError
-from runtime.trt_engine import GRAPHS, PRECISIONS, TRT_FORMAT, TensorRTUnavailable, require_tensorrt
+from dscompile.exporter.trt_compat import check_model
+from dscompile.runtime.errors import DscompileError, EngineError, OptionError
+from dscompile.runtime.trt_engine import GRAPHS, PRECISIONS, TRT_FORMAT, TensorRTUnavailable, require_tensorrt
 
 __all__ = [
     "TensorRTBuildError",

@@ -26,7 +26,7 @@ from typing import Any, Iterable
 import onnx
 from onnx import numpy_helper
 
-from runtime.errors import EngineError
+from dscompile.runtime.errors import EngineError
 
 TABLE_PATH = Path(__file__).with_name("data") / "trt_onnx_ops.json"
 DEFAULT_DOMAINS = ("", "ai.onnx")

@@ -34,10 +34,10 @@ from typing import Callable, Iterator
 import torch
 from safetensors import SafetensorError, safe_open
 
-from model.args import ModelArgs
-from model.quant import FakeQuantized, Scheme, error_of, fake_quantize, is_quantized
-from model.transformer import Transformer
-from runtime.errors import CheckpointError, OptionError
+from dscompile.model.args import ModelArgs
+from dscompile.model.quant import FakeQuantized, Scheme, error_of, fake_quantize, is_quantized
+from dscompile.model.transformer import Transformer
+from dscompile.runtime.errors import CheckpointError, OptionError
 
 log = logging.getLogger("dscompile")
 

@@ -21,9 +21,9 @@ from typing import Iterator
 import torch
 from safetensors.torch import save_file
 
-from model.args import ModelArgs
-from model.checkpoint import build_model
-from runtime.errors import OptionError
+from dscompile.model.args import ModelArgs
+from dscompile.model.checkpoint import build_model
+from dscompile.runtime.errors import OptionError
 
 VARIANTS = ("v2", "v2-lite", "v3")
 LAYOUTS = ("published", "stacked")

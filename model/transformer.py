@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.args import ModelArgs
+from dscompile.model.args import ModelArgs
 
 LayerCache = tuple[torch.Tensor, torch.Tensor]  # (kv_latent [B, P, C], k_rope [B, P, R])
 

@@ -17,9 +17,9 @@ import sympy
 import torch
 from torch.export import ExportedProgram
 
-from passes import absorb_mla, fuse_moe
-from runtime.errors import DscompileError
-from runtime.tolerance import bound as tolerance_bound
+from dscompile.passes import absorb_mla, fuse_moe
+from dscompile.runtime.errors import DscompileError
+from dscompile.runtime.tolerance import bound as tolerance_bound
 
 PIPELINE = [absorb_mla, fuse_moe]
 

@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 from torch.export import ExportedProgram
 
-import runtime.ops  # noqa: F401  (registers torch.ops.dsc.*)
-from passes.ep_edit import Region, add_param, clone, derive, emit, param, param_node, rebuild, regions, strip_views
-from runtime.errors import DscompileError
+import dscompile.runtime.ops  # noqa: F401  (registers torch.ops.dsc.*)
+from dscompile.passes.ep_edit import Region, add_param, clone, derive, emit, param, param_node, rebuild, regions, strip_views
+from dscompile.runtime.errors import DscompileError
 
 aten = torch.ops.aten
 FORMS = ("auto", "fold", "reassociate", "none")

@@ -28,10 +28,10 @@ import torch
 from torch.export import ExportedProgram
 from torch.fx import Node
 
-import runtime.ops  # noqa: F401  (registers torch.ops.dsc.*)
-from passes.ep_edit import Region, clone, emit, param_name, param_node, rebuild, regions
-from runtime.errors import DscompileError
-from runtime.ops.moe import check_expert_weights, check_routing_args
+import dscompile.runtime.ops  # noqa: F401  (registers torch.ops.dsc.*)
+from dscompile.passes.ep_edit import Region, clone, emit, param_name, param_node, rebuild, regions
+from dscompile.runtime.errors import DscompileError
+from dscompile.runtime.ops.moe import check_expert_weights, check_routing_args
 
 aten = torch.ops.aten
 MOE_OP = torch.ops.dsc.moe.default

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from runtime.errors import EngineError
+from dscompile.runtime.errors import EngineError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -53,7 +53,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import EngineError
+from dscompile.runtime.errors import EngineError
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1

@@ -58,10 +58,10 @@ from typing import Any
 
 import torch
 
-from runtime.engine import Engine, EngineInfo, KVCache, choose_graph
-from runtime.errors import EngineError
-from runtime.manifest import WRITE_INDEX, read_manifest
-from runtime.weights import WeightsFile
+from dscompile.runtime.engine import Engine, EngineInfo, KVCache, choose_graph
+from dscompile.runtime.errors import EngineError
+from dscompile.runtime.manifest import WRITE_INDEX, read_manifest
+from dscompile.runtime.weights import WeightsFile
 
 PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
 _ORT_PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",

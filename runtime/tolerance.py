@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from runtime.engine import DTYPES
+from dscompile.runtime.engine import DTYPES
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 OP_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}

@@ -21,11 +21,11 @@ from typing import Any
 import torch
 from torch.export.passes import move_to_device_pass
 
-import runtime.ops  # noqa: F401  (registers torch.ops.dsc.* before the programs are loaded)
-from runtime.engine import Engine, EngineInfo, KVCache, choose_graph
-from runtime.errors import EngineError
-from runtime.manifest import check_program_file, read_manifest
-from runtime.weights import WeightsFile
+import dscompile.runtime.ops  # noqa: F401  (registers torch.ops.dsc.* before the programs are loaded)
+from dscompile.runtime.engine import Engine, EngineInfo, KVCache, choose_graph
+from dscompile.runtime.errors import EngineError
+from dscompile.runtime.manifest import check_program_file, read_manifest
+from dscompile.runtime.weights import WeightsFile
 
 class TorchEngine(Engine):
     """Prefill and decode ExportedPrograms on CPU or CUDA."""

@@ -37,9 +37,9 @@ from typing import Any
 
 import torch
 
-from runtime.engine import Engine, EngineInfo, KVCache, choose_graph
-from runtime.errors import DscompileError, EngineError
-from runtime.manifest import load_manifest
+from dscompile.runtime.engine import Engine, EngineInfo, KVCache, choose_graph
+from dscompile.runtime.errors import DscompileError, EngineError
+from dscompile.runtime.manifest import load_manifest
 
 TRT_FORMAT = 1
 GRAPHS = ("prefill", "decode")

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from runtime.errors import EngineError
+from dscompile.runtime.errors import EngineError
 
 FINGERPRINT_BLOCKS = 64  # sampled blocks: enough to tell two exports apart, cheap on a 100 GB file
 FINGERPRINT_BLOCK = 4096  # bytes each

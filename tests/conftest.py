@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime.tolerance import OP_TOLERANCE, TOLERANCE, bound
+from dscompile.runtime.tolerance import OP_TOLERANCE, TOLERANCE, bound
 
 
 def assert_close(actual: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype = torch.float32, what: str = "",
@@ -32,7 +32,7 @@ def assert_op_close(actual: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype,
 @pytest.fixture(scope="session")
 def make_ckpt(tmp_path_factory):
     """make_ckpt(variant, **options) -> path of a tiny checkpoint, generated once per set of options."""
-    from model.synthetic import make_checkpoint
+    from dscompile.model.synthetic import make_checkpoint
 
     cache: dict[tuple, Path] = {}
 

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from exporter.bench import (BenchOptions, MachineProbe, _load_lines, compare_alternately, context_scaling, decode_floor,
+from dscompile.exporter.bench import (BenchOptions, MachineProbe, _load_lines, compare_alternately, context_scaling, decode_floor,
                             experts_read, parse_engines, parse_ints, plot, run_bench, step_weight_params, table_lines,
                             time_ms, to_json)
-from exporter.loadmem import LoadMeasureError, measure_load
-from model.checkpoint import build_model
-from model.synthetic import make_checkpoint, tiny_args
-from runtime.errors import OptionError
+from dscompile.exporter.loadmem import LoadMeasureError, measure_load
+from dscompile.model.checkpoint import build_model
+from dscompile.model.synthetic import make_checkpoint, tiny_args
+from dscompile.runtime.errors import OptionError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +69,7 @@ def test_llama_bench_rows_from_its_json(tmp_path):
     """How llama-bench's JSON becomes bench rows: one call per test, decode per token, prefill per prompt.
     (The process is replaced by a function returning JSON in llama-bench's format; llama.cpp itself is
     measured only where a binary and a GGUF are given.)"""
-    from exporter.bench import llama_bench_rows
+    from dscompile.exporter.bench import llama_bench_rows
 
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF" + b"\0" * 100)
@@ -254,7 +254,7 @@ def test_cli_json_reports_load(report):
     """`dscompile bench --json` carries the load measurement (our engine from the fixture's cache)."""
     result, root = report
     env = {**os.environ, "DSCOMPILE_HOME": str(root / "home")}
-    proc = subprocess.run([sys.executable, "-m", "exporter.cli", "bench", result["checkpoint"], "--systems", "ours",
+    proc = subprocess.run([sys.executable, "-m", "dscompile", "bench", result["checkpoint"], "--systems", "ours",
                            "--contexts", "2", "--batch", "1", "--repeats", "1", "--warmup", "0",
                            "--prefill-tokens", "2", "--json"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
@@ -323,7 +323,7 @@ def test_without_transformers_ours_is_measured_and_hf_skipped(report, monkeypatc
 ])
 def test_bad_options_exit_2_with_one_line(argv, option, tmp_path):
     env = {**os.environ, "DSCOMPILE_HOME": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "exporter.cli", "bench", *argv], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "dscompile", "bench", *argv], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -337,8 +337,8 @@ def test_real_valued_rope_gives_transformers_logits_and_restores_it(tmp_path):
     pytest.importorskip("transformers", reason="transformers is the external reference (test dependency)")
     import transformers.models.deepseek_v2.modeling_deepseek_v2 as v2
 
-    from exporter.bench import HFSystem, _inputs, _real_valued_rope
-    from model.args import ModelArgs
+    from dscompile.exporter.bench import HFSystem, _inputs, _real_valued_rope
+    from dscompile.model.args import ModelArgs
 
     ckpt = make_checkpoint(tmp_path / "ckpt", "v2-lite", layers=2)
     hf = HFSystem(ckpt, ModelArgs.from_json(ckpt / "config.json"))

@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from conftest import assert_close
-from exporter.capture import Limits, capture, io_names
-from model.args import PUBLISHED_CONFIGS, ModelArgs
-from model.checkpoint import build_model, load_checkpoint
-from passes import PassOptions, absorb_mla, random_inputs, run_pipeline
-from passes.absorb_mla import AbsorbError, cost_model
+from dscompile.exporter.capture import Limits, capture, io_names
+from dscompile.model.args import PUBLISHED_CONFIGS, ModelArgs
+from dscompile.model.checkpoint import build_model, load_checkpoint
+from dscompile.passes import PassOptions, absorb_mla, random_inputs, run_pipeline
+from dscompile.passes.absorb_mla import AbsorbError, cost_model
 
 aten = torch.ops.aten
 VARIANTS = ("v2", "v2-lite", "v3")
@@ -191,7 +191,7 @@ def test_cost_model_picks_latent_attention_for_decode_on_published_configs():
 
 
 def test_unknown_absorb_option_is_a_user_error(models, graphs):
-    from runtime.errors import DscompileError
+    from dscompile.runtime.errors import DscompileError
 
     with pytest.raises(DscompileError, match="--absorb 'sometimes'"):
         absorb_mla.run(graphs[("v3", "decode")], PassOptions("decode", models["v3"].args, absorb="sometimes"))

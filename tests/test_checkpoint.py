@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import assert_close
-from model.args import PUBLISHED_CONFIGS, ModelArgs
-from model.checkpoint import dequantize_fp8, load_checkpoint
-from model.synthetic import make_checkpoint, quantize_fp8, random_state, tiny_args, write_checkpoint
-from runtime.errors import CheckpointError, ConfigError
+from dscompile.model.args import PUBLISHED_CONFIGS, ModelArgs
+from dscompile.model.checkpoint import dequantize_fp8, load_checkpoint
+from dscompile.model.synthetic import make_checkpoint, quantize_fp8, random_state, tiny_args, write_checkpoint
+from dscompile.runtime.errors import CheckpointError, ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,7 +89,7 @@ def test_meta_device_builds_without_reading_weights(make_ckpt):
 @pytest.mark.parametrize("name,params", [("deepseek-v3.json", 671.0e9), ("deepseek-v2.json", 235.7e9),
                                           ("deepseek-v2-lite.json", 15.7e9)])
 def test_published_configs_parse_with_their_parameter_counts(name, params):
-    from model.checkpoint import build_model
+    from dscompile.model.checkpoint import build_model
 
     args = ModelArgs.from_json(PUBLISHED_CONFIGS / name)
     model = build_model(args, device="meta")
@@ -206,7 +206,7 @@ def test_deterministic_generation(tmp_path):
 def test_cli_reports_bad_checkpoint_in_one_line(tmp_path):
     """The real command: exit 2, one line on stderr, no traceback."""
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    out = subprocess.run([sys.executable, "-m", "exporter.cli", "make-checkpoint", str(tmp_path / "x"),
+    out = subprocess.run([sys.executable, "-m", "dscompile", "make-checkpoint", str(tmp_path / "x"),
                           "--variant", "v9"], capture_output=True, text=True)
     assert out.returncode == 2
     assert out.stderr.strip() == "error: --variant 'v9' is not one of v2, v2-lite, v3"
@@ -222,7 +222,7 @@ def test_make_checkpoint_config_writes_a_streamed_bf16_checkpoint(tmp_path):
     runs = []
     for name in ("a", "b"):
         out = tmp_path / name
-        done = subprocess.run([sys.executable, "-m", "exporter.cli", "make-checkpoint", str(out), "--config", str(config),
+        done = subprocess.run([sys.executable, "-m", "dscompile", "make-checkpoint", str(out), "--config", str(config),
                                "--json"], capture_output=True, text=True, cwd=ROOT)
         assert done.returncode == 0, done.stderr[-2000:]
         runs.append(out)
@@ -236,6 +236,6 @@ def test_make_checkpoint_config_writes_a_streamed_bf16_checkpoint(tmp_path):
                            tensors["model.layers.1.mlp.experts.4.gate_proj.weight"])
     model = load_checkpoint(runs[0])
     assert model.args == args
-    bad = subprocess.run([sys.executable, "-m", "exporter.cli", "make-checkpoint", str(tmp_path / "c"), "--config",
+    bad = subprocess.run([sys.executable, "-m", "dscompile", "make-checkpoint", str(tmp_path / "c"), "--config",
                           "v9"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "--config 'v9': not a file, nor one of v2, v2-lite, v3" in bad.stderr

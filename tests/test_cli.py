@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from runtime.weights import fingerprint
+from dscompile.runtime.weights import fingerprint
 
 
 def dsc(*args: str, env: dict | None = None, check: int | None = 0) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, "-m", "exporter.cli", *map(str, args)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "dscompile", *map(str, args)], capture_output=True, text=True,
                          env={**os.environ, **(env or {})}, timeout=600)
     if check is not None:
         assert out.returncode == check, f"exit {out.returncode}, expected {check}\n{out.stdout}\n{out.stderr}"
@@ -140,7 +140,7 @@ def test_demo_runs_the_main_job(tmp_path):
 
 
 def test_graphs_only_export_of_a_config_is_inspected_not_run(tmp_path):
-    from model.synthetic import tiny_args
+    from dscompile.model.synthetic import tiny_args
 
     config = tmp_path / "config.json"  # a config alone: no weights anywhere
     config.write_text(json.dumps(tiny_args("v3", layers=2, experts=8).to_config()))

@@ -29,8 +29,8 @@ import onnx
 import pytest
 from safetensors.torch import load_file, save_file
 
-from exporter.export import export_checkpoint
-from model.synthetic import make_checkpoint
+from dscompile.exporter.export import export_checkpoint
+from dscompile.model.synthetic import make_checkpoint
 from test_lower import LIMITS, exported
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ class Case:
 
 
 def _dscompile(*args) -> list[str]:
-    return [sys.executable, "-m", "exporter.cli", *map(str, args)]
+    return [sys.executable, "-m", "dscompile", *map(str, args)]
 
 
 def _run(case: Case) -> subprocess.CompletedProcess:

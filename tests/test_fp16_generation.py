@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from exporter.eager import EagerEngine
-from exporter.export import export_checkpoint
-from model.checkpoint import load_checkpoint
-from runtime.ort_engine import OrtEngine
+from dscompile.exporter.eager import EagerEngine
+from dscompile.exporter.export import export_checkpoint
+from dscompile.model.checkpoint import load_checkpoint
+from dscompile.runtime.ort_engine import OrtEngine
 
 AGREEMENT = 0.95
 

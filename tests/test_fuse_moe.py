@@ -14,16 +14,16 @@ from dataclasses import replace
 import pytest
 import torch
 
-import passes
+import dscompile.passes as passes
 from conftest import assert_close
-from runtime.tolerance import bound as tolerance_bound
-from exporter.capture import capture, example_inputs
-from model.checkpoint import build_model, load_checkpoint
-from model.synthetic import random_state, tiny_args
-from passes import PassOptions, fuse_moe
-from passes.ep_edit import param_name, regions
-from passes.fuse_moe import FuseMoeError
-from runtime.ops.moe import route
+from dscompile.runtime.tolerance import bound as tolerance_bound
+from dscompile.exporter.capture import capture, example_inputs
+from dscompile.model.checkpoint import build_model, load_checkpoint
+from dscompile.model.synthetic import random_state, tiny_args
+from dscompile.passes import PassOptions, fuse_moe
+from dscompile.passes.ep_edit import param_name, regions
+from dscompile.passes.fuse_moe import FuseMoeError
+from dscompile.runtime.ops.moe import route
 
 aten = torch.ops.aten
 MOE = torch.ops.dsc.moe.default

@@ -24,12 +24,12 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from conftest import TOLERANCE
-from exporter.capture import Limits
-from exporter.export import export_checkpoint
-from model.args import ModelArgs
-from model.checkpoint import load_checkpoint
-from model.synthetic import random_state, tiny_args, write_checkpoint
-from runtime.ort_engine import OrtEngine
+from dscompile.exporter.capture import Limits
+from dscompile.exporter.export import export_checkpoint
+from dscompile.model.args import ModelArgs
+from dscompile.model.checkpoint import load_checkpoint
+from dscompile.model.synthetic import random_state, tiny_args, write_checkpoint
+from dscompile.runtime.ort_engine import OrtEngine
 
 FUZZ_CI_EXAMPLES = 5
 EXTRA = int(os.environ.get("DSCOMPILE_FUZZ_EXAMPLES", "0") or 0)

@@ -16,15 +16,15 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from exporter.capture import PHASES, Limits, capture
-from exporter.export import export_checkpoint
-from exporter.lower import lower, save_models
-from model import checkpoint as ckpt_mod
-from model.checkpoint import load_checkpoint
-from model.synthetic import tiny_args
-from passes import PassOptions, run_pipeline
-from runtime.errors import CheckpointError, EngineError, OptionError
-from runtime.manifest import load_manifest, read_manifest
+from dscompile.exporter.capture import PHASES, Limits, capture
+from dscompile.exporter.export import export_checkpoint
+from dscompile.exporter.lower import lower, save_models
+from dscompile.model import checkpoint as ckpt_mod
+from dscompile.model.checkpoint import load_checkpoint
+from dscompile.model.synthetic import tiny_args
+from dscompile.passes import PassOptions, run_pipeline
+from dscompile.runtime.errors import CheckpointError, EngineError, OptionError
+from dscompile.runtime.manifest import load_manifest, read_manifest
 
 SMALL = Limits(max_batch=2, max_new_tokens=8, max_context=32)
 GRAPH_FILES = {"prefill": "prefill.onnx", "decode": "decode.onnx", "decode_inplace": "decode_inplace.onnx"}
@@ -146,7 +146,7 @@ def test_save_models_without_data_plans_places_and_computes_nothing(make_ckpt, t
 
     weights = {(phase, name): id(v.const_value.weight) for phase in PHASES
                for name, v in lowered[phase].graph.initializers.items() if hasattr(v.const_value, "weight")}
-    monkeypatch.setattr("exporter.lower.materialize", refuse)
+    monkeypatch.setattr("dscompile.exporter.lower.materialize", refuse)
     monkeypatch.setattr(ckpt_mod.CheckpointSource, "load", refuse)
     stored = save_models(lowered, tmp_path, "weights.bin", write_data=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["decode.onnx", "prefill.onnx"]
@@ -177,9 +177,9 @@ def test_refuses_verify_and_a_missing_config(tmp_path):
 
 
 def test_engines_refuse_it_inspect_reads_it(graphs_only_out, monkeypatch):
-    from runtime import trt_engine
-    from runtime.ort_engine import OrtEngine
-    from runtime.torch_engine import TorchEngine
+    from dscompile.runtime import trt_engine
+    from dscompile.runtime.ort_engine import OrtEngine
+    from dscompile.runtime.torch_engine import TorchEngine
 
     out, _ = graphs_only_out
     monkeypatch.setattr(trt_engine, "require_tensorrt", lambda: None)  # the manifest is read before TensorRT is used

@@ -20,16 +20,16 @@ import onnx
 import pytest
 import torch
 
-from runtime.tolerance import bound as tolerance_bound
+from dscompile.runtime.tolerance import bound as tolerance_bound
 
-from exporter.capture import Limits
-from exporter.export import export_checkpoint
-from exporter.lower import check_model
-from model.args import ModelArgs
-from model.checkpoint import load_checkpoint
-from model.synthetic import make_checkpoint
-from runtime.errors import OptionError
-from runtime.manifest import MANIFEST_FORMAT, read_manifest
+from dscompile.exporter.capture import Limits
+from dscompile.exporter.export import export_checkpoint
+from dscompile.exporter.lower import check_model
+from dscompile.model.args import ModelArgs
+from dscompile.model.checkpoint import load_checkpoint
+from dscompile.model.synthetic import make_checkpoint
+from dscompile.runtime.errors import OptionError
+from dscompile.runtime.manifest import MANIFEST_FORMAT, read_manifest
 
 VARIANTS = ("v3", "v2", "v2-lite")
 LIMITS = Limits(max_batch=8, max_new_tokens=64, max_context=128)
@@ -178,7 +178,7 @@ def test_two_exports_are_byte_identical():
 
 
 def test_float16_export_loads_and_runs():
-    from runtime.ort_engine import OrtEngine
+    from dscompile.runtime.ort_engine import OrtEngine
 
     out = exported("v2-lite", "float16")
     m = read_manifest(out)

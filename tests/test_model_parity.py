@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from conftest import assert_close
-from model.checkpoint import load_checkpoint
-from model.synthetic import tiny_args
+from dscompile.model.checkpoint import load_checkpoint
+from dscompile.model.synthetic import tiny_args
 
 transformers = pytest.importorskip("transformers", reason="transformers is the test oracle (pip install '.[test]')")
 
@@ -113,8 +113,8 @@ def test_our_generated_checkpoint_loads_in_transformers(make_ckpt):
 @pytest.mark.parametrize("variant", ["v2", "v3"])
 def test_onnx_runtime_engine_matches_transformers(make_ckpt, tmp_path, variant):
     """The compiled engine against the external oracle directly: prefill then decode steps, left padding."""
-    from exporter.export import export_checkpoint
-    from runtime.ort_engine import OrtEngine
+    from dscompile.exporter.export import export_checkpoint
+    from dscompile.runtime.ort_engine import OrtEngine
 
     path = make_ckpt(variant, layers=2, experts=8)
     export_checkpoint(path, tmp_path / "out")

@@ -6,8 +6,8 @@ Shapes: B batch, S new tokens, T keys (past + new), H heads, C kv_lora_rank, R r
 import pytest
 import torch
 
-import runtime.ops  # noqa: F401  (registers the dsc ops)
-from runtime.ops.latent_attention import latent_attention_reference
+import dscompile.runtime.ops  # noqa: F401  (registers the dsc ops)
+from dscompile.runtime.ops.latent_attention import latent_attention_reference
 from conftest import assert_op_close as assert_close
 
 

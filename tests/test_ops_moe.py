@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import runtime.ops  # noqa: F401  (registers the dsc ops)
-from runtime.ops.moe import moe_experts_reference, route
+import dscompile.runtime.ops  # noqa: F401  (registers the dsc ops)
+from dscompile.runtime.ops.moe import moe_experts_reference, route
 from conftest import assert_op_close as assert_close
 
 

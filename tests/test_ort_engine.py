@@ -16,12 +16,12 @@ import onnx
 import pytest
 import torch
 
-from runtime.tolerance import bound as tolerance_bound
+from dscompile.runtime.tolerance import bound as tolerance_bound
 
-from model.checkpoint import load_checkpoint
-from runtime.errors import EngineError
-from runtime.manifest import read_manifest
-from runtime.ort_engine import OrtCapacityCache, OrtEngine, OrtKVCache
+from dscompile.model.checkpoint import load_checkpoint
+from dscompile.runtime.errors import EngineError
+from dscompile.runtime.manifest import read_manifest
+from dscompile.runtime.ort_engine import OrtCapacityCache, OrtEngine, OrtKVCache
 from test_lower import LIMITS, VARIANTS, checkpoint, exported
 
 DECODE_STEPS = 16
@@ -91,7 +91,7 @@ def test_greedy_generate_matches_eager(pair):
 
 def test_step_accepts_a_torch_cache(pair):
     """A plain KVCache of torch tensors (e.g. from another engine) binds as well as an OrtKVCache."""
-    from runtime.engine import KVCache
+    from dscompile.runtime.engine import KVCache
 
     _, engine, _ = pair
     ids, pos, mask = torch.tensor([[1, 2, 3]]), torch.tensor([[0, 1, 2]]), torch.ones(1, 3, dtype=torch.int64)

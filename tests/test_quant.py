@@ -20,14 +20,14 @@ import onnx
 import pytest
 import torch
 
-from exporter.compare import eager_for, lowering_table, run_compare, scheme_cost, scheme_of
-from exporter.export import export_checkpoint
-from model import quant
-from model.checkpoint import load_checkpoint
-from model.quant import Scheme, dequantize, fake_quantize, pack, quantize, unpack
-from runtime.errors import EngineError
-from runtime.ort_engine import OrtEngine
-from runtime.tolerance import QUANTIZED_ACTIVATIONS, TOLERANCE
+from dscompile.exporter.compare import eager_for, lowering_table, run_compare, scheme_cost, scheme_of
+from dscompile.exporter.export import export_checkpoint
+from dscompile.model import quant
+from dscompile.model.checkpoint import load_checkpoint
+from dscompile.model.quant import Scheme, dequantize, fake_quantize, pack, quantize, unpack
+from dscompile.runtime.errors import EngineError
+from dscompile.runtime.ort_engine import OrtEngine
+from dscompile.runtime.tolerance import QUANTIZED_ACTIVATIONS, TOLERANCE
 
 BLOCK = 16  # the tiny configs' q_lora_rank (48) and kv_lora_rank (32) are multiples of 16, not of 32
 CASES = {  # name: (variant, checkpoint options, bits)
@@ -220,7 +220,7 @@ def test_fp8_checkpoint_streams_through_quantization(quantized):
 
 
 def test_torch_backend_and_other_providers_refuse_a_quantized_engine(quantized):
-    from runtime.torch_engine import TorchEngine
+    from dscompile.runtime.torch_engine import TorchEngine
 
     _, out = quantized("v2-int4")
     with pytest.raises(EngineError, match="int4 engine runs on ONNX Runtime only"):

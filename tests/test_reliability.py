@@ -28,10 +28,10 @@ from pathlib import Path
 import onnx
 import pytest
 
-from exporter.capture import Limits
-from exporter.export import _replace, export_checkpoint
-from runtime.errors import EngineError
-from runtime.manifest import check_program_file, read_manifest
+from dscompile.exporter.capture import Limits
+from dscompile.exporter.export import _replace, export_checkpoint
+from dscompile.runtime.errors import EngineError
+from dscompile.runtime.manifest import check_program_file, read_manifest
 from test_cli_errors import ONE_LAYER, ROOT, SMALL, _dscompile
 
 LIMITS = Limits(max_batch=2, max_new_tokens=16, max_context=32)  # == SMALL, so CLI and API exports agree
@@ -142,7 +142,7 @@ def test_next_export_cleans_up_and_is_byte_identical(first, killed, ckpt):
 
 def test_replace_swaps_whole_folders(tmp_path, monkeypatch):
     """_replace with the atomic exchange and with the two-rename fallback: old OUT gone, new in place."""
-    import exporter.export as export
+    import dscompile.exporter.export as export
 
     for exchange in (True, False):
         out, tmp = tmp_path / f"out-{exchange}", tmp_path / f".out-{exchange}.tmp-1"

@@ -20,15 +20,15 @@ import numpy as np
 import pytest
 import torch
 
-from exporter.capture import PHASES, Limits, capture
-from exporter.export import export_checkpoint
-from exporter.lower import FOLD_LIMIT, lower
-from exporter.onnx_ops import choose_moe_experts
-from model import checkpoint as ckpt_mod
-from model.checkpoint import load_checkpoint
-from passes import PassOptions, run_pipeline
-from passes.ep_edit import materialize
-from runtime.errors import EngineError
+from dscompile.exporter.capture import PHASES, Limits, capture
+from dscompile.exporter.export import export_checkpoint
+from dscompile.exporter.lower import FOLD_LIMIT, lower
+from dscompile.exporter.onnx_ops import choose_moe_experts
+from dscompile.model import checkpoint as ckpt_mod
+from dscompile.model.checkpoint import load_checkpoint
+from dscompile.passes import PassOptions, run_pipeline
+from dscompile.passes.ep_edit import materialize
+from dscompile.runtime.errors import EngineError
 
 SMALL = Limits(max_batch=2, max_new_tokens=8, max_context=32)
 
@@ -53,7 +53,7 @@ def test_meta_weights_materialize_to_the_loaded_ones(make_ckpt, variant, kw, dty
 def test_meta_scan_refuses_nonfinite_weights(make_ckpt, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from runtime.errors import CheckpointError
+    from dscompile.runtime.errors import CheckpointError
 
     bad = tmp_path / "nan"
     shutil.copytree(make_ckpt("v3", layers=2, experts=8), bad)
@@ -122,7 +122,7 @@ def test_export_holds_a_few_weights_at_a_time(make_ckpt, tmp_path, monkeypatch):
 
 
 def test_torch_engine_reads_program_weights_from_the_weight_file(make_ckpt, tmp_path):
-    from runtime.torch_engine import TorchEngine
+    from dscompile.runtime.torch_engine import TorchEngine
 
     out = tmp_path / "out"
     export_checkpoint(make_ckpt("v3", layers=2, experts=8), out, limits=SMALL)

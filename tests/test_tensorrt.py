@@ -14,7 +14,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from exporter.tensorrt import (
+from dscompile.exporter.tensorrt import (
     TensorRTBuildError,
     build_engines,
     compute_profile,
@@ -23,9 +23,9 @@ from exporter.tensorrt import (
     trt_section,
     validate_options,
 )
-from runtime.engine import EngineInfo
-from runtime.errors import EngineError, OptionError
-from runtime.trt_engine import (
+from dscompile.runtime.engine import EngineInfo
+from dscompile.runtime.errors import EngineError, OptionError
+from dscompile.runtime.trt_engine import (
     TensorRTUnavailable,
     TrtEngine,
     check_profile,

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 try:
     import triton  # noqa: E402, F401
-    from runtime.ops import triton_kernels as tk  # noqa: E402
+    from dscompile.runtime.ops import triton_kernels as tk  # noqa: E402
     _TRITON_MISSING = None
 except ImportError as exc:      # the ops still work without Triton; only these tests cannot
     tk = None
@@ -32,9 +32,9 @@ finally:
     else:
         os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
 
-import runtime.ops  # noqa: E402, F401  (registers the dsc ops)
-from runtime.ops import latent_attention as la_mod  # noqa: E402
-from runtime.ops import moe as moe_mod  # noqa: E402
+import dscompile.runtime.ops  # noqa: E402, F401  (registers the dsc ops)
+from dscompile.runtime.ops import latent_attention as la_mod  # noqa: E402
+from dscompile.runtime.ops import moe as moe_mod  # noqa: E402
 from conftest import assert_op_close as assert_close  # noqa: E402
 
 

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from exporter.trt_compat import (
+from dscompile.exporter.trt_compat import (
     Finding,
     check_model,
     check_out_dir,
@@ -15,7 +15,7 @@ from exporter.trt_compat import (
     format_findings,
     load_table,
 )
-from runtime.errors import EngineError
+from dscompile.runtime.errors import EngineError
 
 F32 = TensorProto.FLOAT
 
@@ -268,9 +268,9 @@ def test_tensorrt_targeted_export_passes_the_static_check_and_matches_eager(make
     import torch
 
     from conftest import assert_close
-    from exporter.export import export_checkpoint
-    from model.checkpoint import load_checkpoint
-    from runtime.ort_engine import OrtEngine
+    from dscompile.exporter.export import export_checkpoint
+    from dscompile.model.checkpoint import load_checkpoint
+    from dscompile.runtime.ort_engine import OrtEngine
 
     ckpt = make_ckpt("v3", layers=2, experts=8)
     manifest = export_checkpoint(ckpt, tmp_path / "trt", target="tensorrt")

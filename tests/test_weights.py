@@ -25,14 +25,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-from exporter.capture import Limits
-from exporter.export import export_checkpoint
-from model.checkpoint import load_checkpoint
-from model.synthetic import random_state, tiny_args, write_checkpoint
-from runtime.errors import EngineError
-from runtime.ort_engine import OrtEngine
-from runtime.torch_engine import TorchEngine
-from runtime.weights import fingerprint
+from dscompile.exporter.capture import Limits
+from dscompile.exporter.export import export_checkpoint
+from dscompile.model.checkpoint import load_checkpoint
+from dscompile.model.synthetic import random_state, tiny_args, write_checkpoint
+from dscompile.runtime.errors import EngineError
+from dscompile.runtime.ort_engine import OrtEngine
+from dscompile.runtime.torch_engine import TorchEngine
+from dscompile.runtime.weights import fingerprint
 
 LIMITS = Limits(max_batch=2, max_new_tokens=64, max_context=128)
 FILE_RATIO = 1.02  # weights.bin / parameter bytes
@@ -94,7 +94,7 @@ def test_torch_programs_share_one_tensor_per_weight(big):
 
 _MEASURE = """
 import json, sys, torch
-from runtime.ort_engine import OrtEngine
+from dscompile.runtime.ort_engine import OrtEngine
 
 def memory():
     fields = {}

@@ -4,4 +4,4 @@ Each op has a reference implementation (its definition), a fake implementation f
 where it pays, a Triton kernel used on CUDA. Nothing here imports the rest of the project.
 """
 
-from runtime.ops import latent_attention, moe  # noqa: F401  (registers the ops)
+from dscompile.runtime.ops import latent_attention, moe  # noqa: F401  (registers the ops)

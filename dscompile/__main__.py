@@ -1,0 +1,5 @@
+"""`python -m dscompile`: the command line."""
+
+from dscompile.exporter.cli import main
+
+main()
