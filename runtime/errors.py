@@ -19,3 +19,7 @@ class EngineError(DscompileError):
 
 class OptionError(DscompileError):
     """A command-line option has a value outside what the command accepts."""
+
+
+class TextError(DscompileError):
+    """A tokenizer file, chat template, prompt or stop string cannot be used (token ids still work)."""
