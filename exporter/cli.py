@@ -24,6 +24,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split
                   pretty_exceptions_enable=False)
 
 DEMO_VARIANT, DEMO_SEED = "v3", 0
+DEMO_PROMPTS = ("The compiler folds the up-projections", "Hello")  # two lengths: the second is left-padded
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
@@ -107,7 +108,9 @@ def make_checkpoint_cmd(
     experts: int = typer.Option(8, help="Routed experts per MoE layer."),
     hidden: int = typer.Option(64, help="Hidden size."),
     heads: int = typer.Option(4, help="Attention heads."),
-    vocab: int = typer.Option(256, help="Vocabulary size."),
+    vocab: int = typer.Option(512, help="Vocabulary size (>= 300 also writes the demo tokenizer and chat template)."),
+    tokenizer: Optional[bool] = typer.Option(None, "--tokenizer/--no-tokenizer",
+                                             help="Write the demo tokenizer (default: when --vocab >= 300)."),
     seed: int = typer.Option(0, help="Random seed (same seed, same bytes)."),
     layout: str = typer.Option("published", help="Expert tensors: 'published' (one per expert) or 'stacked' (transformers 5)."),
     shards: int = typer.Option(1, help="Number of safetensors shards (with an index when > 1)."),
@@ -142,7 +145,8 @@ def make_checkpoint_cmd(
                   [f"wrote a random {source.name} checkpoint to {path} ({len(files)} files, {size / 1e9:.2f} GB)"])
             return
         path = make_checkpoint(out_dir, variant, layers=layers, experts=experts, hidden=hidden, heads=heads,
-                               vocab=vocab, seed=seed, layout=layout, shards=shards, fp8=fp8, yarn=yarn)
+                               vocab=vocab, seed=seed, layout=layout, shards=shards, fp8=fp8, yarn=yarn,
+                               tokenizer=tokenizer)
         files = sorted(p.name for p in path.iterdir())
         size = sum(p.stat().st_size for p in path.iterdir())
         _emit({"path": str(path), "variant": variant, "files": files, "bytes": size}, as_json,
@@ -157,9 +161,10 @@ def demo(
 ) -> None:
     """Run the main job on an embedded default: make a tiny DeepSeek-V3 checkpoint, export, run, compare.
 
-    The checkpoint is generated deterministically (seed 0) in a cache folder; the engine is
-    exported next to it with every pass verified, generates from two prompts of different
-    lengths (left padding) and is compared with the PyTorch eager model.
+    The checkpoint (with a small tokenizer and chat template) is generated deterministically
+    (seed 0) in a cache folder; the engine is exported next to it with every pass verified,
+    continues two text prompts of different lengths (left padding), greedy, and is compared
+    with the PyTorch eager model.
     """
     start = time.perf_counter()
     with guard():
@@ -168,7 +173,7 @@ def demo(
         from dscompile.exporter.export import export_checkpoint
         from dscompile.model.checkpoint import load_checkpoint
         from dscompile.model.synthetic import make_checkpoint
-        from dscompile.runtime.ort_engine import OrtEngine
+        from dscompile.runtime.session import TextEngine
 
         if new_tokens < 1:
             raise OptionError(f"--new-tokens must be >= 1, got {new_tokens}")
@@ -176,13 +181,16 @@ def demo(
         ckpt = root / f"demo-{DEMO_VARIANT}-seed{DEMO_SEED}"
         engine_dir = root / f"demo-{DEMO_VARIANT}-seed{DEMO_SEED}-onnx"
         with Bars(not as_json) as bars:
-            if not (ckpt / "config.json").is_file():
+            if not (ckpt / "config.json").is_file() or not (ckpt / "tokenizer.json").is_file():
                 make_checkpoint(ckpt, DEMO_VARIANT, seed=DEMO_SEED)
             manifest = export_checkpoint(ckpt, engine_dir, verify=True, force=True, progress=bars)
-            engine = OrtEngine.load(engine_dir)
+            llm = TextEngine.open(engine_dir)
+            engine = llm.engine
             eager = EagerEngine(load_checkpoint(ckpt), engine.info.max_positions)
-            prompts = [[1, 2, 3, 4, 5], [6, 7]]
-            tokens = engine.generate(prompts, new_tokens)
+            texts = list(DEMO_PROMPTS)
+            prompts = [llm.tokenizer.encode(t) for t in texts]
+            result = llm.complete(texts, max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
+            tokens = [c.ids for c in result.completions]
             eager_tokens = eager.generate(prompts, new_tokens)
             report = run_compare(engine, eager, dtype=manifest["dtype"], decode_steps=new_tokens, progress=bars)
         a = eager.model.args
@@ -191,7 +199,8 @@ def demo(
         worst = max(s["logits"]["max_abs"] for s in report["steps"])
         ok = report["passed"] and tokens == eager_tokens
         payload = {"checkpoint": str(ckpt), "engine": str(engine_dir), "model_type": a.model_type,
-                   "passes": passes, "prompts": prompts, "engine_tokens": tokens, "eager_tokens": eager_tokens,
+                   "passes": passes, "prompts": texts, "prompt_ids": prompts, "texts": [c.text for c in result.completions],
+                   "engine_tokens": tokens, "eager_tokens": eager_tokens,
                    "compare": report, "cache": manifest["cache"], "passed": ok}
         lines = [
             f"checkpoint  {ckpt}  ({a.model_type}, {a.num_hidden_layers} layers, {a.n_routed_experts} experts, {a.topk_method})",
@@ -199,33 +208,14 @@ def demo(
             "passes      " + ", ".join(f"{k} x{v}" for k, v in passes.items()),
             f"cache       {manifest['cache']['bytes_per_token']} bytes/token vs {manifest['cache']['mha_equivalent_bytes_per_token']} for MHA",
         ]
-        lines += [f"run         prompt {p} -> {t}" for p, t in zip(prompts, tokens)]
+        lines += [f"run         {t!r} -> {c.text!r}" for t, c in zip(texts, result.completions)]
+        lines.append("            (greedy, from random weights: the continuations are noise)")
         lines.append(f"eager       {'same tokens' if tokens == eager_tokens else 'DIFFERENT tokens: ' + str(eager_tokens)}")
         lines.append(f"compare     prefill + {new_tokens} decode steps, max |Δ logits| {worst:.2g}")
         lines.append(_status_line(ok, start))
         _emit(payload, as_json, lines)
         if not ok:
             raise typer.Exit(1)
-
-
-BACKENDS = ("onnxruntime", "torch", "tensorrt")
-
-
-def load_engine(out: Path, backend: str, provider: str = "auto"):
-    """The engine of OUT for a backend name (what `run` and `compare` execute)."""
-    if backend == "onnxruntime":
-        from dscompile.runtime.ort_engine import OrtEngine
-
-        return OrtEngine.load(out, provider=provider)
-    if backend == "torch":
-        from dscompile.runtime.torch_engine import TorchEngine
-
-        return TorchEngine.load(out, device={"auto": "auto", "cpu": "cpu", "cuda": "cuda"}.get(provider, "auto"))
-    if backend == "tensorrt":
-        from dscompile.runtime.trt_engine import TrtEngine
-
-        return TrtEngine.load(out)
-    raise OptionError(f"--backend {backend!r} is not one of {', '.join(BACKENDS)}")
 
 
 def _mb(n: int) -> str:
@@ -248,7 +238,8 @@ def export(
     target: str = typer.Option("onnxruntime", help="onnxruntime, or tensorrt (also builds TensorRT engines)."),
     precision: str = typer.Option("fp16", help="TensorRT engine precision: fp32, fp16 or bf16."),
     max_batch: int = typer.Option(64, help="Largest batch the engines accept."),
-    max_new_tokens: int = typer.Option(4096, help="Largest prompt (new tokens in one step)."),
+    max_prompt_tokens: int = typer.Option(4096, "--max-prompt-tokens", "--max-new-tokens",
+                                          help="Largest prompt: tokens in one step (--max-new-tokens: former name)."),
     max_context: int = typer.Option(16384, help="Largest past + new tokens."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite",
@@ -271,44 +262,16 @@ def export(
             return
         if checkpoint is None or out is None:
             raise OptionError("export needs CHECKPOINT and -o OUT")
-        if target not in ("onnxruntime", "tensorrt"):
-            raise OptionError(f"--target {target!r} is not one of onnxruntime, tensorrt")
         if dtype not in DTYPES:
             raise OptionError(f"--dtype {dtype!r} is not one of float32, float16, bfloat16")
-        from dscompile.passes.absorb_mla import FORMS
-
-        if absorb not in FORMS:  # before loading anything: a typo should not cost a capture
-            raise OptionError(f"--absorb {absorb!r} is not one of {', '.join(FORMS)}")
-        from dscompile.exporter.capture import Limits
-
-        try:
-            limits = Limits(max_batch=max_batch, max_new_tokens=max_new_tokens, max_context=max_context)
-        except ValueError as err:  # the limits name the rule they break
-            raise OptionError(f"--max-batch/--max-new-tokens/--max-context: {str(err).split(': ', 1)[-1]}") from None
-        from dscompile.exporter.export import quant_scheme
-
-        quant_scheme(weights, block_size, dtype, target)  # before TensorRT's own checks: name the option
-        build_trt = target == "tensorrt" and not graphs_only  # engines need the weights
-        if build_trt:
-            from dscompile.exporter.tensorrt import require_tensorrt, validate_options
-
-            validate_options(precision, max_batch, max_new_tokens, max_context, 8.0)
-            require_tensorrt()
-        from dscompile.exporter.export import export_checkpoint
+        from dscompile.api import export as export_api
 
         with Bars(not as_json) as bars:
-            manifest = export_checkpoint(checkpoint, out, dtype=DTYPES[dtype], absorb=absorb, fuse_moe=fuse_moe,
-                                         verify=verify, opset=opset, limits=limits, force=force, progress=bars,
-                                         allow_nonfinite=allow_nonfinite, target=target, graphs_only=graphs_only,
-                                         weights=weights, block_size=block_size)
-            if build_trt:
-                from dscompile.exporter.tensorrt import build_engines
-                from dscompile.runtime.manifest import write_manifest
-
-                manifest["tensorrt"] = build_engines(out, precision=precision, max_batch=max_batch,
-                                                     max_new_tokens=max_new_tokens, max_context=max_context,
-                                                     progress=bars)
-                write_manifest(out, manifest)
+            manifest = export_api(checkpoint, out, dtype=DTYPES[dtype], weights=weights, block_size=block_size,
+                                  absorb=absorb, fuse_moe=fuse_moe, verify=verify, opset=opset, target=target,
+                                  precision=precision, max_batch=max_batch, max_prompt_tokens=max_prompt_tokens,
+                                  max_context=max_context, force=force, allow_nonfinite=allow_nonfinite,
+                                  graphs_only=graphs_only, progress=bars)
         lines = []
         for phase, g in manifest["graphs"].items():
             for p in g["passes"]["passes"]:
@@ -332,37 +295,172 @@ def export(
 @app.command()
 def run(
     out: Path = typer.Argument(..., help="Engine folder written by `dscompile export`."),
-    input_ids: str = typer.Option(..., "--input-ids", help="Prompt token ids, e.g. 1,2,3 (';' separates prompts)."),
-    max_new_tokens: int = typer.Option(16, help="Tokens to generate per prompt."),
-    temperature: float = typer.Option(0.0, help="0 for greedy decoding, else sampling temperature."),
-    top_p: float = typer.Option(1.0, help="Nucleus sampling mass (with --temperature > 0)."),
-    seed: int = typer.Option(0, help="Sampling seed."),
-    eos: Optional[int] = typer.Option(None, help="Stop a prompt at this token id."),
+    prompt: list[str] = typer.Option([], "--prompt", "-p", help="Prompt text; repeat it for a batch (left-padded). "
+                                     "With --chat: user turns. Read from stdin when neither it nor --input-ids "
+                                     "is given and stdin is not a terminal."),
+    input_ids: Optional[str] = typer.Option(None, "--input-ids", help="Prompt token ids instead, e.g. 1,2,3 "
+                                            "(';' separates prompts)."),
+    chat: bool = typer.Option(False, "--chat", help="Apply the chat template. Interactive when stdin is a terminal "
+                              "(/reset, /exit); else each stdin line is a user turn. The cache is kept between turns."),
+    system: Optional[str] = typer.Option(None, help="System message for --chat."),
+    max_new_tokens: int = typer.Option(64, help="Tokens to generate per prompt (or per chat turn)."),
+    temperature: Optional[float] = typer.Option(None, help="0 for greedy decoding (default: generation_config.json's "
+                                                "sampling when it sets do_sample, else greedy)."),
+    top_p: Optional[float] = typer.Option(None, help="Nucleus sampling mass, (0, 1]."),
+    top_k: Optional[int] = typer.Option(None, help="Sample from the k most likely tokens (0: all)."),
+    repetition_penalty: Optional[float] = typer.Option(None, help="Penalty on tokens already seen (1: none)."),
+    seed: int = typer.Option(0, help="Sampling seed (same seed, same text)."),
+    stop: list[str] = typer.Option([], "--stop", help="Stop a prompt at this text (not printed); repeatable."),
+    eos: Optional[int] = typer.Option(None, help="Also stop a prompt at this token id."),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Do not stop at end-of-sequence tokens."),
     backend: str = typer.Option("onnxruntime", help="onnxruntime, torch or tensorrt."),
     provider: str = typer.Option("auto", help="auto, cpu or cuda (onnxruntime: also tensorrt)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the tokens as JSON."),
+    threads: Optional[int] = typer.Option(None, help="Intra-op threads (default: the backend's)."),
+    as_json: bool = typer.Option(False, "--json", help="Print text, ids, finish reasons and timings as JSON."),
 ) -> None:
-    """Generate tokens with an exported engine (greedy or sampled), streaming them as they come."""
+    """Generate with an exported engine: text in, text out (streamed), token ids, or a chat."""
     start = time.perf_counter()
     with guard():
-        prompts = _parse_ids(input_ids)
-        if not prompts:
-            raise OptionError("--input-ids is empty")
+        from dscompile.runtime.session import TextEngine
+        from dscompile.runtime.text import check_utf8, read_utf8
+
+        if input_ids is not None and (prompt or chat):
+            raise OptionError("--input-ids takes no --prompt or --chat: give text or token ids")
+        for i, text in enumerate(prompt):
+            check_utf8(text, f"--prompt {i + 1}")
         if max_new_tokens < 1:
             raise OptionError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-        engine = load_engine(out, backend, provider)
-        stream = (lambda row, tok: typer.echo(f"[{row}] {tok}", err=True)) if not as_json and sys.stderr.isatty() else None
-        t0 = time.perf_counter()
-        tokens = engine.generate(prompts, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                                 eos_token_id=eos, on_token=stream)
-        seconds = time.perf_counter() - t0
-        produced = sum(len(t) for t in tokens)
-        payload = {"prompts": prompts, "tokens": tokens, "backend": backend, "seconds": round(seconds, 4),
-                   "tokens_per_second": round(produced / seconds, 2) if seconds else None}
-        lines = [f"prompt {p} -> {t}" for p, t in zip(prompts, tokens)]
-        lines.append(f"{produced} tokens in {seconds:.2f}s ({produced / max(seconds, 1e-9):.1f} tokens/s, {backend})")
-        lines.append(_status_line(True, start))
-        _emit(payload, as_json, lines)
+        stdin_text = None
+        if input_ids is None and not prompt and not chat:
+            if sys.stdin.isatty():
+                raise OptionError("give --prompt TEXT, --input-ids IDS or --chat (or pipe the prompt into stdin)")
+            stdin_text = read_utf8(sys.stdin.buffer.read(), "stdin")
+            if not stdin_text.strip():
+                raise OptionError("stdin is empty: no prompt to run")
+        ids = _parse_ids(input_ids) if input_ids is not None else None
+        if ids is not None and not ids:
+            raise OptionError("--input-ids is empty")
+        llm = TextEngine.open(out, backend=backend, provider=provider, threads=threads)
+        if eos is not None:
+            llm.eos_ids = tuple(sorted({*llm.eos_ids, eos}))
+        options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                       repetition_penalty=repetition_penalty, seed=seed, stop=stop, ignore_eos=ignore_eos)
+        llm.sampling(options)  # bad values fail before anything runs
+        if chat:
+            _chat(llm, prompt, system, options, as_json, start)
+        elif ids is not None:
+            _run_ids(llm, ids, options, backend, as_json, start)
+        else:
+            _run_text(llm, prompt or [stdin_text], options, backend, as_json, start)
+
+
+def _stats(result, backend: str) -> str:
+    t = result.timings.to_dict()
+    rate = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    return (f"{t['prefill_tokens']} prompt tokens in {t['prefill_seconds']:.2f}s ({rate(t['prefill_tokens_per_second'])} "
+            f"tokens/s), {t['generated_tokens']} generated in {t['prefill_seconds'] + t['decode_seconds']:.2f}s "
+            f"(decode {rate(t['decode_tokens_per_second'])} tokens/s, {backend})")
+
+
+def _run_ids(llm, prompts: list[list[int]], options: dict, backend: str, as_json: bool, start: float) -> None:
+    """Token ids in, token ids out (and their text when the engine has a tokenizer)."""
+    stream = (lambda row, piece: None)
+    if not as_json and sys.stderr.isatty():
+        def stream(row: int, piece: str) -> None:
+            typer.echo(f"[{row}] {piece!r}", err=True)
+    result = llm.complete(prompts, on_text=stream, **options)
+    payload = {"prompts": prompts, "tokens": [c.ids for c in result.completions], "backend": backend,
+               **result.to_dict()}
+    lines = []
+    for c in result.completions:
+        lines.append(f"prompt {c.prompt_ids} -> {c.ids}" + (f"  {c.text!r}" if c.text is not None else ""))
+    lines.append(_stats(result, backend))
+    lines.append(_status_line(True, start))
+    _emit(payload, as_json, lines)
+
+
+def _run_text(llm, prompts: list[str], options: dict, backend: str, as_json: bool, start: float) -> None:
+    """Text in, text out: one prompt streams to stdout as it is decoded; a batch prints each in turn."""
+    live = not as_json and len(prompts) == 1
+    def show(row: int, piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    result = llm.complete(prompts, on_text=show if live else None, **options)
+    if as_json:
+        _emit({"backend": backend, **result.to_dict()}, True, [])
+        return
+    if live:
+        sys.stdout.write("\n")
+    else:
+        for i, c in enumerate(result.completions):
+            typer.echo(f"--- prompt {i + 1}: {c.prompt!r} ({c.finish_reason})")
+            typer.echo(c.text)
+    typer.echo(_stats(result, backend), err=True)
+    typer.echo(_status_line(True, start), err=True)
+
+
+def _chat(llm, turns: list[str], system: str | None, options: dict, as_json: bool, start: float) -> None:
+    """--chat: the given turns, then stdin's lines, or an interactive loop on a terminal."""
+    from dscompile.runtime.errors import DscompileError
+    from dscompile.runtime.text import read_utf8
+
+    interactive = sys.stdin.isatty() and not as_json
+    base = [{"role": "system", "content": system}] if system else []
+    messages = list(base)
+    record = []
+
+    def turn(text: str) -> None:
+        messages.append({"role": "user", "content": text})
+        run = llm.chat_run(messages, options)
+        for _, piece in run:
+            if not as_json:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        done = run.result.completions[0]
+        messages.append({"role": "assistant", "content": done.text or ""})
+        record.append({"user": text, "reply": done.text, "ids": done.ids, "finish_reason": done.finish_reason,
+                       "cached_tokens": run.reused_tokens, "timings": run.result.timings.to_dict()})
+        if not as_json:
+            sys.stdout.write("\n")
+            typer.echo(f"[{run.reused_tokens} cached, {_stats(run.result, 'chat')}]", err=True)
+
+    def scripted(text: str) -> None:
+        if not as_json:
+            typer.echo(f">>> {text}", err=True)
+        turn(text)
+
+    for text in turns:
+        scripted(text)
+    if not interactive:
+        if not sys.stdin.isatty():
+            for line in read_utf8(sys.stdin.buffer.read(), "stdin").splitlines():
+                if line.strip():
+                    scripted(line)
+        if not record:
+            raise OptionError("--chat got no turn: give --prompt or pipe lines into stdin")
+        if as_json:
+            _emit({"turns": record}, True, [])
+        else:
+            typer.echo(_status_line(True, start), err=True)
+        return
+    typer.echo("chat: /reset starts over, /exit (or Ctrl-D) quits", err=True)
+    while True:
+        sys.stderr.write(">>> ")
+        sys.stderr.flush()
+        raw = sys.stdin.buffer.readline()
+        if not raw or raw.strip() == b"/exit":
+            break
+        try:
+            text = read_utf8(raw, "input").rstrip("\n")
+            if text.strip() == "/reset":
+                messages[:] = base
+                llm.reset()
+                typer.echo("(conversation reset)", err=True)
+            elif text.strip():
+                turn(text)
+        except DscompileError as err:  # a bad turn does not end the session
+            messages[:] = messages[:-1] if messages and messages[-1]["role"] == "user" else messages
+            typer.echo(f"error: {str(err).splitlines()[0]}", err=True)
 
 
 @app.command()
@@ -386,27 +484,16 @@ def compare(
     """
     start = time.perf_counter()
     with guard():
-        from dscompile.exporter.compare import eager_for, locate_divergence, lowering_table, run_compare, scheme_cost, scheme_of
-        from dscompile.runtime.manifest import read_manifest
+        from dscompile.api import compare as compare_api
 
-        manifest = read_manifest(out)
-        engine = load_engine(out, backend, provider)
-        scheme = scheme_of(manifest)
-        # A quantized engine is judged against eager with the same quantized weights (the lowering's
-        # distance); its distance to fp32 eager (the scheme's cost) is reported beside it.
-        eager = eager_for(checkpoint, engine.info.max_positions, scheme)
-        _check_same_model(manifest, eager.model.args.to_config(), checkpoint)
-        options = dict(dtype=manifest["dtype"], decode_steps=decode_steps, batch=batch, prompt=prompt_len, seed=seed)
         with Bars(not as_json) as bars:
-            report = run_compare(engine, eager, atol=atol, rtol=rtol, progress=bars, table=lowering_table(manifest),
-                                 **options)
-            if not report["passed"] or plot is not None:
-                report["layers"] = locate_divergence(checkpoint, out, manifest, eager, report, atol=atol, rtol=rtol,
-                                                     plot=plot, progress=bars)
-            if scheme is not None:
-                del eager
-                report["reference"] = f"eager with the same {scheme.name} weights (fake-quantized)"
-                report["scheme"] = scheme_cost(engine, checkpoint, progress=bars, **options)
+            report = compare_api(checkpoint, out, backend=backend, provider=provider, decode_steps=decode_steps,
+                                 batch=batch, prompt_len=prompt_len, seed=seed, atol=atol, rtol=rtol, plot=plot,
+                                 progress=bars)
+        from dscompile.exporter.compare import scheme_of
+        from dscompile.runtime.manifest import load_manifest
+
+        scheme = scheme_of(load_manifest(out))
         lines = [f"{'step':>4} {'graph':8s} {'max abs':>10} {'max rel':>10} {'mean abs':>10} {'cache max':>10}  result"]
         if scheme is not None:
             lines.insert(0, f"vs eager with the same {scheme.name} weights (the lowering's distance, judged)")
@@ -436,13 +523,6 @@ def compare(
         _emit(report, as_json, lines)
         if not report["passed"]:
             raise typer.Exit(1)
-
-
-def _check_same_model(manifest: dict, config: dict, checkpoint: Path) -> None:
-    keys = ("model_type", "hidden_size", "num_hidden_layers", "kv_lora_rank", "vocab_size", "n_routed_experts")
-    diff = [k for k in keys if manifest["model"].get(k) != config.get(k)]
-    if diff:
-        raise OptionError(f"{checkpoint}: not the checkpoint this engine was exported from ({diff[0]} differs)")
 
 
 @app.command()

@@ -4,7 +4,7 @@
     -> OUT/prefill.onnx, OUT/decode.onnx, OUT/weights.bin (shared), OUT/prefill.pt2,
        OUT/decode.pt2 (optimized ExportedPrograms, for the torch engine), OUT/manifest.json,
        OUT/decode_inplace.onnx (decode writing the cache in place, run by ONNX Runtime on CPU;
-       not in exports lowered for TensorRT)
+       not in exports lowered for TensorRT), and the checkpoint's tokenizer files when it has them
 
 Graph-only (`graphs_only=True`): the model is built from the config alone on the meta device (a
 config.json, or the folder that holds it, is enough: no weights are read), and only the graphs and
@@ -51,6 +51,7 @@ import errno
 import hashlib
 import importlib.metadata
 import io
+import json
 import os
 import re
 import shutil
@@ -73,8 +74,9 @@ from dscompile.model.quant import BLOCK_SIZES, Scheme
 from dscompile.passes import PassOptions, run_pipeline
 from dscompile.passes.absorb_mla import FORMS as ABSORB_FORMS
 from dscompile.runtime.engine import DTYPES
-from dscompile.runtime.errors import CheckpointError, DscompileError, OptionError
+from dscompile.runtime.errors import CheckpointError, DscompileError, OptionError, TextError
 from dscompile.runtime.manifest import MANIFEST_FORMAT, WRITE_INDEX, write_manifest
+from dscompile.runtime.text import TOKENIZER_FILES, Tokenizer
 from dscompile.runtime.weights import fingerprint
 
 WEIGHTS_FILE = "weights.bin"
@@ -180,6 +182,7 @@ def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_m
                                 progress=lambda d, t: report("load", d, t), allow_nonfinite=allow_nonfinite,
                                 quantize=scheme, quant_errors=quant_errors)
     args = model.args
+    tokenizer = copy_tokenizer(checkpoint, tmp, args.vocab_size)  # a corrupt file stops the export early
     programs, reports, lowered, lowerings = {}, {}, {}, {}
     # Both graphs trace the same function with the same dynamic dims, so one capture serves
     # both; the passes then specialize each (they never edit the program they are given).
@@ -265,6 +268,7 @@ def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_m
                         "note": "bytes of the shared external data file; tensors below 1 KiB stay inside the .onnx; "
                                 "second_layouts and computed list what it holds beyond one copy of each weight"},
             "graphs": graphs,
+            "tokenizer": tokenizer,
             "files": _files(tmp),
         }
         if scheme is not None:
@@ -342,6 +346,30 @@ def config_file(source: str | Path) -> Path:
     if not config.is_file():
         raise CheckpointError(f"{path}: {'config.json not found' if path.is_dir() else 'not found'}")
     return config
+
+
+def copy_tokenizer(checkpoint: str | Path, folder: Path, vocab_size: int) -> dict[str, Any] | None:
+    """Copy the checkpoint's tokenizer files (those present) into `folder`, after checking they load.
+
+    Returns the manifest's `tokenizer` entry (files, bos and eos ids, whether a chat template
+    came), or None when the checkpoint has no tokenizer.json: its engine runs token ids only.
+    """
+    source = config_file(checkpoint).parent
+    tokenizer = Tokenizer.load(source)
+    if tokenizer is None:
+        return None
+    if tokenizer.vocab_size > vocab_size:
+        raise TextError(f"{source / 'tokenizer.json'}: {tokenizer.vocab_size} tokens, more than the model's "
+                        f"vocabulary of {vocab_size}")
+    files = [name for name in TOKENIZER_FILES if (source / name).is_file()]
+    for name in files:
+        shutil.copyfile(source / name, folder / name)
+    eos = set(tokenizer.eos_token_ids)
+    config_eos = json.loads(config_file(checkpoint).read_text()).get("eos_token_id")
+    eos.update(i for i in (config_eos if isinstance(config_eos, list) else [config_eos])
+               if isinstance(i, int) and 0 <= i < vocab_size)
+    return {"files": files, "bos_token_id": tokenizer.bos_token_id, "eos_token_ids": sorted(eos),
+            "chat_template": tokenizer.chat_template is not None, "vocab_size": tokenizer.vocab_size}
 
 
 def program_weights(program) -> dict[str, torch.Tensor]:

@@ -23,6 +23,9 @@ from safetensors.torch import save_file
 
 from dscompile.model.args import ModelArgs
 from dscompile.model.checkpoint import build_model
+from dscompile.model.demo_tokenizer import BOS_ID as DEMO_BOS_ID
+from dscompile.model.demo_tokenizer import EOS_ID as DEMO_EOS_ID
+from dscompile.model.demo_tokenizer import MIN_VOCAB, write_demo_tokenizer
 from dscompile.runtime.errors import OptionError
 
 VARIANTS = ("v2", "v2-lite", "v3")
@@ -144,11 +147,14 @@ def write_checkpoint(
     shards: int = 1,
     fp8: bool = False,
     dtype: torch.dtype = torch.float32,
+    tokenizer: bool = False,
 ) -> Path:
     """Write config.json + safetensors (one file, or `shards` files and an index) into out_dir.
 
-    The folder is written beside its destination and renamed at the end: an interrupted write
-    leaves no half checkpoint.
+    `tokenizer` also writes the demo tokenizer (model/demo_tokenizer.py: tokenizer.json,
+    tokenizer_config.json with a chat template, generation_config.json), and config.json names
+    its bos and eos ids. The folder is written beside its destination and renamed at the end: an
+    interrupted write leaves no half checkpoint.
     """
     out_dir = Path(out_dir)
     if shards < 1:
@@ -159,8 +165,12 @@ def write_checkpoint(
     if fp8:
         for name in [n for n in tensors if _fp8_eligible(n, tensors[n])]:
             tensors[name], tensors[name + "_scale_inv"] = quantize_fp8(tensors[name], args.fp8_block_size)
+    config = args.to_config()
     with _published(out_dir) as tmp:
-        (tmp / "config.json").write_text(json.dumps(args.to_config(), indent=2, sort_keys=True) + "\n")
+        if tokenizer:
+            write_demo_tokenizer(tmp, args.vocab_size)
+            config.update(bos_token_id=DEMO_BOS_ID, eos_token_id=DEMO_EOS_ID)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         names = sorted(tensors)
         if shards == 1:
             save_file({n: tensors[n] for n in names}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -208,16 +218,23 @@ def make_checkpoint(
     experts: int = 8,
     hidden: int = 64,
     heads: int = 4,
-    vocab: int = 256,
+    vocab: int = 512,
     seed: int = 0,
     layout: str = "published",
     shards: int = 1,
     fp8: bool = False,
     yarn: bool = True,
+    tokenizer: bool | None = None,
 ) -> Path:
-    """Generate and write a random checkpoint of the given family (deterministic for a seed)."""
+    """Generate and write a random checkpoint of the given family (deterministic for a seed).
+
+    `tokenizer` (default: when the vocabulary holds one, `vocab >= MIN_VOCAB`) writes the demo
+    tokenizer and chat template beside the weights.
+    """
     args = tiny_args(variant, layers=layers, experts=experts, hidden=hidden, heads=heads, vocab=vocab, yarn=yarn)
-    return write_checkpoint(out_dir, args, random_state(args, seed), layout=layout, shards=shards, fp8=fp8)
+    tokenizer = vocab >= MIN_VOCAB if tokenizer is None else tokenizer
+    return write_checkpoint(out_dir, args, random_state(args, seed), layout=layout, shards=shards, fp8=fp8,
+                            tokenizer=tokenizer)
 
 
 def write_streamed_checkpoint(

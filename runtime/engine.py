@@ -5,8 +5,8 @@ An engine runs one forward step of the IO contract (DESIGN.md, "The engine contr
     step(input_ids [B, S], position_ids [B, S], attention_mask [B, P+S], cache) -> logits [B, S, V], cache
 
 `cache` holds, per layer, the latent `kv_latent [B, P, C]` and the rotated `k_rope [B, P, R]`.
-Backends subclass `Engine` and implement `step`; `generate` (left padding, greedy or sampled
-decoding, streaming, end of sequence) is shared by all of them.
+Backends subclass `Engine` and implement `step`; `generate` (runtime/generate.py: left padding,
+greedy or sampled decoding, streaming, end of sequence) is shared by all of them.
 
 Shape legend: B batch, S new tokens, P past tokens, V vocab, C kv_lora_rank, R rope dim.
 """
@@ -120,6 +120,10 @@ class Engine(ABC):
                 f"of {self.info.max_positions}"
             )
 
+    def truncated_cache(self, cache: KVCache, length: int) -> KVCache:
+        """The first `length` positions of `cache` (how a chat drops what it no longer shares)."""
+        return KVCache([(k[:, :length], r[:, :length]) for k, r in cache.layers])
+
     def generate(
         self,
         prompts: Sequence[Sequence[int]],
@@ -127,72 +131,33 @@ class Engine(ABC):
         *,
         temperature: float = 0.0,
         top_p: float = 1.0,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
         seed: int | None = None,
-        eos_token_id: int | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int = 0,
         on_token: Callable[[int, int], None] | None = None,
     ) -> list[list[int]]:
         """Continue each prompt by up to `max_new_tokens` tokens; return the new tokens per prompt.
 
         Prompts of different lengths are left-padded. `temperature == 0` is greedy decoding;
-        otherwise tokens are sampled from the top-p nucleus with a seeded generator.
-        `on_token(row, token)` is called as each token is produced (streaming).
+        otherwise tokens are sampled (runtime/sampling.py) with a seeded generator. A prompt stops
+        at `eos_token_id` (one id or several; kept as its last token). `on_token(row, token)` is called as each token is produced (streaming).
         """
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise EngineError("every prompt needs at least one token")
-        if max_new_tokens < 0:
-            raise EngineError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature < 0 or not (0 < top_p <= 1):
-            raise EngineError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
-        batch, longest = len(prompts), max(len(p) for p in prompts)
-        input_ids = torch.full((batch, longest), pad_token_id, dtype=torch.int64)
-        mask = torch.zeros((batch, longest), dtype=torch.int64)
-        for row, prompt in enumerate(prompts):
-            input_ids[row, longest - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.int64)
-            mask[row, longest - len(prompt) :] = 1
-        self.check_inputs(input_ids, 0)
-        if longest + max_new_tokens > self.info.max_positions:
-            raise EngineError(
-                f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the engine's maximum "
-                f"of {self.info.max_positions}"
-            )
-        generator = torch.Generator().manual_seed(seed if seed is not None else 0)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: first real token at position 0
-        out: list[list[int]] = [[] for _ in range(batch)]
-        done = torch.zeros(batch, dtype=torch.bool)
-        cache: KVCache | None = None
-        step_ids, step_pos = input_ids, positions
-        for _ in range(max_new_tokens):
-            logits, cache = self.step(step_ids, step_pos, mask, cache)
-            next_tok = _pick(logits[:, -1, :].float().cpu(), temperature, top_p, generator)
-            next_tok = torch.where(done, torch.full_like(next_tok, pad_token_id), next_tok)
-            for row in range(batch):
-                if not done[row]:
-                    out[row].append(int(next_tok[row]))
-                    if on_token is not None:
-                        on_token(row, int(next_tok[row]))
-            if eos_token_id is not None:
-                done |= next_tok == eos_token_id
-            if bool(done.all()):
-                break
-            step_ids = next_tok[:, None]
-            step_pos = step_pos[:, -1:] + 1
-            mask = torch.cat([mask, torch.ones((batch, 1), dtype=torch.int64)], dim=1)
-        return out
+        from dscompile.runtime.generate import Decoding
+        from dscompile.runtime.sampling import SamplingParams
+
+        eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
+                                repetition_penalty=repetition_penalty, seed=seed)
+        decoding = Decoding(self, prompts, max_new_tokens, params, eos_ids=eos, pad_token_id=pad_token_id)
+        for row, token in decoding:
+            if on_token is not None:
+                on_token(row, token)
+        return decoding.tokens
 
 
 def choose_graph(new_tokens: int, past_len: int) -> str:
     """The decode graph serves exactly one new token against a non-empty cache; prefill does the rest."""
     return "decode" if new_tokens == 1 and past_len > 0 else "prefill"
 
-
-def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
-    """Greedy argmax, or a top-p sample at `temperature`, of logits [B, V] -> token ids [B]."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # the smallest prefix whose mass reaches top_p
-    sorted_probs = sorted_probs * keep
-    choice = torch.multinomial(sorted_probs / sorted_probs.sum(-1, keepdim=True), 1, generator=generator)
-    return order.gather(-1, choice).squeeze(-1)

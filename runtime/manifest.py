@@ -25,6 +25,10 @@ The manifest (written by `exporter/export.py`, read by every engine) records:
                      decode may add "in_place" {file, opset, inputs, outputs, op_counts, use}: the
                      same decode step writing its cache into capacity buffers (optional; engines
                      that do not use it run the contract's decode graph)
+    tokenizer        null, or what the checkpoint's tokenizer brought (copied into OUT, runtime/text.py):
+                     files (tokenizer.json and those of tokenizer_config.json and
+                     generation_config.json it shipped), bos_token_id, eos_token_ids (also
+                     config.json's), chat_template (whether one came), vocab_size
     files            per file in OUT: bytes and sha256
 
 `read_manifest(out_dir)` validates OUT before any graph is loaded: the manifest parses, its format

@@ -291,6 +291,12 @@ class OrtEngine(Engine):
             return cache
         return self._new_buffers(cache, int(cache.layers[0][0].shape[0])).cache(cache.length)
 
+    def truncated_cache(self, cache: KVCache, length: int) -> KVCache:
+        """In-place buffers are cut without a copy: the rows after `length` become free again."""
+        if isinstance(cache, OrtCapacityCache):
+            return cache.buffers.cache(length)
+        return super().truncated_cache(cache, length)
+
     def _decode_in_place(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
                          cache: KVCache) -> tuple[torch.Tensor, KVCache]:
         """One new token through the in-place graph: row P of the cache buffers is written, nothing copied."""

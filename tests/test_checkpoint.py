@@ -200,7 +200,11 @@ def test_remote_code_is_never_imported(make_ckpt, tmp_path):
 def test_deterministic_generation(tmp_path):
     a = make_checkpoint(tmp_path / "a", "v3", seed=7)
     b = make_checkpoint(tmp_path / "b", "v3", seed=7)
-    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    files = sorted(p.name for p in a.iterdir())
+    assert files == sorted(p.name for p in b.iterdir())
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= set(files)
+    for name in files:  # the weights and the demo tokenizer: the same bytes for the same seed
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
 def test_cli_reports_bad_checkpoint_in_one_line(tmp_path):

@@ -203,8 +203,8 @@ def _build_cases(tmp: Path, ckpt: Path, small_ckpt: Path, engine: Path) -> dict[
     export_case("block_size_not_dividing", ckpt, "--block-size 32 does not divide the input dimension 48 of weight "
                 "model.layers.0.self_attn.q_b_proj.weight", "--weights", "int4", "--block-size", "32")
 
-    # ---- engines (OUT of test_lower.exported("v3"): vocab 256, max context LIMITS.max_context)
-    V, ctx = 256, LIMITS.max_context
+    # ---- engines (OUT of test_lower.exported("v3"): vocab 512, max context LIMITS.max_context)
+    V, ctx = 512, LIMITS.max_context
     run = lambda *a: _dscompile("run", engine, *a)  # noqa: E731
     c["run_missing_out"] = Case(_dscompile("run", tmp / "no-engine", "--input-ids", "1"),
                                 "no-engine: engine folder not found")

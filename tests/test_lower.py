@@ -34,7 +34,7 @@ from dscompile.runtime.manifest import MANIFEST_FORMAT, read_manifest
 VARIANTS = ("v3", "v2", "v2-lite")
 LIMITS = Limits(max_batch=8, max_new_tokens=64, max_context=128)
 FILES = {"prefill.onnx", "decode.onnx", "decode_inplace.onnx", "weights.bin", "manifest.json", "prefill.pt2",
-         "decode.pt2"}
+         "decode.pt2", "tokenizer.json", "tokenizer_config.json", "generation_config.json"}
 
 _ROOT = Path(tempfile.mkdtemp(prefix="dsc_test_lower_"))
 atexit.register(shutil.rmtree, _ROOT, True)
