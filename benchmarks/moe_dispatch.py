@@ -40,7 +40,7 @@ BENCH_ARGS = ModelArgs(
     num_experts_per_tok=6, n_shared_experts=2, topk_method="greedy", n_group=1, topk_group=1,
     norm_topk_prob=False, routed_scaling_factor=1.0, scoring_func="softmax",
 )
-FP32_TOL = 1e-4  # max |Δ| <= FP32_TOL · max(1, max|ref|) (DESIGN.md, Verification)
+FP32_TOL = 1e-4  # max |Δ| <= FP32_TOL · max(1, max|ref|)
 
 
 def build_layer(args: ModelArgs, seed: int) -> MoE:

@@ -16,7 +16,7 @@ dscompile.runtime (engines, generation, text).
 """
 
 from dscompile.api import compare, export, load
-from dscompile.runtime.errors import DscompileError
+from dscompile.errors import DscompileError
 
 __all__ = ["DscompileError", "compare", "export", "load"]
 __version__ = "0.1.0"

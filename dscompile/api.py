@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from dscompile.runtime.errors import OptionError
+from dscompile.errors import OptionError
 
 Progress = Callable[[str, int, int], None]
 
@@ -74,7 +74,7 @@ def export(
     quant_scheme(weights, block_size, dtype, target)  # before TensorRT's own checks: name the option
     build_trt = target == "tensorrt" and not graphs_only  # engines need the weights
     if build_trt:
-        from dscompile.exporter.tensorrt import require_tensorrt, validate_options
+        from dscompile.exporter.tensorrt.build import require_tensorrt, validate_options
 
         validate_options(precision, max_batch, max_prompt_tokens, max_context, 8.0)
         require_tensorrt()
@@ -83,7 +83,7 @@ def export(
                                  allow_nonfinite=allow_nonfinite, target=target, graphs_only=graphs_only,
                                  weights=weights, block_size=block_size)
     if build_trt:
-        from dscompile.exporter.tensorrt import build_engines
+        from dscompile.exporter.tensorrt.build import build_engines
         from dscompile.runtime.manifest import write_manifest
 
         manifest["tensorrt"] = build_engines(out, precision=precision, max_batch=max_batch,
@@ -116,7 +116,7 @@ def compare(
     quantized engine is judged against eager with the same quantized weights, and its distance to
     float32 eager is reported as `report["scheme"]`.
     """
-    from dscompile.exporter.compare import (eager_for, locate_divergence, lowering_table, run_compare,
+    from dscompile.exporter.verify.compare import (eager_for, locate_divergence, lowering_table, run_compare,
                                             scheme_cost, scheme_of)
     from dscompile.runtime.manifest import read_manifest
     from dscompile.runtime.session import open_engine

@@ -73,7 +73,7 @@ import dscompile.exporter.export  # noqa: F401  (loaded before _SOURCE_KEY hashe
 from dscompile.exporter.loadmem import LOADERS, LoadMeasureError, hf_onnx_session, load_hf_model, measure_load
 from dscompile.model.args import ModelArgs
 from dscompile.runtime.engine import Engine, KVCache
-from dscompile.runtime.errors import OptionError
+from dscompile.errors import OptionError
 
 SYSTEMS = ("eager", "hf", "hf-onnx", "ours", "ours-absorb-none", "ours-no-fuse-moe")
 OUR_ENGINES = {  # system -> export options
@@ -222,7 +222,7 @@ def step_weight_params(a: ModelArgs, batch: int) -> dict[str, float]:
     return parts
 
 
-# Parts a quantized engine keeps in float32 (exporter/quantize.py): the router, the embedding rows
+# Parts a quantized engine keeps in float32 (exporter/lowering/quantize.py): the router, the embedding rows
 # it looks up; every other part is read at the scheme's bits per weight (scales included), except
 # the absorbed per-head MLA matrices of a decode step (`_absorbed_params`).
 _FLOAT_PARTS = ("router", "embeddings")
@@ -928,7 +928,7 @@ class BenchOptions:
 
 def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progress: Progress | None = None) -> dict:
     """Measure every system in `options.systems` on `checkpoint` (None: the bench config). Returns the report."""
-    from dscompile.exporter.eager import EagerEngine
+    from dscompile.exporter.verify.eager import EagerEngine
     from dscompile.model.checkpoint import load_checkpoint
     from dscompile.runtime.ort_engine import OrtEngine
 

@@ -65,7 +65,7 @@ class ContractModule(nn.Module):
 
 
 def io_names(num_layers: int, debug: bool = False) -> tuple[list[str], list[str]]:
-    """Public input and output names of both graphs (DESIGN.md, the engine contract)."""
+    """Public input and output names of both graphs (the engine contract, runtime/engine.py)."""
     cache = [f"{{}}.{i}.{kind}" for i in range(num_layers) for kind in ("kv_latent", "k_rope")]
     inputs = ["input_ids", "position_ids", "attention_mask"] + [c.format("past") for c in cache]
     outputs = ["logits"] + [c.format("present") for c in cache]

@@ -9,7 +9,7 @@
 Graph-only (`graphs_only=True`): the model is built from the config alone on the meta device (a
 config.json, or the folder that holds it, is enough: no weights are read), and only the graphs and
 the manifest are written. The graphs name their places in weights.bin as a full export would
-(planned by exporter.lower.plan_places), but no weight is computed and neither weights.bin nor
+(planned by exporter.lowering.weights.plan_places), but no weight is computed and neither weights.bin nor
 the programs are written; the manifest says `"graphs_only": true` and engines refuse the folder.
 It is how a full-size config's lowering is inspected and measured (benchmarks/capture_full.py).
 
@@ -22,22 +22,13 @@ weights are in weights.bin too (deduplicated against the graphs'), placed by the
 `graphs.<phase>.program_weights`. `verify` is the exception: checking the passes numerically
 runs the model, so it loads a float32 copy in memory.
 
-Atomic output. Everything is written into `.OUT.tmp-<pid>` beside OUT (created first, so an
-unwritable OUT fails before minutes of lowering), flushed to disk, and renamed into place at the
-end: a failed or killed export never leaves a half-written OUT. With `force` an existing OUT is
-swapped with the new one in one `renameat2(RENAME_EXCHANGE)` where the filesystem has it, so OUT
-is at every moment either the old complete folder or the new one; elsewhere the old OUT is
-renamed aside first (a kill between the two renames leaves no OUT and the old one in
-`.OUT.old-<pid>`). Leftover `.OUT.tmp-<pid>` / `.OUT.old-<pid>` folders of processes that no
-longer run are removed by the next export to the same OUT. Write failures (disk full, file size
-limit, read-only folder) are one OutputError line; nothing is left behind.
+Atomic output (exporter/output.py): everything is written into a temp folder beside OUT that
+replaces OUT at the end, so a failed or killed export never leaves a half-written OUT; with
+`force` an existing OUT is swapped with the new one. Write failures (disk full, file size limit,
+read-only folder) are one OutputError line; nothing is left behind.
 
 Two exports of the same checkpoint with the same options are byte-identical (no timings or
 paths in the files).
-
-Testing hook: with the environment variable DSCOMPILE_TEST_PAUSE_AT set to one of PAUSE_POINTS,
-the export prints `dscompile: paused at <stage>` on stderr and sleeps there, so a test can kill
-it at a known moment (tests/test_reliability.py). Unset, it costs one dictionary lookup.
 
 Shape legend: B batch, S new tokens, P past tokens, H heads, N/R/V nope/rope/value head dims,
 C kv_lora_rank, L layers.
@@ -45,18 +36,12 @@ C kv_lora_rank, L layers.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import errno
 import hashlib
 import importlib.metadata
 import io
 import json
 import os
-import re
 import shutil
-import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -65,35 +50,46 @@ import onnx_ir.passes.common as ir_passes
 import torch
 
 from dscompile.exporter.capture import PHASES, Limits, capture
-from dscompile.exporter.lower import LoweringError, check_model, in_place_decode, lower, save_models
-from dscompile.exporter.onnx_ops import choose_moe_experts
-from dscompile.exporter.quantize import GraphQuantizer, quantizes_activations
+from dscompile.exporter.lowering import LoweringError
+from dscompile.exporter.lowering.graph import check_model, lower
+from dscompile.exporter.lowering.in_place import in_place_decode
+from dscompile.exporter.lowering.weights import save_models
+from dscompile.exporter.lowering.ops import choose_moe_experts
+from dscompile.exporter.lowering.quantize import GraphQuantizer, quantizes_activations
+from dscompile.exporter.output import OutputError, make_temp_folder, reason, remove, replace, sync_folder
 from dscompile.model.args import ModelArgs
 from dscompile.model.checkpoint import apply_quantization, build_model, load_checkpoint
 from dscompile.model.quant import BLOCK_SIZES, Scheme
 from dscompile.passes import PassOptions, run_pipeline
 from dscompile.passes.absorb_mla import FORMS as ABSORB_FORMS
 from dscompile.runtime.engine import DTYPES
-from dscompile.runtime.errors import CheckpointError, DscompileError, OptionError, TextError
+from dscompile.errors import CheckpointError, OptionError, TextError
 from dscompile.runtime.manifest import MANIFEST_FORMAT, WRITE_INDEX, write_manifest
 from dscompile.runtime.text import TOKENIZER_FILES, Tokenizer
 from dscompile.runtime.weights import fingerprint
 
+
+
+
 WEIGHTS_FILE = "weights.bin"
-IN_PLACE_FILE = "decode_inplace.onnx"  # the decode graph writing its cache in place (exporter.lower.in_place_decode)
+
+
+IN_PLACE_FILE = "decode_inplace.onnx"  # the decode graph writing its cache in place (exporter.lowering.in_place.in_place_decode)
+
+
 TARGET = "onnxruntime"  # the manifest's runtime: every export runs in ONNX Runtime
+
+
 TARGETS = ("onnxruntime", "tensorrt")  # what the lowering is restricted for
+
+
 Progress = Callable[[str, int, int], None]
+
+
 WEIGHT_FORMATS = {"int8": 8, "int4": 4}  # --weights: block-wise weight-only quantization (model/quant.py)
+
+
 STAGES = ("load", "capture", "passes", "lower", "write")
-# Where DSCOMPILE_TEST_PAUSE_AT can stop an export: between lowering the two graphs (OUT's temp
-# folder exists and is empty), with the temp folder half-written (graphs and weights, no
-# manifest), and just before the finished folder replaces OUT.
-PAUSE_POINTS = ("lower", "write", "replace")
-
-
-class OutputError(DscompileError):
-    """OUT cannot be written: read-only or missing parent, disk full, file size limit."""
 
 
 def export_checkpoint(
@@ -120,9 +116,9 @@ def export_checkpoint(
 
     `weights` "int8" / "int4" stores every linear layer's weight and the routed experts as
     block-wise integers (`block_size` values per float32 scale) run by ONNX Runtime's MatMulNBits
-    and QMoE (exporter/quantize.py); activations stay float32. A quantized export has no torch
+    and QMoE (exporter/lowering/quantize.py); activations stay float32. A quantized export has no torch
     programs (their weights would be a float copy): it runs on ONNX Runtime's CPU provider.
-    `accuracy_level` overrides the kernels' measured setting (exporter/quantize.py ACCURACY_LEVELS);
+    `accuracy_level` overrides the kernels' measured setting (exporter/lowering/quantize.py ACCURACY_LEVELS);
     0 keeps activations in float32.
 
     `graphs_only` writes the graphs and the manifest, not the weights (module docstring);
@@ -154,13 +150,13 @@ def export_checkpoint(
         out = Path(os.path.abspath(out))
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise OptionError(f"{out}: exists and is not empty (pass --force to replace it)")
-    tmp = _make_temp_folder(out)
+    tmp = make_temp_folder(out)
     try:
         return _export(checkpoint, out, tmp, dtype=dtype, absorb=absorb, fuse_moe=fuse_moe, verify=verify,
                        opset=opset, limits=limits, progress=progress, debug=debug, allow_nonfinite=allow_nonfinite,
                        target=target, graphs_only=graphs_only, scheme=scheme, accuracy_level=accuracy_level)
     finally:
-        _remove(tmp)  # after a success it is gone already (or holds the replaced OUT)
+        remove(tmp)  # after a success it is gone already (or holds the replaced OUT)
 
 
 def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_moe: bool, verify: bool,
@@ -208,8 +204,6 @@ def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_m
             quantized[phase] = quantizer(lowered[phase])
             ir_passes.RemoveUnusedNodesPass()(lowered[phase])
         report("lower", i + 1, len(PHASES))
-        if i == 0:
-            _pause_point("lower")
 
     writing = f"{WEIGHTS_FILE} or a graph"  # what an OSError without a file name was writing
     try:
@@ -235,7 +229,6 @@ def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_m
                 writing = f"{phase}.pt2"
                 _save_program(programs[phase], tmp / writing)
                 graphs[phase].update(program=f"{phase}.pt2", program_weights=stored["extra"][phase])
-            _pause_point("write")
         # TensorRT builds from the contract graphs (its parser takes 4D TensorScatter only); a quantized
         # engine runs every step in one session of the contract's decode graph (runtime/ort_engine.py).
         if target == "onnxruntime" and scheme is None:
@@ -289,11 +282,10 @@ def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_m
             os.chmod(tmp / WEIGHTS_FILE, 0o444)
         report("write", len(stored) + 3, len(stored) + 3)
         writing = "the finished folder"
-        _sync_folder(tmp)
-        _pause_point("replace")
-        _replace(tmp, out)
+        sync_folder(tmp)
+        replace(tmp, out)
     except OSError as err:  # disk full, file size limit, folder removed under us
-        raise OutputError(f"{out}: cannot write the export ({_reason(err, writing)}); OUT was left as it was") from None
+        raise OutputError(f"{out}: cannot write the export ({reason(err, writing)}); OUT was left as it was") from None
     return manifest
 
 
@@ -397,8 +389,8 @@ def _verify_quantized(checkpoint, folder: Path, manifest: dict[str, Any], scheme
     """The finished engine (ONNX Runtime, CPU) against the eager model with the same fake-quantized
     weights: a prefill and two decode steps of a left-padded batch, within the tolerance `compare`
     uses for it (exporter.compare.lowering_table). A LoweringError if it is outside."""
-    from dscompile.exporter.compare import lowering_table, run_compare  # noqa: PLC0415 - compare imports this module
-    from dscompile.exporter.eager import EagerEngine  # noqa: PLC0415
+    from dscompile.exporter.verify.compare import lowering_table, run_compare  # noqa: PLC0415 - compare imports this module
+    from dscompile.exporter.verify.eager import EagerEngine  # noqa: PLC0415
     from dscompile.runtime.ort_engine import OrtEngine  # noqa: PLC0415
 
     engine = OrtEngine.load(folder, provider="cpu")
@@ -536,114 +528,3 @@ class _DeferredErrorFile(io.RawIOBase):
                 self.raw.flush()
             except OSError as err:
                 self.error = err
-
-
-def _reason(err: OSError, writing: str | None = None) -> str:
-    """'File too large: weights.bin' from an OSError: the cause and the file, no temp paths."""
-    name = Path(err.filename).name if err.filename else writing
-    text = err.strerror or str(err)
-    return f"{text}: {name}" if name and name not in text else text
-
-
-def _temp_names(out: Path) -> re.Pattern:
-    return re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old)-(\d+)$")
-
-
-def _make_temp_folder(out: Path) -> Path:
-    """Create OUT's private temp folder beside it, after removing those of dead exports."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        pattern = _temp_names(out)
-        for path in out.parent.iterdir():
-            m = pattern.match(path.name)
-            if m and not _alive(int(m.group(2))):
-                _remove(path)
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-        _remove(tmp)  # a previous export of this process, killed by an exception we did not see
-        tmp.mkdir()
-    except OSError as err:
-        raise OutputError(f"{out}: cannot create the output folder beside it ({_reason(err)})") from None
-    return tmp
-
-
-def _alive(pid: int) -> bool:
-    """Whether a process with this id runs (on this host: temp folders carry the writer's pid)."""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(OSError):
-            path.unlink()
-
-
-def _sync_folder(folder: Path) -> None:
-    """fsync every file and the folder, so the rename below never publishes data still in page cache
-    (after a power cut, a renamed folder could otherwise hold empty or short files)."""
-    for path in sorted(folder.iterdir()):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # some filesystems refuse fsync on a directory; the files are synced
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _pause_point(stage: str) -> None:
-    """The testing hook of the module docstring (DSCOMPILE_TEST_PAUSE_AT)."""
-    if os.environ.get("DSCOMPILE_TEST_PAUSE_AT") == stage:
-        print(f"dscompile: paused at {stage}", file=sys.stderr, flush=True)
-        time.sleep(3600)
-
-
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where that is not available."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):  # not glibc >= 2.28, or not Linux
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
-        return False  # the filesystem has no exchange: fall back to two renames
-    raise OSError(code, os.strerror(code), str(b))
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Put the finished folder in place of OUT (see the module docstring); the old OUT is deleted after."""
-    if not out.exists() and not out.is_symlink():
-        tmp.rename(out)
-    elif _exchange(tmp, out):
-        _remove(tmp)  # now the old OUT
-    else:
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        _remove(old)
-        out.rename(old)
-        tmp.rename(out)
-        _remove(old)
-    _fsync_dir(out.parent)

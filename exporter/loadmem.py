@@ -99,7 +99,7 @@ def _ours(folder: str, threads: int, prepack: bool = False):
 
 
 def _eager(checkpoint: str):
-    from dscompile.exporter.eager import EagerEngine
+    from dscompile.exporter.verify.eager import EagerEngine
     from dscompile.model.checkpoint import load_checkpoint
 
     return lambda: EagerEngine(load_checkpoint(checkpoint)), _generate

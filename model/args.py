@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from dscompile.runtime.errors import ConfigError
+from dscompile.errors import ConfigError
 
 # The published full-size configs (DeepSeek-V2, V2-Lite, V3; see its README.md), shipped with the
 # package: full-size capture and lowering need their shapes, not their weights.

@@ -37,7 +37,7 @@ from safetensors import SafetensorError, safe_open
 from dscompile.model.args import ModelArgs
 from dscompile.model.quant import FakeQuantized, Scheme, error_of, fake_quantize, is_quantized
 from dscompile.model.transformer import Transformer
-from dscompile.runtime.errors import CheckpointError, OptionError
+from dscompile.errors import CheckpointError, OptionError
 
 log = logging.getLogger("dscompile")
 

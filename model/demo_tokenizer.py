@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from dscompile.runtime.errors import OptionError
+from dscompile.errors import OptionError
 
 BOS, BOS_ID = "<｜begin▁of▁sentence｜>", 0
 EOS, EOS_ID = "<｜end▁of▁sentence｜>", 1

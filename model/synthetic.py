@@ -26,7 +26,7 @@ from dscompile.model.checkpoint import build_model
 from dscompile.model.demo_tokenizer import BOS_ID as DEMO_BOS_ID
 from dscompile.model.demo_tokenizer import EOS_ID as DEMO_EOS_ID
 from dscompile.model.demo_tokenizer import MIN_VOCAB, write_demo_tokenizer
-from dscompile.runtime.errors import OptionError
+from dscompile.errors import OptionError
 
 VARIANTS = ("v2", "v2-lite", "v3")
 LAYOUTS = ("published", "stacked")

@@ -18,8 +18,8 @@ import torch
 from torch.export import ExportedProgram
 
 from dscompile.passes import absorb_mla, fuse_moe
-from dscompile.runtime.errors import DscompileError
-from dscompile.runtime.tolerance import bound as tolerance_bound
+from dscompile.errors import DscompileError
+from dscompile.tolerance import bound as tolerance_bound
 
 PIPELINE = [absorb_mla, fuse_moe]
 

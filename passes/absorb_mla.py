@@ -24,7 +24,7 @@ from torch.export import ExportedProgram
 
 import dscompile.runtime.ops  # noqa: F401  (registers torch.ops.dsc.*)
 from dscompile.passes.ep_edit import Region, add_param, clone, derive, emit, param, param_node, rebuild, regions, strip_views
-from dscompile.runtime.errors import DscompileError
+from dscompile.errors import DscompileError
 
 aten = torch.ops.aten
 FORMS = ("auto", "fold", "reassociate", "none")

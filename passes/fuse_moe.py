@@ -30,7 +30,7 @@ from torch.fx import Node
 
 import dscompile.runtime.ops  # noqa: F401  (registers torch.ops.dsc.*)
 from dscompile.passes.ep_edit import Region, clone, emit, param_name, param_node, rebuild, regions
-from dscompile.runtime.errors import DscompileError
+from dscompile.errors import DscompileError
 from dscompile.runtime.ops.moe import check_expert_weights, check_routing_args
 
 aten = torch.ops.aten

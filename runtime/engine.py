@@ -1,6 +1,6 @@
 """The engine interface every backend implements, and the generation loop built on it.
 
-An engine runs one forward step of the IO contract (DESIGN.md, "The engine contract"):
+An engine runs one forward step of the IO contract:
 
     step(input_ids [B, S], position_ids [B, S], attention_mask [B, P+S], cache) -> logits [B, S, V], cache
 
@@ -19,9 +19,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from dscompile.runtime.errors import EngineError
+from dscompile.errors import EngineError
+from dscompile.tolerance import DTYPES
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from typing import Iterator, Sequence
 import torch
 
 from dscompile.runtime.engine import Engine, KVCache
-from dscompile.runtime.errors import EngineError
+from dscompile.errors import EngineError
 from dscompile.runtime.sampling import SamplingParams, make_generator, next_tokens
 
 FINISH_REASONS = ("eos", "stop", "length")

@@ -57,7 +57,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from dscompile.runtime.errors import EngineError
+from dscompile.errors import EngineError
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from dscompile.runtime.errors import OptionError
+from dscompile.errors import OptionError
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from dscompile.runtime.engine import Engine, KVCache
-from dscompile.runtime.errors import EngineError, OptionError, TextError
+from dscompile.errors import EngineError, OptionError, TextError
 from dscompile.runtime.generate import Decoding, Timings
 from dscompile.runtime.manifest import load_manifest
 from dscompile.runtime.sampling import SamplingParams

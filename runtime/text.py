@@ -29,7 +29,7 @@ import tokenizers
 from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from dscompile.runtime.errors import TextError
+from dscompile.errors import TextError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 

@@ -23,7 +23,7 @@ from torch.export.passes import move_to_device_pass
 
 import dscompile.runtime.ops  # noqa: F401  (registers torch.ops.dsc.* before the programs are loaded)
 from dscompile.runtime.engine import Engine, EngineInfo, KVCache, choose_graph
-from dscompile.runtime.errors import EngineError
+from dscompile.errors import EngineError
 from dscompile.runtime.manifest import check_program_file, read_manifest
 from dscompile.runtime.weights import WeightsFile
 

@@ -1,6 +1,6 @@
 """Run TensorRT engines built from an OUT folder: `TrtEngine(Engine)`.
 
-OUT holds `prefill.engine` and `decode.engine`, built by `exporter/tensorrt.py` from
+OUT holds `prefill.engine` and `decode.engine`, built by `exporter/tensorrt/build.py` from
 `prefill.onnx` / `decode.onnx`, and `manifest.json` records them under the key "tensorrt":
 
     "tensorrt": {
@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from dscompile.runtime.engine import Engine, EngineInfo, KVCache, choose_graph
-from dscompile.runtime.errors import DscompileError, EngineError
+from dscompile.errors import DscompileError, EngineError
 from dscompile.runtime.manifest import load_manifest
 
 TRT_FORMAT = 1
@@ -74,7 +74,7 @@ def require_tensorrt():
         import tensorrt  # noqa: PLC0415 - optional dependency, imported only where it is used
     except ImportError as e:
         raise TensorRTUnavailable(f"TensorRT is not installed ({e.name or 'tensorrt'}): {INSTALL_HINT}") from None
-    except (OSError, RuntimeError) as e:  # bindings present but libnvinfer missing (FACTS.md: bindings alone fail)
+    except (OSError, RuntimeError) as e:  # bindings present but libnvinfer missing: the bindings alone fail here
         raise TensorRTUnavailable(
             f"TensorRT is installed but its libraries do not load ({e}): {INSTALL_HINT}"
         ) from None

@@ -1,6 +1,6 @@
 """OUT's weights file as engines hold it: checked before use, mapped once, watched while running.
 
-Every engine of an OUT reads its weights from one file (`weights.bin`, see exporter/lower.py
+Every engine of an OUT reads its weights from one file (`weights.bin`, see exporter/lowering/weights.py
 save_models). `WeightsFile.open` refuses a file that is not the one the manifest describes
 before any session or program is created: its size must be the manifest's, and so must a
 fingerprint of sampled blocks (a file from another export of the same size differs there; a
@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from dscompile.runtime.errors import EngineError
+from dscompile.errors import EngineError
 
 FINGERPRINT_BLOCKS = 64  # sampled blocks: enough to tell two exports apart, cheap on a 100 GB file
 FINGERPRINT_BLOCK = 4096  # bytes each

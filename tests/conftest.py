@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dscompile.runtime.tolerance import OP_TOLERANCE, TOLERANCE, bound
+from dscompile.tolerance import OP_TOLERANCE, TOLERANCE, bound
 
 
 def assert_close(actual: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype = torch.float32, what: str = "",

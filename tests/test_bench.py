@@ -21,7 +21,7 @@ from dscompile.exporter.bench import (BenchOptions, MachineProbe, _load_lines, c
 from dscompile.exporter.loadmem import LoadMeasureError, measure_load
 from dscompile.model.checkpoint import build_model
 from dscompile.model.synthetic import make_checkpoint, tiny_args
-from dscompile.runtime.errors import OptionError
+from dscompile.errors import OptionError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -191,7 +191,7 @@ def test_cost_model_picks_latent_attention_for_decode_on_published_configs():
 
 
 def test_unknown_absorb_option_is_a_user_error(models, graphs):
-    from dscompile.runtime.errors import DscompileError
+    from dscompile.errors import DscompileError
 
     with pytest.raises(DscompileError, match="--absorb 'sometimes'"):
         absorb_mla.run(graphs[("v3", "decode")], PassOptions("decode", models["v3"].args, absorb="sometimes"))

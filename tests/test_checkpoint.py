@@ -16,7 +16,7 @@ from conftest import assert_close
 from dscompile.model.args import PUBLISHED_CONFIGS, ModelArgs
 from dscompile.model.checkpoint import dequantize_fp8, load_checkpoint
 from dscompile.model.synthetic import make_checkpoint, quantize_fp8, random_state, tiny_args, write_checkpoint
-from dscompile.runtime.errors import CheckpointError, ConfigError
+from dscompile.errors import CheckpointError, ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 

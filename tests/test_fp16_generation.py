@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dscompile.exporter.eager import EagerEngine
+from dscompile.exporter.verify.eager import EagerEngine
 from dscompile.exporter.export import export_checkpoint
 from dscompile.model.checkpoint import load_checkpoint
 from dscompile.runtime.ort_engine import OrtEngine

@@ -115,7 +115,7 @@ def check_config(args: ModelArgs, seed: int = 0) -> float:
 
 
 def _ratio(actual: torch.Tensor, ref: torch.Tensor, what: str, args: ModelArgs) -> float:
-    """max|Δ| / bound (DESIGN.md fp32 tolerance); fails with max and mean error and the config."""
+    """max|Δ| / bound (the float32 tolerance, dscompile/tolerance.py); fails with max and mean error and the config."""
     err = (actual.float() - ref.float()).abs()
     bound = TOLERANCE[torch.float32] * max(1.0, float(ref.abs().max()))
     assert torch.isfinite(actual).all(), f"{what}: non-finite engine output for {args}"

@@ -18,12 +18,13 @@ import pytest
 
 from dscompile.exporter.capture import PHASES, Limits, capture
 from dscompile.exporter.export import export_checkpoint
-from dscompile.exporter.lower import lower, save_models
+from dscompile.exporter.lowering.graph import lower
+from dscompile.exporter.lowering.weights import save_models
 from dscompile.model import checkpoint as ckpt_mod
 from dscompile.model.checkpoint import load_checkpoint
 from dscompile.model.synthetic import tiny_args
 from dscompile.passes import PassOptions, run_pipeline
-from dscompile.runtime.errors import CheckpointError, EngineError, OptionError
+from dscompile.errors import CheckpointError, EngineError, OptionError
 from dscompile.runtime.manifest import load_manifest, read_manifest
 
 SMALL = Limits(max_batch=2, max_new_tokens=8, max_context=32)
@@ -146,7 +147,7 @@ def test_save_models_without_data_plans_places_and_computes_nothing(make_ckpt, t
 
     weights = {(phase, name): id(v.const_value.weight) for phase in PHASES
                for name, v in lowered[phase].graph.initializers.items() if hasattr(v.const_value, "weight")}
-    monkeypatch.setattr("dscompile.exporter.lower.materialize", refuse)
+    monkeypatch.setattr("dscompile.exporter.lowering.weights.materialize", refuse)
     monkeypatch.setattr(ckpt_mod.CheckpointSource, "load", refuse)
     stored = save_models(lowered, tmp_path, "weights.bin", write_data=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["decode.onnx", "prefill.onnx"]

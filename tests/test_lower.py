@@ -1,4 +1,4 @@
-"""Export to OUT (exporter/export.py, exporter/lower.py): files, ONNX checker, absorbed decode
+"""Export to OUT (exporter/export.py, exporter/lowering/): files, ONNX checker, absorbed decode
 graph, manifest, byte-reproducibility, half precision.
 
 Exports are expensive (~15 s each), so each (variant, dtype) is exported once per test session
@@ -20,15 +20,15 @@ import onnx
 import pytest
 import torch
 
-from dscompile.runtime.tolerance import bound as tolerance_bound
+from dscompile.tolerance import bound as tolerance_bound
 
 from dscompile.exporter.capture import Limits
 from dscompile.exporter.export import export_checkpoint
-from dscompile.exporter.lower import check_model
+from dscompile.exporter.lowering.graph import check_model
 from dscompile.model.args import ModelArgs
 from dscompile.model.checkpoint import load_checkpoint
 from dscompile.model.synthetic import make_checkpoint
-from dscompile.runtime.errors import OptionError
+from dscompile.errors import OptionError
 from dscompile.runtime.manifest import MANIFEST_FORMAT, read_manifest
 
 VARIANTS = ("v3", "v2", "v2-lite")

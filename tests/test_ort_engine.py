@@ -16,10 +16,10 @@ import onnx
 import pytest
 import torch
 
-from dscompile.runtime.tolerance import bound as tolerance_bound
+from dscompile.tolerance import bound as tolerance_bound
 
 from dscompile.model.checkpoint import load_checkpoint
-from dscompile.runtime.errors import EngineError
+from dscompile.errors import EngineError
 from dscompile.runtime.manifest import read_manifest
 from dscompile.runtime.ort_engine import OrtCapacityCache, OrtEngine, OrtKVCache
 from test_lower import LIMITS, VARIANTS, checkpoint, exported

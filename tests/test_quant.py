@@ -20,14 +20,14 @@ import onnx
 import pytest
 import torch
 
-from dscompile.exporter.compare import eager_for, lowering_table, run_compare, scheme_cost, scheme_of
+from dscompile.exporter.verify.compare import eager_for, lowering_table, run_compare, scheme_cost, scheme_of
 from dscompile.exporter.export import export_checkpoint
 from dscompile.model import quant
 from dscompile.model.checkpoint import load_checkpoint
 from dscompile.model.quant import Scheme, dequantize, fake_quantize, pack, quantize, unpack
-from dscompile.runtime.errors import EngineError
+from dscompile.errors import EngineError
 from dscompile.runtime.ort_engine import OrtEngine
-from dscompile.runtime.tolerance import QUANTIZED_ACTIVATIONS, TOLERANCE
+from dscompile.tolerance import QUANTIZED_ACTIVATIONS, TOLERANCE
 
 BLOCK = 16  # the tiny configs' q_lora_rank (48) and kv_lora_rank (32) are multiples of 16, not of 32
 CASES = {  # name: (variant, checkpoint options, bits)

@@ -1,7 +1,7 @@
 """Atomic outputs, reproducibility across processes, and what an OUT or a checkpoint may not make us run.
 
-- Atomic: `dscompile export --force` is killed with SIGKILL while lowering and while its temp
-  folder is half-written (DSCOMPILE_TEST_PAUSE_AT, exporter/export.py); OUT is still the previous
+- Atomic: an `export --force` is killed with SIGKILL while lowering and while its temp folder is
+  half-written (held there by its progress callback, `_PAUSED_EXPORT` below); OUT is still the previous
   complete export, byte for byte. The next export removes the dead run's temp folder (and leaves
   a live one alone) and its output is byte-identical to the first: the same checkpoint gives the
   same files in another process (tests/test_lower.py checks two exports in one process).
@@ -29,8 +29,9 @@ import onnx
 import pytest
 
 from dscompile.exporter.capture import Limits
-from dscompile.exporter.export import _replace, export_checkpoint
-from dscompile.runtime.errors import EngineError
+from dscompile.exporter.export import export_checkpoint
+from dscompile.exporter.output import replace
+from dscompile.errors import EngineError
 from dscompile.runtime.manifest import check_program_file, read_manifest
 from test_cli_errors import ONE_LAYER, ROOT, SMALL, _dscompile
 
@@ -55,10 +56,25 @@ def first(tmp_path_factory, ckpt):
     return out, _files(out)
 
 
+# An export in a child process whose progress callback holds it at a known moment, to be killed
+# there: "lower" after the first graph is lowered (the temp folder exists and is empty), "write"
+# once the graphs, weights and programs are written but not the manifest.
+_PAUSED_EXPORT = """
+import sys, time
+import dscompile
+ckpt, out, stage = sys.argv[1:4]
+
+def progress(name, done, total):
+    if (stage, name, done) in (("lower", "lower", 1), ("write", "write", total - 2)):
+        print(f"paused at {stage}", file=sys.stderr, flush=True)
+        time.sleep(3600)
+
+dscompile.export(ckpt, out, max_batch=2, max_prompt_tokens=16, max_context=32, force=True, progress=progress)
+"""
+
+
 def _start_paused(ckpt: Path, out: Path, stage: str) -> subprocess.Popen:
-    env = {**os.environ, "DSCOMPILE_TEST_PAUSE_AT": stage,
-           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    return subprocess.Popen(_dscompile("export", ckpt, "-o", out, *SMALL, "--force"), cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-c", _PAUSED_EXPORT, str(ckpt), str(out), stage], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -70,7 +86,7 @@ def _wait_for_pause(proc: subprocess.Popen, stage: str) -> None:
         if not line and proc.poll() is not None:
             break
         seen.append(line)
-        if line.strip() == f"dscompile: paused at {stage}":
+        if line.strip() == f"paused at {stage}":
             return
     proc.kill()
     pytest.fail(f"export never paused at {stage!r} (exit {proc.poll()}): {''.join(seen)[-2000:]}")
@@ -141,8 +157,8 @@ def test_next_export_cleans_up_and_is_byte_identical(first, killed, ckpt):
 
 
 def test_replace_swaps_whole_folders(tmp_path, monkeypatch):
-    """_replace with the atomic exchange and with the two-rename fallback: old OUT gone, new in place."""
-    import dscompile.exporter.export as export
+    """replace with the atomic exchange and with the two-rename fallback: old OUT gone, new in place."""
+    import dscompile.exporter.output as output
 
     for exchange in (True, False):
         out, tmp = tmp_path / f"out-{exchange}", tmp_path / f".out-{exchange}.tmp-1"
@@ -152,8 +168,8 @@ def test_replace_swaps_whole_folders(tmp_path, monkeypatch):
         tmp.mkdir()
         (tmp / "manifest.json").write_text("new")
         if not exchange:
-            monkeypatch.setattr(export, "_exchange", lambda a, b: False)
-        _replace(tmp, out)
+            monkeypatch.setattr(output, "exchange", lambda a, b: False)
+        replace(tmp, out)
         assert sorted(p.name for p in out.iterdir()) == ["manifest.json"] and (out / "manifest.json").read_text() == "new"
         assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(f".out-{exchange}")) == []
 

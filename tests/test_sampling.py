@@ -24,7 +24,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from dscompile.runtime.errors import OptionError
+from dscompile.errors import OptionError
 from dscompile.runtime.sampling import SamplingParams, make_generator, next_tokens, process_logits
 
 V = 50

@@ -22,13 +22,14 @@ import torch
 
 from dscompile.exporter.capture import PHASES, Limits, capture
 from dscompile.exporter.export import export_checkpoint
-from dscompile.exporter.lower import FOLD_LIMIT, lower
-from dscompile.exporter.onnx_ops import choose_moe_experts
+from dscompile.exporter.lowering.graph import lower
+from dscompile.exporter.lowering.weights import FOLD_LIMIT
+from dscompile.exporter.lowering.ops import choose_moe_experts
 from dscompile.model import checkpoint as ckpt_mod
 from dscompile.model.checkpoint import load_checkpoint
 from dscompile.passes import PassOptions, run_pipeline
 from dscompile.passes.ep_edit import materialize
-from dscompile.runtime.errors import EngineError
+from dscompile.errors import EngineError
 
 SMALL = Limits(max_batch=2, max_new_tokens=8, max_context=32)
 
@@ -53,7 +54,7 @@ def test_meta_weights_materialize_to_the_loaded_ones(make_ckpt, variant, kw, dty
 def test_meta_scan_refuses_nonfinite_weights(make_ckpt, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from dscompile.runtime.errors import CheckpointError
+    from dscompile.errors import CheckpointError
 
     bad = tmp_path / "nan"
     shutil.copytree(make_ckpt("v3", layers=2, experts=8), bad)

@@ -25,7 +25,7 @@ from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from dscompile.model.demo_tokenizer import BOS, BOS_ID, CORPUS, EOS, EOS_ID, write_demo_tokenizer
-from dscompile.runtime.errors import OptionError, TextError
+from dscompile.errors import OptionError, TextError
 from dscompile.runtime.text import StopStrings, Tokenizer, check_utf8, read_utf8
 
 DEMO_VOCAB = 1000

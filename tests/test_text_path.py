@@ -18,7 +18,7 @@ import dscompile
 from dscompile.exporter.capture import Limits
 from dscompile.exporter.export import export_checkpoint
 from dscompile.model.synthetic import make_checkpoint
-from dscompile.runtime.errors import EngineError, TextError
+from dscompile.errors import EngineError, TextError
 from dscompile.runtime.session import TextEngine
 
 LIMITS = Limits(max_batch=4, max_new_tokens=128, max_context=256)

@@ -1,4 +1,4 @@
-"""The static TensorRT compatibility check (exporter/trt_compat.py): runs everywhere, no TensorRT."""
+"""The static TensorRT compatibility check (exporter/tensorrt/compat.py): runs everywhere, no TensorRT."""
 
 import json
 
@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from dscompile.exporter.trt_compat import (
+from dscompile.exporter.tensorrt.compat import (
     Finding,
     check_model,
     check_out_dir,
@@ -15,7 +15,7 @@ from dscompile.exporter.trt_compat import (
     format_findings,
     load_table,
 )
-from dscompile.runtime.errors import EngineError
+from dscompile.errors import EngineError
 
 F32 = TensorProto.FLOAT
 

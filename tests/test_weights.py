@@ -29,7 +29,7 @@ from dscompile.exporter.capture import Limits
 from dscompile.exporter.export import export_checkpoint
 from dscompile.model.checkpoint import load_checkpoint
 from dscompile.model.synthetic import random_state, tiny_args, write_checkpoint
-from dscompile.runtime.errors import EngineError
+from dscompile.errors import EngineError
 from dscompile.runtime.ort_engine import OrtEngine
 from dscompile.runtime.torch_engine import TorchEngine
 from dscompile.runtime.weights import fingerprint

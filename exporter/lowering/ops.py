@@ -4,7 +4,7 @@ The reference implementations in `runtime/ops/` define what these compute; each 
 traced onnxscript function (plain Python over `onnxscript.opset23`), so Python branches on the
 ops' attributes (topk_method, top_k, ...) pick the ONNX subgraph at export time.
 
-- `dsc.latent_attention` -> a MatMul / Softmax / MatMul composite (FACTS.md: on ONNX Runtime's CPU
+- `dsc.latent_attention` -> a MatMul / Softmax / MatMul composite (measured: on ONNX Runtime's CPU
   provider ~4.7x faster than the standard `Attention` op for this MQA shape), heads folded into
   the rows so the cache is read once per step (see the function).
 - `aten.scaled_dot_product_attention` (prefill without absorption) -> the same kind of composite
@@ -137,7 +137,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
     """aten.scaled_dot_product_attention (the un-absorbed prefill) as MatMul / Softmax / MatMul.
 
     torchlib lowers it to the standard `Attention` op, which ONNX Runtime's CPU provider runs
-    ~4.7x slower than this composite (FACTS.md). Softmax runs in float32.
+    ~4.7x slower than this composite (measured on this shape). Softmax runs in float32.
     """
     if dropout_p or is_causal or enable_gqa:
         raise ValueError("scaled_dot_product_attention: dropout, is_causal and enable_gqa are not lowered "

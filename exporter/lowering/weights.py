@@ -1,20 +1,8 @@
-"""Lowering of optimized ExportedPrograms to ONNX, and the writing of both graphs into OUT.
+"""The weights of lowered graphs: lazy initializers, weight folds, and the shared weights file.
 
-`lower(ep, phase, num_layers, ...)` runs `torch.onnx.export` (dynamo) with the `dsc` op
-translations of `exporter/onnx_ops.py` and the public IO names, then optimizes, folds the weights
-and makes the model reproducible and readable:
-- weights stay where they are: an ExportedProgram captured on the meta device (what export does)
-  lowers to initializers that are `ir.LazyTensor`s reading each weight when it is written, and
-  the constant subgraphs over large weights (Transpose of a linear's weight, the interleaving of
-  gate and up experts) fold into lazy initializers too (`fold_weights`), computed by torch on
-  demand. The onnxscript optimizer only folds small constants (it would compute and hold every
-  large folded weight in memory at once); a program with weights in memory lowers through the
-  same steps to the same graph and values (tests/test_streaming.py);
-- dynamic dims get the contract's names (batch, seq, past; "past + seq" for the total length)
-  instead of torch's generated ones (s26, s70);
-- node metadata (`pkg.torch.onnx.stack_trace` records the caller's path and line) and doc
-  strings are cleared, so two exports are byte-identical;
-- the fc1 weights of `com.microsoft.MoE` nodes are named after their layer's experts.
+Initializers backed by meta torch tensors become `_MetaWeight`s, computed when read; layout
+changes and casts over large weights fold into such initializers (`fold_weights`), computed by
+torch on demand.
 
 `save_models` writes several graphs with ONE shared external data file, one tensor at a time (a
 lazy weight is computed, written and dropped): initializers with the same content are stored once
@@ -22,12 +10,11 @@ lazy weight is computed, written and dropped): initializers with the same conten
 memory-map them). The ExportedPrograms' own weights can go into the same file (`extra`), so the
 `.pt2` programs are saved without weights; a program weight that a graph stores in another layout
 (folded transposed or interleaved by `fold_weights`) is not written again but placed as a strided
-view of the graph's bytes (`stored_views`), so the file holds one copy of each weight. With `write_data=False` only the graphs are written,
-referencing places planned in a data file that is never computed (a graph-only export).
-`check_model` runs the ONNX checker with full_check (strict shape inference included) by path, so
-models above 2 GB work.
+view of the graph's bytes (`stored_views`), so the file holds one copy of each weight. With
+`write_data=False` only the graphs are written, referencing places planned in a data file that is
+never computed (a graph-only export).
 
-Shape legend: B batch, S new tokens, P past tokens, E experts, I expert intermediate, D hidden.
+Shape legend: E experts, I expert intermediate, D hidden.
 """
 
 from __future__ import annotations
@@ -35,89 +22,29 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import re
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import onnx
 import onnx_ir as ir
-import onnx_ir.passes.common as ir_passes
-import onnxscript.optimizer
-import onnxscript.rewriter.onnx_fusions
 import torch
 from onnx_ir.tensor_adapters import TorchTensor, from_torch_dtype, to_torch_dtype
-from torch.export import ExportedProgram
 
-from dscompile.exporter.capture import io_names
-from dscompile.exporter.onnx_ops import MSFT_DOMAIN, translation_table
 from dscompile.passes.ep_edit import Derived, derive, has_values, materialize
-from dscompile.runtime.errors import DscompileError
-from dscompile.runtime.manifest import WRITE_INDEX
+
 
 ALIGNMENT = 4096  # page size: ONNX Runtime memory-maps external data at page-aligned offsets
+
+
 INLINE_BELOW = 1024  # bytes; smaller tensors stay inside the .onnx (shape constants, norms of tiny configs)
+
+
 # Elements: the optimizer folds constants below this size (they stay inside the .onnx), fold_weights
 # every node over a weight that goes to the weights file, so each such fold is known to the writer
 # (which stores a layout once and lets the programs view it).
 FOLD_LIMIT = INLINE_BELOW // 4
-_SYMBOL = re.compile(r"\bs\d+\b")
 
 
-class LoweringError(DscompileError):
-    """A graph could not be translated to ONNX or the result fails the ONNX checker."""
-
-
-def lower(ep: ExportedProgram, phase: str, num_layers: int, *, opset: int = 23,
-          moe_experts: str = "moe_op", debug: bool = False) -> ir.Model:
-    """ONNX model (onnx_ir, weights in memory) of one captured + optimized graph.
-
-    `debug` graphs (captured with per-layer hidden states) also output `hidden.{i}`.
-    """
-    inputs, outputs = io_names(num_layers, debug)
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                ep, (), None, dynamo=True, opset_version=opset, external_data=True, optimize=False,
-                custom_translation_table=translation_table(moe_experts),
-                input_names=inputs, output_names=outputs, verbose=False,
-            )
-            model = program.model
-            defer_weights(model)
-            with _values_hidden(model):
-                # What ONNXProgram.optimize does, with large constants left to fold_weights.
-                onnxscript.optimizer.optimize_ir(model, should_fold=_small_only, input_size_limit=FOLD_LIMIT - 1)
-                onnxscript.rewriter.onnx_fusions.fuse(model)
-    except Exception as err:  # torch.onnx wraps every failure in a multi-page report
-        cause = _our_error(err)
-        if cause is not None:  # a weight read while folding (a checkpoint changed under us): say that
-            raise cause from None
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise LoweringError(f"{phase} graph: torch.onnx.export failed: {first}") from err
-    _check_io(model, inputs, outputs, phase)
-    rename_dims(model)
-    ir_passes.ClearMetadataAndDocStringPass()(model)
-    model.doc_string = None
-    model.metadata_props.clear()
-    fold_weights(model)
-    name_moe_weights(model)
-    ir_passes.RemoveUnusedNodesPass()(model)
-    return model
-
-
-def _our_error(err: BaseException) -> DscompileError | None:
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, DscompileError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
-
-
-def _small_only(node: ir.Node) -> bool | None:
+def small_only(node: ir.Node) -> bool | None:
     """The optimizer's folding rule: never a node reading a large constant (fold_weights does those),
     nor one reading a weight that has no values (a graph-only export's model is built from its
     config alone): the optimizer would compute it, fold_weights defers it like a large one."""
@@ -131,7 +58,7 @@ def _small_only(node: ir.Node) -> bool | None:
 
 
 @contextlib.contextmanager
-def _values_hidden(model: ir.Model) -> Iterator[None]:
+def values_hidden(model: ir.Model) -> Iterator[None]:
     """The weights without values (a graph-only export's model is built from its config alone) are,
     while inside, initializers without a value: the optimizer reads every small initializer it has
     (to fold, to infer shapes, to merge equal ones), and these have nothing to read. It keeps them
@@ -152,39 +79,6 @@ def _values_hidden(model: ir.Model) -> Iterator[None]:
         dedup.setLevel(level)
 
 
-def _check_io(model: ir.Model, inputs: list[str], outputs: list[str], phase: str) -> None:
-    got_in = [v.name for v in model.graph.inputs]
-    got_out = [v.name for v in model.graph.outputs]
-    if got_in != inputs or got_out != outputs:
-        raise LoweringError(f"{phase} graph: ONNX IO names {got_in} -> {got_out} differ from the contract "
-                            f"{inputs} -> {outputs}")
-
-
-def rename_dims(model: ir.Model) -> dict[str, str]:
-    """Name torch's generated symbols after the contract's dims, everywhere they appear."""
-    graph = model.graph
-    by_name = {v.name: v for v in graph.inputs}
-    names: dict[str, str] = {}
-    for value, axis, name in ((by_name["input_ids"], 0, "batch"), (by_name["input_ids"], 1, "seq"),
-                              (by_name["past.0.kv_latent"], 1, "past")):
-        dim = value.shape[axis]
-        if isinstance(dim, ir.SymbolicDim) and dim.value and _SYMBOL.fullmatch(dim.value):
-            names[dim.value] = name
-
-    def rename(dim):
-        if isinstance(dim, ir.SymbolicDim) and dim.value:
-            return ir.SymbolicDim(_SYMBOL.sub(lambda m: names.get(m.group(0), m.group(0)), dim.value))
-        return dim
-
-    values = list(graph.inputs) + list(graph.outputs)
-    for node in graph.all_nodes():
-        values.extend(node.outputs)
-    for value in values:
-        if value.shape is not None and any(isinstance(d, ir.SymbolicDim) for d in value.shape):
-            value.shape = ir.Shape([rename(d) for d in value.shape])
-    return names
-
-
 # Ops over weights that fold_weights computes (with torch): layout changes and casts.
 _FOLDABLE = ("Transpose", "Reshape", "Unsqueeze", "Squeeze", "Concat", "Cast", "Identity")
 
@@ -202,7 +96,7 @@ def fold_weights(model: ir.Model) -> int:
     for node in list(graph):
         if node.domain or node.op_type not in _FOLDABLE or len(node.outputs) != 1:
             continue
-        if any(v is None or v.const_value is None for v in node.inputs) or _small_only(node) is not False:
+        if any(v is None or v.const_value is None for v in node.inputs) or small_only(node) is not False:
             continue
         out = node.outputs[0]
         if out.is_graph_output():
@@ -322,30 +216,6 @@ def _unique_name(graph: ir.Graph, name: str) -> str:
     return f"{name}.{i}"
 
 
-def name_moe_weights(model: ir.Model) -> int:
-    """Name each com.microsoft.MoE's gate/up-interleaved fc1 [E, 2I, D] after its layer's experts.
-
-    The translation emits fc1 = Reshape(Concat(Unsqueeze(w1, 2), Unsqueeze(w3, 2), axis=2));
-    fold_weights has made that one constant. The name makes the weight file readable; prefill and
-    decode share the bytes either way.
-    """
-    graph = model.graph
-    count = 0
-    for node in list(graph):
-        if node.domain != MSFT_DOMAIN or node.op_type != "MoE":
-            continue
-        fc1, fc2 = node.inputs[2], node.inputs[4]
-        if fc1.const_value is None or not fc1.is_initializer():
-            raise LoweringError(f"MoE node {node.name}: fc1 is not computed from expert weight initializers "
-                                f"({fc1.producer().op_type if fc1.producer() is not None else 'a graph input'} in the way)")
-        prefix = fc2.name.rsplit(".", 1)[0] if fc2 is not None and fc2.name else f"moe{count}"
-        name = f"{prefix}.gate_up_interleaved"
-        if fc1.name != name and name not in graph.initializers and len(fc1.uses()) == 1:
-            fc1.name = name  # onnx_ir renames the initializer entry with it
-        count += 1
-    return count
-
-
 class _MetaWeight(ir.LazyTensor):
     """An initializer whose values are a meta torch tensor's: computed (materialize) when read."""
 
@@ -364,9 +234,6 @@ def defer_weights(model: ir.Model) -> int:
             value.const_value = _MetaWeight(tensor.raw, value.name)
             count += 1
     return count
-
-
-# ---------------------------------------------------------------- writing
 
 
 def save_models(models: dict[str, ir.Model], out_dir: str | Path, weights_file: str = "weights.bin",
@@ -600,78 +467,3 @@ def _fold_key(t) -> Any:
         return ("fold", source.fn.op, tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
                                                   for k, v in source.fn.attrs.items())), args)
     return id(t)
-
-
-def check_model(path: str | Path, *, with_data: bool = True) -> None:
-    """ONNX checker with full_check (strict shape inference) by path: works above 2 GB.
-
-    Without `with_data` (a graph-only export: the external data file was never written, and the
-    checker looks for it) the graph is checked in memory with each external initializer turned
-    into a graph input of the same type and shape: the same nodes and shapes are checked.
-    """
-    try:
-        if with_data:
-            onnx.checker.check_model(str(path), full_check=True)
-        else:
-            model = onnx.load(str(path), load_external_data=False)
-            graph = model.graph
-            for tensor in [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]:
-                graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
-                graph.initializer.remove(tensor)
-            onnx.checker.check_model(model, full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise LoweringError(f"{path}: fails the ONNX checker: {first}") from err
-
-
-# ---------------------------------------------------------------- in-place decode
-
-IN_PLACE_OPSET = 24  # TensorScatter
-
-
-def in_place_decode(decode_path: str | Path, out_path: str | Path) -> ir.Model:
-    """Write the decode graph's in-place variant beside it: the cache lives in capacity buffers.
-
-    The contract's decode graph returns `present = Concat(past, new)`, a fresh [B, P+1, ...] copy
-    of the whole cache each step. The variant takes `past.{i}.*` as buffers of a capacity T >= P+1
-    and one more input, `write_index` [B] (= P), and writes the new row with `TensorScatter` at
-    that index: bound as both `past.{i}.*` and `present.{i}.*`, a buffer is updated in place.
-    `attention_mask` is then [B, T]: the contract's [B, P+1] followed by zeros for the free rows.
-
-    Only the Concat nodes change. The attention already spans the mask's length, and the one
-    other use of the past length (the causal limit of the new token, P + 0) lets a single new
-    token see every key, so the variant is only valid for one new token, which is what decode
-    serves. The weights stay where `decode_path` references them (same folder).
-    """
-    model = ir.load(str(decode_path))
-    graph = model.graph
-    write_index = ir.Value(name=WRITE_INDEX, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["batch"]))
-    graph.inputs.append(write_index)
-    rewritten = 0
-    for value in list(graph.inputs):
-        if not value.name.startswith("past."):
-            continue
-        concats = [node for node, _ in value.uses() if node.op_type == "Concat"]
-        if len(concats) != 1 or concats[0].inputs[0] is not value or len(concats[0].inputs) != 2 \
-                or concats[0].attributes.get_int("axis") not in (1, -2):
-            raise LoweringError(f"{decode_path}: {value.name} is not appended to by one Concat on the sequence "
-                                "axis; the in-place decode graph cannot be made")
-        concat = concats[0]
-        write = ir.node("TensorScatter", [value, concat.inputs[1], write_index], attributes={"axis": 1},
-                        name=f"{concat.name}.in_place")
-        graph.insert_before(concat, write)
-        out = concat.outputs[0]
-        name = out.name
-        out.replace_all_uses_with(write.outputs[0], replace_graph_outputs=True)
-        graph.remove(concat, safe=True)
-        write.outputs[0].name = name
-        write.outputs[0].type, write.outputs[0].shape = value.type, value.shape
-        rewritten += 1
-    if rewritten == 0:
-        raise LoweringError(f"{decode_path}: no cache inputs to write in place")
-    for value in graph.inputs:
-        if value.name == "attention_mask":
-            value.shape = ir.Shape(["batch", "past"])
-    model.opset_imports[""] = max(model.opset_imports.get("", IN_PLACE_OPSET), IN_PLACE_OPSET)
-    ir.save(model, str(out_path))
-    return model

@@ -17,13 +17,13 @@ from typing import Any, Callable
 
 import torch
 
-from dscompile.exporter.eager import EagerEngine
+from dscompile.exporter.verify.eager import EagerEngine
 from dscompile.model.checkpoint import load_checkpoint
 from dscompile.model.quant import Scheme
 from dscompile.runtime.engine import Engine, KVCache
-from dscompile.runtime.errors import OptionError
-from dscompile.runtime.tolerance import QUANTIZED_ACTIVATIONS, TOLERANCE
-from dscompile.runtime.tolerance import bound as tolerance_bound
+from dscompile.errors import OptionError
+from dscompile.tolerance import QUANTIZED_ACTIVATIONS, TOLERANCE
+from dscompile.tolerance import bound as tolerance_bound
 
 
 
@@ -100,7 +100,7 @@ def run_compare(
 
     Both sides are fed the eager model's greedy tokens (teacher forcing). Per step also the
     logits' relative RMS error, KL divergence and top-1 agreement of the next-token distributions.
-    `table` replaces the dtype's tolerance table (runtime/tolerance.py), e.g. for kernels that
+    `table` replaces the dtype's tolerance table (dscompile/tolerance.py), e.g. for kernels that
     quantize activations.
     """
     if decode_steps < 0 or batch < 1 or prompt < 1:

@@ -1,0 +1,14 @@
+"""Lowering: optimized ExportedPrograms -> ONNX graphs and the weights file.
+
+    graph.py     lower(): torch.onnx.export with the dsc op translations, then tidy the graph
+    ops.py       the translations of dsc::latent_attention and dsc::moe (standard ONNX or ORT contrib ops)
+    weights.py   lazy weights, weight folds, and writing graphs with one shared weights file
+    in_place.py  the decode graph's variant that writes its cache into capacity buffers
+    quantize.py  int8/int4: MatMul/Gemm -> MatMulNBits, MoE -> QMoE over the lowered graphs
+"""
+
+from dscompile.errors import DscompileError
+
+
+class LoweringError(DscompileError):
+    """A graph could not be translated to ONNX or the result fails the ONNX checker."""

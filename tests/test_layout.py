@@ -1,0 +1,112 @@
+"""The layout holds: imports run one way between the layers, and long files say why they are one file.
+
+Layers, lowest first (what each may import from the package besides itself):
+
+    dscompile.errors, dscompile.tolerance   nothing: every layer may import them
+    dscompile.model                         the base
+    dscompile.runtime                       the base; the op set's reference calls model/routing.py
+    dscompile.passes                        the base and the op set (dscompile.runtime.ops), nothing else of runtime
+    dscompile.exporter                      everything below; only the CLI imports the API
+    dscompile (api.py, __init__, __main__)  everything
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FOLDERS = {"model": "dscompile.model", "runtime": "dscompile.runtime", "passes": "dscompile.passes",
+           "exporter": "dscompile.exporter", "dscompile": "dscompile"}
+BASE = ("dscompile.errors", "dscompile.tolerance")
+
+# module prefix -> prefixes of what it may import (itself and the base always allowed)
+ALLOWED = {
+    "dscompile.model": (),
+    "dscompile.runtime": ("dscompile.model.routing",),
+    "dscompile.passes": ("dscompile.runtime.ops",),
+    "dscompile.exporter.cli": ("dscompile.api", "dscompile.model", "dscompile.passes", "dscompile.runtime",
+                               "dscompile.exporter"),
+    "dscompile.exporter": ("dscompile.model", "dscompile.passes", "dscompile.runtime"),
+}
+
+# Files over LONG lines, and why each is one file.
+LONG = 500
+LONG_FILES = {
+    "exporter/export.py": "the export job in order (load, capture, passes, lower, write, manifest), one function per "
+                          "step of the manifest it writes",
+}
+
+
+def modules() -> dict[str, Path]:
+    """Every module of the package by its installed name."""
+    found = {}
+    for folder, package in FOLDERS.items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            parts = list(path.relative_to(ROOT / folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            found[".".join([package, *parts])] = path
+    return found
+
+
+def imports_of(path: Path, name: str) -> set[str]:
+    """The package modules `path` imports, at any depth (lazy imports in functions count)."""
+    tree = ast.parse(path.read_text())
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                module = f"{base}.{node.module}" if node.module else base
+            else:
+                module = node.module or ""
+            out.add(module)
+            out.update(f"{module}.{a.name}" for a in node.names)  # `from pkg import submodule`
+    known = modules()
+    return {m for m in out if m.startswith("dscompile") and m in known}
+
+
+def layer_of(name: str) -> str | None:
+    if name in BASE or name in ("dscompile", "dscompile.api", "dscompile.__main__"):
+        return None  # the base imports nothing; the API may import everything
+    return max((p for p in ALLOWED if name == p or name.startswith(p + ".")), key=len)
+
+
+def test_imports_run_one_way():
+    wrong = []
+    for name, path in modules().items():
+        imported = imports_of(path, name)
+        if name in BASE:
+            wrong += [f"{name} -> {m} (the base imports nothing of the package)" for m in imported if m not in BASE]
+            continue
+        layer = layer_of(name)
+        if layer is None:
+            continue
+        allowed = (layer, *BASE, *ALLOWED[layer])
+        wrong += [f"{name} -> {m}" for m in sorted(imported)
+                  if not any(m == a or m.startswith(a + ".") for a in allowed)]
+    assert not wrong, "imports against the layering:\n" + "\n".join(wrong)
+
+
+def test_the_check_sees_a_wrong_import(tmp_path, monkeypatch):
+    """The checker itself: a model module importing runtime is reported (so the test above can fail)."""
+    fake = tmp_path / "model"
+    fake.mkdir()
+    (fake / "bad.py").write_text("from dscompile.runtime.engine import Engine\n"
+                                 "def f():\n    import dscompile.passes.fuse_moe\n")
+    got = imports_of(fake / "bad.py", "dscompile.model.bad")
+    assert got == {"dscompile.runtime.engine", "dscompile.passes.fuse_moe"}
+    layer = layer_of("dscompile.model.bad")
+    assert layer == "dscompile.model" and not any(m.startswith(("dscompile.model", *BASE)) for m in got)
+
+
+def test_long_files_say_why_they_are_one_file():
+    lengths = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in modules().values()}
+    unexplained = sorted(f"{f} ({n} lines)" for f, n in lengths.items() if n > LONG and f not in LONG_FILES)
+    assert not unexplained, f"files over {LONG} lines without a reason in LONG_FILES: {unexplained}"
+    stale = sorted(f for f in LONG_FILES if lengths.get(f, 0) <= LONG)
+    assert not stale, f"LONG_FILES lists files that are no longer long: {stale}"
