@@ -16,12 +16,12 @@ from typing import Any
 import torch
 
 from dscompile.errors import ConfigError
+from dscompile.model.routing import TOPK_METHODS
 
 # The published full-size configs (DeepSeek-V2, V2-Lite, V3; see its README.md), shipped with the
 # package: full-size capture and lowering need their shapes, not their weights.
 PUBLISHED_CONFIGS = Path(__file__).resolve().parent / "configs"
 SUPPORTED_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
-TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 
 
 @dataclass(frozen=True)

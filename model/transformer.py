@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dscompile.model.args import ModelArgs
+from dscompile.model.routing import Routing, route
 
 LayerCache = tuple[torch.Tensor, torch.Tensor]  # (kv_latent [B, P, C], k_rope [B, P, R])
 
@@ -136,53 +137,19 @@ class MLP(nn.Module):
 
 
 class Gate(nn.Module):
-    """Router: token -> K experts and their weights.
-
-    - greedy (V2): softmax scores, top-k.
-    - group_limited_greedy (V2): keep the `topk_group` groups with the best single score, then top-k.
-    - noaux_tc (V3): sigmoid scores; selection uses scores + e_score_correction_bias, groups ranked
-      by the sum of their top-2; the weights are the *unbiased* scores of the chosen experts.
-    Experts outside the kept groups are masked with -inf (never 0: biased scores can be negative).
-    Weights: V2 normalizes when norm_topk_prob (and K > 1), otherwise scales by
-    routed_scaling_factor (DeepSeek-V2's published code); V3 normalizes when norm_topk_prob and
-    always scales.
-    """
+    """Router: token -> K experts and their weights, as model/routing.py defines them (in float32)."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.top_k, self.n_group, self.topk_group = args.num_experts_per_tok, args.n_group, args.topk_group
-        self.method, self.norm, self.scale = args.topk_method, args.norm_topk_prob, args.routed_scaling_factor
+        self.routing = Routing.of(args)
         self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.hidden_size))
-        if self.method == "noaux_tc":
+        if args.topk_method == "noaux_tc":
             self.register_buffer("e_score_correction_bias", torch.zeros(args.n_routed_experts, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(x.float(), self.weight.float())  # [L, E], routing always in fp32
-        L, E = logits.shape
-        if self.method == "noaux_tc":
-            scores = logits.sigmoid()
-            choice = scores + self.e_score_correction_bias
-            group_scores = choice.view(L, self.n_group, E // self.n_group).topk(2, dim=-1)[0].sum(-1)
-        else:
-            scores = logits.softmax(dim=-1)
-            choice = scores
-            group_scores = scores.view(L, self.n_group, E // self.n_group).amax(-1)
-        if self.method != "greedy":
-            keep = torch.zeros_like(group_scores, dtype=torch.bool)
-            keep = keep.scatter(1, group_scores.topk(self.topk_group, dim=-1)[1], True)  # [L, n_group]
-            keep = keep[:, :, None].expand(L, self.n_group, E // self.n_group).reshape(L, E)
-            choice = choice.masked_fill(~keep, float("-inf"))
-        idx = choice.topk(self.top_k, dim=-1)[1]  # [L, K]
-        weights = scores.gather(1, idx)
-        if self.method == "noaux_tc":
-            if self.norm:
-                weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-            weights = weights * self.scale
-        elif self.norm and self.top_k > 1:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        else:
-            weights = weights * self.scale
-        return weights, idx
+        """x [L, D] -> (weights [L, K] float32, expert ids [L, K])."""
+        logits = F.linear(x.float(), self.weight.float())  # [L, E]
+        return route(logits, getattr(self, "e_score_correction_bias", None), self.routing)
 
 
 class Experts(nn.Module):

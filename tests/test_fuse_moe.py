@@ -19,11 +19,11 @@ from conftest import assert_close
 from dscompile.tolerance import bound as tolerance_bound
 from dscompile.exporter.capture import capture, example_inputs
 from dscompile.model.checkpoint import build_model, load_checkpoint
+from dscompile.model.routing import Routing, route
 from dscompile.model.synthetic import random_state, tiny_args
 from dscompile.passes import PassOptions, fuse_moe
 from dscompile.passes.ep_edit import param_name, regions
 from dscompile.passes.fuse_moe import FuseMoeError
-from dscompile.runtime.ops.moe import route
 
 aten = torch.ops.aten
 MOE = torch.ops.dsc.moe.default
@@ -45,7 +45,7 @@ def captured(make_ckpt):
             models[variant] = load_checkpoint(make_ckpt(variant, **VARIANTS[variant]))
         if (variant, phase) not in cache:
             model = models[variant]
-            cache[variant, phase] = (model.args, model, capture(model, phase))
+            cache[variant, phase] = (model.args, model, capture(model))
         return cache[variant, phase]
 
     return get
@@ -136,7 +136,7 @@ def test_dense_model_does_not_fire():
     args = replace(tiny_args("v3", layers=1), n_routed_experts=None)
     model = build_model(args)
     model.load_state_dict(random_state(args))
-    ep = capture(model, "decode")
+    ep = capture(model)
     nodes = len(ep.graph.nodes)
     out, count = fuse_moe.run(ep, PassOptions("decode", args))
     assert count == 0 and not regions(out, "MoE")
@@ -197,8 +197,7 @@ def test_v3_groups_with_experts_that_get_no_tokens(captured):
             bias[:2] = -10.0
     gate = model.layers[_moe_layers(args)[0]].mlp.gate
     x = torch.randn(64, args.hidden_size, generator=torch.Generator().manual_seed(0))
-    _w, idx = route(x, gate.weight, gate.e_score_correction_bias, args.num_experts_per_tok, args.n_group,
-                    args.topk_group, args.topk_method, args.norm_topk_prob, args.routed_scaling_factor)
+    _w, idx = route(x @ gate.weight.t(), gate.e_score_correction_bias, Routing.of(args))
     counts = torch.bincount(idx.flatten(), minlength=args.n_routed_experts)
     assert (counts[:2] == 0).all() and (counts[2:] > 0).all(), counts
 
@@ -206,7 +205,7 @@ def test_v3_groups_with_experts_that_get_no_tokens(captured):
     assert count == args.num_moe_layers
     _assert_same_outputs(ep, out, passes.random_inputs(ep, args.vocab_size), "v3 empty experts, prefill")
     # One token: K = 2 of 8 experts run, 6 get nothing; the fused graph still matches eager.
-    ids, pos, mask, cache = example_inputs(model, "decode", batch=1, new=1, past=5, seed=1)
+    ids, pos, mask, cache = example_inputs(model, batch=1, new=1, past=5, seed=1)
     with torch.no_grad():
         ref = model(ids, pos, mask, cache)[0]
         got = out.module()(ids, pos, mask, cache)[0]

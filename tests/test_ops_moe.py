@@ -1,40 +1,27 @@
-"""dsc::moe: routing and real dispatch vs a dense all-experts MoE, fake impl under export, errors.
+"""dsc::moe: real dispatch vs a dense all-experts MoE, fake impl under export, errors.
+
+The routing is model/routing.py's (tests/test_routing.py checks it); here it only picks the
+experts the dense reference combines.
 
 Shapes: T tokens, D hidden, E experts, K active experts per token, I expert intermediate,
 Is shared intermediate.
 """
 
-from dataclasses import dataclass
+from dataclasses import astuple, replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import dscompile.runtime.ops  # noqa: F401  (registers the dsc ops)
-from dscompile.runtime.ops.moe import moe_experts_reference, route
+from dscompile.model.routing import Routing, route
+from dscompile.runtime.ops.moe import moe_experts_reference, route as op_route
 from conftest import assert_op_close as assert_close
 
-
-
-
-@dataclass(frozen=True)
-class Gate:
-    top_k: int
-    n_group: int
-    topk_group: int
-    topk_method: str
-    norm_topk_prob: bool
-    routed_scaling_factor: float
-
-    def args(self):
-        return (self.top_k, self.n_group, self.topk_group, self.topk_method, self.norm_topk_prob,
-                self.routed_scaling_factor)
-
-
-V2_LITE = Gate(2, 1, 1, "greedy", False, 1.0)
-V2 = Gate(3, 4, 2, "group_limited_greedy", False, 16.0)
-V2_NORM = Gate(3, 4, 2, "group_limited_greedy", True, 16.0)
-V3 = Gate(4, 4, 2, "noaux_tc", True, 2.5)
+V2_LITE = Routing(2, 1, 1, "greedy", False, 1.0)
+V2 = Routing(3, 4, 2, "group_limited_greedy", False, 16.0)
+V2_NORM = Routing(3, 4, 2, "group_limited_greedy", True, 16.0)
+V3 = Routing(4, 4, 2, "noaux_tc", True, 2.5)
 GATES = [pytest.param(g, id=f"{g.topk_method}-norm{int(g.norm_topk_prob)}")
          for g in (V2_LITE, V2, V2_NORM, V3)]
 
@@ -54,47 +41,22 @@ def make_weights(D=24, I=20, E=8, Is=40, shared=True, bias=True, dtype=torch.flo
     )
 
 
-def call_moe(x, w, gate: Gate):
+def call_moe(x, w, gate: Routing):
     return torch.ops.dsc.moe(x, w["gate_weight"], w["e_score_correction_bias"], w["w1"],
                              w["w2"], w["w3"], w["shared_w1"], w["shared_w2"], w["shared_w3"],
-                             *gate.args())
+                             *astuple(gate))
 
 
-def dense_route(x2d, gate_weight, bias, gate: Gate):
-    """The published gates, written independently of runtime.ops.moe.route (sort, not topk)."""
-    E = gate_weight.shape[0]
-    logits = x2d.float() @ gate_weight.float().t()
-    per_group = E // gate.n_group
-    if gate.topk_method == "noaux_tc":
-        scores = logits.sigmoid()
-        choice = scores + (0 if bias is None else bias.float())
-        top2 = choice.view(-1, gate.n_group, per_group).sort(-1, descending=True).values[..., :2]
-        group_scores = top2.sum(-1)
-    else:
-        scores = logits.softmax(-1)
-        choice = scores
-        group_scores = scores.view(-1, gate.n_group, per_group).max(-1).values
-    if gate.topk_method != "greedy":
-        best_groups = group_scores.sort(-1, descending=True).indices[:, :gate.topk_group]
-        in_best = (torch.arange(E)[None, :, None] // per_group == best_groups[:, None, :]).any(-1)
-        choice = torch.where(in_best, choice, torch.tensor(float("-inf")))
-    idx = choice.sort(-1, descending=True).indices[:, :gate.top_k]
-    w = scores.gather(1, idx)
-    if gate.topk_method == "noaux_tc":
-        if gate.norm_topk_prob:
-            w = w / (w.sum(-1, keepdim=True) + 1e-20)
-        w = w * gate.routed_scaling_factor
-    elif gate.norm_topk_prob and gate.top_k > 1:
-        w = w / (w.sum(-1, keepdim=True) + 1e-20)
-    else:
-        w = w * gate.routed_scaling_factor
-    return w, idx
+def reference_route(x2d, w, gate: Routing):
+    """(weights, ids) of model/routing.py from the float32 logits of x2d."""
+    logits = x2d.float() @ w["gate_weight"].float().t()
+    return route(logits, w["e_score_correction_bias"], gate)
 
 
-def dense_moe(x, w, gate: Gate):
+def dense_moe(x, w, gate: Routing):
     """Every expert on every token, combined through a [T, E] weight matrix that is 0 off-route."""
     x2d = x.reshape(-1, x.shape[-1]).float()
-    weights, idx = dense_route(x2d, w["gate_weight"], w["e_score_correction_bias"], gate)
+    weights, idx = reference_route(x2d, w, gate)
     E = w["w1"].shape[0]
     combine = torch.zeros(x2d.shape[0], E).scatter(1, idx, weights)            # [T, E]
     g = torch.einsum("td,eid->tei", x2d, w["w1"].float())
@@ -118,52 +80,11 @@ def test_reference_matches_dense(gate, lead, shared):
     assert_close(out, dense_moe(x, w, gate), torch.float32, f"moe {gate} lead={lead}")
 
 
-@pytest.mark.parametrize("gate", GATES)
-def test_route_matches_dense_route(gate):
-    w = make_weights(E=16)
-    x2d = torch.randn(29, 24, generator=torch.Generator().manual_seed(2))
-    bias = w["e_score_correction_bias"]
-    weights, idx = route(x2d, w["gate_weight"], bias, *gate.args())
-    ref_w, ref_idx = dense_route(x2d, w["gate_weight"], bias, gate)
-    assert weights.dtype == torch.float32 and idx.dtype == torch.int64
-    order, ref_order = idx.argsort(-1), ref_idx.argsort(-1)       # top-k order is not semantics
-    assert torch.equal(idx.gather(1, order), ref_idx.gather(1, ref_order))
-    assert_close(weights.gather(1, order), ref_w.gather(1, ref_order), torch.float32, "weights")
-
-
-def test_v2_scales_when_it_does_not_normalize():
-    # DeepSeek-V2: norm_topk_prob with top_k == 1 takes the scaling branch instead.
-    w = make_weights()
-    x2d = torch.randn(5, 24)
-    scores = (x2d @ w["gate_weight"].t()).softmax(-1)
-    weights, idx = route(x2d, w["gate_weight"], None, 1, 1, 1, "greedy", True, 3.0)
-    assert_close(weights, scores.max(-1, keepdim=True).values * 3.0, torch.float32, "top-1")
-
-
-def test_noaux_tc_masks_with_minus_inf():
-    # Biased choices of the kept group are negative; a mask of 0 would pick the dropped group.
-    E, D = 4, 8
-    gate_weight = torch.zeros(E, D)
-    bias = torch.tensor([-5.0, -5.0, -10.0, -10.0])
-    x2d = torch.randn(3, D)
-    _, idx = route(x2d, gate_weight, bias, 2, 2, 1, "noaux_tc", True, 1.0)
-    assert set(idx.flatten().tolist()) == {0, 1}
-
-
-def test_group_limited_greedy_stays_in_best_groups():
-    w = make_weights(E=16)
-    x2d = torch.randn(50, 24)
-    _, idx = route(x2d, w["gate_weight"], None, 4, 8, 2, "group_limited_greedy", False, 1.0)
-    scores = (x2d @ w["gate_weight"].t()).softmax(-1)
-    best = scores.view(50, 8, 2).amax(-1).topk(2, -1).indices                 # [T, 2]
-    assert (idx[:, :, None] // 2 == best[:, None, :]).any(-1).all()
-
-
 def test_experts_without_tokens_are_never_computed():
     # NaN weights in every expert that receives no token: a dense evaluation would emit NaN.
     w = make_weights(shared=False)
     x = torch.randn(1, 24)
-    _, idx = route(x, w["gate_weight"], None, *V2_LITE.args())
+    _, idx = reference_route(x, w, V2_LITE)
     unused = sorted(set(range(8)) - set(idx.flatten().tolist()))
     assert unused, "the case needs idle experts"
     for name in ("w1", "w2", "w3"):
@@ -197,7 +118,7 @@ def test_reference_bf16(gate):
 
 
 class _MoE(torch.nn.Module):
-    def __init__(self, w, gate: Gate):
+    def __init__(self, w, gate: Routing):
         super().__init__()
         self.w, self.gate = w, gate
 
@@ -227,14 +148,12 @@ def test_fake_impl_exports_with_dynamic_tokens(shared, bias):
 ])
 def test_invalid_routing_args_name_the_argument(change, name):
     w = make_weights(bias=False)
-    fields = dict(top_k=2, n_group=4, topk_group=2, topk_method="group_limited_greedy",
-                  norm_topk_prob=False, routed_scaling_factor=1.0)
-    gate = Gate(**{**fields, **change})
+    gate = replace(Routing(2, 4, 2, "group_limited_greedy", False, 1.0), **change)
     x = torch.randn(3, 24)
     with pytest.raises(ValueError, match=name):
         call_moe(x, w, gate)
     with pytest.raises(ValueError, match=name):
-        route(x, w["gate_weight"], None, *gate.args())
+        op_route(x, w["gate_weight"], None, *astuple(gate))
 
 
 def test_invalid_shapes_name_the_tensor():

@@ -35,6 +35,7 @@ finally:
 import dscompile.runtime.ops  # noqa: E402, F401  (registers the dsc ops)
 from dscompile.runtime.ops import latent_attention as la_mod  # noqa: E402
 from dscompile.runtime.ops import moe as moe_mod  # noqa: E402
+from dscompile.model.routing import Routing, route  # noqa: E402
 from conftest import assert_op_close as assert_close  # noqa: E402
 
 
@@ -126,7 +127,7 @@ MOE_CASES = [
 @pytest.mark.parametrize("T,D,I,E,K,block_m,block_n,block_k", MOE_CASES)
 def test_moe_experts_kernel_interpreted(interpreter, T, D, I, E, K, block_m, block_n, block_k):
     x2d, gate_weight, w1, w2, w3 = moe_inputs(T, D, I, E)
-    weights, idx = moe_mod.route(x2d, gate_weight, None, K, 1, 1, "greedy", False, 1.7)
+    weights, idx = route(x2d @ gate_weight.t(), None, Routing(K, 1, 1, "greedy", False, 1.7))
     out = tk.triton_moe_experts(x2d, w1, w2, w3, weights, idx, block_m=block_m,
                                 block_n=block_n, block_k=block_k)
     ref = moe_mod.moe_experts_reference(x2d, w1, w2, w3, weights, idx)
@@ -178,7 +179,7 @@ def test_kernels_really_run_under_interpreter(interpreter, monkeypatch):
     q, qr, kv, kr, mask = attention_inputs(1, 2, 1, 20, 8, 4)
     attn = tk.triton_latent_attention(q, qr, kv, kr, mask, 0.5, block_t=16, num_splits=2)
     x2d, gate_weight, w1, w2, w3 = moe_inputs(3, 16, 16, 4)
-    weights, idx = moe_mod.route(x2d, gate_weight, None, 2, 1, 1, "greedy", False, 1.0)
+    weights, idx = route(x2d @ gate_weight.t(), None, Routing(2, 1, 1, "greedy", False, 1.0))
     experts = tk.triton_moe_experts(x2d, w1, w2, w3, weights, idx, block_n=16, block_k=16)
     assert torch.isfinite(attn).all() and attn.abs().sum() > 0
     assert torch.isfinite(experts).all() and experts.abs().sum() > 0

@@ -173,7 +173,10 @@ def _keep_best_groups(choice, group_scores, E: int, n_group: int, topk_group: in
 
 def route(x2d, x_dtype: ir.DataType, gate_weight, bias, E: int, top_k: int, n_group: int, topk_group: int, topk_method: str,
           norm_topk_prob: bool, routed_scaling_factor: float):
-    """DeepSeek gate in float32 (runtime/ops/moe.py `route`): weights [T, K] float32, idx [T, K]."""
+    """DeepSeek gate in float32 as model/routing.py defines it: weights [T, K] float32, idx [T, K].
+
+    tests/test_routing.py runs it on ONNX Runtime against that definition.
+    """
     logits = op.Gemm(_to_float(x2d, x_dtype), _to_float(gate_weight, gate_weight.dtype), transB=1)  # [T, E]
     k = _const([top_k])
     if topk_method == "noaux_tc":

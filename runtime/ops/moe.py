@@ -3,9 +3,10 @@
     out = Σ_k w[t,k] · expert_{idx[t,k]}(x[t]) + shared(x[t])
     expert_e(x) = w2[e] @ (silu(w1[e] @ x) * (w3[e] @ x))
 
-`route` is the gate (DeepSeek-V2 softmax "greedy" / "group_limited_greedy", DeepSeek-V3 sigmoid
-"noaux_tc"); `moe_experts_reference` really dispatches: tokens are grouped by expert and only the
-chosen experts run, on their tokens. On CUDA the experts run as Triton grouped GEMMs
+`route` is the gate: float32 router logits, routed as model/routing.py defines it (DeepSeek-V2
+softmax "greedy" / "group_limited_greedy", DeepSeek-V3 sigmoid "noaux_tc");
+`moe_experts_reference` really dispatches: tokens are grouped by expert and only the chosen
+experts run, on their tokens. On CUDA the experts run as Triton grouped GEMMs
 (`triton_kernels.py`) when Triton is importable.
 
 Shapes: T tokens (all leading dims of x flattened), D hidden, E routed experts, K active experts
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+from dscompile.model.routing import TOPK_METHODS, Routing, route as route_logits
 
 
 def check_routing_args(num_experts: int, top_k: int, n_group: int, topk_group: int,
@@ -39,48 +40,14 @@ def check_routing_args(num_experts: int, top_k: int, n_group: int, topk_group: i
                          f" experts of topk_group={topk_group} groups")
 
 
-def _keep_best_groups(choice: Tensor, group_scores: Tensor, topk_group: int) -> Tensor:
-    """-inf (never 0: choices can be negative) for the experts outside the best groups."""
-    T, n_group = group_scores.shape
-    best = group_scores.topk(topk_group, dim=-1, sorted=False).indices     # [T, topk_group]
-    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
-    keep = keep.unsqueeze(-1).expand(T, n_group, choice.shape[-1] // n_group)
-    return choice.masked_fill(~keep.reshape(choice.shape), float("-inf"))
-
-
 def route(x2d: Tensor, gate_weight: Tensor, bias: Optional[Tensor], top_k: int, n_group: int,
           topk_group: int, topk_method: str, norm_topk_prob: bool,
           routed_scaling_factor: float) -> tuple[Tensor, Tensor]:
-    """DeepSeek gate in float32: returns (weights [T, K] float32, expert ids [T, K] int64)."""
-    E = gate_weight.shape[0]
-    check_routing_args(E, top_k, n_group, topk_group, topk_method)
-    T = x2d.shape[0]
+    """The op's gate in float32: returns (weights [T, K] float32, expert ids [T, K] int64)."""
+    check_routing_args(gate_weight.shape[0], top_k, n_group, topk_group, topk_method)
     logits = x2d.float() @ gate_weight.float().t()                          # [T, E]
-    if topk_method == "noaux_tc":
-        scores = logits.sigmoid()
-        choice = scores if bias is None else scores + bias.float()
-        grouped = choice.view(T, n_group, E // n_group)
-        group_scores = grouped.topk(min(2, E // n_group), dim=-1).values.sum(-1)  # [T, n_group]
-        choice = _keep_best_groups(choice, group_scores, topk_group)
-        idx = choice.topk(top_k, dim=-1).indices
-        weights = scores.gather(1, idx)
-        if norm_topk_prob:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return weights * routed_scaling_factor, idx
-
-    scores = logits.softmax(dim=-1)
-    choice = scores
-    if topk_method == "group_limited_greedy":
-        group_scores = scores.view(T, n_group, E // n_group).amax(dim=-1)  # [T, n_group]
-        choice = _keep_best_groups(scores, group_scores, topk_group)
-    idx = choice.topk(top_k, dim=-1).indices
-    weights = scores.gather(1, idx)
-    # DeepSeek-V2's published gate scales only when it does not normalize.
-    if norm_topk_prob and top_k > 1:
-        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-    else:
-        weights = weights * routed_scaling_factor
-    return weights, idx
+    routing = Routing(top_k, n_group, topk_group, topk_method, norm_topk_prob, routed_scaling_factor)
+    return route_logits(logits, bias, routing)
 
 
 def check_expert_weights(x2d: Tensor, w1: Tensor, w2: Tensor, w3: Tensor) -> None:
