@@ -35,7 +35,7 @@ from dscompile.exporter.export import STAGES, TARGETS, export_checkpoint  # noqa
 from dscompile.model.args import PUBLISHED_CONFIGS  # noqa: E402
 from dscompile.runtime.engine import DTYPES  # noqa: E402
 
-LIMITS = Limits(max_batch=64, max_new_tokens=4096, max_context=16384)
+LIMITS = Limits(max_batch=64, max_prompt_tokens=4096, max_context=16384)
 
 
 def peak_rss_gib() -> float:

@@ -81,7 +81,7 @@ def main() -> None:
         load_peak, load_s, _ = child_peak(load_cmd)
         shutil.rmtree(out, ignore_errors=True)
         export_cmd = [sys.executable, "-m", "dscompile", "export", str(ckpt), "-o", str(out), "--max-batch", "2",
-                      "--max-new-tokens", "64", "--max-context", "128", "--json"]
+                      "--max-prompt-tokens", "64", "--max-context", "128", "--json"]
         export_peak, export_s, info = child_peak(export_cmd)
         if info["rc"] != 0:
             raise SystemExit(f"export failed (exit {info['rc']}): {info['stderr']}")

@@ -1,11 +1,13 @@
-"""`dscompile bench` (exporter/bench.py): the floor arithmetic, the report's structure on a tiny
-checkpoint (1 repeat, tiny contexts), and bad options through the real CLI.
+"""`dscompile bench` (exporter/bench/, and benchmarks/hf_systems.py for the systems that wrap
+transformers): the floor arithmetic, the report's structure on a tiny checkpoint (1 repeat, tiny
+contexts), bad options through the real CLI, and the product without transformers' code.
 
 Benchmarks are not tests: nothing here asserts a time.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -15,10 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from dscompile.exporter.bench import (BenchOptions, MachineProbe, _load_lines, compare_alternately, context_scaling, decode_floor,
-                            experts_read, parse_engines, parse_ints, plot, run_bench, step_weight_params, table_lines,
-                            time_ms, to_json)
-from dscompile.exporter.loadmem import LoadMeasureError, measure_load
+import dscompile.exporter.bench.systems as bench_systems
+from dscompile.exporter.bench import BenchOptions, parse_engines, parse_ints, plot, run_bench, table_lines, to_json
+from dscompile.exporter.bench.floors import decode_floor, experts_read, step_weight_params
+from dscompile.exporter.bench.memory import LoadMeasureError, measure_load
+from dscompile.exporter.bench.report import _load_lines
+from dscompile.exporter.bench.systems import HF_SYSTEMS_MISSING, find_hf_systems, llama_bench_rows, step_inputs
+from dscompile.exporter.bench.timing import MachineProbe, compare_alternately, context_scaling, time_ms
 from dscompile.model.checkpoint import build_model
 from dscompile.model.synthetic import make_checkpoint, tiny_args
 from dscompile.errors import OptionError
@@ -69,8 +74,6 @@ def test_llama_bench_rows_from_its_json(tmp_path):
     """How llama-bench's JSON becomes bench rows: one call per test, decode per token, prefill per prompt.
     (The process is replaced by a function returning JSON in llama-bench's format; llama.cpp itself is
     measured only where a binary and a GGUF are given.)"""
-    from dscompile.exporter.bench import llama_bench_rows
-
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF" + b"\0" * 100)
     calls = []
@@ -337,18 +340,18 @@ def test_real_valued_rope_gives_transformers_logits_and_restores_it(tmp_path):
     pytest.importorskip("transformers", reason="transformers is the external reference (test dependency)")
     import transformers.models.deepseek_v2.modeling_deepseek_v2 as v2
 
-    from dscompile.exporter.bench import HFSystem, _inputs, _real_valued_rope
     from dscompile.model.args import ModelArgs
 
+    hf_systems = find_hf_systems()
     ckpt = make_checkpoint(tmp_path / "ckpt", "v2-lite", layers=2)
-    hf = HFSystem(ckpt, ModelArgs.from_json(ckpt / "config.json"))
-    ids, pos, mask = _inputs(hf.args.vocab_size, 2, 5, 0, 3)
+    hf = hf_systems.HFSystem(ckpt, ModelArgs.from_json(ckpt / "config.json"))
+    ids, pos, mask = step_inputs(hf.args.vocab_size, 2, 5, 0, 3)
     pos = pos + 11  # not position 0, where every rotation is the identity
     run = lambda: hf.model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False).logits  # noqa: E731
     original = v2.apply_rotary_emb
     with torch.no_grad():
         want = run()
-        with _real_valued_rope(hf.model) as rewritten:
+        with hf_systems._real_valued_rope(hf.model) as rewritten:
             assert rewritten and v2.apply_rotary_emb is not original
             assert not hf.model.model.rotary_emb(want, pos).is_complex()
             got = run()
@@ -379,3 +382,69 @@ def test_hf_onnx_exports_and_is_measured_where_its_graph_allows(tmp_path):
     assert row["speedup_vs_hf_onnx"] > 0
     assert any(ln.startswith("hf-onnx graph: RoPE rewritten") for ln in table_lines(result))
     assert result["load"]["hf-onnx"]["load_s"] > 0 and "not included" in result["load"]["hf-onnx"]["loader"]
+
+
+# ---------------------------------------------------------------- the systems that wrap transformers stay out of the product
+
+
+def test_hf_systems_come_from_the_checkouts_benchmarks():
+    """In a repository checkout the systems that wrap transformers are benchmarks/hf_systems.py, not the package's."""
+    hf_systems = find_hf_systems()
+    assert Path(hf_systems.__file__).resolve() == ROOT / "benchmarks" / "hf_systems.py"
+    assert hf_systems.HFSystem.name == "hf" and hf_systems.HFOnnxSystem.name == "hf-onnx"
+
+
+def test_without_the_benchmarks_module_hf_systems_are_skipped_and_ours_measured(report, monkeypatch):
+    """An installed package has no benchmarks/: hf and hf-onnx are skipped with one line, ours still runs."""
+    result, root = report
+    monkeypatch.setattr(bench_systems, "benchmarks_folder", lambda: None)
+    monkeypatch.setitem(sys.modules, "hf_systems", None)  # an import of it would fail the run
+    again = run_bench(Path(result["checkpoint"]), root / "home",
+                      BenchOptions(contexts=[2, 4], batches=[1], repeats=1, warmup=0, prefill_tokens=2,
+                                   systems=["hf", "hf-onnx", "ours"], bandwidth_bytes=1 << 20, gemm_size=64))
+    assert "benchmarks/hf_systems.py" in HF_SYSTEMS_MISSING and "\n" not in HF_SYSTEMS_MISSING
+    assert again["skipped"] == {"hf": HF_SYSTEMS_MISSING, "hf-onnx": HF_SYSTEMS_MISSING}
+    assert [(r["system"], r["phase"]) for r in again["results"]] == [("ours", "prefill"), ("ours", "decode"),
+                                                                     ("ours", "decode")]
+    assert list(again["load"]) == ["ours"] and again["alternating"] == [] and "hf_onnx_export" not in again
+    assert list(again["context_scaling"]) == ["ours"] and again["cache"]["transformers_bytes_per_token"] is None
+    lines = table_lines(again)
+    assert f"skipped hf: {HF_SYSTEMS_MISSING}" in lines and f"skipped hf-onnx: {HF_SYSTEMS_MISSING}" in lines
+
+
+PRODUCT = ("model", "runtime", "passes", "exporter", "dscompile")  # the folders the package installs
+
+
+def transformers_uses(source: str) -> list[int]:
+    """Lines of `source` that import transformers or use a name `transformers` (lazy imports in functions count)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [] if node.level else [node.module or ""]
+        elif isinstance(node, ast.Name):
+            names = [node.id]
+        else:
+            continue
+        if any(n == "transformers" or n.startswith("transformers.") for n in names):
+            found.append(node.lineno)
+    return sorted(set(found))
+
+
+def test_the_product_does_not_import_transformers():
+    """transformers is a development-time reference: no module the package installs imports or drives it."""
+    found = [f"{path.relative_to(ROOT)}:{line}" for folder in PRODUCT for path in sorted((ROOT / folder).rglob("*.py"))
+             for line in transformers_uses(path.read_text())]
+    assert not found, "the product imports transformers:\n" + "\n".join(found)
+
+
+def test_the_transformers_check_sees_each_form():
+    source = ("import transformers\n"
+              "from transformers import DynamicCache\n"
+              "def f():\n    import transformers.models.deepseek_v2 as v2\n"
+              "x = sys.modules['transformers'] and transformers.__version__\n"
+              "import transformers_stream_generator, dscompile.transformers\n"
+              "from .transformers import y\n"
+              "why = 'transformers is not installed'\n")
+    assert transformers_uses(source) == [1, 2, 4, 5]
