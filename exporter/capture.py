@@ -23,16 +23,16 @@ class Limits:
     """Largest sizes the engines accept (dynamic-dim ranges of the captured graphs)."""
 
     max_batch: int = 64
-    max_new_tokens: int = 8192  # prefill S
+    max_prompt_tokens: int = 8192  # prefill S
     max_context: int = 16384  # P + S
 
     def __post_init__(self) -> None:
-        if self.max_batch < 1 or self.max_new_tokens < 1 or self.max_context < self.max_new_tokens:
-            raise ValueError(f"invalid limits {self}: need max_batch >= 1, 1 <= max_new_tokens <= max_context")
+        if self.max_batch < 1 or self.max_prompt_tokens < 1 or self.max_context < self.max_prompt_tokens:
+            raise ValueError(f"invalid limits {self}: need max_batch >= 1, 1 <= max_prompt_tokens <= max_context")
         # The trace needs S >= 2 and P >= 2 in its example (torch.export specializes sizes 0 and 1).
-        if self.max_new_tokens < 2 or self.max_context < self.example_new + 2:
-            raise ValueError(f"invalid limits {self}: need max_new_tokens >= 2 and max_context >= "
-                             f"{min(3, max(self.max_new_tokens, 2)) + 2}")
+        if self.max_prompt_tokens < 2 or self.max_context < self.example_new + 2:
+            raise ValueError(f"invalid limits {self}: need max_prompt_tokens >= 2 and max_context >= "
+                             f"{min(3, max(self.max_prompt_tokens, 2)) + 2}")
 
     @property
     def example_batch(self) -> int:
@@ -40,7 +40,7 @@ class Limits:
 
     @property
     def example_new(self) -> int:
-        return min(3, self.max_new_tokens)
+        return min(3, self.max_prompt_tokens)
 
     @property
     def example_past(self) -> int:
@@ -74,7 +74,7 @@ def io_names(num_layers: int, debug: bool = False) -> tuple[list[str], list[str]
     return inputs, outputs
 
 
-def example_inputs(model: nn.Module, phase: str, batch: int = 2, new: int = 3, past: int = 4, seed: int = 0):
+def example_inputs(model: nn.Module, batch: int = 2, new: int = 3, past: int = 4, seed: int = 0):
     """Inputs of the contract on the model's device and cache dtype (random cache contents)."""
     args = model.args
     weight = model.embed_tokens.weight
@@ -94,16 +94,15 @@ def example_inputs(model: nn.Module, phase: str, batch: int = 2, new: int = 3, p
     return ids, pos, mask, cache
 
 
-def capture(model: nn.Module, phase: str, limits: Limits = Limits(), debug: bool = False) -> ExportedProgram:
-    """Export one graph of the contract with dynamic batch, new tokens and past length."""
-    if phase not in PHASES:
-        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+def capture(model: nn.Module, limits: Limits = Limits(), debug: bool = False) -> ExportedProgram:
+    """Export the contract's step with dynamic batch, new tokens and past length: one program that
+    both graphs start from (the passes then specialize it for prefill and for decode)."""
     # Decode is traced with S dynamic as well: with S fixed at 1, torch.export relates
     # total = past + 1 and its 0/1 specialization then forbids P < 2. The graph stays the same
     # function; the decode graph differs by its passes (cost model of one new token).
     # A batch limit of 1 is a static dim: a dynamic one would need an example of 2.
     batch = Dim("batch", min=1, max=limits.max_batch) if limits.max_batch > 1 else None
-    seq = Dim("seq", min=1, max=limits.max_new_tokens)
+    seq = Dim("seq", min=1, max=limits.max_prompt_tokens)
     past = Dim("past", min=0, max=limits.max_context - 1)
     total = Dim("total", min=1)  # == past + seq, derived by export; its bound follows from theirs
     dims = {
@@ -112,6 +111,6 @@ def capture(model: nn.Module, phase: str, limits: Limits = Limits(), debug: bool
         "attention_mask": {0: batch, 1: total},
         "past": [({0: batch, 1: past}, {0: batch, 1: past}) for _ in range(model.args.num_hidden_layers)],
     }
-    inputs = example_inputs(model, phase, limits.example_batch, limits.example_new, limits.example_past)
+    inputs = example_inputs(model, limits.example_batch, limits.example_new, limits.example_past)
     with torch.no_grad():
         return torch.export.export(ContractModule(model, debug), inputs, dynamic_shapes=dims, strict=False)

@@ -77,7 +77,7 @@ WEIGHTS_FILE = "weights.bin"
 IN_PLACE_FILE = "decode_inplace.onnx"  # the decode graph writing its cache in place (exporter.lowering.in_place.in_place_decode)
 
 
-TARGET = "onnxruntime"  # the manifest's runtime: every export runs in ONNX Runtime
+RUNTIME = "onnxruntime"  # what runs the graphs of every export (TensorRT builds its engines from them)
 
 
 TARGETS = ("onnxruntime", "tensorrt")  # what the lowering is restricted for
@@ -182,7 +182,7 @@ def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_m
     programs, reports, lowered, lowerings = {}, {}, {}, {}
     # Both graphs trace the same function with the same dynamic dims, so one capture serves
     # both; the passes then specialize each (they never edit the program they are given).
-    traced = capture(model, "prefill", limits, debug=debug)
+    traced = capture(model, limits, debug=debug)
     report("capture", 1, 1)
     del model
     verified = _verify_in_float32(checkpoint, limits, absorb, fuse_moe, debug, allow_nonfinite,
@@ -248,12 +248,12 @@ def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_m
         manifest = {
             "format_version": MANIFEST_FORMAT,
             "tool": {"name": "dscompile", "version": _version()},
-            "target": TARGET,
-            "lowered_for": target,
+            "runtime": RUNTIME,
+            "target": target,
             "dtype": dtype,
             "opset": opset,
             "model": args.to_config(),
-            "limits": {"max_batch": limits.max_batch, "max_new_tokens": limits.max_new_tokens,
+            "limits": {"max_batch": limits.max_batch, "max_prompt_tokens": limits.max_prompt_tokens,
                        "max_context": limits.max_context},
             "cache": cache_layout(args, torch_dtype),
             "weights": {**stored["weights"],
@@ -379,7 +379,7 @@ def _verify_in_float32(checkpoint, limits: Limits, absorb: str, fuse_moe: bool, 
     when the rewrite is exact.
     """
     model = load_checkpoint(checkpoint, dtype=torch.float32, allow_nonfinite=allow_nonfinite, quantize=scheme)
-    traced = capture(model, "prefill", limits, debug=debug)
+    traced = capture(model, limits, debug=debug)
     return {phase: run_pipeline(traced, PassOptions(phase, model.args, absorb=absorb, fuse_moe=fuse_moe),
                                 verify=True)[1] for phase in PHASES}
 

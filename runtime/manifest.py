@@ -4,9 +4,12 @@ The manifest (written by `exporter/export.py`, read by every engine) records:
 
     format_version   int, MANIFEST_FORMAT; an engine refuses versions it does not know
     tool             {"name", "version"} of the exporter
-    target, dtype, opset
+    runtime          "onnxruntime": what runs the graphs (TensorRT engines are built from them)
+    target           what the graphs were lowered for: "onnxruntime" (contrib ops allowed) or
+                     "tensorrt" (standard ONNX ops only, so TensorRT's parser takes them)
+    dtype, opset
     model            the Hugging Face config (ModelArgs.to_config())
-    limits           {"max_batch", "max_new_tokens", "max_context"}: the graphs' dynamic ranges
+    limits           {"max_batch", "max_prompt_tokens", "max_context"}: the graphs' dynamic ranges
     cache            per-layer layout {"kv_latent": C, "k_rope": R}, dtype, bytes per token (all
                      layers) and the MHA-equivalent bytes per token with what it counts
     weights          the shared external data file: its bytes, tensor counts, parameter_bytes,

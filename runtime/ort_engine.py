@@ -212,8 +212,8 @@ class OrtEngine(Engine):
         """
         out = Path(out_dir)
         manifest = read_manifest(out)
-        if manifest.get("target") != "onnxruntime":
-            raise EngineError(f"{out / 'manifest.json'}: target {manifest.get('target')!r} is not onnxruntime")
+        if manifest.get("runtime", "onnxruntime") != "onnxruntime":
+            raise EngineError(f"{out / 'manifest.json'}: runtime {manifest.get('runtime')!r} is not onnxruntime")
         quant = manifest.get("quantization")
         providers = choose_providers(quant.get("provider", "cpu") if quant and provider == "auto" else provider)
         if quant and providers[0] != _ORT_PROVIDER[quant.get("provider", "cpu")]:

@@ -8,7 +8,7 @@ OUT holds `prefill.engine` and `decode.engine`, built by `exporter/tensorrt/buil
       "tensorrt_version": "10.15.1",       # engines only load with the TensorRT (and GPU) that built them
       "precision": "fp16",                  # fp32 | fp16 | bf16
       "strongly_typed": true,               # types taken from the ONNX (no precision flags)
-      "max_batch": 8, "max_new_tokens": 512, "max_context": 4096, "workspace_gb": 8.0,
+      "max_batch": 8, "max_prompt_tokens": 512, "max_context": 4096, "workspace_gb": 8.0,
       "timing_cache": "/path/to/cache" | null,
       "graphs": {
         "prefill": {"onnx": "prefill.onnx", "engine": "prefill.engine",
@@ -41,7 +41,7 @@ from dscompile.runtime.engine import Engine, EngineInfo, KVCache, choose_graph
 from dscompile.errors import DscompileError, EngineError
 from dscompile.runtime.manifest import load_manifest
 
-TRT_FORMAT = 1
+TRT_FORMAT = 2  # 2: max_prompt_tokens (was max_new_tokens)
 GRAPHS = ("prefill", "decode")
 PRECISIONS = ("fp32", "fp16", "bf16")
 INSTALL_HINT = (
@@ -99,7 +99,7 @@ def read_trt_section(manifest: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         raise EngineError(f"{where}: tensorrt.format is {section.get('format')!r}, this dscompile reads {TRT_FORMAT}")
     if section.get("precision") not in PRECISIONS:
         raise EngineError(f"{where}: tensorrt.precision is {section.get('precision')!r}, expected one of {PRECISIONS}")
-    for key in ("max_batch", "max_new_tokens", "max_context"):
+    for key in ("max_batch", "max_prompt_tokens", "max_context"):
         if not isinstance(section.get(key), int) or section[key] < 1:
             raise EngineError(f"{where}: tensorrt.{key} must be a positive integer, got {section.get(key)!r}")
     graphs = section.get("graphs")

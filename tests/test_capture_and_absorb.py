@@ -27,7 +27,8 @@ def models(make_ckpt):
 
 @pytest.fixture(scope="module")
 def graphs(models):
-    return {(v, phase): capture(models[v], phase) for v in VARIANTS for phase in ("prefill", "decode")}
+    programs = {v: capture(models[v]) for v in VARIANTS}  # one program serves both graphs
+    return {(v, phase): programs[v] for v in VARIANTS for phase in ("prefill", "decode")}
 
 
 def _outputs(ep, inputs):
@@ -71,7 +72,7 @@ def test_capture_on_meta_device_with_published_shapes():
     """Real V3 widths (256 experts, 128 heads) with 4 layers, no weights: capture must not need storage."""
     path = PUBLISHED_CONFIGS / "deepseek-v3.json"
     args = dataclasses.replace(ModelArgs.from_json(path), num_hidden_layers=4)
-    ep = capture(build_model(args, torch.bfloat16, "meta"), "decode", Limits(max_batch=8, max_new_tokens=16, max_context=4096))
+    ep = capture(build_model(args, torch.bfloat16, "meta"), Limits(max_batch=8, max_prompt_tokens=16, max_context=4096))
     assert sum(t == aten.topk.default for t in _targets(ep)) >= args.num_moe_layers
     assert all(t.device.type == "meta" for t in ep.state_dict.values())
 
@@ -80,7 +81,7 @@ def test_limits_are_validated():
     with pytest.raises(ValueError):
         Limits(max_batch=0)
     with pytest.raises(ValueError):
-        Limits(max_new_tokens=64, max_context=32)
+        Limits(max_prompt_tokens=64, max_context=32)
 
 
 # ---- absorb_mla ----
@@ -209,7 +210,7 @@ def test_pipeline_report_verifies_each_pass(models, graphs):
 def test_same_checkpoint_and_options_give_the_same_graph(models):
     """Node names, targets and order are a function of the model and options alone."""
     def signature(phase):
-        ep, _ = run_pipeline(capture(models["v2-lite"], phase), PassOptions(phase, models["v2-lite"].args))
+        ep, _ = run_pipeline(capture(models["v2-lite"]), PassOptions(phase, models["v2-lite"].args))
         return [(n.name, str(n.target)) for n in ep.graph.nodes], sorted(ep.state_dict)
 
     first = signature("decode")

@@ -33,7 +33,7 @@ from dscompile.runtime.ort_engine import OrtEngine
 
 FUZZ_CI_EXAMPLES = 5
 EXTRA = int(os.environ.get("DSCOMPILE_FUZZ_EXAMPLES", "0") or 0)
-LIMITS = Limits(max_batch=4, max_new_tokens=16, max_context=32)
+LIMITS = Limits(max_batch=4, max_prompt_tokens=16, max_context=32)
 B, S, DECODE_STEPS = 2, 5, 2
 # Shrinking re-exports dozens of configs (minutes each failure): report the first failing config as drawn.
 PHASES = [Phase.explicit, Phase.reuse, Phase.generate]

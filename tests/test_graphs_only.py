@@ -27,7 +27,7 @@ from dscompile.passes import PassOptions, run_pipeline
 from dscompile.errors import CheckpointError, EngineError, OptionError
 from dscompile.runtime.manifest import load_manifest, read_manifest
 
-SMALL = Limits(max_batch=2, max_new_tokens=8, max_context=32)
+SMALL = Limits(max_batch=2, max_prompt_tokens=8, max_context=32)
 GRAPH_FILES = {"prefill": "prefill.onnx", "decode": "decode.onnx", "decode_inplace": "decode_inplace.onnx"}
 
 
@@ -138,7 +138,7 @@ def test_reads_nothing_but_the_config_of_a_checkpoint(tmp_path, make_ckpt, monke
 def test_save_models_without_data_plans_places_and_computes_nothing(make_ckpt, tmp_path, monkeypatch):
     """save_models(write_data=False) on graphs whose weights come from a checkpoint: nothing is read."""
     model = load_checkpoint(make_ckpt("v3", layers=2, experts=8), device="meta")
-    traced = capture(model, "prefill", SMALL)
+    traced = capture(model, SMALL)
     lowered = {phase: lower(run_pipeline(traced, PassOptions(phase, model.args))[0], phase,
                             model.args.num_hidden_layers) for phase in PHASES}
 

@@ -31,7 +31,7 @@ from dscompile.passes import PassOptions, run_pipeline
 from dscompile.passes.ep_edit import materialize
 from dscompile.errors import EngineError
 
-SMALL = Limits(max_batch=2, max_new_tokens=8, max_context=32)
+SMALL = Limits(max_batch=2, max_prompt_tokens=8, max_context=32)
 
 
 def _weights(model) -> dict[str, torch.Tensor]:
@@ -67,7 +67,7 @@ def test_meta_scan_refuses_nonfinite_weights(make_ckpt, tmp_path):
 
 
 def _lowered(model, phase):
-    program = capture(model, "prefill", SMALL)
+    program = capture(model, SMALL)
     optimized, _ = run_pipeline(program, PassOptions(phase, model.args))
     return lower(optimized, phase, model.args.num_hidden_layers,
                  moe_experts=choose_moe_experts(phase, torch.float32, "onnxruntime"))

@@ -21,7 +21,7 @@ from dscompile.model.synthetic import make_checkpoint
 from dscompile.errors import EngineError, TextError
 from dscompile.runtime.session import TextEngine
 
-LIMITS = Limits(max_batch=4, max_new_tokens=128, max_context=256)
+LIMITS = Limits(max_batch=4, max_prompt_tokens=128, max_context=256)
 PROMPTS = ["The compiler folds the latent cache", "中文字符的缓存", "Emoji 🙂🚀 and café"]
 
 

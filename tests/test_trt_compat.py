@@ -274,7 +274,7 @@ def test_tensorrt_targeted_export_passes_the_static_check_and_matches_eager(make
 
     ckpt = make_ckpt("v3", layers=2, experts=8)
     manifest = export_checkpoint(ckpt, tmp_path / "trt", target="tensorrt")
-    assert manifest["lowered_for"] == "tensorrt"
+    assert manifest["target"] == "tensorrt" and manifest["runtime"] == "onnxruntime"
     # the in-place decode graph is for ONNX Runtime on CPU; TensorRT builds from the contract graphs
     assert "in_place" not in manifest["graphs"]["decode"] and not (tmp_path / "trt" / "decode_inplace.onnx").exists()
     report = check_out_dir(tmp_path / "trt")

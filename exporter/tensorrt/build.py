@@ -15,11 +15,11 @@ Gather/MatMul instead (exporter/lowering/ops.py, `choose_moe_experts`). `build_e
 with the first offending ops before any TensorRT work starts.
 
 Profiles (B batch, S new tokens, P past tokens, T = P + S):
-- prefill: B 1..max_batch, S 1..max_new_tokens, P 0..max_context-1, T 1..max_context. P == 0 (the
+- prefill: B 1..max_batch, S 1..max_prompt_tokens, P 0..max_context-1, T 1..max_context. P == 0 (the
   first step) is an empty tensor, which TensorRT accepts as a zero-length dimension.
 - decode: S == 1, P 1..max_context-1, T 2..max_context. The runtime only sends P > 0 to decode
   (a first step is always prefill), so decode's profile need not include empty tensors.
-Kernels are tuned at `opt`: B = max_batch; prefill at P = 0 with S half of max_new_tokens (the
+Kernels are tuned at `opt`: B = max_batch; prefill at P = 0 with S half of max_prompt_tokens (the
 common case: one prefill of a whole prompt); decode at P = half of max_context. `opt` is always a
 consistent point (T = P + S) so the builder tunes on a shape that really occurs.
 
@@ -97,17 +97,17 @@ class GraphIO:
 
 
 def validate_options(
-    precision: str, max_batch: int, max_new_tokens: int, max_context: int, workspace_gb: float
+    precision: str, max_batch: int, max_prompt_tokens: int, max_context: int, workspace_gb: float
 ) -> None:
     """OptionError naming the first option outside what a build accepts."""
     if precision not in PRECISIONS:
         raise OptionError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    sizes = (("--max-batch", max_batch), ("--max-new-tokens", max_new_tokens), ("--max-context", max_context))
+    sizes = (("--max-batch", max_batch), ("--max-prompt-tokens", max_prompt_tokens), ("--max-context", max_context))
     for option, value in sizes:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise OptionError(f"{option} must be an integer >= 1, got {value!r}")
-    if max_context < max_new_tokens:
-        raise OptionError(f"--max-context ({max_context}) must be >= --max-new-tokens ({max_new_tokens})")
+    if max_context < max_prompt_tokens:
+        raise OptionError(f"--max-context ({max_context}) must be >= --max-prompt-tokens ({max_prompt_tokens})")
     if max_context < 2:
         raise OptionError(f"--max-context must be >= 2 so that decode has a past token, got {max_context}")
     if not isinstance(workspace_gb, (int, float)) or not math.isfinite(workspace_gb) or workspace_gb <= 0:
@@ -181,21 +181,21 @@ def _check_contract(io: GraphIO, graph: str) -> None:
             raise EngineError(f"{where}: decode input_ids must have S == 1, has {s}")
 
 
-def _ranges(graph: str, max_batch: int, max_new_tokens: int, max_context: int) -> dict[str, tuple[int, int, int]]:
+def _ranges(graph: str, max_batch: int, max_prompt_tokens: int, max_context: int) -> dict[str, tuple[int, int, int]]:
     """(min, opt, max) per axis role; opt is a consistent point: T = P + S."""
     if graph == "decode":
         p_opt = max(1, max_context // 2)
         return {"B": (1, max_batch, max_batch), "S": (1, 1, 1), "P": (1, p_opt, max_context - 1),
                 "T": (2, p_opt + 1, max_context)}
-    s_opt = max(1, max_new_tokens // 2)
-    return {"B": (1, max_batch, max_batch), "S": (1, s_opt, max_new_tokens), "P": (0, 0, max_context - 1),
+    s_opt = max(1, max_prompt_tokens // 2)
+    return {"B": (1, max_batch, max_batch), "S": (1, s_opt, max_prompt_tokens), "P": (0, 0, max_context - 1),
             "T": (1, s_opt, max_context)}
 
 
-def compute_profile(io: GraphIO, graph: str, *, max_batch: int, max_new_tokens: int, max_context: int
+def compute_profile(io: GraphIO, graph: str, *, max_batch: int, max_prompt_tokens: int, max_context: int
                     ) -> dict[str, dict[str, list[int]]]:
     """min/opt/max shapes for every input of one graph; static ONNX dims are kept as they are."""
-    ranges = _ranges(graph, max_batch, max_new_tokens, max_context)
+    ranges = _ranges(graph, max_batch, max_prompt_tokens, max_context)
     profile = {}
     for name, (dims, _) in io.inputs.items():
         roles = _ROLES.get(name, _PAST_ROLES)
@@ -283,7 +283,7 @@ def build_engines(
     *,
     precision: str = "fp16",
     max_batch: int = 1,
-    max_new_tokens: int = 512,
+    max_prompt_tokens: int = 512,
     max_context: int = 4096,
     workspace_gb: float = 8.0,
     timing_cache_path: str | os.PathLike | None = None,
@@ -291,11 +291,11 @@ def build_engines(
 ) -> dict[str, Any]:
     """Build OUT/prefill.engine and OUT/decode.engine; return the manifest's "tensorrt" section.
 
-    `max_new_tokens` is the longest prefill (S), `max_context` the longest P + S. Everything that
+    `max_prompt_tokens` is the longest prefill (S), `max_context` the longest P + S. Everything that
     needs no TensorRT (options, contract, compatibility) is checked before TensorRT is imported.
     """
     say = progress or (lambda _msg: None)
-    validate_options(precision, max_batch, max_new_tokens, max_context, workspace_gb)
+    validate_options(precision, max_batch, max_prompt_tokens, max_context, workspace_gb)
     out = Path(out_dir)
     if not out.is_dir():
         raise EngineError(f"{out}: no such engine folder")
@@ -307,7 +307,7 @@ def build_engines(
         _refuse_incompatible(files[g])
     strongly_typed, flag = network_mode(ios["prefill"].model_dtype, precision)
     profiles = {
-        g: compute_profile(ios[g], g, max_batch=max_batch, max_new_tokens=max_new_tokens, max_context=max_context)
+        g: compute_profile(ios[g], g, max_batch=max_batch, max_prompt_tokens=max_prompt_tokens, max_context=max_context)
         for g in GRAPHS
     }
 
@@ -323,12 +323,12 @@ def build_engines(
         say(f"{g}: wrote {engine_path.name} ({engine_path.stat().st_size / 2**20:.1f} MiB)")
     return trt_section(
         tensorrt_version=trt.__version__, precision=precision, strongly_typed=strongly_typed, max_batch=max_batch,
-        max_new_tokens=max_new_tokens, max_context=max_context, workspace_gb=workspace_gb,
+        max_prompt_tokens=max_prompt_tokens, max_context=max_context, workspace_gb=workspace_gb,
         timing_cache_path=timing_cache_path, onnx_files={g: files[g].name for g in GRAPHS}, profiles=profiles,
     )
 
 
-def trt_section(*, tensorrt_version: str, precision: str, strongly_typed: bool, max_batch: int, max_new_tokens: int,
+def trt_section(*, tensorrt_version: str, precision: str, strongly_typed: bool, max_batch: int, max_prompt_tokens: int,
                 max_context: int, workspace_gb: float, timing_cache_path, onnx_files: dict[str, str],
                 profiles: dict[str, dict]) -> dict[str, Any]:
     """The manifest's "tensorrt" section (schema in runtime/trt_engine.py, read by `read_trt_section`)."""
@@ -338,7 +338,7 @@ def trt_section(*, tensorrt_version: str, precision: str, strongly_typed: bool, 
         "precision": precision,
         "strongly_typed": strongly_typed,
         "max_batch": max_batch,
-        "max_new_tokens": max_new_tokens,
+        "max_prompt_tokens": max_prompt_tokens,
         "max_context": max_context,
         "workspace_gb": float(workspace_gb),
         "timing_cache": str(timing_cache_path) if timing_cache_path else None,
