@@ -68,7 +68,7 @@ def export(
     if target not in ("onnxruntime", "tensorrt"):
         raise OptionError(f"--target {target!r} is not one of onnxruntime, tensorrt")
     try:
-        limits = Limits(max_batch=max_batch, max_new_tokens=max_prompt_tokens, max_context=max_context)
+        limits = Limits(max_batch=max_batch, max_prompt_tokens=max_prompt_tokens, max_context=max_context)
     except ValueError as err:  # the limits name the rule they break
         raise OptionError(f"--max-batch/--max-prompt-tokens/--max-context: {str(err).split(': ', 1)[-1]}") from None
     quant_scheme(weights, block_size, dtype, target)  # before TensorRT's own checks: name the option
@@ -87,7 +87,7 @@ def export(
         from dscompile.runtime.manifest import write_manifest
 
         manifest["tensorrt"] = build_engines(out, precision=precision, max_batch=max_batch,
-                                             max_new_tokens=max_prompt_tokens, max_context=max_context,
+                                             max_prompt_tokens=max_prompt_tokens, max_context=max_context,
                                              progress=progress)
         write_manifest(out, manifest)
     return manifest
@@ -112,7 +112,8 @@ def compare(
 
     Runs a prefill and `decode_steps` decode steps on random prompts (rows after the first
     left-padded) and compares logits and cache per step; `report["passed"]` is the verdict. When
-    it fails (or `plot` is given), `report["layers"]` locates the first diverging layer. A
+    it fails (or `plot` is given), `report["layers"]` locates the first diverging layer in the
+    engine's own graph and weights ("located_in" says how). A
     quantized engine is judged against eager with the same quantized weights, and its distance to
     float32 eager is reported as `report["scheme"]`.
     """
@@ -130,8 +131,7 @@ def compare(
     report = run_compare(engine, eager, atol=atol, rtol=rtol, progress=progress, table=lowering_table(manifest),
                          **options)
     if not report["passed"] or plot is not None:
-        report["layers"] = locate_divergence(checkpoint, out, manifest, eager, report, atol=atol, rtol=rtol,
-                                             plot=plot, progress=progress)
+        report["layers"] = locate_divergence(out, manifest, eager, report, atol=atol, rtol=rtol, plot=plot)
     if scheme is not None:
         del eager
         report["reference"] = f"eager with the same {scheme.name} weights (fake-quantized)"

@@ -48,29 +48,21 @@ class Limits:
 
 
 class ContractModule(nn.Module):
-    """The model behind the IO contract: flat cache tuples in, logits and present cache out.
+    """The model behind the IO contract: flat cache tuples in, logits and present cache out."""
 
-    With `debug`, the hidden state after each block is an extra output (`hidden.{i}`): the debug
-    build `compare` uses to find the first layer where an engine diverges.
-    """
-
-    def __init__(self, model: nn.Module, debug: bool = False):
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self.debug = debug
 
     def forward(self, input_ids, position_ids, attention_mask, past):
-        out = self.model(input_ids, position_ids, attention_mask, [tuple(p) for p in past], output_hidden_states=self.debug)
-        return out
+        return self.model(input_ids, position_ids, attention_mask, [tuple(p) for p in past])
 
 
-def io_names(num_layers: int, debug: bool = False) -> tuple[list[str], list[str]]:
+def io_names(num_layers: int) -> tuple[list[str], list[str]]:
     """Public input and output names of both graphs (the engine contract, runtime/engine.py)."""
     cache = [f"{{}}.{i}.{kind}" for i in range(num_layers) for kind in ("kv_latent", "k_rope")]
     inputs = ["input_ids", "position_ids", "attention_mask"] + [c.format("past") for c in cache]
     outputs = ["logits"] + [c.format("present") for c in cache]
-    if debug:
-        outputs += [f"hidden.{i}" for i in range(num_layers)]
     return inputs, outputs
 
 
@@ -94,7 +86,7 @@ def example_inputs(model: nn.Module, batch: int = 2, new: int = 3, past: int = 4
     return ids, pos, mask, cache
 
 
-def capture(model: nn.Module, limits: Limits = Limits(), debug: bool = False) -> ExportedProgram:
+def capture(model: nn.Module, limits: Limits = Limits()) -> ExportedProgram:
     """Export the contract's step with dynamic batch, new tokens and past length: one program that
     both graphs start from (the passes then specialize it for prefill and for decode)."""
     # Decode is traced with S dynamic as well: with S fixed at 1, torch.export relates
@@ -113,4 +105,4 @@ def capture(model: nn.Module, limits: Limits = Limits(), debug: bool = False) ->
     }
     inputs = example_inputs(model, limits.example_batch, limits.example_new, limits.example_past)
     with torch.no_grad():
-        return torch.export.export(ContractModule(model, debug), inputs, dynamic_shapes=dims, strict=False)
+        return torch.export.export(ContractModule(model), inputs, dynamic_shapes=dims, strict=False)

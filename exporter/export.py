@@ -104,7 +104,6 @@ def export_checkpoint(
     limits: Limits = Limits(),
     force: bool = False,
     progress: Progress | None = None,
-    debug: bool = False,
     allow_nonfinite: bool = False,
     target: str = "onnxruntime",
     graphs_only: bool = False,
@@ -127,8 +126,7 @@ def export_checkpoint(
     `target="tensorrt"` lowers with standard ONNX ops only (no com.microsoft contrib ops), so
     the graphs also feed TensorRT's ONNX parser; ONNX Runtime runs either.
 
-    `debug` builds also output the hidden state after every block (`hidden.{i}`), which is how
-    `compare` finds the first layer where an engine diverges. `allow_nonfinite` exports a
+    `allow_nonfinite` exports a
     checkpoint with NaN/Inf weights (with a warning) instead of refusing it.
     """
     if dtype not in DTYPES:
@@ -153,14 +151,14 @@ def export_checkpoint(
     tmp = make_temp_folder(out)
     try:
         return _export(checkpoint, out, tmp, dtype=dtype, absorb=absorb, fuse_moe=fuse_moe, verify=verify,
-                       opset=opset, limits=limits, progress=progress, debug=debug, allow_nonfinite=allow_nonfinite,
+                       opset=opset, limits=limits, progress=progress, allow_nonfinite=allow_nonfinite,
                        target=target, graphs_only=graphs_only, scheme=scheme, accuracy_level=accuracy_level)
     finally:
         remove(tmp)  # after a success it is gone already (or holds the replaced OUT)
 
 
 def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_moe: bool, verify: bool,
-            opset: int, limits: Limits, progress: Progress | None, debug: bool,
+            opset: int, limits: Limits, progress: Progress | None,
             allow_nonfinite: bool, target: str, graphs_only: bool, scheme: Scheme | None,
             accuracy_level: int | None = None) -> dict[str, Any]:
     """export_checkpoint's body: everything is written into `tmp`, which replaces `out` at the end."""
@@ -182,10 +180,10 @@ def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_m
     programs, reports, lowered, lowerings = {}, {}, {}, {}
     # Both graphs trace the same function with the same dynamic dims, so one capture serves
     # both; the passes then specialize each (they never edit the program they are given).
-    traced = capture(model, limits, debug=debug)
+    traced = capture(model, limits)
     report("capture", 1, 1)
     del model
-    verified = _verify_in_float32(checkpoint, limits, absorb, fuse_moe, debug, allow_nonfinite,
+    verified = _verify_in_float32(checkpoint, limits, absorb, fuse_moe, allow_nonfinite,
                                   scheme) if verify else None
     quantizer = GraphQuantizer(scheme, accuracy_level=accuracy_level) if scheme is not None else None
     quantized: dict[str, dict[str, int]] = {}
@@ -199,7 +197,7 @@ def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_m
     for i, phase in enumerate(PHASES):
         lowerings[phase] = choose_moe_experts(phase, torch_dtype, target)
         lowered[phase] = lower(programs[phase], phase, args.num_hidden_layers, opset=opset,
-                               moe_experts=lowerings[phase], debug=debug)
+                               moe_experts=lowerings[phase])
         if quantizer is not None:
             quantized[phase] = quantizer(lowered[phase])
             ir_passes.RemoveUnusedNodesPass()(lowered[phase])
@@ -369,7 +367,7 @@ def program_weights(program) -> dict[str, torch.Tensor]:
     return {**program.state_dict, **{k: v for k, v in program.constants.items() if isinstance(v, torch.Tensor)}}
 
 
-def _verify_in_float32(checkpoint, limits: Limits, absorb: str, fuse_moe: bool, debug: bool,
+def _verify_in_float32(checkpoint, limits: Limits, absorb: str, fuse_moe: bool,
                        allow_nonfinite: bool, scheme: Scheme | None = None) -> dict[str, Any]:
     """Pass verification of a float32 copy of the model, loaded in memory.
 
@@ -379,7 +377,7 @@ def _verify_in_float32(checkpoint, limits: Limits, absorb: str, fuse_moe: bool, 
     when the rewrite is exact.
     """
     model = load_checkpoint(checkpoint, dtype=torch.float32, allow_nonfinite=allow_nonfinite, quantize=scheme)
-    traced = capture(model, limits, debug=debug)
+    traced = capture(model, limits)
     return {phase: run_pipeline(traced, PassOptions(phase, model.args, absorb=absorb, fuse_moe=fuse_moe),
                                 verify=True)[1] for phase in PHASES}
 

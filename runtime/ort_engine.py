@@ -362,21 +362,6 @@ class OrtEngine(Engine):
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise EngineError(f"ONNX Runtime failed on a step with B={B}, S={S}, P={P}: {first}") from None
 
-    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                      attention_mask: torch.Tensor) -> list[torch.Tensor]:
-        """Hidden state after each block for a prefill (debug exports only: outputs `hidden.{i}`)."""
-        session = self.sessions["prefill"]
-        names = [o.name for o in session.get_outputs() if o.name.startswith("hidden.")]
-        if len(names) != self.info.num_layers:
-            raise EngineError(f"{self.out_dir}: not a debug export (no hidden.{{i}} outputs)")
-        B = input_ids.shape[0]
-        feeds = {"input_ids": input_ids.numpy(), "position_ids": position_ids.numpy(),
-                 "attention_mask": attention_mask.numpy()}
-        empty = KVCache.empty(self.info, B)
-        for name, t in zip(self._past, (t for layer in empty.layers for t in layer)):
-            feeds[name] = t.numpy()
-        return [torch.from_numpy(v) for v in session.run(names, feeds)]
-
     def _bind_tensor(self, binding, name: str, t: torch.Tensor) -> torch.Tensor:
         t = t.detach().to("cpu").contiguous()
         if t.numel() == 0:  # an empty tensor may have no storage; ORT gets a real (empty) OrtValue

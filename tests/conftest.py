@@ -1,8 +1,10 @@
-"""Shared test helpers: named tolerances, error reports, and tiny checkpoints built once per session."""
+"""Shared test helpers: named tolerances, error reports, and tiny checkpoints and their exports built once per
+session (fixtures: tests share them through here, never by importing each other)."""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,6 +46,73 @@ def make_ckpt(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def export_limits():
+    """The engine limits of `exported`'s engines."""
+    from dscompile.exporter.capture import Limits
+
+    return Limits(max_batch=8, max_prompt_tokens=64, max_context=128)
+
+
+@pytest.fixture(scope="session")
+def exported_ckpt(make_ckpt):
+    """exported_ckpt(variant) -> the tiny checkpoint of `variant` that `exported` exports (two layers,
+    eight experts)."""
+    return lambda variant: make_ckpt(variant, layers=2, experts=8)
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, exported_ckpt, export_limits):
+    """exported(variant, dtype="float32", copy=0) -> OUT of `exported_ckpt(variant)` within
+    `export_limits`, exported once per session (~15-30 s each); copy > 0 is an independent second
+    export of the same."""
+    from dscompile.exporter.export import export_checkpoint
+
+    cache: dict[tuple, Path] = {}
+
+    def export(variant: str, dtype: str = "float32", copy: int = 0) -> Path:
+        key = (variant, dtype, copy)
+        if key not in cache:
+            out = tmp_path_factory.mktemp("out") / f"{variant}-{dtype}-{copy}"
+            export_checkpoint(exported_ckpt(variant), out, dtype=dtype, limits=export_limits)
+            cache[key] = out
+        return cache[key]
+
+    return export
+
+
+@pytest.fixture(scope="session")
+def small_limits():
+    """The cheapest export's limits (the CLI's `small_flags`)."""
+    from dscompile.exporter.capture import Limits
+
+    return Limits(max_batch=2, max_prompt_tokens=16, max_context=32)
+
+
+@pytest.fixture(scope="session")
+def small_flags(small_limits):
+    """`dscompile export` options for `small_limits`: a CLI export and an API export with them agree."""
+    return ["--max-batch", str(small_limits.max_batch), "--max-prompt-tokens", str(small_limits.max_prompt_tokens),
+            "--max-context", str(small_limits.max_context)]
+
+
+@pytest.fixture(scope="session")
+def one_layer_ckpt(make_ckpt):
+    """The smallest checkpoint: v3 with one layer, four experts, hidden 32, vocab 64. Exported with
+    `small_limits`: weights.bin ~180 KB, each .pt2 ~250 KB."""
+    return make_ckpt("v3", layers=1, experts=4, hidden=32, vocab=64)
+
+
+@pytest.fixture(scope="session")
+def dscompile_argv():
+    """dscompile_argv(*args) -> the argv of the `dscompile` command in a subprocess of this interpreter."""
+
+    def argv(*args) -> list[str]:
+        return [sys.executable, "-m", "dscompile", *map(str, args)]
+
+    return argv
 
 
 def pytest_collection_modifyitems(config, items):

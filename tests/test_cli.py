@@ -9,8 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
+import torch
 
+from dscompile.exporter.tensorrt.compat import load_table
+from dscompile.exporter.verify.eager import EagerEngine
+from dscompile.model.checkpoint import load_checkpoint
 from dscompile.runtime.weights import fingerprint
 
 
@@ -58,10 +64,15 @@ def test_list_passes_prints_the_pipeline():
 
 
 def test_run_generates_and_streams_json(exported):
-    _, out, _ = exported
-    result = json.loads(dsc("run", out, "--input-ids", "1,2,3;4,5", "--max-new-tokens", "5", "--json").stdout)
-    assert [len(t) for t in result["tokens"]] == [5, 5]
-    text = dsc("run", out, "--input-ids", "1,2,3", "--max-new-tokens", "3").stdout.splitlines()
+    """`run` continues a left-padded batch with the eager model's greedy tokens (the checkpoint's
+    generation_config.json does not sample), in JSON and in text."""
+    ckpt, out, _ = exported
+    want = EagerEngine(load_checkpoint(ckpt, torch.float32)).generate([[1, 2, 3], [4, 5]], 5)
+    result = json.loads(dsc("run", out, "--input-ids", "1,2,3;4,5", "--max-new-tokens", "5", "--ignore-eos",
+                            "--json").stdout)
+    assert result["tokens"] == want
+    text = dsc("run", out, "--input-ids", "1,2,3", "--max-new-tokens", "5", "--ignore-eos").stdout.splitlines()
+    assert text[0].startswith(f"prompt [1, 2, 3] -> {want[0]}")
     assert text[-1].startswith("PASSED | Runtime:") and "Command: dscompile run" in text[-1]
 
 
@@ -74,31 +85,61 @@ def test_run_refuses_bad_input_ids(exported):
     assert "--input-ids '1,x' is not a comma-separated list of integers" in err
 
 
-def test_compare_passes_within_tolerance(exported):
+def test_compare_passes_within_tolerance(exported, tmp_path):
+    """The exported engine is within tolerance at every step; with --plot, every block's hidden state
+    in the engine's own graph is too (no diverging layer) and the plot is written."""
     ckpt, out, _ = exported
     result = dsc("compare", ckpt, out, "--decode-steps", "3")
     assert result.stdout.splitlines()[-1].startswith("PASSED | ")
-    report = json.loads(dsc("compare", ckpt, out, "--decode-steps", "2", "--json").stdout)
+    plot = tmp_path / "layers.png"
+    report = json.loads(dsc("compare", ckpt, out, "--decode-steps", "2", "--plot", plot, "--json").stdout)
     assert report["passed"] and len(report["steps"]) == 3
     assert report["steps"][0]["graph"] == "prefill" and report["steps"][1]["graph"] == "decode"
     assert all(s["logits"]["max_abs"] < 1e-4 for s in report["steps"])
+    layers = report["layers"]
+    assert layers["first_diverging_layer"] is None and len(layers["per_layer"]) == 2
+    assert all(e["max_abs"] < 1e-4 for e in layers["per_layer"]) and plot.stat().st_size > 0
 
 
-def test_compare_fails_on_a_modified_engine_and_says_where(exported, tmp_path):
+def _with_changed_weight(out: Path, dst: Path, prefix: str) -> Path:
+    """A copy of OUT whose first external weight of prefill.onnx named `prefix...` has every value
+    raised by 1 in weights.bin (where the initializer's external data says it is), with the
+    manifest's fingerprint refreshed: a deliberate edit, not a foreign file."""
+    shutil.copytree(out, dst)
+    os.chmod(dst / "weights.bin", 0o644)  # exported read-only
+    model = onnx.load(str(dst / "prefill.onnx"), load_external_data=False)
+    tensor = next(t for t in model.graph.initializer
+                  if t.name.startswith(prefix) and t.data_location == onnx.TensorProto.EXTERNAL)
+    place = {e.key: e.value for e in tensor.external_data}
+    offset, length = int(place["offset"]), int(place["length"])
+    data = bytearray((dst / "weights.bin").read_bytes())
+    data[offset:offset + length] = (np.frombuffer(data, np.float32, length // 4, offset) + 1).tobytes()
+    (dst / "weights.bin").write_bytes(bytes(data))
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["weights"]["fingerprint"] = fingerprint(dst / "weights.bin")
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+# Block 0's MLP ends the block: a hidden state taken before it would miss the change. Block 1's
+# attention: a hidden state of the wrong block would show it one layer early or late.
+@pytest.mark.parametrize("block, weight", [(0, "model.layers.0.mlp."), (1, "model.layers.1.self_attn.o_proj.")])
+def test_compare_names_the_modified_block_of_the_engine_it_is_given(exported, tmp_path, block, weight):
+    """A weight of one block changed in the engine's weights.bin: compare fails and reports exactly
+    that block as the first diverging layer, in JSON and text, located in the engine's own graph
+    and weights (the blocks before it still match eager)."""
     ckpt, out, _ = exported
-    bad = tmp_path / "bad"
-    shutil.copytree(out, bad)
-    os.chmod(bad / "weights.bin", 0o644)  # exported read-only
-    data = bytearray((bad / "weights.bin").read_bytes())
-    data[4096 : 4096 + 8192] = bytes(8192)  # zero part of one weight
-    (bad / "weights.bin").write_bytes(bytes(data))
-    manifest = json.loads((bad / "manifest.json").read_text())  # a deliberate edit, not a foreign file
-    manifest["weights"]["fingerprint"] = fingerprint(bad / "weights.bin")
-    (bad / "manifest.json").write_text(json.dumps(manifest))
-    result = dsc("compare", ckpt, bad, "--decode-steps", "1", check=1)
-    lines = result.stdout.splitlines()
+    bad = _with_changed_weight(out, tmp_path / "bad", weight)
+    report = json.loads(dsc("compare", ckpt, bad, "--decode-steps", "0", "--json", check=1).stdout)
+    layers = report["layers"]
+    assert not report["passed"] and layers["first_diverging_layer"] == block
+    assert layers["located_in"].startswith("prefill.onnx of the engine folder with its weights.bin")
+    assert all(e["max_abs"] < 1e-4 for e in layers["per_layer"][:block])
+    lines = dsc("compare", ckpt, bad, "--decode-steps", "0", check=1).stdout.splitlines()
     assert lines[-1].startswith("FAILED | ")
-    assert any("first diverging layer" in line for line in lines)
+    assert [line for line in lines if line.startswith("first diverging layer:")] == [
+        f"first diverging layer: {block} (hidden state after block {block} is out of tolerance)"]
+    assert f"  located in {layers['located_in']}" in lines
 
 
 def test_compare_refuses_a_checkpoint_of_another_model(exported, tmp_path):
@@ -110,6 +151,7 @@ def test_compare_refuses_a_checkpoint_of_another_model(exported, tmp_path):
 
 
 def test_inspect_reports_graphs_cache_and_passes(exported):
+    """inspect reports the manifest's cache and passes, and --trt-compat each graph's verdicts per node."""
     _, out, manifest = exported
     info = json.loads(dsc("inspect", out, "--json").stdout)
     assert info["cache"]["bytes_per_token"] == manifest["cache"]["bytes_per_token"]
@@ -118,7 +160,42 @@ def test_inspect_reports_graphs_cache_and_passes(exported):
     text = dsc("inspect", out).stdout
     assert "bytes/token" in text and "pass    absorb_mla" in text
     compat = json.loads(dsc("inspect", out, "--trt-compat", "--json").stdout)["trt_compat"]
-    assert compat  # the static TensorRT check ran over both graphs
+    _assert_trt_verdicts(compat, out)
+
+
+def _assert_trt_verdicts(compat: dict, out: Path) -> None:
+    """The static TensorRT check of an ONNX Runtime export, node by node, as the support table
+    (exporter/tensorrt/data/trt_onnx_ops.json) says: every graph checked; the com.microsoft MoE
+    is an error (no importer); RMSNormalization and TensorScatter are warnings (added in a
+    TensorRT version, none targeted); the in-place graph's TensorScatter breaks every constraint
+    the table gives it (4D inputs, axis -2); no other op of these graphs has a finding."""
+    table = load_table()
+    assert compat["table"]["tensorrt_version"] == table["tensorrt_version"]
+    assert set(compat["files"]) == {"prefill.onnx", "decode.onnx", "decode_inplace.onnx"}
+    for name, result in compat["files"].items():
+        graph = onnx.load(str(out / name), load_external_data=False).graph
+        ops = {n.name: (n.op_type, n.domain or "ai.onnx") for n in graph.node}
+        by_node: dict[str, set] = {}
+        for f in result["findings"]:
+            assert ops[f["node"]] == (f["op_type"], f["domain"]), f
+            by_node.setdefault(f["node"], set()).add((f["severity"], f["reason"]))
+        for node, (op, domain) in ops.items():
+            found = by_node.get(node, set())
+            if domain == "com.microsoft":
+                assert {s for s, _ in found} == {"error"} and all("'com.microsoft'" in r for _, r in found), found
+            elif op in ("RMSNormalization", "TensorScatter"):
+                since = table["ops"][op]["min_trt"]
+                assert ("warning", f"{op} needs TensorRT >= {since} (added to the ONNX parser in {since})") in found
+                errors = {r.split(" (got")[0] for s, r in found if s == "error"}
+                broken = {c["reason"] for c in table["ops"][op].get("constraints", [])}
+                assert errors == broken, (node, errors)
+            else:
+                assert table["ops"][op]["supported"] and not found, (node, op, found)
+        moe = sum(domain == "com.microsoft" for _, domain in ops.values())
+        errors = sum(s == "error" for found in by_node.values() for s, _ in found)
+        assert moe == 1 and result["errors"] == errors and result["compatible"] is False
+        assert result["warnings"] == sum(s == "warning" for found in by_node.values() for s, _ in found)
+    assert compat["errors"] == sum(r["errors"] for r in compat["files"].values()) and not compat["compatible"]
 
 
 def test_torch_backend_runs_the_optimized_programs(exported):
@@ -145,7 +222,7 @@ def test_graphs_only_export_of_a_config_is_inspected_not_run(tmp_path):
     config = tmp_path / "config.json"  # a config alone: no weights anywhere
     config.write_text(json.dumps(tiny_args("v3", layers=2, experts=8).to_config()))
     out = tmp_path / "out"
-    small = ["--max-batch", "2", "--max-new-tokens", "16", "--max-context", "32"]
+    small = ["--max-batch", "2", "--max-prompt-tokens", "16", "--max-context", "32"]
     manifest = json.loads(dsc("export", config, "-o", out, "--graphs-only", *small, "--json").stdout)
     assert manifest["graphs_only"] is True
     assert sorted(p.name for p in out.iterdir()) == ["decode.onnx", "decode_inplace.onnx", "manifest.json",

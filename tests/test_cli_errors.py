@@ -5,7 +5,7 @@
 Each case is a separate subprocess, so together they cost mostly interpreter and torch start-up
 (~2.5 s of CPU each): `outcomes` builds every bad input first and runs the commands a few at a time.
 Cases that must reach the write stage (disk full, file size limit, --allow-nonfinite) run a whole
-export of a tiny checkpoint.
+export of the smallest checkpoint (the `one_layer_ckpt` fixture, with `small_flags`).
 
 Engine inputs the CLI cannot produce (a cache of the wrong shape or layer count) are covered at
 the Python level in tests/test_ort_engine.py::test_bad_inputs and the OrtEngine cache checks.
@@ -19,7 +19,6 @@ import resource
 import shutil
 import struct
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,14 +30,11 @@ from safetensors.torch import load_file, save_file
 
 from dscompile.exporter.export import export_checkpoint
 from dscompile.model.synthetic import make_checkpoint
-from test_lower import LIMITS, exported
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--max-batch", "2", "--max-new-tokens", "16", "--max-context", "32"]  # the cheapest export
-# The whole-export cases use a one-layer checkpoint (ONE_LAYER): weights.bin ~180 KB, each .pt2 ~250 KB.
+# The whole-export cases export `one_layer_ckpt`: weights.bin ~180 KB, each .pt2 ~250 KB.
 FSIZE_LIMIT = 120_000  # bytes per file: weights.bin, written first, does not fit
 TMPFS_SIZE = "100k"  # weights.bin does not fit (our own write)
-ONE_LAYER = dict(layers=1, experts=4, hidden=32, vocab=64)
 
 
 @dataclass
@@ -50,10 +46,6 @@ class Case:
     limit_fsize: bool = False
     skip: str | None = None  # why this case cannot run here
     check_out: Callable[[Path], None] | None = field(default=None, repr=False)
-
-
-def _dscompile(*args) -> list[str]:
-    return [sys.executable, "-m", "dscompile", *map(str, args)]
 
 
 def _run(case: Case) -> subprocess.CompletedProcess:
@@ -110,12 +102,16 @@ def _crafted_out(src: Path, dst: Path, graph: str, location: str) -> Path:
     return dst
 
 
-def _build_cases(tmp: Path, ckpt: Path, small_ckpt: Path, engine: Path) -> dict[str, Case]:
+def _build_cases(tmp: Path, ckpt: Path, small_ckpt: Path, engine: Path, limits, small: list[str],
+                 command) -> dict[str, Case]:
+    """The cases: `ckpt` is the v3 checkpoint that `engine` was exported from within `limits`;
+    `small_ckpt` the one-layer one; `small` the cheapest export's options; `command(*args)` the
+    argv of the `dscompile` command."""
     c: dict[str, Case] = {}
     out = lambda name: tmp / f"out-{name}"  # noqa: E731 - one OUT per case, beside the others
 
     def export_case(name: str, src: Path, expect: str, *extra, **kw) -> None:
-        c[name] = Case(_dscompile("export", src, "-o", out(name), *SMALL, *extra), expect, out=out(name), **kw)
+        c[name] = Case(command("export", src, "-o", out(name), *small, *extra), expect, out=out(name), **kw)
 
     # ---- the checkpoint folder and config.json
     export_case("missing_checkpoint", tmp / "nowhere", "nowhere: checkpoint folder not found")
@@ -161,10 +157,10 @@ def _build_cases(tmp: Path, ckpt: Path, small_ckpt: Path, engine: Path) -> dict[
     keep = tmp / "out-not-empty"
     keep.mkdir()
     (keep / "keep.txt").write_text("mine")
-    c["out_not_empty"] = Case(_dscompile("export", ckpt, "-o", keep, *SMALL), "exists and is not empty (pass --force",
+    c["out_not_empty"] = Case(command("export", ckpt, "-o", keep, *small), "exists and is not empty (pass --force",
                               check_out=lambda o: [f.name for f in o.iterdir()] == ["keep.txt"])
     (tmp / "a-file").write_text("x")
-    c["out_parent_is_a_file"] = Case(_dscompile("export", ckpt, "-o", tmp / "a-file" / "out", *SMALL),
+    c["out_parent_is_a_file"] = Case(command("export", ckpt, "-o", tmp / "a-file" / "out", *small),
                                      "a-file/out: cannot create the output folder beside it (")
     ro = tmp / "read-only"
     if os.geteuid() != 0:
@@ -173,24 +169,24 @@ def _build_cases(tmp: Path, ckpt: Path, small_ckpt: Path, engine: Path) -> dict[
         skip = None if not os.access(ro, os.W_OK) else "chmod 555 does not make a folder read-only here"
     else:  # root ignores permission bits: a read-only filesystem is what stops it
         skip = _mount_tmpfs(ro, "ro,size=64k")
-    c["out_read_only"] = Case(_dscompile("export", ckpt, "-o", ro / "out", *SMALL),
+    c["out_read_only"] = Case(command("export", ckpt, "-o", ro / "out", *small),
                               "cannot create the output folder beside it (", out=ro / "out", skip=skip)
     export_case("file_size_limit", small_ckpt, "cannot write the export (File too large: weights.bin)",
                 limit_fsize=True)
-    small = tmp / "small-fs"
-    c["disk_full"] = Case(_dscompile("export", small_ckpt, "-o", small / "out", *SMALL),
-                          "cannot write the export (No space left on device", out=small / "out",
-                          skip=_mount_tmpfs(small, f"size={TMPFS_SIZE}"))
+    small_fs = tmp / "small-fs"
+    c["disk_full"] = Case(command("export", small_ckpt, "-o", small_fs / "out", *small),
+                          "cannot write the export (No space left on device", out=small_fs / "out",
+                          skip=_mount_tmpfs(small_fs, f"size={TMPFS_SIZE}"))
 
     # Not an error: the NaN checkpoint exports with --allow-nonfinite (test_allow_nonfinite_...).
     nan1 = _set_value(_copy(small_ckpt, tmp / "nan1"), "model.layers.0.self_attn.kv_b_proj.weight", float("nan"))
-    c["allow_nonfinite"] = Case(_dscompile("export", nan1, "-o", out("allow"), *SMALL, "--allow-nonfinite", "--json"),
+    c["allow_nonfinite"] = Case(command("export", nan1, "-o", out("allow"), *small, "--allow-nonfinite", "--json"),
                                 "", code=0)
 
     # ---- options
     export_case("dtype_float8", ckpt, "--dtype 'float8' is not one of", "--dtype", "float8")
-    c["max_new_tokens_1"] = Case(_dscompile("export", ckpt, "-o", out("mnt1"), "--max-new-tokens", "1"),
-                                 "need max_new_tokens >= 2", out=out("mnt1"))
+    c["max_prompt_tokens_1"] = Case(command("export", ckpt, "-o", out("mnt1"), "--max-prompt-tokens", "1"),
+                                 "need max_prompt_tokens >= 2", out=out("mnt1"))
     export_case("absorb_maybe", ckpt, "--absorb 'maybe' is not one of auto, fold, reassociate, none", "--absorb", "maybe")
     export_case("weights_int3", ckpt, "--weights 'int3' is not one of int8, int4", "--weights", "int3")
     export_case("block_size_24", ckpt, "--block-size 24 is not one of 16, 32, 64, 128", "--weights", "int4",
@@ -203,47 +199,48 @@ def _build_cases(tmp: Path, ckpt: Path, small_ckpt: Path, engine: Path) -> dict[
     export_case("block_size_not_dividing", ckpt, "--block-size 32 does not divide the input dimension 48 of weight "
                 "model.layers.0.self_attn.q_b_proj.weight", "--weights", "int4", "--block-size", "32")
 
-    # ---- engines (OUT of test_lower.exported("v3"): vocab 512, max context LIMITS.max_context)
-    V, ctx = 512, LIMITS.max_context
-    run = lambda *a: _dscompile("run", engine, *a)  # noqa: E731
-    c["run_missing_out"] = Case(_dscompile("run", tmp / "no-engine", "--input-ids", "1"),
+    # ---- engines (`engine`: vocab 512, max context limits.max_context)
+    V, ctx = 512, limits.max_context
+    run = lambda *a: command("run", engine, *a)  # noqa: E731
+    c["run_missing_out"] = Case(command("run", tmp / "no-engine", "--input-ids", "1"),
                                 "no-engine: engine folder not found")
     c["run_id_above_vocab"] = Case(run("--input-ids", f"1,2,{V}"), f"input id {V} is outside the vocabulary [0, {V})")
     c["run_prompt_too_long"] = Case(run("--input-ids", ",".join(["1"] * (ctx + 1)), "--max-new-tokens", "1"),
-                                    f"exceed the engine's maximum of {ctx}")
+                                    f"prompt of {ctx + 1} tokens + 1 new tokens exceeds the engine's maximum of {ctx}")
     c["run_prompt_plus_new_too_long"] = Case(run("--input-ids", "1,2", "--max-new-tokens", str(ctx)),
                                              f"exceeds the engine's maximum of {ctx}")
     c["run_provider_unknown"] = Case(run("--input-ids", "1", "--provider", "tpu"), "provider 'tpu' is not one of")
     # Security: external data must stay inside OUT (runtime/manifest.py), also through the CLI.
     up = _crafted_out(engine, tmp / "eng-up", "prefill.onnx", "../secret")
-    c["run_external_data_escapes"] = Case(_dscompile("run", up, "--input-ids", "1"),
+    c["run_external_data_escapes"] = Case(command("run", up, "--input-ids", "1"),
                                           "has external data at '../secret', which is not a relative path inside")
     absolute = _crafted_out(engine, tmp / "eng-abs", "decode.onnx", str(tmp / "eng-up" / "weights.bin"))
-    c["inspect_external_data_absolute"] = Case(_dscompile("inspect", absolute),
+    c["inspect_external_data_absolute"] = Case(command("inspect", absolute),
                                                f"has external data at '{tmp / 'eng-up' / 'weights.bin'}', which is not")
     escaped = _copy(engine, tmp / "eng-graph")
     m = json.loads((escaped / "manifest.json").read_text())
     m["graphs"]["decode"]["file"] = "../eng-up/decode.onnx"
     (escaped / "manifest.json").write_text(json.dumps(m))
-    c["inspect_graph_file_escapes"] = Case(_dscompile("inspect", escaped),
+    c["inspect_graph_file_escapes"] = Case(command("inspect", escaped),
                                            "graph file '../eng-up/decode.onnx' is not a path inside")
 
     # ---- a graph-only export (no weights.bin): engines refuse it; --verify cannot check it
     graphs = tmp / "graphs-only"
-    export_checkpoint(ckpt, graphs, limits=LIMITS, graphs_only=True)
+    export_checkpoint(ckpt, graphs, limits=limits, graphs_only=True)
     refused = f"{graphs}: a graph-only export (no weights.bin); export without --graphs-only to run it"
-    c["run_graphs_only"] = Case(_dscompile("run", graphs, "--input-ids", "1,2"), refused)
-    c["run_graphs_only_torch"] = Case(_dscompile("run", graphs, "--input-ids", "1,2", "--backend", "torch"), refused)
-    c["compare_graphs_only"] = Case(_dscompile("compare", ckpt, graphs), refused)
+    c["run_graphs_only"] = Case(command("run", graphs, "--input-ids", "1,2"), refused)
+    c["run_graphs_only_torch"] = Case(command("run", graphs, "--input-ids", "1,2", "--backend", "torch"), refused)
+    c["compare_graphs_only"] = Case(command("compare", ckpt, graphs), refused)
     export_case("graphs_only_verify", ckpt, "--graphs-only and --verify", "--graphs-only", "--verify")
     return c
 
 
 @pytest.fixture(scope="module")
-def outcomes(tmp_path_factory, make_ckpt):
+def outcomes(tmp_path_factory, exported, exported_ckpt, export_limits, one_layer_ckpt, small_flags, dscompile_argv):
     """{case name: (Case, CompletedProcess or None when skipped)}, all run in one go."""
     tmp = tmp_path_factory.mktemp("cli_errors")
-    cases = _build_cases(tmp, make_ckpt("v3", layers=2, experts=8), make_ckpt("v3", **ONE_LAYER), exported("v3"))
+    cases = _build_cases(tmp, exported_ckpt("v3"), one_layer_ckpt, exported("v3"), export_limits, small_flags,
+                         dscompile_argv)
     slow = ("allow_nonfinite", "file_size_limit", "disk_full")  # whole exports: start them first
     order = [k for k in slow if k in cases] + [k for k in cases if k not in slow]
     runnable = {k: cases[k] for k in order if cases[k].skip is None}
@@ -263,7 +260,7 @@ CASE_NAMES = [
     "unsupported_model_type", "kv_lora_rank_contradicts_tensors", "moe_width_contradicts_tensors", "missing_shard",
     "truncated_safetensors", "header_length_too_large", "header_not_utf8",
     "nan_weight", "inf_weight", "pickle_only", "out_not_empty", "out_parent_is_a_file",
-    "out_read_only", "file_size_limit", "disk_full", "dtype_float8", "max_new_tokens_1", "absorb_maybe",
+    "out_read_only", "file_size_limit", "disk_full", "dtype_float8", "max_prompt_tokens_1", "absorb_maybe",
     "weights_int3", "block_size_24", "weights_with_tensorrt", "weights_with_float16", "block_size_not_dividing",
     "run_missing_out", "run_id_above_vocab",
     "run_prompt_too_long", "run_prompt_plus_new_too_long",

@@ -2,19 +2,14 @@
 graph, manifest, byte-reproducibility, half precision.
 
 Exports are expensive (~15 s each), so each (variant, dtype) is exported once per test session
-by `exported()`, which test_ort_engine.py shares.
+by the `exported` fixture (tests/conftest.py), which other test files share.
 
 Shapes: B batch, S new tokens, P past, H heads, C kv_lora_rank, R rope dim, N/V nope/value dims.
 """
 
 from __future__ import annotations
 
-import atexit
 import filecmp
-import shutil
-import tempfile
-from functools import lru_cache
-from pathlib import Path
 
 import onnx
 import pytest
@@ -22,43 +17,25 @@ import torch
 
 from dscompile.tolerance import bound as tolerance_bound
 
-from dscompile.exporter.capture import Limits
 from dscompile.exporter.export import export_checkpoint
 from dscompile.exporter.lowering.graph import check_model
 from dscompile.model.args import ModelArgs
 from dscompile.model.checkpoint import load_checkpoint
-from dscompile.model.synthetic import make_checkpoint
 from dscompile.errors import OptionError
 from dscompile.runtime.manifest import MANIFEST_FORMAT, read_manifest
 
 VARIANTS = ("v3", "v2", "v2-lite")
-LIMITS = Limits(max_batch=8, max_new_tokens=64, max_context=128)
 FILES = {"prefill.onnx", "decode.onnx", "decode_inplace.onnx", "weights.bin", "manifest.json", "prefill.pt2",
          "decode.pt2", "tokenizer.json", "tokenizer_config.json", "generation_config.json"}
 
-_ROOT = Path(tempfile.mkdtemp(prefix="dsc_test_lower_"))
-atexit.register(shutil.rmtree, _ROOT, True)
-
-
-@lru_cache(maxsize=None)
-def checkpoint(variant: str) -> Path:
-    return make_checkpoint(_ROOT / f"ckpt-{variant}", variant, layers=2, experts=8)
-
-
-@lru_cache(maxsize=None)
-def exported(variant: str, dtype: str = "float32", copy: int = 0) -> Path:
-    """OUT of the tiny `variant` checkpoint (copy > 0: an independent second export)."""
-    out = _ROOT / f"out-{variant}-{dtype}-{copy}"
-    export_checkpoint(checkpoint(variant), out, dtype=dtype, limits=LIMITS)
-    return out
-
-
-def args_of(variant: str) -> ModelArgs:
-    return ModelArgs.from_json(checkpoint(variant) / "config.json")
+@pytest.fixture(scope="module")
+def args_of(exported_ckpt):
+    """args_of(variant) -> the ModelArgs of `exported`'s checkpoint of `variant`."""
+    return lambda variant: ModelArgs.from_json(exported_ckpt(variant) / "config.json")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_files_and_checker(variant):
+def test_files_and_checker(variant, exported):
     out = exported(variant)
     assert {p.name for p in out.iterdir()} == FILES
     for graph in ("prefill", "decode", "decode_inplace"):
@@ -66,7 +43,7 @@ def test_files_and_checker(variant):
 
 
 @pytest.mark.parametrize("variant", ["v3", "v2"])
-def test_in_place_decode_graph(variant):
+def test_in_place_decode_graph(variant, exported, args_of):
     """decode_inplace.onnx is decode.onnx with each cache Concat replaced by a TensorScatter at
     write_index, writing the same weights (references into the same weights.bin)."""
     out = exported(variant)
@@ -91,7 +68,7 @@ def test_in_place_decode_graph(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_decode_attends_in_latent_space(variant):
+def test_decode_attends_in_latent_space(variant, exported, args_of):
     """No matmul against kv_b_proj [H*(N+V), C] over the cache; the latent composite instead."""
     a = args_of(variant)
     H, N, V, C, R = a.num_attention_heads, a.qk_nope_head_dim, a.v_head_dim, a.kv_lora_rank, a.qk_rope_head_dim
@@ -112,7 +89,7 @@ def test_decode_attends_in_latent_space(variant):
 
 
 @pytest.mark.parametrize("variant", ["v3", "v2"])
-def test_float32_moe_is_one_com_microsoft_moe_per_layer_in_both_graphs(variant):
+def test_float32_moe_is_one_com_microsoft_moe_per_layer_in_both_graphs(variant, exported, args_of):
     """Prefill as decode: one com.microsoft.MoE per MoE layer and nothing per expert (an expert
     loop has NonZero/ScatterND and slices of the stacked weights), both graphs reading the same
     fc1 and fc2 bytes of weights.bin."""
@@ -137,13 +114,13 @@ def test_float32_moe_is_one_com_microsoft_moe_per_layer_in_both_graphs(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_manifest(variant):
+def test_manifest(variant, exported, args_of):
     out = exported(variant)
     m = read_manifest(out)
     a = args_of(variant)
-    assert m["format_version"] == MANIFEST_FORMAT and m["target"] == "onnxruntime" and m["dtype"] == "float32"
+    assert m["format_version"] == MANIFEST_FORMAT and m["target"] == "onnxruntime" and m["runtime"] == "onnxruntime" and m["dtype"] == "float32"
     assert m["opset"] == 23 and m["model"] == a.to_config()
-    assert m["limits"] == {"max_batch": 8, "max_new_tokens": 64, "max_context": 128}
+    assert m["limits"] == {"max_batch": 8, "max_prompt_tokens": 64, "max_context": 128}
     cache = m["cache"]
     L, C, R = a.num_hidden_layers, a.kv_lora_rank, a.qk_rope_head_dim
     assert cache["per_layer"] == {"kv_latent": C, "k_rope": R}
@@ -169,7 +146,7 @@ def test_manifest(variant):
     assert m["weights"]["shared_tensors"] > 0  # prefill and decode share their weights in weights.bin
 
 
-def test_two_exports_are_byte_identical():
+def test_two_exports_are_byte_identical(exported):
     a, b = exported("v2-lite"), exported("v2-lite", copy=1)
     names = sorted(p.name for p in a.iterdir())
     assert names == sorted(p.name for p in b.iterdir())
@@ -177,7 +154,9 @@ def test_two_exports_are_byte_identical():
     assert not differ, f"files differ between two exports: {differ}"
 
 
-def test_float16_export_loads_and_runs():
+def test_float16_export_loads_and_runs(exported, exported_ckpt):
+    """A float16 engine keeps float32 logits and a float16 cache; its prefill and the decode step
+    after it are within float16's tolerance of the float32 eager model."""
     from dscompile.runtime.ort_engine import OrtEngine
 
     out = exported("v2-lite", "float16")
@@ -190,20 +169,24 @@ def test_float16_export_loads_and_runs():
     mask = torch.ones(2, 4, dtype=torch.int64)
     logits, cache = engine.step(ids, pos, mask, None)
     logits2, _ = engine.step(ids[:, :1], pos[:, -1:] + 1, torch.ones(2, 5, dtype=torch.int64), cache)
-    assert logits.dtype == torch.float32 and torch.isfinite(logits).all() and torch.isfinite(logits2).all()
+    assert logits.dtype == torch.float32 and logits2.dtype == torch.float32
     assert cache.layers[0][0].dtype == torch.float16
-    ref = load_checkpoint(checkpoint("v2-lite"), dtype=torch.float32)
+    ref = load_checkpoint(exported_ckpt("v2-lite"), dtype=torch.float32)
     with torch.no_grad():
-        want, _ = ref(ids, pos, mask)
-    err = (logits - want).abs()
-    bound = tolerance_bound(torch.float16, want.abs().max().item())
-    assert err.max() <= bound, f"float16 vs float32 eager: max|Δ|={err.max():.3e} mean|Δ|={err.mean():.3e} > {bound:.3e}"
+        want, past = ref(ids, pos, mask)
+        want2, _ = ref(ids[:, :1], pos[:, -1:] + 1, torch.ones(2, 5, dtype=torch.int64), past)
+    for step, got, ref_logits in (("prefill", logits, want), ("decode", logits2, want2)):
+        err = (got - ref_logits).abs()
+        bound = tolerance_bound(torch.float16, ref_logits.abs().max().item())
+        assert err.max() <= bound, (f"float16 {step} vs float32 eager: max|Δ|={err.max():.3e} "
+                                    f"mean|Δ|={err.mean():.3e} > {bound:.3e}")
 
 
-def test_refuses_a_non_empty_out(tmp_path):
+def test_refuses_a_non_empty_out(tmp_path, exported_ckpt, export_limits):
+    ckpt = exported_ckpt("v3")
     (tmp_path / "keep.txt").write_text("x")
     with pytest.raises(OptionError, match="not empty"):
-        export_checkpoint(checkpoint("v3"), tmp_path, limits=LIMITS)
+        export_checkpoint(ckpt, tmp_path, limits=export_limits)
     with pytest.raises(OptionError, match="--dtype"):
-        export_checkpoint(checkpoint("v3"), tmp_path / "new", dtype="float8")
+        export_checkpoint(ckpt, tmp_path / "new", dtype="float8")
     assert not (tmp_path / "new").exists() and [p.name for p in tmp_path.iterdir()] == ["keep.txt"]

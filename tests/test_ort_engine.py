@@ -2,7 +2,7 @@
 padding, greedy generation, the in-place decode graph against the contract's decode graph (and
 caches that a later step must not change), and the errors a user can cause (broken OUT, bad inputs).
 
-Uses the exports of test_lower.py (`exported()`, one per variant and session).
+Uses the session's shared exports (the `exported` fixture of tests/conftest.py, one per variant).
 
 Shapes: B batch, S new tokens, P past, V vocab.
 """
@@ -22,15 +22,16 @@ from dscompile.model.checkpoint import load_checkpoint
 from dscompile.errors import EngineError
 from dscompile.runtime.manifest import read_manifest
 from dscompile.runtime.ort_engine import OrtCapacityCache, OrtEngine, OrtKVCache
-from test_lower import LIMITS, VARIANTS, checkpoint, exported
+from conftest import assert_close
 
+VARIANTS = ("v3", "v2", "v2-lite")
 DECODE_STEPS = 16
 
 
 @pytest.fixture(scope="module", params=VARIANTS)
-def pair(request):
+def pair(request, exported, exported_ckpt):
     variant = request.param
-    return variant, OrtEngine.load(exported(variant), provider="cpu"), load_checkpoint(checkpoint(variant))
+    return variant, OrtEngine.load(exported(variant), provider="cpu"), load_checkpoint(exported_ckpt(variant))
 
 
 def test_steps_match_eager(pair):
@@ -106,10 +107,10 @@ def test_step_accepts_a_torch_cache(pair):
 # ---------------------------------------------------------------- in-place decode
 
 
-def _without_in_place(variant: str, tmp_path) -> OrtEngine:
+def _without_in_place(out, tmp_path) -> OrtEngine:
     """The same OUT with no in-place graph in its manifest (an export made before there was one)."""
     dst = tmp_path / "contract"
-    shutil.copytree(exported(variant), dst)
+    shutil.copytree(out, dst)
     m = json.loads((dst / "manifest.json").read_text())
     del m["graphs"]["decode"]["in_place"]
     (dst / "manifest.json").write_text(json.dumps(m))
@@ -117,13 +118,13 @@ def _without_in_place(variant: str, tmp_path) -> OrtEngine:
 
 
 @pytest.mark.parametrize("variant", ["v3", "v2"])
-def test_in_place_decode_matches_contract_decode(variant, tmp_path):
+def test_in_place_decode_matches_contract_decode(variant, tmp_path, exported):
     """B=2 (row 0 left-padded) through 10 decode steps with buffers growing by 4 rows: the in-place
     graph gives the contract decode graph's logits and cache, and writes the same buffers until they
     are full."""
     engine = OrtEngine.load(exported(variant), provider="cpu")
     engine.capacity_step = 4
-    contract = _without_in_place(variant, tmp_path)
+    contract = _without_in_place(exported(variant), tmp_path)
     assert set(engine.sessions) == {"prefill", "decode_inplace"} and set(contract.sessions) == {"prefill", "decode"}
     B, S = 2, 5
     ids = torch.randint(0, engine.info.vocab_size, (B, S), generator=torch.Generator().manual_seed(3))
@@ -156,9 +157,10 @@ def test_in_place_decode_matches_contract_decode(variant, tmp_path):
 
 
 def test_in_place_step_never_changes_a_held_cache(pair):
-    """Two steps from one cache while the first result is held: the second writes into new buffers.
-    Once both results are dropped, a step writes the original buffers again, with the same logits."""
-    _, engine, _ = pair
+    """Two steps from one cache while the first result is held: the second writes into new buffers,
+    and each gives eager's logits and cache row for its own token. Once both results are dropped, a
+    step writes the original buffers again, with the same logits."""
+    _, engine, model = pair
     ids, pos = torch.tensor([[5, 6, 7]]), torch.tensor([[0, 1, 2]])
     _, prefilled = engine.step(ids, pos, torch.ones(1, 3, dtype=torch.int64), None)
     cache = engine.own_cache(prefilled)
@@ -169,8 +171,12 @@ def test_in_place_step_never_changes_a_held_cache(pair):
     lb, cb = engine.step(torch.tensor([[12]]), torch.tensor([[3]]), mask, cache)
     assert cb.buffers is not ca.buffers and ca.buffers is cache.buffers
     assert all(torch.equal(h, r) for h, r in zip(held, ca.rows())), "a step changed a cache someone holds"
-    assert not torch.equal(ca.rows()[0][:, 3], cb.rows()[0][:, 3])  # the two tokens wrote different rows
-    assert not torch.equal(la, lb)
+    with torch.no_grad():
+        _, past = model(ids, pos, torch.ones(1, 3, dtype=torch.int64))
+        want = {token: model(torch.tensor([[token]]), torch.tensor([[3]]), mask, past) for token in (11, 12)}
+    for logits, rows, token in ((la, ca.rows(), 11), (lb, cb.rows(), 12)):
+        assert_close(logits, want[token][0], what=f"logits after token {token}")
+        assert_close(rows[0][:, 3], want[token][1][0][0][:, 3], what=f"layer 0 kv_latent row of token {token}")
     del ca, cb
     lc, cc = engine.step(torch.tensor([[11]]), torch.tensor([[3]]), mask, cache)
     assert cc.buffers is cache.buffers
@@ -181,7 +187,7 @@ def test_in_place_step_never_changes_a_held_cache(pair):
 
 
 @pytest.fixture
-def broken(tmp_path):
+def broken(tmp_path, exported):
     """A private copy of an OUT to damage."""
     dst = tmp_path / "out"
     shutil.copytree(exported("v3"), dst)
@@ -230,14 +236,14 @@ def test_external_data_outside_out(broken):
         OrtEngine.load(broken)
 
 
-def test_bad_inputs(pair):
+def test_bad_inputs(pair, export_limits):
     _, engine, _ = pair
     V = engine.info.vocab_size
     with pytest.raises(EngineError, match=f"input id {V} is outside the vocabulary"):
         engine.step(torch.tensor([[1, V]]), torch.tensor([[0, 1]]), torch.ones(1, 2, dtype=torch.int64), None)
     with pytest.raises(EngineError, match="outside the vocabulary"):
         engine.generate([[1, -1]], 2)
-    too_long = [[1] * (LIMITS.max_context + 1)]
+    too_long = [[1] * (export_limits.max_context + 1)]
     with pytest.raises(EngineError, match="exceed"):
         engine.generate(too_long, 1)
     with pytest.raises(EngineError, match="attention_mask"):

@@ -94,13 +94,13 @@ def _write_out(tmp_path, **kw):
     [
         (dict(precision="int8"), "--precision"),
         (dict(max_batch=0), "--max-batch"),
-        (dict(max_new_tokens=-1), "--max-new-tokens"),
-        (dict(max_context=100, max_new_tokens=200), "--max-context"),
+        (dict(max_prompt_tokens=-1), "--max-prompt-tokens"),
+        (dict(max_context=100, max_prompt_tokens=200), "--max-context"),
         (dict(workspace_gb=0), "--workspace-gb"),
     ],
 )
 def test_options_are_refused_with_the_option_named(kwargs, option):
-    args = dict(precision="fp16", max_batch=4, max_new_tokens=128, max_context=1024, workspace_gb=4.0) | kwargs
+    args = dict(precision="fp16", max_batch=4, max_prompt_tokens=128, max_context=1024, workspace_gb=4.0) | kwargs
     with pytest.raises(OptionError) as e:
         validate_options(**args)
     assert str(e.value).startswith(option) and "\n" not in str(e.value)
@@ -108,14 +108,14 @@ def test_options_are_refused_with_the_option_named(kwargs, option):
 
 def test_build_refuses_bad_options_before_touching_out(tmp_path):
     with pytest.raises(OptionError, match="--max-context"):
-        build_engines(tmp_path / "does-not-exist", max_new_tokens=64, max_context=32)
+        build_engines(tmp_path / "does-not-exist", max_prompt_tokens=64, max_context=32)
 
 
 def test_prefill_profile_from_onnx_inputs(tmp_path):
     onnx.save(_toy_graph("prefill"), str(tmp_path / "prefill.onnx"))
     io = read_graph_io(tmp_path / "prefill.onnx", "prefill")
     assert io.num_layers == LAYERS
-    p = compute_profile(io, "prefill", max_batch=4, max_new_tokens=128, max_context=1024)
+    p = compute_profile(io, "prefill", max_batch=4, max_prompt_tokens=128, max_context=1024)
     assert p["input_ids"] == {"min": [1, 1], "opt": [4, 64], "max": [4, 128]}
     assert p["position_ids"] == p["input_ids"]
     assert p["attention_mask"] == {"min": [1, 1], "opt": [4, 64], "max": [4, 1024]}
@@ -127,7 +127,7 @@ def test_prefill_profile_from_onnx_inputs(tmp_path):
 def test_decode_profile_keeps_static_dims_and_starts_past_at_one(tmp_path):
     onnx.save(_toy_graph("decode", decode_static_s=True), str(tmp_path / "decode.onnx"))
     io = read_graph_io(tmp_path / "decode.onnx", "decode")
-    p = compute_profile(io, "decode", max_batch=2, max_new_tokens=128, max_context=1024)
+    p = compute_profile(io, "decode", max_batch=2, max_prompt_tokens=128, max_context=1024)
     assert p["input_ids"] == {"min": [1, 1], "opt": [2, 1], "max": [2, 1]}
     assert p["attention_mask"] == {"min": [1, 2], "opt": [2, 513], "max": [2, 1024]}
     assert p["past.0.kv_latent"] == {"min": [1, 1, C], "opt": [2, 512, C], "max": [2, 1023, C]}
@@ -184,7 +184,7 @@ def test_build_refuses_missing_graph(tmp_path):
 def test_build_without_tensorrt_says_what_to_install(tmp_path):
     _write_out(tmp_path)
     with pytest.raises(TensorRTUnavailable) as e:
-        build_engines(tmp_path, precision="fp32", max_batch=2, max_new_tokens=8, max_context=16)
+        build_engines(tmp_path, precision="fp32", max_batch=2, max_prompt_tokens=8, max_context=16)
     msg = str(e.value)
     assert 'pip install "dscompile[tensorrt]"' in msg and "NVIDIA" in msg and "CUDA GPU" in msg
     assert "\n" not in msg
@@ -214,10 +214,10 @@ def test_choose_graph():
 
 def _section(tmp_path):
     _write_out(tmp_path)
-    profiles = {g: compute_profile(read_graph_io(tmp_path / f"{g}.onnx", g), g, max_batch=2, max_new_tokens=8,
+    profiles = {g: compute_profile(read_graph_io(tmp_path / f"{g}.onnx", g), g, max_batch=2, max_prompt_tokens=8,
                                    max_context=16) for g in ("prefill", "decode")}
     return trt_section(tensorrt_version="10.15.1", precision="fp32", strongly_typed=True, max_batch=2,
-                       max_new_tokens=8, max_context=16, workspace_gb=1, timing_cache_path=None,
+                       max_prompt_tokens=8, max_context=16, workspace_gb=1, timing_cache_path=None,
                        onnx_files={"prefill": "prefill.onnx", "decode": "decode.onnx"}, profiles=profiles)
 
 
@@ -275,7 +275,7 @@ def test_build_and_run_matches_onnxruntime(tmp_path, precision):
     import onnxruntime as ort
 
     _write_out(tmp_path)
-    section = build_engines(tmp_path, precision=precision, max_batch=2, max_new_tokens=8, max_context=16,
+    section = build_engines(tmp_path, precision=precision, max_batch=2, max_prompt_tokens=8, max_context=16,
                             timing_cache_path=tmp_path / "timing.cache")
     assert (tmp_path / "prefill.engine").stat().st_size > 0 and (tmp_path / "decode.engine").stat().st_size > 0
     assert (tmp_path / "timing.cache").is_file()
@@ -298,7 +298,25 @@ def test_build_and_run_matches_onnxruntime(tmp_path, precision):
     assert err.max() <= 1e-4 * max(1.0, float(np.abs(ref).max())), f"max {err.max():.3e} mean {err.mean():.3e}"
     assert cache.length == 3 and cache.layers[0][0].is_cuda
 
-    # one decode step runs the decode engine and grows the cache by one
+    # one decode step runs the decode engine, grows the cache by one and gives ONNX Runtime's logits
     logits2, cache2 = engine.step(ids[:, -1:], pos[:, -1:] + 1, torch.ones(2, 4, dtype=torch.int64), cache)
     assert logits2.shape == (2, 1, V) and cache2.length == 4
-    assert len(engine.generate([[3, 5], [7]], 4)) == 2
+    past = [f"past.{i}.{kind}" for i in range(LAYERS) for kind in ("kv_latent", "k_rope")]
+    decode = ort.InferenceSession(str(tmp_path / "decode.onnx"), providers=["CPUExecutionProvider"])
+    ref2 = decode.run(["logits"], {"input_ids": ids[:, -1:].numpy(), "position_ids": (pos[:, -1:] + 1).numpy(),
+                                   "attention_mask": np.ones((2, 4), np.int64),
+                                   **dict(zip(past, sess.run(None, feeds)[1:]))})[0]
+    err = (logits2.cpu() - torch.from_numpy(ref2)).abs()
+    assert err.max() <= 1e-4 * max(1.0, float(np.abs(ref2).max())), f"max {err.max():.3e} mean {err.mean():.3e}"
+
+    def greedy(prompt: list[int], n: int) -> list[int]:
+        """ONNX Runtime's greedy tokens: the toy graph's logits at a position depend on its token alone."""
+        tokens = [prompt[-1]]
+        for _ in range(n):
+            one = {"input_ids": np.array([tokens[-1:]]), "position_ids": np.zeros((1, 1), np.int64),
+                   "attention_mask": np.ones((1, 1), np.int64),
+                   **{name: np.zeros((1, 0, C if "kv_latent" in name else R), np.float32) for name in past}}
+            tokens.append(int(sess.run(["logits"], one)[0][0, -1].argmax()))
+        return tokens[1:]
+
+    assert engine.generate([[3, 5], [6]], 4) == [greedy([3, 5], 4), greedy([6], 4)]  # two different continuations

@@ -27,14 +27,16 @@ import torch
 
 from dscompile.exporter.capture import Limits
 from dscompile.exporter.export import export_checkpoint
+from dscompile.exporter.verify.eager import EagerEngine
 from dscompile.model.checkpoint import load_checkpoint
 from dscompile.model.synthetic import random_state, tiny_args, write_checkpoint
 from dscompile.errors import EngineError
 from dscompile.runtime.ort_engine import OrtEngine
 from dscompile.runtime.torch_engine import TorchEngine
 from dscompile.runtime.weights import fingerprint
+from conftest import assert_close
 
-LIMITS = Limits(max_batch=2, max_new_tokens=64, max_context=128)
+LIMITS = Limits(max_batch=2, max_prompt_tokens=64, max_context=128)
 FILE_RATIO = 1.02  # weights.bin / parameter bytes
 RESIDENT_RATIO, RESIDENT_SLACK = 1.10, 300 * 2**20  # resident growth <= RATIO * weights.bin + SLACK
 
@@ -67,9 +69,12 @@ def test_weights_file_holds_one_copy(big):
 
 
 def test_program_weights_are_views_equal_to_the_checkpoint(big):
+    """The torch engine's weights are views of weights.bin equal to the checkpoint's, and its
+    prefill and decode logits are eager's."""
     ckpt, out, manifest = big
     engine = TorchEngine.load(out, device="cpu")
-    reference = dict(load_checkpoint(ckpt, dtype=torch.float32).named_parameters())
+    model = load_checkpoint(ckpt, dtype=torch.float32)
+    reference = dict(model.named_parameters())
     viewed = 0
     for graph, module in engine.modules.items():
         places = manifest["graphs"][graph]["program_weights"]
@@ -78,6 +83,14 @@ def test_program_weights_are_views_equal_to_the_checkpoint(big):
                 assert torch.equal(weight, reference[name]), f"{graph}: {name} differs from the checkpoint"
             viewed += "stride" in places.get(name, {})
     assert viewed > 0
+    ids, pos = torch.tensor([[5, 17, 42, 7]]), torch.arange(4)[None]
+    got, cache = engine.step(ids, pos, torch.ones(1, 4, dtype=torch.int64), None)
+    got2, _ = engine.step(ids[:, :1], pos[:, -1:] + 1, torch.ones(1, 5, dtype=torch.int64), cache)
+    with torch.no_grad():
+        want, past = model(ids, pos, torch.ones(1, 4, dtype=torch.int64))
+        want2, _ = model(ids[:, :1], pos[:, -1:] + 1, torch.ones(1, 5, dtype=torch.int64), past)
+    assert_close(got, want, what="torch engine prefill logits")
+    assert_close(got2, want2, what="torch engine decode logits")
 
 
 def test_torch_programs_share_one_tensor_per_weight(big):
@@ -157,15 +170,18 @@ def test_truncated_or_foreign_weights_refused_before_any_session(big, tmp_path, 
 
 
 def test_a_write_into_the_file_stops_the_running_engine(big, tmp_path):
-    _, out, _ = big
+    """Both engines generate eager's greedy tokens from the mapped file, twice; after a write into
+    the file, their next step stops."""
+    ckpt, out, _ = big
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     assert not os.access(copy / "weights.bin", os.W_OK) or os.geteuid() == 0  # exported read-only
     assert (os.stat(out / "weights.bin").st_mode & 0o222) == 0
     ids = [[1, 2, 3]]
+    want = EagerEngine(load_checkpoint(ckpt, dtype=torch.float32)).generate(ids, max_new_tokens=2)
     for engine in (OrtEngine.load(copy, provider="cpu"), TorchEngine.load(copy, device="cpu")):
-        before = engine.generate(ids, max_new_tokens=2)
-        assert engine.generate(ids, max_new_tokens=2) == before
+        assert engine.generate(ids, max_new_tokens=2) == want
+        assert engine.generate(ids, max_new_tokens=2) == want
     engines = (OrtEngine.load(copy, provider="cpu"), TorchEngine.load(copy, device="cpu"))
     os.chmod(copy / "weights.bin", 0o644)
     with open(copy / "weights.bin", "r+b") as f:
@@ -186,12 +202,13 @@ def test_fingerprint_differs_for_other_contents(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the device copy of the programs' weights")
 def test_torch_engine_on_cuda_holds_one_device_copy(big):
-    _, out, _ = big
+    """On CUDA the programs share one device copy per weight, and generate eager's greedy tokens."""
+    ckpt, out, _ = big
     engine = TorchEngine.load(out, device="cuda")
     prefill = dict(engine.modules["prefill"].named_parameters())
     decode = dict(engine.modules["decode"].named_parameters())
     for name in ("model.lm_head.weight", "model.layers.2.mlp.experts.gate_proj"):
         assert prefill[name].is_cuda and prefill[name].data_ptr() == decode[name].data_ptr(), name
-    cpu = TorchEngine.load(out, device="cpu")
     ids = [[1, 2, 3, 4]]
-    assert engine.generate(ids, max_new_tokens=4) == cpu.generate(ids, max_new_tokens=4)
+    want = EagerEngine(load_checkpoint(ckpt, dtype=torch.float32)).generate(ids, max_new_tokens=4)
+    assert engine.generate(ids, max_new_tokens=4) == want

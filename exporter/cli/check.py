@@ -55,10 +55,11 @@ def compare(
             if first is not None:
                 lines.append(f"first diverging layer: {first} (hidden state after block {first} is out of tolerance)")
             elif not report["passed"]:
-                lines.append("first diverging layer: none in a fresh debug build of this checkpoint: OUT is not what "
-                             "it compiles to (modified files, other weights or other options)")
+                lines.append("first diverging layer: none (every block's hidden state is within tolerance: the "
+                             "difference comes after the last block, or in a decode step)")
             else:
                 lines.append("first diverging layer: none (every block's hidden state is within tolerance)")
+            lines.append(f"  located in {layers['located_in']}")
         if "scheme" in report:
             lines.append(f"vs fp32 eager ({scheme.name} block {scheme.block_size}: quantization's cost, not judged)")
             lines.append(f"{'step':>4} {'graph':8s} {'rel rms':>10} {'KL':>10} {'top-1':>10}")
@@ -89,7 +90,7 @@ def inspect(
         info = {
             "model": {k: cfg.get(k) for k in ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads",
                                              "kv_lora_rank", "n_routed_experts", "num_experts_per_tok", "topk_method")},
-            "dtype": manifest["dtype"], "target": manifest["target"], "opset": manifest["opset"],
+            "dtype": manifest["dtype"], "target": manifest["target"], "runtime": manifest.get("runtime", "onnxruntime"), "opset": manifest["opset"],
             "limits": manifest["limits"], "cache": c, "weights": manifest["weights"],
             "graphs_only": bool(manifest.get("graphs_only")),
             "graphs": {name: {k: g.get(k) for k in ("file", "inputs", "outputs", "op_counts", "passes", "moe_lowering",

@@ -46,12 +46,9 @@ _SYMBOL = re.compile(r"\bs\d+\b")
 
 
 def lower(ep: ExportedProgram, phase: str, num_layers: int, *, opset: int = 23,
-          moe_experts: str = "moe_op", debug: bool = False) -> ir.Model:
-    """ONNX model (onnx_ir, weights in memory) of one captured + optimized graph.
-
-    `debug` graphs (captured with per-layer hidden states) also output `hidden.{i}`.
-    """
-    inputs, outputs = io_names(num_layers, debug)
+          moe_experts: str = "moe_op") -> ir.Model:
+    """ONNX model (onnx_ir, weights in memory) of one captured + optimized graph."""
+    inputs, outputs = io_names(num_layers)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():

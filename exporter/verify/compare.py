@@ -4,24 +4,26 @@ The one place that holds both sides (the checkpoint and OUT). Both run the same 
 with left padding, a prefill, then decode steps fed with the eager model's greedy tokens (so a
 difference in one step does not change what later steps see). Per graph and step it reports max
 abs, max rel and mean abs error of the logits (real positions only) and of the returned cache.
-When a step is out of tolerance, a debug build of the engine (the hidden state after every block
-marked as an output) locates the first layer whose hidden state diverges.
+When a step is out of tolerance, the first layer whose hidden state diverges is located in the
+engine under test itself: its own graph, with the value that holds the hidden state after each
+block made an output, run on its own weights.bin (`locate_divergence`).
 """
 
 from __future__ import annotations
 
-import tempfile
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import onnx
 import torch
 
 from dscompile.exporter.verify.eager import EagerEngine
 from dscompile.model.checkpoint import load_checkpoint
 from dscompile.model.quant import Scheme
-from dscompile.runtime.engine import Engine, KVCache
-from dscompile.errors import OptionError
+from dscompile.runtime.engine import Engine, EngineInfo, KVCache
+from dscompile.errors import EngineError, OptionError
 from dscompile.tolerance import QUANTIZED_ACTIVATIONS, TOLERANCE
 from dscompile.tolerance import bound as tolerance_bound
 
@@ -39,7 +41,7 @@ class Stats:
     def of(actual: torch.Tensor, ref: torch.Tensor) -> "Stats":
         a, r = actual.detach().float().cpu(), ref.detach().float().cpu()
         if a.shape != r.shape:
-            raise OptionError(f"engine output shape {tuple(a.shape)} differs from eager {tuple(r.shape)}")
+            raise EngineError(f"engine output shape {tuple(a.shape)} breaks the contract: eager gives {tuple(r.shape)}")
         if not r.numel():
             return Stats(0.0, 0.0, 0.0, 0.0)
         d = (a - r).abs()
@@ -137,8 +139,7 @@ def run_compare(
 
 
 def locate_divergence(
-    checkpoint: str | Path,
-    out: Path,
+    out: str | Path,
     manifest: dict[str, Any],
     eager: EagerEngine,
     report: dict[str, Any],
@@ -146,42 +147,102 @@ def locate_divergence(
     atol: float | None = None,
     rtol: float | None = None,
     plot: Path | None = None,
-    progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Per-layer hidden-state error of a debug build (same dtype and passes, hidden states as outputs).
+    """Per-layer hidden-state error of the engine in OUT, on the compare's prefill inputs.
 
-    The debug build is exported into a scratch folder with the options recorded in the manifest,
-    run on the compare's prefill inputs, and its hidden state after each block is compared with
-    the eager model's.
+    The graph the engine runs a prefill with (`prefill_graph`) is read from OUT without its
+    weights, the value holding the hidden state after each block (`block_outputs`) becomes an
+    output, and ONNX Runtime runs it on CPU with OUT's own weights.bin. Each block's hidden state
+    is compared with the eager model's; the first out of tolerance is the first diverging layer.
     """
-    from dscompile.exporter.export import export_checkpoint
-    from dscompile.runtime.ort_engine import OrtEngine
-
-    passes = {p["name"]: p for p in manifest["graphs"]["prefill"]["passes"]["passes"]}
-    absorb = passes.get("absorb_mla", {}).get("details", {}).get("form", "auto")
-    fuse = passes.get("fuse_moe", {}).get("count", 0) > 0 or not eager.model.args.num_moe_layers
-    scratch = scratch_dir()
-    try:
-        quant = manifest.get("quantization")
-        export_checkpoint(checkpoint, scratch / "debug", dtype=manifest["dtype"], absorb=absorb, fuse_moe=fuse,
-                          debug=True, progress=progress, weights=quant["scheme"] if quant else None,
-                          block_size=int(quant["block_size"]) if quant else 32,
-                          accuracy_level=0 if quant and not any(quant["accuracy_level"].values()) else None)
-        debug = OrtEngine.load(scratch / "debug", provider="cpu")
-        batch, prompt = report["steps"][0]["batch"], report["steps"][0]["new_tokens"]
-        ids, pos, mask = _inputs(eager.info.vocab_size, batch, prompt, report["seed"])
-        got = debug.hidden_states(ids, pos, mask)
-        ref = eager.hidden_states(ids, pos, mask, None)
-    finally:
-        import shutil
-
-        shutil.rmtree(scratch, ignore_errors=True)
+    out = Path(out)
+    if manifest["dtype"] == "bfloat16":
+        raise EngineError(f"{out}: a bfloat16 engine: the first diverging layer is located with ONNX Runtime on "
+                          "CPU, which has no bfloat16 kernels")
+    graph_file = manifest["graphs"][prefill_graph(manifest)]["file"]
+    path = out / graph_file
+    model = onnx.load(str(path), load_external_data=False)
+    hidden = block_outputs(model.graph, eager.info.num_layers, path)
+    model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in hidden)
+    batch, prompt = report["steps"][0]["batch"], report["steps"][0]["new_tokens"]
+    ids, pos, mask = _inputs(eager.info.vocab_size, batch, prompt, report["seed"])
+    got = _run_on_weights(model, out, path, hidden, ids, pos, mask,
+                          KVCache.empty(EngineInfo.from_manifest(manifest), batch))
+    ref = eager.hidden_states(ids, pos, mask, None)
     real = mask.bool()
     errors = [vars(Stats.of(g[real], r[real])) for g, r in zip(got, ref)]
     first = first_diverging_layer(errors, report["dtype"], atol, rtol, lowering_table(manifest))
     if plot is not None:
         plot_layers(errors, plot)
-    return {"per_layer": errors, "first_diverging_layer": first, "plot": str(plot) if plot else None}
+    located = (f"{graph_file} of the engine folder with its weights.bin (the hidden state after each block made "
+               f"an output), run by ONNX Runtime on CPU on the compare's prefill inputs")
+    return {"per_layer": errors, "first_diverging_layer": first, "located_in": located,
+            "plot": str(plot) if plot else None}
+
+
+def prefill_graph(manifest: dict[str, Any]) -> str:
+    """The graph an engine runs a prefill with: "prefill", or for a quantized engine "decode" (it
+    runs every step in one session of the decode graph: runtime/ort_engine.py)."""
+    return "decode" if manifest.get("quantization") else "prefill"
+
+
+def block_outputs(graph: onnx.GraphProto, num_layers: int, where: Path) -> list[str]:
+    """The names of the values of `graph` holding the hidden state after each block.
+
+    Follows the residual stream from the token embedding: each block adds its attention output,
+    then its MLP's (or MoE's), and every value of the stream is read by an RMS norm (the next
+    sub-block's; after the last block, the final norm). So the hidden state after block i is the
+    value two residual Adds after block i's input. Found by structure, not by the norm weights'
+    names: the optimizer merges initializers with equal contents, so a weight name may be another
+    layer's. An EngineError when the graph does not have that structure.
+    """
+    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            readers[name].append(node)
+    value, found = _embedding(graph), []
+    if value is None:
+        raise EngineError(f"{where}: no embedding (a Gather of input_ids) to follow the residual stream from")
+    for step in range(2 * num_layers + 1):
+        kinds = [n.op_type for n in readers[value]]
+        adds = [n for n in readers[value] if n.op_type == "Add"]
+        last = step == 2 * num_layers  # the last block's output: read by the final norm, added to nothing
+        if "RMSNormalization" not in kinds or len(adds) != (0 if last else 1):
+            block = min(step // 2, num_layers - 1)
+            raise EngineError(f"{where}: cannot follow the residual stream through block {block} "
+                              f"({value!r} is read by {sorted(kinds)})")
+        if step % 2 == 0 and step > 0:
+            found.append(value)
+        if not last:
+            value = adds[0].output[0]
+    return found
+
+
+def _embedding(graph: onnx.GraphProto) -> str | None:
+    """The output of the one Gather that looks input_ids up (the token embedding), or None."""
+    gathers = [n for n in graph.node if n.op_type == "Gather" and list(n.input[1:]) == ["input_ids"]]
+    return gathers[0].output[0] if len(gathers) == 1 else None
+
+
+def _run_on_weights(model: onnx.ModelProto, out: Path, path: Path, names: list[str], ids: torch.Tensor,
+                    pos: torch.Tensor, mask: torch.Tensor, empty: KVCache) -> list[torch.Tensor]:
+    """Run `model` (a graph of OUT, edited in memory) with ONNX Runtime on CPU, its external data
+    read from OUT; returns the outputs `names`."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(out))
+    feeds = {"input_ids": ids.numpy(), "position_ids": pos.numpy(), "attention_mask": mask.numpy()}
+    for i, (latent, rope) in enumerate(empty.layers):
+        feeds[f"past.{i}.kv_latent"], feeds[f"past.{i}.k_rope"] = latent.numpy(), rope.numpy()
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        values = session.run(names, feeds)
+    except Exception as err:  # ORT raises its own Fail/InvalidGraph/RuntimeException types
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise EngineError(f"{path} with the hidden states as outputs: ONNX Runtime cannot run it: {first}") from None
+    return [torch.from_numpy(v) for v in values]
 
 
 def first_diverging_layer(errors: list[dict[str, float]], dtype: str, atol: float | None, rtol: float | None,
@@ -248,7 +309,3 @@ def scheme_cost(engine: Engine, checkpoint: str | Path, **options) -> dict[str, 
               "top1_agreement": s["top1_agreement"]} for s in cost["steps"]]
     return {"distance": "engine vs the fp32 eager model (quantization's cost; not judged)", "steps": steps,
             "mean": {k: sum(s[k] for s in steps) / len(steps) for k in ("logits_rel_rms", "kl", "top1_agreement")}}
-
-
-def scratch_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="dscompile-debug-"))
