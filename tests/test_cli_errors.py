@@ -2,10 +2,14 @@
 `error: ...` naming the file, tensor or option at fault, no traceback, and leaves nothing behind
 (no OUT, no `.OUT.tmp-*` beside it).
 
-Each case is a separate subprocess, so together they cost mostly interpreter and torch start-up
-(~2.5 s of CPU each): `outcomes` builds every bad input first and runs the commands a few at a time.
-Cases that must reach the write stage (disk full, file size limit, --allow-nonfinite) run a whole
-export of the smallest checkpoint (the `one_layer_ckpt` fixture, with `small_flags`).
+Most cases run the command's own entry point in this process (typer's CliRunner: its exit code,
+stdout and stderr; an exception that escapes the command is rendered as a traceback into stderr,
+so it fails the case). A subprocess would cost ~4 s of interpreter and torch start-up each. The
+cases in `IN_A_PROCESS` run as the real `python -m dscompile` in a subprocess: those that change
+the process (a file size limit), the --allow-nonfinite export whose warning goes through logging,
+and one case per command, so the real entry point's one-line errors stay checked. Cases that must
+reach the write stage (disk full, file size limit, --allow-nonfinite) run a whole export of the
+smallest checkpoint (the `one_layer_ckpt` fixture, with `small_flags`).
 
 Engine inputs the CLI cannot produce (a cache of the wrong shape or layer count) are covered at
 the Python level in tests/test_ort_engine.py::test_bad_inputs and the OrtEngine cache checks.
@@ -19,6 +23,7 @@ import resource
 import shutil
 import struct
 import subprocess
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +51,24 @@ class Case:
     limit_fsize: bool = False
     skip: str | None = None  # why this case cannot run here
     check_out: Callable[[Path], None] | None = field(default=None, repr=False)
+
+
+# Cases run as the real `python -m dscompile` process (see the module docstring).
+IN_A_PROCESS = ("file_size_limit", "allow_nonfinite", "missing_checkpoint", "run_missing_out", "compare_graphs_only",
+                "inspect_external_data_absolute")
+
+
+def _run_here(case: Case) -> subprocess.CompletedProcess:
+    """The command's entry point in this process; an escaping exception lands in stderr as a traceback."""
+    from typer.testing import CliRunner
+
+    from dscompile.exporter.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in case.argv[3:]])
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(result.exception))
+    return subprocess.CompletedProcess(case.argv, result.exit_code, result.stdout, stderr)
 
 
 def _run(case: Case) -> subprocess.CompletedProcess:
@@ -244,10 +267,12 @@ def outcomes(tmp_path_factory, exported, exported_ckpt, export_limits, one_layer
     slow = ("allow_nonfinite", "file_size_limit", "disk_full")  # whole exports: start them first
     order = [k for k in slow if k in cases] + [k for k in cases if k not in slow]
     runnable = {k: cases[k] for k in order if cases[k].skip is None}
+    processes = {k: c for k, c in runnable.items() if k in IN_A_PROCESS}
     try:
-        # Three at a time: start-up is partly I/O, the whole exports are CPU.
-        with ThreadPoolExecutor(3) as pool:
-            done = dict(zip(runnable, pool.map(_run, runnable.values())))
+        with ThreadPoolExecutor(2) as pool:  # the subprocesses run while the other cases run here
+            started = {k: pool.submit(_run, c) for k, c in processes.items()}
+            done = {k: _run_here(c) for k, c in runnable.items() if k not in processes}
+            done.update({k: f.result() for k, f in started.items()})
         yield {k: (v, done.get(k)) for k, v in cases.items()}
     finally:
         for mount in (tmp / "read-only", tmp / "small-fs"):

@@ -31,7 +31,7 @@ from dscompile.model.checkpoint import load_checkpoint
 from dscompile.model.synthetic import random_state, tiny_args, write_checkpoint
 from dscompile.runtime.ort_engine import OrtEngine
 
-FUZZ_CI_EXAMPLES = 5
+FUZZ_CI_EXAMPLES = 3
 EXTRA = int(os.environ.get("DSCOMPILE_FUZZ_EXAMPLES", "0") or 0)
 LIMITS = Limits(max_batch=4, max_prompt_tokens=16, max_context=32)
 B, S, DECODE_STEPS = 2, 5, 2

@@ -155,18 +155,13 @@ def _chat(llm, turns: list[str], system: str | None, options: dict, as_json: boo
             sys.stdout.write("\n")
             typer.echo(f"[{run.reused_tokens} cached, {_stats(run.result, 'chat')}]", err=True)
 
-    def scripted(text: str) -> None:
-        if not as_json:
-            typer.echo(f">>> {text}", err=True)
-        turn(text)
-
     for text in turns:
-        scripted(text)
+        turn(text)
     if not interactive:
         if not sys.stdin.isatty():
             for line in read_utf8(sys.stdin.buffer.read(), "stdin").splitlines():
                 if line.strip():
-                    scripted(line)
+                    turn(line)
         if not record:
             raise OptionError("--chat got no turn: give --prompt or pipe lines into stdin")
         if as_json:
