@@ -27,9 +27,6 @@ from dscompile.runtime.engine import Engine, KVCache
 from dscompile.errors import EngineError
 from dscompile.runtime.sampling import SamplingParams, make_generator, next_tokens
 
-FINISH_REASONS = ("eos", "stop", "length")
-
-
 @dataclass
 class Timings:
     """Where a generation's time went: the prefill step, then the decode steps."""
@@ -163,9 +160,3 @@ class Decoding:
             ids = chosen[:, None].to(torch.int64)
             positions = positions[:, -1:] + 1
             mask = torch.cat([mask, torch.ones((batch, 1), dtype=torch.int64)], dim=1)
-
-    def run(self) -> list[list[int]]:
-        """Run to the end; the new tokens per row."""
-        for _ in self:
-            pass
-        return self.tokens

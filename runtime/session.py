@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from dscompile.runtime.engine import Engine, KVCache
-from dscompile.errors import EngineError, OptionError, TextError
+from dscompile.errors import OptionError, TextError
 from dscompile.runtime.generate import Decoding, Timings
 from dscompile.runtime.manifest import load_manifest
 from dscompile.runtime.sampling import SamplingParams
@@ -240,9 +240,8 @@ class TextEngine:
     def _run(self, prompts: list[list[int]], options: dict, cache: KVCache | None = None,
              seen: list[list[int]] | None = None) -> "_Run":
         params, max_new = self.sampling(options)
-        stops = [s for s in (options.get("stop") or ())]
-        if isinstance(options.get("stop"), str):
-            stops = [options["stop"]]
+        stop = options.get("stop") or ()
+        stops = [stop] if isinstance(stop, str) else list(stop)
         if stops:
             self._need_tokenizer("match stop strings")
         eos = () if options.get("ignore_eos") else self.eos_ids

@@ -185,5 +185,6 @@ def _chat(llm, turns: list[str], system: str | None, options: dict, as_json: boo
             elif text.strip():
                 turn(text)
         except DscompileError as err:  # a bad turn does not end the session
-            messages[:] = messages[:-1] if messages and messages[-1]["role"] == "user" else messages
+            if messages and messages[-1]["role"] == "user":  # the turn that failed is not part of the conversation
+                messages.pop()
             typer.echo(f"error: {str(err).splitlines()[0]}", err=True)
