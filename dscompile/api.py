@@ -52,6 +52,7 @@ def export(
     force: bool = False,
     allow_nonfinite: bool = False,
     graphs_only: bool = False,
+    frontend: str = "dscompile",
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Compile a checkpoint into the engine folder `out`; returns its manifest.
@@ -60,7 +61,8 @@ def export(
     values per scale). absorb: auto, fold, reassociate or none (MLA absorption). verify: check
     each pass (and a quantized engine) numerically. target "tensorrt" also builds TensorRT engines
     at `precision`. max_batch, max_prompt_tokens (tokens in one step) and max_context (past + new)
-    bound the engines' inputs. graphs_only writes graphs and manifest without weights.
+    bound the engines' inputs. graphs_only writes graphs and manifest without weights. frontend:
+    "dscompile" captures our reference model, "transformers" transformers' own model class.
     """
     from dscompile.exporter.capture import Limits
     from dscompile.exporter.export import export_checkpoint, quant_scheme
@@ -81,7 +83,7 @@ def export(
     manifest = export_checkpoint(checkpoint, out, dtype=dtype, absorb=absorb, fuse_moe=fuse_moe, verify=verify,
                                  opset=opset, limits=limits, force=force, progress=progress,
                                  allow_nonfinite=allow_nonfinite, target=target, graphs_only=graphs_only,
-                                 weights=weights, block_size=block_size)
+                                 weights=weights, block_size=block_size, frontend=frontend)
     if build_trt:
         from dscompile.exporter.tensorrt.build import build_engines
         from dscompile.runtime.manifest import write_manifest
@@ -125,11 +127,14 @@ def compare(
     manifest = read_manifest(out)
     engine = open_engine(out, backend, provider)
     scheme = scheme_of(manifest)
-    eager = eager_for(checkpoint, engine.info.max_positions, scheme)
-    _check_same_model(manifest, eager.model.args.to_config(), checkpoint)
+    frontend = (manifest.get("frontend") or {}).get("name", "dscompile")
+    eager = eager_for(checkpoint, engine.info.max_positions, scheme, frontend)
+    _check_same_model(manifest, eager.args.to_config(), checkpoint)
     options = dict(dtype=manifest["dtype"], decode_steps=decode_steps, batch=batch, prompt=prompt_len, seed=seed)
     report = run_compare(engine, eager, atol=atol, rtol=rtol, progress=progress, table=lowering_table(manifest),
                          **options)
+    if frontend == "transformers":
+        report["reference"] = f"transformers' {type(eager.model).__name__} (eager, float32)"
     if not report["passed"] or plot is not None:
         report["layers"] = locate_divergence(out, manifest, eager, report, atol=atol, rtol=rtol, plot=plot)
     if scheme is not None:

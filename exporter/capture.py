@@ -92,17 +92,22 @@ def capture(model: nn.Module, limits: Limits = Limits()) -> ExportedProgram:
     # Decode is traced with S dynamic as well: with S fixed at 1, torch.export relates
     # total = past + 1 and its 0/1 specialization then forbids P < 2. The graph stays the same
     # function; the decode graph differs by its passes (cost model of one new token).
+    inputs = example_inputs(model, limits.example_batch, limits.example_new, limits.example_past)
+    with torch.no_grad():
+        return torch.export.export(ContractModule(model), inputs, dynamic_shapes=contract_dims(model.args, limits),
+                                   strict=False)
+
+
+def contract_dims(args, limits: Limits) -> dict:
+    """The dynamic dims of the contract's inputs: batch, new tokens, past and total = past + new."""
     # A batch limit of 1 is a static dim: a dynamic one would need an example of 2.
     batch = Dim("batch", min=1, max=limits.max_batch) if limits.max_batch > 1 else None
     seq = Dim("seq", min=1, max=limits.max_prompt_tokens)
     past = Dim("past", min=0, max=limits.max_context - 1)
     total = Dim("total", min=1)  # == past + seq, derived by export; its bound follows from theirs
-    dims = {
+    return {
         "input_ids": {0: batch, 1: seq},
         "position_ids": {0: batch, 1: seq},
         "attention_mask": {0: batch, 1: total},
-        "past": [({0: batch, 1: past}, {0: batch, 1: past}) for _ in range(model.args.num_hidden_layers)],
+        "past": [({0: batch, 1: past}, {0: batch, 1: past}) for _ in range(args.num_hidden_layers)],
     }
-    inputs = example_inputs(model, limits.example_batch, limits.example_new, limits.example_past)
-    with torch.no_grad():
-        return torch.export.export(ContractModule(model), inputs, dynamic_shapes=dims, strict=False)

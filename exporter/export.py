@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import importlib.util
 import io
 import json
 import os
@@ -57,6 +58,8 @@ from dscompile.exporter.lowering.weights import save_models
 from dscompile.exporter.lowering.ops import choose_moe_experts
 from dscompile.exporter.lowering.quantize import GraphQuantizer, quantizes_activations
 from dscompile.exporter.output import OutputError, make_temp_folder, reason, remove, replace, sync_folder
+from dscompile.exporter.frontends import FRONTENDS
+from dscompile.exporter.frontends.transformers import capture_transformers, load_transformers_model
 from dscompile.model.args import ModelArgs
 from dscompile.model.checkpoint import apply_quantization, build_model, load_checkpoint
 from dscompile.model.quant import BLOCK_SIZES, Scheme
@@ -110,8 +113,13 @@ def export_checkpoint(
     weights: str | None = None,
     block_size: int = 32,
     accuracy_level: int | None = None,
+    frontend: str = "dscompile",
 ) -> dict[str, Any]:
     """Compile a checkpoint into OUT for ONNX Runtime; returns the manifest written there.
+
+    `frontend` is the PyTorch code that is captured: "dscompile" our reference model
+    (model/transformer.py), "transformers" transformers' own DeepseekV2/V3ForCausalLM
+    (exporter/frontends/transformers.py). The passes and the lowering are the same.
 
     `weights` "int8" / "int4" stores every linear layer's weight and the routed experts as
     block-wise integers (`block_size` values per float32 scale) run by ONNX Runtime's MatMulNBits
@@ -138,6 +146,7 @@ def export_checkpoint(
     if opset < 23:
         raise OptionError(f"--opset {opset} is too old: the lowering needs opset >= 23 (RMSNormalization, Attention)")
     scheme = quant_scheme(weights, block_size, dtype, target)
+    check_frontend(frontend, graphs_only=graphs_only, scheme=scheme)
     if accuracy_level is not None and accuracy_level not in (0, 1, 2, 3, 4):
         raise OptionError(f"accuracy level {accuracy_level} is not one of 0-4")
     if graphs_only and verify:
@@ -152,7 +161,8 @@ def export_checkpoint(
     try:
         return _export(checkpoint, out, tmp, dtype=dtype, absorb=absorb, fuse_moe=fuse_moe, verify=verify,
                        opset=opset, limits=limits, progress=progress, allow_nonfinite=allow_nonfinite,
-                       target=target, graphs_only=graphs_only, scheme=scheme, accuracy_level=accuracy_level)
+                       target=target, graphs_only=graphs_only, scheme=scheme, accuracy_level=accuracy_level,
+                       frontend=frontend)
     finally:
         remove(tmp)  # after a success it is gone already (or holds the replaced OUT)
 
@@ -160,7 +170,7 @@ def export_checkpoint(
 def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_moe: bool, verify: bool,
             opset: int, limits: Limits, progress: Progress | None,
             allow_nonfinite: bool, target: str, graphs_only: bool, scheme: Scheme | None,
-            accuracy_level: int | None = None) -> dict[str, Any]:
+            accuracy_level: int | None = None, frontend: str = "dscompile") -> dict[str, Any]:
     """export_checkpoint's body: everything is written into `tmp`, which replaces `out` at the end."""
     report = progress or (lambda stage, done, total: None)
     torch_dtype = DTYPES[dtype]
@@ -170,21 +180,26 @@ def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_m
         model = build_model(ModelArgs.from_json(config_file(checkpoint)), torch_dtype, "meta")
         if scheme is not None:
             apply_quantization(model, scheme)
+        args = model.args
         report("load", 1, 1)
+    elif frontend == "transformers":
+        model, args = load_transformers_model(checkpoint, torch_dtype, "meta", scan=True,
+                                              progress=lambda d, t: report("load", d, t),
+                                              allow_nonfinite=allow_nonfinite)
     else:
         model = load_checkpoint(checkpoint, dtype=torch_dtype, device="meta", scan=True,
                                 progress=lambda d, t: report("load", d, t), allow_nonfinite=allow_nonfinite,
                                 quantize=scheme, quant_errors=quant_errors)
-    args = model.args
+        args = model.args
     tokenizer = copy_tokenizer(checkpoint, tmp, args.vocab_size)  # a corrupt file stops the export early
     programs, reports, lowered, lowerings = {}, {}, {}, {}
     # Both graphs trace the same function with the same dynamic dims, so one capture serves
     # both; the passes then specialize each (they never edit the program they are given).
-    traced = capture(model, limits)
+    traced = capture_transformers(model, args, limits) if frontend == "transformers" else capture(model, limits)
     report("capture", 1, 1)
     del model
     verified = _verify_in_float32(checkpoint, limits, absorb, fuse_moe, allow_nonfinite,
-                                  scheme) if verify else None
+                                  scheme, frontend) if verify else None
     quantizer = GraphQuantizer(scheme, accuracy_level=accuracy_level) if scheme is not None else None
     quantized: dict[str, dict[str, int]] = {}
     for i, phase in enumerate(PHASES):
@@ -248,6 +263,7 @@ def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_m
             "tool": {"name": "dscompile", "version": _version()},
             "runtime": RUNTIME,
             "target": target,
+            "frontend": _frontend_info(frontend),
             "dtype": dtype,
             "opset": opset,
             "model": args.to_config(),
@@ -285,6 +301,22 @@ def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_m
     except OSError as err:  # disk full, file size limit, folder removed under us
         raise OutputError(f"{out}: cannot write the export ({reason(err, writing)}); OUT was left as it was") from None
     return manifest
+
+
+def check_frontend(frontend: str, *, graphs_only: bool, scheme: Scheme | None) -> None:
+    """An OptionError for a frontend that is unknown, or not available with the other options."""
+    if frontend not in FRONTENDS:
+        raise OptionError(f"--frontend {frontend!r} is not one of {', '.join(FRONTENDS)}")
+    if frontend != "transformers":
+        return
+    if graphs_only:
+        raise OptionError("--frontend transformers with --graphs-only: transformers' model is built from the "
+                          "checkpoint's weights; graph-only exports capture our model from the config")
+    if scheme is not None:
+        raise OptionError(f"--frontend transformers with --weights {scheme.name}: quantized engines are built "
+                          "from our model (--frontend dscompile) only")
+    if importlib.util.find_spec("transformers") is None:  # optional: only this frontend needs it
+        raise OptionError('--frontend transformers needs transformers: pip install "dscompile[transformers]"')
 
 
 def quant_scheme(weights: str | None, block_size: int, dtype: str, target: str) -> Scheme | None:
@@ -368,7 +400,8 @@ def program_weights(program) -> dict[str, torch.Tensor]:
 
 
 def _verify_in_float32(checkpoint, limits: Limits, absorb: str, fuse_moe: bool,
-                       allow_nonfinite: bool, scheme: Scheme | None = None) -> dict[str, Any]:
+                       allow_nonfinite: bool, scheme: Scheme | None = None,
+                       frontend: str = "dscompile") -> dict[str, Any]:
     """Pass verification of a float32 copy of the model, loaded in memory.
 
     The export itself runs on meta weights (nothing to run). The passes rewrite algebra that does
@@ -376,9 +409,13 @@ def _verify_in_float32(checkpoint, limits: Limits, absorb: str, fuse_moe: bool,
     rounding flips near-tied MoE routing decisions (a different expert, a large difference) even
     when the rewrite is exact.
     """
-    model = load_checkpoint(checkpoint, dtype=torch.float32, allow_nonfinite=allow_nonfinite, quantize=scheme)
-    traced = capture(model, limits)
-    return {phase: run_pipeline(traced, PassOptions(phase, model.args, absorb=absorb, fuse_moe=fuse_moe),
+    if frontend == "transformers":
+        model, args = load_transformers_model(checkpoint, torch.float32, "cpu", allow_nonfinite=allow_nonfinite)
+        traced = capture_transformers(model, args, limits)
+    else:
+        model = load_checkpoint(checkpoint, dtype=torch.float32, allow_nonfinite=allow_nonfinite, quantize=scheme)
+        traced, args = capture(model, limits), model.args
+    return {phase: run_pipeline(traced, PassOptions(phase, args, absorb=absorb, fuse_moe=fuse_moe),
                                 verify=True)[1] for phase in PHASES}
 
 
@@ -436,6 +473,15 @@ def _dtype_name(dtype: ir.DataType | None) -> str | None:
         return None
     return {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16",
             ir.DataType.INT64: "int64", ir.DataType.INT32: "int32", ir.DataType.BOOL: "bool"}.get(dtype, dtype.name.lower())
+
+
+def _frontend_info(frontend: str) -> dict[str, str]:
+    """What code was captured: our model, or transformers' (with its version)."""
+    if frontend == "transformers":
+        import transformers  # noqa: PLC0415
+
+        return {"name": frontend, "code": "transformers' DeepseekV2/V3ForCausalLM", "version": transformers.__version__}
+    return {"name": frontend, "code": "dscompile's reference model (model/transformer.py)", "version": _version()}
 
 
 def _passes(report) -> dict[str, Any]:

@@ -1,8 +1,13 @@
 """Graph passes over torch.export ExportedPrograms, run as one ordered pipeline.
 
-Each pass is one module with `run(ep, options) -> (ep, count)` (and optionally
-`describe(options) -> dict`, e.g. the cost model behind its choice, shown in the report). `run_pipeline` runs
-them in `PIPELINE` order and returns the rewritten program and a `PassReport`; with
+Each pass is one module with `run(ep, options) -> (ep, count, unmatched)`: the program with
+`count` regions rewritten and the regions it looked at and left alone, each with the step that
+failed (`match.Unmatched`); `expected(options) -> int`, how many regions the model's config says
+the graph has; and optionally `describe(options) -> dict` (e.g. the cost model behind its choice,
+shown in the report). Passes decide from the graph alone: the config only sets what to expect.
+`run_pipeline` runs them in `PIPELINE` order and returns the rewritten program and a `PassReport`;
+a pass that rewrote fewer regions than expected stops it (`PassMatchError`, with the first
+region's reason) unless `options.strict` is off. With
 `verify=True` the program before and after each pass runs on the same random inputs (random
 cache contents too) and an error above the dtype's tolerance stops the pipeline, naming the pass.
 """
@@ -29,6 +34,15 @@ class PassVerificationError(DscompileError):
     """A pass changed what the program computes by more than the tolerance."""
 
 
+class PassMatchError(DscompileError):
+    """A pass found fewer regions of the form it rewrites than the model has; `unmatched` lists
+    every region it looked at and left alone, with why."""
+
+    def __init__(self, message: str, unmatched: list | None = None):
+        super().__init__(message)
+        self.unmatched = list(unmatched or [])
+
+
 @dataclass
 class PassOptions:
     """What passes may know: the graph's phase, the user's choices and the model fields they need."""
@@ -37,6 +51,7 @@ class PassOptions:
     args: Any  # ModelArgs (passes read its fields, never import model/)
     absorb: str = "auto"  # auto | fold | reassociate | none
     fuse_moe: bool = True
+    strict: bool = True  # a pass that rewrites fewer regions than expected stops the pipeline
 
 
 @dataclass
@@ -46,6 +61,8 @@ class PassResult:
     seconds: float
     max_error: float | None = None  # None: not verified
     details: dict[str, Any] = field(default_factory=dict)
+    expected: int | None = None
+    unmatched: list[dict[str, str]] = field(default_factory=list)  # {"region", "step", "found"}
 
 
 @dataclass
@@ -75,9 +92,17 @@ def run_pipeline(
     for p in PIPELINE:
         name = p.__name__.rsplit(".", 1)[-1]
         start = time.perf_counter()
-        ep, count = p.run(ep, options)
+        ep, count, unmatched = p.run(ep, options)
         details = p.describe(options) if hasattr(p, "describe") else {}
-        result = PassResult(name, count, time.perf_counter() - start, details=details)
+        expected = p.expected(options)
+        result = PassResult(name, count, time.perf_counter() - start, details=details, expected=expected,
+                            unmatched=[asdict(u) for u in unmatched])
+        if options.strict and count < expected:
+            why = f"; {unmatched[0]}" if unmatched else "; the graph has no other region of that form"
+            raise PassMatchError(
+                f"pass {name} rewrote {count} of the {expected} regions the config implies in the {options.phase} "
+                f"graph{why} (--explain lists every region; --absorb none / --no-fuse-moe export without it)",
+                unmatched)
         if before is not None and count:
             after = _run(ep, inputs)
             result.max_error = max_error(before, after)

@@ -13,18 +13,37 @@ Two forms:
 A roofline cost model (FLOPs and bytes per step for the graph's phase) picks the cheaper of
 none / reassociate / fold when `absorb == "auto"`. Both forms read and write the same cache.
 
-The region is each `MLA` module call; the pass anchors on its scaled_dot_product_attention node
-and the kv_b_proj matmul feeding it, and refuses (with the reason) a region of another shape.
+What it matches (by operators, shapes and dataflow; names are only labels in messages): every
+scaled_dot_product_attention whose
+- values are one piece of each head of a projection without bias (the up-projection W_UKV) of a
+  tensor of C values per token (the latent), which is the RMS-normalized first C values of a
+  projection of the layer input, after the cached tokens;
+- keys are [the other piece of each head of that same projection, a RoPE key of R values shared
+  by every head], no-RoPE piece first;
+- query is [N no-RoPE, R RoPE] values per head, with an explicit additive mask and no dropout.
+The fold form also needs the query's no-RoPE part to be the first N of each head of a projection
+without bias, and the attention output to be merged as [S, H*V] into a projection without bias.
+Sizes (H, N, R, V, C) and the scale are read from the graph. An attention that fails a step is
+left as it is and reported (`Unmatched`: region, step, what was found).
+
+What it guarantees: the rewritten graph computes the same function up to float rounding (the
+identities above), reads the same cache, and keeps the original weights' values (new weights are
+derived from them, see passes/ep_edit.py).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
+from torch.fx import Node
 from torch.export import ExportedProgram
 
 import dscompile.runtime.ops  # noqa: F401  (registers torch.ops.dsc.*)
-from dscompile.passes.ep_edit import Region, add_param, clone, derive, emit, param, param_node, rebuild, regions, strip_views
 from dscompile.errors import DscompileError
+from dscompile.passes.ep_edit import add_param, clone, derive, emit, param, rebuild
+from dscompile.passes.match import (VIEWS, Linear, Miss, Unmatched, call, dtype, hint, last_dim_parts, linear, need,
+                                    rms_norm, shape, source, split_part)
 
 aten = torch.ops.aten
 FORMS = ("auto", "fold", "reassociate", "none")
@@ -34,10 +53,6 @@ PEAK_FLOPS = 350e9
 PEAK_BYTES_PER_S = 25e9
 REFERENCE_CONTEXT = 1024  # context length the decode cost is evaluated at
 REFERENCE_PREFILL = 128  # prompt length the prefill cost is evaluated at
-
-
-class AbsorbError(DscompileError):
-    """An MLA region does not have the structure the pass rewrites."""
 
 
 def cost_model(args, phase: str, batch: int = 1, dtype_bytes: int = 2) -> dict[str, dict[str, float]]:
@@ -85,74 +100,217 @@ def describe(options) -> dict:
             "reference": {"context": REFERENCE_CONTEXT, "prompt": REFERENCE_PREFILL}}
 
 
-def run(ep: ExportedProgram, options) -> tuple[ExportedProgram, int]:
+def expected(options) -> int:
+    """Regions a run should rewrite: every layer's attention, unless the chosen form is "none"."""
+    return 0 if choose(options.args, options.phase, options.absorb) == "none" else options.args.num_hidden_layers
+
+
+@dataclass
+class _Match:
+    """One MLA attention, read from the graph: the nodes the rewrite reads and replaces, and the
+    sizes it found (H heads, N nope / R rope / V value dims per head, C latent rank)."""
+
+    label: str
+    prefix: str  # where the new weights are named: the up-projection's module path
+    sdpa: Node
+    q: Node  # the attention's query [B, H, S, N+R]
+    latent: Node  # [B, T, C] or [B, 1, T, C]
+    k_rope: Node  # [B, T, R] or [B, 1, T, R]
+    mask: Node
+    scale: float
+    kv_b: str  # weight names
+    H: int
+    N: int
+    R: int
+    V: int
+    C: int
+    q_proj: Linear | None = None  # fold only
+    o_proj: Linear | None = None  # fold only
+    details: dict = field(default_factory=dict)
+
+
+def run(ep: ExportedProgram, options) -> tuple[ExportedProgram, int, list[Unmatched]]:
+    """Rewrite every attention that matches; the rest are left as they are, each with its reason."""
     form = choose(options.args, options.phase, options.absorb)
-    found = regions(ep, "MLA")
-    if form == "none" or not found:
-        return ep, 0
-    ep = clone(ep)
-    for region in regions(ep, "MLA"):
-        _rewrite(ep, region, form, options.args)
-    return rebuild(ep), len(found)
+    if form == "none":
+        return ep, 0, []
+    found, unmatched = _match_all(ep, form)
+    if not found:
+        return ep, 0, unmatched
+    ep = clone(ep)  # the caller's program is never changed
+    found, _ = _match_all(ep, form)
+    for m in found:
+        _rewrite(ep, m, form)
+    return rebuild(ep), len(found), unmatched
 
 
-def _single(region: Region, pred, what: str):
-    hits = [n for n in region.nodes if pred(n)]
-    if len(hits) != 1:
-        raise AbsorbError(f"{region.path}: expected one {what}, found {len(hits)}")
-    return hits[0]
+def _match_all(ep: ExportedProgram, form: str) -> tuple[list[_Match], list[Unmatched]]:
+    found, unmatched = [], []
+    for sdpa in [n for n in ep.graph.nodes if call(n, aten.scaled_dot_product_attention.default)]:
+        try:
+            found.append(match(ep, sdpa, form))
+        except Miss as miss:
+            unmatched.append(Unmatched(hint(sdpa), miss.step, miss.found))
+    return found, unmatched
 
 
-def _linear_of(ep, region: Region, weight: str):
-    w = param_node(ep, f"{region.path}.{weight}.weight")
-    if w is None:
-        raise AbsorbError(f"{region.path}: weight {weight}.weight not found")
-    return _single(region, lambda n: n.target == aten.linear.default and n.args[1] is w, f"{weight} matmul")
+def _heads(ep: ExportedProgram, t: Node, step: str) -> tuple[Linear, int, int]:
+    """`t` as a projection's output with its last dim split into [heads, width] (other dims only
+    moved): (the projection, heads, width per head)."""
+    n = t
+    while call(n, *VIEWS) and not call(n, aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+                                      aten.unflatten.int):
+        need(not call(n, aten.expand.default) or shape(n) == shape(n.args[0]), step, f"{n.name} broadcasts")
+        last = len(shape(n)) - 1
+        moved = (call(n, aten.transpose.int) and last in [d % (last + 1) for d in n.args[1:3]]) or \
+                (call(n, aten.permute.default) and n.args[1][-1] % (last + 1) != last)
+        need(not moved, step, f"{n.name} moves the per-head dim")
+        n = n.args[0]
+    need(call(n, aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unflatten.int), step,
+         f"{t.name} is not a projection reshaped into heads")
+    proj = linear(ep, n.args[0])
+    out = shape(proj.node)
+    heads, width = shape(n)[-2], shape(n)[-1]
+    lead = lambda dims: [d for d in dims if not (isinstance(d, int) and d == 1)]  # noqa: E731
+    need(lead(out[:-1]) == lead(shape(n)[:-2]) and out[-1] == heads * width, step,
+         f"{n.name} reshapes {list(out)} to {list(shape(n))}, not its last dim into heads")
+    return proj, int(heads), int(width)
 
 
-def _cat_parts(node, what: str, region: Region):
-    src = strip_views(node)
-    if src.target != aten.cat.default or len(src.args[0]) != 2:
-        raise AbsorbError(f"{region.path}: the attention {what} is not a concatenation of nope and rope parts")
-    return src.args[0]
+def _piece(ep: ExportedProgram, n: Node, step: str) -> tuple[Linear, int, int, int, int, Node]:
+    """`n` as a piece [start, start+width) of each head of a projection:
+    (projection, heads, head width, start, width, the tensor split)."""
+    part = split_part(source(n, casts=False))
+    need(part is not None, step, f"{source(n).name} is not a piece of a per-head projection")
+    t, start, width = part
+    proj, heads, head_width = _heads(ep, t, step)
+    return proj, heads, head_width, start, width, t
 
 
-def _rewrite(ep: ExportedProgram, region: Region, form: str, args) -> None:
-    H, N, V, C = args.num_attention_heads, args.qk_nope_head_dim, args.v_head_dim, args.kv_lora_rank
-    sdpa = _single(region, lambda n: n.target == aten.scaled_dot_product_attention.default, "attention")
-    kv_b = _linear_of(ep, region, "kv_b_proj")
-    q_nope, q_rope = _cat_parts(sdpa.args[0], "query", region)
-    k_nope, k_rope_b = _cat_parts(sdpa.args[1], "key", region)
-    if strip_views(k_nope).op != "call_function" or kv_b not in _ancestors(k_nope, stop=kv_b):
-        raise AbsorbError(f"{region.path}: the attention keys are not expanded from the latent by kv_b_proj")
-    if kv_b not in _ancestors(sdpa.args[2], stop=kv_b):
-        raise AbsorbError(f"{region.path}: the attention values are not expanded from the latent by kv_b_proj")
-    latent_all, k_rope_all = kv_b.args[0], strip_views(k_rope_b)
-    mask = sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")
-    scale = sdpa.kwargs.get("scale")
-    if mask is None or scale is None:
-        raise AbsorbError(f"{region.path}: attention without an explicit mask and scale")
+def _tokens(n: Node) -> list:
+    """The dims before the last, without the shared-head dim of size 1: [B, T]."""
+    return [d for d in shape(n)[:-1] if not (isinstance(d, int) and d == 1)]
 
-    w_kv = param(ep, f"{region.path}.kv_b_proj.weight")
-    graph = ep.graph
+
+def _squeezable(n: Node, width: int) -> bool:
+    """[B, T, width], or [B, 1, T, width] (one shared head)."""
+    s = shape(n)
+    return (len(s) == 3 or (len(s) == 4 and s[1] == 1)) and s[-1] == width
+
+
+def match(ep: ExportedProgram, sdpa: Node, form: str) -> _Match:
+    """Read one attention as MLA, or raise Miss naming the first step that does not hold."""
+    q, k, v = sdpa.args[:3]
+    opts = dict(zip(("attn_mask", "dropout_p", "is_causal"), sdpa.args[3:6]), **sdpa.kwargs)
+    mask = opts.get("attn_mask")
+    need(not opts.get("dropout_p"), "attention", "dropout is on")
+    need(not opts.get("is_causal") and isinstance(mask, Node), "attention",
+         "no explicit mask (is_causal or none): the latent attention takes the additive mask")
+    need(dtype(mask).is_floating_point or dtype(mask) == torch.bool, "attention",
+         f"the mask is {dtype(mask)}, neither additive nor boolean")
+    need(not opts.get("enable_gqa"), "attention", "grouped-query attention")
+
+    # Values: one piece of each head of the up-projection of the latent.
+    kv, H, width, v_start, V, kv_split = _piece(ep, v, "values")
+    need(kv.bias is None, "values", f"the up-projection {kv.weight_name} has a bias")
+    # Keys: [no-RoPE piece of the same projection, a RoPE key shared by every head].
+    parts = last_dim_parts(k)
+    need(len(parts) == 2, "keys", f"the key is assembled from {len(parts)} pieces, not [no-RoPE, RoPE]")
+    kv_k, H_k, width_k, k_start, N, k_split = _piece(ep, parts[0][0], "keys")
+    need(kv_k.node is kv.node and width_k == width, "keys",
+         f"the no-RoPE key comes from {kv_k.weight_name}, the values from {kv.weight_name}")
+    need((k_start, v_start, N + V) == (0, N, width), "keys",
+         f"the up-projection's heads [{width}] split as key [{k_start}:{k_start + N}] and value "
+         f"[{v_start}:{v_start + V}], not key then value")
+    R = parts[1][1]
+    k_rope = source(parts[1][0], casts=False)
+    need(_squeezable(k_rope, R), "keys", f"the RoPE key {list(shape(k_rope))} is not one head shared by all")
+    latent = source(kv.x, casts=False)
+    C = int(shape(kv.weight)[1])
+    need(_squeezable(latent, C), "latent", f"the up-projection reads {list(shape(latent))}, not [B, T, {C}]")
+    need(_tokens(latent) == _tokens(k_rope), "latent", "the latent and the RoPE key cover different tokens")
+    latent_proj = _latent_projection(ep, latent, C)
+    # Queries: [no-RoPE N, RoPE R] per head.
+    q_parts = last_dim_parts(q)
+    need([w for _p, w in q_parts] == [N, R], "queries",
+         f"the query is assembled as {[w for _p, w in q_parts]}, not [no-RoPE {N}, RoPE {R}]")
+    scale = opts.get("scale")
+    scale = float(scale) if scale is not None else (N + R) ** -0.5
+    m = _Match(hint(sdpa), kv.weight_name.rsplit(".", 2)[0], sdpa, q, latent, k_rope, mask, scale,
+               kv.weight_name, H, N, R, V, C,
+               details={"latent_projection": latent_proj})
+    if form == "fold":
+        qp, Hq, q_width, q_start, q_n, _t = _piece(ep, q_parts[0][0], "queries")
+        need(qp.bias is None and (Hq, q_width, q_start, q_n) == (H, N + R, 0, N), "queries",
+             f"the no-RoPE query is [{q_start}:{q_start + q_n}] of {Hq} heads of {q_width} from "
+             f"{qp.weight_name}{' (with a bias)' if qp.bias is not None else ''}")
+        m.q_proj, m.o_proj = qp, _output_projection(ep, sdpa, H, V)
+    return m
+
+
+def _latent_projection(ep: ExportedProgram, latent: Node, C: int) -> str:
+    """The latent is the RMS-normalized first C values of a projection (after the cached tokens):
+    returns that projection's weight name."""
+    s = source(latent, casts=False)
+    if call(s, aten.cat.default):  # past tokens first, then this step's
+        dim = s.args[1] if len(s.args) > 1 else 0
+        need(dim % len(shape(s)) == len(shape(s)) - 2, "latent", f"{s.name} concatenates across the latent")
+        s = s.args[0][-1]
+    norm = rms_norm(ep, s)
+    part = split_part(source(norm.x, casts=False))
+    need(part is not None and part[1] == 0 and part[2] == C, "latent", "the normalized latent is not the first "
+         f"{C} values of a projection")
+    return linear(ep, part[0]).weight_name
+
+
+def _output_projection(ep: ExportedProgram, sdpa: Node, H: int, V: int) -> Linear:
+    """The projection of the attention output [B, H, S, V] after merging heads as [S, H*V]."""
+    n, moved = sdpa, False
+    while len(n.users) == 1:
+        (u,) = n.users
+        if call(u, aten.transpose.int) and sorted(d % 4 for d in u.args[1:3]) == [1, 2] and not moved:
+            moved = True
+        elif call(u, aten.view.default, aten.reshape.default) and shape(u) == shape(n):
+            pass  # a view to the same shape
+        elif not (call(u, aten.contiguous.default, aten.clone.default) or
+                  (call(u, aten.view.default, aten.reshape.default, aten._unsafe_view.default) and moved and
+                   len(shape(u)) == 3 and shape(u)[-1] == H * V)):
+            break
+        n = u
+    (user,) = n.users if len(n.users) == 1 else (None,)
+    need(moved and len(shape(n)) == 3 and user is not None, "output",
+         "the attention output is not merged as [B, S, H*V] into one projection")
+    proj = linear(ep, user)
+    need(proj.node is user and proj.x is n and proj.bias is None, "output",
+         f"the merged heads feed {user.name}, not a projection without bias")
+    return proj
+
+
+def _rewrite(ep: ExportedProgram, m: _Match, form: str) -> None:
+    H, N, R, V, C = m.H, m.N, m.R, m.V, m.C
+    w_kv = param(ep, m.kv_b)
+    graph, sdpa = ep.graph, m.sdpa
+    with graph.inserting_before(sdpa):
+        q_nope = emit(ep, aten.slice.Tensor, m.q, 3, 0, N, like=sdpa)  # [B, H, S, N]
+        q_rope = emit(ep, aten.slice.Tensor, m.q, 3, N, N + R, like=sdpa)  # [B, H, S, R]
+        mask = m.mask
+        if dtype(mask) == torch.bool:  # True = attend: 0 there, the most negative float elsewhere
+            mask = emit(ep, aten.where.Scalar, mask, 0.0, torch.finfo(torch.float32).min, like=sdpa)
+        latent = m.latent if len(shape(m.latent)) == 3 else emit(ep, aten.squeeze.dim, m.latent, 1, like=sdpa)
+        k_rope = m.k_rope if len(shape(m.k_rope)) == 3 else emit(ep, aten.squeeze.dim, m.k_rope, 1, like=sdpa)
     if form == "reassociate":
         w_uk = derive(lambda w: w.detach().view(H, N + V, C)[:, :N].contiguous(), w_kv)  # [H, N, C]
         w_uv = derive(lambda w: w.detach().view(H, N + V, C)[:, N:].contiguous(), w_kv)  # [H, V, C]
-        uk, uv = add_param(ep, f"{region.path}.absorb.w_uk", w_uk), add_param(ep, f"{region.path}.absorb.w_uv", w_uv)
+        uk, uv = add_param(ep, f"{m.prefix}.absorb.w_uk", w_uk), add_param(ep, f"{m.prefix}.absorb.w_uv", w_uv)
         with graph.inserting_before(sdpa):
-            q_lat = emit(ep, aten.einsum.default, "bshn,hnc->bhsc", [q_nope, uk], like=sdpa)
-            q_r = emit(ep, aten.transpose.int, q_rope, 1, 2, like=sdpa)
-            o_lat = emit(ep, torch.ops.dsc.latent_attention.default, q_lat, q_r, latent_all, k_rope_all, mask,
-                         float(scale), like=sdpa)
+            q_lat = emit(ep, aten.einsum.default, "bhsn,hnc->bhsc", [q_nope, uk], like=sdpa)
+            o_lat = emit(ep, torch.ops.dsc.latent_attention.default, q_lat, q_rope, latent, k_rope, mask,
+                         m.scale, like=sdpa)
             out = emit(ep, aten.einsum.default, "bhsc,hvc->bhsv", [o_lat, uv], like=sdpa)
         sdpa.replace_all_uses_with(out)
         return
     # fold: the query side starts from the input of the q projection; the output side replaces o_proj.
-    q_lin = _linear_of(ep, region, "q_b_proj" if args.q_lora_rank is not None else "q_proj")
-    o_lin = _linear_of(ep, region, "o_proj")
-    q_name = "q_b_proj" if args.q_lora_rank is not None else "q_proj"
-    w_q = param(ep, f"{region.path}.{q_name}.weight")
-    R = args.qk_rope_head_dim
+    w_q, w_o = param(ep, m.q_proj.weight_name), param(ep, m.o_proj.weight_name)
 
     def fold_q(w_kv, w_q):  # [H, q_in, C]: W_UK^T folded into the query's up-projection
         w_uk, w_uq = w_kv.detach().view(H, N + V, C)[:, :N], w_q.detach().view(H, N + R, -1)[:, :N]
@@ -162,27 +320,13 @@ def _rewrite(ep: ExportedProgram, region: Region, form: str, args) -> None:
         w_uv = w_kv.detach().view(H, N + V, C)[:, N:]
         return torch.einsum("dhv,hvc->dhc", w_o.detach().float().view(w_o.shape[0], H, V), w_uv.float()).to(w_o.dtype).contiguous()
 
-    w_qk = derive(fold_q, w_kv, w_q)
-    w_ov = derive(fold_o, w_kv, param(ep, f"{region.path}.o_proj.weight"))
-    qk, ov = add_param(ep, f"{region.path}.absorb.w_qk", w_qk), add_param(ep, f"{region.path}.absorb.w_ov", w_ov)
+    qk = add_param(ep, f"{m.prefix}.absorb.w_qk", derive(fold_q, w_kv, w_q))
+    ov = add_param(ep, f"{m.prefix}.absorb.w_ov", derive(fold_o, w_kv, w_o))
     with graph.inserting_before(sdpa):
-        q_lat = emit(ep, aten.einsum.default, "bsq,hqc->bhsc", [q_lin.args[0], qk], like=sdpa)
-        q_r = emit(ep, aten.transpose.int, q_rope, 1, 2, like=sdpa)
-        o_lat = emit(ep, torch.ops.dsc.latent_attention.default, q_lat, q_r, latent_all, k_rope_all, mask,
-                     float(scale), like=sdpa)
+        q_lat = emit(ep, aten.einsum.default, "bsq,hqc->bhsc", [m.q_proj.x, qk], like=sdpa)
+        o_lat = emit(ep, torch.ops.dsc.latent_attention.default, q_lat, q_rope, latent, k_rope, mask,
+                     m.scale, like=sdpa)
+    o_lin = m.o_proj.node
     with graph.inserting_before(o_lin):
         out = emit(ep, aten.einsum.default, "bhsc,dhc->bsd", [o_lat, ov], like=o_lin)
     o_lin.replace_all_uses_with(out)
-
-
-def _ancestors(node, stop, limit: int = 64) -> set:
-    """Nodes reachable backwards from `node` (bounded), to check what a tensor is computed from."""
-    seen, todo = set(), [node]
-    while todo and len(seen) < limit:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n is not stop:
-            todo.extend(n.all_input_nodes)
-    return seen

@@ -1,7 +1,6 @@
 """Editing an ExportedProgram in place: find module regions, add weights, emit nodes, clean up.
 
 Passes rewrite the ATen graph of a `torch.export.ExportedProgram`. What they share lives here:
-- `regions(ep, cls)`: the nodes each call of a module class produced (from `nn_module_stack`);
 - `param(ep, fqn)` / `param_node(ep, fqn)`: a weight and its placeholder, by qualified name;
 - `add_param(ep, fqn, tensor)`: a new weight placeholder, registered in the graph signature;
 - `emit(ep, target, *args)`: a new node whose `meta["val"]` is computed by running the op on
@@ -21,52 +20,12 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
 from torch.fx import Node
-
-
-@dataclass
-class Region:
-    """The nodes one call of a module produced, in graph order."""
-
-    path: str  # qualified module name, e.g. "model.layers.1.self_attn"
-    nodes: list[Node] = field(default_factory=list)
-
-    def inputs(self) -> list[Node]:
-        """Nodes outside the region that it reads, in first-use order."""
-        inside, seen, out = set(self.nodes), set(), []
-        for n in self.nodes:
-            for a in n.all_input_nodes:
-                if a not in inside and a not in seen:
-                    seen.add(a)
-                    out.append(a)
-        return out
-
-    def outputs(self) -> list[Node]:
-        """Region nodes read outside the region."""
-        inside = set(self.nodes)
-        return [n for n in self.nodes if any(u not in inside for u in n.users)]
-
-
-def regions(ep: ExportedProgram, cls: str) -> list[Region]:
-    """One Region per module instance whose class name is `cls` (innermost match per node)."""
-    found: dict[str, Region] = {}
-    for n in ep.graph.nodes:
-        stack = n.meta.get("nn_module_stack")
-        if n.op != "call_function" or not stack:
-            continue
-        path = None
-        for _key, (qualname, type_str) in stack.items():
-            if str(type_str).rsplit(".", 1)[-1] == cls:
-                path = qualname
-        if path is not None:
-            found.setdefault(path, Region(path)).nodes.append(n)
-    return list(found.values())
 
 
 def _index(ep: ExportedProgram) -> tuple[dict[str, str], dict[str, Node]]:
@@ -248,7 +207,16 @@ def rebuild(ep: ExportedProgram) -> ExportedProgram:
     graph = ep.graph
     # The default purity test keeps ops tagged nondeterministic (attention, for its dropout) even
     # when nothing reads them; export graphs are functional, so only asserts have side effects.
-    graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output") or "assert" in str(n.target))
+    # A tensor-metadata assert on a value nothing else reads any more checks a value that is
+    # never computed: it goes too (else it would keep a replaced computation alive).
+    while True:
+        graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output") or "assert" in str(n.target))
+        stale = [n for n in graph.nodes if n.target == torch.ops.aten._assert_tensor_metadata.default
+                 and isinstance(n.args[0], Node) and n.args[0].op == "call_function" and len(n.args[0].users) == 1]
+        if not stale:
+            break
+        for n in stale:
+            graph.erase_node(n)
     unused = {
         n.name for n in graph.nodes if n.op == "placeholder" and not n.users and param_name(ep, n) is not None
     }
@@ -272,19 +240,3 @@ def rebuild(ep: ExportedProgram) -> ExportedProgram:
         constants=constants,
         verifiers=[ep.verifier],
     )
-
-
-def strip_views(node: Node, view_ops: tuple = ()) -> Node:
-    """Follow view-like single-input ops (view, reshape, transpose, expand, unsqueeze) back to their source."""
-    ops = view_ops or (
-        torch.ops.aten.view.default,
-        torch.ops.aten.reshape.default,
-        torch.ops.aten.transpose.int,
-        torch.ops.aten.expand.default,
-        torch.ops.aten.unsqueeze.default,
-        torch.ops.aten.slice.Tensor,
-        torch.ops.aten.permute.default,
-    )
-    while node.op == "call_function" and node.target in ops:
-        node = node.args[0]
-    return node

@@ -160,6 +160,11 @@ def export(
     graphs_only: bool = typer.Option(False, "--graphs-only",
                                      help="Write the graphs and the manifest only, from the config alone: no weights "
                                           "are read or written (OUT can be inspected, not run)."),
+    frontend: str = typer.Option("dscompile", help="The PyTorch code to capture: dscompile (our reference model) or "
+                                                    "transformers (transformers' DeepseekV2/V3ForCausalLM; "
+                                                    'pip install "dscompile[transformers]").'),
+    explain: bool = typer.Option(False, "--explain", help="Print every region each pass looked at and did not "
+                                                          "rewrite, with the step that failed."),
     list_passes: bool = typer.Option(False, "--list-passes", help="Print the pass pipeline and exit."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
@@ -179,18 +184,30 @@ def export(
             raise OptionError(f"--dtype {dtype!r} is not one of float32, float16, bfloat16")
         from dscompile.api import export as export_api
 
-        with Bars(not as_json) as bars:
-            manifest = export_api(checkpoint, out, dtype=DTYPES[dtype], weights=weights, block_size=block_size,
-                                  absorb=absorb, fuse_moe=fuse_moe, verify=verify, opset=opset, target=target,
-                                  precision=precision, max_batch=max_batch, max_prompt_tokens=max_prompt_tokens,
-                                  max_context=max_context, force=force, allow_nonfinite=allow_nonfinite,
-                                  graphs_only=graphs_only, progress=bars)
+        from dscompile.passes import PassMatchError
+
+        try:
+            with Bars(not as_json) as bars:
+                manifest = export_api(checkpoint, out, dtype=DTYPES[dtype], weights=weights, block_size=block_size,
+                                      absorb=absorb, fuse_moe=fuse_moe, verify=verify, opset=opset, target=target,
+                                      precision=precision, max_batch=max_batch, max_prompt_tokens=max_prompt_tokens,
+                                      max_context=max_context, force=force, allow_nonfinite=allow_nonfinite,
+                                      graphs_only=graphs_only, frontend=frontend, progress=bars)
+        except PassMatchError as err:
+            if explain:
+                for u in err.unmatched:
+                    typer.echo(f"not rewritten: {u}", err=True)
+            raise
         lines = []
         for phase, g in manifest["graphs"].items():
             for p in g["passes"]["passes"]:
                 err = "" if p.get("max_error") is None else f", verified max |Δ| {p['max_error']:.2g}"
                 form = f" ({p['details']['form']})" if p.get("details", {}).get("form") else ""
-                lines.append(f"{phase:8s} {p['name']:12s} {p['count']:4d} rewrites{form}{err}")
+                lines.append(f"{phase:8s} {p['name']:12s} {p['count']:4d} of {p['expected']} regions rewritten"
+                             f"{form}{err}")
+                if explain:
+                    lines += [f"{phase:8s} {p['name']:12s} not rewritten: {u['region']}: {u['step']}: {u['found']}"
+                              for u in p["unmatched"]]
         for name, f in sorted(manifest["files"].items()):
             lines.append(f"file     {name:24s} {_mb(f['bytes'])}")
         if graphs_only:

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import onnx
 import torch
 
-from dscompile.exporter.verify.eager import EagerEngine
+from dscompile.exporter.verify.eager import EagerEngine, TransformersEagerEngine
 from dscompile.model.checkpoint import load_checkpoint
 from dscompile.model.quant import Scheme
 from dscompile.runtime.engine import Engine, EngineInfo, KVCache
@@ -276,9 +276,15 @@ def plot_layers(errors: list[dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
-def eager_for(checkpoint: str | Path, max_positions: int | None = None, scheme: Scheme | None = None) -> EagerEngine:
+def eager_for(checkpoint: str | Path, max_positions: int | None = None, scheme: Scheme | None = None,
+              frontend: str = "dscompile") -> EagerEngine:
     """The fp32 eager reference of a checkpoint (every engine dtype is compared against fp32); with
-    `scheme`, its quantized weights fake-quantized (the weights a quantized engine computes with)."""
+    `scheme`, its quantized weights fake-quantized (the weights a quantized engine computes with).
+    An engine captured from transformers' code (`frontend`) is checked against transformers' model."""
+    if frontend == "transformers":
+        from dscompile.exporter.frontends.transformers import load_transformers_model
+
+        return TransformersEagerEngine(*load_transformers_model(checkpoint, torch.float32, "cpu"), max_positions)
     return EagerEngine(load_checkpoint(checkpoint, torch.float32, quantize=scheme), max_positions)
 
 

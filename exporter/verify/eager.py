@@ -1,9 +1,13 @@
-"""The eager PyTorch reference behind the Engine interface, so it generates and compares like an engine."""
+"""The eager PyTorch references behind the Engine interface, so they generate and compare like engines:
+our model (`EagerEngine`) and transformers' own (`TransformersEagerEngine`, for engines exported
+with `--frontend transformers`)."""
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
+from dscompile.model.args import ModelArgs
 from dscompile.model.transformer import Transformer
 from dscompile.runtime.engine import Engine, EngineInfo, KVCache
 
@@ -13,7 +17,7 @@ class EagerEngine(Engine):
 
     def __init__(self, model: Transformer, max_positions: int | None = None):
         self.model = model
-        a = model.args
+        self.args = a = model.args
         self.info = EngineInfo(
             num_layers=a.num_hidden_layers,
             kv_lora_rank=a.kv_lora_rank,
@@ -36,4 +40,46 @@ class EagerEngine(Engine):
             _, _, hidden = self.model(
                 input_ids, position_ids, attention_mask, cache.layers if cache else None, output_hidden_states=True
             )
+        return hidden
+
+
+class TransformersEagerEngine(EagerEngine):
+    """transformers' DeepseekV2/V3ForCausalLM run as transformers runs it (its own code, no export
+    patches), fed and read through the contract (exporter/frontends/transformers.py)."""
+
+    def __init__(self, model: nn.Module, args: ModelArgs, max_positions: int | None = None):
+        from dscompile.exporter.frontends.transformers import TransformersContract
+
+        self.model, self.args = model, args
+        self.contract = TransformersContract(model, args)
+        self.info = EngineInfo(num_layers=args.num_hidden_layers, kv_lora_rank=args.kv_lora_rank,
+                               qk_rope_head_dim=args.qk_rope_head_dim, vocab_size=args.vocab_size,
+                               max_positions=max_positions or args.max_position_embeddings,
+                               cache_dtype=model.model.embed_tokens.weight.dtype)
+
+    def _past(self, batch: int, cache) -> list:
+        if cache is not None:
+            return cache.layers
+        w = self.model.model.embed_tokens.weight
+        return [(w.new_zeros(batch, 0, self.args.kv_lora_rank), w.new_zeros(batch, 0, self.args.qk_rope_head_dim))
+                for _ in range(self.args.num_hidden_layers)]
+
+    def step(self, input_ids, position_ids, attention_mask, cache):
+        past = cache.length if cache is not None else 0
+        self.check_inputs(input_ids, past, position_ids, attention_mask)
+        with torch.no_grad():
+            logits, present = self.contract(input_ids, position_ids, attention_mask,
+                                            self._past(input_ids.shape[0], cache))
+        return logits, KVCache(present)
+
+    def hidden_states(self, input_ids, position_ids, attention_mask, cache) -> list[torch.Tensor]:
+        hidden: list[torch.Tensor] = []
+        hooks = [layer.register_forward_hook(lambda _m, _i, out: hidden.append(out[0] if isinstance(out, tuple) else out))
+                 for layer in self.model.model.layers]
+        try:
+            with torch.no_grad():
+                self.contract(input_ids, position_ids, attention_mask, self._past(input_ids.shape[0], cache))
+        finally:
+            for h in hooks:
+                h.remove()
         return hidden
