@@ -207,6 +207,9 @@ def match(ep: ExportedProgram, gate_node: Node) -> _Match:
     out, shared = _combine(ep, x, routed)
     try:
         check_routing_args(E, K, routing["n_group"], routing["topk_group"], routing["topk_method"])
+    except ValueError as err:
+        raise Miss("routing", str(err)) from None
+    try:
         check_expert_weights(*_expert_shapes(ep, x, experts))
     except ValueError as err:
         raise Miss("experts", str(err)) from None

@@ -301,6 +301,9 @@ def test_engine_export_is_cached(report, tmp_path):
     assert (engine / "manifest.json").stat().st_mtime_ns == stamp
     assert again["systems"] == ["ours", "mine"]
     assert [r["system"] for r in again["results"]] == ["ours", "ours", "mine", "mine"]
+    # ...and run alternately against ours for the ratio (here the same engine: a ratio near 1)
+    rows = [(a["system"], a["reference"]) for a in again["alternating"]]
+    assert rows and set(rows) == {("mine", "ours")}, again["alternating"]
     with pytest.raises(OptionError, match="--engine"):
         parse_engines([f"ours={engine}"])  # a built-in system's name
     with pytest.raises(OptionError, match="--engine"):

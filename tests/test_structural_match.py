@@ -2,8 +2,9 @@
 dataflow, never from module names or the config.
 
 - Negative cases: the reference model with one layer changed so that it computes something the
-  fused op does not (another scoring function, a top-k of the smallest scores, weights
-  normalized by their max, an up-projection split values-first, an up-projection with a bias).
+  fused op does not (another scoring function, no softmax, a top-k of the smallest scores, a k
+  that differs between choosing and dispatching, weights normalized by their max, an
+  up-projection split values-first, an up-projection with a bias).
   Each such region is left alone with its reason recorded; a strict pipeline stops naming it;
   the program still lowers to ONNX and matches eager.
 - The config does not decide: given a config that disagrees with the graph (another k, no
@@ -28,6 +29,7 @@ from conftest import assert_close
 from dscompile.exporter.capture import Limits, capture, example_inputs, io_names
 from dscompile.exporter.lowering.graph import lower
 from dscompile.model.checkpoint import build_model
+from dscompile.model.routing import route
 from dscompile.model.synthetic import random_state, tiny_args
 from dscompile.passes import PassMatchError, PassOptions, run_pipeline
 
@@ -63,6 +65,20 @@ def _max_normalized_gate(self, x):
     return w / w.amax(-1, keepdim=True) * self.routing.routed_scaling_factor, ids
 
 
+def _softmax_removed(self, x):
+    """Routing on the raw logits: no scoring function normalizes them."""
+    logits = F.linear(x.float(), self.weight.float())
+    ids = logits.topk(self.routing.top_k, dim=-1).indices
+    return logits.gather(1, ids), ids
+
+
+def _dispatch_fewer_than_chosen(self, x):
+    """Experts chosen with k = 3 (weights normalized over the three), dispatched to the first 2."""
+    logits = F.linear(x.float(), self.weight.float())
+    weights, ids = route(logits, self.e_score_correction_bias, dataclasses.replace(self.routing, top_k=3))
+    return weights[:, :2], ids[:, :2]
+
+
 def _values_first(self, x, cos, sin, mask, past):
     """MLA with the up-projection's heads laid out [value, key] instead of [key, value]."""
     from dscompile.model.transformer import apply_rope
@@ -94,13 +110,17 @@ def _with_kv_bias(model, layer):
 
 
 NEGATIVE = {
-    # name: (variant, layer, change, pass, step, what the reason says)
-    "gate-scoring-tanh": ("v3", 2, ("mlp.gate", _tanh_gate), "fuse_moe", "scoring", "tanh"),
-    "topk-of-smallest": ("v2-lite", 1, ("mlp.gate", _smallest_gate), "fuse_moe", "top-k", "smallest"),
-    "weights-over-their-max": ("v3", 1, ("mlp.gate", _max_normalized_gate), "fuse_moe", "weights",
+    # name: (variant, layers, changed layer, change, pass, step, what the reason says)
+    "gate-scoring-tanh": ("v3", 3, 2, ("mlp.gate", _tanh_gate), "fuse_moe", "scoring", "tanh"),
+    "gate-without-softmax": ("v2-lite", 3, 1, ("mlp.gate", _softmax_removed), "fuse_moe", "scoring", "topk"),
+    "topk-of-smallest": ("v2-lite", 3, 1, ("mlp.gate", _smallest_gate), "fuse_moe", "top-k", "smallest"),
+    "k-differs-from-dispatch": ("v3", 3, 1, ("mlp.gate", _dispatch_fewer_than_chosen), "fuse_moe", "experts",
+                                "neither build a combine matrix nor scale"),
+    "weights-over-their-max": ("v3", 3, 1, ("mlp.gate", _max_normalized_gate), "fuse_moe", "weights",
                                "other than their sum"),
-    "up-projection-values-first": ("v3", 1, ("self_attn", _values_first), "absorb_mla", "keys", "not key then value"),
-    "up-projection-with-bias": ("v2", 0, _with_kv_bias, "absorb_mla", "values", "has a bias"),
+    "up-projection-values-first": ("v3", 2, 1, ("self_attn", _values_first), "absorb_mla", "keys",
+                                   "not key then value"),
+    "up-projection-with-bias": ("v2", 2, 0, _with_kv_bias, "absorb_mla", "values", "has a bias"),
 }
 
 
@@ -129,8 +149,8 @@ def _ort_logits(onnx_model, inputs, num_layers):
 
 @pytest.mark.parametrize("name", sorted(NEGATIVE))
 def test_a_region_that_computes_something_else_is_left_alone_with_its_reason(name):
-    variant, layer, change, pass_name, step, says = NEGATIVE[name]
-    model = _model(variant)
+    variant, layers, layer, change, pass_name, step, says = NEGATIVE[name]
+    model = _model(variant, layers)
     _change(model, layer, change)
     args = model.args
     ep = capture(model, LIMITS)

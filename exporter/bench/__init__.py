@@ -25,7 +25,7 @@ weights file. (Read in this process, one system's memory would count against the
 Ratios between two measurements are taken from the two run alternately, not from the table's
 medians (rows minutes apart on a machine whose speed drifts): our engine against transformers
 and its ONNX export (prefill, decode at batch 1 for each context, larger batches at the shortest
-context; `alternating`), each quantized engine against ours, and each system's step at the
+context; `alternating`), each `--engine` against ours, and each system's step at the
 longest context against the shortest (`context_scaling`). The targets (report.py) are judged on
 these and show the table's ratio beside them.
 
@@ -280,9 +280,9 @@ def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progre
     references = [n for n in HF_SYSTEMS if n in options.systems and "ours" in options.systems]
     configs = ([("prefill", 1, 0)] + [("decode", 1, p) for p in options.contexts]
                + [("decode", b, min(options.contexts)) for b in options.batches if b > 1])
-    # ...and each quantized engine (--engine) against ours in float32 (its time ratio)
-    quantized = list(quantizations) if "ours" in options.systems else []
-    pairs = [(name, False) for name in references] + [(name, True) for name in quantized]
+    # ...and each engine given with --engine (e.g. quantized, or from another frontend) against ours
+    extra = list(options.extra_engines) if "ours" in options.systems else []
+    pairs = [(name, False) for name in references] + [(name, True) for name in extra]
     ours = None  # loaded once another system is
     for i, (name, ours_is_reference) in enumerate(pairs):
         other = load(name)  # None: skipped, or its model did not export (listed under "skipped")

@@ -28,7 +28,7 @@ def bench(
                                 "from its benchmarks/)."),
     threads: int = typer.Option(2, help="Threads for torch and ONNX Runtime (intra-op)."),
     engine: list[str] = typer.Option([], "--engine", help="NAME=FOLDER: also measure an engine folder exported elsewhere "
-                                     "(a quantized one is also run alternately against ours)."),
+                                     "(each is also run alternately against ours, for the time ratio)."),
     llama_cpp: list[str] = typer.Option([], "--llama-cpp", help="NAME=LLAMA_BENCH:GGUF: also measure llama.cpp's "
                                         "llama-bench on a GGUF of the bench model."),
     plot: Optional[Path] = typer.Option(None, help="Write a PNG of decode latency vs context per system."),
