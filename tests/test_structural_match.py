@@ -212,3 +212,38 @@ def test_names_do_not_decide():
     counts = {r.name: (r.count, r.expected) for r in report.results}
     assert counts == {"absorb_mla": (2, 2), "fuse_moe": (1, 1)}
     assert not any("MLA" in str(n.meta.get("nn_module_stack")) for n in ep.graph.nodes)
+
+
+def test_export_that_falls_short_stops_in_one_line_and_explains(make_ckpt, tmp_path, monkeypatch):
+    """A layer the pass cannot read: `export` stops with the region and the step, --explain lists every
+    such region first, nothing is left in OUT; an unknown frontend or one the options exclude is one line."""
+    from typer.testing import CliRunner
+
+    from dscompile.exporter.cli import app
+    from dscompile.passes import absorb_mla
+    from dscompile.passes.match import Miss
+
+    checkpoint = make_ckpt("v2-lite", layers=2, experts=8)
+    read = absorb_mla.match
+
+    def refuse_layer_1(ep, sdpa, form):
+        if "layers.1." in str(sdpa.meta.get("nn_module_stack")):
+            raise Miss("values", "made to fail by the test")
+        return read(ep, sdpa, form)
+
+    monkeypatch.setattr(absorb_mla, "match", refuse_layer_1)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["export", str(checkpoint), "-o", str(out), "--absorb", "reassociate",
+                                      "--explain", "--max-batch", "2", "--max-prompt-tokens", "8", "--max-context", "16"])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: pass absorb_mla rewrote 1 of the 2 regions the config implies in the "
+                                "prefill graph; model.layers.1.self_attn: values: made to fail by the test"), lines
+    assert "not rewritten: model.layers.1.self_attn: values: made to fail by the test" in lines
+    assert "Traceback" not in result.stderr and not out.exists()
+    for argv, says in ((["--frontend", "tvm"], "--frontend 'tvm' is not one of dscompile, transformers"),
+                       (["--frontend", "transformers", "--weights", "int8"], "quantized engines are built from our model"),
+                       (["--frontend", "transformers", "--graphs-only"], "graph-only exports capture our model")):
+        result = CliRunner().invoke(app, ["export", str(checkpoint), "-o", str(out), *argv])
+        assert result.exit_code == 2 and says in result.stderr.strip().splitlines()[-1], result.output
+        assert not out.exists()
