@@ -47,14 +47,13 @@ from torch.export import ExportedProgram
 from torch.fx import Node
 
 import dscompile.runtime.ops  # noqa: F401  (registers torch.ops.dsc.*)
-from dscompile.passes.ep_edit import add_param, clone, derive, emit, param, rebuild
+from dscompile.passes.ep_edit import add_param, clone, derive, emit, param, param_node, rebuild
 from dscompile.passes.match import (SOFTMAX, VIEWS, Miss, Unmatched, call, forward, getitem, hint, linear, need,
                                     scalar, shape, source, split_part, users, weight)
 from dscompile.runtime.ops.moe import check_expert_weights, check_routing_args
 
 aten = torch.ops.aten
 MOE_OP = torch.ops.dsc.moe.default
-TOPK_METHODS_BY_SCORING = {"softmax": ("greedy", "group_limited_greedy"), "sigmoid": ("noaux_tc",)}
 # Ops a 0/1 mask passes through unchanged in meaning.
 _MASK_CASTS = (aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout)
 
@@ -430,8 +429,6 @@ def _is_linear(ep, n) -> bool:
 
 
 def _rewrite(ep: ExportedProgram, m: _Match) -> None:
-    from dscompile.passes.ep_edit import param_node
-
     node = lambda name: param_node(ep, name)  # noqa: E731
     if "w13" in m.experts:  # gate and up stacked [E, 2I, D]: the op takes them apart
         name = m.experts["w13"]

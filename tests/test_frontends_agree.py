@@ -41,6 +41,7 @@ def test_both_frontends_agree_with_transformers(variant, exported, exported_ckpt
     assert _rewrites(m_theirs) == _rewrites(m_ours)
     assert all(count == expected for count, expected, _ in _rewrites(m_ours).values())
     assert m_theirs["cache"] == m_ours["cache"]
+    assert m_theirs["weights"]["bytes"] == m_ours["weights"]["bytes"]  # one copy each, the same weights
 
     engines = {"dscompile": OrtEngine.load(ours, provider="cpu"), "transformers": OrtEngine.load(theirs, provider="cpu")}
     eager = TransformersEagerEngine(*load_transformers_model(checkpoint, torch.float32, "cpu"))
