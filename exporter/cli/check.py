@@ -100,6 +100,7 @@ def inspect(
         lines = [f"model    {cfg['model_type']}, {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, "
                  f"{cfg.get('n_routed_experts')} experts; dtype {manifest['dtype']}; opset {manifest['opset']}",
                  f"limits   {manifest['limits']}",
+                 *([f"frontend {f['name']}: {f['code']} {f['version']}"] if (f := manifest.get("frontend")) else []),
                  f"cache    {c['bytes_per_token']} bytes/token vs {c['mha_equivalent_bytes_per_token']} for MHA "
                  f"({c['compression']}x smaller)",
                  f"weights  {_mb(manifest['weights'].get('bytes', 0))} in {manifest['weights'].get('file')}"
@@ -132,7 +133,10 @@ def inspect(
             top = sorted((g["op_counts"] or {}).items(), key=lambda kv: -kv[1])[:8]
             lines.append("  ops     " + ", ".join(f"{k} {v}" for k, v in top))
             for p in g["passes"]["passes"]:
-                lines.append(f"  pass    {p['name']}: {p['count']} rewrites")
+                expected = f" of {p['expected']} regions" if p.get("expected") is not None else " regions"
+                lines.append(f"  pass    {p['name']}: {p['count']}{expected} rewritten")
+                lines += [f"  pass    {p['name']}: not rewritten: {u['region']}: {u['step']}: {u['found']}"
+                          for u in p.get("unmatched", [])]
             if g.get("in_place"):
                 lines.append(f"  in place {g['in_place']['file']}: the cache written in capacity buffers "
                              f"(TensorScatter x{g['in_place']['op_counts'].get('TensorScatter', 0)}; ONNX Runtime CPU)")
