@@ -291,8 +291,11 @@ def _rewrite(ep: ExportedProgram, m: _Match, form: str) -> None:
     w_kv = param(ep, m.kv_b)
     graph, sdpa = ep.graph, m.sdpa
     with graph.inserting_before(sdpa):
-        q_nope = emit(ep, aten.slice.Tensor, m.q, 3, 0, N, like=sdpa)  # [B, H, S, N]
-        q_rope = emit(ep, aten.slice.Tensor, m.q, 3, N, N + R, like=sdpa)  # [B, H, S, R]
+        if call(m.q, aten.cat.default) and [shape(p)[-1] for p in m.q.args[0]] == [N, R]:
+            q_nope, q_rope = m.q.args[0]  # the query is built [B, H, S, *] from its two parts
+        else:
+            q_nope = emit(ep, aten.slice.Tensor, m.q, 3, 0, N, like=sdpa)  # [B, H, S, N]
+            q_rope = emit(ep, aten.slice.Tensor, m.q, 3, N, N + R, like=sdpa)  # [B, H, S, R]
         mask = m.mask
         if dtype(mask) == torch.bool:  # True = attend: 0 there, the most negative float elsewhere
             mask = emit(ep, aten.where.Scalar, mask, 0.0, torch.finfo(torch.float32).min, like=sdpa)
