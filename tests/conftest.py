@@ -4,7 +4,9 @@ session (fixtures: tests share them through here, never by importing each other)
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -103,6 +105,35 @@ def one_layer_ckpt(make_ckpt):
     """The smallest checkpoint: v3 with one layer, four experts, hidden 32, vocab 64. Exported with
     `small_limits`: weights.bin ~180 KB, each .pt2 ~250 KB."""
     return make_ckpt("v3", layers=1, experts=4, hidden=32, vocab=64)
+
+
+def run_here(*args, env: dict | None = None, input: bytes | str | None = None,
+             text: bool = True) -> subprocess.CompletedProcess:
+    """The `dscompile` command's own entry point run in this process (typer's CliRunner), as the
+    CompletedProcess a `python -m dscompile ...` subprocess would give: exit code, stdout, stderr
+    (str, or bytes with text=False). A subprocess costs seconds of interpreter, torch and ONNX
+    start-up each; tests that are about the process itself run the real one. `env` is set in
+    os.environ for the run; `input` is stdin (not a terminal); sys.argv is the command's, as in the
+    process (the PASSED/FAILED line quotes it). An exception that escapes the command is rendered as
+    a traceback into stderr, so a test's "no Traceback" check sees it."""
+    from typer.testing import CliRunner
+
+    from dscompile.exporter.cli import app
+
+    argv = [str(a) for a in args]
+    saved = sys.argv
+    sys.argv = ["dscompile", *argv]
+    try:
+        result = CliRunner().invoke(app, argv, input=input, env=env)
+    finally:
+        sys.argv = saved
+    stderr = result.stderr_bytes
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(result.exception)).encode()
+    stdout = result.stdout_bytes
+    if text:
+        return subprocess.CompletedProcess(argv, result.exit_code, stdout.decode(), stderr.decode(errors="replace"))
+    return subprocess.CompletedProcess(argv, result.exit_code, stdout, stderr)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,11 @@
-"""The real `dscompile` command in a subprocess: exit codes, JSON, the PASSED/FAILED line, the round trip."""
+"""The `dscompile` command: exit codes, JSON, the PASSED/FAILED line, the round trip.
+
+Most commands run the command's own entry point in this process (`run_here`, tests/conftest.py:
+typer's CliRunner), since a subprocess costs seconds of interpreter, torch and ONNX start-up each.
+The real `python -m dscompile` process runs where the process itself is the point: the export with
+--verify --json and `run --json` (nothing but the JSON object on the process's stdout, the exit code
+of the process) and `demo` (the main job, as a user runs it). Bad input through the real process:
+tests/test_cli_errors.py."""
 
 from __future__ import annotations
 
@@ -18,11 +25,17 @@ from dscompile.exporter.tensorrt.compat import load_table
 from dscompile.exporter.verify.eager import EagerEngine
 from dscompile.model.checkpoint import load_checkpoint
 from dscompile.runtime.weights import fingerprint
+from conftest import run_here
 
 
-def dsc(*args: str, env: dict | None = None, check: int | None = 0) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, "-m", "dscompile", *map(str, args)], capture_output=True, text=True,
-                         env={**os.environ, **(env or {})}, timeout=600)
+def dsc(*args: str, env: dict | None = None, check: int | None = 0,
+        process: bool = False) -> subprocess.CompletedProcess:
+    """`dscompile *args` in this process (run_here), or as the real process with `process=True`."""
+    if process:
+        out = subprocess.run([sys.executable, "-m", "dscompile", *map(str, args)], capture_output=True, text=True,
+                             env={**os.environ, **(env or {})}, timeout=600)
+    else:
+        out = run_here(*args, env=env)
     if check is not None:
         assert out.returncode == check, f"exit {out.returncode}, expected {check}\n{out.stdout}\n{out.stderr}"
     assert "Traceback" not in out.stderr, out.stderr
@@ -34,7 +47,7 @@ def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     ckpt, out = root / "ckpt", root / "out"
     dsc("make-checkpoint", ckpt, "--variant", "v2", "--layers", "2", "--experts", "8", "--json")
-    result = dsc("export", ckpt, "-o", out, "--verify", "--json")
+    result = dsc("export", ckpt, "-o", out, "--verify", "--json", process=True)
     return ckpt, out, json.loads(result.stdout)
 
 
@@ -69,7 +82,7 @@ def test_run_generates_and_streams_json(exported):
     ckpt, out, _ = exported
     want = EagerEngine(load_checkpoint(ckpt, torch.float32)).generate([[1, 2, 3], [4, 5]], 5)
     result = json.loads(dsc("run", out, "--input-ids", "1,2,3;4,5", "--max-new-tokens", "5", "--ignore-eos",
-                            "--json").stdout)
+                            "--json", process=True).stdout)
     assert result["tokens"] == want
     text = dsc("run", out, "--input-ids", "1,2,3", "--max-new-tokens", "5", "--ignore-eos").stdout.splitlines()
     assert text[0].startswith(f"prompt [1, 2, 3] -> {want[0]}")
@@ -210,7 +223,7 @@ def test_missing_engine_folder_is_one_line(tmp_path):
 
 
 def test_demo_runs_the_main_job(tmp_path):
-    result = dsc("demo", "--json", "--new-tokens", "4", env={"DSCOMPILE_HOME": str(tmp_path)})
+    result = dsc("demo", "--json", "--new-tokens", "4", env={"DSCOMPILE_HOME": str(tmp_path)}, process=True)
     report = json.loads(result.stdout)
     assert report["passed"] and report["engine_tokens"] == report["eager_tokens"]
     assert Path(report["engine"]).is_dir()
@@ -220,7 +233,7 @@ def test_graphs_only_export_of_a_config_is_inspected_not_run(tmp_path):
     from dscompile.model.synthetic import tiny_args
 
     config = tmp_path / "config.json"  # a config alone: no weights anywhere
-    config.write_text(json.dumps(tiny_args("v3", layers=2, experts=8).to_config()))
+    config.write_text(json.dumps(tiny_args("v3", layers=1, experts=4, hidden=32, vocab=64).to_config()))
     out = tmp_path / "out"
     small = ["--max-batch", "2", "--max-prompt-tokens", "16", "--max-context", "32"]
     manifest = json.loads(dsc("export", config, "-o", out, "--graphs-only", *small, "--json").stdout)
