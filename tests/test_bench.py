@@ -1,6 +1,7 @@
 """`dscompile bench` (exporter/bench/, and benchmarks/hf_systems.py for the systems that wrap
 transformers): the floor arithmetic, the report's structure on a tiny checkpoint (1 repeat, tiny
-contexts), bad options through the real CLI, and the product without transformers' code.
+contexts), bad options through the CLI's entry point (in this process: `run_here`; `bench --json` runs as
+the real process in test_cli_json_reports_load), and the product without transformers' code.
 
 Benchmarks are not tests: nothing here asserts a time.
 """
@@ -27,6 +28,7 @@ from dscompile.exporter.bench.timing import MachineProbe, compare_alternately, c
 from dscompile.model.checkpoint import build_model
 from dscompile.model.synthetic import make_checkpoint, tiny_args
 from dscompile.errors import OptionError
+from conftest import run_here
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -328,9 +330,7 @@ def test_without_transformers_ours_is_measured_and_hf_skipped(report, monkeypatc
     (["--systems", "ours,vllm"], "--systems"),
 ])
 def test_bad_options_exit_2_with_one_line(argv, option, tmp_path):
-    env = {**os.environ, "DSCOMPILE_HOME": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "dscompile", "bench", *argv], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = run_here("bench", *argv, env={"DSCOMPILE_HOME": str(tmp_path)})
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and option in lines[0], proc.stderr
