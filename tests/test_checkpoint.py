@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import assert_close
+from conftest import assert_close, run_here
 from dscompile.model.args import PUBLISHED_CONFIGS, ModelArgs
 from dscompile.model.checkpoint import dequantize_fp8, load_checkpoint
 from dscompile.model.synthetic import make_checkpoint, quantize_fp8, random_state, tiny_args, write_checkpoint
@@ -219,15 +219,19 @@ def test_cli_reports_bad_checkpoint_in_one_line(tmp_path):
 
 def test_make_checkpoint_config_writes_a_streamed_bf16_checkpoint(tmp_path):
     """`make-checkpoint --config FILE`: any config, generated tensor by tensor into shards with an
-    index, in bfloat16, the same bytes for the same seed, loading through the real loader."""
+    index, in bfloat16, the same bytes for the same seed (in two processes: the real command in a
+    subprocess and the command's entry point in this one), loading through the real loader."""
     args = tiny_args("v2-lite", layers=2)
     config = tmp_path / "config.json"
     config.write_text(json.dumps(args.to_config()))
     runs = []
     for name in ("a", "b"):
         out = tmp_path / name
-        done = subprocess.run([sys.executable, "-m", "dscompile", "make-checkpoint", str(out), "--config", str(config),
-                               "--json"], capture_output=True, text=True, cwd=ROOT)
+        argv = ["make-checkpoint", str(out), "--config", str(config), "--json"]
+        if name == "a":
+            done = subprocess.run([sys.executable, "-m", "dscompile", *argv], capture_output=True, text=True, cwd=ROOT)
+        else:
+            done = run_here(*argv)
         assert done.returncode == 0, done.stderr[-2000:]
         runs.append(out)
     index = json.loads((runs[0] / "model.safetensors.index.json").read_text())
@@ -240,6 +244,5 @@ def test_make_checkpoint_config_writes_a_streamed_bf16_checkpoint(tmp_path):
                            tensors["model.layers.1.mlp.experts.4.gate_proj.weight"])
     model = load_checkpoint(runs[0])
     assert model.args == args
-    bad = subprocess.run([sys.executable, "-m", "dscompile", "make-checkpoint", str(tmp_path / "c"), "--config",
-                          "v9"], capture_output=True, text=True, cwd=ROOT)
+    bad = run_here("make-checkpoint", tmp_path / "c", "--config", "v9")
     assert bad.returncode == 2 and "--config 'v9': not a file, nor one of v2, v2-lite, v3" in bad.stderr
