@@ -20,6 +20,7 @@ from dscompile.exporter.export import export_checkpoint
 from dscompile.model.synthetic import make_checkpoint
 from dscompile.errors import EngineError, TextError
 from dscompile.runtime.session import TextEngine
+from conftest import run_here
 
 LIMITS = Limits(max_batch=4, max_prompt_tokens=128, max_context=256)
 PROMPTS = ["The compiler folds the latent cache", "中文字符的缓存", "Emoji 🙂🚀 and café"]
@@ -39,8 +40,9 @@ def llm(built):
 
 
 def dsc(*args, stdin: bytes | None = None, check: int = 0) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "dscompile", *map(str, args)], input=stdin, capture_output=True,
-                          timeout=600)
+    """`dscompile *args` in this process (run_here, tests/conftest.py), stdin piped (not a terminal);
+    stdout and stderr as bytes. The real process with stdin a terminal: test_interactive_chat_on_a_terminal."""
+    proc = run_here(*args, input=stdin if stdin is not None else b"", text=False)
     assert proc.returncode == check, proc.stderr.decode(errors="replace")
     assert b"Traceback" not in proc.stderr, proc.stderr.decode(errors="replace")
     return proc
