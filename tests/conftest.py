@@ -52,10 +52,11 @@ def make_ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def export_limits():
-    """The engine limits of `exported`'s engines."""
+    """The engine limits of `exported`'s engines (room for the chat conversations of
+    tests/test_text_path.py, which runs the v3 one)."""
     from dscompile.exporter.capture import Limits
 
-    return Limits(max_batch=8, max_prompt_tokens=64, max_context=128)
+    return Limits(max_batch=8, max_prompt_tokens=128, max_context=256)
 
 
 @pytest.fixture(scope="session")

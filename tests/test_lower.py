@@ -120,7 +120,7 @@ def test_manifest(variant, exported, args_of):
     a = args_of(variant)
     assert m["format_version"] == MANIFEST_FORMAT and m["target"] == "onnxruntime" and m["runtime"] == "onnxruntime" and m["dtype"] == "float32"
     assert m["opset"] == 23 and m["model"] == a.to_config()
-    assert m["limits"] == {"max_batch": 8, "max_prompt_tokens": 64, "max_context": 128}
+    assert m["limits"] == {"max_batch": 8, "max_prompt_tokens": 128, "max_context": 256}
     cache = m["cache"]
     L, C, R = a.num_hidden_layers, a.kv_lora_rank, a.qk_rope_head_dim
     assert cache["per_layer"] == {"kv_latent": C, "k_rope": R}

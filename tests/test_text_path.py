@@ -22,16 +22,15 @@ from dscompile.errors import EngineError, TextError
 from dscompile.runtime.session import TextEngine
 from conftest import run_here
 
-LIMITS = Limits(max_batch=4, max_prompt_tokens=128, max_context=256)
+LIMITS = Limits(max_batch=4, max_prompt_tokens=128, max_context=256)  # the exports made here
 PROMPTS = ["The compiler folds the latent cache", "中文字符的缓存", "Emoji 🙂🚀 and café"]
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    root = tmp_path_factory.mktemp("text")
-    ckpt = make_checkpoint(root / "ckpt", "v3", layers=2, experts=8)
-    export_checkpoint(ckpt, root / "out", limits=LIMITS)
-    return ckpt, root / "out"
+def built(exported, exported_ckpt):
+    """(checkpoint, OUT): the two-layer v3 with the demo tokenizer and the session's export of it
+    (tests/conftest.py `exported`, within `export_limits`)."""
+    return exported_ckpt("v3"), exported("v3")
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +133,8 @@ def test_sampling_is_seeded(llm):
     assert others - {a}
 
 
-def test_prompt_longer_than_the_engine_names_both_numbers(llm):
-    with pytest.raises(EngineError, match=f"exceeds the engine's maximum of {LIMITS.max_context}"):
+def test_prompt_longer_than_the_engine_names_both_numbers(llm, export_limits):
+    with pytest.raises(EngineError, match=f"exceeds the engine's maximum of {export_limits.max_context}"):
         llm.generate("word " * 400, max_new_tokens=4)
 
 
@@ -169,12 +168,12 @@ def test_cli_text_batch_chat_and_json(built, llm):
     assert ids["tokens"] == [llm.generate([0, 5, 6], max_new_tokens=3)]
 
 
-def test_cli_text_errors_are_one_line(built, tmp_path):
+def test_cli_text_errors_are_one_line(built, export_limits, tmp_path):
     ckpt, out = built
     err = dsc("run", out, "--max-new-tokens", "2", stdin=b"caf\xe9", check=2).stderr.decode().strip()
     assert err.startswith("error: stdin is not valid UTF-8") and len(err.splitlines()) == 1
     err = dsc("run", out, "--prompt", "word " * 400, check=2).stderr.decode().strip()
-    assert f"exceeds the engine's maximum of {LIMITS.max_context}" in err and len(err.splitlines()) == 1
+    assert f"exceeds the engine's maximum of {export_limits.max_context}" in err and len(err.splitlines()) == 1
 
     broken = tmp_path / "broken"
     shutil.copytree(out, broken)
