@@ -138,11 +138,12 @@ def test_prompt_longer_than_the_engine_names_both_numbers(llm, export_limits):
         llm.generate("word " * 400, max_new_tokens=4)
 
 
-def test_python_api(built, tmp_path):
-    ckpt, out = built
+def test_python_api(built, make_ckpt, tmp_path):
+    _, out = built
     llm = dscompile.load(out)
     assert llm.generate(PROMPTS[0], max_new_tokens=6) == TextEngine.open(out).generate(PROMPTS[0], max_new_tokens=6)
     assert isinstance(llm.chat([{"role": "user", "content": "hi"}], max_new_tokens=4), str)
+    ckpt = make_ckpt("v3", layers=1, experts=4, hidden=32)  # small, with the demo tokenizer (vocab 512)
     manifest = dscompile.export(ckpt, tmp_path / "api-out", max_prompt_tokens=16, max_context=64)
     assert manifest["limits"]["max_context"] == 64 and manifest["tokenizer"]["files"]
     assert dscompile.compare(ckpt, tmp_path / "api-out", decode_steps=2)["passed"]
@@ -194,7 +195,7 @@ def test_cli_text_errors_are_one_line(built, export_limits, tmp_path):
 
 
 def test_engines_without_a_tokenizer_run_ids_and_refuse_text(tmp_path):
-    ckpt = make_checkpoint(tmp_path / "ckpt", "v2", layers=1, experts=4, tokenizer=False)
+    ckpt = make_checkpoint(tmp_path / "ckpt", "v2", layers=1, experts=4, hidden=32, tokenizer=False)
     out = tmp_path / "out"
     manifest = export_checkpoint(ckpt, out, limits=LIMITS)
     assert manifest["tokenizer"] is None and not (out / "tokenizer.json").exists()
