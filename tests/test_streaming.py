@@ -66,10 +66,10 @@ def test_meta_scan_refuses_nonfinite_weights(make_ckpt, tmp_path):
         load_checkpoint(bad, device="meta", scan=True)
 
 
-def _lowered(model, phase):
-    program = capture(model, SMALL)
-    optimized, _ = run_pipeline(program, PassOptions(phase, model.args))
-    return lower(optimized, phase, model.args.num_hidden_layers,
+def _lowered(program, args, phase):
+    """The ONNX graph of `phase` from a captured program (one capture serves both phases, as in export)."""
+    optimized, _ = run_pipeline(program, PassOptions(phase, args))
+    return lower(optimized, phase, args.num_hidden_layers,
                  moe_experts=choose_moe_experts(phase, torch.float32, "onnxruntime"))
 
 
@@ -80,13 +80,16 @@ def test_lowering_meta_program_matches_and_reads_no_large_weight(make_ckpt, monk
     sizes: list[int] = []
     load = ckpt_mod.CheckpointSource.load
     monkeypatch.setattr(ckpt_mod.CheckpointSource, "load", lambda self: sizes.append(int(np.prod(self.shape))) or load(self))
+    lazy_program = capture(lazy, SMALL)
+    assert max(sizes, default=0) <= max(FOLD_LIMIT, 1024), f"capture read a weight of {max(sizes)} elements"
+    real_program = capture(real, SMALL)
     for phase in PHASES:
         sizes.clear()
-        lazy_model = _lowered(lazy, phase)
+        lazy_model = _lowered(lazy_program, lazy.args, phase)
         # The optimizer folds below FOLD_LIMIT elements and compares initializers of up to 1024 by value
         # (onnx_ir's initializer deduplication); nothing larger may be read before the weights are written.
         assert max(sizes, default=0) <= max(FOLD_LIMIT, 1024), f"{phase}: lowering read a weight of {max(sizes)} elements"
-        real_model = _lowered(real, phase)
+        real_model = _lowered(real_program, real.args, phase)
         got = {n: v.const_value.numpy() for n, v in lazy_model.graph.initializers.items()}
         want = {n: v.const_value.numpy() for n, v in real_model.graph.initializers.items()}
         assert got.keys() == want.keys()
@@ -95,8 +98,12 @@ def test_lowering_meta_program_matches_and_reads_no_large_weight(make_ckpt, monk
         assert [(n.op_type, n.domain) for n in lazy_model.graph] == [(n.op_type, n.domain) for n in real_model.graph]
 
 
-def test_export_holds_a_few_weights_at_a_time(make_ckpt, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def counted_export(make_ckpt, tmp_path_factory):
+    """(checkpoint, OUT, alive) of one export of a four-layer v3 within SMALL, with the weights the
+    checkpoint reader returned counted while they lived (alive: bytes, peak, largest)."""
     path = make_ckpt("v3", layers=4, experts=8)
+    out = tmp_path_factory.mktemp("streaming") / "out"
     alive = {"bytes": 0, "peak": 0, "largest": 0, "total": 0}
 
     def release(nbytes):
@@ -113,8 +120,14 @@ def test_export_holds_a_few_weights_at_a_time(make_ckpt, tmp_path, monkeypatch):
         weakref.finalize(tensor, release, nbytes)
         return tensor
 
-    monkeypatch.setattr(ckpt_mod.CheckpointSource, "load", counted)
-    export_checkpoint(path, tmp_path / "out", limits=SMALL)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ckpt_mod.CheckpointSource, "load", counted)
+        export_checkpoint(path, out, limits=SMALL)
+    return path, out, alive
+
+
+def test_export_holds_a_few_weights_at_a_time(counted_export):
+    path, _, alive = counted_export
     model_bytes = sum(t.numel() * t.element_size() for t in _weights(load_checkpoint(path, device="meta")).values())
     assert alive["largest"] > 0
     # The interleaved MoE fc1 needs the gate and up experts at once; nothing needs more than 3 weights.
@@ -122,11 +135,11 @@ def test_export_holds_a_few_weights_at_a_time(make_ckpt, tmp_path, monkeypatch):
     assert alive["peak"] < model_bytes / 4, (alive, model_bytes)
 
 
-def test_torch_engine_reads_program_weights_from_the_weight_file(make_ckpt, tmp_path):
+def test_torch_engine_reads_program_weights_from_the_weight_file(counted_export, tmp_path):
     from dscompile.runtime.torch_engine import TorchEngine
 
     out = tmp_path / "out"
-    export_checkpoint(make_ckpt("v3", layers=2, experts=8), out, limits=SMALL)
+    shutil.copytree(counted_export[1], out)  # a copy: its manifest is edited below
     manifest = json.loads((out / "manifest.json").read_text())
     places = manifest["graphs"]["decode"]["program_weights"]
     assert places and all(p["offset"] % 4096 == 0 for p in places.values())
