@@ -95,6 +95,17 @@ def small_limits():
 
 
 @pytest.fixture(scope="session")
+def small_export(tmp_path_factory, one_layer_ckpt, small_limits):
+    """OUT of `one_layer_ckpt` within `small_limits`, exported once per session: the cheapest engine,
+    for tests whose point does not depend on the model's size. Copy it before changing it."""
+    from dscompile.exporter.export import export_checkpoint
+
+    out = tmp_path_factory.mktemp("small") / "out"
+    export_checkpoint(one_layer_ckpt, out, limits=small_limits)
+    return out
+
+
+@pytest.fixture(scope="session")
 def small_flags(small_limits):
     """`dscompile export` options for `small_limits`: a CLI export and an API export with them agree."""
     return ["--max-batch", str(small_limits.max_batch), "--max-prompt-tokens", str(small_limits.max_prompt_tokens),

@@ -30,7 +30,6 @@ from pathlib import Path
 import onnx
 import pytest
 
-from dscompile.exporter.export import export_checkpoint
 from dscompile.exporter.output import replace
 from dscompile.errors import EngineError
 from dscompile.runtime.manifest import check_program_file, read_manifest
@@ -49,11 +48,10 @@ def ckpt(one_layer_ckpt):
 
 
 @pytest.fixture(scope="module")
-def first(tmp_path_factory, ckpt, small_limits):
-    """A complete export (in this process, with the limits the CLI's `small_flags` give) and its bytes."""
-    out = tmp_path_factory.mktemp("reliability") / "first"
-    export_checkpoint(ckpt, out, limits=small_limits)
-    return out, _files(out)
+def first(small_export):
+    """A complete export of `ckpt` (in this process, with the limits the CLI's `small_flags` give:
+    the session's `small_export`) and its bytes."""
+    return small_export, _files(small_export)
 
 
 # An export in a child process whose progress callback holds it at a known moment, to be killed

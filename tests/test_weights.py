@@ -7,8 +7,10 @@
   read), grows its resident memory by <= 1.10x weights.bin + 300 MB; the bound fails if each
   session keeps its own copy (2x), so the model is large enough for allocator noise not to decide it;
 - the torch engine's programs share one tensor per weight, viewing the one map of the file;
-- a truncated or foreign weights.bin is refused in one line before any session opens, and a write
-  into the file under a running engine stops its next step.
+- a truncated or foreign weights.bin is refused in one line before any session opens.
+
+A write into the file under a running engine stops its next step: checked on the session's
+smallest export (`small_export`), since it does not depend on the size.
 
 Shapes: B batch, S new tokens.
 """
@@ -169,10 +171,10 @@ def test_truncated_or_foreign_weights_refused_before_any_session(big, tmp_path, 
         TorchEngine.load(foreign, device="cpu")
 
 
-def test_a_write_into_the_file_stops_the_running_engine(big, tmp_path):
+def test_a_write_into_the_file_stops_the_running_engine(small_export, one_layer_ckpt, tmp_path):
     """Both engines generate eager's greedy tokens from the mapped file, twice; after a write into
     the file, their next step stops."""
-    ckpt, out, _ = big
+    ckpt, out = one_layer_ckpt, small_export
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     assert not os.access(copy / "weights.bin", os.W_OK) or os.geteuid() == 0  # exported read-only
