@@ -127,17 +127,20 @@ def test_writes_graphs_and_manifest_but_no_weights(graphs_only_out):
 
 
 def test_reads_nothing_but_the_config_of_a_checkpoint(tmp_path, make_ckpt, monkeypatch):
+    ckpt = make_ckpt("v2", layers=1, experts=4, hidden=32, vocab=64)  # small: the point is what is read
+
     def refuse(*args, **kw):
         raise AssertionError("a graph-only export opened a safetensors file")
 
     monkeypatch.setattr(ckpt_mod, "safe_open", refuse)
-    manifest = export_checkpoint(make_ckpt("v2", layers=1, experts=8), tmp_path / "out", limits=SMALL, graphs_only=True)
+    manifest = export_checkpoint(ckpt, tmp_path / "out", limits=SMALL, graphs_only=True)
     assert manifest["graphs_only"] and not (tmp_path / "out" / "weights.bin").exists()
 
 
-def test_save_models_without_data_plans_places_and_computes_nothing(make_ckpt, tmp_path, monkeypatch):
-    """save_models(write_data=False) on graphs whose weights come from a checkpoint: nothing is read."""
-    model = load_checkpoint(make_ckpt("v3", layers=2, experts=8), device="meta")
+def test_save_models_without_data_plans_places_and_computes_nothing(one_layer_ckpt, tmp_path, monkeypatch):
+    """save_models(write_data=False) on graphs whose weights come from a checkpoint (the one-layer
+    one: attention, shared and routed experts, all folded as in any layer): nothing is read."""
+    model = load_checkpoint(one_layer_ckpt, device="meta")
     traced = capture(model, SMALL)
     lowered = {phase: lower(run_pipeline(traced, PassOptions(phase, model.args))[0], phase,
                             model.args.num_hidden_layers) for phase in PHASES}
