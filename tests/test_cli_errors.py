@@ -125,11 +125,11 @@ def _crafted_out(src: Path, dst: Path, graph: str, location: str) -> Path:
     return dst
 
 
-def _build_cases(tmp: Path, ckpt: Path, small_ckpt: Path, engine: Path, limits, small: list[str],
+def _build_cases(tmp: Path, ckpt: Path, small_ckpt: Path, engine: Path, limits, small_limits, small: list[str],
                  command) -> dict[str, Case]:
     """The cases: `ckpt` is the v3 checkpoint that `engine` was exported from within `limits`;
-    `small_ckpt` the one-layer one; `small` the cheapest export's options; `command(*args)` the
-    argv of the `dscompile` command."""
+    `small_ckpt` the one-layer one; `small_limits` the cheapest export's limits and `small` its
+    options; `command(*args)` the argv of the `dscompile` command."""
     c: dict[str, Case] = {}
     out = lambda name: tmp / f"out-{name}"  # noqa: E731 - one OUT per case, beside the others
 
@@ -248,22 +248,23 @@ def _build_cases(tmp: Path, ckpt: Path, small_ckpt: Path, engine: Path, limits, 
                                            "graph file '../eng-up/decode.onnx' is not a path inside")
 
     # ---- a graph-only export (no weights.bin): engines refuse it; --verify cannot check it
-    graphs = tmp / "graphs-only"
-    export_checkpoint(ckpt, graphs, limits=limits, graphs_only=True)
+    graphs = tmp / "graphs-only"  # of the one-layer checkpoint, within the cheapest export's limits
+    export_checkpoint(small_ckpt, graphs, limits=small_limits, graphs_only=True)
     refused = f"{graphs}: a graph-only export (no weights.bin); export without --graphs-only to run it"
     c["run_graphs_only"] = Case(command("run", graphs, "--input-ids", "1,2"), refused)
     c["run_graphs_only_torch"] = Case(command("run", graphs, "--input-ids", "1,2", "--backend", "torch"), refused)
-    c["compare_graphs_only"] = Case(command("compare", ckpt, graphs), refused)
+    c["compare_graphs_only"] = Case(command("compare", small_ckpt, graphs), refused)
     export_case("graphs_only_verify", ckpt, "--graphs-only and --verify", "--graphs-only", "--verify")
     return c
 
 
 @pytest.fixture(scope="module")
-def outcomes(tmp_path_factory, exported, exported_ckpt, export_limits, one_layer_ckpt, small_flags, dscompile_argv):
+def outcomes(tmp_path_factory, exported, exported_ckpt, export_limits, one_layer_ckpt, small_limits, small_flags,
+             dscompile_argv):
     """{case name: (Case, CompletedProcess or None when skipped)}, all run in one go."""
     tmp = tmp_path_factory.mktemp("cli_errors")
-    cases = _build_cases(tmp, exported_ckpt("v3"), one_layer_ckpt, exported("v3"), export_limits, small_flags,
-                         dscompile_argv)
+    cases = _build_cases(tmp, exported_ckpt("v3"), one_layer_ckpt, exported("v3"), export_limits, small_limits,
+                         small_flags, dscompile_argv)
     slow = ("allow_nonfinite", "file_size_limit", "disk_full")  # whole exports: start them first
     order = [k for k in slow if k in cases] + [k for k in cases if k not in slow]
     runnable = {k: cases[k] for k in order if cases[k].skip is None}
