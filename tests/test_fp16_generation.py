@@ -5,20 +5,18 @@ from __future__ import annotations
 import torch
 
 from dscompile.exporter.verify.eager import EagerEngine
-from dscompile.exporter.export import export_checkpoint
 from dscompile.model.checkpoint import load_checkpoint
 from dscompile.runtime.ort_engine import OrtEngine
 
 AGREEMENT = 0.95
 
 
-def test_fp16_greedy_continuations_agree_with_fp32_eager(make_ckpt, tmp_path):
+def test_fp16_greedy_continuations_agree_with_fp32_eager(exported, exported_ckpt):
     """Teacher-forced: the fp16 engine steps (prefill, then one decode step per token) through eager's
     fp32 greedy continuation and picks eager's token at >= 95% of the steps. (Comparing two free
     runs would count every token after the first near-tie flip as a disagreement.)"""
-    ckpt = make_ckpt("v3", layers=2, experts=8)
-    export_checkpoint(ckpt, tmp_path / "fp16", dtype="float16")
-    engine = OrtEngine.load(tmp_path / "fp16")
+    ckpt = exported_ckpt("v3")  # the session's float16 export of it (tests/conftest.py `exported`)
+    engine = OrtEngine.load(exported("v3", "float16"))
     eager = EagerEngine(load_checkpoint(ckpt, torch.float32))
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, eager.info.vocab_size, (n,), generator=gen).tolist() for n in (5, 9, 3, 7)]

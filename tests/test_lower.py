@@ -159,7 +159,7 @@ def test_float16_export_loads_and_runs(exported, exported_ckpt):
     after it are within float16's tolerance of the float32 eager model."""
     from dscompile.runtime.ort_engine import OrtEngine
 
-    out = exported("v2-lite", "float16")
+    out = exported("v3", "float16")  # the session's float16 export (tests/test_fp16_generation.py runs it too)
     m = read_manifest(out)
     assert m["dtype"] == "float16" and m["cache"]["dtype"] == "float16"
     assert m["graphs"]["decode"]["outputs"][0]["dtype"] == "float32"  # logits stay float32
@@ -171,7 +171,7 @@ def test_float16_export_loads_and_runs(exported, exported_ckpt):
     logits2, _ = engine.step(ids[:, :1], pos[:, -1:] + 1, torch.ones(2, 5, dtype=torch.int64), cache)
     assert logits.dtype == torch.float32 and logits2.dtype == torch.float32
     assert cache.layers[0][0].dtype == torch.float16
-    ref = load_checkpoint(exported_ckpt("v2-lite"), dtype=torch.float32)
+    ref = load_checkpoint(exported_ckpt("v3"), dtype=torch.float32)
     with torch.no_grad():
         want, past = ref(ids, pos, mask)
         want2, _ = ref(ids[:, :1], pos[:, -1:] + 1, torch.ones(2, 5, dtype=torch.int64), past)

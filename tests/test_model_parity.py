@@ -111,14 +111,13 @@ def test_our_generated_checkpoint_loads_in_transformers(make_ckpt):
 
 
 @pytest.mark.parametrize("variant", ["v2", "v3"])
-def test_onnx_runtime_engine_matches_transformers(make_ckpt, tmp_path, variant):
-    """The compiled engine against the external oracle directly: prefill then decode steps, left padding."""
-    from dscompile.exporter.export import export_checkpoint
+def test_onnx_runtime_engine_matches_transformers(exported, exported_ckpt, variant):
+    """The compiled engine against the external oracle directly: prefill then decode steps, left padding.
+    (The session's export of the two-layer checkpoint: tests/conftest.py `exported`.)"""
     from dscompile.runtime.ort_engine import OrtEngine
 
-    path = make_ckpt(variant, layers=2, experts=8)
-    export_checkpoint(path, tmp_path / "out")
-    engine = OrtEngine.load(tmp_path / "out")
+    path = exported_ckpt(variant)
+    engine = OrtEngine.load(exported(variant))
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ids, mask, pos = _left_padded(engine.info.vocab_size, [6, 4])
     with torch.no_grad():
