@@ -165,6 +165,31 @@ LONGEST_FIRST = ("test_cli.py", "test_text_path.py", "test_quant.py", "test_stre
                  "test_weights.py", "test_bench.py", "test_ort_engine.py", "test_lower.py", "test_model_parity.py")
 
 
+# Files that share the session's exports run on one worker, as one work unit: fixtures are per
+# worker, and with `-n 2` files spread over both workers would each build the same exports there.
+SHARED_EXPORTS = {
+    "exported": ("test_lower.py", "test_ort_engine.py", "test_cli_errors.py", "test_model_parity.py",
+                 "test_text_path.py", "test_fp16_generation.py"),
+    "small_export": ("test_reliability.py", "test_weights.py"),
+}
+WORK_UNIT = {name: unit for unit, names in SHARED_EXPORTS.items() for name in names}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile` (each file whole on one worker), with each SHARED_EXPORTS group of files one unit."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedExportsScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            return WORK_UNIT.get(path.rsplit("/", 1)[-1], path)
+
+    return SharedExportsScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
     """Run the longest files first; make sure Triton runs through its CPU interpreter without a GPU."""
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
