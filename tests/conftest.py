@@ -161,7 +161,8 @@ def dscompile_argv():
 # The longest test files (measured: minutes of exports each), run first: with `-n 2` each file runs
 # whole on one worker (`--dist loadfile`), and a long file started last leaves the other worker idle.
 LONGEST_FIRST = ("test_cli.py", "test_text_path.py", "test_quant.py", "test_streaming.py", "test_cli_errors.py",
-                 "test_graphs_only.py", "test_capture_and_absorb.py", "test_reliability.py", "test_fuzz_configs.py",
+                 "test_graphs_only.py", "test_capture_and_absorb.py", "test_fuse_moe.py", "test_structural_match.py",
+                 "test_reliability.py", "test_fuzz_configs.py", "test_frontend_transformers.py",
                  "test_weights.py", "test_bench.py", "test_ort_engine.py", "test_lower.py", "test_model_parity.py")
 
 
@@ -169,7 +170,7 @@ LONGEST_FIRST = ("test_cli.py", "test_text_path.py", "test_quant.py", "test_stre
 # worker, and with `-n 2` files spread over both workers would each build the same exports there.
 SHARED_EXPORTS = {
     "exported": ("test_lower.py", "test_ort_engine.py", "test_cli_errors.py", "test_model_parity.py",
-                 "test_text_path.py", "test_fp16_generation.py"),
+                 "test_text_path.py", "test_fp16_generation.py", "test_frontends_agree.py"),
     "small_export": ("test_reliability.py", "test_weights.py"),
 }
 WORK_UNIT = {name: unit for unit, names in SHARED_EXPORTS.items() for name in names}
