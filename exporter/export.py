@@ -59,7 +59,7 @@ from dscompile.exporter.lowering.ops import choose_moe_experts
 from dscompile.exporter.lowering.quantize import GraphQuantizer, quantizes_activations
 from dscompile.exporter.output import OutputError, make_temp_folder, reason, remove, replace, sync_folder
 from dscompile.exporter.frontends import FRONTENDS
-from dscompile.exporter.frontends.transformers import capture_transformers, load_transformers_model
+from dscompile.exporter.frontends.transformers import capture_transformers, load_transformers_model, transformers_version
 from dscompile.model.args import ModelArgs
 from dscompile.model.checkpoint import apply_quantization, build_model, load_checkpoint
 from dscompile.model.quant import BLOCK_SIZES, Scheme
@@ -478,9 +478,7 @@ def _dtype_name(dtype: ir.DataType | None) -> str | None:
 def _frontend_info(frontend: str) -> dict[str, str]:
     """What code was captured: our model, or transformers' (with its version)."""
     if frontend == "transformers":
-        import transformers  # noqa: PLC0415
-
-        return {"name": frontend, "code": "transformers' DeepseekV2/V3ForCausalLM", "version": transformers.__version__}
+        return {"name": frontend, "code": "transformers' DeepseekV2/V3ForCausalLM", "version": transformers_version()}
     return {"name": frontend, "code": "dscompile's reference model (model/transformer.py)", "version": _version()}
 
 

@@ -406,8 +406,11 @@ def _combine(ep, x: Node, routed: Node) -> tuple[Node, list[str] | None]:
     if len(users(n)) == 1 and adds:
         add = adds[0]
         other = add.args[1] if add.args[0] is n else add.args[0]
-        shared = _shared_mlp(ep, x, other)
-        n = forward(add)
+        try:
+            shared = _shared_mlp(ep, x, other)
+            n = forward(add)
+        except Miss:  # not a shared MLP of the input (e.g. the block's residual): the layer ends before
+            shared = None
     need(shape(n) == shape(x), "output", f"the layer output {list(shape(n))} does not have the input's shape {list(shape(x))}")
     return n, shared
 

@@ -65,6 +65,12 @@ def _hf_config(checkpoint: Path):
     return config, getattr(transformers, names[1])
 
 
+def transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
 def _ours(name: str) -> str:
     """Our name of a transformers parameter or buffer (ours drop the "model." prefix)."""
     return name[len("model."):] if name.startswith("model.") else name
