@@ -7,16 +7,15 @@
              exporters, so its RoPE is rewritten in real numbers and transformers' eager
              attention and batched_mm experts are selected: see `_hf_onnx_attempts`).
 
-These are development-time measurements, kept out of the installed package: the export patches
-transformers' RoPE at run time (`_real_valued_rope`), which the product should not carry.
-`dscompile bench` imports this module from a repository checkout
+These are development-time measurements, kept out of the installed package. The RoPE rewrite is
+the transformers frontend's (dscompile/exporter/frontends/transformers_patches.py
+`real_valued_rope`). `dscompile bench` imports this module from a repository checkout
 (dscompile.exporter.bench.systems.find_hf_systems); an installed package reports both systems
 as skipped. Run as a script, it is the child process of `hf_onnx_export`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import subprocess
@@ -24,12 +23,13 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
 from dscompile.exporter.bench.cache import checkpoint_key
 from dscompile.exporter.bench.systems import System, step_inputs
+from dscompile.exporter.frontends.transformers_patches import real_valued_rope
 from dscompile.model.args import ModelArgs
 from hf_loaders import hf_onnx_session, load_hf_model
 
@@ -157,54 +157,13 @@ class _HFDecodeGraph(torch.nn.Module):
         return (out.logits, *[t for layer in cache.layers for t in (layer.keys, layer.values)])
 
 
-@contextlib.contextmanager
-def _real_valued_rope(model: torch.nn.Module) -> Iterator[bool]:
-    """transformers' DeepSeek-V2 rotary embedding rewritten without complex tensors, for the exporters.
-
-    Its code builds complex frequencies (torch.polar) and rotates through view_as_complex, which
-    neither torch.onnx exporter converts. Inside this context the model's rotary module returns
-    the same rotation as real [..., dim/2, 2] (cos, sin) pairs, and the module's apply_rotary_emb
-    applies it as (a·cos - b·sin, a·sin + b·cos) on the same interleaved pairs: the same numbers,
-    nothing else of transformers' model changed. Yields True when there was something to rewrite.
-    """
-    module = sys.modules[type(model).__module__]
-    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
-    if rotary is None or not hasattr(module, "apply_rotary_emb"):
-        yield False
-        return
-
-    def rope(x, position_ids):
-        freqs = position_ids[..., None].float() * rotary.inv_freq.to(device=x.device, dtype=torch.float)
-        return torch.stack((freqs.cos(), freqs.sin()), dim=-1) * rotary.attention_scaling  # [B, S, R/2, 2]
-
-    def apply(xq, xk, cos_sin):
-        cos_sin = cos_sin.unsqueeze(1)  # [B, 1, S, R/2, 2]: broadcast over heads
-        cos, sin = cos_sin[..., 0], cos_sin[..., 1]
-
-        def rotate(x):
-            pairs = x.float().reshape(*x.shape[:-1], -1, 2)
-            a, b = pairs[..., 0], pairs[..., 1]
-            return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(3).type_as(x)
-
-        return rotate(xq), rotate(xk)
-
-    saved = module.apply_rotary_emb
-    rotary.forward = rope  # an instance attribute shadows the class's method
-    module.apply_rotary_emb = apply
-    try:
-        yield True
-    finally:
-        del rotary.forward
-        module.apply_rotary_emb = saved
-
-
 def _hf_onnx_attempts(checkpoint: Path, out: Path) -> dict[str, Any]:
     """Try transformers' model through torch.onnx, stopping at the first graph that exports.
 
     1. The model as loaded (its default SDPA attention and grouped_mm experts), with its cache:
        dynamo, then TorchScript.
     2. Where both fail: the same model, with DeepSeek-V2's complex RoPE rewritten in real numbers
-       (`_real_valued_rope`, shown to give transformers' logits first; V3's RoPE is real already)
+       (the frontend's `real_valued_rope`, shown to give transformers' logits first; V3's RoPE is real already)
        and with transformers' own export-friendly implementations selected through its public
        setters (eager attention: torchlib maps SDPA to an MHA `Attention` that rejects MLA's
        one-head latent key; batched_mm experts: grouped_mm is a custom op with no ONNX
@@ -285,7 +244,7 @@ def _hf_onnx_attempts(checkpoint: Path, out: Path) -> dict[str, Any]:
     if attempt("transformers'", "dynamo", "decode with cache") or attempt("transformers'", "torchscript",
                                                                          "decode with cache"):
         return exported()
-    with _real_valued_rope(hf.model) as rewritten, torch.no_grad():
+    with real_valued_rope(hf.model) as rewritten, torch.no_grad():
         got = wrapper(ids, pos, mask, *past)[0] if rewritten else None
     if rewritten:
         with torch.no_grad():
@@ -299,7 +258,7 @@ def _hf_onnx_attempts(checkpoint: Path, out: Path) -> dict[str, Any]:
     hf.model.set_experts_implementation(EXPORTABLE_IMPLEMENTATIONS["experts"])
     result["implementations"] = dict(EXPORTABLE_IMPLEMENTATIONS)
     try:
-        with _real_valued_rope(hf.model):
+        with real_valued_rope(hf.model):
             rope = "real-valued" if rewritten else "transformers'"
             ok = any(attempt(rope, exporter, graph) for exporter, graph in plans)
     finally:

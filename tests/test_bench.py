@@ -338,11 +338,12 @@ def test_bad_options_exit_2_with_one_line(argv, option, tmp_path):
 
 
 def test_real_valued_rope_gives_transformers_logits_and_restores_it(tmp_path):
-    """The rewrite the hf-onnx attempts need (the exporters reject complex tensors) computes what
-    transformers' complex RoPE computes, and leaves the model as it was afterwards."""
+    """The rewrite the hf-onnx attempts need (the exporters reject complex tensors; the transformers
+    frontend's) computes what transformers' complex RoPE computes, and leaves the model as it was."""
     pytest.importorskip("transformers", reason="transformers is the external reference (test dependency)")
     import transformers.models.deepseek_v2.modeling_deepseek_v2 as v2
 
+    from dscompile.exporter.frontends.transformers_patches import real_valued_rope
     from dscompile.model.args import ModelArgs
 
     hf_systems = find_hf_systems()
@@ -354,7 +355,7 @@ def test_real_valued_rope_gives_transformers_logits_and_restores_it(tmp_path):
     original = v2.apply_rotary_emb
     with torch.no_grad():
         want = run()
-        with hf_systems._real_valued_rope(hf.model) as rewritten:
+        with real_valued_rope(hf.model) as rewritten:
             assert rewritten and v2.apply_rotary_emb is not original
             assert not hf.model.model.rotary_emb(want, pos).is_complex()
             got = run()

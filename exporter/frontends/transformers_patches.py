@@ -5,9 +5,9 @@
 - `real_valued_rope(model)`: DeepSeek-V2's rotary embedding in real numbers. transformers builds
   complex frequencies (torch.polar) and rotates q and k through view_as_complex, and neither the
   ONNX exporter nor our lowering handles complex tensors. The rewrite applies the same rotation to
-  the same interleaved pairs, as (a·cos - b·sin, a·sin + b·cos), so the cache and the logits are
-  those of transformers' code (to float rounding). DeepSeek-V3's RoPE is real already and is left
-  alone.
+  the same interleaved pairs (a, b) -> (a·cos - b·sin, a·sin + b·cos), read with two strided slices
+  and written back interleaved, so the cache and the logits are those of transformers' code (to
+  float rounding). DeepSeek-V3's RoPE is real already and is left alone.
 - `export_implementations(model)`: selects transformers' own export-friendly implementations through
   its public setters. Experts: "batched_mm" gathers each token's K expert matrices and multiplies
   them with one bmm, so its shapes are static. The default "grouped_mm" is traced as transformers'
@@ -56,10 +56,12 @@ def _modeling_module(model: nn.Module):
 def real_valued_rope(model: nn.Module) -> Iterator[bool]:
     """DeepSeek-V2's complex RoPE computed in real numbers (same numbers). Yields whether it applied.
 
-    The model's rotary module returns (cos, sin) pairs [B, S, R/2, 2] (times transformers' attention
-    scaling) instead of complex frequencies [B, S, R/2]. The modeling module's `apply_rotary_emb`
-    rotates the interleaved pairs of q [B, H, S, R] and k [B, 1, S, R] with them. A complex input
-    (from a model outside this context) still goes through transformers' own function.
+    The model's rotary module returns [cos, sin] [B, 1, S, R] (cos and sin of the R/2 angles, times
+    transformers' attention scaling, ready to broadcast over heads) instead of complex frequencies
+    [B, S, R/2]. The modeling module's `apply_rotary_emb` rotates the interleaved pairs of
+    q [B, H, S, R] and k [B, 1, S, R] with them (read as strided slices, written back interleaved).
+    A complex input (from a model outside this context) still goes through transformers' own
+    function.
     """
     module = _modeling_module(model)
     rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
@@ -72,18 +74,18 @@ def real_valued_rope(model: nn.Module) -> Iterator[bool]:
 
     def rope(x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         inv_freq = rotary.inv_freq.to(device=x.device, dtype=torch.float)  # as transformers' forward
-        angles = position_ids[..., None].float() * inv_freq  # [B, S, R/2]
-        return torch.stack((angles.cos(), angles.sin()), dim=-1) * rotary.attention_scaling  # [B, S, R/2, 2]
+        angles = position_ids[:, None, :, None].float() * inv_freq  # [B, 1, S, R/2]
+        return torch.cat((angles.cos(), angles.sin()), dim=-1) * rotary.attention_scaling  # [B, 1, S, R]
 
     def apply(xq: torch.Tensor, xk: torch.Tensor, cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if cos_sin.is_complex():
             return original(xq, xk, cos_sin)
-        cos, sin = cos_sin[..., 0].unsqueeze(1), cos_sin[..., 1].unsqueeze(1)  # [B, 1, S, R/2]: all heads
+        cos, sin = cos_sin.chunk(2, dim=-1)  # [B, 1, S, R/2] each
 
         def rotate(x: torch.Tensor) -> torch.Tensor:
-            pairs = x.float().reshape(*x.shape[:-1], -1, 2)  # [..., R/2, 2]: (re, im) of each pair
-            a, b = pairs[..., 0], pairs[..., 1]
-            return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(3).type_as(x)
+            a, b = x[..., 0::2].float(), x[..., 1::2].float()  # the (re, im) of each pair
+            rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1)  # [..., R/2, 2]
+            return rotated.flatten(-2).type_as(x)
 
         return rotate(xq), rotate(xk)
 
