@@ -53,6 +53,8 @@ def export(
     allow_nonfinite: bool = False,
     graphs_only: bool = False,
     frontend: str = "dscompile",
+    tp: int = 1,
+    ep: int = 1,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Compile a checkpoint into the engine folder `out`; returns its manifest.
@@ -63,6 +65,8 @@ def export(
     at `precision`. max_batch, max_prompt_tokens (tokens in one step) and max_context (past + new)
     bound the engines' inputs. graphs_only writes graphs and manifest without weights. frontend:
     "dscompile" captures our reference model, "transformers" transformers' own model class.
+    tp x ep > 1: a sharded engine for tp x ep ranks (heads over tp, routed experts over ep), run by
+    the torch backend on torch.distributed.
     """
     from dscompile.exporter.capture import Limits
     from dscompile.exporter.export import export_checkpoint, quant_scheme
@@ -83,7 +87,7 @@ def export(
     manifest = export_checkpoint(checkpoint, out, dtype=dtype, absorb=absorb, fuse_moe=fuse_moe, verify=verify,
                                  opset=opset, limits=limits, force=force, progress=progress,
                                  allow_nonfinite=allow_nonfinite, target=target, graphs_only=graphs_only,
-                                 weights=weights, block_size=block_size, frontend=frontend)
+                                 weights=weights, block_size=block_size, frontend=frontend, tp=tp, ep=ep)
     if build_trt:
         from dscompile.exporter.tensorrt.build import build_engines
         from dscompile.runtime.manifest import write_manifest

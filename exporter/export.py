@@ -41,6 +41,7 @@ import importlib.metadata
 import importlib.util
 import io
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -50,7 +51,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 import torch
 
-from dscompile.exporter.capture import PHASES, Limits, capture
+from dscompile.exporter.capture import PHASES, Limits, capture, contract_dims
 from dscompile.exporter.lowering import LoweringError
 from dscompile.exporter.lowering.graph import check_model, lower
 from dscompile.exporter.lowering.in_place import in_place_decode
@@ -64,6 +65,7 @@ from dscompile.model.args import ModelArgs
 from dscompile.model.checkpoint import apply_quantization, build_model, load_checkpoint
 from dscompile.model.quant import BLOCK_SIZES, Scheme
 from dscompile.passes import PassOptions, run_pipeline
+from dscompile.passes.shard import Plan, check_plan, shard
 from dscompile.passes.absorb_mla import FORMS as ABSORB_FORMS
 from dscompile.runtime.engine import DTYPES
 from dscompile.errors import CheckpointError, OptionError, TextError
@@ -75,6 +77,7 @@ from dscompile.runtime.weights import fingerprint
 
 
 WEIGHTS_FILE = "weights.bin"
+RANK_WEIGHTS_FILE = "weights-rank{rank}.bin"  # a sharded export's: rank r's slices and the replicated weights
 
 
 IN_PLACE_FILE = "decode_inplace.onnx"  # the decode graph writing its cache in place (exporter.lowering.in_place.in_place_decode)
@@ -92,7 +95,7 @@ Progress = Callable[[str, int, int], None]
 WEIGHT_FORMATS = {"int8": 8, "int4": 4}  # --weights: block-wise weight-only quantization (model/quant.py)
 
 
-STAGES = ("load", "capture", "passes", "lower", "write")
+STAGES = ("load", "capture", "passes", "shard", "lower", "write")
 
 
 def export_checkpoint(
@@ -114,8 +117,14 @@ def export_checkpoint(
     block_size: int = 32,
     accuracy_level: int | None = None,
     frontend: str = "dscompile",
+    tp: int = 1,
+    ep: int = 1,
 ) -> dict[str, Any]:
     """Compile a checkpoint into OUT for ONNX Runtime; returns the manifest written there.
+
+    `tp` x `ep` > 1 writes a sharded engine instead (passes/shard.py): one program per phase that
+    every rank runs, one weights file per rank, for the torch backend on torch.distributed
+    (runtime/sharded.py); no ONNX graphs.
 
     `frontend` is the PyTorch code that is captured: "dscompile" our reference model
     (model/transformer.py), "transformers" transformers' own DeepseekV2/V3ForCausalLM
@@ -152,6 +161,10 @@ def export_checkpoint(
     if graphs_only and verify:
         raise OptionError("--graphs-only and --verify: verifying the passes runs the model on its weights, "
                           "which a graph-only export does not read")
+    plan = Plan(tp, ep)
+    if plan.world > 1:
+        check_sharding(plan, graphs_only=graphs_only, scheme=scheme, target=target, frontend=frontend)
+        check_plan(ModelArgs.from_json(config_file(checkpoint)), plan)
     out = Path(out_dir)
     if out.name in ("", ".", ".."):  # the temp folder is named after OUT and goes beside it
         out = Path(os.path.abspath(out))
@@ -162,7 +175,7 @@ def export_checkpoint(
         return _export(checkpoint, out, tmp, dtype=dtype, absorb=absorb, fuse_moe=fuse_moe, verify=verify,
                        opset=opset, limits=limits, progress=progress, allow_nonfinite=allow_nonfinite,
                        target=target, graphs_only=graphs_only, scheme=scheme, accuracy_level=accuracy_level,
-                       frontend=frontend)
+                       frontend=frontend, plan=plan)
     finally:
         remove(tmp)  # after a success it is gone already (or holds the replaced OUT)
 
@@ -170,7 +183,7 @@ def export_checkpoint(
 def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_moe: bool, verify: bool,
             opset: int, limits: Limits, progress: Progress | None,
             allow_nonfinite: bool, target: str, graphs_only: bool, scheme: Scheme | None,
-            accuracy_level: int | None = None, frontend: str = "dscompile") -> dict[str, Any]:
+            accuracy_level: int | None = None, frontend: str = "dscompile", plan: Plan = Plan()) -> dict[str, Any]:
     """export_checkpoint's body: everything is written into `tmp`, which replaces `out` at the end."""
     report = progress or (lambda stage, done, total: None)
     torch_dtype = DTYPES[dtype]
@@ -209,6 +222,9 @@ def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_m
             for result, checked in zip(reports[phase].results, verified[phase].results):
                 result.max_error, result.details["verified_in"] = checked.max_error, "float32"
         report("passes", i + 1, len(PHASES))
+    if plan.world > 1:
+        return _write_sharded(checkpoint, out, tmp, programs, reports, args, plan, dtype=dtype, limits=limits,
+                              frontend=frontend, tokenizer=tokenizer, report=report)
     for i, phase in enumerate(PHASES):
         lowerings[phase] = choose_moe_experts(phase, torch_dtype, target)
         lowered[phase] = lower(programs[phase], phase, args.num_hidden_layers, opset=opset,
@@ -301,6 +317,101 @@ def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_m
     except OSError as err:  # disk full, file size limit, folder removed under us
         raise OutputError(f"{out}: cannot write the export ({reason(err, writing)}); OUT was left as it was") from None
     return manifest
+
+
+def check_sharding(plan: Plan, *, graphs_only: bool, scheme: Scheme | None, target: str, frontend: str) -> None:
+    """An OptionError for options a sharded export does not combine with."""
+    other = ("--graphs-only" if graphs_only else f"--weights {scheme.name}" if scheme is not None
+             else "--target tensorrt" if target == "tensorrt" else
+             "--frontend transformers" if frontend == "transformers" else None)
+    if other:
+        raise OptionError(f"--tp {plan.tp} --ep {plan.ep} with {other}: sharded engines are float programs of our "
+                          "model for the torch backend")
+
+
+def _write_sharded(checkpoint, out: Path, tmp: Path, programs, reports, args, plan: Plan, *, dtype: str,
+                   limits: Limits, frontend: str, tokenizer, report) -> dict[str, Any]:
+    """The sharded OUT: {phase}.pt2 (one program every rank runs) and weights-rank{r}.bin per rank."""
+    sharded = {}
+    for i, phase in enumerate(PHASES):
+        sharded[phase] = shard(programs[phase], plan, contract_dims(args, limits))
+        report("shard", i + 1, len(PHASES))
+    writing = "a rank's weights file"
+    try:
+        ranks = []
+        for r in range(plan.world):
+            name = RANK_WEIGHTS_FILE.format(rank=r)
+            writing = name
+            stored = save_models({}, tmp, name, extra={phase: sharded[phase].rank_weights(r) for phase in PHASES},
+                                 progress=lambda d, t, r=r: report("write", r * 2 + 1, plan.world * 2 + 1))
+            os.chmod(tmp / name, 0o444)
+            ranks.append({"rank": r, "weights": {**stored["weights"], "fingerprint": fingerprint(tmp / name)},
+                          "program_weights": stored["extra"]})
+        graphs = {}
+        for phase in PHASES:
+            writing = f"{phase}.pt2"
+            _save_program(sharded[phase].program, tmp / writing)
+            graphs[phase] = {"program": writing, "passes": _passes(reports[phase]),
+                             "collectives": sharded[phase].collectives}
+        manifest = {
+            "format_version": MANIFEST_FORMAT,
+            "tool": {"name": "dscompile", "version": _version()},
+            "runtime": "torch",
+            "target": "torch.distributed",
+            "frontend": _frontend_info(frontend),
+            "dtype": dtype,
+            "model": args.to_config(),
+            "limits": {"max_batch": limits.max_batch, "max_prompt_tokens": limits.max_prompt_tokens,
+                       "max_context": limits.max_context},
+            "cache": cache_layout(args, DTYPES[dtype]),
+            "weights": {"file": None, "parameter_bytes": _parameter_bytes(programs["prefill"]),
+                        "note": "a sharded engine has one weights file per rank: sharding.ranks[r].weights"},
+            "graphs": graphs,
+            "sharding": {**plan.to_dict(), **sharding_report(sharded, plan, args, DTYPES[dtype]), "ranks": ranks},
+            "tokenizer": tokenizer,
+        }
+        manifest["files"] = _files(tmp)
+        writing = "manifest.json"
+        write_manifest(tmp, manifest)
+        report("write", plan.world * 2 + 1, plan.world * 2 + 1)
+        writing = "the finished folder"
+        sync_folder(tmp)
+        replace(tmp, out)
+    except OSError as err:
+        raise OutputError(f"{out}: cannot write the export ({reason(err, writing)}); OUT was left as it was") from None
+    return manifest
+
+
+def sharding_report(sharded: dict, plan: Plan, args, dtype: torch.dtype) -> dict[str, Any]:
+    """What each rank holds and moves: weight bytes (replicated, split), cache bytes, all-reduces."""
+    split = replicated = per_rank = 0
+    seen: set[str] = set()
+    for result in sharded.values():
+        for name, full in result.full.items():
+            if name in seen or not isinstance(full, torch.Tensor):
+                continue
+            seen.add(name)
+            nbytes = full.numel() * full.element_size()
+            spec = result.specs.get(name)
+            if spec:
+                split += nbytes
+                per_rank += nbytes // math.prod(plan.size(axis) for _, axis in spec)
+            else:
+                replicated += nbytes
+                per_rank += nbytes
+    hidden = args.hidden_size * torch.empty((), dtype=dtype).element_size()
+    return {
+        "plan": "attention heads over tp (latent cache replicated, o_proj row-parallel, all-reduce over tp); "
+                "dense MLPs and shared experts over all ranks; routed experts over ep, each expert's "
+                "intermediate size over tp (all-reduce over all ranks); embeddings, norms, router, lm_head "
+                "replicated",
+        "groups": plan.groups(),
+        "weight_bytes": {"replicated": replicated, "split": split, "per_rank": per_rank},
+        "cache_bytes_per_token_per_rank": cache_layout(args, dtype)["bytes_per_token"],
+        "all_reduces_per_step": {phase: result.collectives for phase, result in sharded.items()},
+        "all_reduce_bytes_per_token": {phase: sum(result.collectives.values()) * hidden
+                                       for phase, result in sharded.items()},
+    }
 
 
 def check_frontend(frontend: str, *, graphs_only: bool, scheme: Scheme | None) -> None:

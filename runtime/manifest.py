@@ -118,6 +118,12 @@ def read_manifest(out_dir: str | Path, *, check_graphs: bool = True, graphs_only
     if missing:
         raise EngineError(f"{path}: missing field(s) {', '.join(missing)}")
     graphs = manifest["graphs"]
+    if manifest.get("sharding") is not None:  # programs and per-rank weights only (runtime/sharded.py)
+        if not isinstance(graphs, dict) or any(g not in graphs or "program" not in graphs[g] for g in GRAPHS):
+            raise EngineError(f"{path}: 'graphs' must name the programs of {' and '.join(GRAPHS)}")
+        if not isinstance(manifest["sharding"].get("ranks"), list) or not manifest["sharding"]["ranks"]:
+            raise EngineError(f"{path}: 'sharding.ranks' must list every rank's weights file")
+        return manifest
     if not isinstance(graphs, dict) or any(g not in graphs or "file" not in graphs[g] for g in GRAPHS):
         raise EngineError(f"{path}: 'graphs' must name the files of {' and '.join(GRAPHS)}")
     in_place = graphs["decode"].get("in_place")

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from dscompile.runtime.engine import Engine, KVCache
-from dscompile.errors import OptionError, TextError
+from dscompile.errors import EngineError, OptionError, TextError
 from dscompile.runtime.generate import Decoding, Timings
 from dscompile.runtime.manifest import load_manifest
 from dscompile.runtime.sampling import SamplingParams
@@ -42,6 +42,16 @@ def open_engine(out: str | Path, backend: str = "onnxruntime", provider: str = "
     torch (the exported programs; provider picks the device) or tensorrt (the built engines)."""
     if threads is not None and threads < 1:
         raise OptionError(f"threads must be >= 1, got {threads}")
+    sharding = load_manifest(Path(out)).get("sharding") if backend in BACKENDS else None
+    if sharding is not None:
+        if backend != "torch":
+            raise EngineError(f"{out}: a sharded engine (tp {sharding.get('tp')} x ep {sharding.get('ep')}) runs on "
+                              f"--backend torch only; onnxruntime and tensorrt run single-device exports")
+        from dscompile.runtime.sharded import ShardedEngine
+
+        if threads is not None:
+            torch.set_num_threads(threads)
+        return ShardedEngine.load(out, device={"auto": "auto", "cpu": "cpu", "cuda": "cuda"}.get(provider, "auto"))
     if backend == "onnxruntime":
         from dscompile.runtime.ort_engine import OrtEngine
 

@@ -50,24 +50,8 @@ class TorchEngine(Engine):
             raise EngineError(f"device {device!r} is not one of auto, cpu, cuda")
         if device == "cuda" and not torch.cuda.is_available():
             raise EngineError("device 'cuda' asked for, but torch sees no CUDA GPU")
-        modules = {}
         weights = WeightsFile.open(out, manifest)  # checked before any program is read
-        on_device: dict[tuple[int, int], torch.Tensor] = {}
-        for name in ("prefill", "decode"):
-            rel = manifest["graphs"][name].get("program")
-            path = out / rel if rel else None
-            if path is None or not path.is_file():
-                raise EngineError(f"{out}: the {name} program ({rel}) is missing; re-export to run the torch backend")
-            check_program_file(out, rel)  # torch.export.load unpickles: only plain-tensor archives pass
-            try:
-                program = torch.export.load(path)
-            except Exception as err:  # torch raises several types for a damaged archive
-                raise EngineError(f"{path}: cannot load the program ({str(err).splitlines()[0]})") from None
-            _load_weights(program, weights, manifest, name, device, on_device)
-            # Captured on the meta device: device arguments in the graph (arange, zeros) say "meta".
-            program._example_inputs = None  # meta sample inputs, which cannot be moved
-            program = move_to_device_pass(program, device)
-            modules[name] = program.module()
+        modules = load_programs(out, manifest, weights, device)
         return cls(out, manifest, modules, device, weights)
 
     def step(self, input_ids, position_ids, attention_mask, cache):
@@ -88,6 +72,32 @@ class TorchEngine(Engine):
                 [(k.to(dev), r.to(dev)) for k, r in cache.layers],
             )
         return logits.float(), KVCache([tuple(p) for p in present])
+
+
+def load_programs(out: Path, manifest: dict[str, Any], weights: WeightsFile, device: str,
+                  edit: Any = None) -> dict[str, Any]:
+    """Both programs of OUT as callable modules, their weights views of `weights`. `edit(program)`
+    may change a loaded program's graph first (runtime/sharded.py binds its process groups)."""
+    modules = {}
+    on_device: dict[tuple[int, int], torch.Tensor] = {}
+    for name in ("prefill", "decode"):
+        rel = manifest["graphs"][name].get("program")
+        path = out / rel if rel else None
+        if path is None or not path.is_file():
+            raise EngineError(f"{out}: the {name} program ({rel}) is missing; re-export to run the torch backend")
+        check_program_file(out, rel)  # torch.export.load unpickles: only plain-tensor archives pass
+        try:
+            program = torch.export.load(path)
+        except Exception as err:  # torch raises several types for a damaged archive
+            raise EngineError(f"{path}: cannot load the program ({str(err).splitlines()[0]})") from None
+        _load_weights(program, weights, manifest, name, device, on_device)
+        if edit is not None:
+            edit(program)
+        # Captured on the meta device: device arguments in the graph (arange, zeros) say "meta".
+        program._example_inputs = None  # meta sample inputs, which cannot be moved
+        program = move_to_device_pass(program, device)
+        modules[name] = program.module()
+    return modules
 
 
 def _load_weights(program, weights: WeightsFile, manifest: dict[str, Any], graph: str, device: str,

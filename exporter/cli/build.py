@@ -163,6 +163,9 @@ def export(
     frontend: str = typer.Option("dscompile", help="The PyTorch code to capture: dscompile (our reference model) or "
                                                     "transformers (transformers' DeepseekV2/V3ForCausalLM; "
                                                     'pip install "dscompile[transformers]").'),
+    tp: int = typer.Option(1, "--tp", help="Tensor-parallel ranks: attention heads and MLPs split over them."),
+    ep: int = typer.Option(1, "--ep", help="Expert-parallel ranks: routed experts split over them (world = tp x ep; "
+                                           "a sharded engine runs on --backend torch)."),
     explain: bool = typer.Option(False, "--explain", help="Print every region each pass looked at and did not "
                                                           "rewrite, with the step that failed."),
     list_passes: bool = typer.Option(False, "--list-passes", help="Print the pass pipeline and exit."),
@@ -192,7 +195,7 @@ def export(
                                       absorb=absorb, fuse_moe=fuse_moe, verify=verify, opset=opset, target=target,
                                       precision=precision, max_batch=max_batch, max_prompt_tokens=max_prompt_tokens,
                                       max_context=max_context, force=force, allow_nonfinite=allow_nonfinite,
-                                      graphs_only=graphs_only, frontend=frontend, progress=bars)
+                                      graphs_only=graphs_only, frontend=frontend, tp=tp, ep=ep, progress=bars)
         except PassMatchError as err:
             if explain:
                 for u in err.unmatched:
@@ -214,7 +217,12 @@ def export(
             lines.append(f"weights  {manifest['weights']['file']} not written (graph-only; "
                          f"{_mb(manifest['weights']['bytes'])} planned)")
         for phase, g in manifest["graphs"].items():
-            lines.append(f"graph    {phase:8s} {sum(g['op_counts'].values())} nodes")
+            if "op_counts" in g:
+                lines.append(f"graph    {phase:8s} {sum(g['op_counts'].values())} nodes")
+        if manifest.get("sharding"):
+            sh = manifest["sharding"]
+            lines.append(f"shards   {sh['world_size']} ranks (tp {sh['tp']} x ep {sh['ep']}), "
+                         f"{_mb(sh['weight_bytes']['per_rank'])} of weights per rank; run with --backend torch")
         c = manifest["cache"]
         lines.append(f"cache    {c['bytes_per_token']} bytes per token ({c['mha_equivalent_bytes_per_token']} "
                      f"for the MHA equivalent, {c['compression']}x smaller)")

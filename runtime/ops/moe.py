@@ -157,3 +157,77 @@ def _moe_cuda(x, gate_weight, e_score_correction_bias, w1, w2, w3, shared_w1, sh
     return moe_reference(x, gate_weight, e_score_correction_bias, w1, w2, w3, shared_w1,
                          shared_w2, shared_w3, top_k, n_group, topk_group, topk_method,
                          norm_topk_prob, routed_scaling_factor, experts=triton_moe_experts)
+
+
+def local_experts(experts, expert_start: int):
+    """`experts` restricted to the ones held here: ids [expert_start, expert_start + E_local).
+
+    A chosen expert held elsewhere contributes nothing here (weight 0); its id is clamped into the
+    local range, so the underlying implementation sees only valid ids.
+    """
+
+    def run(x2d: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, weights: Tensor, idx: Tensor) -> Tensor:
+        local = (idx >= expert_start) & (idx < expert_start + w1.shape[0])
+        if experts is moe_experts_reference:  # the reference dispatches only the local pairs
+            return _local_reference(x2d, w1, w2, w3, weights, idx - expert_start, local)
+        return experts(x2d, w1, w2, w3, torch.where(local, weights, 0.0),
+                       torch.where(local, idx - expert_start, 0))
+
+    return run
+
+
+def _local_reference(x2d: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, weights: Tensor, idx: Tensor,
+                     local: Tensor) -> Tensor:
+    tokens, k = local.nonzero(as_tuple=True)
+    out = torch.zeros(x2d.shape[0], x2d.shape[-1], dtype=torch.float32, device=x2d.device)
+    if tokens.numel():
+        part = moe_experts_reference(x2d[tokens], w1, w2, w3, weights[tokens, k][:, None], idx[tokens, k][:, None])
+        out.index_put_((tokens,), part, accumulate=True)
+    return out
+
+
+@torch.library.custom_op("dsc::moe_shard", mutates_args=())
+def moe_shard(x: Tensor, gate_weight: Tensor, e_score_correction_bias: Optional[Tensor], w1: Tensor,
+              w2: Tensor, w3: Tensor, shared_w1: Optional[Tensor], shared_w2: Optional[Tensor],
+              shared_w3: Optional[Tensor], top_k: int, n_group: int, topk_group: int,
+              topk_method: str, norm_topk_prob: bool, routed_scaling_factor: float,
+              expert_start: Tensor) -> Tensor:
+    """One rank's part of a sharded `dsc::moe` layer: summed over the ranks, it is `dsc::moe`.
+
+    The gate is whole (every rank routes every token to all E = gate_weight.shape[0] experts); the
+    routed experts held here are [expert_start, expert_start + w1.shape[0]), each possibly only a
+    slice of its intermediate size, and the shared experts a slice of theirs. Every piece is a
+    partial sum of the layer's output (an MLP split along its intermediate size is the sum of its
+    slices' outputs), so one all-reduce gives the layer's output. `expert_start` is a 0-d integer
+    tensor (a per-rank constant: every rank runs the same program).
+    """
+    E = gate_weight.shape[0]
+    expert_start = int(expert_start)
+    if not 0 <= expert_start <= E - w1.shape[0]:
+        raise ValueError(f"moe_shard: experts [{expert_start}, {expert_start + w1.shape[0]}) are not "
+                         f"within the gate's {E}")
+    return moe_reference(x, gate_weight, e_score_correction_bias, w1, w2, w3, shared_w1, shared_w2,
+                         shared_w3, top_k, n_group, topk_group, topk_method, norm_topk_prob,
+                         routed_scaling_factor, experts=local_experts(moe_experts_reference, expert_start))
+
+
+@moe_shard.register_fake
+def _moe_shard_fake(x, gate_weight, e_score_correction_bias, w1, w2, w3, shared_w1, shared_w2,
+                    shared_w3, top_k, n_group, topk_group, topk_method, norm_topk_prob,
+                    routed_scaling_factor, expert_start):
+    check_routing_args(gate_weight.shape[0], top_k, n_group, topk_group, topk_method)
+    _check_shared(shared_w1, shared_w2, shared_w3)
+    return torch.empty_like(x)
+
+
+@moe_shard.register_kernel("cuda")
+def _moe_shard_cuda(x, gate_weight, e_score_correction_bias, w1, w2, w3, shared_w1, shared_w2,
+                    shared_w3, top_k, n_group, topk_group, topk_method, norm_topk_prob,
+                    routed_scaling_factor, expert_start):
+    try:
+        from .triton_kernels import triton_moe_experts as experts
+    except ImportError:
+        experts = moe_experts_reference
+    return moe_reference(x, gate_weight, e_score_correction_bias, w1, w2, w3, shared_w1, shared_w2,
+                         shared_w3, top_k, n_group, topk_group, topk_method, norm_topk_prob,
+                         routed_scaling_factor, experts=local_experts(experts, int(expert_start)))

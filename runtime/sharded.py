@@ -1,0 +1,326 @@
+"""ShardedEngine: a sharded OUT (passes/shard.py) run by one process per rank on torch.distributed.
+
+Every rank runs the same two programs on its own weights file (`weights-rank{r}.bin`); the
+programs' all-reduces name the placeholder groups of passes/shard.py, bound here to the process
+groups of the plan (gloo on CPU, NCCL on CUDA).
+
+Rank 0 is the engine the caller holds (the `Engine` interface: `step` returns logits and a
+cache). The other ranks are workers: for each step rank 0 broadcasts the step's inputs and which
+of its caches the step continues (an id), every rank runs the program, and each keeps the
+present cache under a new id. The latent cache is replicated (the latent projection is), so the
+caches never move between processes; caches rank 0 drops are dropped by the workers at the next
+message.
+
+Launching: `ShardedEngine.load(OUT)` in a plain process starts world-1 worker processes
+(`python -m dscompile.runtime.sharded`) and joins them over a local TCP rendezvous. Under torchrun
+(RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set) every process calls it; ranks other than 0
+serve until rank 0 stops, then exit. Every collective has a timeout (COLLECTIVE_TIMEOUT_S), and rank
+0 watches its workers: a rank that fails or is killed ends the run with a one-line EngineError
+naming it, not a hang.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import itertools
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dscompile.errors import EngineError
+from dscompile.runtime.engine import Engine, EngineInfo, KVCache, choose_graph
+from dscompile.runtime.manifest import read_manifest
+from dscompile.runtime.weights import WeightsFile
+
+COLLECTIVE_TIMEOUT_S = 120  # a rank that does not answer within this ends the run
+
+
+@dataclass
+class ShardedCache(KVCache):
+    """Rank 0's cache of a step; the workers hold theirs under `shard_id`."""
+
+    shard_id: int = -1
+
+
+def rank_manifest(manifest: dict[str, Any], rank: int) -> dict[str, Any]:
+    """The manifest as rank `rank` reads it: its weights file and its weights' places."""
+    ranks = manifest["sharding"]["ranks"]
+    entry = ranks[rank]
+    graphs = {phase: {**g, "program_weights": entry["program_weights"][phase]} for phase, g in manifest["graphs"].items()}
+    return {**manifest, "weights": entry["weights"], "graphs": graphs}
+
+
+def check_world(out: Path, manifest: dict[str, Any], world: int) -> None:
+    sharding = manifest["sharding"]
+    if world != sharding["world_size"]:
+        raise EngineError(f"{out}: a sharded engine for {sharding['world_size']} ranks (tp {sharding['tp']} x ep "
+                          f"{sharding['ep']}) cannot run with {world} processes")
+    for entry in sharding["ranks"]:
+        path = out / entry["weights"]["file"]
+        if not path.is_file():
+            raise EngineError(f"{path}: rank {entry['rank']}'s weights file is missing")
+
+
+class _Rank:
+    """One rank's programs, weights and process groups."""
+
+    def __init__(self, out: Path, manifest: dict[str, Any], rank: int, world: int, device: str):
+        import torch.distributed as dist
+
+        from dscompile.runtime.torch_engine import load_programs
+
+        self.rank, self.world, self.device = rank, world, device
+        self.info = EngineInfo.from_manifest(manifest, str(out / "manifest.json"))
+        mine = rank_manifest(manifest, rank)
+        self.weights = WeightsFile.open(out, mine)
+        groups = {}
+        for key, lists in manifest["sharding"]["groups"].items():
+            for ranks in lists:  # every rank creates every group, in the same order
+                group = dist.new_group(ranks, timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+                if rank in ranks:
+                    groups[key] = group.group_name
+        # Control messages go over their own gloo group (CPU objects), whatever the device's backend.
+        self.control = dist.new_group(list(range(world)), backend="gloo",
+                                      timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+
+        def bind(program) -> None:
+            for node in program.graph.nodes:
+                if node.op == "call_function" and node.target == torch.ops._c10d_functional.all_reduce.default:
+                    name = node.args[2]
+                    if name not in groups:
+                        raise EngineError(f"{out}: a program reduces over the unknown group {name!r}")
+                    node.args = (node.args[0], node.args[1], groups[name])
+            program.graph_module.recompile()
+
+        self.modules = load_programs(out, mine, self.weights, device, edit=bind)
+        self.caches: dict[int, KVCache] = {}
+
+    def run(self, ids, pos, mask, past: KVCache | None) -> tuple[torch.Tensor, KVCache]:
+        B = ids.shape[0]
+        if past is None:
+            past = KVCache.empty(self.info, B, self.device)
+        graph = choose_graph(int(ids.shape[1]), past.length)
+        dev = self.device
+        with torch.no_grad():
+            logits, present = self.modules[graph](ids.to(dev), pos.to(dev), mask.to(dev),
+                                                  [(k.to(dev), r.to(dev)) for k, r in past.layers])
+        return logits, KVCache([tuple(p) for p in present])
+
+    def serve(self) -> None:
+        """A worker's loop: run what rank 0 broadcasts until it says stop."""
+        import torch.distributed as dist
+
+        while True:
+            message = [None]
+            dist.broadcast_object_list(message, src=0, group=self.control)
+            kind, *body = message[0]
+            if kind == "stop":
+                return
+            freed, past_id, new_id, ids, pos, mask = body
+            for i in freed:
+                self.caches.pop(i, None)
+            self.weights.check()
+            _, present = self.run(ids, pos, mask, self.caches.get(past_id) if past_id is not None else None)
+            self.caches[new_id] = present
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _backend(device: str) -> str:
+    return "nccl" if device == "cuda" else "gloo"
+
+
+def _device(device: str) -> str:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise EngineError(f"device {device!r} is not one of auto, cpu, cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise EngineError("device 'cuda' asked for, but torch sees no CUDA GPU")
+    return device
+
+
+def _init(rank: int, world: int, address: str, port: int, device: str) -> None:
+    import torch.distributed as dist
+
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+    dist.init_process_group(_backend(device), init_method=f"tcp://{address}:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+
+
+class ShardedEngine(Engine):
+    """Rank 0 of a sharded OUT (module docstring): the `Engine` a caller steps."""
+
+    def __init__(self, out: Path, manifest: dict[str, Any], rank: _Rank, workers: list[subprocess.Popen],
+                 logs: list[Path]):
+        self.out_dir, self.manifest, self._rank = out, manifest, rank
+        self.info, self.device = rank.info, rank.device
+        self.weights = rank.weights
+        self._workers, self._logs = workers, logs
+        self._ids = itertools.count()
+        self._freed: list[int] = []
+        self._failure: str | None = None
+        self._closed = False
+        if workers:
+            threading.Thread(target=self._watch, daemon=True).start()
+        atexit.register(self.close)
+
+    @classmethod
+    def load(cls, out_dir: str | Path, device: str = "auto") -> "ShardedEngine":
+        out = Path(out_dir)
+        manifest = read_manifest(out, check_graphs=False)
+        device = _device(device)
+        world = int(manifest["sharding"]["world_size"])
+        if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # under torchrun: every rank calls load
+            check_world(out, manifest, int(os.environ["WORLD_SIZE"]))
+            rank = int(os.environ["RANK"])
+            _init(rank, world, os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", 29500)),
+                  device)
+            state = _Rank(out, manifest, rank, world, device)
+            if rank != 0:
+                state.serve()
+                _shutdown()
+                raise SystemExit(0)
+            return cls(out, manifest, state, [], [])
+        check_world(out, manifest, world)
+        port = _free_port()
+        workers, logs = [], []
+        threads = max(1, (os.cpu_count() or 1) // world)
+        for r in range(1, world):
+            log = Path(tempfile.mkstemp(prefix=f"dscompile-rank{r}-", suffix=".log")[1])
+            logs.append(log)
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+            with open(log, "wb") as f:
+                workers.append(subprocess.Popen(
+                    [sys.executable, "-m", "dscompile.runtime.sharded", str(out), str(r), str(world), str(port), device],
+                    stdout=subprocess.DEVNULL, stderr=f, env=env))
+        torch.set_num_threads(threads)
+        try:
+            _init(0, world, "127.0.0.1", port, device)
+            state = _Rank(out, manifest, 0, world, device)
+        except Exception as err:
+            _stop(workers)
+            raise EngineError(_worker_error(workers, logs) or f"{out}: cannot start the ranks ({_first_line(err)})") from None
+        return cls(out, manifest, state, workers, logs)
+
+    def _watch(self) -> None:
+        while not self._closed:
+            for r, (p, log) in enumerate(zip(self._workers, self._logs), start=1):
+                code = p.poll()
+                if code is not None and not self._closed:
+                    self._failure = _worker_error([p], [log], first=r) or f"rank {r} exited with code {code}"
+                    sys.stderr.write(f"error: {self._failure}\n")
+                    sys.stderr.flush()
+                    _stop(self._workers)
+                    os._exit(1)  # rank 0 may be blocked in a collective that would wait for the timeout
+            threading.Event().wait(0.2)
+
+    def step(self, input_ids, position_ids, attention_mask, cache):
+        import torch.distributed as dist
+
+        P = cache.length if cache is not None else 0
+        self.check_inputs(input_ids, P, position_ids, attention_mask)
+        self.weights.check()
+        if self._closed:
+            raise EngineError(f"{self.out_dir}: the sharded engine was closed")
+        if cache is not None and not isinstance(cache, ShardedCache):
+            raise EngineError("a sharded engine continues only caches it returned (its ranks hold them)")
+        past_id = cache.shard_id if cache is not None else None
+        new_id = next(self._ids)
+        freed, self._freed = self._freed, []
+        message = [("step", freed, past_id, new_id, input_ids.cpu(), position_ids.cpu(), attention_mask.cpu())]
+        try:
+            dist.broadcast_object_list(message, src=0, group=self._rank.control)
+            logits, present = self._rank.run(input_ids, position_ids, attention_mask, cache)
+        except RuntimeError as err:
+            raise EngineError(self._failure or _worker_error(self._workers, self._logs)
+                              or f"a rank failed during the step ({_first_line(err)})") from None
+        result = ShardedCache(present.layers, shard_id=new_id)
+        weakref.finalize(result, self._freed.append, new_id)  # the workers drop theirs at the next message
+        return logits.float(), result
+
+    def close(self) -> None:
+        """Stop the workers and leave the process groups (also at exit)."""
+        if self._closed:
+            return
+        import torch.distributed as dist
+
+        self._closed = True
+        try:
+            if dist.is_initialized():
+                dist.broadcast_object_list([("stop",)], src=0, group=self._rank.control)
+        except RuntimeError:
+            pass
+        for p in self._workers:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        _shutdown()
+        for log in self._logs:
+            log.unlink(missing_ok=True)
+
+
+def _shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _stop(workers: list[subprocess.Popen]) -> None:
+    for p in workers:
+        if p.poll() is None:
+            p.kill()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _worker_error(workers, logs, first: int = 1) -> str | None:
+    """The one-line error a failed worker printed, if any."""
+    for r, (p, log) in enumerate(zip(workers, logs), start=first):
+        if p.poll() not in (None, 0):
+            lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+            errors = [line for line in lines if line.startswith("error: ")]
+            detail = errors[-1].removeprefix("error: ") if errors else (lines[-1] if lines else f"exit code {p.returncode}")
+            return f"rank {r} failed: {detail}"
+    return None
+
+
+def _worker_main(argv: list[str]) -> int:
+    out, rank, world, port, device = Path(argv[0]), int(argv[1]), int(argv[2]), int(argv[3]), argv[4]
+    try:
+        manifest = read_manifest(out, check_graphs=False)
+        _init(rank, world, "127.0.0.1", port, device)
+        _Rank(out, manifest, rank, world, device).serve()
+    except EngineError as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 1
+    except RuntimeError as err:  # rank 0 went away: the collectives raise
+        sys.stderr.write(f"error: {_first_line(err)}\n")
+        return 1
+    finally:
+        _shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main(sys.argv[1:]))
