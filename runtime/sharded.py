@@ -219,15 +219,14 @@ class ShardedEngine(Engine):
         return cls(out, manifest, state, workers, logs)
 
     def _watch(self) -> None:
+        """Notice a worker that exited: stop the others, so rank 0's next or current collective fails
+        at once (their sockets close) instead of waiting for the timeout."""
         while not self._closed:
             for r, (p, log) in enumerate(zip(self._workers, self._logs), start=1):
-                code = p.poll()
-                if code is not None and not self._closed:
-                    self._failure = _worker_error([p], [log], first=r) or f"rank {r} exited with code {code}"
-                    sys.stderr.write(f"error: {self._failure}\n")
-                    sys.stderr.flush()
+                if p.poll() is not None and not self._closed:
+                    self._failure = _worker_error([p], [log], first=r) or f"rank {r} exited with code {p.returncode}"
                     _stop(self._workers)
-                    os._exit(1)  # rank 0 may be blocked in a collective that would wait for the timeout
+                    return
             threading.Event().wait(0.2)
 
     def step(self, input_ids, position_ids, attention_mask, cache):
@@ -238,6 +237,8 @@ class ShardedEngine(Engine):
         self.weights.check()
         if self._closed:
             raise EngineError(f"{self.out_dir}: the sharded engine was closed")
+        if self._failure:
+            raise EngineError(self._failure)
         if cache is not None and not isinstance(cache, ShardedCache):
             raise EngineError("a sharded engine continues only caches it returned (its ranks hold them)")
         past_id = cache.shard_id if cache is not None else None
@@ -248,8 +249,10 @@ class ShardedEngine(Engine):
             dist.broadcast_object_list(message, src=0, group=self._rank.control)
             logits, present = self._rank.run(input_ids, position_ids, attention_mask, cache)
         except RuntimeError as err:
-            raise EngineError(self._failure or _worker_error(self._workers, self._logs)
-                              or f"a rank failed during the step ({_first_line(err)})") from None
+            self._failure = (self._failure or _worker_error(self._workers, self._logs)
+                             or f"a rank failed during the step ({_first_line(err)})")
+            _stop(self._workers)
+            raise EngineError(self._failure) from None
         result = ShardedCache(present.layers, shard_id=new_id)
         weakref.finalize(result, self._freed.append, new_id)  # the workers drop theirs at the next message
         return logits.float(), result
@@ -262,15 +265,16 @@ class ShardedEngine(Engine):
 
         self._closed = True
         try:
-            if dist.is_initialized():
+            if dist.is_initialized() and not self._failure:
                 dist.broadcast_object_list([("stop",)], src=0, group=self._rank.control)
         except RuntimeError:
-            pass
+            _stop(self._workers)
         for p in self._workers:
             try:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()
         _shutdown()
         for log in self._logs:
             log.unlink(missing_ok=True)
@@ -287,6 +291,8 @@ def _stop(workers: list[subprocess.Popen]) -> None:
     for p in workers:
         if p.poll() is None:
             p.kill()
+    for p in workers:
+        p.wait()
 
 
 def _first_line(err: BaseException) -> str:
@@ -298,6 +304,8 @@ def _worker_error(workers, logs, first: int = 1) -> str | None:
     """The one-line error a failed worker printed, if any."""
     for r, (p, log) in enumerate(zip(workers, logs), start=first):
         if p.poll() not in (None, 0):
+            if p.returncode < 0:
+                return f"rank {r} was killed (signal {-p.returncode})"
             lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
             errors = [line for line in lines if line.startswith("error: ")]
             detail = errors[-1].removeprefix("error: ") if errors else (lines[-1] if lines else f"exit code {p.returncode}")

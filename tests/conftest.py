@@ -163,7 +163,7 @@ def dscompile_argv():
 LONGEST_FIRST = ("test_cli.py", "test_text_path.py", "test_quant.py", "test_streaming.py", "test_cli_errors.py",
                  "test_graphs_only.py", "test_capture_and_absorb.py", "test_fuse_moe.py", "test_structural_match.py",
                  "test_reliability.py", "test_fuzz_configs.py", "test_frontend_transformers.py",
-                 "test_weights.py", "test_bench.py", "test_ort_engine.py", "test_lower.py", "test_model_parity.py")
+                 "test_weights.py", "test_bench.py", "test_sharded.py", "test_ort_engine.py", "test_lower.py", "test_model_parity.py")
 
 
 # Files that share the session's exports run on one worker, as one work unit: fixtures are per
