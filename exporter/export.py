@@ -224,7 +224,7 @@ def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_m
         report("passes", i + 1, len(PHASES))
     if plan.world > 1:
         return _write_sharded(checkpoint, out, tmp, programs, reports, args, plan, dtype=dtype, limits=limits,
-                              frontend=frontend, tokenizer=tokenizer, report=report)
+                              frontend=frontend, tokenizer=tokenizer, report=report, graphs_only=graphs_only)
     for i, phase in enumerate(PHASES):
         lowerings[phase] = choose_moe_experts(phase, torch_dtype, target)
         lowered[phase] = lower(programs[phase], phase, args.num_hidden_layers, opset=opset,
@@ -321,7 +321,7 @@ def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_m
 
 def check_sharding(plan: Plan, *, graphs_only: bool, scheme: Scheme | None, target: str, frontend: str) -> None:
     """An OptionError for options a sharded export does not combine with."""
-    other = ("--graphs-only" if graphs_only else f"--weights {scheme.name}" if scheme is not None
+    other = (f"--weights {scheme.name}" if scheme is not None
              else "--target tensorrt" if target == "tensorrt" else
              "--frontend transformers" if frontend == "transformers" else None)
     if other:
@@ -330,8 +330,9 @@ def check_sharding(plan: Plan, *, graphs_only: bool, scheme: Scheme | None, targ
 
 
 def _write_sharded(checkpoint, out: Path, tmp: Path, programs, reports, args, plan: Plan, *, dtype: str,
-                   limits: Limits, frontend: str, tokenizer, report) -> dict[str, Any]:
-    """The sharded OUT: {phase}.pt2 (one program every rank runs) and weights-rank{r}.bin per rank."""
+                   limits: Limits, frontend: str, tokenizer, report, graphs_only: bool = False) -> dict[str, Any]:
+    """The sharded OUT: {phase}.pt2 (one program every rank runs) and weights-rank{r}.bin per rank (not
+    with `graphs_only`: the programs and the plan's numbers only, for `inspect --plan`)."""
     sharded = {}
     for i, phase in enumerate(PHASES):
         sharded[phase] = shard(programs[phase], plan, contract_dims(args, limits))
@@ -339,7 +340,7 @@ def _write_sharded(checkpoint, out: Path, tmp: Path, programs, reports, args, pl
     writing = "a rank's weights file"
     try:
         ranks = []
-        for r in range(plan.world):
+        for r in range(plan.world if not graphs_only else 0):
             name = RANK_WEIGHTS_FILE.format(rank=r)
             writing = name
             stored = save_models({}, tmp, name, extra={phase: sharded[phase].rank_weights(r) for phase in PHASES},
@@ -370,6 +371,10 @@ def _write_sharded(checkpoint, out: Path, tmp: Path, programs, reports, args, pl
             "sharding": {**plan.to_dict(), **sharding_report(sharded, plan, args, DTYPES[dtype]), "ranks": ranks},
             "tokenizer": tokenizer,
         }
+        if graphs_only:
+            manifest["graphs_only"] = True
+            manifest["sharding"]["ranks"] = [{"rank": r, "weights": None} for r in range(plan.world)]
+            manifest["weights"]["note"] = "graph-only sharded export: no rank's weights file was written"
         manifest["files"] = _files(tmp)
         writing = "manifest.json"
         write_manifest(tmp, manifest)
@@ -385,6 +390,7 @@ def _write_sharded(checkpoint, out: Path, tmp: Path, programs, reports, args, pl
 def sharding_report(sharded: dict, plan: Plan, args, dtype: torch.dtype) -> dict[str, Any]:
     """What each rank holds and moves: weight bytes (replicated, split), cache bytes, all-reduces."""
     split = replicated = per_rank = 0
+    counts = {"replicated": 0, "split": 0, "per_rank": 0}  # parameters (elements): bytes at any dtype
     seen: set[str] = set()
     for result in sharded.values():
         for name, full in result.full.items():
@@ -393,12 +399,15 @@ def sharding_report(sharded: dict, plan: Plan, args, dtype: torch.dtype) -> dict
             seen.add(name)
             nbytes = full.numel() * full.element_size()
             spec = result.specs.get(name)
+            parts = math.prod(plan.size(axis) for _, axis in spec) if spec else 1
             if spec:
                 split += nbytes
-                per_rank += nbytes // math.prod(plan.size(axis) for _, axis in spec)
+                counts["split"] += full.numel()
             else:
                 replicated += nbytes
-                per_rank += nbytes
+                counts["replicated"] += full.numel()
+            per_rank += nbytes // parts
+            counts["per_rank"] += full.numel() // parts
     hidden = args.hidden_size * torch.empty((), dtype=dtype).element_size()
     return {
         "plan": "attention heads over tp (latent cache replicated, o_proj row-parallel, all-reduce over tp); "
@@ -407,6 +416,9 @@ def sharding_report(sharded: dict, plan: Plan, args, dtype: torch.dtype) -> dict
                 "replicated",
         "groups": plan.groups(),
         "weight_bytes": {"replicated": replicated, "split": split, "per_rank": per_rank},
+        "parameters": counts,
+        "activation_bytes": torch.empty((), dtype=dtype).element_size(),
+        "hidden_size": args.hidden_size,
         "cache_bytes_per_token_per_rank": cache_layout(args, dtype)["bytes_per_token"],
         "all_reduces_per_step": {phase: result.collectives for phase, result in sharded.items()},
         "all_reduce_bytes_per_token": {phase: sum(result.collectives.values()) * hidden

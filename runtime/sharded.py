@@ -176,6 +176,7 @@ class ShardedEngine(Engine):
         self._freed: list[int] = []
         self._failure: str | None = None
         self._closed = False
+        self._threads = torch.get_num_threads()  # as set before load shared the cores among the ranks
         if workers:
             threading.Thread(target=self._watch, daemon=True).start()
         atexit.register(self.close)
@@ -209,14 +210,18 @@ class ShardedEngine(Engine):
                 workers.append(subprocess.Popen(
                     [sys.executable, "-m", "dscompile.runtime.sharded", str(out), str(r), str(world), str(port), device],
                     stdout=subprocess.DEVNULL, stderr=f, env=env))
+        before = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
             _init(0, world, "127.0.0.1", port, device)
             state = _Rank(out, manifest, 0, world, device)
         except Exception as err:
             _stop(workers)
+            torch.set_num_threads(before)
             raise EngineError(_worker_error(workers, logs) or f"{out}: cannot start the ranks ({_first_line(err)})") from None
-        return cls(out, manifest, state, workers, logs)
+        engine = cls(out, manifest, state, workers, logs)
+        engine._threads = before
+        return engine
 
     def _watch(self) -> None:
         """Notice a worker that exited: stop the others, so rank 0's next or current collective fails
@@ -276,6 +281,7 @@ class ShardedEngine(Engine):
                 p.kill()
                 p.wait()
         _shutdown()
+        torch.set_num_threads(self._threads)
         for log in self._logs:
             log.unlink(missing_ok=True)
 

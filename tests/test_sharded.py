@@ -142,6 +142,14 @@ def test_each_rank_holds_its_share_of_the_weights(engines, v2_ckpt):
         torch.testing.assert_close(part, full[:, rank * full.shape[1] // 4:(rank + 1) * full.shape[1] // 4],
                                    rtol=0, atol=0)
     assert len({(out / f"weights-rank{r}.bin").read_bytes() for r in range(4)}) == 4
+    # inspect --plan sizes the plan from the manifest: 2 attentions over tp, the dense MLP and the MoE over all
+    result = run_here("inspect", out, "--plan", "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["weight_bytes_per_rank"]["float32"] == want and plan["weight_bytes_per_rank"]["fp8"] * 4 == want
+    for phase in ("prefill", "decode"):
+        assert plan["traffic"][phase]["all_reduces"] == {"dscompile.tp": 2, "dscompile.world": 2}
+        assert plan["traffic"][phase]["bytes_per_token"] == 4 * 64 * 4  # 4 all-reduces of hidden 64 in float32
 
 
 @pytest.mark.parametrize("variant", ["v2", "v2-lite", "v3"])
@@ -180,6 +188,7 @@ def test_bad_sharding_input_is_one_line(tmp_path, engines, v2_ckpt, monkeypatch)
         (["export", v2_ckpt, "-o", tmp_path / "a", "--ep", "3", *FLAGS], "--ep 3 does not divide the 8 routed experts"),
         (["export", v2_ckpt, "-o", tmp_path / "a", "--tp", "2", "--weights", "int8", *FLAGS], "--weights int8"),
         (["run", engines[1], "--input-ids", "1,2"], "runs on --backend torch only"),
+        (["inspect", engines[0], "--plan"], "--plan describes a sharded export"),
     ]
     broken = tmp_path / "broken"
     shutil.copytree(engines[1], broken)
@@ -201,7 +210,7 @@ def test_bad_sharding_input_is_one_line(tmp_path, engines, v2_ckpt, monkeypatch)
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("DSCOMPILE_SLOW"),
-                    reason="9 sharded exports and engine launches (~6 min on 2 cores): set DSCOMPILE_SLOW=1 to run it")
+                    reason="9 sharded exports and engine launches (~9 min on 2 cores): set DSCOMPILE_SLOW=1 to run it")
 @pytest.mark.parametrize("variant", ["v2", "v2-lite", "v3"])
 @pytest.mark.parametrize("tp,ep", [(2, 1), (1, 2), (2, 2)])
 def test_matrix_of_variants_and_plans(tmp_path, make_ckpt, variant, tp, ep):

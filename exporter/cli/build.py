@@ -213,7 +213,7 @@ def export(
                               for u in p["unmatched"]]
         for name, f in sorted(manifest["files"].items()):
             lines.append(f"file     {name:24s} {_mb(f['bytes'])}")
-        if graphs_only:
+        if graphs_only and not manifest.get("sharding"):
             lines.append(f"weights  {manifest['weights']['file']} not written (graph-only; "
                          f"{_mb(manifest['weights']['bytes'])} planned)")
         for phase, g in manifest["graphs"].items():

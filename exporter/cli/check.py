@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from dscompile.errors import EngineError, OptionError
 from dscompile.exporter.cli import Bars, _emit, _mb, _status_line, app, guard
 
 
@@ -78,14 +79,25 @@ def compare(
 def inspect(
     out: Path = typer.Argument(..., help="Engine folder."),
     trt_compat: bool = typer.Option(False, "--trt-compat", help="Check every ONNX node against TensorRT's parser."),
+    plan: bool = typer.Option(False, "--plan", help="A sharded OUT's plan: bytes per rank (at the engine's dtype, "
+                                                    "bf16 and FP8) and all-reduce traffic per decode step and per "
+                                                    "prefill token."),
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
 ) -> None:
     """Show what an engine folder holds: graphs, IO, op counts, weights, cache, passes."""
     with guard():
         from dscompile.runtime.manifest import read_manifest
-        from dscompile.runtime.weights import resident_estimate
 
         manifest = read_manifest(out, graphs_only_ok=True)
+        if manifest.get("sharding") is not None:
+            info = sharding_plan(manifest)
+            _emit(info, as_json, plan_lines(manifest, info))
+            return
+        if plan:
+            raise OptionError(f"{out}: --plan describes a sharded export (dscompile export ... --tp N --ep M); this "
+                              "one runs on one device")
+        from dscompile.runtime.weights import resident_estimate
+
         c, cfg = manifest["cache"], manifest["model"]
         info = {
             "model": {k: cfg.get(k) for k in ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads",
@@ -156,3 +168,65 @@ def inspect(
                         seen.add(key)
                         lines.append(f"    {f['severity']:7s} {f['op_type']}: {f['reason']}")
         _emit(info, as_json, lines)
+
+
+def sharding_plan(manifest: dict) -> dict:
+    """A sharded manifest's plan, sized: weights per rank at the engine's dtype, bf16 and FP8 (one byte per
+    parameter), cache per rank, and the all-reduces' volume per decode step and per prefill token."""
+    sh = manifest["sharding"]
+    missing = [k for k in ("parameters", "hidden_size", "activation_bytes", "groups", "all_reduces_per_step",
+                           "weight_bytes", "cache_bytes_per_token_per_rank", "plan") if k not in sh]
+    if missing:
+        raise EngineError(f"manifest.json: sharding lacks {', '.join(missing)}; re-export with this dscompile")
+    counts, D, act = sh["parameters"], sh["hidden_size"], sh["activation_bytes"]
+    groups = {name: len(ranks[0]) for name, ranks in sh["groups"].items()}
+    traffic = {}
+    for phase, reduces in sh["all_reduces_per_step"].items():
+        per_token = {g: n * D * act for g, n in reduces.items()}  # bytes each all-reduce carries per token
+        # A ring all-reduce of M bytes over N ranks sends 2(N-1)/N * M from each rank.
+        sent = sum(m * 2 * (groups[g] - 1) / groups[g] for g, m in per_token.items())
+        traffic[phase] = {"all_reduces": reduces, "bytes_per_token": sum(per_token.values()),
+                          "ring_bytes_sent_per_rank_per_token": int(sent)}
+    return {
+        "plan": {k: sh[k] for k in ("tp", "ep", "world_size", "plan", "groups")},
+        "model": {k: manifest["model"].get(k) for k in ("model_type", "num_hidden_layers", "hidden_size",
+                                                        "num_attention_heads", "n_routed_experts")},
+        "dtype": manifest["dtype"],
+        "graphs_only": bool(manifest.get("graphs_only")),
+        "parameters": counts,
+        "weight_bytes_per_rank": {manifest["dtype"]: sh["weight_bytes"]["per_rank"], "bfloat16": 2 * counts["per_rank"],
+                                  "fp8": counts["per_rank"]},
+        "cache_bytes_per_token_per_rank": sh["cache_bytes_per_token_per_rank"],
+        "activation_bytes": act,
+        "traffic": traffic,
+        "ranks": sh["ranks"],
+        "programs": {phase: g.get("program") for phase, g in manifest["graphs"].items()},
+    }
+
+
+def plan_lines(manifest: dict, info: dict) -> list[str]:
+    p, m, c = info["plan"], info["model"], info["parameters"]
+
+    def gb(b: float) -> str:
+        return f"{b / 1e9:.1f} GB" if b >= 1e8 else f"{b / 1e6:.2f} MB"
+
+    def count(n: float) -> str:
+        return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.3f} M"
+
+    lines = [f"model    {m['model_type']}, {m['num_hidden_layers']} layers, hidden {m['hidden_size']}, "
+             f"{m['num_attention_heads']} heads, {m['n_routed_experts']} experts; dtype {info['dtype']}",
+             f"plan     tp {p['tp']} x ep {p['ep']} = {p['world_size']} ranks: {p['plan']}",
+             f"params   {count(c['per_rank'])} per rank ({count(c['replicated'])} replicated on every rank, "
+             f"{count(c['split'])} split)",
+             "weights  per rank: " + ", ".join(f"{gb(b)} at {k}" for k, b in info["weight_bytes_per_rank"].items()),
+             f"cache    {info['cache_bytes_per_token_per_rank']} bytes per token on every rank (the latent cache is "
+             "replicated)"]
+    for phase, t in info["traffic"].items():
+        reduces = ", ".join(f"{n} over {g.removeprefix('dscompile.')}" for g, n in t["all_reduces"].items())
+        unit = "per token of a decode step" if phase == "decode" else "per prompt token"
+        lines.append(f"traffic  {phase}: all-reduces {reduces}; {t['bytes_per_token'] / 1e3:.1f} kB {unit} "
+                     f"({info['activation_bytes']}-byte activations), each rank sends "
+                     f"{t['ring_bytes_sent_per_rank_per_token'] / 1e3:.1f} kB (ring)")
+    lines.append("files    " + ("programs only (graph-only export)" if info["graphs_only"] else
+                                ", ".join(f"rank {r['rank']}: {r['weights']['file']}" for r in info["ranks"])))
+    return lines
