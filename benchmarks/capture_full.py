@@ -50,6 +50,16 @@ def node_counts(out: Path, manifest: dict) -> dict[str, int]:
     return {name: len(onnx.load(str(out / f), load_external_data=False).graph.node) for name, f in files.items()}
 
 
+def stage_seconds(ends: dict[str, float], start: float) -> dict[str, float]:
+    """Seconds each export stage took, from the times its progress callback last reported each."""
+    stages, last = {}, start
+    for stage in STAGES:
+        if stage in ends:
+            stages[stage] = round(ends[stage] - last, 1)
+            last = ends[stage]
+    return stages
+
+
 def lower_graphs(config: dict, experts: int, folder: Path, dtype: str, target: str) -> dict:
     """One graph-only export of `config` with `experts` routed experts; its times, peak and node counts."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -60,12 +70,7 @@ def lower_graphs(config: dict, experts: int, folder: Path, dtype: str, target: s
                                  graphs_only=True, force=True,
                                  progress=lambda stage, done, total: ends.__setitem__(stage, time.perf_counter()))
     wall = time.perf_counter() - start
-    stages, last = {}, start
-    for stage in STAGES:
-        if stage in ends:
-            stages[stage] = round(ends[stage] - last, 1)
-            last = ends[stage]
-    return {"experts": experts, "wall_s": round(wall, 1), "stages_s": stages, "peak_rss_gib": round(peak_rss_gib(), 2),
+    return {"experts": experts, "wall_s": round(wall, 1), "stages_s": stage_seconds(ends, start), "peak_rss_gib": round(peak_rss_gib(), 2),
             "nodes": node_counts(folder / "out", manifest), "planned_weight_bytes": manifest["weights"]["bytes"],
             "written": sorted(manifest["files"]), "moe_lowering": {g: manifest["graphs"][g]["moe_lowering"]
                                                                    for g in ("prefill", "decode")}}

@@ -27,9 +27,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from capture_full import stage_seconds  # noqa: E402  (this folder is on sys.path when run as a script)
+
 from dscompile.exporter.capture import Limits  # noqa: E402
 from dscompile.exporter.cli.check import plan_lines, sharding_plan  # noqa: E402
-from dscompile.exporter.export import STAGES, export_checkpoint  # noqa: E402
+from dscompile.exporter.export import export_checkpoint  # noqa: E402
 from dscompile.model.args import PUBLISHED_CONFIGS  # noqa: E402
 from dscompile.runtime.engine import DTYPES  # noqa: E402
 
@@ -44,13 +46,8 @@ def one_plan(config: Path, tp: int, ep: int, dtype: str) -> dict:
         manifest = export_checkpoint(config, Path(root) / "out", dtype=dtype, limits=LIMITS, graphs_only=True,
                                      tp=tp, ep=ep, progress=lambda stage, d, t: ends.__setitem__(stage, time.perf_counter()))
         wall = time.perf_counter() - start
-    stages, last = {}, start
-    for stage in STAGES:
-        if stage in ends:
-            stages[stage] = round(ends[stage] - last, 1)
-            last = ends[stage]
     info = sharding_plan(manifest)
-    return {"tp": tp, "ep": ep, "wall_s": round(wall, 1), "stages_s": stages,
+    return {"tp": tp, "ep": ep, "wall_s": round(wall, 1), "stages_s": stage_seconds(ends, start),
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
             "plan": info, "lines": plan_lines(manifest, info)}
 

@@ -40,6 +40,7 @@ import torch
 from dscompile.errors import EngineError
 from dscompile.runtime.engine import Engine, EngineInfo, KVCache, choose_graph
 from dscompile.runtime.manifest import read_manifest
+from dscompile.runtime.torch_engine import choose_device, load_programs
 from dscompile.runtime.weights import WeightsFile
 
 COLLECTIVE_TIMEOUT_S = 120  # a rank that does not answer within this ends the run
@@ -76,8 +77,6 @@ class _Rank:
 
     def __init__(self, out: Path, manifest: dict[str, Any], rank: int, world: int, device: str):
         import torch.distributed as dist
-
-        from dscompile.runtime.torch_engine import load_programs
 
         self.rank, self.world, self.device = rank, world, device
         self.info = EngineInfo.from_manifest(manifest, str(out / "manifest.json"))
@@ -144,16 +143,6 @@ def _backend(device: str) -> str:
     return "nccl" if device == "cuda" else "gloo"
 
 
-def _device(device: str) -> str:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise EngineError(f"device {device!r} is not one of auto, cpu, cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise EngineError("device 'cuda' asked for, but torch sees no CUDA GPU")
-    return device
-
-
 def _init(rank: int, world: int, address: str, port: int, device: str) -> None:
     import torch.distributed as dist
 
@@ -185,7 +174,7 @@ class ShardedEngine(Engine):
     def load(cls, out_dir: str | Path, device: str = "auto") -> "ShardedEngine":
         out = Path(out_dir)
         manifest = read_manifest(out, check_graphs=False)
-        device = _device(device)
+        device = choose_device(device)
         world = int(manifest["sharding"]["world_size"])
         if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # under torchrun: every rank calls load
             check_world(out, manifest, int(os.environ["WORLD_SIZE"]))

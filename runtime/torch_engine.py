@@ -44,12 +44,7 @@ class TorchEngine(Engine):
         if quant:
             raise EngineError(f"{out}: an {quant.get('scheme')} engine runs on ONNX Runtime only (--backend "
                               "onnxruntime); the torch backend needs a float export")
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device not in ("cpu", "cuda"):
-            raise EngineError(f"device {device!r} is not one of auto, cpu, cuda")
-        if device == "cuda" and not torch.cuda.is_available():
-            raise EngineError("device 'cuda' asked for, but torch sees no CUDA GPU")
+        device = choose_device(device)
         weights = WeightsFile.open(out, manifest)  # checked before any program is read
         modules = load_programs(out, manifest, weights, device)
         return cls(out, manifest, modules, device, weights)
@@ -72,6 +67,17 @@ class TorchEngine(Engine):
                 [(k.to(dev), r.to(dev)) for k, r in cache.layers],
             )
         return logits.float(), KVCache([tuple(p) for p in present])
+
+
+def choose_device(device: str) -> str:
+    """"cpu" or "cuda" for auto/cpu/cuda, or a one-line EngineError."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise EngineError(f"device {device!r} is not one of auto, cpu, cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise EngineError("device 'cuda' asked for, but torch sees no CUDA GPU")
+    return device
 
 
 def load_programs(out: Path, manifest: dict[str, Any], weights: WeightsFile, device: str,

@@ -215,9 +215,8 @@ def moe_shard(x: Tensor, gate_weight: Tensor, e_score_correction_bias: Optional[
 def _moe_shard_fake(x, gate_weight, e_score_correction_bias, w1, w2, w3, shared_w1, shared_w2,
                     shared_w3, top_k, n_group, topk_group, topk_method, norm_topk_prob,
                     routed_scaling_factor, expert_start):
-    check_routing_args(gate_weight.shape[0], top_k, n_group, topk_group, topk_method)
-    _check_shared(shared_w1, shared_w2, shared_w3)
-    return torch.empty_like(x)
+    return _moe_fake(x, gate_weight, e_score_correction_bias, w1, w2, w3, shared_w1, shared_w2, shared_w3, top_k,
+                     n_group, topk_group, topk_method, norm_topk_prob, routed_scaling_factor)
 
 
 @moe_shard.register_kernel("cuda")
