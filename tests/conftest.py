@@ -68,17 +68,17 @@ def exported_ckpt(make_ckpt):
 
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory, exported_ckpt, export_limits):
-    """exported(variant, dtype="float32", copy=0) -> OUT of `exported_ckpt(variant)` within
-    `export_limits`, exported once per session (~15-30 s each); copy > 0 is an independent second
-    export of the same."""
+    """exported(variant, dtype="float32") -> OUT of `exported_ckpt(variant)` within `export_limits`,
+    exported once per session (~15-30 s each). That an export is deterministic (byte-identical OUT)
+    is tests/test_reliability.py's check, across processes."""
     from dscompile.exporter.export import export_checkpoint
 
     cache: dict[tuple, Path] = {}
 
-    def export(variant: str, dtype: str = "float32", copy: int = 0) -> Path:
-        key = (variant, dtype, copy)
+    def export(variant: str, dtype: str = "float32") -> Path:
+        key = (variant, dtype)
         if key not in cache:
-            out = tmp_path_factory.mktemp("out") / f"{variant}-{dtype}-{copy}"
+            out = tmp_path_factory.mktemp("out") / f"{variant}-{dtype}"
             export_checkpoint(exported_ckpt(variant), out, dtype=dtype, limits=export_limits)
             cache[key] = out
         return cache[key]
@@ -163,7 +163,7 @@ def dscompile_argv():
 LONGEST_FIRST = ("test_cli.py", "test_text_path.py", "test_quant.py", "test_streaming.py", "test_cli_errors.py",
                  "test_graphs_only.py", "test_capture_and_absorb.py", "test_fuse_moe.py", "test_structural_match.py",
                  "test_reliability.py", "test_fuzz_configs.py", "test_frontend_transformers.py",
-                 "test_weights.py", "test_bench.py", "test_sharded.py", "test_ort_engine.py", "test_lower.py", "test_model_parity.py")
+                 "test_weights.py", "test_bench.py", "test_ort_engine.py", "test_lower.py", "test_model_parity.py")
 
 
 # Files that share the session's exports run on one worker, as one work unit: fixtures are per
