@@ -165,7 +165,7 @@ class ShardedEngine(Engine):
         self._freed: list[int] = []
         self._failure: str | None = None
         self._closed = False
-        self._threads = torch.get_num_threads()  # as set before load shared the cores among the ranks
+        self._threads = torch.get_num_threads()  # restored at close (load gives each rank its share of the cores)
         if workers:
             threading.Thread(target=self._watch, daemon=True).start()
         atexit.register(self.close)
@@ -192,7 +192,9 @@ class ShardedEngine(Engine):
         workers, logs = [], []
         threads = max(1, (os.cpu_count() or 1) // world)
         for r in range(1, world):
-            log = Path(tempfile.mkstemp(prefix=f"dscompile-rank{r}-", suffix=".log")[1])
+            fd, name = tempfile.mkstemp(prefix=f"dscompile-rank{r}-", suffix=".log")
+            os.close(fd)
+            log = Path(name)
             logs.append(log)
             env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
             with open(log, "wb") as f:
