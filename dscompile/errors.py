@@ -23,3 +23,9 @@ class OptionError(DscompileError):
 
 class TextError(DscompileError):
     """A tokenizer file, chat template, prompt or stop string cannot be used (token ids still work)."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none): a one-line error's detail."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

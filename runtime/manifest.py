@@ -60,7 +60,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from dscompile.errors import EngineError
+from dscompile.errors import EngineError, first_line
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -231,6 +231,6 @@ def _check_weights_only(path: Path, name: str, data: bytes) -> None:
             warnings.simplefilter("ignore")
             torch.load(io.BytesIO(data), weights_only=True)
     except Exception as err:  # UnpicklingError for forbidden globals, others for damage
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        first = first_line(err)[:200]
         raise EngineError(f"{path}: {name} does not load with weights_only=True ({first}); refusing to load it "
                           "(torch.export.load would retry with weights_only=False)") from None

@@ -59,7 +59,7 @@ from typing import Any
 import torch
 
 from dscompile.runtime.engine import Engine, EngineInfo, KVCache, choose_graph
-from dscompile.errors import EngineError
+from dscompile.errors import EngineError, first_line
 from dscompile.runtime.manifest import WRITE_INDEX, read_manifest
 from dscompile.runtime.weights import WeightsFile
 
@@ -248,7 +248,7 @@ class OrtEngine(Engine):
             try:
                 sessions[name] = ort.InferenceSession(os.fspath(path), options, providers=providers)
             except Exception as err:  # ORT raises its own Fail/InvalidGraph/RuntimeException types
-                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                first = first_line(err)
                 raise EngineError(f"{path}: ONNX Runtime cannot load it: {first}") from None
         if quant:
             sessions["prefill"] = sessions["decode"]
@@ -359,7 +359,7 @@ class OrtEngine(Engine):
         try:
             session.run_with_iobinding(binding)
         except Exception as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            first = first_line(err)
             raise EngineError(f"ONNX Runtime failed on a step with B={B}, S={S}, P={P}: {first}") from None
 
     def _bind_tensor(self, binding, name: str, t: torch.Tensor) -> torch.Tensor:

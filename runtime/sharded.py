@@ -37,10 +37,10 @@ from typing import Any
 
 import torch
 
-from dscompile.errors import EngineError
-from dscompile.runtime.engine import Engine, EngineInfo, KVCache, choose_graph
+from dscompile.errors import EngineError, first_line
+from dscompile.runtime.engine import Engine, EngineInfo, KVCache
 from dscompile.runtime.manifest import read_manifest
-from dscompile.runtime.torch_engine import choose_device, load_programs
+from dscompile.runtime.torch_engine import choose_device, load_programs, run_programs
 from dscompile.runtime.weights import WeightsFile
 
 COLLECTIVE_TIMEOUT_S = 120  # a rank that does not answer within this ends the run
@@ -105,15 +105,7 @@ class _Rank:
         self.caches: dict[int, KVCache] = {}
 
     def run(self, ids, pos, mask, past: KVCache | None) -> tuple[torch.Tensor, KVCache]:
-        B = ids.shape[0]
-        if past is None:
-            past = KVCache.empty(self.info, B, self.device)
-        graph = choose_graph(int(ids.shape[1]), past.length)
-        dev = self.device
-        with torch.no_grad():
-            logits, present = self.modules[graph](ids.to(dev), pos.to(dev), mask.to(dev),
-                                                  [(k.to(dev), r.to(dev)) for k, r in past.layers])
-        return logits, KVCache([tuple(p) for p in present])
+        return run_programs(self.modules, self.info, self.device, ids, pos, mask, past)
 
     def serve(self) -> None:
         """A worker's loop: run what rank 0 broadcasts until it says stop."""
@@ -209,7 +201,7 @@ class ShardedEngine(Engine):
         except Exception as err:
             _stop(workers)
             torch.set_num_threads(before)
-            raise EngineError(_worker_error(workers, logs) or f"{out}: cannot start the ranks ({_first_line(err)})") from None
+            raise EngineError(_worker_error(workers, logs) or f"{out}: cannot start the ranks ({first_line(err)})") from None
         engine = cls(out, manifest, state, workers, logs)
         engine._threads = before
         return engine
@@ -246,7 +238,7 @@ class ShardedEngine(Engine):
             logits, present = self._rank.run(input_ids, position_ids, attention_mask, cache)
         except RuntimeError as err:
             self._failure = (self._failure or _worker_error(self._workers, self._logs)
-                             or f"a rank failed during the step ({_first_line(err)})")
+                             or f"a rank failed during the step ({first_line(err)})")
             _stop(self._workers)
             raise EngineError(self._failure) from None
         result = ShardedCache(present.layers, shard_id=new_id)
@@ -292,11 +284,6 @@ def _stop(workers: list[subprocess.Popen]) -> None:
         p.wait()
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def _worker_error(workers, logs, first: int = 1) -> str | None:
     """The one-line error a failed worker printed, if any."""
     for r, (p, log) in enumerate(zip(workers, logs), start=first):
@@ -320,7 +307,7 @@ def _worker_main(argv: list[str]) -> int:
         sys.stderr.write(f"error: {err}\n")
         return 1
     except RuntimeError as err:  # rank 0 went away: the collectives raise
-        sys.stderr.write(f"error: {_first_line(err)}\n")
+        sys.stderr.write(f"error: {first_line(err)}\n")
         return 1
     finally:
         _shutdown()

@@ -35,7 +35,7 @@ import onnxscript.rewriter.onnx_fusions
 import torch
 from torch.export import ExportedProgram
 
-from dscompile.errors import DscompileError
+from dscompile.errors import DscompileError, first_line
 from dscompile.exporter.capture import io_names
 from dscompile.exporter.lowering import LoweringError
 from dscompile.exporter.lowering.ops import MSFT_DOMAIN, translation_table
@@ -68,7 +68,7 @@ def lower(ep: ExportedProgram, phase: str, num_layers: int, *, opset: int = 23,
         cause = _our_error(err)
         if cause is not None:  # a weight read while folding (a checkpoint changed under us): say that
             raise cause from None
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise LoweringError(f"{phase} graph: torch.onnx.export failed: {first}") from err
     _check_io(model, inputs, outputs, phase)
     rename_dims(model)
@@ -166,5 +166,5 @@ def check_model(path: str | Path, *, with_data: bool = True) -> None:
                 graph.initializer.remove(tensor)
             onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise LoweringError(f"{path}: fails the ONNX checker: {first}") from err

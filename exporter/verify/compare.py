@@ -23,7 +23,7 @@ from dscompile.exporter.verify.eager import EagerEngine, TransformersEagerEngine
 from dscompile.model.checkpoint import load_checkpoint
 from dscompile.model.quant import Scheme
 from dscompile.runtime.engine import Engine, EngineInfo, KVCache
-from dscompile.errors import EngineError, OptionError
+from dscompile.errors import EngineError, OptionError, first_line
 from dscompile.tolerance import QUANTIZED_ACTIVATIONS, TOLERANCE
 from dscompile.tolerance import bound as tolerance_bound
 
@@ -240,7 +240,7 @@ def _run_on_weights(model: onnx.ModelProto, out: Path, path: Path, names: list[s
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         values = session.run(names, feeds)
     except Exception as err:  # ORT raises its own Fail/InvalidGraph/RuntimeException types
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise EngineError(f"{path} with the hidden states as outputs: ONNX Runtime cannot run it: {first}") from None
     return [torch.from_numpy(v) for v in values]
 
