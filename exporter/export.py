@@ -275,17 +275,8 @@ def _export(checkpoint, out: Path, tmp: Path, *, dtype: str, absorb: str, fuse_m
             }
         report("write", len(stored) + 1, len(stored) + 3)
         manifest = {
-            "format_version": MANIFEST_FORMAT,
-            "tool": {"name": "dscompile", "version": _version()},
-            "runtime": RUNTIME,
-            "target": target,
-            "frontend": _frontend_info(frontend),
-            "dtype": dtype,
+            **_manifest_head(RUNTIME, target, frontend, dtype, args, limits),
             "opset": opset,
-            "model": args.to_config(),
-            "limits": {"max_batch": limits.max_batch, "max_prompt_tokens": limits.max_prompt_tokens,
-                       "max_context": limits.max_context},
-            "cache": cache_layout(args, torch_dtype),
             "weights": {**stored["weights"],
                         "parameter_bytes": _parameter_bytes(programs["prefill"]),
                         "note": "bytes of the shared external data file; tensors below 1 KiB stay inside the .onnx; "
@@ -355,16 +346,7 @@ def _write_sharded(checkpoint, out: Path, tmp: Path, programs, reports, args, pl
             graphs[phase] = {"program": writing, "passes": _passes(reports[phase]),
                              "collectives": sharded[phase].collectives}
         manifest = {
-            "format_version": MANIFEST_FORMAT,
-            "tool": {"name": "dscompile", "version": _version()},
-            "runtime": "torch",
-            "target": "torch.distributed",
-            "frontend": _frontend_info(frontend),
-            "dtype": dtype,
-            "model": args.to_config(),
-            "limits": {"max_batch": limits.max_batch, "max_prompt_tokens": limits.max_prompt_tokens,
-                       "max_context": limits.max_context},
-            "cache": cache_layout(args, DTYPES[dtype]),
+            **_manifest_head("torch", "torch.distributed", frontend, dtype, args, limits),
             "weights": {"file": None, "parameter_bytes": _parameter_bytes(programs["prefill"]),
                         "note": "a sharded engine has one weights file per rank: sharding.ranks[r].weights"},
             "graphs": graphs,
@@ -387,42 +369,49 @@ def _write_sharded(checkpoint, out: Path, tmp: Path, programs, reports, args, pl
     return manifest
 
 
+def _manifest_head(runtime: str, target: str, frontend: str, dtype: str, args, limits: Limits) -> dict[str, Any]:
+    """The fields every manifest starts with: format, tool, what runs it, model, limits, cache."""
+    return {
+        "format_version": MANIFEST_FORMAT,
+        "tool": {"name": "dscompile", "version": _version()},
+        "runtime": runtime,
+        "target": target,
+        "frontend": _frontend_info(frontend),
+        "dtype": dtype,
+        "model": args.to_config(),
+        "limits": {"max_batch": limits.max_batch, "max_prompt_tokens": limits.max_prompt_tokens,
+                   "max_context": limits.max_context},
+        "cache": cache_layout(args, DTYPES[dtype]),
+    }
+
+
 def sharding_report(sharded: dict, plan: Plan, args, dtype: torch.dtype) -> dict[str, Any]:
     """What each rank holds and moves: weight bytes (replicated, split), cache bytes, all-reduces."""
-    split = replicated = per_rank = 0
-    counts = {"replicated": 0, "split": 0, "per_rank": 0}  # parameters (elements): bytes at any dtype
+    nbytes = {"replicated": 0, "split": 0, "per_rank": 0}
+    counts = dict(nbytes)  # parameters (elements): bytes at any dtype
     seen: set[str] = set()
     for result in sharded.values():
         for name, full in result.full.items():
             if name in seen or not isinstance(full, torch.Tensor):
                 continue
             seen.add(name)
-            nbytes = full.numel() * full.element_size()
             spec = result.specs.get(name)
             parts = math.prod(plan.size(axis) for _, axis in spec) if spec else 1
-            if spec:
-                split += nbytes
-                counts["split"] += full.numel()
-            else:
-                replicated += nbytes
-                counts["replicated"] += full.numel()
-            per_rank += nbytes // parts
-            counts["per_rank"] += full.numel() // parts
-    hidden = args.hidden_size * torch.empty((), dtype=dtype).element_size()
+            for table, n in ((nbytes, full.numel() * full.element_size()), (counts, full.numel())):
+                table["split" if spec else "replicated"] += n
+                table["per_rank"] += n // parts
     return {
         "plan": "attention heads over tp (latent cache replicated, o_proj row-parallel, all-reduce over tp); "
                 "dense MLPs and shared experts over all ranks; routed experts over ep, each expert's "
                 "intermediate size over tp (all-reduce over all ranks); embeddings, norms, router, lm_head "
                 "replicated",
         "groups": plan.groups(),
-        "weight_bytes": {"replicated": replicated, "split": split, "per_rank": per_rank},
+        "weight_bytes": nbytes,
         "parameters": counts,
         "activation_bytes": torch.empty((), dtype=dtype).element_size(),
         "hidden_size": args.hidden_size,
         "cache_bytes_per_token_per_rank": cache_layout(args, dtype)["bytes_per_token"],
         "all_reduces_per_step": {phase: result.collectives for phase, result in sharded.items()},
-        "all_reduce_bytes_per_token": {phase: sum(result.collectives.values()) * hidden
-                                       for phase, result in sharded.items()},
     }
 
 

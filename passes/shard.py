@@ -37,6 +37,7 @@ to float rounding of the all-reduce order).
 from __future__ import annotations
 
 import operator
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -175,18 +176,9 @@ def _constant_names(gm: GraphModule) -> list[str]:
     return [n.target for n in gm.graph.nodes if n.op == "get_attr" and isinstance(getattr(gm, n.target, None), torch.Tensor)]
 
 
-def _attr(gm: GraphModule, name: str) -> torch.Tensor:
-    owner = gm
-    for p in name.split("."):
-        owner = getattr(owner, p)
-    return owner
-
-
 def _set_attr(gm: GraphModule, name: str, value: torch.Tensor) -> None:
-    *path, leaf = name.split(".")
-    owner = gm
-    for p in path:
-        owner = getattr(owner, p)
+    path, _, leaf = name.rpartition(".")
+    owner = gm.get_submodule(path)
     if leaf in owner._parameters:
         del owner._parameters[leaf]
     if leaf in owner._buffers:
@@ -361,7 +353,7 @@ class _Editor:
             self._weight(s2, [(1, "world")], "a shared expert weight")
         self.result.experts_per_rank = _shape(w1)[0] // self.plan.ep
         if EXPERT_START not in self.result.full:
-            device = getattr(self.gm, "dscompile_device", None) or _attr(self.gm, w1.target).device
+            device = operator.attrgetter(w1.target)(self.gm).device
             self.gm.register_buffer(EXPERT_START, torch.zeros((), dtype=torch.int64, device=device))
         with self.graph.inserting_before(node):
             start = self.graph.get_attr(EXPERT_START)
@@ -418,9 +410,7 @@ class _Editor:
                 self.state[node] = self._rule(node, split)
             if node in self.partial:
                 self._all_reduce(node, self.partial[node])
-        self.result.collectives = {}
-        for group in self.partial.values():
-            self.result.collectives[group] = self.result.collectives.get(group, 0) + 1
+        self.result.collectives = dict(Counter(self.partial.values()))
 
     def _rule(self, node: Node, split: list[tuple[Node, tuple[int, str]]]) -> tuple[int, str] | None:
         t, a = node.target, node.args
@@ -437,7 +427,7 @@ class _Editor:
                     raise ShardError(f"shard: {_where(node)} multiplies a split input by a weight split otherwise")
                 if len(a) > 2 and a[2] is not None:
                     raise ShardError(f"shard: the row-parallel projection {_where(node)} has a bias")
-                self.partial[node] = TP_GROUP if xs[1] == "tp" else WORLD_GROUP
+                self.partial[node] = _group(xs[1])
                 return None
             if xs is not None and ws is None:
                 return xs
@@ -490,7 +480,7 @@ class _Editor:
                     self.state[y] = (spec.index(letter), axis)
             if letter in output:
                 return (output.index(letter), axis)
-            self.partial[node] = TP_GROUP if axis == "tp" else WORLD_GROUP
+            self.partial[node] = _group(axis)
             return None
         if t == aten.sym_size.int:
             if a[1] % len(_shape(x)) == dim:
@@ -517,6 +507,11 @@ class _Editor:
         for user in users:
             user.replace_input_with(node, waited)
         self.state[reduced] = self.state[waited] = None
+
+
+def _group(axis: str) -> str:
+    """The group a sum of partial results over `axis` is all-reduced over (ep partials sum over all ranks)."""
+    return TP_GROUP if axis == "tp" else WORLD_GROUP
 
 
 def _inputs(node: Node) -> list[Node]:

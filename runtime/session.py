@@ -42,6 +42,7 @@ def open_engine(out: str | Path, backend: str = "onnxruntime", provider: str = "
     torch (the exported programs; provider picks the device) or tensorrt (the built engines)."""
     if threads is not None and threads < 1:
         raise OptionError(f"threads must be >= 1, got {threads}")
+    device = {"auto": "auto", "cpu": "cpu", "cuda": "cuda"}.get(provider, "auto")  # the torch backends'
     sharding = load_manifest(Path(out)).get("sharding") if backend in BACKENDS else None
     if sharding is not None:
         if backend != "torch":
@@ -51,7 +52,7 @@ def open_engine(out: str | Path, backend: str = "onnxruntime", provider: str = "
 
         if threads is not None:
             torch.set_num_threads(threads)
-        return ShardedEngine.load(out, device={"auto": "auto", "cpu": "cpu", "cuda": "cuda"}.get(provider, "auto"))
+        return ShardedEngine.load(out, device=device)
     if backend == "onnxruntime":
         from dscompile.runtime.ort_engine import OrtEngine
 
@@ -61,7 +62,7 @@ def open_engine(out: str | Path, backend: str = "onnxruntime", provider: str = "
     if backend == "torch":
         from dscompile.runtime.torch_engine import TorchEngine
 
-        return TorchEngine.load(out, device={"auto": "auto", "cpu": "cpu", "cuda": "cuda"}.get(provider, "auto"))
+        return TorchEngine.load(out, device=device)
     if backend == "tensorrt":
         from dscompile.runtime.trt_engine import TrtEngine
 

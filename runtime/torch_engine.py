@@ -53,20 +53,25 @@ class TorchEngine(Engine):
         P = cache.length if cache is not None else 0
         self.check_inputs(input_ids, P, position_ids, attention_mask)
         self.weights.check()
-        B = input_ids.shape[0]
-        if cache is None:
-            cache = KVCache.empty(self.info, B, self.device)
-        if len(cache.layers) != self.info.num_layers or cache.layers[0][0].shape[0] != B:
-            raise EngineError(f"cache of {len(cache.layers)} layers and batch {cache.layers[0][0].shape[0]} does not "
-                              f"fit {self.info.num_layers} layers and batch {B}")
-        graph = choose_graph(int(input_ids.shape[1]), P)
-        dev = self.device
-        with torch.no_grad():
-            logits, present = self.modules[graph](
-                input_ids.to(dev), position_ids.to(dev), attention_mask.to(dev),
-                [(k.to(dev), r.to(dev)) for k, r in cache.layers],
-            )
-        return logits.float(), KVCache([tuple(p) for p in present])
+        logits, present = run_programs(self.modules, self.info, self.device, input_ids, position_ids, attention_mask,
+                                       cache)
+        return logits.float(), present
+
+
+def run_programs(modules: dict[str, Any], info: EngineInfo, device: str, input_ids, position_ids, attention_mask,
+                 cache: KVCache | None) -> tuple[torch.Tensor, KVCache]:
+    """One step of the contract through the program the step needs (prefill or decode), on `device`."""
+    B = input_ids.shape[0]
+    if cache is None:
+        cache = KVCache.empty(info, B, device)
+    if len(cache.layers) != info.num_layers or cache.layers[0][0].shape[0] != B:
+        raise EngineError(f"cache of {len(cache.layers)} layers and batch {cache.layers[0][0].shape[0]} does not "
+                          f"fit {info.num_layers} layers and batch {B}")
+    graph = choose_graph(int(input_ids.shape[1]), cache.length)
+    with torch.no_grad():
+        logits, present = modules[graph](input_ids.to(device), position_ids.to(device), attention_mask.to(device),
+                                         [(k.to(device), r.to(device)) for k, r in cache.layers])
+    return logits, KVCache([tuple(p) for p in present])
 
 
 def choose_device(device: str) -> str:

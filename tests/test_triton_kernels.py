@@ -154,6 +154,20 @@ def test_moe_layer_with_kernel_matches_op(interpreter, dtype):
 
 @pytest.mark.triton
 @needs_triton
+def test_moe_shard_layer_with_kernel_matches_op(interpreter):
+    # The sharded op's CUDA composition: one rank's experts (4 of 8, from expert 4) through the Triton kernel.
+    x2d, gate_weight, w1, w2, w3 = moe_inputs(9, 32, 16, 8)
+    x = x2d.view(3, 3, 32)
+    tail = (None, None, None, 3, 4, 2, "group_limited_greedy", False, 2.0)
+    out = moe_mod.moe_reference(x, gate_weight, None, w1[4:], w2[4:], w3[4:], *tail,
+                                experts=moe_mod.local_experts(tk.triton_moe_experts, 4))
+    ref = torch.ops.dsc.moe_shard(x, gate_weight, None, w1[4:], w2[4:], w3[4:], *tail, torch.tensor(4))
+    assert_close(out, ref, torch.float32, "moe_shard with Triton experts")
+    assert out.abs().max() > 0  # some tokens chose the experts held here
+
+
+@pytest.mark.triton
+@needs_triton
 def test_align_by_expert_layout():
     idx = torch.tensor([[2, 0], [2, 3], [0, 2], [2, 1]])
     sorted_ids, expert_of_block, num_padded = tk.align_by_expert(idx, num_experts=5, block_m=4)

@@ -162,28 +162,21 @@ def _moe_cuda(x, gate_weight, e_score_correction_bias, w1, w2, w3, shared_w1, sh
 def local_experts(experts, expert_start: int):
     """`experts` restricted to the ones held here: ids [expert_start, expert_start + E_local).
 
-    A chosen expert held elsewhere contributes nothing here (weight 0); its id is clamped into the
-    local range, so the underlying implementation sees only valid ids.
+    Only the (token, choice) pairs routed to a local expert are dispatched, as one choice each; a
+    chosen expert held elsewhere contributes nothing here. `experts` is any implementation with
+    `moe_experts_reference`'s contract (the reference, the Triton kernels).
     """
 
     def run(x2d: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, weights: Tensor, idx: Tensor) -> Tensor:
         local = (idx >= expert_start) & (idx < expert_start + w1.shape[0])
-        if experts is moe_experts_reference:  # the reference dispatches only the local pairs
-            return _local_reference(x2d, w1, w2, w3, weights, idx - expert_start, local)
-        return experts(x2d, w1, w2, w3, torch.where(local, weights, 0.0),
-                       torch.where(local, idx - expert_start, 0))
+        tokens, k = local.nonzero(as_tuple=True)
+        out = torch.zeros(x2d.shape[0], x2d.shape[-1], dtype=torch.float32, device=x2d.device)
+        if tokens.numel():
+            part = experts(x2d[tokens], w1, w2, w3, weights[tokens, k][:, None], idx[tokens, k][:, None] - expert_start)
+            out.index_put_((tokens,), part, accumulate=True)
+        return out
 
     return run
-
-
-def _local_reference(x2d: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, weights: Tensor, idx: Tensor,
-                     local: Tensor) -> Tensor:
-    tokens, k = local.nonzero(as_tuple=True)
-    out = torch.zeros(x2d.shape[0], x2d.shape[-1], dtype=torch.float32, device=x2d.device)
-    if tokens.numel():
-        part = moe_experts_reference(x2d[tokens], w1, w2, w3, weights[tokens, k][:, None], idx[tokens, k][:, None])
-        out.index_put_((tokens,), part, accumulate=True)
-    return out
 
 
 @torch.library.custom_op("dsc::moe_shard", mutates_args=())
