@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,6 +238,7 @@ class ShardedEngine(Engine):
             dist.broadcast_object_list(message, src=0, group=self._rank.control)
             logits, present = self._rank.run(input_ids, position_ids, attention_mask, cache)
         except RuntimeError as err:
+            _await_exit(self._workers)  # a killed rank's sockets close before the process can be reaped
             self._failure = (self._failure or _worker_error(self._workers, self._logs)
                              or f"a rank failed during the step ({first_line(err)})")
             _stop(self._workers)
@@ -274,6 +276,13 @@ def _shutdown() -> None:
 
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _await_exit(workers: list[subprocess.Popen], seconds: float = 5.0) -> None:
+    """Wait (up to `seconds`) until one of the workers has exited, so its exit status can be read."""
+    deadline = time.monotonic() + seconds
+    while workers and all(p.poll() is None for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def _stop(workers: list[subprocess.Popen]) -> None:
