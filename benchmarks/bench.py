@@ -6,7 +6,7 @@
                                [--json OUT.json] [--plot OUT.png]
 
 Without CHECKPOINT it measures the bench config (V2-Lite dimensions, 4 layers, 16 experts),
-generated once under ~/.cache/dscompile (or $DSCOMPILE_HOME). See exporter/bench/ (the harness) and
+generated once under ~/.cache/dscompile (or $DSCOMPILE_HOME). See bench/ (the harness) and
 benchmarks/hf_systems.py (the systems that wrap transformers).
 """
 
@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from dscompile.exporter.bench import (SYSTEMS, BenchOptions, parse_engines, parse_ints, parse_systems, plot,  # noqa: E402
+from dscompile.bench import (SYSTEMS, BenchOptions, parse_engines, parse_ints, parse_systems, plot,  # noqa: E402
                                       run_bench, table_lines, to_json)
-from dscompile.exporter.cli import cache_home  # noqa: E402
+from dscompile.cli import cache_home  # noqa: E402
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from dscompile.exporter.capture import Limits  # noqa: E402
+from dscompile.capture import Limits  # noqa: E402
 from dscompile.exporter.export import STAGES, TARGETS, export_checkpoint  # noqa: E402
 from dscompile.model.args import PUBLISHED_CONFIGS  # noqa: E402
 from dscompile.runtime.engine import DTYPES  # noqa: E402

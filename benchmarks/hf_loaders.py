@@ -1,7 +1,7 @@
 """transformers' model and its exported graph, loaded for `dscompile bench` (development time only).
 
 The loaders of the systems that wrap transformers ("hf", "hf-onnx"), for the load time and
-resident memory each system is measured for in a fresh process (dscompile.exporter.bench.memory
+resident memory each system is measured for in a fresh process (dscompile.bench.memory
 adds them to ours when given this folder), and the calls hf_systems.py loads them with. They are
 not part of the installed package: the comparisons with transformers are development-time
 measurements, and the product carries no code that drives transformers.
@@ -68,7 +68,7 @@ def _hf_onnx(path: str, threads: int) -> tuple[Callable[[], Any], None]:
     return lambda: hf_onnx_session(path, threads), None
 
 
-# name -> (loader, what it loads), as dscompile.exporter.bench.memory.LOADERS
+# name -> (loader, what it loads), as dscompile.bench.memory.LOADERS
 LOADERS: dict[str, tuple[Callable[..., Any], str]] = {
     "hf": (_hf, "transformers' from_pretrained of the checkpoint (float32)"),
     "hf-onnx": (_hf_onnx, "the ONNX Runtime session of transformers' exported graph (the export not included)"),

@@ -8,9 +8,9 @@
              attention and batched_mm experts are selected: see `_hf_onnx_attempts`).
 
 These are development-time measurements, kept out of the installed package. The RoPE rewrite is
-the transformers frontend's (dscompile/exporter/frontends/transformers_patches.py
+the transformers frontend's (dscompile/capture/frontends/transformers_patches.py
 `real_valued_rope`). `dscompile bench` imports this module from a repository checkout
-(dscompile.exporter.bench.systems.find_hf_systems); an installed package reports both systems
+(dscompile.bench.systems.find_hf_systems); an installed package reports both systems
 as skipped. Run as a script, it is the child process of `hf_onnx_export`.
 """
 
@@ -27,9 +27,9 @@ from typing import Any, Callable
 
 import torch
 
-from dscompile.exporter.bench.cache import checkpoint_key
-from dscompile.exporter.bench.systems import System, step_inputs
-from dscompile.exporter.frontends.transformers_patches import real_valued_rope
+from dscompile.bench.cache import checkpoint_key
+from dscompile.bench.systems import System, step_inputs
+from dscompile.capture.frontends.transformers_patches import real_valued_rope
 from dscompile.model.args import ModelArgs
 from hf_loaders import hf_onnx_session, load_hf_model
 

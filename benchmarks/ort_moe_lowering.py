@@ -2,7 +2,7 @@
 
 Exports one `dsc::moe` layer (hidden 2048, expert intermediate 1408, 16 routed experts of which 6
 are active, 2 shared; DeepSeek-V2-Lite-like greedy softmax routing) with each lowering of
-`exporter/lowering/ops.py` ("moe_op": com.microsoft.MoE, "gather": gather the chosen experts'
+`lowering/ops.py` ("moe_op": com.microsoft.MoE, "gather": gather the chosen experts'
 weights, "dense": all experts + masked combine), runs it on the CPU provider for 1 token (decode)
 and 128 tokens (prefill), and prints the median time and the error against the op's reference.
 All sessions are built first and timed in turn, one run of each per round, so the machine's
@@ -29,9 +29,9 @@ from torch import nn
 from torch.export import Dim
 
 import dscompile.runtime.ops  # noqa: F401  (registers torch.ops.dsc.*)
-from dscompile.exporter.lowering.graph import name_moe_weights
-from dscompile.exporter.lowering.weights import fold_weights
-from dscompile.exporter.lowering.ops import MOE_EXPERTS, translation_table
+from dscompile.lowering.graph import name_moe_weights
+from dscompile.lowering.weights import fold_weights
+from dscompile.lowering.ops import MOE_EXPERTS, translation_table
 from dscompile.runtime.ops.moe import moe_reference
 
 D, I, E, K, SHARED = 2048, 1408, 16, 6, 2

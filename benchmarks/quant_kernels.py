@@ -1,6 +1,6 @@
 """ONNX Runtime's quantized kernels on this machine: MatMulNBits and QMoE against their float32 ops.
 
-What exporter/lowering/quantize.py's ACCURACY_LEVELS is chosen from. Each kernel runs in its own session
+What lowering/quantize.py's ACCURACY_LEVELS is chosen from. Each kernel runs in its own session
 on weights quantized by model/quant.py; the sessions run alternately (one round = every kernel
 once) and the median of the rounds is reported, with each kernel's error against the float32
 product with the dequantized weights (relative max error: how much accuracy_level costs).

@@ -6,11 +6,11 @@
    streamed in bfloat16 (~31 GB; kept in --dir and reused by later runs).
 2. Per scheme: `dscompile export --weights SCHEME` in a child process: wall time and peak memory
    (the child's maximum resident set).
-3. The engine: resident memory after a first step (PSS, in a fresh process: exporter/bench/memory.py)
+3. The engine: resident memory after a first step (PSS, in a fresh process: bench/memory.py)
    against its weights.bin; prefill of 128 tokens; decode ms/token at context 128 and 1024
    (median of --repeats steps) with the fraction of the bandwidth floor (bytes a step reads:
    quantized weights + scales + float32 parts + latent cache, over the read bandwidth measured
-   just before each step: exporter/bench/floors.py decode_floor).
+   just before each step: bench/floors.py decode_floor).
 Each engine is removed after it is measured unless --keep (disk: checkpoint 31 GB, int8 ~18 GB);
 --reuse measures an engine already there instead of exporting it.
 Not part of CI (disk and time).
@@ -47,8 +47,8 @@ def _export(checkpoint: Path, out: Path, scheme: str) -> dict:
 def _run_engine(out: Path, threads: int, repeats: int) -> dict:
     import torch
 
-    from dscompile.exporter.bench.floors import decode_floor
-    from dscompile.exporter.bench.timing import MachineProbe
+    from dscompile.bench.floors import decode_floor
+    from dscompile.bench.timing import MachineProbe
     from dscompile.model.args import ModelArgs
     from dscompile.runtime.ort_engine import OrtEngine
 
@@ -103,7 +103,7 @@ def main() -> None:
                     help="Measure an engine already in --dir (kept by --keep, or exported by hand) instead of exporting.")
     ap.add_argument("--json", action="store_true")
     opts = ap.parse_args()
-    from dscompile.exporter.bench.memory import measure_load
+    from dscompile.bench.memory import measure_load
     from dscompile.model.args import PUBLISHED_CONFIGS, ModelArgs
     from dscompile.model.synthetic import write_streamed_checkpoint
 

@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from capture_full import stage_seconds  # noqa: E402  (this folder is on sys.path when run as a script)
 
-from dscompile.exporter.capture import Limits  # noqa: E402
-from dscompile.exporter.cli.check import plan_lines, sharding_plan  # noqa: E402
+from dscompile.capture import Limits  # noqa: E402
+from dscompile.cli.check import plan_lines, sharding_plan  # noqa: E402
 from dscompile.exporter.export import export_checkpoint  # noqa: E402
 from dscompile.model.args import PUBLISHED_CONFIGS  # noqa: E402
 from dscompile.runtime.engine import DTYPES  # noqa: E402

@@ -4,7 +4,7 @@
 
 For each variant (by default ENGINE loaded as our engine does, without prepacking, and ENGINE with
 prepacking; `--engine` adds others, e.g. an export of an older version):
-- memory, each variant alone in a fresh process (exporter/bench/memory.py): load time, proportional
+- memory, each variant alone in a fresh process (bench/memory.py): load time, proportional
   resident memory (PSS, which counts pages mapped by both sessions once) after the load and after
   a first step, against the size of the variant's weights.bin;
 - speed, all variants loaded in this process and run in turns (one call of each per round, 0.1 s
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from dscompile.exporter.bench.memory import measure_load  # noqa: E402
+from dscompile.bench.memory import measure_load  # noqa: E402
 from dscompile.runtime.engine import KVCache  # noqa: E402
 from dscompile.runtime.ort_engine import OrtEngine  # noqa: E402
 
@@ -88,9 +88,9 @@ def main() -> None:
     a = p.parse_args()
     engine = a.engine
     if engine is None:
-        from dscompile.exporter.bench.cache import bench_checkpoint, cached_export
-        from dscompile.exporter.bench.systems import OUR_ENGINES
-        from dscompile.exporter.cli import cache_home
+        from dscompile.bench.cache import bench_checkpoint, cached_export
+        from dscompile.bench.systems import OUR_ENGINES
+        from dscompile.cli import cache_home
 
         engine = cached_export(bench_checkpoint(cache_home()), cache_home(), OUR_ENGINES["ours"])
     variants = parse_variants(engine, a.extra)

@@ -10,9 +10,11 @@
     print(llm.chat([{"role": "user", "content": "Hello!"}]))
     assert dscompile.compare("ckpt", "out")["passed"]      # numerics against PyTorch eager
 
-The repository's folders are its subpackages: dscompile.model (checkpoints, the reference
-model), dscompile.passes (graph passes), dscompile.exporter (capture, lowering, the CLI) and
-dscompile.runtime (engines, generation, text).
+The repository's folders are its subpackages, in the order data flows: dscompile.model
+(checkpoints, the reference model), dscompile.capture (torch.export of the engine contract),
+dscompile.passes (graph rewrites), dscompile.lowering (ONNX and TensorRT), dscompile.exporter (the
+export job and OUT), dscompile.verify (engines against eager), dscompile.runtime (engines,
+generation, text), dscompile.cli (the command line) and dscompile.bench (measurements).
 """
 
 from dscompile.api import compare, export, load

@@ -1,5 +1,5 @@
 """`python -m dscompile`: the command line."""
 
-from dscompile.exporter.cli import main
+from dscompile.cli import main
 
 main()

@@ -68,7 +68,7 @@ def export(
     tp x ep > 1: a sharded engine for tp x ep ranks (heads over tp, routed experts over ep), run by
     the torch backend on torch.distributed.
     """
-    from dscompile.exporter.capture import Limits
+    from dscompile.capture import Limits
     from dscompile.exporter.export import export_checkpoint, quant_scheme
 
     if target not in ("onnxruntime", "tensorrt"):
@@ -80,7 +80,7 @@ def export(
     quant_scheme(weights, block_size, dtype, target)  # before TensorRT's own checks: name the option
     build_trt = target == "tensorrt" and not graphs_only  # engines need the weights
     if build_trt:
-        from dscompile.exporter.tensorrt.build import require_tensorrt, validate_options
+        from dscompile.lowering.tensorrt.build import require_tensorrt, validate_options
 
         validate_options(precision, max_batch, max_prompt_tokens, max_context, 8.0)
         require_tensorrt()
@@ -89,7 +89,7 @@ def export(
                                  allow_nonfinite=allow_nonfinite, target=target, graphs_only=graphs_only,
                                  weights=weights, block_size=block_size, frontend=frontend, tp=tp, ep=ep)
     if build_trt:
-        from dscompile.exporter.tensorrt.build import build_engines
+        from dscompile.lowering.tensorrt.build import build_engines
         from dscompile.runtime.manifest import write_manifest
 
         manifest["tensorrt"] = build_engines(out, precision=precision, max_batch=max_batch,
@@ -123,7 +123,7 @@ def compare(
     quantized engine is judged against eager with the same quantized weights, and its distance to
     float32 eager is reported as `report["scheme"]`.
     """
-    from dscompile.exporter.verify.compare import (eager_for, locate_divergence, lowering_table, run_compare,
+    from dscompile.verify.compare import (eager_for, locate_divergence, lowering_table, run_compare,
                                             scheme_cost, scheme_of)
     from dscompile.runtime.manifest import read_manifest
     from dscompile.runtime.session import open_engine

@@ -9,7 +9,7 @@
 Graph-only (`graphs_only=True`): the model is built from the config alone on the meta device (a
 config.json, or the folder that holds it, is enough: no weights are read), and only the graphs and
 the manifest are written. The graphs name their places in weights.bin as a full export would
-(planned by exporter.lowering.weights.plan_places), but no weight is computed and neither weights.bin nor
+(planned by lowering.weights.plan_places), but no weight is computed and neither weights.bin nor
 the programs are written; the manifest says `"graphs_only": true` and engines refuse the folder.
 It is how a full-size config's lowering is inspected and measured (benchmarks/capture_full.py).
 
@@ -51,16 +51,16 @@ import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 import torch
 
-from dscompile.exporter.capture import PHASES, Limits, capture, contract_dims
-from dscompile.exporter.lowering import LoweringError
-from dscompile.exporter.lowering.graph import check_model, lower
-from dscompile.exporter.lowering.in_place import in_place_decode
-from dscompile.exporter.lowering.weights import save_models
-from dscompile.exporter.lowering.ops import choose_moe_experts
-from dscompile.exporter.lowering.quantize import GraphQuantizer, quantizes_activations
+from dscompile.capture import PHASES, Limits, capture, contract_dims
+from dscompile.lowering import LoweringError
+from dscompile.lowering.graph import check_model, lower
+from dscompile.lowering.in_place import in_place_decode
+from dscompile.lowering.weights import save_models
+from dscompile.lowering.ops import choose_moe_experts
+from dscompile.lowering.quantize import GraphQuantizer, quantizes_activations
 from dscompile.exporter.output import OutputError, make_temp_folder, reason, remove, replace, sync_folder
-from dscompile.exporter.frontends import FRONTENDS
-from dscompile.exporter.frontends.transformers import capture_transformers, load_transformers_model, transformers_version
+from dscompile.capture.frontends import FRONTENDS
+from dscompile.capture.frontends.transformers import capture_transformers, load_transformers_model, transformers_version
 from dscompile.model.args import ModelArgs
 from dscompile.model.checkpoint import apply_quantization, build_model, load_checkpoint
 from dscompile.model.quant import BLOCK_SIZES, Scheme
@@ -80,7 +80,7 @@ WEIGHTS_FILE = "weights.bin"
 RANK_WEIGHTS_FILE = "weights-rank{rank}.bin"  # a sharded export's: rank r's slices and the replicated weights
 
 
-IN_PLACE_FILE = "decode_inplace.onnx"  # the decode graph writing its cache in place (exporter.lowering.in_place.in_place_decode)
+IN_PLACE_FILE = "decode_inplace.onnx"  # the decode graph writing its cache in place (lowering.in_place.in_place_decode)
 
 
 RUNTIME = "onnxruntime"  # what runs the graphs of every export (TensorRT builds its engines from them)
@@ -128,13 +128,13 @@ def export_checkpoint(
 
     `frontend` is the PyTorch code that is captured: "dscompile" our reference model
     (model/transformer.py), "transformers" transformers' own DeepseekV2/V3ForCausalLM
-    (exporter/frontends/transformers.py). The passes and the lowering are the same.
+    (capture/frontends/transformers.py). The passes and the lowering are the same.
 
     `weights` "int8" / "int4" stores every linear layer's weight and the routed experts as
     block-wise integers (`block_size` values per float32 scale) run by ONNX Runtime's MatMulNBits
-    and QMoE (exporter/lowering/quantize.py); activations stay float32. A quantized export has no torch
+    and QMoE (lowering/quantize.py); activations stay float32. A quantized export has no torch
     programs (their weights would be a float copy): it runs on ONNX Runtime's CPU provider.
-    `accuracy_level` overrides the kernels' measured setting (exporter/lowering/quantize.py ACCURACY_LEVELS);
+    `accuracy_level` overrides the kernels' measured setting (lowering/quantize.py ACCURACY_LEVELS);
     0 keeps activations in float32.
 
     `graphs_only` writes the graphs and the manifest, not the weights (module docstring);
@@ -536,8 +536,8 @@ def _verify_quantized(checkpoint, folder: Path, manifest: dict[str, Any], scheme
     """The finished engine (ONNX Runtime, CPU) against the eager model with the same fake-quantized
     weights: a prefill and two decode steps of a left-padded batch, within the tolerance `compare`
     uses for it (exporter.compare.lowering_table). A LoweringError if it is outside."""
-    from dscompile.exporter.verify.compare import lowering_table, run_compare  # noqa: PLC0415 - compare imports this module
-    from dscompile.exporter.verify.eager import EagerEngine  # noqa: PLC0415
+    from dscompile.verify.compare import lowering_table, run_compare  # noqa: PLC0415 - compare imports this module
+    from dscompile.verify.eager import EagerEngine  # noqa: PLC0415
     from dscompile.runtime.ort_engine import OrtEngine  # noqa: PLC0415
 
     engine = OrtEngine.load(folder, provider="cpu")

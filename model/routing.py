@@ -1,7 +1,7 @@
 """DeepSeekMoE routing, defined once: router logits -> each token's K experts and their weights.
 
 The eager model (model/transformer.py, `Gate`) and the `dsc::moe` op's reference
-(runtime/ops/moe.py) call `route`; the op's ONNX translation (exporter/lowering/ops.py) is tested
+(runtime/ops/moe.py) call `route`; the op's ONNX translation (lowering/ops.py) is tested
 against it (tests/test_routing.py), and so is this definition against transformers' DeepseekV2/V3.
 
 Scores and selection, by topk_method:

@@ -11,7 +11,7 @@ prefill graph otherwise, through IOBinding:
 
 In-place decode (CPU provider, exports that have `graphs.decode.in_place`, which then runs every
 decode step): the contract's decode graph copies the whole cache into a new `present` every step (Concat), and ORT allocates those
-outputs afresh. The in-place graph (exporter.lowering.in_place.in_place_decode) instead writes the new row into
+outputs afresh. The in-place graph (lowering.in_place.in_place_decode) instead writes the new row into
 capacity buffers bound as both its cache inputs and outputs. The cache it returns is an
 `OrtCapacityCache`: rows [0, P) of `CacheBuffers` of capacity T (a multiple of CAPACITY_STEP).
 Stepping from a cache of length P writes row P of its buffers when no live cache reads that row
@@ -21,7 +21,7 @@ never changes under whoever holds it, and a generation loop copies the cache onc
 CAPACITY_STEP tokens instead of every token. `own_cache` turns any cache into this form up front.
 
 Weights: one copy for all sessions. ONNX Runtime memory-maps external data stored at page-aligned
-offsets (exporter/lowering/weights.py save_models writes them so), and every session of OUT maps the same
+offsets (lowering/weights.py save_models writes them so), and every session of OUT maps the same
 weights.bin: the pages are the file's, shared by the sessions (and by other processes running the
 same OUT). What would copy them is prepacking, where a CPU kernel copies a constant weight into
 its own packed layout at session creation: each session then holds its own packed copy (ONNX

@@ -1,6 +1,6 @@
 """Run TensorRT engines built from an OUT folder: `TrtEngine(Engine)`.
 
-OUT holds `prefill.engine` and `decode.engine`, built by `exporter/tensorrt/build.py` from
+OUT holds `prefill.engine` and `decode.engine`, built by `lowering/tensorrt/build.py` from
 `prefill.onnx` / `decode.onnx`, and `manifest.json` records them under the key "tensorrt":
 
     "tensorrt": {

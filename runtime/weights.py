@@ -1,6 +1,6 @@
 """OUT's weights file as engines hold it: checked before use, mapped once, watched while running.
 
-Every engine of an OUT reads its weights from one file (`weights.bin`, see exporter/lowering/weights.py
+Every engine of an OUT reads its weights from one file (`weights.bin`, see lowering/weights.py
 save_models). `WeightsFile.open` refuses a file that is not the one the manifest describes
 before any session or program is created: its size must be the manifest's, and so must a
 fingerprint of sampled blocks (a file from another export of the same size differs there; a

@@ -54,7 +54,7 @@ def make_ckpt(tmp_path_factory):
 def export_limits():
     """The engine limits of `exported`'s engines (room for the chat conversations of
     tests/test_text_path.py, which runs the v3 one)."""
-    from dscompile.exporter.capture import Limits
+    from dscompile.capture import Limits
 
     return Limits(max_batch=8, max_prompt_tokens=128, max_context=256)
 
@@ -89,7 +89,7 @@ def exported(tmp_path_factory, exported_ckpt, export_limits):
 @pytest.fixture(scope="session")
 def small_limits():
     """The cheapest export's limits (the CLI's `small_flags`)."""
-    from dscompile.exporter.capture import Limits
+    from dscompile.capture import Limits
 
     return Limits(max_batch=2, max_prompt_tokens=16, max_context=32)
 
@@ -130,7 +130,7 @@ def run_here(*args, env: dict | None = None, input: bytes | str | None = None,
     a traceback into stderr, so a test's "no Traceback" check sees it."""
     from typer.testing import CliRunner
 
-    from dscompile.exporter.cli import app
+    from dscompile.cli import app
 
     argv = [str(a) for a in args]
     saved = sys.argv

@@ -1,4 +1,4 @@
-"""`dscompile bench` (exporter/bench/, and benchmarks/hf_systems.py for the systems that wrap
+"""`dscompile bench` (bench/, and benchmarks/hf_systems.py for the systems that wrap
 transformers): the floor arithmetic, the report's structure on a tiny checkpoint (1 repeat, tiny
 contexts), bad options through the CLI's entry point (in this process: `run_here`; `bench --json` runs as
 the real process in test_cli_json_reports_load), and the product without transformers' code.
@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import dscompile.exporter.bench.systems as bench_systems
-from dscompile.exporter.bench import BenchOptions, parse_engines, parse_ints, plot, run_bench, table_lines, to_json
-from dscompile.exporter.bench.floors import decode_floor, experts_read, step_weight_params
-from dscompile.exporter.bench.memory import LoadMeasureError, measure_load
-from dscompile.exporter.bench.report import _load_lines
-from dscompile.exporter.bench.systems import HF_SYSTEMS_MISSING, find_hf_systems, llama_bench_rows, step_inputs
-from dscompile.exporter.bench.timing import MachineProbe, compare_alternately, context_scaling, time_ms
+import dscompile.bench.systems as bench_systems
+from dscompile.bench import BenchOptions, parse_engines, parse_ints, plot, run_bench, table_lines, to_json
+from dscompile.bench.floors import decode_floor, experts_read, step_weight_params
+from dscompile.bench.memory import LoadMeasureError, measure_load
+from dscompile.bench.report import _load_lines
+from dscompile.bench.systems import HF_SYSTEMS_MISSING, find_hf_systems, llama_bench_rows, step_inputs
+from dscompile.bench.timing import MachineProbe, compare_alternately, context_scaling, time_ms
 from dscompile.model.checkpoint import build_model
 from dscompile.model.synthetic import make_checkpoint, tiny_args
 from dscompile.errors import OptionError
@@ -343,7 +343,7 @@ def test_real_valued_rope_gives_transformers_logits_and_restores_it(tmp_path):
     pytest.importorskip("transformers", reason="transformers is the external reference (test dependency)")
     import transformers.models.deepseek_v2.modeling_deepseek_v2 as v2
 
-    from dscompile.exporter.frontends.transformers_patches import real_valued_rope
+    from dscompile.capture.frontends.transformers_patches import real_valued_rope
     from dscompile.model.args import ModelArgs
 
     hf_systems = find_hf_systems()
@@ -419,7 +419,7 @@ def test_without_the_benchmarks_module_hf_systems_are_skipped_and_ours_measured(
     assert f"skipped hf: {HF_SYSTEMS_MISSING}" in lines and f"skipped hf-onnx: {HF_SYSTEMS_MISSING}" in lines
 
 
-PRODUCT = ("model", "runtime", "passes", "exporter", "dscompile")  # the folders the package installs
+PRODUCT = ("dscompile", "model", "capture", "passes", "lowering", "exporter", "verify", "runtime", "cli", "bench")  # the folders the package installs
 
 
 def transformers_uses(source: str) -> list[int]:
@@ -441,7 +441,7 @@ def transformers_uses(source: str) -> list[int]:
 
 # The one place the product drives transformers: the optional frontend that captures transformers' own
 # model (pip install "dscompile[transformers]"), which imports it inside its functions only.
-TRANSFORMERS_FRONTEND = Path("exporter") / "frontends"
+TRANSFORMERS_FRONTEND = Path("capture") / "frontends"
 
 
 def test_the_product_does_not_import_transformers():

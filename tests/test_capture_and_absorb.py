@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from conftest import assert_close
-from dscompile.exporter.capture import Limits, capture, io_names
+from dscompile.capture import Limits, capture, io_names
 from dscompile.model.args import PUBLISHED_CONFIGS, ModelArgs
 from dscompile.model.checkpoint import build_model, load_checkpoint
 from dscompile.passes import PassOptions, absorb_mla, random_inputs, run_pipeline

@@ -21,8 +21,8 @@ import onnx
 import pytest
 import torch
 
-from dscompile.exporter.tensorrt.compat import load_table
-from dscompile.exporter.verify.eager import EagerEngine
+from dscompile.lowering.tensorrt.compat import load_table
+from dscompile.verify.eager import EagerEngine
 from dscompile.model.checkpoint import load_checkpoint
 from dscompile.runtime.weights import fingerprint
 from conftest import run_here
@@ -178,7 +178,7 @@ def test_inspect_reports_graphs_cache_and_passes(exported):
 
 def _assert_trt_verdicts(compat: dict, out: Path) -> None:
     """The static TensorRT check of an ONNX Runtime export, node by node, as the support table
-    (exporter/tensorrt/data/trt_onnx_ops.json) says: every graph checked; the com.microsoft MoE
+    (lowering/tensorrt/data/trt_onnx_ops.json) says: every graph checked; the com.microsoft MoE
     is an error (no importer); RMSNormalization and TensorScatter are warnings (added in a
     TensorRT version, none targeted); the in-place graph's TensorScatter breaks every constraint
     the table gives it (4D inputs, axis -2); no other op of these graphs has a finding."""

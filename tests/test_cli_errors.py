@@ -62,7 +62,7 @@ def _run_here(case: Case) -> subprocess.CompletedProcess:
     """The command's entry point in this process; an escaping exception lands in stderr as a traceback."""
     from typer.testing import CliRunner
 
-    from dscompile.exporter.cli import app
+    from dscompile.cli import app
 
     result = CliRunner().invoke(app, [str(a) for a in case.argv[3:]])
     stderr = result.stderr

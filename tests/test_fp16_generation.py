@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dscompile.exporter.verify.eager import EagerEngine
+from dscompile.verify.eager import EagerEngine
 from dscompile.model.checkpoint import load_checkpoint
 from dscompile.runtime.ort_engine import OrtEngine
 

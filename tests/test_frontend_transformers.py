@@ -18,9 +18,9 @@ from torch.utils._pytree import tree_structure
 
 from conftest import assert_close
 from dscompile.errors import CheckpointError, ConfigError
-from dscompile.exporter.capture import Limits, example_inputs, io_names
-from dscompile.exporter.frontends import transformers_patches
-from dscompile.exporter.frontends.transformers import capture_transformers, load_transformers_model
+from dscompile.capture import Limits, example_inputs, io_names
+from dscompile.capture.frontends import transformers_patches
+from dscompile.capture.frontends.transformers import capture_transformers, load_transformers_model
 from dscompile.model.checkpoint import CheckpointSource, load_checkpoint
 from dscompile.passes import random_inputs
 from dscompile.passes.ep_edit import Derived, clone, materialize

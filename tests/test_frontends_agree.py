@@ -16,8 +16,8 @@ import torch
 
 from conftest import assert_close
 from dscompile.exporter.export import export_checkpoint
-from dscompile.exporter.frontends.transformers import load_transformers_model
-from dscompile.exporter.verify.eager import TransformersEagerEngine
+from dscompile.capture.frontends.transformers import load_transformers_model
+from dscompile.verify.eager import TransformersEagerEngine
 from dscompile.runtime.ort_engine import OrtEngine
 
 pytest.importorskip("transformers", reason="transformers is the frontend under test (pip install '.[test]')")

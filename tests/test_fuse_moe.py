@@ -17,7 +17,7 @@ import torch
 import dscompile.passes as passes
 from conftest import assert_close
 from dscompile.tolerance import bound as tolerance_bound
-from dscompile.exporter.capture import capture, example_inputs
+from dscompile.capture import capture, example_inputs
 from dscompile.model.checkpoint import build_model, load_checkpoint
 from dscompile.model.routing import Routing, route
 from dscompile.model.synthetic import random_state, tiny_args

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from conftest import TOLERANCE
-from dscompile.exporter.capture import Limits
+from dscompile.capture import Limits
 from dscompile.exporter.export import export_checkpoint
 from dscompile.model.args import ModelArgs
 from dscompile.model.checkpoint import load_checkpoint

@@ -16,10 +16,10 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from dscompile.exporter.capture import PHASES, Limits, capture
+from dscompile.capture import PHASES, Limits, capture
 from dscompile.exporter.export import export_checkpoint
-from dscompile.exporter.lowering.graph import lower
-from dscompile.exporter.lowering.weights import save_models
+from dscompile.lowering.graph import lower
+from dscompile.lowering.weights import save_models
 from dscompile.model import checkpoint as ckpt_mod
 from dscompile.model.checkpoint import load_checkpoint
 from dscompile.model.synthetic import tiny_args
@@ -150,7 +150,7 @@ def test_save_models_without_data_plans_places_and_computes_nothing(one_layer_ck
 
     weights = {(phase, name): id(v.const_value.weight) for phase in PHASES
                for name, v in lowered[phase].graph.initializers.items() if hasattr(v.const_value, "weight")}
-    monkeypatch.setattr("dscompile.exporter.lowering.weights.materialize", refuse)
+    monkeypatch.setattr("dscompile.lowering.weights.materialize", refuse)
     monkeypatch.setattr(ckpt_mod.CheckpointSource, "load", refuse)
     stored = save_models(lowered, tmp_path, "weights.bin", write_data=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["decode.onnx", "prefill.onnx"]

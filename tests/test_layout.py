@@ -1,13 +1,21 @@
-"""The layout holds: imports run one way between the layers, and long files say why they are one file.
+"""The layout holds: imports run one way between the stages, and long files say why they are one file.
 
-Layers, lowest first (what each may import from the package besides itself):
+The stages in the order data flows, and what each may import from the package besides itself and
+the base (dscompile.errors, dscompile.tolerance: they import nothing, every stage may import them):
 
-    dscompile.errors, dscompile.tolerance   nothing: every layer may import them
-    dscompile.model                         the base
-    dscompile.runtime                       the base; the op set's reference calls model/routing.py
-    dscompile.passes                        the base and the op set (dscompile.runtime.ops), nothing else of runtime
-    dscompile.exporter                      everything below; only the CLI imports the API
-    dscompile (api.py, __init__, __main__)  everything
+    dscompile.model       checkpoints in                      nothing
+    dscompile.runtime     engines from OUT alone               the op set's reference calls model/routing.py
+    dscompile.capture     torch.export of the contract's step  model, the runtime's contract
+    dscompile.passes      rewrites of the captured program     the op set (dscompile.runtime.ops)
+    dscompile.lowering    ONNX and TensorRT                    model, capture, passes' op set, runtime
+    dscompile.verify      engines against eager                model, capture, lowering, runtime
+    dscompile.exporter    the export job, OUT                  every stage above
+    dscompile (api)       the Python API                       everything
+    dscompile.cli         the command line                     the API and what it reports from
+    dscompile.bench       measurements                         every stage, not the CLI
+
+The runtime comes second because it is the lowest layer after the model: an engine never imports
+the compiler, while the compiler targets the runtime's op set and contract.
 """
 
 from __future__ import annotations
@@ -16,18 +24,25 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = {"model": "dscompile.model", "runtime": "dscompile.runtime", "passes": "dscompile.passes",
-           "exporter": "dscompile.exporter", "dscompile": "dscompile"}
+FOLDERS = {"model": "dscompile.model", "runtime": "dscompile.runtime", "capture": "dscompile.capture",
+           "passes": "dscompile.passes", "lowering": "dscompile.lowering", "verify": "dscompile.verify",
+           "exporter": "dscompile.exporter", "cli": "dscompile.cli", "bench": "dscompile.bench",
+           "dscompile": "dscompile"}
 BASE = ("dscompile.errors", "dscompile.tolerance")
+STAGES = ("dscompile.model", "dscompile.capture", "dscompile.passes", "dscompile.lowering", "dscompile.verify",
+          "dscompile.exporter")
 
 # module prefix -> prefixes of what it may import (itself and the base always allowed)
 ALLOWED = {
     "dscompile.model": (),
     "dscompile.runtime": ("dscompile.model.routing",),
+    "dscompile.capture": ("dscompile.model", "dscompile.runtime.contract"),
     "dscompile.passes": ("dscompile.runtime.ops",),
-    "dscompile.exporter.cli": ("dscompile.api", "dscompile.model", "dscompile.passes", "dscompile.runtime",
-                               "dscompile.exporter"),
-    "dscompile.exporter": ("dscompile.model", "dscompile.passes", "dscompile.runtime"),
+    "dscompile.lowering": ("dscompile.model", "dscompile.capture", "dscompile.runtime"),
+    "dscompile.verify": ("dscompile.model", "dscompile.capture", "dscompile.lowering", "dscompile.runtime"),
+    "dscompile.exporter": (*STAGES, "dscompile.runtime"),
+    "dscompile.cli": ("dscompile.api", "dscompile.inspect", *STAGES, "dscompile.runtime", "dscompile.bench"),
+    "dscompile.bench": (*STAGES, "dscompile.runtime"),
 }
 
 # Files over LONG lines, and why each is one file.
@@ -73,7 +88,7 @@ def imports_of(path: Path, name: str) -> set[str]:
 
 
 def layer_of(name: str) -> str | None:
-    if name in BASE or name in ("dscompile", "dscompile.api", "dscompile.__main__"):
+    if name in BASE or name in ("dscompile", "dscompile.api", "dscompile.inspect", "dscompile.__main__"):
         return None  # the base imports nothing; the API may import everything
     return max((p for p in ALLOWED if name == p or name.startswith(p + ".")), key=len)
 

@@ -1,4 +1,4 @@
-"""Export to OUT (exporter/export.py, exporter/lowering/): files, ONNX checker, absorbed decode
+"""Export to OUT (exporter/export.py, lowering/): files, ONNX checker, absorbed decode
 graph, manifest, byte-reproducibility, half precision.
 
 Exports are expensive (~15 s each), so each (variant, dtype) is exported once per test session
@@ -17,7 +17,7 @@ import torch
 from dscompile.tolerance import bound as tolerance_bound
 
 from dscompile.exporter.export import export_checkpoint
-from dscompile.exporter.lowering.graph import check_model
+from dscompile.lowering.graph import check_model
 from dscompile.model.args import ModelArgs
 from dscompile.model.checkpoint import load_checkpoint
 from dscompile.errors import OptionError

@@ -20,7 +20,7 @@ import onnx
 import pytest
 import torch
 
-from dscompile.exporter.verify.compare import eager_for, lowering_table, run_compare, scheme_cost, scheme_of
+from dscompile.verify.compare import eager_for, lowering_table, run_compare, scheme_cost, scheme_of
 from dscompile.exporter.export import export_checkpoint
 from dscompile.model import quant
 from dscompile.model.checkpoint import load_checkpoint

@@ -3,7 +3,7 @@
 - Hand-computed 4-expert cases guard the definition itself (bias for selection only, groups by
   their best score or the sum of their best two, -inf masking, normalization and scaling).
 - transformers' DeepseekV2/V3 routers are the external oracle: same logits, same experts and weights.
-- The ONNX translation of the `dsc::moe` gate (exporter/lowering/ops.py `route`) runs on ONNX
+- The ONNX translation of the `dsc::moe` gate (lowering/ops.py `route`) runs on ONNX
   Runtime's CPU provider and must select and weight as the definition does.
 
 Random logits are continuous draws, so no two scores tie and the chosen experts are unique. Ids
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from conftest import assert_op_close as assert_close
-from dscompile.exporter.lowering import ops as onnx_ops
+from dscompile.lowering import ops as onnx_ops
 from dscompile.model.routing import Routing, route
 from dscompile.runtime.ops import moe as moe_ops
 

@@ -19,7 +19,7 @@ import torch
 
 from conftest import assert_close, run_here
 from dscompile.errors import EngineError
-from dscompile.exporter.capture import Limits
+from dscompile.capture import Limits
 
 LIMITS = Limits(max_batch=2, max_prompt_tokens=16, max_context=32)
 FLAGS = ["--max-batch", "2", "--max-prompt-tokens", "16", "--max-context", "32"]
@@ -67,7 +67,7 @@ def test_sharded_engine_gives_eager_s_tokens_and_logits(sharded_out, v2_ckpt):
     at every step (prefill with left padding + 8 decode steps), the same latent cache, the same generations
     (the `run` loop); a killed rank then ends the run with one line. (`dscompile run` on a sharded OUT opens it
     through the same open_engine; against the single-process engine: the DSCOMPILE_SLOW matrix.)"""
-    from dscompile.exporter.verify.compare import eager_for
+    from dscompile.verify.compare import eager_for
     from dscompile.runtime.session import open_engine
     from dscompile.runtime.sharded import ShardedEngine
 

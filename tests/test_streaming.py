@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 import torch
 
-from dscompile.exporter.capture import PHASES, Limits, capture
+from dscompile.capture import PHASES, Limits, capture
 from dscompile.exporter.export import export_checkpoint
-from dscompile.exporter.lowering.graph import lower
-from dscompile.exporter.lowering.weights import FOLD_LIMIT
-from dscompile.exporter.lowering.ops import choose_moe_experts
+from dscompile.lowering.graph import lower
+from dscompile.lowering.weights import FOLD_LIMIT
+from dscompile.lowering.ops import choose_moe_experts
 from dscompile.model import checkpoint as ckpt_mod
 from dscompile.model.checkpoint import load_checkpoint
 from dscompile.passes import PassOptions, run_pipeline

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import assert_close
-from dscompile.exporter.capture import Limits, capture, example_inputs, io_names
-from dscompile.exporter.lowering.graph import lower
+from dscompile.capture import Limits, capture, example_inputs, io_names
+from dscompile.lowering.graph import lower
 from dscompile.model.checkpoint import build_model
 from dscompile.model.routing import route
 from dscompile.model.synthetic import random_state, tiny_args
@@ -235,7 +235,7 @@ def test_export_that_falls_short_stops_in_one_line_and_explains(make_ckpt, tmp_p
     such region first, nothing is left in OUT; an unknown frontend or one the options exclude is one line."""
     from typer.testing import CliRunner
 
-    from dscompile.exporter.cli import app
+    from dscompile.cli import app
     from dscompile.passes import absorb_mla
     from dscompile.passes.match import Miss
 

@@ -1,4 +1,4 @@
-"""TensorRT backend: engine building (exporter/tensorrt/build.py) and running (runtime/trt_engine.py).
+"""TensorRT backend: engine building (lowering/tensorrt/build.py) and running (runtime/trt_engine.py).
 
 Everything that needs no TensorRT (options, profiles, the IO contract, the compatibility gate, the
 manifest section, input checks) runs everywhere. Tests that build or run real engines are marked
@@ -14,7 +14,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from dscompile.exporter.tensorrt.build import (
+from dscompile.lowering.tensorrt.build import (
     TensorRTBuildError,
     build_engines,
     compute_profile,

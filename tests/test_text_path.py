@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import dscompile
-from dscompile.exporter.capture import Limits
+from dscompile.capture import Limits
 from dscompile.exporter.export import export_checkpoint
 from dscompile.model.synthetic import make_checkpoint
 from dscompile.errors import EngineError, TextError

@@ -1,4 +1,4 @@
-"""The static TensorRT compatibility check (exporter/tensorrt/compat.py): runs everywhere, no TensorRT."""
+"""The static TensorRT compatibility check (lowering/tensorrt/compat.py): runs everywhere, no TensorRT."""
 
 import json
 
@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from dscompile.exporter.tensorrt.compat import (
+from dscompile.lowering.tensorrt.compat import (
     Finding,
     check_model,
     check_out_dir,

@@ -27,9 +27,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from dscompile.exporter.capture import Limits
+from dscompile.capture import Limits
 from dscompile.exporter.export import export_checkpoint
-from dscompile.exporter.verify.eager import EagerEngine
+from dscompile.verify.eager import EagerEngine
 from dscompile.model.checkpoint import load_checkpoint
 from dscompile.model.synthetic import random_state, tiny_args, write_checkpoint
 from dscompile.errors import EngineError

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import onnx
 import torch
 
-from dscompile.exporter.verify.eager import EagerEngine, TransformersEagerEngine
+from dscompile.verify.eager import EagerEngine, TransformersEagerEngine
 from dscompile.model.checkpoint import load_checkpoint
 from dscompile.model.quant import Scheme
 from dscompile.runtime.engine import Engine, EngineInfo, KVCache
@@ -282,7 +282,7 @@ def eager_for(checkpoint: str | Path, max_positions: int | None = None, scheme: 
     `scheme`, its quantized weights fake-quantized (the weights a quantized engine computes with).
     An engine captured from transformers' code (`frontend`) is checked against transformers' model."""
     if frontend == "transformers":
-        from dscompile.exporter.frontends.transformers import load_transformers_model
+        from dscompile.capture.frontends.transformers import load_transformers_model
 
         return TransformersEagerEngine(*load_transformers_model(checkpoint, torch.float32, "cpu"), max_positions)
     return EagerEngine(load_checkpoint(checkpoint, torch.float32, quantize=scheme), max_positions)

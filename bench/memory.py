@@ -68,7 +68,7 @@ def _ours(folder: str, threads: int, prepack: bool = False) -> tuple[Callable[[]
 
 
 def _eager(checkpoint: str) -> tuple[Callable[[], Any], Callable[[Any], None]]:
-    from dscompile.exporter.verify.eager import EagerEngine
+    from dscompile.verify.eager import EagerEngine
     from dscompile.model.checkpoint import load_checkpoint
 
     return lambda: EagerEngine(load_checkpoint(checkpoint)), _generate

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from dscompile.errors import EngineError, OptionError
-from dscompile.exporter.cli import Bars, _emit, _mb, _status_line, app, guard
+from dscompile.cli import Bars, _emit, _mb, _status_line, app, guard
 
 
 @app.command()
@@ -39,7 +39,7 @@ def compare(
             report = compare_api(checkpoint, out, backend=backend, provider=provider, decode_steps=decode_steps,
                                  batch=batch, prompt_len=prompt_len, seed=seed, atol=atol, rtol=rtol, plot=plot,
                                  progress=bars)
-        from dscompile.exporter.verify.compare import scheme_of
+        from dscompile.verify.compare import scheme_of
         from dscompile.runtime.manifest import load_manifest
 
         scheme = scheme_of(load_manifest(out))
@@ -153,7 +153,7 @@ def inspect(
                 lines.append(f"  in place {g['in_place']['file']}: the cache written in capacity buffers "
                              f"(TensorScatter x{g['in_place']['op_counts'].get('TensorScatter', 0)}; ONNX Runtime CPU)")
         if trt_compat:
-            from dscompile.exporter.tensorrt.compat import check_out_dir
+            from dscompile.lowering.tensorrt.compat import check_out_dir
 
             info["trt_compat"] = compat = check_out_dir(out)
             table = compat["table"]

@@ -33,7 +33,7 @@ from dscompile.model.args import ModelArgs
 from dscompile.runtime.engine import Engine, KVCache
 
 if TYPE_CHECKING:
-    from dscompile.exporter.bench import BenchOptions
+    from dscompile.bench import BenchOptions
 
 SYSTEMS = ("eager", "hf", "hf-onnx", "ours", "ours-absorb-none", "ours-no-fuse-moe")
 HF_SYSTEMS = ("hf", "hf-onnx")  # provided by benchmarks/hf_systems.py

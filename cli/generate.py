@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from dscompile.errors import OptionError
-from dscompile.exporter.cli import _emit, _status_line, app, guard
+from dscompile.cli import _emit, _status_line, app, guard
 
 
 def _parse_ids(text: str) -> list[list[int]]:

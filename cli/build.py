@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from dscompile.errors import OptionError
-from dscompile.exporter.cli import DTYPES, Bars, _emit, _mb, _status_line, app, cache_home, guard
+from dscompile.cli import DTYPES, Bars, _emit, _mb, _status_line, app, cache_home, guard
 
 
 DEMO_VARIANT, DEMO_SEED = "v3", 0
@@ -86,8 +86,8 @@ def demo(
     """
     start = time.perf_counter()
     with guard():
-        from dscompile.exporter.verify.compare import run_compare
-        from dscompile.exporter.verify.eager import EagerEngine
+        from dscompile.verify.compare import run_compare
+        from dscompile.verify.eager import EagerEngine
         from dscompile.exporter.export import export_checkpoint
         from dscompile.model.checkpoint import load_checkpoint
         from dscompile.model.synthetic import make_checkpoint

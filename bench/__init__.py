@@ -47,14 +47,14 @@ from typing import Any
 import torch
 
 from dscompile.errors import OptionError
-from dscompile.exporter.bench.cache import Progress, bench_checkpoint, cached_export
-from dscompile.exporter.bench.floors import decode_floor, prefill_floor, step_weight_params
-from dscompile.exporter.bench.memory import LoadMeasureError, loaders, measure_load
-from dscompile.exporter.bench.report import plot, table_lines, targets, to_json
-from dscompile.exporter.bench.systems import (HF_SYSTEMS, HF_SYSTEMS_MISSING, OUR_ENGINES, SYSTEMS, EngineSystem,
+from dscompile.bench.cache import Progress, bench_checkpoint, cached_export
+from dscompile.bench.floors import decode_floor, prefill_floor, step_weight_params
+from dscompile.bench.memory import LoadMeasureError, loaders, measure_load
+from dscompile.bench.report import plot, table_lines, targets, to_json
+from dscompile.bench.systems import (HF_SYSTEMS, HF_SYSTEMS_MISSING, OUR_ENGINES, SYSTEMS, EngineSystem,
                                               System, find_hf_systems, llama_bench_rows,
                                               parse_engines, parse_llama_cpp)
-from dscompile.exporter.bench.timing import (BANDWIDTH_BYTES, GEMM_SIZE, MachineProbe, compare_alternately,
+from dscompile.bench.timing import (BANDWIDTH_BYTES, GEMM_SIZE, MachineProbe, compare_alternately,
                                              context_scaling, time_ms)
 from dscompile.model.args import ModelArgs
 
@@ -121,7 +121,7 @@ class BenchOptions:
 
 def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progress: Progress | None = None) -> dict:
     """Measure every system in `options.systems` on `checkpoint` (None: the bench config). Returns the report."""
-    from dscompile.exporter.verify.eager import EagerEngine
+    from dscompile.verify.eager import EagerEngine
     from dscompile.model.checkpoint import load_checkpoint
     from dscompile.runtime.ort_engine import OrtEngine
 

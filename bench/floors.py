@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dscompile.model.args import ModelArgs
 
-# Parts a quantized engine keeps in float32 (exporter/lowering/quantize.py): the router, the embedding rows
+# Parts a quantized engine keeps in float32 (lowering/quantize.py): the router, the embedding rows
 # it looks up; every other part is read at the scheme's bits per weight (scales included), except
 # the absorbed per-head MLA matrices of a decode step (`_absorbed_params`).
 _FLOAT_PARTS = ("router", "embeddings")

@@ -18,8 +18,9 @@ from dscompile.exporter.export import export_checkpoint  # imported before _SOUR
 from dscompile.model.args import ModelArgs
 
 BENCH_SEED = 0
-# Code that measures engines or reads commands, not code that makes them (paths from the package's root)
-MEASUREMENT_ONLY = ("exporter/bench/", "exporter/cli/bench.py")
+# The folders of the code that makes an engine (the stages from checkpoint to OUT and the op set they target);
+# the verification, the command line and the bench measure or drive engines and are not hashed.
+COMPILER_FOLDERS = ("model", "capture", "passes", "lowering", "exporter", "runtime")
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
@@ -57,14 +58,12 @@ def bench_checkpoint(home: Path, progress: Progress | None = None) -> Path:
 
 def _hash_sources() -> str:
     """Hash of the compiler's sources: every module of the product's folders but the measuring ones."""
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
-    for folder in ("exporter", "passes", "model", "runtime"):
+    for folder in COMPILER_FOLDERS:
         for path in sorted((root / folder).rglob("*.py")):
-            relative = path.relative_to(root).as_posix()
-            if not relative.startswith(MEASUREMENT_ONLY):
-                h.update(relative.encode())
-                h.update(path.read_bytes())
+            h.update(path.relative_to(root).as_posix().encode())
+            h.update(path.read_bytes())
     return h.hexdigest()[:12]
 
 

@@ -11,7 +11,7 @@ imports, so no plugin is needed: one ONNX serves every backend, and the static c
 parser takes it, where a plugin would need a build per GPU and TensorRT version. ONNX
 Runtime-targeted exports use `com.microsoft.MoE` for the experts (the fastest CPU lowering); the
 TensorRT parser has no importer for it, so `dscompile export --target tensorrt` lowers MoE with
-Gather/MatMul instead (exporter/lowering/ops.py, `choose_moe_experts`). `build_engines` runs the static check (`exporter/tensorrt/compat.py`) first and refuses
+Gather/MatMul instead (lowering/ops.py, `choose_moe_experts`). `build_engines` runs the static check (`lowering/tensorrt/compat.py`) first and refuses
 with the first offending ops before any TensorRT work starts.
 
 Profiles (B batch, S new tokens, P past tokens, T = P + S):
@@ -43,7 +43,7 @@ from typing import Any, Callable
 
 import onnx
 
-from dscompile.exporter.tensorrt.compat import check_model
+from dscompile.lowering.tensorrt.compat import check_model
 from dscompile.errors import DscompileError, EngineError, OptionError
 from dscompile.runtime.trt_engine import GRAPHS, PRECISIONS, TRT_FORMAT, TensorRTUnavailable, require_tensorrt
 

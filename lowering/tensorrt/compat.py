@@ -2,7 +2,7 @@
 
 TensorRT cannot be installed everywhere (its wheels come from NVIDIA's own index and need a CUDA
 GPU), so this module answers "will `trt.OnnxParser` take this graph?" from data alone: the operator
-support table in `exporter/tensorrt/data/trt_onnx_ops.json` (a compact restatement of onnx-tensorrt's
+support table in `lowering/tensorrt/data/trt_onnx_ops.json` (a compact restatement of onnx-tensorrt's
 `docs/operators.md`; its header names the TensorRT version and the date it was read).
 
 `check_model` walks every node of the main graph, of If/Loop/Scan subgraphs and of local functions
@@ -67,7 +67,7 @@ class Finding:
 
 @functools.lru_cache(maxsize=1)
 def load_table() -> dict[str, Any]:
-    """The operator support table (exporter/tensorrt/data/trt_onnx_ops.json)."""
+    """The operator support table (lowering/tensorrt/data/trt_onnx_ops.json)."""
     with open(TABLE_PATH, encoding="utf-8") as f:
         return json.load(f)
 

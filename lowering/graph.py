@@ -36,10 +36,10 @@ import torch
 from torch.export import ExportedProgram
 
 from dscompile.errors import DscompileError, first_line
-from dscompile.exporter.capture import io_names
-from dscompile.exporter.lowering import LoweringError
-from dscompile.exporter.lowering.ops import MSFT_DOMAIN, translation_table
-from dscompile.exporter.lowering.weights import FOLD_LIMIT, defer_weights, fold_weights, small_only, values_hidden
+from dscompile.capture import io_names
+from dscompile.lowering import LoweringError
+from dscompile.lowering.ops import MSFT_DOMAIN, translation_table
+from dscompile.lowering.weights import FOLD_LIMIT, defer_weights, fold_weights, small_only, values_hidden
 
 
 _SYMBOL = re.compile(r"\bs\d+\b")

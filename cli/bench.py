@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from dscompile.errors import OptionError
-from dscompile.exporter.cli import Bars, _emit, _status_line, app, cache_home, guard
+from dscompile.cli import Bars, _emit, _status_line, app, cache_home, guard
 
 
 @app.command()
@@ -42,7 +42,7 @@ def bench(
     """
     start = time.perf_counter()
     with guard():
-        from dscompile.exporter.bench import (BenchOptions, parse_engines, parse_ints, parse_llama_cpp, parse_systems,
+        from dscompile.bench import (BenchOptions, parse_engines, parse_ints, parse_llama_cpp, parse_systems,
                                               plot as write_plot, run_bench, table_lines)
 
         if config is not None and config != "bench":

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from dscompile.exporter.lowering import LoweringError
+from dscompile.lowering import LoweringError
 from dscompile.runtime.manifest import WRITE_INDEX
 
 

@@ -8,7 +8,7 @@ written, exactly like our model's (model/checkpoint.py); the routed experts' fus
 so nothing is read before it is written.
 
 `capture_transformers(model, args, limits)` exports it with the inputs, outputs and dynamic dims of
-exporter/capture.py: transformers' DynamicCache is filled from the contract's past and read back
+capture/__init__.py: transformers' DynamicCache is filled from the contract's past and read back
 as its present. transformers 5 caches, per layer, what our contract holds: the normalized latent
 [B, 1, T, C] and the rotated rope key [B, 1, T, R] (its rope key's pair layout may differ from our
 model's; the cache is opaque to the runtime, only its shape is the contract).
@@ -29,8 +29,8 @@ from torch import nn
 from torch.export import ExportedProgram
 
 from dscompile.errors import CheckpointError, ConfigError
-from dscompile.exporter.capture import Limits, contract_dims, example_inputs
-from dscompile.exporter.frontends.transformers_patches import export_patches, prefilled_cache
+from dscompile.capture import Limits, contract_dims, example_inputs
+from dscompile.capture.frontends.transformers_patches import export_patches, prefilled_cache
 from dscompile.model.args import ModelArgs
 from dscompile.model.checkpoint import load_checkpoint
 from dscompile.model.transformer import causal_mask
@@ -141,7 +141,7 @@ def load_transformers_model(checkpoint: str | Path, dtype: torch.dtype = torch.f
 
 
 class TransformersContract(nn.Module):
-    """transformers' model behind the IO contract (exporter/capture.py's ContractModule).
+    """transformers' model behind the IO contract (capture/__init__.py's ContractModule).
 
     (input_ids [B, S], position_ids [B, S], attention_mask [B, T], past: per layer
     (kv_latent [B, P, C], k_rope [B, P, R])) -> (logits float32 [B, S, V], present: per layer
@@ -161,7 +161,7 @@ class TransformersContract(nn.Module):
         # transformers takes a prepared 4D mask as it is: the contract's causal + padding rule
         # (model/transformer.py causal_mask) over the T keys the padding mask spans. Its own mask
         # builder indexes the padding mask by cache positions, which the in-place decode graph
-        # (cache buffers with spare rows, exporter/lowering/in_place.py) would read out of range.
+        # (cache buffers with spare rows, lowering/in_place.py) would read out of range.
         mask = causal_mask(attention_mask, input_ids.shape[1], self.embed_tokens.weight.dtype)
         cache = prefilled_cache(self.model.config, [(c.unsqueeze(1), r.unsqueeze(1)) for c, r in past])
         out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
@@ -187,7 +187,7 @@ def _append_on_the_sequence_axis(ep: ExportedProgram) -> ExportedProgram:
     """Each cache append in the contract's layout: transformers appends to its [B, 1, P, *] view of
     `past` (cat(unsqueeze(past, 1), new, dim=2)) and the contract squeezes the result back; the
     same values are cat(past, squeeze(new, 1), dim=1) [B, T, *], the one Concat on the past that
-    the in-place decode graph rewrites (exporter/lowering/in_place.py)."""
+    the in-place decode graph rewrites (lowering/in_place.py)."""
     aten = torch.ops.aten
     user = {s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"}
     rewritten = False

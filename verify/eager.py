@@ -45,10 +45,10 @@ class EagerEngine(Engine):
 
 class TransformersEagerEngine(EagerEngine):
     """transformers' DeepseekV2/V3ForCausalLM run as transformers runs it (its own code, no export
-    patches), fed and read through the contract (exporter/frontends/transformers.py)."""
+    patches), fed and read through the contract (capture/frontends/transformers.py)."""
 
     def __init__(self, model: nn.Module, args: ModelArgs, max_positions: int | None = None):
-        from dscompile.exporter.frontends.transformers import TransformersContract
+        from dscompile.capture.frontends.transformers import TransformersContract
 
         self.model, self.args = model, args
         self.contract = TransformersContract(model, args)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 if TYPE_CHECKING:
-    from dscompile.exporter.bench.systems import System
+    from dscompile.bench.systems import System
 
 BANDWIDTH_BYTES = 1 << 30  # large enough that no cache level holds it
 GEMM_SIZE = 1024  # ~2 GFLOP: a reading of ~15 ms before each prefill run

@@ -105,7 +105,7 @@ def main() -> None:  # pragma: no cover - console entry point
 
 
 # The commands register themselves on `app` when their modules are imported, in this order.
-from dscompile.exporter.cli import build  # noqa: E402,F401,I001
-from dscompile.exporter.cli import generate  # noqa: E402,F401
-from dscompile.exporter.cli import check  # noqa: E402,F401
-from dscompile.exporter.cli import bench  # noqa: E402,F401
+from dscompile.cli import build  # noqa: E402,F401,I001
+from dscompile.cli import generate  # noqa: E402,F401
+from dscompile.cli import check  # noqa: E402,F401
+from dscompile.cli import bench  # noqa: E402,F401

@@ -1,6 +1,6 @@
 """Weight-only quantization of lowered graphs: linear layers to `MatMulNBits`, routed experts to `QMoE`.
 
-Runs on the ONNX model after `exporter.lowering.graph.lower` (weights still lazy). The model was loaded with
+Runs on the ONNX model after `lowering.graph.lower` (weights still lazy). The model was loaded with
 its quantized weights fake-quantized (model.quant.FakeQuantized: each such weight loads as
 dequantize(quantize(w))), so every weight a pass computes from them (absorb_mla's products)
 already holds the quantized values, and the eager reference loaded the same way computes exactly
@@ -8,7 +8,7 @@ what the engine does. This pass then stores the quantizable weights as bits + sc
 
 - `MatMul(x, Wᵀ)` (torch's linear: the weight folded transposed) and `Gemm(x, W, transB=1)` over a
   weight that is a layout of ONE quantized checkpoint weight -> `com.microsoft.MatMulNBits(x, q, d)`;
-- `com.microsoft.MoE` (both phases: exporter/lowering/ops.py) -> `com.microsoft.QMoE` with the same
+- `com.microsoft.MoE` (both phases: lowering/ops.py) -> `com.microsoft.QMoE` with the same
   routing: router_probs are the log mixing weights on the chosen experts (the rest -1e30), so
   `router_weights = Softmax(router_probs)` is w/Σw on them and 0 elsewhere, what MoE mixes with
   (the graph multiplies by Σw after the op, as before). One QMoE per layer whatever the expert count.
@@ -34,8 +34,8 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from dscompile.exporter.lowering.weights import _MetaWeight, _fold_key, _origins, _unique_name
-from dscompile.exporter.lowering.ops import MSFT_DOMAIN
+from dscompile.lowering.weights import _MetaWeight, _fold_key, _origins, _unique_name
+from dscompile.lowering.ops import MSFT_DOMAIN
 from dscompile.model.quant import Scheme, pack, quantize
 from dscompile.passes.ep_edit import derive
 

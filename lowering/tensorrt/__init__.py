@@ -1,0 +1,1 @@
+"""TensorRT: engines built from the ONNX graphs (build.py) and the static parser check (compat.py)."""
