@@ -158,42 +158,54 @@ def dscompile_argv():
     return argv
 
 
-# The longest test files (measured: minutes of exports each), run first: with `-n 2` each file runs
-# whole on one worker (`--dist loadfile`), and a long file started last leaves the other worker idle.
-LONGEST_FIRST = ("test_cli.py", "test_text_path.py", "test_quant.py", "test_streaming.py", "test_cli_errors.py",
-                 "test_graphs_only.py", "test_capture_and_absorb.py", "test_fuse_moe.py", "test_structural_match.py",
-                 "test_reliability.py", "test_fuzz_configs.py", "test_frontend_transformers.py",
-                 "test_weights.py", "test_bench.py", "test_ort_engine.py", "test_lower.py", "test_model_parity.py")
+# Scheduling under `-n 2` (pyproject: `--dist loadgroup`). A work unit runs whole on one worker, so its
+# module and session fixtures are built once: each test file is a unit, and the files that use one of
+# the session's shared exports form one unit with the others that use it (fixtures are per worker, so
+# two workers would each build the same exports). Which files share is read from the fixtures each
+# test requests, not from a list of names, so a renamed or new file cannot escape it. Files marked
+# `long` (they export engines: minutes each) go out first, so that the run does not end on one.
+SHARED_EXPORTS = ("exported", "small_export")
 
 
-# Files that share the session's exports run on one worker, as one work unit: fixtures are per
-# worker, and with `-n 2` files spread over both workers would each build the same exports there.
-SHARED_EXPORTS = {
-    "exported": ("test_lower.py", "test_ort_engine.py", "test_cli_errors.py", "test_model_parity.py",
-                 "test_text_path.py", "test_fp16_generation.py", "test_frontends_agree.py"),
-    "small_export": ("test_reliability.py", "test_weights.py"),
-}
-WORK_UNIT = {name: unit for unit, names in SHARED_EXPORTS.items() for name in names}
+def _shared_exports(item) -> set[str]:
+    """The session's shared exports that `item` requests (directly or through other fixtures)."""
+    used = set()
+    for name in SHARED_EXPORTS:
+        defs = item._fixtureinfo.name2fixturedefs.get(name, ())
+        if defs and defs[-1].func.__module__ == __name__:  # this module's fixture, not a file's own of that name
+            used.add(name)
+    return used
 
 
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_make_scheduler(config, log):
-    """`--dist loadfile` (each file whole on one worker), with each SHARED_EXPORTS group of files one unit."""
-    if config.getvalue("dist") != "loadfile":
-        return None
-    from xdist.scheduler import LoadFileScheduling
+def work_units(items) -> dict:
+    """item -> the name of its work unit: its file's path, or the shared exports its file's tests use
+    (files that share any export are one unit, transitively)."""
+    files: dict = {}
+    for item in items:
+        files.setdefault(item.path, set()).update(_shared_exports(item))
+    unit = {name: name for name in SHARED_EXPORTS}
 
-    class SharedExportsScheduling(LoadFileScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            path = super()._split_scope(nodeid)
-            return WORK_UNIT.get(path.rsplit("/", 1)[-1], path)
+    def find(name: str) -> str:
+        while unit[name] != name:
+            name = unit[name]
+        return name
 
-    return SharedExportsScheduling(config, log)
+    for names in files.values():  # a file using two shared exports joins their units
+        first, *rest = sorted(names) or [None]
+        for other in rest:
+            unit[find(other)] = find(first)
+    rel = {path: path.relative_to(Path(__file__).parent).as_posix() for path in files}
+    return {item: (f"shares-{find(min(files[item.path]))}" if files[item.path] else rel[item.path])
+            for item in items}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Run the longest files first; make sure Triton runs through its CPU interpreter without a GPU."""
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
+    """Long files first, each test in its work unit; Triton through its CPU interpreter without a GPU."""
+    units = work_units(items)
+    long_units = {units[item] for item in items if item.get_closest_marker("long")}
+    items.sort(key=lambda item: units[item] not in long_units)  # stable: files and tests keep their order
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(units[item]))
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
