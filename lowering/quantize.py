@@ -37,7 +37,7 @@ import torch
 from dscompile.lowering.weights import _MetaWeight, _fold_key, _origins, _unique_name
 from dscompile.lowering.ops import MSFT_DOMAIN
 from dscompile.model.quant import Scheme, pack, quantize
-from dscompile.passes.ep_edit import derive
+from dscompile.lazy import derive
 
 # accuracy_level per op and bits on ONNX Runtime's CPU provider, measured with
 # benchmarks/quant_kernels.py (ORT 1.31.1, 2 threads, 2026-12-01; ms, median of 9 alternating rounds):

@@ -29,7 +29,7 @@ import onnx_ir as ir
 import torch
 from onnx_ir.tensor_adapters import TorchTensor, from_torch_dtype, to_torch_dtype
 
-from dscompile.passes.ep_edit import Derived, derive, has_values, materialize
+from dscompile.lazy import Derived, derive, has_values, materialize
 
 
 ALIGNMENT = 4096  # page size: ONNX Runtime memory-maps external data at page-aligned offsets
@@ -88,7 +88,7 @@ def fold_weights(model: ir.Model) -> int:
 
     A node qualifies when all its inputs are constants, one of them of FOLD_LIMIT elements or more, and
     its op is a layout change or a cast (`_FOLDABLE`). Its output becomes an initializer backed by a
-    torch tensor from `passes.ep_edit.derive`: real when the inputs are real, meta (computed when
+    torch tensor from `dscompile.lazy.derive`: real when the inputs are real, meta (computed when
     written) when they are not. Chains fold in graph order. Returns the number of nodes folded.
     """
     graph = model.graph

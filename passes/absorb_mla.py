@@ -28,7 +28,7 @@ left as it is and reported (`Unmatched`: region, step, what was found).
 
 What it guarantees: the rewritten graph computes the same function up to float rounding (the
 identities above), reads the same cache, and keeps the original weights' values (new weights are
-derived from them, see passes/ep_edit.py).
+derived from them, see dscompile/lazy.py).
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ from torch.export import ExportedProgram
 
 import dscompile.runtime.ops  # noqa: F401  (registers torch.ops.dsc.*)
 from dscompile.errors import DscompileError
-from dscompile.passes.ep_edit import add_param, clone, derive, emit, param, rebuild
-from dscompile.passes.match import (VIEWS, Linear, Miss, Unmatched, call, dtype, hint, last_dim_parts, linear, need,
+from dscompile.lazy import derive
+from dscompile.passes._edit import add_param, clone, emit, param, rebuild
+from dscompile.passes._match import (VIEWS, Linear, Miss, Unmatched, call, dtype, hint, last_dim_parts, linear, need,
                                     rms_norm, shape, source, split_part)
 
 aten = torch.ops.aten

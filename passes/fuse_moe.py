@@ -47,8 +47,9 @@ from torch.export import ExportedProgram
 from torch.fx import Node
 
 import dscompile.runtime.ops  # noqa: F401  (registers torch.ops.dsc.*)
-from dscompile.passes.ep_edit import add_param, clone, derive, emit, param, param_node, rebuild
-from dscompile.passes.match import (SOFTMAX, VIEWS, Miss, Unmatched, call, forward, getitem, hint, linear, need,
+from dscompile.lazy import derive
+from dscompile.passes._edit import add_param, clone, emit, param, param_node, rebuild
+from dscompile.passes._match import (SOFTMAX, VIEWS, Miss, Unmatched, call, forward, getitem, hint, linear, need,
                                     scalar, shape, source, split_part, users, weight)
 from dscompile.runtime.ops.moe import check_expert_weights, check_routing_args
 

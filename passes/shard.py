@@ -47,7 +47,7 @@ from torch.fx import GraphModule, Node
 
 import dscompile.runtime.ops  # noqa: F401  (registers torch.ops.dsc.*)
 from dscompile.errors import DscompileError
-from dscompile.passes.ep_edit import derive
+from dscompile.lazy import derive
 
 aten = torch.ops.aten
 c10d = torch.ops._c10d_functional

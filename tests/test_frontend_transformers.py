@@ -23,7 +23,10 @@ from dscompile.capture.frontends import transformers_patches
 from dscompile.capture.frontends.transformers import capture_transformers, load_transformers_model
 from dscompile.model.checkpoint import CheckpointSource, load_checkpoint
 from dscompile.passes import random_inputs
-from dscompile.passes.ep_edit import Derived, clone, materialize
+from dscompile.lazy import Derived, materialize
+from dscompile.passes._edit import clone
+
+pytestmark = pytest.mark.long  # minutes of exports: scheduled first (tests/conftest.py)
 
 transformers = pytest.importorskip("transformers", reason="the frontend captures transformers' model")
 

@@ -22,8 +22,8 @@ from dscompile.model.checkpoint import build_model, load_checkpoint
 from dscompile.model.routing import Routing, route
 from dscompile.model.synthetic import random_state, tiny_args
 from dscompile.passes import PassOptions, fuse_moe
-from dscompile.passes.ep_edit import param_name
-from dscompile.passes.match import hint
+from dscompile.passes._edit import param_name
+from dscompile.passes._match import hint
 from dscompile.passes import PassMatchError
 
 aten = torch.ops.aten

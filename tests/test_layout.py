@@ -1,7 +1,8 @@
 """The layout holds: imports run one way between the stages, and long files say why they are one file.
 
 The stages in the order data flows, and what each may import from the package besides itself and
-the base (dscompile.errors, dscompile.tolerance: they import nothing, every stage may import them):
+the base (dscompile.errors, dscompile.tolerance, dscompile.lazy: they import nothing of the package,
+every stage may import them):
 
     dscompile.model       checkpoints in                      nothing
     dscompile.runtime     engines from OUT alone               the op set's reference calls model/routing.py
@@ -28,7 +29,7 @@ FOLDERS = {"model": "dscompile.model", "runtime": "dscompile.runtime", "capture"
            "passes": "dscompile.passes", "lowering": "dscompile.lowering", "verify": "dscompile.verify",
            "exporter": "dscompile.exporter", "cli": "dscompile.cli", "bench": "dscompile.bench",
            "dscompile": "dscompile"}
-BASE = ("dscompile.errors", "dscompile.tolerance")
+BASE = ("dscompile.errors", "dscompile.tolerance", "dscompile.lazy")
 STAGES = ("dscompile.model", "dscompile.capture", "dscompile.passes", "dscompile.lowering", "dscompile.verify",
           "dscompile.exporter")
 

@@ -28,7 +28,7 @@ from dscompile.lowering.ops import choose_moe_experts
 from dscompile.model import checkpoint as ckpt_mod
 from dscompile.model.checkpoint import load_checkpoint
 from dscompile.passes import PassOptions, run_pipeline
-from dscompile.passes.ep_edit import materialize
+from dscompile.lazy import materialize
 from dscompile.errors import EngineError
 
 SMALL = Limits(max_batch=2, max_prompt_tokens=8, max_context=32)

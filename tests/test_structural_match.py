@@ -237,7 +237,7 @@ def test_export_that_falls_short_stops_in_one_line_and_explains(make_ckpt, tmp_p
 
     from dscompile.cli import app
     from dscompile.passes import absorb_mla
-    from dscompile.passes.match import Miss
+    from dscompile.passes._match import Miss
 
     checkpoint = make_ckpt("v2-lite", layers=2, experts=8)
     read = absorb_mla.match

@@ -4,7 +4,7 @@
 model_type (never remote code) with the weights our loader finds: on the meta device every
 parameter is a meta tensor whose `dsc_source` reads it from the checkpoint when the weight file is
 written, exactly like our model's (model/checkpoint.py); the routed experts' fused gate_up_proj
-[E, 2I, D] is derived from our stacked gate_proj and up_proj [E, I, D] (passes.ep_edit.derive),
+[E, 2I, D] is derived from our stacked gate_proj and up_proj [E, I, D] (dscompile.lazy.derive),
 so nothing is read before it is written.
 
 `capture_transformers(model, args, limits)` exports it with the inputs, outputs and dynamic dims of
@@ -34,7 +34,8 @@ from dscompile.capture.frontends.transformers_patches import export_patches, pre
 from dscompile.model.args import ModelArgs
 from dscompile.model.checkpoint import load_checkpoint
 from dscompile.model.transformer import causal_mask
-from dscompile.passes.ep_edit import derive, emit, rebuild
+from dscompile.lazy import derive
+from dscompile.passes._edit import emit, rebuild
 
 MODEL_CLASSES = {"deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM"),
                  "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM")}

@@ -8,12 +8,9 @@ Passes rewrite the ATen graph of a `torch.export.ExportedProgram`. What they sha
 - `clone(ep)`: a copy to edit, so a pass never changes the program it was given;
 - `rebuild(ep)`: dead code removed, unused weights dropped, a fresh ExportedProgram.
 
-Weights that are not in memory. An export captures the model on the meta device: every weight is
-a meta tensor carrying a `dsc_source` attribute, an object whose `load()` reads the real tensor
-(from the checkpoint, see model.checkpoint). A pass that computes a new weight from others does it
-through `derive(fn, *weights)`: on real weights that is just `fn(*weights)`; on meta weights the
-result is meta too (shapes for the graph) and remembers `fn` and its inputs, so `materialize(t)`
-can compute it later, one weight at a time, when the weight file is written.
+Weights that are not in memory: an export captures the model on the meta device, so a pass that
+computes a new weight from others does it through `dscompile.lazy.derive` (the lazy-weight
+protocol, dscompile/lazy.py); `add_param` keeps a new weight's `dsc_source`.
 """
 
 from __future__ import annotations
@@ -53,49 +50,6 @@ def param_node(ep: ExportedProgram, fqn: str) -> Node | None:
 def param_name(ep: ExportedProgram, node: Node) -> str | None:
     """The weight name behind a placeholder node, or None for a user input."""
     return _index(ep)[0].get(node.name)
-
-
-class Derived:
-    """The `dsc_source` of a weight a pass computed from other (possibly not loaded) weights."""
-
-    def __init__(self, fn, inputs: tuple[torch.Tensor, ...]):
-        self.fn, self.inputs = fn, inputs
-
-    def load(self) -> torch.Tensor:
-        return self.fn(*(materialize(t) for t in self.inputs))
-
-
-def materialize(t: torch.Tensor) -> torch.Tensor:
-    """The real value of a weight: `t` itself, or what its `dsc_source` loads or computes."""
-    if not t.is_meta:
-        return t
-    source = getattr(t, "dsc_source", None)
-    if source is None:
-        raise RuntimeError(f"a meta tensor of shape {list(t.shape)} has no source to load its values from")
-    value = source.load()
-    if tuple(value.shape) != tuple(t.shape) or value.dtype != t.dtype:
-        raise RuntimeError(f"a weight loaded as {value.dtype} {list(value.shape)}, expected {t.dtype} {list(t.shape)}")
-    return value
-
-
-def has_values(t: torch.Tensor) -> bool:
-    """Whether `materialize(t)` can work: `t` is real, or its source reaches real data (a model built
-    from a config alone, for a graph-only export, has meta weights without sources)."""
-    if not t.is_meta:
-        return True
-    source = getattr(t, "dsc_source", None)
-    if isinstance(source, Derived):
-        return all(has_values(i) for i in source.inputs)
-    return source is not None
-
-
-def derive(fn, *inputs: torch.Tensor) -> torch.Tensor:
-    """`fn(*inputs)`, a new weight computed from weights; deferred (see the module docstring) when
-    any input is a meta tensor. `fn` must be a pure function of its inputs."""
-    out = fn(*inputs)
-    if out.is_meta:
-        out.dsc_source = Derived(fn, inputs)
-    return out
 
 
 def param(ep: ExportedProgram, fqn: str) -> torch.Tensor:

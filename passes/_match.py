@@ -29,7 +29,7 @@ import torch
 from torch.export import ExportedProgram
 from torch.fx import Node
 
-from dscompile.passes.ep_edit import param_name
+from dscompile.passes._edit import param_name
 
 aten = torch.ops.aten
 
