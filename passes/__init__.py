@@ -1,6 +1,6 @@
 """Graph passes over torch.export ExportedPrograms, run as one ordered pipeline.
 
-Each pass is one module with `run(ep, options) -> (ep, count, unmatched)`: the program with
+Each pass is one module with `run(program, options) -> (program, count, unmatched)`: the program with
 `count` regions rewritten and the regions it looked at and left alone, each with the step that
 failed (`match.Unmatched`); `expected(options) -> int`, how many regions the model's config says
 the graph has; and optionally `describe(options) -> dict` (e.g. the cost model behind its choice,
@@ -84,15 +84,15 @@ def describe_pipeline() -> list[tuple[str, str]]:
 
 
 def run_pipeline(
-    ep: ExportedProgram, options: PassOptions, *, verify: bool = False, seed: int = 0
+    program: ExportedProgram, options: PassOptions, *, verify: bool = False, seed: int = 0
 ) -> tuple[ExportedProgram, PassReport]:
     report = PassReport(options.phase)
-    inputs = random_inputs(ep, options.args.vocab_size, seed) if verify else None
-    before = _run(ep, inputs) if inputs is not None else None
+    inputs = random_inputs(program, options.args.vocab_size, seed) if verify else None
+    before = _run(program, inputs) if inputs is not None else None
     for p in PIPELINE:
         name = p.__name__.rsplit(".", 1)[-1]
         start = time.perf_counter()
-        ep, count, unmatched = p.run(ep, options)
+        program, count, unmatched = p.run(program, options)
         details = p.describe(options) if hasattr(p, "describe") else {}
         expected = p.expected(options)
         result = PassResult(name, count, time.perf_counter() - start, details=details, expected=expected,
@@ -104,9 +104,9 @@ def run_pipeline(
                 f"graph{why} (--explain lists every region; --absorb none / --no-fuse-moe export without it)",
                 unmatched)
         if before is not None and count:
-            after = _run(ep, inputs)
+            after = _run(program, inputs)
             result.max_error = max_error(before, after)
-            dtype = before[0].dtype if before[0].dtype != torch.float32 else _weight_dtype(ep)
+            dtype = before[0].dtype if before[0].dtype != torch.float32 else _weight_dtype(program)
             bound = tolerance_bound(dtype, max(float(t.abs().max()) for t in before))
             if not result.max_error <= bound:
                 raise PassVerificationError(
@@ -117,19 +117,19 @@ def run_pipeline(
         elif before is not None:
             result.max_error = 0.0
         report.results.append(result)
-    return ep, report
+    return program, report
 
 
-def _weight_dtype(ep: ExportedProgram) -> torch.dtype:
-    for t in ep.state_dict.values():
+def _weight_dtype(program: ExportedProgram) -> torch.dtype:
+    for t in program.state_dict.values():
         if t.is_floating_point():
             return t.dtype
     return torch.float32
 
 
-def _run(ep: ExportedProgram, inputs: tuple) -> list[torch.Tensor]:
+def _run(program: ExportedProgram, inputs: tuple) -> list[torch.Tensor]:
     with torch.no_grad():
-        out = ep.module()(*inputs)
+        out = program.module()(*inputs)
     return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
@@ -137,7 +137,7 @@ def max_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(float((x.float() - y.float()).abs().max()) if x.numel() else 0.0 for x, y in zip(a, b))
 
 
-def random_inputs(ep: ExportedProgram, vocab_size: int, seed: int = 0) -> tuple:
+def random_inputs(program: ExportedProgram, vocab_size: int, seed: int = 0) -> tuple:
     """Inputs of the IO contract with concrete sizes inside the program's ranges.
 
     Dynamic sizes get distinct small values (so no two dims coincide by accident); the cache gets
@@ -145,12 +145,12 @@ def random_inputs(ep: ExportedProgram, vocab_size: int, seed: int = 0) -> tuple:
     """
     gen = torch.Generator().manual_seed(seed)
     values: dict[sympy.Symbol, int] = {}
-    for i, (sym, rng) in enumerate(sorted(ep.range_constraints.items(), key=lambda kv: str(kv[0]))):
+    for i, (sym, rng) in enumerate(sorted(program.range_constraints.items(), key=lambda kv: str(kv[0]))):
         if isinstance(sym, sympy.Symbol):
             lo = max(int(rng.lower), 1)
             values[sym] = min(lo + 1 + i, int(rng.upper) if rng.upper.is_finite else 10**9)
-    specs = [n for n in ep.graph.nodes if n.op == "placeholder"]
-    user = {s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"}
+    specs = [n for n in program.graph.nodes if n.op == "placeholder"]
+    user = {s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"}
     shapes = {}
     for n in specs:
         if n.name in user:
@@ -159,7 +159,7 @@ def random_inputs(ep: ExportedProgram, vocab_size: int, seed: int = 0) -> tuple:
                 tuple(int(sympy.sympify(d.node.expr if isinstance(d, torch.SymInt) else d).subs(values)) for d in val.shape),
                 val.dtype,
             )
-    names = [s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    names = [s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
     ids_shape = shapes[names[0]][0]
     total = shapes[names[2]][0][1]
     B, S = ids_shape
@@ -174,12 +174,12 @@ def random_inputs(ep: ExportedProgram, vocab_size: int, seed: int = 0) -> tuple:
         shape, dtype = shapes[name]
         out.append(torch.randn(shape, generator=gen).to(dtype))
     flat = tuple(out)
-    return _unflatten(ep, flat)
+    return _unflatten(program, flat)
 
 
-def _unflatten(ep: ExportedProgram, flat: tuple) -> tuple:
+def _unflatten(program: ExportedProgram, flat: tuple) -> tuple:
     """Flat user inputs -> the structure the exported module's forward takes."""
-    args_spec = ep.call_spec.in_spec
+    args_spec = program.call_spec.in_spec
     if args_spec is None:
         return flat
     args, _kwargs = torch.utils._pytree.tree_unflatten(list(flat), args_spec)

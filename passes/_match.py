@@ -9,10 +9,10 @@ here reads `nn_module_stack` to decide: `hint(node)` only labels a region for me
 Helpers:
 - `source(n)`: back through ops that only re-index or re-type a value (views, transposes,
   expands, contiguous copies, same-size casts) to the node that computes it;
-- `weight(ep, n)`: the parameter or buffer placeholder behind `n` (through casts and views), or None;
-- `linear(ep, n)`: `n` read as x @ Wᵀ (+ b) with W a weight (aten.linear, or matmul/mm/addmm of a
+- `weight(program, n)`: the parameter or buffer placeholder behind `n` (through casts and views), or None;
+- `linear(program, n)`: `n` read as x @ Wᵀ (+ b) with W a weight (aten.linear, or matmul/mm/addmm of a
   transposed weight);
-- `rms_norm(ep, n)`: `n` read as w * (x * rsqrt(mean(x², -1) + eps)) (casts allowed);
+- `rms_norm(program, n)`: `n` read as w * (x * rsqrt(mean(x², -1) + eps)) (casts allowed);
 - `last_dim_parts(n)`: the pieces `n` is assembled from along its last dimension (a cat, or
   slice_scatter writes into an empty tensor), each with its width;
 - `split_part(n)`: `n` read as one piece of a split / chunk / slice of a tensor along its last dim;
@@ -110,10 +110,10 @@ def source(n: Node, *, casts: bool = True) -> Node:
     return n
 
 
-def weight(ep: ExportedProgram, n: Node) -> str | None:
+def weight(program: ExportedProgram, n: Node) -> str | None:
     """The state_dict name of the parameter/buffer behind `n` (through views and casts), or None."""
     s = source(n)
-    return param_name(ep, s) if s.op == "placeholder" else None
+    return param_name(program, s) if s.op == "placeholder" else None
 
 
 def scalar(n: Any) -> float | None:
@@ -130,11 +130,11 @@ class Linear:
     bias: Node | None
 
 
-def linear(ep: ExportedProgram, n: Node) -> Linear:
+def linear(program: ExportedProgram, n: Node) -> Linear:
     """`n` (through views/casts) as x @ Wᵀ (+ b) with W a [out, in] weight of the program."""
     s = source(n)
     if call(s, aten.linear.default):
-        w = weight(ep, s.args[1])
+        w = weight(program, s.args[1])
         need(w is not None, "projection", f"{s.name} multiplies by a computed tensor, not a weight")
         bias = s.args[2] if len(s.args) > 2 else None
         return Linear(s, s.args[0], source(s.args[1]), w, bias)
@@ -142,7 +142,7 @@ def linear(ep: ExportedProgram, n: Node) -> Linear:
         x, wt = (s.args[1], s.args[2]) if s.target == aten.addmm.default else s.args[:2]
         bias = s.args[0] if s.target == aten.addmm.default else None
         t = wt if call(wt, aten.t.default, aten.transpose.int, aten.permute.default) else None
-        w = weight(ep, t.args[0]) if t is not None else None
+        w = weight(program, t.args[0]) if t is not None else None
         need(w is not None, "projection", f"{s.name} is a matmul, but not by a transposed weight")
         return Linear(s, x, source(t.args[0]), w, bias)
     raise Miss("projection", f"{s.name} is {_op(s)}, not a projection by a weight")
@@ -155,15 +155,15 @@ class RMSNormMatch:
     eps: float
 
 
-def rms_norm(ep: ExportedProgram, n: Node) -> RMSNormMatch:
+def rms_norm(program: ExportedProgram, n: Node) -> RMSNormMatch:
     """`n` as w * (x * rsqrt(mean(x², -1, keepdim) + eps)), dtype casts allowed anywhere."""
     s = source(n)
     w_name = None
     if call(s, aten.mul.Tensor):
         a, b = s.args
         for maybe_w, rest in ((a, b), (b, a)):
-            if isinstance(maybe_w, Node) and weight(ep, maybe_w) is not None:
-                w_name, s = weight(ep, maybe_w), source(rest)
+            if isinstance(maybe_w, Node) and weight(program, maybe_w) is not None:
+                w_name, s = weight(program, maybe_w), source(rest)
                 break
     need(call(s, aten.mul.Tensor), "RMSNorm", f"{s.name} is {_op(s)}, not x * rsqrt(mean(x²) + eps)")
     x, r = s.args

@@ -130,32 +130,32 @@ class _Match:
     details: dict = field(default_factory=dict)
 
 
-def run(ep: ExportedProgram, options) -> tuple[ExportedProgram, int, list[Unmatched]]:
+def run(program: ExportedProgram, options) -> tuple[ExportedProgram, int, list[Unmatched]]:
     """Rewrite every attention that matches; the rest are left as they are, each with its reason."""
     form = choose(options.args, options.phase, options.absorb)
     if form == "none":
-        return ep, 0, []
-    found, unmatched = _match_all(ep, form)
+        return program, 0, []
+    found, unmatched = _match_all(program, form)
     if not found:
-        return ep, 0, unmatched
-    ep = clone(ep)  # the caller's program is never changed
-    found, _ = _match_all(ep, form)
+        return program, 0, unmatched
+    program = clone(program)  # the caller's program is never changed
+    found, _ = _match_all(program, form)
     for m in found:
-        _rewrite(ep, m, form)
-    return rebuild(ep), len(found), unmatched
+        _rewrite(program, m, form)
+    return rebuild(program), len(found), unmatched
 
 
-def _match_all(ep: ExportedProgram, form: str) -> tuple[list[_Match], list[Unmatched]]:
+def _match_all(program: ExportedProgram, form: str) -> tuple[list[_Match], list[Unmatched]]:
     found, unmatched = [], []
-    for sdpa in [n for n in ep.graph.nodes if call(n, aten.scaled_dot_product_attention.default)]:
+    for sdpa in [n for n in program.graph.nodes if call(n, aten.scaled_dot_product_attention.default)]:
         try:
-            found.append(match(ep, sdpa, form))
+            found.append(match(program, sdpa, form))
         except Miss as miss:
             unmatched.append(Unmatched(hint(sdpa), miss.step, miss.found))
     return found, unmatched
 
 
-def _heads(ep: ExportedProgram, t: Node, step: str) -> tuple[Linear, int, int]:
+def _heads(program: ExportedProgram, t: Node, step: str) -> tuple[Linear, int, int]:
     """`t` as a projection's output with its last dim split into [heads, width] (other dims only
     moved): (the projection, heads, width per head)."""
     n = t
@@ -169,7 +169,7 @@ def _heads(ep: ExportedProgram, t: Node, step: str) -> tuple[Linear, int, int]:
         n = n.args[0]
     need(call(n, aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unflatten.int), step,
          f"{t.name} is not a projection reshaped into heads")
-    proj = linear(ep, n.args[0])
+    proj = linear(program, n.args[0])
     out = shape(proj.node)
     heads, width = shape(n)[-2], shape(n)[-1]
     lead = lambda dims: [d for d in dims if not (isinstance(d, int) and d == 1)]  # noqa: E731
@@ -178,13 +178,13 @@ def _heads(ep: ExportedProgram, t: Node, step: str) -> tuple[Linear, int, int]:
     return proj, int(heads), int(width)
 
 
-def _piece(ep: ExportedProgram, n: Node, step: str) -> tuple[Linear, int, int, int, int, Node]:
+def _piece(program: ExportedProgram, n: Node, step: str) -> tuple[Linear, int, int, int, int, Node]:
     """`n` as a piece [start, start+width) of each head of a projection:
     (projection, heads, head width, start, width, the tensor split)."""
     part = split_part(source(n, casts=False))
     need(part is not None, step, f"{source(n).name} is not a piece of a per-head projection")
     t, start, width = part
-    proj, heads, head_width = _heads(ep, t, step)
+    proj, heads, head_width = _heads(program, t, step)
     return proj, heads, head_width, start, width, t
 
 
@@ -199,7 +199,7 @@ def _squeezable(n: Node, width: int) -> bool:
     return (len(s) == 3 or (len(s) == 4 and s[1] == 1)) and s[-1] == width
 
 
-def match(ep: ExportedProgram, sdpa: Node, form: str) -> _Match:
+def match(program: ExportedProgram, sdpa: Node, form: str) -> _Match:
     """Read one attention as MLA, or raise Miss naming the first step that does not hold."""
     q, k, v = sdpa.args[:3]
     opts = dict(zip(("attn_mask", "dropout_p", "is_causal"), sdpa.args[3:6]), **sdpa.kwargs)
@@ -212,12 +212,12 @@ def match(ep: ExportedProgram, sdpa: Node, form: str) -> _Match:
     need(not opts.get("enable_gqa"), "attention", "grouped-query attention")
 
     # Values: one piece of each head of the up-projection of the latent.
-    kv, H, width, v_start, V, kv_split = _piece(ep, v, "values")
+    kv, H, width, v_start, V, kv_split = _piece(program, v, "values")
     need(kv.bias is None, "values", f"the up-projection {kv.weight_name} has a bias")
     # Keys: [no-RoPE piece of the same projection, a RoPE key shared by every head].
     parts = last_dim_parts(k)
     need(len(parts) == 2, "keys", f"the key is assembled from {len(parts)} pieces, not [no-RoPE, RoPE]")
-    kv_k, H_k, width_k, k_start, N, k_split = _piece(ep, parts[0][0], "keys")
+    kv_k, H_k, width_k, k_start, N, k_split = _piece(program, parts[0][0], "keys")
     need(kv_k.node is kv.node and width_k == width, "keys",
          f"the no-RoPE key comes from {kv_k.weight_name}, the values from {kv.weight_name}")
     need((k_start, v_start, N + V) == (0, N, width), "keys",
@@ -230,7 +230,7 @@ def match(ep: ExportedProgram, sdpa: Node, form: str) -> _Match:
     C = int(shape(kv.weight)[1])
     need(_squeezable(latent, C), "latent", f"the up-projection reads {list(shape(latent))}, not [B, T, {C}]")
     need(_tokens(latent) == _tokens(k_rope), "latent", "the latent and the RoPE key cover different tokens")
-    latent_proj = _latent_projection(ep, latent, C)
+    latent_proj = _latent_projection(program, latent, C)
     # Queries: [no-RoPE N, RoPE R] per head.
     q_parts = last_dim_parts(q)
     need([w for _p, w in q_parts] == [N, R], "queries",
@@ -241,15 +241,15 @@ def match(ep: ExportedProgram, sdpa: Node, form: str) -> _Match:
                kv.weight_name, H, N, R, V, C,
                details={"latent_projection": latent_proj})
     if form == "fold":
-        qp, Hq, q_width, q_start, q_n, _t = _piece(ep, q_parts[0][0], "queries")
+        qp, Hq, q_width, q_start, q_n, _t = _piece(program, q_parts[0][0], "queries")
         need(qp.bias is None and (Hq, q_width, q_start, q_n) == (H, N + R, 0, N), "queries",
              f"the no-RoPE query is [{q_start}:{q_start + q_n}] of {Hq} heads of {q_width} from "
              f"{qp.weight_name}{' (with a bias)' if qp.bias is not None else ''}")
-        m.q_proj, m.o_proj = qp, _output_projection(ep, sdpa, H, V)
+        m.q_proj, m.o_proj = qp, _output_projection(program, sdpa, H, V)
     return m
 
 
-def _latent_projection(ep: ExportedProgram, latent: Node, C: int) -> str:
+def _latent_projection(program: ExportedProgram, latent: Node, C: int) -> str:
     """The latent is the RMS-normalized first C values of a projection (after the cached tokens):
     returns that projection's weight name."""
     s = source(latent, casts=False)
@@ -257,14 +257,14 @@ def _latent_projection(ep: ExportedProgram, latent: Node, C: int) -> str:
         dim = s.args[1] if len(s.args) > 1 else 0
         need(dim % len(shape(s)) == len(shape(s)) - 2, "latent", f"{s.name} concatenates across the latent")
         s = s.args[0][-1]
-    norm = rms_norm(ep, s)
+    norm = rms_norm(program, s)
     part = split_part(source(norm.x, casts=False))
     need(part is not None and part[1] == 0 and part[2] == C, "latent", "the normalized latent is not the first "
          f"{C} values of a projection")
-    return linear(ep, part[0]).weight_name
+    return linear(program, part[0]).weight_name
 
 
-def _output_projection(ep: ExportedProgram, sdpa: Node, H: int, V: int) -> Linear:
+def _output_projection(program: ExportedProgram, sdpa: Node, H: int, V: int) -> Linear:
     """The projection of the attention output [B, H, S, V] after merging heads as [S, H*V]."""
     n, moved = sdpa, False
     while len(n.users) == 1:
@@ -281,40 +281,40 @@ def _output_projection(ep: ExportedProgram, sdpa: Node, H: int, V: int) -> Linea
     (user,) = n.users if len(n.users) == 1 else (None,)
     need(moved and len(shape(n)) == 3 and user is not None, "output",
          "the attention output is not merged as [B, S, H*V] into one projection")
-    proj = linear(ep, user)
+    proj = linear(program, user)
     need(proj.node is user and proj.x is n and proj.bias is None, "output",
          f"the merged heads feed {user.name}, not a projection without bias")
     return proj
 
 
-def _rewrite(ep: ExportedProgram, m: _Match, form: str) -> None:
+def _rewrite(program: ExportedProgram, m: _Match, form: str) -> None:
     H, N, R, V, C = m.H, m.N, m.R, m.V, m.C
-    w_kv = param(ep, m.kv_b)
-    graph, sdpa = ep.graph, m.sdpa
+    w_kv = param(program, m.kv_b)
+    graph, sdpa = program.graph, m.sdpa
     with graph.inserting_before(sdpa):
         if call(m.q, aten.cat.default) and [shape(p)[-1] for p in m.q.args[0]] == [N, R]:
             q_nope, q_rope = m.q.args[0]  # the query is built [B, H, S, *] from its two parts
         else:
-            q_nope = emit(ep, aten.slice.Tensor, m.q, 3, 0, N, like=sdpa)  # [B, H, S, N]
-            q_rope = emit(ep, aten.slice.Tensor, m.q, 3, N, N + R, like=sdpa)  # [B, H, S, R]
+            q_nope = emit(program, aten.slice.Tensor, m.q, 3, 0, N, like=sdpa)  # [B, H, S, N]
+            q_rope = emit(program, aten.slice.Tensor, m.q, 3, N, N + R, like=sdpa)  # [B, H, S, R]
         mask = m.mask
         if dtype(mask) == torch.bool:  # True = attend: 0 there, the most negative float elsewhere
-            mask = emit(ep, aten.where.Scalar, mask, 0.0, torch.finfo(torch.float32).min, like=sdpa)
-        latent = m.latent if len(shape(m.latent)) == 3 else emit(ep, aten.squeeze.dim, m.latent, 1, like=sdpa)
-        k_rope = m.k_rope if len(shape(m.k_rope)) == 3 else emit(ep, aten.squeeze.dim, m.k_rope, 1, like=sdpa)
+            mask = emit(program, aten.where.Scalar, mask, 0.0, torch.finfo(torch.float32).min, like=sdpa)
+        latent = m.latent if len(shape(m.latent)) == 3 else emit(program, aten.squeeze.dim, m.latent, 1, like=sdpa)
+        k_rope = m.k_rope if len(shape(m.k_rope)) == 3 else emit(program, aten.squeeze.dim, m.k_rope, 1, like=sdpa)
     if form == "reassociate":
         w_uk = derive(lambda w: w.detach().view(H, N + V, C)[:, :N].contiguous(), w_kv)  # [H, N, C]
         w_uv = derive(lambda w: w.detach().view(H, N + V, C)[:, N:].contiguous(), w_kv)  # [H, V, C]
-        uk, uv = add_param(ep, f"{m.prefix}.absorb.w_uk", w_uk), add_param(ep, f"{m.prefix}.absorb.w_uv", w_uv)
+        uk, uv = add_param(program, f"{m.prefix}.absorb.w_uk", w_uk), add_param(program, f"{m.prefix}.absorb.w_uv", w_uv)
         with graph.inserting_before(sdpa):
-            q_lat = emit(ep, aten.einsum.default, "bhsn,hnc->bhsc", [q_nope, uk], like=sdpa)
-            o_lat = emit(ep, torch.ops.dsc.latent_attention.default, q_lat, q_rope, latent, k_rope, mask,
+            q_lat = emit(program, aten.einsum.default, "bhsn,hnc->bhsc", [q_nope, uk], like=sdpa)
+            o_lat = emit(program, torch.ops.dsc.latent_attention.default, q_lat, q_rope, latent, k_rope, mask,
                          m.scale, like=sdpa)
-            out = emit(ep, aten.einsum.default, "bhsc,hvc->bhsv", [o_lat, uv], like=sdpa)
+            out = emit(program, aten.einsum.default, "bhsc,hvc->bhsv", [o_lat, uv], like=sdpa)
         sdpa.replace_all_uses_with(out)
         return
     # fold: the query side starts from the input of the q projection; the output side replaces o_proj.
-    w_q, w_o = param(ep, m.q_proj.weight_name), param(ep, m.o_proj.weight_name)
+    w_q, w_o = param(program, m.q_proj.weight_name), param(program, m.o_proj.weight_name)
 
     def fold_q(w_kv, w_q):  # [H, q_in, C]: W_UK^T folded into the query's up-projection
         w_uk, w_uq = w_kv.detach().view(H, N + V, C)[:, :N], w_q.detach().view(H, N + R, -1)[:, :N]
@@ -324,13 +324,13 @@ def _rewrite(ep: ExportedProgram, m: _Match, form: str) -> None:
         w_uv = w_kv.detach().view(H, N + V, C)[:, N:]
         return torch.einsum("dhv,hvc->dhc", w_o.detach().float().view(w_o.shape[0], H, V), w_uv.float()).to(w_o.dtype).contiguous()
 
-    qk = add_param(ep, f"{m.prefix}.absorb.w_qk", derive(fold_q, w_kv, w_q))
-    ov = add_param(ep, f"{m.prefix}.absorb.w_ov", derive(fold_o, w_kv, w_o))
+    qk = add_param(program, f"{m.prefix}.absorb.w_qk", derive(fold_q, w_kv, w_q))
+    ov = add_param(program, f"{m.prefix}.absorb.w_ov", derive(fold_o, w_kv, w_o))
     with graph.inserting_before(sdpa):
-        q_lat = emit(ep, aten.einsum.default, "bsq,hqc->bhsc", [m.q_proj.x, qk], like=sdpa)
-        o_lat = emit(ep, torch.ops.dsc.latent_attention.default, q_lat, q_rope, latent, k_rope, mask,
+        q_lat = emit(program, aten.einsum.default, "bsq,hqc->bhsc", [m.q_proj.x, qk], like=sdpa)
+        o_lat = emit(program, torch.ops.dsc.latent_attention.default, q_lat, q_rope, latent, k_rope, mask,
                      m.scale, like=sdpa)
     o_lin = m.o_proj.node
     with graph.inserting_before(o_lin):
-        out = emit(ep, aten.einsum.default, "bhsc,dhc->bsd", [o_lat, ov], like=o_lin)
+        out = emit(program, aten.einsum.default, "bhsc,dhc->bsd", [o_lat, ov], like=o_lin)
     o_lin.replace_all_uses_with(out)

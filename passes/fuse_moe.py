@@ -78,38 +78,38 @@ def expected(options) -> int:
     return options.args.num_moe_layers if options.fuse_moe else 0
 
 
-def run(ep: ExportedProgram, options) -> tuple[ExportedProgram, int, list[Unmatched]]:
+def run(program: ExportedProgram, options) -> tuple[ExportedProgram, int, list[Unmatched]]:
     """Fuse every MoE layer that matches into one `dsc.moe` node; the rest stay, with their reason."""
     if not options.fuse_moe:
-        return ep, 0, []
-    found, unmatched = _match_all(ep)
+        return program, 0, []
+    found, unmatched = _match_all(program)
     if not found:
-        return ep, 0, unmatched
-    ep = clone(ep)  # the caller's program is never changed
-    found, _ = _match_all(ep)
+        return program, 0, unmatched
+    program = clone(program)  # the caller's program is never changed
+    found, _ = _match_all(program)
     for m in found:
-        _rewrite(ep, m)
-    return rebuild(ep), len(found), unmatched
+        _rewrite(program, m)
+    return rebuild(program), len(found), unmatched
 
 
-def _match_all(ep: ExportedProgram) -> tuple[list[_Match], list[Unmatched]]:
+def _match_all(program: ExportedProgram) -> tuple[list[_Match], list[Unmatched]]:
     found, unmatched = [], []
-    for gate in _routers(ep):
+    for gate in _routers(program):
         try:
-            found.append(match(ep, gate))
+            found.append(match(program, gate))
         except Miss as miss:
             unmatched.append(Unmatched(hint(gate), miss.step, miss.found))
     return found, unmatched
 
 
-def _routers(ep: ExportedProgram) -> list[Node]:
+def _routers(program: ExportedProgram) -> list[Node]:
     """Candidate routers: projections by a weight from which a top-k is reached within a few ops."""
     out = []
-    for n in ep.graph.nodes:
+    for n in program.graph.nodes:
         if not call(n, aten.linear.default, aten.mm.default, aten.matmul.default):
             continue
         try:
-            linear(ep, n)
+            linear(program, n)
         except Miss:
             continue
         frontier, seen = [n], set()
@@ -133,9 +133,9 @@ def _mask_source(n: Node) -> Node:
     return n
 
 
-def match(ep: ExportedProgram, gate_node: Node) -> _Match:
+def match(program: ExportedProgram, gate_node: Node) -> _Match:
     """Read one router's layer as DeepSeekMoE, or raise Miss naming the first step that does not hold."""
-    router = linear(ep, gate_node)
+    router = linear(program, gate_node)
     need(router.bias is None, "router", f"{router.weight_name} has a bias")
     x = source(router.x)
     E = int(shape(router.weight)[0])
@@ -155,7 +155,7 @@ def match(ep: ExportedProgram, gate_node: Node) -> _Match:
         need(scoring == "sigmoid" and len(adds) == 1, "selection",
              f"{scoring} scores with a bias added to them for selection")
         other = adds[0].args[1] if adds[0].args[0] is scores else adds[0].args[0]
-        need(weight(ep, other) is not None and shape(other) == (E,), "selection",
+        need(weight(program, other) is not None and shape(other) == (E,), "selection",
              f"the scores get {other.name} added, not a per-expert bias")
         choice, bias = adds[0], source(other)
     routing = dict(topk_method=None, n_group=1, topk_group=1)
@@ -203,29 +203,29 @@ def match(ep: ExportedProgram, gate_node: Node) -> _Match:
     else:
         routing["topk_method"] = "noaux_tc"
     routing.update(top_k=K, norm_topk_prob=norm, routed_scaling_factor=factor)
-    experts, routed = _experts(ep, x, ids, weights, E)
-    out, shared = _combine(ep, x, routed)
+    experts, routed = _experts(program, x, ids, weights, E)
+    out, shared = _combine(program, x, routed)
     try:
         check_routing_args(E, K, routing["n_group"], routing["topk_group"], routing["topk_method"])
     except ValueError as err:
         raise Miss("routing", str(err)) from None
     try:
-        check_expert_weights(*_expert_shapes(ep, x, experts))
+        check_expert_weights(*_expert_shapes(program, x, experts))
     except ValueError as err:
         raise Miss("experts", str(err)) from None
     return _Match(hint(gate_node), x, out, router.weight, bias, experts, shared, routing)
 
 
-def _expert_shapes(ep: ExportedProgram, x: Node, experts: dict[str, str]) -> tuple[torch.Tensor, ...]:
+def _expert_shapes(program: ExportedProgram, x: Node, experts: dict[str, str]) -> tuple[torch.Tensor, ...]:
     """Meta tensors of x [L, D] and the op's w1, w2, w3 (a stacked gate/up counts as two halves)."""
     meta = lambda shape_: torch.empty(shape_, device="meta")  # noqa: E731
     D = shape(x)[-1]
     if "w13" in experts:
-        E, I2, D2 = param(ep, experts["w13"]).shape
+        E, I2, D2 = param(program, experts["w13"]).shape
         w1 = w3 = meta((E, I2 // 2, D2))
     else:
-        w1, w3 = meta(param(ep, experts["w1"]).shape), meta(param(ep, experts["w3"]).shape)
-    return meta((1, D)), w1, meta(param(ep, experts["w2"]).shape), w3
+        w1, w3 = meta(param(program, experts["w1"]).shape), meta(param(program, experts["w3"]).shape)
+    return meta((1, D)), w1, meta(param(program, experts["w2"]).shape), w3
 
 
 def _name(n: Node) -> str:
@@ -292,12 +292,12 @@ def _post(w: Node) -> tuple[bool, float, Node]:
             return norm, factor, nxt
 
 
-def _experts(ep: ExportedProgram, x: Node, ids: Node, weights: Node, E: int) -> tuple[dict[str, str], Node]:
+def _experts(program: ExportedProgram, x: Node, ids: Node, weights: Node, E: int) -> tuple[dict[str, str], Node]:
     """The routed experts' weights and the node holding Σ_k w_k·expert_{id_k}(x), [L, D]."""
     scatters = [u for u in users(weights) if call(u, aten.scatter.src) and u.args[3] is weights]
     if scatters:
-        return _dense_experts(ep, x, ids, scatters[0], E)
-    return _gathered_experts(ep, x, ids, weights, E)
+        return _dense_experts(program, x, ids, scatters[0], E)
+    return _gathered_experts(program, x, ids, weights, E)
 
 
 def _canon(eq: str) -> str:
@@ -305,7 +305,7 @@ def _canon(eq: str) -> str:
     return "".join(names.setdefault(c, "abcdefgh"[len(names)]) if c.isalpha() else c for c in eq)
 
 
-def _dense_experts(ep, x, ids, scatter, E):
+def _dense_experts(program, x, ids, scatter, E):
     """Every expert on every token, combined by a [L, E] matrix holding the K weights (0 elsewhere)."""
     need(source(scatter.args[2], casts=False) is ids and scatter.args[1] in (1, -1) and
          call(scatter.args[0], aten.zeros.default, aten.new_zeros.default, aten.zeros_like.default), "experts",
@@ -317,13 +317,13 @@ def _dense_experts(ep, x, ids, scatter, E):
     need(call(y, aten.einsum.default) and _canon(y.args[0]) == "abc,bdc->abd", "experts",
          "the combined outputs are not a per-expert down projection")
     h, w2 = y.args[1]
-    need(weight(ep, w2) is not None, "experts", "the down projection is not by a weight")
-    w1, w3 = _gated(ep, source(h), x, lambda n: call(n, aten.einsum.default) and _canon(n.args[0]) == "ab,cdb->acd",
+    need(weight(program, w2) is not None, "experts", "the down projection is not by a weight")
+    w1, w3 = _gated(program, source(h), x, lambda n: call(n, aten.einsum.default) and _canon(n.args[0]) == "ab,cdb->acd",
                     lambda n: n.args[1][1], lambda n: n.args[1][0])
-    return {"w1": w1, "w3": w3, "w2": weight(ep, w2)}, combines[0]
+    return {"w1": w1, "w3": w3, "w2": weight(program, w2)}, combines[0]
 
 
-def _gated(ep, h, x, is_proj, weight_of, input_of) -> tuple[str, str]:
+def _gated(program, h, x, is_proj, weight_of, input_of) -> tuple[str, str]:
     """h = silu(proj_1(x)) * proj_3(x): the gate and up weight names."""
     need(call(h, aten.mul.Tensor), "experts", f"the expert activation is {_name(h)}, not silu(gate) * up")
     a, b = (source(t) for t in h.args)
@@ -333,12 +333,12 @@ def _gated(ep, h, x, is_proj, weight_of, input_of) -> tuple[str, str]:
     g = source(a.args[0])
     need(is_proj(g) and is_proj(b), "experts", "silu(gate) * up of something other than two expert projections")
     need(source(input_of(g)) is x and source(input_of(b)) is x, "experts", "the experts do not read the layer input")
-    w1, w3 = weight(ep, weight_of(g)), weight(ep, weight_of(b))
+    w1, w3 = weight(program, weight_of(g)), weight(program, weight_of(b))
     need(w1 is not None and w3 is not None, "experts", "an expert projection is not by a weight")
     return w1, w3
 
 
-def _gathered_experts(ep, x, ids, weights, E):
+def _gathered_experts(program, x, ids, weights, E):
     """Each token's K chosen experts' weights gathered and applied as batched matmuls:
     y[t,k] = W2[id]·(silu(W1[id] x_t) * W3[id] x_t), out[t] = Σ_k w[t,k]·y[t,k]."""
     # out = (y * w.reshape(-1).unsqueeze(-1)).view(L, K, D).sum(1)
@@ -350,7 +350,7 @@ def _gathered_experts(ep, x, ids, weights, E):
     sums = [u for u in users(total) if call(u, aten.sum.dim_IntList)]
     need(len(sums) == 1 and shape(total)[-2] == shape(source(ids, casts=False))[-1], "experts",
          "the weighted expert outputs are not summed over the K chosen experts")
-    down = _gathered_linear(ep, y, ids)
+    down = _gathered_linear(program, y, ids)
     need(down is not None, "experts", "the expert outputs are not a down projection by the chosen experts' weights")
     w2, h = down
     h = source(h)
@@ -365,10 +365,10 @@ def _gathered_experts(ep, x, ids, weights, E):
         width = shape(gp[0])[-1]
         need((gp[1], gp[2], up[1], up[2]) == (0, width // 2, width // 2, width // 2), "experts",
              "the stacked gate/up projection is not split as [gate, up]")
-        proj = _gathered_linear(ep, gp[0], ids, x)
+        proj = _gathered_linear(program, gp[0], ids, x)
         need(proj is not None, "experts", "the gate/up projection is not by the chosen experts' weights")
         return {"w13": proj[0], "w2": w2}, sums[0]
-    g, u = _gathered_linear(ep, a.args[0], ids, x), _gathered_linear(ep, b, ids, x)
+    g, u = _gathered_linear(program, a.args[0], ids, x), _gathered_linear(program, b, ids, x)
     need(g is not None and u is not None, "experts", "gate and up are not projections by the chosen experts' weights")
     return {"w1": g[0], "w3": u[0], "w2": w2}, sums[0]
 
@@ -378,7 +378,7 @@ def _usersforward(n: Node) -> list[Node]:
     return list(n.users)
 
 
-def _gathered_linear(ep, n: Node, ids: Node, x: Node | None = None) -> tuple[str, Node] | None:
+def _gathered_linear(program, n: Node, ids: Node, x: Node | None = None) -> tuple[str, Node] | None:
     """`n` as bmm(W[ids], v) (or its transpose form): (W's name, v), checking v's source is x if given."""
     s = source(n)
     if not call(s, aten.bmm.default, aten.matmul.default):
@@ -387,7 +387,7 @@ def _gathered_linear(ep, n: Node, ids: Node, x: Node | None = None) -> tuple[str
     for w_side, v_side in ((a, b), (b, a)):
         idx = source(w_side, casts=False)
         if call(idx, aten.index.Tensor) and len(idx.args[1]) == 1 and idx.args[1][0] is not None:
-            name = weight(ep, idx.args[0])
+            name = weight(program, idx.args[0])
             if name is None or source(idx.args[1][0], casts=False) is not source(ids, casts=False):
                 return None
             v = source(v_side, casts=False)
@@ -399,7 +399,7 @@ def _gathered_linear(ep, n: Node, ids: Node, x: Node | None = None) -> tuple[str
     return None
 
 
-def _combine(ep, x: Node, routed: Node) -> tuple[Node, list[str] | None]:
+def _combine(program, x: Node, routed: Node) -> tuple[Node, list[str] | None]:
     """The layer output: routed (+ shared experts of x), back in x's shape."""
     n = forward(routed)
     shared = None
@@ -408,7 +408,7 @@ def _combine(ep, x: Node, routed: Node) -> tuple[Node, list[str] | None]:
         add = adds[0]
         other = add.args[1] if add.args[0] is n else add.args[0]
         try:
-            shared = _shared_mlp(ep, x, other)
+            shared = _shared_mlp(program, x, other)
             n = forward(add)
         except Miss:  # not a shared MLP of the input (e.g. the block's residual): the layer ends before
             shared = None
@@ -416,37 +416,37 @@ def _combine(ep, x: Node, routed: Node) -> tuple[Node, list[str] | None]:
     return n, shared
 
 
-def _shared_mlp(ep: ExportedProgram, x: Node, n: Node) -> list[str]:
+def _shared_mlp(program: ExportedProgram, x: Node, n: Node) -> list[str]:
     """n = down(silu(gate(x)) * up(x)): (gate, down, up) weight names."""
-    down = linear(ep, n)
+    down = linear(program, n)
     need(down.bias is None, "shared experts", f"{down.weight_name} has a bias")
-    w1, w3 = _gated(ep, source(down.x), x, lambda m: _is_linear(ep, m), lambda m: linear(ep, m).weight,
-                    lambda m: linear(ep, m).x)
+    w1, w3 = _gated(program, source(down.x), x, lambda m: _is_linear(program, m), lambda m: linear(program, m).weight,
+                    lambda m: linear(program, m).x)
     return [w1, down.weight_name, w3]
 
 
-def _is_linear(ep, n) -> bool:
+def _is_linear(program, n) -> bool:
     try:
-        return linear(ep, n).bias is None
+        return linear(program, n).bias is None
     except Miss:
         return False
 
 
-def _rewrite(ep: ExportedProgram, m: _Match) -> None:
-    node = lambda name: param_node(ep, name)  # noqa: E731
+def _rewrite(program: ExportedProgram, m: _Match) -> None:
+    node = lambda name: param_node(program, name)  # noqa: E731
     if "w13" in m.experts:  # gate and up stacked [E, 2I, D]: the op takes them apart
         name = m.experts["w13"]
-        w13 = param(ep, name)
+        w13 = param(program, name)
         half = w13.shape[1] // 2
-        w1 = add_param(ep, f"{name}.gate", derive(lambda w: w.detach()[:, :half].contiguous(), w13))
-        w3 = add_param(ep, f"{name}.up", derive(lambda w: w.detach()[:, half:].contiguous(), w13))
+        w1 = add_param(program, f"{name}.gate", derive(lambda w: w.detach()[:, :half].contiguous(), w13))
+        w3 = add_param(program, f"{name}.up", derive(lambda w: w.detach()[:, half:].contiguous(), w13))
     else:
         w1, w3 = node(m.experts["w1"]), node(m.experts["w3"])
     w2 = node(m.experts["w2"])
     shared = [node(n) for n in m.shared] if m.shared else [None, None, None]
     r = m.routing
-    with ep.graph.inserting_after(m.out):
-        fused = emit(ep, MOE_OP, m.x, m.gate, m.bias, w1, w2, w3, *shared,
+    with program.graph.inserting_after(m.out):
+        fused = emit(program, MOE_OP, m.x, m.gate, m.bias, w1, w2, w3, *shared,
                      int(r["top_k"]), int(r["n_group"]), int(r["topk_group"]), str(r["topk_method"]),
                      bool(r["norm_topk_prob"]), float(r["routed_scaling_factor"]), like=m.out)
     m.out.replace_all_uses_with(fused)
