@@ -30,7 +30,9 @@ import torch
 import dscompile.exporter
 from dscompile.errors import OptionError
 from dscompile.model.args import ModelArgs
-from dscompile.runtime.engine import Engine, KVCache
+from dscompile.runtime.contract import KVCache
+from dscompile.runtime.contract import random_step_inputs as step_inputs  # benchmarks/hf_systems.py reads it here
+from dscompile.runtime.engine import Engine
 
 if TYPE_CHECKING:
     from dscompile.bench import BenchOptions
@@ -43,15 +45,6 @@ OUR_ENGINES = {  # system -> export options
     "ours-no-fuse-moe": {"absorb": "auto", "fuse_moe": False},
 }
 HF_SYSTEMS_MISSING = "needs the repository's benchmarks/hf_systems.py (not part of the installed package)"
-
-
-def step_inputs(vocab: int, batch: int, tokens: int, past: int, seed: int) -> tuple[torch.Tensor, ...]:
-    """Seeded token ids [B, S], their positions after `past` tokens [B, S] and an all-ones mask [B, past + S]."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (batch, tokens), generator=gen)
-    pos = (torch.arange(tokens) + past).expand(batch, tokens).contiguous()
-    mask = torch.ones(batch, past + tokens, dtype=torch.int64)
-    return ids, pos, mask
 
 
 class System:

@@ -1,4 +1,5 @@
-"""torch.export capture of the two graphs of the engine contract: "prefill" and "decode".
+"""torch.export capture of the step of the engine contract (runtime/contract.py), from which both
+graphs, "prefill" and "decode", are made.
 
 Both take (input_ids [B, S], position_ids [B, S], attention_mask [B, P+S], past) where past is,
 per layer, (kv_latent [B, P, C], k_rope [B, P, R]), and return (logits [B, S, V], present) with
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 from torch.export import Dim, ExportedProgram
 
-PHASES = ("prefill", "decode")
+from dscompile.runtime.contract import PHASES, step_inputs  # noqa: F401 - PHASES: the export job reads them here
 
 
 @dataclass(frozen=True)
@@ -58,24 +59,14 @@ class ContractModule(nn.Module):
         return self.model(input_ids, position_ids, attention_mask, [tuple(p) for p in past])
 
 
-def io_names(num_layers: int) -> tuple[list[str], list[str]]:
-    """Public input and output names of both graphs (the engine contract, runtime/engine.py)."""
-    cache = [f"{{}}.{i}.{kind}" for i in range(num_layers) for kind in ("kv_latent", "k_rope")]
-    inputs = ["input_ids", "position_ids", "attention_mask"] + [c.format("past") for c in cache]
-    outputs = ["logits"] + [c.format("present") for c in cache]
-    return inputs, outputs
-
-
 def example_inputs(model: nn.Module, batch: int = 2, new: int = 3, past: int = 4, seed: int = 0):
     """Inputs of the contract on the model's device and cache dtype (random cache contents)."""
     args = model.args
     weight = model.embed_tokens.weight
     device, dtype = weight.device, weight.dtype
-    S = new
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, args.vocab_size, (batch, S), generator=gen).to(device)
-    pos = (torch.arange(S) + past).expand(batch, S).contiguous().to(device)
-    mask = torch.ones(batch, past + S, dtype=torch.int64).to(device)
+    ids, pos, mask = (t.to(device) for t in step_inputs(torch.randint(0, args.vocab_size, (batch, new), generator=gen),
+                                                        past))
     cache = [
         (
             torch.randn(batch, past, args.kv_lora_rank, generator=gen).to(device=device, dtype=dtype),

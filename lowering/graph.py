@@ -36,10 +36,10 @@ import torch
 from torch.export import ExportedProgram
 
 from dscompile.errors import DscompileError, first_line
-from dscompile.capture import io_names
 from dscompile.lowering import LoweringError
 from dscompile.lowering.ops import MSFT_DOMAIN, translation_table
 from dscompile.lowering.weights import FOLD_LIMIT, defer_weights, fold_weights, small_only, values_hidden
+from dscompile.runtime.contract import INPUT_IDS, PAST, cache_name, io_names
 
 
 _SYMBOL = re.compile(r"\bs\d+\b")
@@ -104,8 +104,8 @@ def rename_dims(model: ir.Model) -> dict[str, str]:
     graph = model.graph
     by_name = {v.name: v for v in graph.inputs}
     names: dict[str, str] = {}
-    for value, axis, name in ((by_name["input_ids"], 0, "batch"), (by_name["input_ids"], 1, "seq"),
-                              (by_name["past.0.kv_latent"], 1, "past")):
+    for value, axis, name in ((by_name[INPUT_IDS], 0, "batch"), (by_name[INPUT_IDS], 1, "seq"),
+                              (by_name[cache_name(PAST, 0, "kv_latent")], 1, "past")):
         dim = value.shape[axis]
         if isinstance(dim, ir.SymbolicDim) and dim.value and _SYMBOL.fullmatch(dim.value):
             names[dim.value] = name

@@ -7,7 +7,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from dscompile.lowering import LoweringError
-from dscompile.runtime.manifest import WRITE_INDEX
+from dscompile.runtime.contract import PAST, WRITE_INDEX
 
 
 IN_PLACE_OPSET = 24  # TensorScatter
@@ -33,7 +33,7 @@ def in_place_decode(decode_path: str | Path, out_path: str | Path) -> ir.Model:
     graph.inputs.append(write_index)
     rewritten = 0
     for value in list(graph.inputs):
-        if not value.name.startswith("past."):
+        if not value.name.startswith(f"{PAST}."):
             continue
         concats = [node for node, _ in value.uses() if node.op_type == "Concat"]
         if len(concats) != 1 or concats[0].inputs[0] is not value or len(concats[0].inputs) != 2 \

@@ -4,9 +4,12 @@ An engine runs one forward step of the IO contract:
 
     step(input_ids [B, S], position_ids [B, S], attention_mask [B, P+S], cache) -> logits [B, S, V], cache
 
-`cache` holds, per layer, the latent `kv_latent [B, P, C]` and the rotated `k_rope [B, P, R]`.
-Backends subclass `Engine` and implement `step`; `generate` (runtime/generate.py: left padding,
-greedy or sampled decoding, streaming, end of sequence) is shared by all of them.
+`cache` holds, per layer, the latent `kv_latent [B, P, C]` and the rotated `k_rope [B, P, R]`
+(the contract and its types: runtime/contract.py). Backends subclass `Engine` and implement
+`_step`, the backend's part: `step` itself is the base's, which first refuses inputs that break the
+contract and, for an engine reading a weights file, a file changed on disk since it was loaded, so
+no backend can skip either. `generate` (runtime/generate.py: left padding, greedy or sampled
+decoding, streaming, end of sequence) is shared by all of them.
 
 Shape legend: B batch, S new tokens, P past tokens, V vocab, C kv_lora_rank, R rope dim.
 """
@@ -14,73 +17,24 @@ Shape legend: B batch, S new tokens, P past tokens, V vocab, C kv_lora_rank, R r
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
 from dscompile.errors import EngineError
-from dscompile.tolerance import DTYPES
+from dscompile.runtime.contract import EngineInfo, KVCache
+from dscompile.tolerance import DTYPES  # noqa: F401 - the dtypes engines run, where the exporter reads them
 
-
-
-@dataclass(frozen=True)
-class EngineInfo:
-    """What the generation loop and the input checks need to know about an engine."""
-
-    num_layers: int
-    kv_lora_rank: int
-    qk_rope_head_dim: int
-    vocab_size: int
-    max_positions: int  # largest P + S the engine accepts
-    cache_dtype: torch.dtype
-
-    @staticmethod
-    def from_manifest(manifest: dict, where: str = "manifest.json") -> "EngineInfo":
-        """Sizes from an OUT folder's manifest (its model config, limits and cache dtype)."""
-        cfg = manifest["model"]
-        name = manifest.get("cache", {}).get("dtype", manifest["dtype"])
-        if name not in DTYPES:
-            raise EngineError(f"{where}: cache dtype {name!r} is not one of {', '.join(DTYPES)}")
-        return EngineInfo(
-            num_layers=int(cfg["num_hidden_layers"]),
-            kv_lora_rank=int(cfg["kv_lora_rank"]),
-            qk_rope_head_dim=int(cfg["qk_rope_head_dim"]),
-            vocab_size=int(cfg["vocab_size"]),
-            max_positions=min(int(manifest["limits"]["max_context"]), int(cfg["max_position_embeddings"])),
-            cache_dtype=DTYPES[name],
-        )
-
-
-@dataclass
-class KVCache:
-    """Latent cache: per layer (kv_latent [B, P, C], k_rope [B, P, R]). Engines may subclass it."""
-
-    layers: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-
-    @property
-    def length(self) -> int:
-        return 0 if not self.layers else int(self.layers[0][0].shape[1])
-
-    @staticmethod
-    def empty(info: EngineInfo, batch: int, device: torch.device | str = "cpu") -> "KVCache":
-        return KVCache(
-            [
-                (
-                    torch.zeros(batch, 0, info.kv_lora_rank, dtype=info.cache_dtype, device=device),
-                    torch.zeros(batch, 0, info.qk_rope_head_dim, dtype=info.cache_dtype, device=device),
-                )
-                for _ in range(info.num_layers)
-            ]
-        )
+if TYPE_CHECKING:
+    from dscompile.runtime.weights import WeightsFile
 
 
 class Engine(ABC):
     """A runnable model: one `step` of the IO contract plus the shared `generate` loop."""
 
     info: EngineInfo
+    weights: WeightsFile | None = None  # the weights file the engine maps, checked before every step
 
-    @abstractmethod
     def step(
         self,
         input_ids: torch.Tensor,
@@ -88,7 +42,23 @@ class Engine(ABC):
         attention_mask: torch.Tensor,
         cache: KVCache | None,
     ) -> tuple[torch.Tensor, KVCache]:
-        """Run S new tokens against the cache; return float32 logits [B, S, V] and the new cache."""
+        """Run S new tokens against the cache; return float32 logits [B, S, V] and the new cache.
+
+        Refuses (EngineError) inputs `check_inputs` refuses and a weights file written since load."""
+        self.check_inputs(input_ids, cache.length if cache is not None else 0, position_ids, attention_mask)
+        if self.weights is not None:
+            self.weights.check()
+        return self._step(input_ids, position_ids, attention_mask, cache)
+
+    @abstractmethod
+    def _step(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache: KVCache | None,
+    ) -> tuple[torch.Tensor, KVCache]:
+        """The backend's step, on inputs `step` has checked."""
 
     def own_cache(self, cache: KVCache) -> KVCache:
         """`cache` in the form this engine steps from fastest (ONNX Runtime: in-place buffers);
@@ -104,6 +74,8 @@ class Engine(ABC):
     ) -> None:
         """Refuse token ids out of vocabulary, sequences longer than the engine allows, and
         position_ids / attention_mask that do not have the contract's [B, S] / [B, P+S] shapes."""
+        if input_ids.dim() != 2:
+            raise EngineError(f"input_ids has shape {list(input_ids.shape)}, expected [B, S]")
         B, S = int(input_ids.shape[0]), int(input_ids.shape[1])
         if position_ids is not None and tuple(position_ids.shape) != (B, S):
             raise EngineError(f"position_ids has shape {list(position_ids.shape)}, expected [B, S] = {[B, S]}")
@@ -155,9 +127,4 @@ class Engine(ABC):
             if on_token is not None:
                 on_token(row, token)
         return decoding.tokens
-
-
-def choose_graph(new_tokens: int, past_len: int) -> str:
-    """The decode graph serves exactly one new token against a non-empty cache; prefill does the rest."""
-    return "decode" if new_tokens == 1 and past_len > 0 else "prefill"
 

@@ -21,10 +21,9 @@ import time
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-import torch
-
-from dscompile.runtime.engine import Engine, KVCache
 from dscompile.errors import EngineError
+from dscompile.runtime.contract import KVCache, next_step_inputs, step_inputs
+from dscompile.runtime.engine import Engine
 from dscompile.runtime.sampling import SamplingParams, make_generator, next_tokens
 
 @dataclass
@@ -87,21 +86,15 @@ class Decoding:
         self.engine, self.params = engine, params
         self.eos_ids = frozenset(int(i) for i in eos_ids)
         batch, longest = len(prompts), max(len(p) for p in prompts)
-        ids = torch.full((batch, longest), pad_token_id, dtype=torch.int64)
-        mask = torch.zeros((batch, past + longest), dtype=torch.int64)
-        mask[:, :past] = 1
-        for row, prompt in enumerate(prompts):
-            ids[row, longest - len(prompt):] = torch.tensor(list(prompt), dtype=torch.int64)
-            mask[row, past + longest - len(prompt):] = 1
+        self._inputs = step_inputs(prompts, past, pad_token_id=pad_token_id)
+        ids = self._inputs.input_ids
         if past + longest + max_new_tokens > engine.info.max_positions:
             raise EngineError(
                 f"{'cache of ' + str(past) + ' + ' if past else ''}prompt of {longest} tokens + {max_new_tokens} "
                 f"new tokens exceeds the engine's maximum of {engine.info.max_positions}"
             )
         engine.check_inputs(ids, past)  # ids in the vocabulary, positions within the engine's
-        self._ids, self._mask, self._cache = ids, mask, cache
-        # left padding: each row's first real token sits at position `past`
-        self._positions = (mask[:, past:].cumsum(-1) - 1).clamp(min=0) + past
+        self._cache = cache
         self.max_new_tokens = max_new_tokens
         self.tokens: list[list[int]] = [[] for _ in range(batch)]
         self.finish_reasons: list[str | None] = [None] * batch
@@ -128,13 +121,13 @@ class Decoding:
             raise EngineError("a Decoding runs once")
         self._started = True
         generator = make_generator(self.params)
-        ids, positions, mask, cache = self._ids, self._positions, self._mask, self._cache
-        batch = ids.shape[0]
+        inputs, cache = self._inputs, self._cache
+        batch = inputs.input_ids.shape[0]
         for step in range(self.max_new_tokens):
             if all(r is not None for r in self.finish_reasons):
                 return
             start = time.perf_counter()
-            logits, cache = self.engine.step(ids, positions, mask, cache)
+            logits, cache = self.engine.step(*inputs, cache)
             self._cache = cache
             chosen = next_tokens(logits[:, -1, :].float().cpu(), self.seen, self.params, generator)
             seconds = time.perf_counter() - start
@@ -157,6 +150,4 @@ class Decoding:
                 yield row, token
             if step + 1 == self.max_new_tokens or all(r is not None for r in self.finish_reasons):
                 return
-            ids = chosen[:, None].to(torch.int64)
-            positions = positions[:, -1:] + 1
-            mask = torch.cat([mask, torch.ones((batch, 1), dtype=torch.int64)], dim=1)
+            inputs = next_step_inputs(chosen, inputs)

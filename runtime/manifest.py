@@ -61,11 +61,10 @@ from pathlib import Path
 from typing import Any
 
 from dscompile.errors import EngineError, first_line
+from dscompile.runtime.contract import DECODE, PHASES, WRITE_INDEX  # noqa: F401 - WRITE_INDEX: the exporter reads it here
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
-GRAPHS = ("prefill", "decode")
-WRITE_INDEX = "write_index"  # the in-place decode graph's extra input: the cache row to write, [B]
 _REQUIRED = ("format_version", "model", "dtype", "target", "limits", "cache", "graphs")
 
 
@@ -119,19 +118,19 @@ def read_manifest(out_dir: str | Path, *, check_graphs: bool = True, graphs_only
         raise EngineError(f"{path}: missing field(s) {', '.join(missing)}")
     graphs = manifest["graphs"]
     if manifest.get("sharding") is not None:  # programs and per-rank weights only (runtime/sharded.py)
-        if not isinstance(graphs, dict) or any(g not in graphs or "program" not in graphs[g] for g in GRAPHS):
-            raise EngineError(f"{path}: 'graphs' must name the programs of {' and '.join(GRAPHS)}")
+        if not isinstance(graphs, dict) or any(g not in graphs or "program" not in graphs[g] for g in PHASES):
+            raise EngineError(f"{path}: 'graphs' must name the programs of {' and '.join(PHASES)}")
         if not isinstance(manifest["sharding"].get("ranks"), list) or not manifest["sharding"]["ranks"]:
             raise EngineError(f"{path}: 'sharding.ranks' must list every rank's weights file")
         return manifest
-    if not isinstance(graphs, dict) or any(g not in graphs or "file" not in graphs[g] for g in GRAPHS):
-        raise EngineError(f"{path}: 'graphs' must name the files of {' and '.join(GRAPHS)}")
-    in_place = graphs["decode"].get("in_place")
+    if not isinstance(graphs, dict) or any(g not in graphs or "file" not in graphs[g] for g in PHASES):
+        raise EngineError(f"{path}: 'graphs' must name the files of {' and '.join(PHASES)}")
+    in_place = graphs[DECODE].get("in_place")
     if in_place is not None and (not isinstance(in_place, dict) or "file" not in in_place):
         raise EngineError(f"{path}: 'graphs.decode.in_place' must name its file")
     if check_graphs:
         with_data = not manifest.get("graphs_only")
-        for g in GRAPHS:
+        for g in PHASES:
             check_onnx_file(out, graphs[g]["file"], with_data=with_data)
         if in_place is not None:
             check_onnx_file(out, in_place["file"], with_data=with_data)

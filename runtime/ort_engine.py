@@ -58,9 +58,12 @@ from typing import Any
 
 import torch
 
-from dscompile.runtime.engine import Engine, EngineInfo, KVCache, choose_graph
 from dscompile.errors import EngineError, first_line
-from dscompile.runtime.manifest import WRITE_INDEX, read_manifest
+from dscompile.runtime.contract import (ATTENTION_MASK, DECODE, DECODE_IN_PLACE, INPUT_IDS, LOGITS, PAST, POSITION_IDS,
+                                        PREFILL, PRESENT, STEP_INPUTS, WRITE_INDEX, EngineInfo, KVCache, cache_names,
+                                        choose_graph)
+from dscompile.runtime.engine import Engine
+from dscompile.runtime.manifest import read_manifest
 from dscompile.runtime.weights import WeightsFile
 
 PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
@@ -69,7 +72,6 @@ _ORT_PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
 # onnx.TensorProto element types (ints are what IOBinding and OrtValue accept for bfloat16 too).
 _ONNX_TYPES = {torch.float32: 1, torch.int64: 7, torch.float16: 10, torch.bfloat16: 16}
 CAPACITY_STEP = 128  # tokens: in-place cache buffers grow by this much (one copy per CAPACITY_STEP steps)
-IN_PLACE = "decode_inplace"  # the session of the manifest's graphs.decode.in_place
 
 
 def cuda_gpu_present() -> bool:
@@ -192,13 +194,13 @@ class OrtEngine(Engine):
         self.weights = weights
         self.info = EngineInfo.from_manifest(manifest, str(out_dir / "manifest.json"))
         n = self.info.num_layers
-        self._past = [f"past.{i}.{k}" for i in range(n) for k in ("kv_latent", "k_rope")]
-        self._present = [f"present.{i}.{k}" for i in range(n) for k in ("kv_latent", "k_rope")]
+        self._past, self._present = cache_names(PAST, n), cache_names(PRESENT, n)
         for name, session in sessions.items():
             got = [i.name for i in session.get_inputs()]
-            want = ["input_ids", "position_ids", "attention_mask", *self._past]
-            graph = manifest["graphs"]["decode"]["in_place"] if name == IN_PLACE else manifest["graphs"][name]
-            if got != (want + [WRITE_INDEX] if name == IN_PLACE else want):
+            want = [*STEP_INPUTS, *self._past]
+            in_place = name == DECODE_IN_PLACE
+            graph = manifest["graphs"][DECODE]["in_place"] if in_place else manifest["graphs"][name]
+            if got != (want + [WRITE_INDEX] if in_place else want):
                 raise EngineError(f"{out_dir / graph['file']}: inputs {got} do not follow the engine contract")
 
     @classmethod
@@ -234,15 +236,15 @@ class OrtEngine(Engine):
         sessions = {}
         # On CPU decode steps run through the in-place graph; the contract's decode graph would map
         # the same weights at no cost, but nothing on CPU steps through it, so it is not opened.
-        in_place = manifest["graphs"]["decode"].get("in_place")
-        decode = IN_PLACE if in_place is not None and providers[0] == "CPUExecutionProvider" else "decode"
-        files = {"prefill": manifest["graphs"]["prefill"]["file"],
-                 decode: in_place["file"] if decode == IN_PLACE else manifest["graphs"]["decode"]["file"]}
+        in_place = manifest["graphs"][DECODE].get("in_place")
+        decode = DECODE_IN_PLACE if in_place is not None and providers[0] == "CPUExecutionProvider" else DECODE
+        files = {PREFILL: manifest["graphs"][PREFILL]["file"],
+                 decode: in_place["file"] if decode == DECODE_IN_PLACE else manifest["graphs"][DECODE]["file"]}
         if quant:
             # Quantized kernels (MatMulNBits, QMoE) run from their prepacked layout: without it they
             # unpack every weight on every call (~50x slower). Each session would prepack its own
             # copy, so one session, on the contract's decode graph (any S, any P), runs every step.
-            files = {"decode": manifest["graphs"]["decode"]["file"]}
+            files = {DECODE: manifest["graphs"][DECODE]["file"]}
         for name, file in files.items():
             path = out / file
             try:
@@ -251,23 +253,21 @@ class OrtEngine(Engine):
                 first = first_line(err)
                 raise EngineError(f"{path}: ONNX Runtime cannot load it: {first}") from None
         if quant:
-            sessions["prefill"] = sessions["decode"]
+            sessions[PREFILL] = sessions[DECODE]
         device = "cuda" if providers[0] != "CPUExecutionProvider" else "cpu"
         return cls(out, manifest, sessions, device, weights)
 
-    def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
-             cache: KVCache | None) -> tuple[torch.Tensor, KVCache]:
+    def _step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+              cache: KVCache | None) -> tuple[torch.Tensor, KVCache]:
         B, S = input_ids.shape
         P = cache.length if cache is not None else 0
-        self.check_inputs(input_ids, P, position_ids, attention_mask)
-        self.weights.check()
-        graph = choose_graph(S, P)
-        if graph == "decode" and IN_PLACE in self.sessions:
+        graph = choose_graph(S, P, in_place=DECODE_IN_PLACE in self.sessions)
+        if graph == DECODE_IN_PLACE:
             return self._decode_in_place(input_ids, position_ids, attention_mask, cache)
         session = self.sessions[graph]
         binding = session.io_binding()
         keep = []  # tensors whose memory is bound by pointer: alive until the run returns
-        for name, t in (("input_ids", input_ids), ("position_ids", position_ids), ("attention_mask", attention_mask)):
+        for name, t in zip(STEP_INPUTS, (input_ids, position_ids, attention_mask)):
             keep.append(self._bind_tensor(binding, name, t.to(torch.int64)))
         if isinstance(cache, OrtKVCache):
             if len(cache.values) != len(self._past):
@@ -277,7 +277,7 @@ class OrtEngine(Engine):
         else:
             for name, t in zip(self._past, self._cache_rows(cache, B, P)):
                 keep.append(self._bind_tensor(binding, name, t))
-        binding.bind_output("logits", "cpu")
+        binding.bind_output(LOGITS, "cpu")
         for name in self._present:
             binding.bind_output(name, self.device)
         self._run(session, binding, B, S, P)
@@ -287,7 +287,7 @@ class OrtEngine(Engine):
 
     def own_cache(self, cache: KVCache) -> KVCache:
         """`cache` in capacity buffers when decode runs in place (rows copied once), else as it is."""
-        if IN_PLACE not in self.sessions or cache.length == 0 or isinstance(cache, OrtCapacityCache):
+        if DECODE_IN_PLACE not in self.sessions or cache.length == 0 or isinstance(cache, OrtCapacityCache):
             return cache
         return self._new_buffers(cache, int(cache.layers[0][0].shape[0])).cache(cache.length)
 
@@ -308,16 +308,16 @@ class OrtEngine(Engine):
         mask = torch.zeros(B, buffers.capacity, dtype=torch.int64)  # the free rows are not attended
         mask[:, : P + 1] = attention_mask
         write_index = torch.full((B,), P, dtype=torch.int64)
-        binding = self.sessions[IN_PLACE].io_binding()
+        binding = self.sessions[DECODE_IN_PLACE].io_binding()
         keep = []
-        for name, t in (("input_ids", input_ids), ("position_ids", position_ids), ("attention_mask", mask),
+        for name, t in ((INPUT_IDS, input_ids), (POSITION_IDS, position_ids), (ATTENTION_MASK, mask),
                         (WRITE_INDEX, write_index)):
             keep.append(self._bind_tensor(binding, name, t.to(torch.int64)))
-        binding.bind_output("logits", "cpu")
+        binding.bind_output(LOGITS, "cpu")
         for past, present, value in zip(self._past, self._present, buffers.values):
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)
-        self._run(self.sessions[IN_PLACE], binding, B, 1, P)
+        self._run(self.sessions[DECODE_IN_PLACE], binding, B, 1, P)
         logits = torch.from_dlpack(binding.get_outputs()[0]._ortvalue)
         return logits.float(), buffers.cache(P + 1)
 
@@ -346,7 +346,7 @@ class OrtEngine(Engine):
             raise EngineError(f"cache has {len(layers)} layers, the engine {self.info.num_layers}")
         rows = []
         for i in range(self.info.num_layers):
-            for j, dim in enumerate((self.info.kv_lora_rank, self.info.qk_rope_head_dim)):
+            for j, dim in enumerate(self.info.cache_widths):
                 t = layers[i][j] if layers is not None else torch.zeros(B, 0, dim, dtype=self.info.cache_dtype)
                 if tuple(t.shape) != (B, P, dim):
                     raise EngineError(f"cache tensor {self._past[2 * i + j]} has shape {tuple(t.shape)}, "

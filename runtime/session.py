@@ -25,7 +25,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from dscompile.runtime.engine import Engine, KVCache
+from dscompile.runtime.contract import KVCache
+from dscompile.runtime.engine import Engine
 from dscompile.errors import EngineError, OptionError, TextError
 from dscompile.runtime.generate import Decoding, Timings
 from dscompile.runtime.manifest import load_manifest

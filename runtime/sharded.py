@@ -39,7 +39,8 @@ from typing import Any
 import torch
 
 from dscompile.errors import EngineError, first_line
-from dscompile.runtime.engine import Engine, EngineInfo, KVCache
+from dscompile.runtime.contract import EngineInfo, KVCache
+from dscompile.runtime.engine import Engine
 from dscompile.runtime.manifest import read_manifest
 from dscompile.runtime.torch_engine import choose_device, load_programs, run_programs
 from dscompile.runtime.weights import WeightsFile
@@ -218,12 +219,9 @@ class ShardedEngine(Engine):
                     return
             threading.Event().wait(0.2)
 
-    def step(self, input_ids, position_ids, attention_mask, cache):
+    def _step(self, input_ids, position_ids, attention_mask, cache):
         import torch.distributed as dist
 
-        P = cache.length if cache is not None else 0
-        self.check_inputs(input_ids, P, position_ids, attention_mask)
-        self.weights.check()
         if self._closed:
             raise EngineError(f"{self.out_dir}: the sharded engine was closed")
         if self._failure:

@@ -22,8 +22,9 @@ import torch
 from torch.export.passes import move_to_device_pass
 
 import dscompile.runtime.ops  # noqa: F401  (registers torch.ops.dsc.* before the programs are loaded)
-from dscompile.runtime.engine import Engine, EngineInfo, KVCache, choose_graph
 from dscompile.errors import EngineError
+from dscompile.runtime.contract import PHASES, EngineInfo, KVCache, choose_graph
+from dscompile.runtime.engine import Engine
 from dscompile.runtime.manifest import check_program_file, read_manifest
 from dscompile.runtime.weights import WeightsFile
 
@@ -49,10 +50,7 @@ class TorchEngine(Engine):
         modules = load_programs(out, manifest, weights, device)
         return cls(out, manifest, modules, device, weights)
 
-    def step(self, input_ids, position_ids, attention_mask, cache):
-        P = cache.length if cache is not None else 0
-        self.check_inputs(input_ids, P, position_ids, attention_mask)
-        self.weights.check()
+    def _step(self, input_ids, position_ids, attention_mask, cache):
         logits, present = run_programs(self.modules, self.info, self.device, input_ids, position_ids, attention_mask,
                                        cache)
         return logits.float(), present
@@ -91,7 +89,7 @@ def load_programs(out: Path, manifest: dict[str, Any], weights: WeightsFile, dev
     may change a loaded program's graph first (runtime/sharded.py binds its process groups)."""
     modules = {}
     on_device: dict[tuple[int, int], torch.Tensor] = {}
-    for name in ("prefill", "decode"):
+    for name in PHASES:
         rel = manifest["graphs"][name].get("program")
         path = out / rel if rel else None
         if path is None or not path.is_file():

@@ -37,12 +37,13 @@ from typing import Any
 
 import torch
 
-from dscompile.runtime.engine import Engine, EngineInfo, KVCache, choose_graph
 from dscompile.errors import DscompileError, EngineError
+from dscompile.runtime.contract import (CACHE_KINDS, LOGITS, PAST, PHASES, PRESENT, STEP_INPUTS, EngineInfo, KVCache,
+                                        cache_name, cache_names, choose_graph)
+from dscompile.runtime.engine import Engine
 from dscompile.runtime.manifest import load_manifest
 
 TRT_FORMAT = 2  # 2: max_prompt_tokens (was max_new_tokens)
-GRAPHS = ("prefill", "decode")
 PRECISIONS = ("fp32", "fp16", "bf16")
 INSTALL_HINT = (
     'pip install "dscompile[tensorrt]" (TensorRT wheels download from NVIDIA\'s own package index '
@@ -61,7 +62,7 @@ _TORCH_DTYPES = {
     "BOOL": torch.bool,
     "FP8": torch.float8_e4m3fn,
 }
-_PAST = re.compile(r"^past\.(\d+)\.(kv_latent|k_rope)$")
+_PAST = re.compile(rf"^{PAST}\.(\d+)\.({'|'.join(CACHE_KINDS)})$")
 
 
 class TensorRTUnavailable(DscompileError):
@@ -103,7 +104,7 @@ def read_trt_section(manifest: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         if not isinstance(section.get(key), int) or section[key] < 1:
             raise EngineError(f"{where}: tensorrt.{key} must be a positive integer, got {section.get(key)!r}")
     graphs = section.get("graphs")
-    for g in GRAPHS:
+    for g in PHASES:
         entry = graphs.get(g) if isinstance(graphs, dict) else None
         if not isinstance(entry, dict) or not isinstance(entry.get("engine"), str):
             raise EngineError(f"{where}: tensorrt.graphs.{g}.engine is missing")
@@ -134,9 +135,9 @@ def engine_info_from_io(io: dict[str, tuple[tuple[int, ...], torch.dtype]], max_
     layers = sorted({int(m.group(1)) for n in io if (m := _PAST.match(n))})
     if not layers or layers != list(range(len(layers))):
         raise EngineError(f"engine inputs past.{{i}}.kv_latent/k_rope must be numbered 0..L-1, got layers {layers}")
-    kv_shape, cache_dtype = io["past.0.kv_latent"]
-    rope_shape, _ = io["past.0.k_rope"]
-    logits_shape, _ = io.get("logits", ((), None))
+    kv_shape, cache_dtype = io[cache_name(PAST, 0, "kv_latent")]
+    rope_shape, _ = io[cache_name(PAST, 0, "k_rope")]
+    logits_shape, _ = io.get(LOGITS, ((), None))
     if not logits_shape or kv_shape[-1] < 0 or rope_shape[-1] < 0 or logits_shape[-1] < 0:
         raise EngineError(
             "engine IO must have static kv_lora_rank, rope dim and vocab (last dims of past.0.* and logits)"
@@ -190,7 +191,7 @@ class TrtEngine(Engine):
         runtime = trt.Runtime(logger)
         graphs: dict[str, _Graph] = {}
         with torch.cuda.device(device):
-            for g in GRAPHS:
+            for g in PHASES:
                 path = out / section["graphs"][g]["engine"]
                 if not path.is_file():
                     raise EngineError(f"{path}: no such engine file")
@@ -203,7 +204,7 @@ class TrtEngine(Engine):
                 graphs[g] = _describe(trt, g, engine)
         return cls(out, section, graphs, device)
 
-    def step(
+    def _step(
         self,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
@@ -212,13 +213,11 @@ class TrtEngine(Engine):
     ) -> tuple[torch.Tensor, KVCache]:
         batch, new = int(input_ids.shape[0]), int(input_ids.shape[1])
         past = cache.length if cache is not None else 0
-        self.check_inputs(input_ids, past, position_ids, attention_mask)
         if cache is None:
             cache = KVCache.empty(self.info, batch, self.device)
         graph = self.graphs[choose_graph(new, past)]
-        feeds = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask}
-        for i, (kv, rope) in enumerate(cache.layers):
-            feeds[f"past.{i}.kv_latent"], feeds[f"past.{i}.k_rope"] = kv, rope
+        feeds = dict(zip(STEP_INPUTS, (input_ids, position_ids, attention_mask)))
+        feeds.update(zip(cache_names(PAST, len(cache.layers)), (t for layer in cache.layers for t in layer)))
         check_profile(graph.name, {n: tuple(t.shape) for n, t in feeds.items()}, graph.profile)
 
         ctx = graph.context
@@ -242,11 +241,8 @@ class TrtEngine(Engine):
                 ctx.set_tensor_address(name, self._address(outputs[name]))
             if not ctx.execute_async_v3(stream.cuda_stream):
                 raise EngineError(f"{graph.name} engine: TensorRT execution failed (see the TensorRT log)")
-        logits = outputs["logits"].float()
-        layers = [
-            (outputs[f"present.{i}.kv_latent"], outputs[f"present.{i}.k_rope"]) for i in range(self.info.num_layers)
-        ]
-        return logits, KVCache(layers)
+        present = [outputs[name] for name in cache_names(PRESENT, self.info.num_layers)]
+        return outputs[LOGITS].float(), KVCache(list(zip(present[::2], present[1::2])))
 
     def _address(self, t: torch.Tensor) -> int:
         return t.data_ptr() if t.numel() else self._scratch.data_ptr()

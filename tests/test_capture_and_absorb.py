@@ -10,11 +10,12 @@ import torch
 from torch import nn
 
 from conftest import assert_close
-from dscompile.capture import Limits, capture, io_names
+from dscompile.capture import Limits, capture
 from dscompile.model.args import PUBLISHED_CONFIGS, ModelArgs
 from dscompile.model.checkpoint import build_model, load_checkpoint
 from dscompile.passes import PassOptions, absorb_mla, random_inputs, run_pipeline
 from dscompile.passes.absorb_mla import cost_model
+from dscompile.runtime.contract import io_names
 
 aten = torch.ops.aten
 VARIANTS = ("v2", "v2-lite", "v3")

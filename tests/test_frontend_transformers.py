@@ -18,10 +18,11 @@ from torch.utils._pytree import tree_structure
 
 from conftest import assert_close
 from dscompile.errors import CheckpointError, ConfigError
-from dscompile.capture import Limits, example_inputs, io_names
+from dscompile.capture import Limits, example_inputs
 from dscompile.capture.frontends import transformers_patches
 from dscompile.capture.frontends.transformers import capture_transformers, load_transformers_model
 from dscompile.model.checkpoint import CheckpointSource, load_checkpoint
+from dscompile.runtime.contract import io_names, position_ids
 from dscompile.passes import random_inputs
 from dscompile.lazy import Derived, materialize
 from dscompile.passes._edit import clone
@@ -74,7 +75,7 @@ def _inputs(args, past_len: int, new: int, seed: int = 0):
     ids = torch.randint(0, args.vocab_size, (2, new), generator=gen)
     mask = torch.ones(2, past_len + new, dtype=torch.int64)
     mask[0, :2] = 0
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, past_len:]
+    pos = position_ids(mask, new)
     past = [(torch.randn(2, past_len, args.kv_lora_rank, generator=gen),
              torch.randn(2, past_len, args.qk_rope_head_dim, generator=gen)) for _ in range(args.num_hidden_layers)]
     return ids, pos, mask, past
@@ -138,7 +139,7 @@ def test_matches_our_reference_model(captured):
     mask = torch.zeros(2, S, dtype=torch.int64)
     for row, n in enumerate(lengths):
         mask[row, S - n:] = 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    pos = position_ids(mask)
     empty = [(torch.zeros(2, 0, args.kv_lora_rank), torch.zeros(2, 0, args.qk_rope_head_dim))
              for _ in range(args.num_hidden_layers)]
     gen = torch.Generator().manual_seed(2)

@@ -18,6 +18,7 @@ from conftest import assert_close
 from dscompile.exporter.export import export_checkpoint
 from dscompile.capture.frontends.transformers import load_transformers_model
 from dscompile.verify.eager import TransformersEagerEngine
+from dscompile.runtime.contract import position_ids
 from dscompile.runtime.ort_engine import OrtEngine
 
 pytest.importorskip("transformers", reason="transformers is the frontend under test (pip install '.[test]')")
@@ -50,7 +51,7 @@ def test_both_frontends_agree_with_transformers(variant, exported, exported_ckpt
     ids = torch.randint(0, eager.info.vocab_size, (B, S), generator=gen)
     mask = torch.ones(B, S, dtype=torch.int64)
     mask[1, :3], mask[2, :6] = 0, 0  # left padding
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    pos = position_ids(mask)
     caches = {name: None for name in engines}
     eager_cache = None
     for step in range(DECODE_STEPS + 1):

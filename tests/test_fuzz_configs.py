@@ -29,6 +29,7 @@ from dscompile.exporter.export import export_checkpoint
 from dscompile.model.args import ModelArgs
 from dscompile.model.checkpoint import load_checkpoint
 from dscompile.model.synthetic import random_state, tiny_args, write_checkpoint
+from dscompile.runtime.contract import position_ids
 from dscompile.runtime.ort_engine import OrtEngine
 
 FUZZ_CI_EXAMPLES = 2  # the derandomized first two: a one-layer MoE config and a two-layer dense one
@@ -93,7 +94,7 @@ def check_config(args: ModelArgs, seed: int = 0) -> float:
         ids = torch.randint(0, args.vocab_size, (B, S), generator=gen)
         mask = torch.ones(B, S, dtype=torch.int64)
         mask[1, :2] = 0  # row 1 left-padded: masked keys must stay masked through decode
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        pos = position_ids(mask)
         cache_e = cache_r = None
         worst = 0.0
         for step in range(DECODE_STEPS + 1):

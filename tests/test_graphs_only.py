@@ -16,7 +16,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from dscompile.capture import PHASES, Limits, capture
+from dscompile.capture import Limits, capture
 from dscompile.exporter.export import export_checkpoint
 from dscompile.lowering.graph import lower
 from dscompile.lowering.weights import save_models
@@ -25,6 +25,7 @@ from dscompile.model.checkpoint import load_checkpoint
 from dscompile.model.synthetic import tiny_args
 from dscompile.passes import PassOptions, run_pipeline
 from dscompile.errors import CheckpointError, EngineError, OptionError
+from dscompile.runtime.contract import PHASES
 from dscompile.runtime.manifest import load_manifest, read_manifest
 
 SMALL = Limits(max_batch=2, max_prompt_tokens=8, max_context=32)

@@ -16,6 +16,7 @@ import torch
 from conftest import assert_close
 from dscompile.model.checkpoint import load_checkpoint
 from dscompile.model.synthetic import tiny_args
+from dscompile.runtime.contract import position_ids
 
 transformers = pytest.importorskip("transformers", reason="transformers is the test oracle (pip install '.[test]')")
 
@@ -65,7 +66,7 @@ def _left_padded(vocab: int, lengths: list[int], seed: int = 1):
     mask = torch.zeros(len(lengths), S, dtype=torch.int64)
     for row, n in enumerate(lengths):
         mask[row, S - n :] = 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    pos = position_ids(mask)
     return ids, mask, pos
 
 

@@ -20,6 +20,7 @@ from dscompile.tolerance import bound as tolerance_bound
 
 from dscompile.model.checkpoint import load_checkpoint
 from dscompile.errors import EngineError
+from dscompile.runtime.contract import KVCache, next_step_inputs, position_ids, step_inputs
 from dscompile.runtime.manifest import read_manifest
 from dscompile.runtime.ort_engine import OrtCapacityCache, OrtEngine, OrtKVCache
 from conftest import assert_close
@@ -42,7 +43,7 @@ def test_steps_match_eager(pair):
     mask = torch.ones(B, S, dtype=torch.int64)
     mask[0, :3] = 0
     ids[0, :3] = 0
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    pos = position_ids(mask)
     cache_e = cache_r = None
     errors = []
     for step in range(DECODE_STEPS + 1):
@@ -74,26 +75,19 @@ def test_greedy_generate_matches_eager(pair):
     prompts = [[3, 14, 15, 92, 65], [35, 89]]
     got = engine.generate(prompts, 8)
     # Eager greedy with the same left padding.
-    longest = max(map(len, prompts))
-    ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    inputs = step_inputs(prompts)
     want, cache = [[] for _ in prompts], None
     with torch.no_grad():
         for _ in range(8):
-            logits, cache = model(ids, pos, mask, cache)
-            ids = logits[:, -1].argmax(-1, keepdim=True)
+            logits, cache = model(*inputs, cache)
+            inputs = next_step_inputs(logits[:, -1].argmax(-1), inputs)
             for row in range(len(prompts)):
-                want[row].append(int(ids[row]))
-            pos = pos[:, -1:] + 1
-            mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=torch.int64)], dim=1)
+                want[row].append(int(inputs.input_ids[row]))
     assert got == want, f"{variant}: engine {got} != eager {want}"
 
 
 def test_step_accepts_a_torch_cache(pair):
     """A plain KVCache of torch tensors (e.g. from another engine) binds as well as an OrtKVCache."""
-    from dscompile.runtime.engine import KVCache
-
     _, engine, _ = pair
     ids, pos, mask = torch.tensor([[1, 2, 3]]), torch.tensor([[0, 1, 2]]), torch.ones(1, 3, dtype=torch.int64)
     _, cache = engine.step(ids, pos, mask, None)
@@ -130,7 +124,7 @@ def test_in_place_decode_matches_contract_decode(variant, tmp_path, exported):
     ids = torch.randint(0, engine.info.vocab_size, (B, S), generator=torch.Generator().manual_seed(3))
     mask = torch.ones(B, S, dtype=torch.int64)
     mask[0, :2] = 0
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    pos = position_ids(mask)
     cache_i = cache_c = None
     buffers = []
     for step in range(11):

@@ -20,6 +20,7 @@ import torch
 from conftest import assert_close, run_here
 from dscompile.errors import EngineError
 from dscompile.capture import Limits
+from dscompile.runtime.contract import position_ids
 
 LIMITS = Limits(max_batch=2, max_prompt_tokens=16, max_context=32)
 FLAGS = ["--max-batch", "2", "--max-prompt-tokens", "16", "--max-context", "32"]
@@ -44,7 +45,7 @@ def _prompt():
     """Batch 2, the first row left-padded by one token."""
     ids = torch.tensor([[0, 5, 6, 7, 8], [1, 2, 3, 4, 9]])
     mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    pos = position_ids(mask)
     return ids, pos, mask
 
 

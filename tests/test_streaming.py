@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from dscompile.capture import PHASES, Limits, capture
+from dscompile.capture import Limits, capture
 from dscompile.exporter.export import export_checkpoint
 from dscompile.lowering.graph import lower
 from dscompile.lowering.weights import FOLD_LIMIT
@@ -30,6 +30,7 @@ from dscompile.model.checkpoint import load_checkpoint
 from dscompile.passes import PassOptions, run_pipeline
 from dscompile.lazy import materialize
 from dscompile.errors import EngineError
+from dscompile.runtime.contract import PHASES
 
 SMALL = Limits(max_batch=2, max_prompt_tokens=8, max_context=32)
 

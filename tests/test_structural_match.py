@@ -27,12 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import assert_close
-from dscompile.capture import Limits, capture, example_inputs, io_names
+from dscompile.capture import Limits, capture, example_inputs
 from dscompile.lowering.graph import lower
 from dscompile.model.checkpoint import build_model
 from dscompile.model.routing import route
 from dscompile.model.synthetic import random_state, tiny_args
 from dscompile.passes import PassMatchError, PassOptions, run_pipeline
+from dscompile.runtime.contract import io_names
 
 LIMITS = Limits(max_batch=4, max_prompt_tokens=16, max_context=32)
 MOE = torch.ops.dsc.moe.default

@@ -23,13 +23,12 @@ from dscompile.lowering.tensorrt.build import (
     trt_section,
     validate_options,
 )
-from dscompile.runtime.engine import EngineInfo
+from dscompile.runtime.contract import EngineInfo, choose_graph
 from dscompile.errors import EngineError, OptionError
 from dscompile.runtime.trt_engine import (
     TensorRTUnavailable,
     TrtEngine,
     check_profile,
-    choose_graph,
     engine_info_from_io,
     read_trt_section,
     require_tensorrt,

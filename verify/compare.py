@@ -22,7 +22,9 @@ import torch
 from dscompile.verify.eager import EagerEngine, TransformersEagerEngine
 from dscompile.model.checkpoint import load_checkpoint
 from dscompile.model.quant import Scheme
-from dscompile.runtime.engine import Engine, EngineInfo, KVCache
+from dscompile.runtime.contract import (DECODE, PAST, PREFILL, STEP_INPUTS, EngineInfo, KVCache, StepInputs,
+                                        cache_names, next_step_inputs, random_step_inputs)
+from dscompile.runtime.engine import Engine
 from dscompile.errors import EngineError, OptionError, first_line
 from dscompile.tolerance import QUANTIZED_ACTIVATIONS, TOLERANCE
 from dscompile.tolerance import bound as tolerance_bound
@@ -73,15 +75,10 @@ def tolerance(dtype: str, atol: float | None, rtol: float | None, ref_max: float
     return (base if atol is None else atol), (0.0 if rtol is None else rtol)
 
 
-def _inputs(vocab: int, batch: int, prompt: int, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (batch, prompt), generator=gen)
-    mask = torch.ones(batch, prompt, dtype=torch.int64)
-    for row in range(1, batch):  # later rows are shorter: left padding
-        pad = min(prompt - 1, row * max(1, prompt // (2 * batch)))
-        mask[row, :pad] = 0
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids, pos, mask
+def _inputs(vocab: int, batch: int, prompt: int, seed: int) -> StepInputs:
+    """The compare's prefill: seeded ids, later rows shorter (left padding), every row at least one token."""
+    padding = [min(prompt - 1, row * max(1, prompt // (2 * batch))) for row in range(batch)]
+    return random_step_inputs(vocab, batch, prompt, seed=seed, padding=padding)
 
 
 def run_compare(
@@ -107,15 +104,15 @@ def run_compare(
     """
     if decode_steps < 0 or batch < 1 or prompt < 1:
         raise OptionError("--decode-steps must be >= 0, --batch and --prompt-len >= 1")
-    ids, pos, mask = _inputs(eager.info.vocab_size, batch, prompt, seed)
+    inputs = _inputs(eager.info.vocab_size, batch, prompt, seed)
     steps: list[dict[str, Any]] = []
     e_cache: KVCache | None = None
     g_cache: KVCache | None = None
-    step_ids, step_pos = ids, pos
     total = decode_steps + 1
     for i in range(total):
-        ref, e_cache = eager.step(step_ids, step_pos, mask, e_cache)
-        got, g_cache = engine.step(step_ids, step_pos, mask, g_cache)
+        step_ids, mask = inputs.input_ids, inputs.attention_mask
+        ref, e_cache = eager.step(*inputs, e_cache)
+        got, g_cache = engine.step(*inputs, g_cache)
         real = mask[:, -step_ids.shape[1]:].bool()  # logits of padding positions mean nothing
         logits = Stats.of(got[real], ref[real])
         a, r = tolerance(dtype, atol, rtol, logits.ref_max, table)
@@ -125,16 +122,14 @@ def run_compare(
         worst_cache = max(cache, key=lambda s: s.max_abs)
         ca, cr = tolerance(dtype, atol, rtol, worst_cache.ref_max, table)
         ok = logits.within(a, r) and worst_cache.within(ca, cr)
-        entry = {"step": i, "graph": "prefill" if i == 0 else "decode", "new_tokens": int(step_ids.shape[1]),
+        entry = {"step": i, "graph": PREFILL if i == 0 else DECODE, "new_tokens": int(step_ids.shape[1]),
                  "batch": batch,
                  "logits": vars(logits), **distribution(got[real], ref[real]),
                  "cache": vars(worst_cache), "atol": a, "rtol": r, "passed": ok}
         steps.append(entry)
         if progress is not None:
             progress("compare", i + 1, total)
-        step_ids = ref[:, -1].argmax(-1, keepdim=True)  # teacher forcing with eager's greedy token
-        step_pos = step_pos[:, -1:] + 1
-        mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.int64)], dim=1)
+        inputs = next_step_inputs(ref[:, -1].argmax(-1), inputs)  # teacher forcing with eager's greedy token
     return {"passed": all(s["passed"] for s in steps), "steps": steps, "dtype": dtype, "seed": seed}
 
 
@@ -183,7 +178,7 @@ def locate_divergence(
 def prefill_graph(manifest: dict[str, Any]) -> str:
     """The graph an engine runs a prefill with: "prefill", or for a quantized engine "decode" (it
     runs every step in one session of the decode graph: runtime/ort_engine.py)."""
-    return "decode" if manifest.get("quantization") else "prefill"
+    return DECODE if manifest.get("quantization") else PREFILL
 
 
 def block_outputs(graph: onnx.GraphProto, num_layers: int, where: Path) -> list[str]:
@@ -233,9 +228,8 @@ def _run_on_weights(model: onnx.ModelProto, out: Path, path: Path, names: list[s
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(out))
-    feeds = {"input_ids": ids.numpy(), "position_ids": pos.numpy(), "attention_mask": mask.numpy()}
-    for i, (latent, rope) in enumerate(empty.layers):
-        feeds[f"past.{i}.kv_latent"], feeds[f"past.{i}.k_rope"] = latent.numpy(), rope.numpy()
+    flat = [ids, pos, mask, *(t for layer in empty.layers for t in layer)]
+    feeds = {name: t.numpy() for name, t in zip([*STEP_INPUTS, *cache_names(PAST, len(empty.layers))], flat)}
     try:
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         values = session.run(names, feeds)

@@ -9,7 +9,14 @@ from torch import nn
 
 from dscompile.model.args import ModelArgs
 from dscompile.model.transformer import Transformer
-from dscompile.runtime.engine import Engine, EngineInfo, KVCache
+from dscompile.runtime.contract import EngineInfo, KVCache
+from dscompile.runtime.engine import Engine
+
+
+def _info(args: ModelArgs, cache_dtype: torch.dtype, max_positions: int | None) -> EngineInfo:
+    return EngineInfo(num_layers=args.num_hidden_layers, kv_lora_rank=args.kv_lora_rank,
+                      qk_rope_head_dim=args.qk_rope_head_dim, vocab_size=args.vocab_size,
+                      max_positions=max_positions or args.max_position_embeddings, cache_dtype=cache_dtype)
 
 
 class EagerEngine(Engine):
@@ -17,19 +24,10 @@ class EagerEngine(Engine):
 
     def __init__(self, model: Transformer, max_positions: int | None = None):
         self.model = model
-        self.args = a = model.args
-        self.info = EngineInfo(
-            num_layers=a.num_hidden_layers,
-            kv_lora_rank=a.kv_lora_rank,
-            qk_rope_head_dim=a.qk_rope_head_dim,
-            vocab_size=a.vocab_size,
-            max_positions=max_positions or a.max_position_embeddings,
-            cache_dtype=model.embed_tokens.weight.dtype,
-        )
+        self.args = model.args
+        self.info = _info(model.args, model.embed_tokens.weight.dtype, max_positions)
 
-    def step(self, input_ids, position_ids, attention_mask, cache):
-        past = cache.length if cache is not None else 0
-        self.check_inputs(input_ids, past, position_ids, attention_mask)
+    def _step(self, input_ids, position_ids, attention_mask, cache):
         with torch.no_grad():
             logits, present = self.model(input_ids, position_ids, attention_mask, cache.layers if cache else None)
         return logits, KVCache(present)
@@ -52,21 +50,14 @@ class TransformersEagerEngine(EagerEngine):
 
         self.model, self.args = model, args
         self.contract = TransformersContract(model, args)
-        self.info = EngineInfo(num_layers=args.num_hidden_layers, kv_lora_rank=args.kv_lora_rank,
-                               qk_rope_head_dim=args.qk_rope_head_dim, vocab_size=args.vocab_size,
-                               max_positions=max_positions or args.max_position_embeddings,
-                               cache_dtype=model.model.embed_tokens.weight.dtype)
+        self.info = _info(args, model.model.embed_tokens.weight.dtype, max_positions)
 
     def _past(self, batch: int, cache) -> list:
         if cache is not None:
             return cache.layers
-        w = self.model.model.embed_tokens.weight
-        return [(w.new_zeros(batch, 0, self.args.kv_lora_rank), w.new_zeros(batch, 0, self.args.qk_rope_head_dim))
-                for _ in range(self.args.num_hidden_layers)]
+        return KVCache.empty(self.info, batch, self.model.model.embed_tokens.weight.device).layers
 
-    def step(self, input_ids, position_ids, attention_mask, cache):
-        past = cache.length if cache is not None else 0
-        self.check_inputs(input_ids, past, position_ids, attention_mask)
+    def _step(self, input_ids, position_ids, attention_mask, cache):
         with torch.no_grad():
             logits, present = self.contract(input_ids, position_ids, attention_mask,
                                             self._past(input_ids.shape[0], cache))

@@ -45,7 +45,8 @@ import onnx
 
 from dscompile.lowering.tensorrt.compat import check_model
 from dscompile.errors import DscompileError, EngineError, OptionError
-from dscompile.runtime.trt_engine import GRAPHS, PRECISIONS, TRT_FORMAT, TensorRTUnavailable, require_tensorrt
+from dscompile.runtime.contract import PHASES as GRAPHS  # a TensorRT OUT holds one engine per phase
+from dscompile.runtime.trt_engine import PRECISIONS, TRT_FORMAT, TensorRTUnavailable, require_tensorrt
 
 __all__ = [
     "TensorRTBuildError",
