@@ -6,8 +6,9 @@ docstring is its help. Errors a user can cause (DscompileError) print one line o
 scripts; long steps show progress bars on stderr otherwise.
 
     build.py     make-checkpoint, export, demo
-    generate.py  run (text, token ids, chat)
-    check.py     compare, inspect
+    run.py       run (text, token ids, chat)
+    compare.py   compare
+    inspect.py   inspect
     bench.py     bench
 """
 
@@ -24,7 +25,7 @@ from typing import Any, Iterator
 
 import typer
 
-from dscompile.errors import DscompileError
+from dscompile.errors import DscompileError, first_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0],
                   pretty_exceptions_enable=False)
@@ -44,7 +45,7 @@ def guard() -> Iterator[None]:
     try:
         yield
     except DscompileError as err:
-        _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+        _fail(first_line(err))
     except KeyboardInterrupt:
         _fail("interrupted", 130)
 
@@ -106,6 +107,7 @@ def main() -> None:  # pragma: no cover - console entry point
 
 # The commands register themselves on `app` when their modules are imported, in this order.
 from dscompile.cli import build  # noqa: E402,F401,I001
-from dscompile.cli import generate  # noqa: E402,F401
-from dscompile.cli import check  # noqa: E402,F401
+from dscompile.cli import run  # noqa: E402,F401
+from dscompile.cli import compare  # noqa: E402,F401
+from dscompile.cli import inspect  # noqa: E402,F401
 from dscompile.cli import bench  # noqa: E402,F401

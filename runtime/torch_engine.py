@@ -22,7 +22,7 @@ import torch
 from torch.export.passes import move_to_device_pass
 
 import dscompile.runtime.ops  # noqa: F401  (registers torch.ops.dsc.* before the programs are loaded)
-from dscompile.errors import EngineError
+from dscompile.errors import EngineError, first_line
 from dscompile.runtime.contract import PHASES, EngineInfo, KVCache, choose_graph
 from dscompile.runtime.engine import Engine
 from dscompile.runtime.manifest import check_program_file, read_manifest
@@ -98,7 +98,7 @@ def load_programs(out: Path, manifest: dict[str, Any], weights: WeightsFile, dev
         try:
             program = torch.export.load(path)
         except Exception as err:  # torch raises several types for a damaged archive
-            raise EngineError(f"{path}: cannot load the program ({str(err).splitlines()[0]})") from None
+            raise EngineError(f"{path}: cannot load the program ({first_line(err)})") from None
         _load_weights(program, weights, manifest, name, device, on_device)
         if edit is not None:
             edit(program)

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from dscompile.errors import OptionError
+from dscompile.errors import DscompileError, OptionError, first_line
 from dscompile.cli import _emit, _status_line, app, guard
 
 
@@ -132,7 +132,6 @@ def _run_text(llm, prompts: list[str], options: dict, backend: str, as_json: boo
 
 def _chat(llm, turns: list[str], system: str | None, options: dict, as_json: bool, start: float) -> None:
     """--chat: the given turns, then stdin's lines, or an interactive loop on a terminal."""
-    from dscompile.errors import DscompileError
     from dscompile.runtime.text import read_utf8
 
     interactive = sys.stdin.isatty() and not as_json
@@ -187,4 +186,4 @@ def _chat(llm, turns: list[str], system: str | None, options: dict, as_json: boo
         except DscompileError as err:  # a bad turn does not end the session
             if messages and messages[-1]["role"] == "user":  # the turn that failed is not part of the conversation
                 messages.pop()
-            typer.echo(f"error: {str(err).splitlines()[0]}", err=True)
+            typer.echo(f"error: {first_line(err)}", err=True)
