@@ -316,7 +316,7 @@ def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progre
                            "paired_min": min(paired, default=None), "paired_max": max(paired, default=None)}
     result["gemm_flops"] = gemm
     result["gemm"] = {"flops": gemm, "start": gemm0, "end": gemm1, "size": options.gemm_size}
-    from dscompile.exporter.export import cache_layout
+    from dscompile.exporter.manifest import cache_layout
 
     layout = cache_layout(args, torch.float32)
     result["cache"] = {"ours_bytes_per_token": layout["bytes_per_token"],

@@ -4,17 +4,20 @@ The bench config (`bench_args`) is DeepSeek-V2-Lite's dimensions with 4 layers, 
 experts and a 32000 vocabulary; its seeded random checkpoint is written once under the cache
 folder (~/.cache/dscompile or $DSCOMPILE_HOME) and reused, and so are the engines exported from
 any checkpoint (one folder per checkpoint, set of export options and version of the compiler's
-sources).
+sources). The engines are exported with `dscompile export`'s defaults (ExportOptions) but for the
+options a bench system names (bench/systems.py OUR_ENGINES).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 from dscompile.exporter.export import export_checkpoint  # imported before _SOURCE_KEY hashes the sources
+from dscompile.exporter.options import ExportOptions
 from dscompile.model.args import ModelArgs
 
 BENCH_SEED = 0
@@ -81,23 +84,24 @@ def checkpoint_key(checkpoint: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def engine_dir(checkpoint: Path, home: Path, options: dict[str, Any]) -> Path:
+def engine_dir(checkpoint: Path, home: Path, options: ExportOptions) -> Path:
     """Where the engine of (checkpoint, export options, compiler sources) is cached."""
-    opts = "-".join(f"{k}={v}" for k, v in sorted(options.items()))
+    opts = "-".join(f"{k}={v}" for k, v in sorted(dataclasses.asdict(options).items()))
     key = hashlib.sha256(f"{checkpoint_key(checkpoint)}|{opts}".encode()).hexdigest()[:12]
     return home / "bench" / "engines" / f"{checkpoint.name}-{key}-{_SOURCE_KEY}"
 
 
 def cached_export(checkpoint: Path, home: Path, options: dict[str, Any], progress: Progress | None = None) -> Path:
-    """Export (once) and return the engine folder for these options.
+    """Export (once) and return the engine folder for these ExportOptions fields (the others: their defaults).
 
     Engines of the same checkpoint and options exported by other sources are deleted first (a
     bench-config engine is several GB).
     """
-    out = engine_dir(checkpoint, home, options)
+    export_options = ExportOptions(**options, force=True)
+    out = engine_dir(checkpoint, home, export_options)
     if not (out / "manifest.json").is_file():
         stem = out.name.rsplit("-", 1)[0]
         for stale in out.parent.glob(f"{stem}-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        export_checkpoint(checkpoint, out, force=True, progress=progress, **options)
+        export_checkpoint(checkpoint, out, export_options, progress=progress)
     return out

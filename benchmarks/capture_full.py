@@ -1,6 +1,6 @@
 """Capture, rewrite and lower a full-size published config on the meta device: the graphs, no weights.
 
-Runs the graph-only export (`export_checkpoint(..., graphs_only=True)`: capture, passes and
+Runs the graph-only export (`ExportOptions(graphs_only=True)`, the command line's limits: capture, passes and
 lowering; prefill.onnx, decode.onnx, decode_inplace.onnx and manifest.json are written, weights.bin
 is neither computed nor written) of DeepSeek-V3 671B (the repository's copy of its config), then of
 the same config with 16 routed experts, and prints for each the wall time per stage, the peak RSS
@@ -30,12 +30,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from dscompile.capture import Limits  # noqa: E402
-from dscompile.exporter.export import STAGES, TARGETS, export_checkpoint  # noqa: E402
+from dscompile.exporter.export import STAGES, export_checkpoint  # noqa: E402
+from dscompile.exporter.options import TARGETS, ExportOptions  # noqa: E402
 from dscompile.model.args import PUBLISHED_CONFIGS  # noqa: E402
 from dscompile.runtime.engine import DTYPES  # noqa: E402
-
-LIMITS = Limits(max_batch=64, max_prompt_tokens=4096, max_context=16384)
 
 
 def peak_rss_gib() -> float:
@@ -66,8 +64,8 @@ def lower_graphs(config: dict, experts: int, folder: Path, dtype: str, target: s
     (folder / "config.json").write_text(json.dumps({**config, "n_routed_experts": experts}, indent=2))
     ends: dict[str, float] = {}
     start = time.perf_counter()
-    manifest = export_checkpoint(folder / "config.json", folder / "out", dtype=dtype, target=target, limits=LIMITS,
-                                 graphs_only=True, force=True,
+    manifest = export_checkpoint(folder / "config.json", folder / "out",
+                                 ExportOptions(dtype=dtype, target=target, graphs_only=True, force=True),
                                  progress=lambda stage, done, total: ends.__setitem__(stage, time.perf_counter()))
     wall = time.perf_counter() - start
     return {"experts": experts, "wall_s": round(wall, 1), "stages_s": stage_seconds(ends, start), "peak_rss_gib": round(peak_rss_gib(), 2),

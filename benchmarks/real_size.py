@@ -34,7 +34,8 @@ sys.path.insert(0, str(ROOT))
 def _export(checkpoint: Path, out: Path, scheme: str) -> dict:
     """Run the export in a child; its wall time and peak RSS (ru_maxrss of that child alone)."""
     code = ("import resource, sys, json; from dscompile.exporter.export import export_checkpoint; "
-            f"export_checkpoint({str(checkpoint)!r}, {str(out)!r}, weights={scheme!r}, force=True); "
+            "from dscompile.exporter.options import ExportOptions; "
+            f"export_checkpoint({str(checkpoint)!r}, {str(out)!r}, ExportOptions(weights={scheme!r}, force=True)); "
             "print(json.dumps({'peak_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))")
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)

@@ -29,14 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from capture_full import stage_seconds  # noqa: E402  (this folder is on sys.path when run as a script)
 
-from dscompile.capture import Limits  # noqa: E402
-from dscompile.cli.inspect import plan_lines  # noqa: E402  (prints what `inspect --plan` prints)
+from dscompile.cli.check import plan_lines, sharding_plan  # noqa: E402
 from dscompile.exporter.export import export_checkpoint  # noqa: E402
-from dscompile.inspect import sharding_plan  # noqa: E402
+from dscompile.exporter.options import ExportOptions  # noqa: E402
 from dscompile.model.args import PUBLISHED_CONFIGS  # noqa: E402
 from dscompile.runtime.engine import DTYPES  # noqa: E402
-
-LIMITS = Limits(max_batch=64, max_prompt_tokens=4096, max_context=16384)
 
 
 def one_plan(config: Path, tp: int, ep: int, dtype: str) -> dict:
@@ -44,13 +41,13 @@ def one_plan(config: Path, tp: int, ep: int, dtype: str) -> dict:
     ends: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="shard_full_") as root:
         start = time.perf_counter()
-        manifest = export_checkpoint(config, Path(root) / "out", dtype=dtype, limits=LIMITS, graphs_only=True,
-                                     tp=tp, ep=ep, progress=lambda stage, d, t: ends.__setitem__(stage, time.perf_counter()))
+        manifest = export_checkpoint(config, Path(root) / "out", ExportOptions(dtype=dtype, graphs_only=True, tp=tp, ep=ep),
+                                     progress=lambda stage, d, t: ends.__setitem__(stage, time.perf_counter()))
         wall = time.perf_counter() - start
     info = sharding_plan(manifest)
     return {"tp": tp, "ep": ep, "wall_s": round(wall, 1), "stages_s": stage_seconds(ends, start),
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-            "plan": info, "lines": plan_lines(info)}
+            "plan": info, "lines": plan_lines(manifest, info)}
 
 
 def markdown(runs: list[dict]) -> str:

@@ -5,10 +5,11 @@ docstring is its help. Errors a user can cause (DscompileError) print one line o
 2, without a traceback. Every command takes `--json` to print one JSON object on stdout for
 scripts; long steps show progress bars on stderr otherwise.
 
-    build.py     make-checkpoint, export, demo
-    run.py       run (text, token ids, chat)
-    compare.py   compare
-    inspect.py   inspect
+    make_checkpoint.py  make-checkpoint
+    demo.py      demo
+    export.py    export
+    generate.py  run (text, token ids, chat)
+    check.py     compare, inspect
     bench.py     bench
 """
 
@@ -25,13 +26,10 @@ from typing import Any, Iterator
 
 import typer
 
-from dscompile.errors import DscompileError, first_line
+from dscompile.errors import DscompileError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0],
                   pretty_exceptions_enable=False)
-
-DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
-          "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -45,7 +43,7 @@ def guard() -> Iterator[None]:
     try:
         yield
     except DscompileError as err:
-        _fail(first_line(err))
+        _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
 
@@ -106,8 +104,9 @@ def main() -> None:  # pragma: no cover - console entry point
 
 
 # The commands register themselves on `app` when their modules are imported, in this order.
-from dscompile.cli import build  # noqa: E402,F401,I001
-from dscompile.cli import run  # noqa: E402,F401
-from dscompile.cli import compare  # noqa: E402,F401
-from dscompile.cli import inspect  # noqa: E402,F401
+from dscompile.cli import make_checkpoint  # noqa: E402,F401,I001
+from dscompile.cli import demo  # noqa: E402,F401
+from dscompile.cli import export  # noqa: E402,F401
+from dscompile.cli import generate  # noqa: E402,F401
+from dscompile.cli import check  # noqa: E402,F401
 from dscompile.cli import bench  # noqa: E402,F401

@@ -14,9 +14,12 @@ Long steps report to `progress(stage, done, total)` when given. Errors a user ca
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from dscompile.errors import OptionError
+
+if TYPE_CHECKING:  # imported when called: `import dscompile` stays light
+    from dscompile.exporter.options import ExportOptions
 
 Progress = Callable[[str, int, int], None]
 
@@ -33,68 +36,40 @@ def load(out: str | Path, backend: str = "onnxruntime", provider: str = "auto", 
     return TextEngine.open(out, backend=backend, provider=provider, threads=threads)
 
 
-def export(
-    checkpoint: str | Path,
-    out: str | Path,
-    *,
-    dtype: str = "float32",
-    weights: str | None = None,
-    block_size: int = 32,
-    absorb: str = "auto",
-    fuse_moe: bool = True,
-    verify: bool = False,
-    opset: int = 23,
-    target: str = "onnxruntime",
-    precision: str = "fp16",
-    max_batch: int = 64,
-    max_prompt_tokens: int = 4096,
-    max_context: int = 16384,
-    force: bool = False,
-    allow_nonfinite: bool = False,
-    graphs_only: bool = False,
-    frontend: str = "dscompile",
-    tp: int = 1,
-    ep: int = 1,
-    progress: Progress | None = None,
-) -> dict[str, Any]:
+def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | None = None, *,
+           progress: Progress | None = None, **fields: Any) -> dict[str, Any]:
     """Compile a checkpoint into the engine folder `out`; returns its manifest.
 
-    dtype: float32, float16 or bfloat16. weights: None, "int8" or "int4" (block-wise, `block_size`
-    values per scale). absorb: auto, fold, reassociate or none (MLA absorption). verify: check
-    each pass (and a quantized engine) numerically. target "tensorrt" also builds TensorRT engines
-    at `precision`. max_batch, max_prompt_tokens (tokens in one step) and max_context (past + new)
-    bound the engines' inputs. graphs_only writes graphs and manifest without weights. frontend:
-    "dscompile" captures our reference model, "transformers" transformers' own model class.
-    tp x ep > 1: a sharded engine for tp x ep ranks (heads over tp, routed experts over ep), run by
-    the torch backend on torch.distributed.
+    options: a `dscompile.exporter.options.ExportOptions`; its fields may also be given (or
+    overridden) as keywords, e.g. `export("ckpt", "out", weights="int4")`. They are: dtype
+    (float32, float16 or bfloat16); weights (None, "int8" or "int4": block-wise, `block_size`
+    values per scale); absorb (auto, fold, reassociate or none: MLA absorption); fuse_moe; verify
+    (check each pass, and a quantized engine, numerically); opset; target ("tensorrt" also builds
+    TensorRT engines at `precision`); max_batch, max_prompt_tokens (tokens in one step) and
+    max_context (past + new), which bound the engines' inputs; graphs_only (graphs and manifest
+    without weights); frontend ("dscompile" captures our reference model, "transformers"
+    transformers' own model class); tp x ep > 1 (a sharded engine for tp x ep ranks: heads over
+    tp, routed experts over ep, run by the torch backend on torch.distributed); force;
+    allow_nonfinite. Their defaults are the command line's.
     """
-    from dscompile.capture import Limits
-    from dscompile.exporter.export import export_checkpoint, quant_scheme
+    import dataclasses
 
-    if target not in ("onnxruntime", "tensorrt"):
-        raise OptionError(f"--target {target!r} is not one of onnxruntime, tensorrt")
-    try:
-        limits = Limits(max_batch=max_batch, max_prompt_tokens=max_prompt_tokens, max_context=max_context)
-    except ValueError as err:  # the limits name the rule they break
-        raise OptionError(f"--max-batch/--max-prompt-tokens/--max-context: {str(err).split(': ', 1)[-1]}") from None
-    quant_scheme(weights, block_size, dtype, target)  # before TensorRT's own checks: name the option
-    build_trt = target == "tensorrt" and not graphs_only  # engines need the weights
-    if build_trt:
-        from dscompile.lowering.tensorrt.build import require_tensorrt, validate_options
+    from dscompile.exporter.export import export_checkpoint
+    from dscompile.exporter.options import ExportOptions
 
-        validate_options(precision, max_batch, max_prompt_tokens, max_context, 8.0)
-        require_tensorrt()
-    manifest = export_checkpoint(checkpoint, out, dtype=dtype, absorb=absorb, fuse_moe=fuse_moe, verify=verify,
-                                 opset=opset, limits=limits, force=force, progress=progress,
-                                 allow_nonfinite=allow_nonfinite, target=target, graphs_only=graphs_only,
-                                 weights=weights, block_size=block_size, frontend=frontend, tp=tp, ep=ep)
-    if build_trt:
+    options = dataclasses.replace(options or ExportOptions(), **fields)  # checked again with the keywords
+    if options.builds_tensorrt:
+        from dscompile.lowering.tensorrt.build import require_tensorrt
+
+        require_tensorrt()  # before the export: minutes of work would end without engines
+    manifest = export_checkpoint(checkpoint, out, options, progress=progress)
+    if options.builds_tensorrt:
         from dscompile.lowering.tensorrt.build import build_engines
         from dscompile.runtime.manifest import write_manifest
 
-        manifest["tensorrt"] = build_engines(out, precision=precision, max_batch=max_batch,
-                                             max_prompt_tokens=max_prompt_tokens, max_context=max_context,
-                                             progress=progress)
+        manifest["tensorrt"] = build_engines(out, precision=options.precision, max_batch=options.max_batch,
+                                             max_prompt_tokens=options.max_prompt_tokens,
+                                             max_context=options.max_context, progress=progress)
         write_manifest(out, manifest)
     return manifest
 

@@ -9,6 +9,10 @@ leaves no OUT and the old one in `.OUT.old-<pid>`). Leftover `.OUT.tmp-<pid>` / 
 folders of processes that no longer run are removed by the next export to the same OUT. Write
 failures (disk full, file size limit, read-only folder) are one OutputError line (`reason` names
 the cause and the file).
+
+Both writers of OUT (the single-device and the sharded export) go through `staged(out)`: it
+creates the temp folder, removes it whatever happens, and its `Stage.writing` block turns the
+write into one OutputError line and publishes the finished folder.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 from dscompile.errors import DscompileError
 
@@ -54,6 +59,39 @@ def make_temp_folder(out: Path) -> Path:
     except OSError as err:
         raise OutputError(f"{out}: cannot create the output folder beside it ({reason(err)})") from None
     return tmp
+
+
+class Stage:
+    """OUT's temp folder while an export fills it; `what` names the file being written (for an OSError
+    without a file name)."""
+
+    def __init__(self, out: Path, folder: Path):
+        self.out, self.folder, self.what = out, folder, "OUT"
+
+    @contextlib.contextmanager
+    def writing(self, what: str) -> Iterator[Path]:
+        """The block that writes OUT's files into the temp folder (yielded); at its end the folder is
+        synced and replaces OUT. An OSError inside is one OutputError line, and OUT is left as it was."""
+        self.what = what
+        try:
+            yield self.folder
+            self.what = "the finished folder"
+            sync_folder(self.folder)
+            replace(self.folder, self.out)
+        except OSError as err:  # disk full, file size limit, folder removed under us
+            raise OutputError(f"{self.out}: cannot write the export ({reason(err, self.what)}); "
+                              "OUT was left as it was") from None
+
+
+@contextlib.contextmanager
+def staged(out: Path) -> Iterator[Stage]:
+    """OUT's temp folder, created now (an unwritable OUT fails before the work) and removed on leaving
+    (after a success it is gone already, or holds the replaced OUT)."""
+    stage = Stage(out, make_temp_folder(out))
+    try:
+        yield stage
+    finally:
+        remove(stage.folder)
 
 
 def _alive(pid: int) -> bool:

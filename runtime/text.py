@@ -3,7 +3,7 @@
 Engines take and return token ids; this module turns text into ids and ids back into text.
 
 - `Tokenizer` reads the tokenizer files a checkpoint ships (`TOKENIZER_FILES`; export copies them
-  next to the engine): tokenizer.json through the Rust `tokenizers` library, the special tokens and
+  next to the engine with `copy_tokenizer`, which checks they load first): tokenizer.json through the Rust `tokenizers` library, the special tokens and
   chat template of tokenizer_config.json, and the end-of-sequence ids and sampling defaults of
   generation_config.json. Encoding follows transformers' fast tokenizers, so ids match what the
   model saw in training.
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -190,6 +191,32 @@ class Tokenizer:
         if skip_special_tokens and token_id in self._special_ids:
             return True
         return _BYTE_TOKEN.fullmatch(self._backend.id_to_token(token_id) or "") is not None
+
+
+def copy_tokenizer(config: Path, folder: Path, vocab_size: int) -> dict[str, Any] | None:
+    """Copy the tokenizer files (those present) beside the checkpoint's `config` into `folder`, after
+    checking they load and fit the model's `vocab_size`.
+
+    Returns the manifest's `tokenizer` entry (files, bos and eos ids, the latter also config.json's,
+    whether a chat template came), or None when there is no tokenizer.json: the engine runs token
+    ids only.
+    """
+    source = config.parent
+    tokenizer = Tokenizer.load(source)
+    if tokenizer is None:
+        return None
+    if tokenizer.vocab_size > vocab_size:
+        raise TextError(f"{source / 'tokenizer.json'}: {tokenizer.vocab_size} tokens, more than the model's "
+                        f"vocabulary of {vocab_size}")
+    files = [name for name in TOKENIZER_FILES if (source / name).is_file()]
+    for name in files:
+        shutil.copyfile(source / name, folder / name)
+    eos = set(tokenizer.eos_token_ids)
+    config_eos = json.loads(config.read_text()).get("eos_token_id")
+    eos.update(i for i in (config_eos if isinstance(config_eos, list) else [config_eos])
+               if isinstance(i, int) and 0 <= i < vocab_size)
+    return {"files": files, "bos_token_id": tokenizer.bos_token_id, "eos_token_ids": sorted(eos),
+            "chat_template": tokenizer.chat_template is not None, "vocab_size": tokenizer.vocab_size}
 
 
 class DetokenizeStream:

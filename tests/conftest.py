@@ -72,6 +72,7 @@ def exported(tmp_path_factory, exported_ckpt, export_limits):
     exported once per session (~15-30 s each). That an export is deterministic (byte-identical OUT)
     is tests/test_reliability.py's check, across processes."""
     from dscompile.exporter.export import export_checkpoint
+    from dscompile.exporter.options import ExportOptions
 
     cache: dict[tuple, Path] = {}
 
@@ -79,7 +80,7 @@ def exported(tmp_path_factory, exported_ckpt, export_limits):
         key = (variant, dtype)
         if key not in cache:
             out = tmp_path_factory.mktemp("out") / f"{variant}-{dtype}"
-            export_checkpoint(exported_ckpt(variant), out, dtype=dtype, limits=export_limits)
+            export_checkpoint(exported_ckpt(variant), out, ExportOptions.within(export_limits, dtype=dtype))
             cache[key] = out
         return cache[key]
 
@@ -99,9 +100,10 @@ def small_export(tmp_path_factory, one_layer_ckpt, small_limits):
     """OUT of `one_layer_ckpt` within `small_limits`, exported once per session: the cheapest engine,
     for tests whose point does not depend on the model's size. Copy it before changing it."""
     from dscompile.exporter.export import export_checkpoint
+    from dscompile.exporter.options import ExportOptions
 
     out = tmp_path_factory.mktemp("small") / "out"
-    export_checkpoint(one_layer_ckpt, out, limits=small_limits)
+    export_checkpoint(one_layer_ckpt, out, ExportOptions.within(small_limits))
     return out
 
 

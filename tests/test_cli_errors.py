@@ -34,7 +34,10 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from dscompile.exporter.export import export_checkpoint
+from dscompile.exporter.options import ExportOptions
 from dscompile.model.synthetic import make_checkpoint
+
+pytestmark = pytest.mark.long  # minutes of exports: scheduled first (tests/conftest.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 # The whole-export cases export `one_layer_ckpt`: weights.bin ~180 KB, each .pt2 ~250 KB.
@@ -249,7 +252,7 @@ def _build_cases(tmp: Path, ckpt: Path, small_ckpt: Path, engine: Path, limits, 
 
     # ---- a graph-only export (no weights.bin): engines refuse it; --verify cannot check it
     graphs = tmp / "graphs-only"  # of the one-layer checkpoint, within the cheapest export's limits
-    export_checkpoint(small_ckpt, graphs, limits=small_limits, graphs_only=True)
+    export_checkpoint(small_ckpt, graphs, ExportOptions.within(small_limits, graphs_only=True))
     refused = f"{graphs}: a graph-only export (no weights.bin); export without --graphs-only to run it"
     c["run_graphs_only"] = Case(command("run", graphs, "--input-ids", "1,2"), refused)
     c["run_graphs_only_torch"] = Case(command("run", graphs, "--input-ids", "1,2", "--backend", "torch"), refused)

@@ -16,6 +16,7 @@ import torch
 
 from conftest import assert_close
 from dscompile.exporter.export import export_checkpoint
+from dscompile.exporter.options import ExportOptions
 from dscompile.capture.frontends.transformers import load_transformers_model
 from dscompile.verify.eager import TransformersEagerEngine
 from dscompile.runtime.contract import position_ids
@@ -36,7 +37,7 @@ def test_both_frontends_agree_with_transformers(variant, exported, exported_ckpt
     checkpoint = exported_ckpt(variant)
     ours = exported(variant)
     theirs = tmp_path / "transformers"
-    export_checkpoint(checkpoint, theirs, limits=export_limits, frontend="transformers")
+    export_checkpoint(checkpoint, theirs, ExportOptions.within(export_limits, frontend="transformers"))
     m_ours, m_theirs = (json.loads((d / "manifest.json").read_text()) for d in (ours, theirs))
     assert m_theirs["frontend"]["name"] == "transformers" and m_ours["frontend"]["name"] == "dscompile"
     assert _rewrites(m_theirs) == _rewrites(m_ours)

@@ -26,11 +26,14 @@ from hypothesis import strategies as st
 from conftest import TOLERANCE
 from dscompile.capture import Limits
 from dscompile.exporter.export import export_checkpoint
+from dscompile.exporter.options import ExportOptions
 from dscompile.model.args import ModelArgs
 from dscompile.model.checkpoint import load_checkpoint
 from dscompile.model.synthetic import random_state, tiny_args, write_checkpoint
 from dscompile.runtime.contract import position_ids
 from dscompile.runtime.ort_engine import OrtEngine
+
+pytestmark = pytest.mark.long  # minutes of exports: scheduled first (tests/conftest.py)
 
 FUZZ_CI_EXAMPLES = 2  # the derandomized first two: a one-layer MoE config and a two-layer dense one
 EXTRA = int(os.environ.get("DSCOMPILE_FUZZ_EXAMPLES", "0") or 0)
@@ -87,7 +90,7 @@ def check_config(args: ModelArgs, seed: int = 0) -> float:
     try:
         ckpt = write_checkpoint(root / "ckpt", args, random_state(args, seed))
         assert ModelArgs.from_json(ckpt / "config.json") == args, "config.json does not round-trip"
-        export_checkpoint(ckpt, root / "out", limits=LIMITS)
+        export_checkpoint(ckpt, root / "out", ExportOptions.within(LIMITS))
         engine = OrtEngine.load(root / "out", provider="cpu")
         model = load_checkpoint(ckpt)
         gen = torch.Generator().manual_seed(seed)

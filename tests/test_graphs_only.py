@@ -1,6 +1,6 @@
 """Lowering that scales, and the graph-only export that shows it.
 
-- a graph-only export (`export_checkpoint(..., graphs_only=True)`) builds the model from a config
+- a graph-only export (`ExportOptions(graphs_only=True)`) builds the model from a config
   alone, writes the graphs and the manifest, and neither computes nor writes a weight;
 - every lowering export picks (float32 and half precision, ONNX Runtime and TensorRT targets)
   gives graphs whose node count does not depend on the number of routed experts: a tiny config
@@ -18,6 +18,7 @@ import pytest
 
 from dscompile.capture import Limits, capture
 from dscompile.exporter.export import export_checkpoint
+from dscompile.exporter.options import ExportOptions
 from dscompile.lowering.graph import lower
 from dscompile.lowering.weights import save_models
 from dscompile.model import checkpoint as ckpt_mod
@@ -56,8 +57,8 @@ def graphs_only(tmp_path_factory):
         key = (experts, dtype, target)
         if key not in done:
             out = tmp / f"out-{experts}-{dtype}-{target}"
-            done[key] = out, export_checkpoint(_config(tmp, experts) / "config.json", out, dtype=dtype, target=target,
-                                               limits=SMALL, graphs_only=True)
+            done[key] = out, export_checkpoint(_config(tmp, experts) / "config.json", out, ExportOptions.within(
+                                                   SMALL, dtype=dtype, target=target, graphs_only=True))
         return done[key]
 
     return export
@@ -134,7 +135,7 @@ def test_reads_nothing_but_the_config_of_a_checkpoint(tmp_path, make_ckpt, monke
         raise AssertionError("a graph-only export opened a safetensors file")
 
     monkeypatch.setattr(ckpt_mod, "safe_open", refuse)
-    manifest = export_checkpoint(ckpt, tmp_path / "out", limits=SMALL, graphs_only=True)
+    manifest = export_checkpoint(ckpt, tmp_path / "out", ExportOptions.within(SMALL, graphs_only=True))
     assert manifest["graphs_only"] and not (tmp_path / "out" / "weights.bin").exists()
 
 
@@ -172,12 +173,12 @@ def test_save_models_without_data_plans_places_and_computes_nothing(one_layer_ck
 
 def test_refuses_verify_and_a_missing_config(tmp_path):
     with pytest.raises(OptionError, match="--graphs-only and --verify"):
-        export_checkpoint(_config(tmp_path, 16), tmp_path / "out", graphs_only=True, verify=True)
+        ExportOptions(graphs_only=True, verify=True)
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="empty: config.json not found"):
-        export_checkpoint(tmp_path / "empty", tmp_path / "out", graphs_only=True)
+        export_checkpoint(tmp_path / "empty", tmp_path / "out", ExportOptions(graphs_only=True))
     with pytest.raises(CheckpointError, match="nowhere.json: not found"):
-        export_checkpoint(tmp_path / "nowhere.json", tmp_path / "out", graphs_only=True)
+        export_checkpoint(tmp_path / "nowhere.json", tmp_path / "out", ExportOptions(graphs_only=True))
     assert not (tmp_path / "out").exists()
 
 

@@ -49,8 +49,6 @@ ALLOWED = {
 # Files over LONG lines, and why each is one file.
 LONG = 500
 LONG_FILES = {
-    "exporter/export.py": "the export job in order (load, capture, passes, lower, write, manifest), one function per "
-                          "step of the manifest it writes",
     "passes/shard.py": "one pass, one file (as every pass): the plan, what it splits (found backward from the "
                        "attention, MLP and MoE anchors) and the forward rewrite share one table of op rules",
 }

@@ -17,11 +17,14 @@ import torch
 from dscompile.tolerance import bound as tolerance_bound
 
 from dscompile.exporter.export import export_checkpoint
+from dscompile.exporter.options import ExportOptions
 from dscompile.lowering.graph import check_model
 from dscompile.model.args import ModelArgs
 from dscompile.model.checkpoint import load_checkpoint
 from dscompile.errors import OptionError
 from dscompile.runtime.manifest import MANIFEST_FORMAT, read_manifest
+
+pytestmark = pytest.mark.long  # minutes of exports: scheduled first (tests/conftest.py)
 
 VARIANTS = ("v3", "v2", "v2-lite")
 FILES = {"prefill.onnx", "decode.onnx", "decode_inplace.onnx", "weights.bin", "manifest.json", "prefill.pt2",
@@ -177,7 +180,7 @@ def test_refuses_a_non_empty_out(tmp_path, exported_ckpt, export_limits):
     ckpt = exported_ckpt("v3")
     (tmp_path / "keep.txt").write_text("x")
     with pytest.raises(OptionError, match="not empty"):
-        export_checkpoint(ckpt, tmp_path, limits=export_limits)
+        export_checkpoint(ckpt, tmp_path, ExportOptions.within(export_limits))
     with pytest.raises(OptionError, match="--dtype"):
-        export_checkpoint(ckpt, tmp_path / "new", dtype="float8")
+        export_checkpoint(ckpt, tmp_path / "new", ExportOptions(dtype="float8"))
     assert not (tmp_path / "new").exists() and [p.name for p in tmp_path.iterdir()] == ["keep.txt"]

@@ -22,6 +22,7 @@ import torch
 
 from dscompile.verify.compare import eager_for, lowering_table, run_compare, scheme_cost, scheme_of
 from dscompile.exporter.export import export_checkpoint
+from dscompile.exporter.options import ExportOptions
 from dscompile.model import quant
 from dscompile.model.checkpoint import load_checkpoint
 from dscompile.model.quant import Scheme, dequantize, fake_quantize, pack, quantize, unpack
@@ -112,8 +113,8 @@ def quantized(make_ckpt, tmp_path_factory):
             try:
                 live.update(bytes=0, peak=0)
                 # one export also runs --verify: the engine checked against eager before OUT is published
-                export_checkpoint(ckpt, out, weights=f"int{bits}", block_size=BLOCK, accuracy_level=0,
-                                  verify=name == "v2-lite-int8")
+                export_checkpoint(ckpt, out, ExportOptions(weights=f"int{bits}", block_size=BLOCK, accuracy_level=0,
+                                                           verify=name == "v2-lite-int8"))
                 built[name] = (ckpt, out)
                 built[name + ":peak"] = live["peak"]
             finally:

@@ -35,9 +35,10 @@ def v2_ckpt(make_ckpt):
 def sharded_out(tmp_path_factory, v2_ckpt):
     """The v2 checkpoint exported for tp 2 x ep 2."""
     from dscompile.exporter.export import export_checkpoint
+    from dscompile.exporter.options import ExportOptions
 
     out = tmp_path_factory.mktemp("sharded") / "tp2ep2"
-    export_checkpoint(v2_ckpt, out, limits=LIMITS, tp=2, ep=2)
+    export_checkpoint(v2_ckpt, out, ExportOptions.within(LIMITS, tp=2, ep=2))
     return out
 
 
@@ -209,11 +210,12 @@ def test_bad_sharding_input_is_one_line(tmp_path, sharded_out, v2_ckpt, monkeypa
 @pytest.mark.parametrize("tp,ep", [(2, 1), (1, 2), (2, 2)])
 def test_matrix_of_variants_and_plans(tmp_path, make_ckpt, variant, tp, ep):
     from dscompile.exporter.export import export_checkpoint
+    from dscompile.exporter.options import ExportOptions
     from dscompile.runtime.session import open_engine
 
     ckpt = make_ckpt(variant, layers=2)
-    export_checkpoint(ckpt, tmp_path / "single", limits=LIMITS)
-    export_checkpoint(ckpt, tmp_path / "sharded", limits=LIMITS, tp=tp, ep=ep)
+    export_checkpoint(ckpt, tmp_path / "single", ExportOptions.within(LIMITS))
+    export_checkpoint(ckpt, tmp_path / "sharded", ExportOptions.within(LIMITS, tp=tp, ep=ep))
     single = open_engine(tmp_path / "single", backend="torch")
     sharded = open_engine(tmp_path / "sharded", backend="torch")
     try:

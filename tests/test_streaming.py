@@ -22,6 +22,7 @@ import torch
 
 from dscompile.capture import Limits, capture
 from dscompile.exporter.export import export_checkpoint
+from dscompile.exporter.options import ExportOptions
 from dscompile.lowering.graph import lower
 from dscompile.lowering.weights import FOLD_LIMIT
 from dscompile.lowering.ops import choose_moe_experts
@@ -123,7 +124,7 @@ def counted_export(make_ckpt, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ckpt_mod.CheckpointSource, "load", counted)
-        export_checkpoint(path, out, limits=SMALL)
+        export_checkpoint(path, out, ExportOptions.within(SMALL))
     return path, out, alive
 
 

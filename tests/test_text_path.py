@@ -17,6 +17,7 @@ import torch
 import dscompile
 from dscompile.capture import Limits
 from dscompile.exporter.export import export_checkpoint
+from dscompile.exporter.options import ExportOptions
 from dscompile.model.synthetic import make_checkpoint
 from dscompile.errors import EngineError, TextError
 from dscompile.runtime.session import TextEngine
@@ -197,7 +198,7 @@ def test_cli_text_errors_are_one_line(built, export_limits, tmp_path):
 def test_engines_without_a_tokenizer_run_ids_and_refuse_text(tmp_path):
     ckpt = make_checkpoint(tmp_path / "ckpt", "v2", layers=1, experts=4, hidden=32, tokenizer=False)
     out = tmp_path / "out"
-    manifest = export_checkpoint(ckpt, out, limits=LIMITS)
+    manifest = export_checkpoint(ckpt, out, ExportOptions.within(LIMITS))
     assert manifest["tokenizer"] is None and not (out / "tokenizer.json").exists()
     llm = TextEngine.open(out)
     assert len(llm.generate([1, 2, 3], max_new_tokens=3)) == 3
@@ -209,7 +210,7 @@ def test_export_refuses_a_corrupt_tokenizer_naming_it(tmp_path):
     ckpt = make_checkpoint(tmp_path / "ckpt", "v2", layers=1, experts=4)
     (ckpt / "tokenizer.json").write_bytes(b"\x00garbage")
     with pytest.raises(TextError, match="tokenizer.json"):
-        export_checkpoint(ckpt, tmp_path / "out", limits=LIMITS)
+        export_checkpoint(ckpt, tmp_path / "out", ExportOptions.within(LIMITS))
     assert not (tmp_path / "out").exists()
 
 

@@ -269,11 +269,12 @@ def test_tensorrt_targeted_export_passes_the_static_check_and_matches_eager(make
 
     from conftest import assert_close
     from dscompile.exporter.export import export_checkpoint
+    from dscompile.exporter.options import ExportOptions
     from dscompile.model.checkpoint import load_checkpoint
     from dscompile.runtime.ort_engine import OrtEngine
 
     ckpt = make_ckpt("v3", layers=2, experts=8)
-    manifest = export_checkpoint(ckpt, tmp_path / "trt", target="tensorrt")
+    manifest = export_checkpoint(ckpt, tmp_path / "trt", ExportOptions(target="tensorrt"))
     assert manifest["target"] == "tensorrt" and manifest["runtime"] == "onnxruntime"
     # the in-place decode graph is for ONNX Runtime on CPU; TensorRT builds from the contract graphs
     assert "in_place" not in manifest["graphs"]["decode"] and not (tmp_path / "trt" / "decode_inplace.onnx").exists()

@@ -29,6 +29,7 @@ import torch
 
 from dscompile.capture import Limits
 from dscompile.exporter.export import export_checkpoint
+from dscompile.exporter.options import ExportOptions
 from dscompile.verify.eager import EagerEngine
 from dscompile.model.checkpoint import load_checkpoint
 from dscompile.model.synthetic import random_state, tiny_args, write_checkpoint
@@ -52,7 +53,7 @@ def big(tmp_path_factory):
     args = replace(tiny_args("v2", layers=3, experts=16, hidden=1024, heads=4, vocab=4096, yarn=False),
                    first_k_dense_replace=2, intermediate_size=24576, moe_intermediate_size=512)
     ckpt = write_checkpoint(root / "ckpt", args, random_state(args, 0))
-    manifest = export_checkpoint(ckpt, root / "out", limits=LIMITS)
+    manifest = export_checkpoint(ckpt, root / "out", ExportOptions.within(LIMITS))
     return ckpt, root / "out", manifest
 
 

@@ -1,0 +1,167 @@
+"""The export's options: one frozen dataclass, its defaults and its validation.
+
+`dscompile export`, `dscompile.export(...)`, `dscompile demo`, the bench's engines and
+`export_checkpoint` all build an `ExportOptions`, so they export with the same defaults (those the
+README documents for the command line) and refuse the same values with the same one-line
+OptionError, which names the command-line flag at fault. Options are checked when the object is
+built, before any checkpoint is read; what needs the checkpoint (a sharding plan that must divide
+the model, a quantization block that must divide a weight) is checked by the export itself.
+
+The stages' tables (dtypes, absorb forms, frontends, block sizes) are imported when an object is
+checked, not with the module: the command line reads its defaults from here without loading torch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from dscompile.errors import OptionError
+
+if TYPE_CHECKING:
+    from dscompile.capture import Limits
+    from dscompile.model.quant import Scheme
+    from dscompile.passes.shard import Plan
+
+TARGETS = ("onnxruntime", "tensorrt")  # what the lowering is restricted for
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # --dtype's short names
+WEIGHT_FORMATS = {"int8": 8, "int4": 4}  # --weights: block-wise weight-only quantization (model/quant.py)
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # ONNX Runtime's MatMulNBits/QMoE accuracy_level attribute
+MIN_OPSET = 23  # the lowering emits RMSNormalization and Attention
+TRT_WORKSPACE_GB = 8.0  # TensorRT's builder workspace for `--target tensorrt` engines
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Every option of an export, with the command line's defaults; invalid values raise OptionError."""
+
+    # numerics
+    dtype: str = "float32"  # float32, float16 or bfloat16 (or fp32, fp16, bf16)
+    weights: str | None = None  # int8 / int4: block-wise weight-only quantization; None: the dtype
+    block_size: int = 32  # values per quantization scale with `weights`
+    accuracy_level: int | None = None  # None: the kernels' measured setting (lowering/quantize.py)
+    # passes
+    absorb: str = "auto"  # MLA absorption: auto (cost model), fold, reassociate or none
+    fuse_moe: bool = True
+    verify: bool = False  # check each pass (and a quantized engine) numerically
+    # lowering
+    opset: int = MIN_OPSET
+    target: str = "onnxruntime"  # or tensorrt: standard ONNX ops only, and TensorRT engines (the API builds them)
+    precision: str = "fp16"  # TensorRT engines' precision (target tensorrt)
+    # the engines' limits: the captured graphs' dynamic ranges
+    max_batch: int = 64
+    max_prompt_tokens: int = 4096  # the most tokens one step takes
+    max_context: int = 16384  # past + new tokens
+    # what is captured and written
+    frontend: str = "dscompile"  # the PyTorch code captured: our model, or transformers' own
+    graphs_only: bool = False  # graphs and manifest from the config alone, no weights
+    tp: int = 1  # tensor-parallel ranks
+    ep: int = 1  # expert-parallel ranks
+    # the job
+    force: bool = False  # replace a non-empty OUT
+    allow_nonfinite: bool = False  # export NaN/Inf weights (with a warning) instead of refusing them
+
+    def __post_init__(self) -> None:
+        from dscompile.passes.absorb_mla import FORMS as ABSORB_FORMS  # noqa: PLC0415 - module docstring
+        from dscompile.runtime.engine import DTYPES  # noqa: PLC0415
+
+        object.__setattr__(self, "dtype", DTYPE_ALIASES.get(self.dtype, self.dtype))  # frozen: normalized once
+        if self.dtype not in DTYPES:
+            raise OptionError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.absorb not in ABSORB_FORMS:
+            raise OptionError(f"--absorb {self.absorb!r} is not one of {', '.join(ABSORB_FORMS)}")
+        if self.target not in TARGETS:
+            raise OptionError(f"--target {self.target!r} is not one of {', '.join(TARGETS)}")
+        if self.opset < MIN_OPSET:
+            raise OptionError(f"--opset {self.opset} is too old: the lowering needs opset >= {MIN_OPSET} "
+                              "(RMSNormalization, Attention)")
+        try:
+            self.limits  # noqa: B018 - Limits checks its own rules
+        except ValueError as err:  # the limits name the rule they break
+            raise OptionError(f"--max-batch/--max-prompt-tokens/--max-context: {str(err).split(': ', 1)[-1]}") from None
+        scheme = self.scheme
+        if self.accuracy_level is not None and self.accuracy_level not in ACCURACY_LEVELS:
+            raise OptionError(f"accuracy level {self.accuracy_level} is not one of 0-4")
+        self._check_frontend(scheme)
+        if self.graphs_only and self.verify:
+            raise OptionError("--graphs-only and --verify: verifying the passes runs the model on its weights, "
+                              "which a graph-only export does not read")
+        self._check_sharding(scheme)
+        if self.builds_tensorrt:
+            from dscompile.lowering.tensorrt.build import validate_options  # noqa: PLC0415 - TensorRT's module
+
+            validate_options(self.precision, self.max_batch, self.max_prompt_tokens, self.max_context,
+                             TRT_WORKSPACE_GB)
+
+    @classmethod
+    def within(cls, limits: Limits, **options) -> ExportOptions:
+        """Options whose engine limits are `limits` (capture's Limits), the others as given."""
+        return cls(max_batch=limits.max_batch, max_prompt_tokens=limits.max_prompt_tokens,
+                   max_context=limits.max_context, **options)
+
+    @property
+    def limits(self) -> Limits:
+        from dscompile.capture import Limits  # noqa: PLC0415 - module docstring
+
+        return Limits(max_batch=self.max_batch, max_prompt_tokens=self.max_prompt_tokens,
+                      max_context=self.max_context)
+
+    @property
+    def scheme(self) -> Scheme | None:
+        """The quantization scheme of `weights` / `block_size`, or None (weights stored at the dtype)."""
+        from dscompile.model.quant import BLOCK_SIZES, Scheme  # noqa: PLC0415 - module docstring
+
+        if self.weights is None or self.weights == self.dtype:
+            return None
+        if self.weights not in WEIGHT_FORMATS:
+            raise OptionError(f"--weights {self.weights!r} is not one of {', '.join(WEIGHT_FORMATS)} "
+                              "(or the export dtype)")
+        if self.block_size not in BLOCK_SIZES:
+            raise OptionError(f"--block-size {self.block_size} is not one of {', '.join(map(str, BLOCK_SIZES))}")
+        if self.target != "onnxruntime":
+            raise OptionError(f"--weights {self.weights} with --target {self.target}: quantized engines are lowered "
+                              "for ONNX Runtime only (MatMulNBits, QMoE)")
+        if self.dtype != "float32":
+            raise OptionError(f"--weights {self.weights} with --dtype {self.dtype}: quantized engines compute in "
+                              "float32 (ONNX Runtime's CPU MatMulNBits/QMoE kernels); drop --dtype")
+        return Scheme(WEIGHT_FORMATS[self.weights], self.block_size)
+
+    @property
+    def plan(self) -> Plan:
+        from dscompile.passes.shard import Plan  # noqa: PLC0415 - module docstring
+
+        return Plan(self.tp, self.ep)
+
+    @property
+    def builds_tensorrt(self) -> bool:
+        """Whether the export ends with TensorRT engines (they need the weights: not graph-only)."""
+        return self.target == "tensorrt" and not self.graphs_only
+
+    def _check_frontend(self, scheme: Scheme | None) -> None:
+        from dscompile.capture.frontends import FRONTENDS  # noqa: PLC0415 - module docstring
+
+        if self.frontend not in FRONTENDS:
+            raise OptionError(f"--frontend {self.frontend!r} is not one of {', '.join(FRONTENDS)}")
+        if self.frontend != "transformers":
+            return
+        if self.graphs_only:
+            raise OptionError("--frontend transformers with --graphs-only: transformers' model is built from the "
+                              "checkpoint's weights; graph-only exports capture our model from the config")
+        if scheme is not None:
+            raise OptionError(f"--frontend transformers with --weights {scheme.name}: quantized engines are built "
+                              "from our model (--frontend dscompile) only")
+        if importlib.util.find_spec("transformers") is None:  # optional: only this frontend needs it
+            raise OptionError('--frontend transformers needs transformers: pip install "dscompile[transformers]"')
+
+    def _check_sharding(self, scheme: Scheme | None) -> None:
+        if self.tp < 1 or self.ep < 1:
+            raise OptionError(f"--tp {self.tp} and --ep {self.ep} must be >= 1")
+        if self.plan.world == 1:
+            return
+        other = (f"--weights {scheme.name}" if scheme is not None
+                 else "--target tensorrt" if self.target == "tensorrt" else
+                 "--frontend transformers" if self.frontend == "transformers" else None)
+        if other:
+            raise OptionError(f"--tp {self.tp} --ep {self.ep} with {other}: sharded engines are float programs of "
+                              "our model for the torch backend")
