@@ -29,9 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from capture_full import stage_seconds  # noqa: E402  (this folder is on sys.path when run as a script)
 
-from dscompile.cli.check import plan_lines, sharding_plan  # noqa: E402
+from dscompile.cli.inspect import plan_lines  # noqa: E402  (prints what `inspect --plan` prints)
 from dscompile.exporter.export import export_checkpoint  # noqa: E402
 from dscompile.exporter.options import ExportOptions  # noqa: E402
+from dscompile.inspect import sharding_plan  # noqa: E402
 from dscompile.model.args import PUBLISHED_CONFIGS  # noqa: E402
 from dscompile.runtime.engine import DTYPES  # noqa: E402
 
@@ -47,7 +48,7 @@ def one_plan(config: Path, tp: int, ep: int, dtype: str) -> dict:
     info = sharding_plan(manifest)
     return {"tp": tp, "ep": ep, "wall_s": round(wall, 1), "stages_s": stage_seconds(ends, start),
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-            "plan": info, "lines": plan_lines(manifest, info)}
+            "plan": info, "lines": plan_lines(info)}
 
 
 def markdown(runs: list[dict]) -> str:

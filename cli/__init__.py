@@ -8,8 +8,9 @@ scripts; long steps show progress bars on stderr otherwise.
     make_checkpoint.py  make-checkpoint
     demo.py      demo
     export.py    export
-    generate.py  run (text, token ids, chat)
-    check.py     compare, inspect
+    run.py       run (text, token ids, chat)
+    compare.py   compare
+    inspect.py   inspect
     bench.py     bench
 """
 
@@ -26,7 +27,7 @@ from typing import Any, Iterator
 
 import typer
 
-from dscompile.errors import DscompileError
+from dscompile.errors import DscompileError, first_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0],
                   pretty_exceptions_enable=False)
@@ -43,7 +44,7 @@ def guard() -> Iterator[None]:
     try:
         yield
     except DscompileError as err:
-        _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+        _fail(first_line(err))
     except KeyboardInterrupt:
         _fail("interrupted", 130)
 
@@ -107,6 +108,7 @@ def main() -> None:  # pragma: no cover - console entry point
 from dscompile.cli import make_checkpoint  # noqa: E402,F401,I001
 from dscompile.cli import demo  # noqa: E402,F401
 from dscompile.cli import export  # noqa: E402,F401
-from dscompile.cli import generate  # noqa: E402,F401
-from dscompile.cli import check  # noqa: E402,F401
+from dscompile.cli import run  # noqa: E402,F401
+from dscompile.cli import compare  # noqa: E402,F401
+from dscompile.cli import inspect  # noqa: E402,F401
 from dscompile.cli import bench  # noqa: E402,F401
