@@ -61,8 +61,8 @@ from dscompile.lowering.quantize import GraphQuantizer
 from dscompile.lowering.weights import save_models
 from dscompile.model.args import ModelArgs
 from dscompile.model.checkpoint import apply_quantization, build_model, load_checkpoint
-from dscompile.passes import PassOptions, run_pipeline
-from dscompile.passes.shard import check_plan, shard
+from dscompile.passes import SHARDING, PassOptions, run_pipeline
+from dscompile.passes.shard import Sharded, check_plan
 from dscompile.runtime.engine import DTYPES
 from dscompile.runtime.manifest import write_manifest
 from dscompile.runtime.text import copy_tokenizer
@@ -158,7 +158,8 @@ def _export(checkpoint, stage: Stage, options: ExportOptions, report: Progress) 
 
 
 def _pass_options(phase: str, args, options: ExportOptions) -> PassOptions:
-    return PassOptions(phase, args, absorb=options.absorb, fuse_moe=options.fuse_moe)
+    return PassOptions(phase, args, absorb=options.absorb, fuse_moe=options.fuse_moe, tp_size=options.plan.tp_size,
+                       ep_size=options.plan.ep_size, dynamic_shapes=contract_dims(args, options.limits))
 
 
 def _write(checkpoint, stage: Stage, programs, reports, args, options: ExportOptions, tokenizer,
@@ -241,7 +242,9 @@ def _write_sharded(stage: Stage, programs, reports, args, options: ExportOptions
     plan, graphs_only = options.plan, options.graphs_only
     sharded = {}
     for i, phase in enumerate(PHASES):
-        sharded[phase] = shard(programs[phase], plan, contract_dims(args, options.limits))
+        program, sharding = run_pipeline(programs[phase], _pass_options(phase, args, options), passes=SHARDING)
+        reports[phase].results += sharding.results  # the manifest lists the sharding pass with the others
+        sharded[phase] = Sharded(program, plan)
         report("shard", i + 1, len(PHASES))
     with stage.writing("a rank's weights file") as tmp:
         ranks = []

@@ -1,11 +1,18 @@
-"""Graph passes over torch.export ExportedPrograms, run as one ordered pipeline.
+"""Graph passes over torch.export ExportedPrograms, run as ordered stages.
+
+The stages (`STAGES`, what `export --list-passes` prints), in the order they run:
+- cleanup: the captured program in the contract's form, whatever code was captured;
+- rewrite: the engine's fused ops (latent attention, MoE);
+- sharding: with more than one rank (`options.tp_size` x `options.ep_size`), one program for them all.
+`PIPELINE` (cleanup, then rewrite) runs on every graph; `SHARDING` after it, for sharded engines.
 
 Each pass is one module with `run(program, options) -> (program, count, unmatched)`: the program with
 `count` regions rewritten and the regions it looked at and left alone, each with the step that
-failed (`match.Unmatched`); `expected(options) -> int`, how many regions the model's config says
+failed (`_match.Unmatched`); `expected(options) -> int`, how many regions the model's config says
 the graph has; and optionally `describe(options) -> dict` (e.g. the cost model behind its choice,
 shown in the report). Passes decide from the graph alone: the config only sets what to expect.
-`run_pipeline` runs them in `PIPELINE` order and returns the rewritten program and a `PassReport`;
+`run_pipeline` runs a list of them (`PIPELINE` unless told) in order and returns the rewritten
+program and a `PassReport`;
 a pass that rewrote fewer regions than expected stops it (`PassMatchError`, with the first
 region's reason) unless `options.strict` is off. With
 `verify=True` the program before and after each pass runs on the same random inputs (random
@@ -22,25 +29,20 @@ import sympy
 import torch
 from torch.export import ExportedProgram
 
-from dscompile.passes import absorb_mla, fuse_moe
+from dscompile.passes import absorb_mla, fuse_moe, shard, squeeze_cache_append
 from dscompile.errors import DscompileError
+from dscompile.passes._match import PassMatchError
 from dscompile.tolerance import bound as tolerance_bound
 
-PIPELINE = [absorb_mla, fuse_moe]
-
+CLEANUP = [squeeze_cache_append]
+REWRITE = [absorb_mla, fuse_moe]
+SHARDING = [shard]
+STAGES = {"cleanup": CLEANUP, "rewrite": REWRITE, "sharding": SHARDING}
+PIPELINE = [*CLEANUP, *REWRITE]
 
 
 class PassVerificationError(DscompileError):
     """A pass changed what the program computes by more than the tolerance."""
-
-
-class PassMatchError(DscompileError):
-    """A pass found fewer regions of the form it rewrites than the model has; `unmatched` lists
-    every region it looked at and left alone, with why."""
-
-    def __init__(self, message: str, unmatched: list | None = None):
-        super().__init__(message)
-        self.unmatched = list(unmatched or [])
 
 
 @dataclass
@@ -52,6 +54,9 @@ class PassOptions:
     absorb: str = "auto"  # auto | fold | reassociate | none
     fuse_moe: bool = True
     strict: bool = True  # a pass that rewrites fewer regions than expected stops the pipeline
+    tp_size: int = 1  # sharding: tensor-parallel ranks
+    ep_size: int = 1  # sharding: expert-parallel ranks
+    dynamic_shapes: Any = None  # sharding: the contract's dynamic dims, to re-export the sharded program with
 
 
 @dataclass
@@ -74,23 +79,26 @@ class PassReport:
         return {"phase": self.phase, "passes": [asdict(r) for r in self.results]}
 
 
-def pipeline_names() -> list[str]:
-    return [p.__name__.rsplit(".", 1)[-1] for p in PIPELINE]
+def _name(p) -> str:
+    return p.__name__.rsplit(".", 1)[-1]
 
 
-def describe_pipeline() -> list[tuple[str, str]]:
-    """(name, first docstring line) of each pass, in order: what `export --list-passes` prints."""
-    return [(p.__name__.rsplit(".", 1)[-1], (p.__doc__ or "").strip().splitlines()[0]) for p in PIPELINE]
+def describe_pipeline() -> list[tuple[str, str, str]]:
+    """(stage, name, first docstring line) of each pass, in order: what `export --list-passes` prints."""
+    return [(stage, _name(p), (p.__doc__ or "").strip().splitlines()[0]) for stage, passes in STAGES.items()
+            for p in passes]
 
 
 def run_pipeline(
-    program: ExportedProgram, options: PassOptions, *, verify: bool = False, seed: int = 0
+    program: ExportedProgram, options: PassOptions, *, verify: bool = False, seed: int = 0, passes: list = PIPELINE
 ) -> tuple[ExportedProgram, PassReport]:
+    """Run `passes` in order (module docstring); `verify` needs programs a single process can run
+    (not SHARDING's, whose collectives need their ranks)."""
     report = PassReport(options.phase)
     inputs = random_inputs(program, options.args.vocab_size, seed) if verify else None
     before = _run(program, inputs) if inputs is not None else None
-    for p in PIPELINE:
-        name = p.__name__.rsplit(".", 1)[-1]
+    for p in passes:
+        name = _name(p)
         start = time.perf_counter()
         program, count, unmatched = p.run(program, options)
         details = p.describe(options) if hasattr(p, "describe") else {}

@@ -29,6 +29,7 @@ import torch
 from torch.export import ExportedProgram
 from torch.fx import Node
 
+from dscompile.errors import DscompileError
 from dscompile.passes._edit import param_name
 
 aten = torch.ops.aten
@@ -50,6 +51,15 @@ class Miss(Exception):
     def __init__(self, step: str, found: str):
         super().__init__(f"{step}: {found}")
         self.step, self.found = step, found
+
+
+class PassMatchError(DscompileError):
+    """A pass found fewer regions of the form it rewrites than the model has, or one it cannot rewrite;
+    `unmatched` lists every region it looked at and left alone, with why."""
+
+    def __init__(self, message: str, unmatched: list | None = None):
+        super().__init__(message)
+        self.unmatched = list(unmatched or [])
 
 
 @dataclass

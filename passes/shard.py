@@ -1,11 +1,15 @@
 """shard: one program for N ranks, tensor-parallel attention and MLPs, expert-parallel MoE.
 
-Runs after absorb_mla and fuse_moe, on a program of the engine contract. The result is ONE
-ExportedProgram that every rank runs; the ranks differ only in their weights (`rank_weights`) and
-in the process groups their collectives resolve to (the group names in the graph are the
-placeholders TP_GROUP and WORLD_GROUP; runtime/sharded.py binds them).
+The pass of the SHARDING stage (passes/__init__.py), run with `options.tp_size` x `options.ep_size`
+> 1 after absorb_mla and fuse_moe, on a program of the engine contract; it re-exports the result
+with `options.dynamic_shapes`. The result is ONE ExportedProgram that every rank runs; the ranks
+differ only in their weights (`Sharded(program, plan).rank_weights(r)`: each split weight of the
+program records how a rank's slice is cut from the unsharded one) and in the process groups their
+collectives resolve to (the group names in the graph are the placeholders TP_GROUP and WORLD_GROUP;
+runtime/sharded.py binds them).
 
-The plan (`Plan(tp, ep)`, world = tp * ep ranks; rank r is EP index r // tp, TP index r % tp):
+The plan (`Plan(tp_size, ep_size)`, world = tp_size * ep_size ranks; rank r is EP index
+r // tp_size, TP index r % tp_size):
 - attention: the heads are split over the tp ranks of an EP index. Everything per head is split
   (query projections and the absorbed W_UK/W_UV or folded weights, the up-projection kv_b_proj of
   the un-absorbed form); the latent projection and its norm are replicated, so every rank holds
@@ -26,9 +30,13 @@ through views, transposes, splits, slices, concatenations, element-wise ops and 
 weights that produce the head dim (a linear's weight rows, an einsum operand's head letter); a
 broadcast input (the shared RoPE key expanded over heads) is expanded to the local heads. Every
 `dsc::moe` (weights from its arguments). Every SwiGLU MLP linear(silu(linear(x)) * linear(x)).
-Shapes written in views and expands are divided where they carry the split dim. Anything the
-split reaches that is not one of these forms stops the pass with a one-line ShardError naming the
-node; sizes that do not divide name both numbers.
+Shapes written in views and expands are divided where they carry the split dim. The count is the
+regions split (attentions, MoE layers, MLPs). A linear(mul(silu(linear), linear)) that is not such an
+MLP (a bias, two inputs) stays replicated and is reported (`Unmatched`). Anything the split reaches
+that is not one of these forms stops the pass with a one-line ShardError naming the node (sizes
+that do not divide name both numbers), which is a PassMatchError recording the region it was
+splitting: leaving one region whole would not give a correct program, so it stops even when the
+pipeline is not strict.
 
 What it guarantees: summed/gathered over the ranks, the program computes what it was given (up
 to float rounding of the all-reduce order).
@@ -38,25 +46,28 @@ from __future__ import annotations
 
 import operator
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Iterator
 
 import torch
 from torch.export import ExportedProgram
 from torch.fx import GraphModule, Node
 
 import dscompile.runtime.ops  # noqa: F401  (registers torch.ops.dsc.*)
-from dscompile.errors import DscompileError
 from dscompile.lazy import derive
+from dscompile.passes._match import PassMatchError, Unmatched, hint
 
 aten = torch.ops.aten
 c10d = torch.ops._c10d_functional
 TP_GROUP, WORLD_GROUP = "dscompile.tp", "dscompile.world"
 EXPERT_START = "dscompile_shard_expert_start"  # per-rank constant: the first routed expert it holds
-AXES = ("tp", "ep", "world")
+AXES = ("tp", "ep", "world")  # what a weight is split over (Plan.size, Plan.index)
 
 ATTENTION = (aten.scaled_dot_product_attention.default,)
-VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+# Views whose shape argument is rewritten when it carries the split dim (not _match.VIEWS: every re-indexing op).
+RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 ELEMENTWISE = {
     aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.neg.default, aten.silu.default,
     aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.clone.default, aten.contiguous.default,
@@ -65,81 +76,120 @@ ELEMENTWISE = {
 }
 
 
-class ShardError(DscompileError):
+class ShardError(PassMatchError):
     """The plan cannot split this model or graph (sizes that do not divide, a form it does not know)."""
 
 
 @dataclass(frozen=True)
 class Plan:
-    tp: int = 1
-    ep: int = 1
+    """tp_size tensor-parallel ranks x ep_size expert-parallel ranks."""
+
+    tp_size: int = 1
+    ep_size: int = 1
 
     @property
     def world(self) -> int:
-        return self.tp * self.ep
+        return self.tp_size * self.ep_size
 
     def index(self, rank: int, axis: str) -> int:
-        return {"tp": rank % self.tp, "ep": rank // self.tp, "world": rank}[axis]
+        return {"tp": rank % self.tp_size, "ep": rank // self.tp_size, "world": rank}[axis]
 
     def size(self, axis: str) -> int:
-        return {"tp": self.tp, "ep": self.ep, "world": self.world}[axis]
+        return {"tp": self.tp_size, "ep": self.ep_size, "world": self.world}[axis]
 
     def groups(self) -> dict[str, list[list[int]]]:
         """The process groups the program's collectives use: ranks of each tp group, and the world."""
-        return {TP_GROUP: [[e * self.tp + t for t in range(self.tp)] for e in range(self.ep)],
+        return {TP_GROUP: [[e * self.tp_size + t for t in range(self.tp_size)] for e in range(self.ep_size)],
                 WORLD_GROUP: [list(range(self.world))]}
 
     def to_dict(self) -> dict[str, int]:
-        return {"tp": self.tp, "ep": self.ep, "world_size": self.world}
+        return {"tp": self.tp_size, "ep": self.ep_size, "world_size": self.world}
 
 
 def check_plan(args, plan: Plan) -> None:
     """One-line ShardError when the plan's sizes do not divide the model's (checked before capture)."""
-    if plan.tp < 1 or plan.ep < 1:
-        raise ShardError(f"--tp {plan.tp} and --ep {plan.ep} must be >= 1")
+    if plan.tp_size < 1 or plan.ep_size < 1:
+        raise ShardError(f"--tp {plan.tp_size} and --ep {plan.ep_size} must be >= 1")
     H = args.num_attention_heads
-    if H % plan.tp:
-        raise ShardError(f"--tp {plan.tp} does not divide the {H} attention heads")
+    if H % plan.tp_size:
+        raise ShardError(f"--tp {plan.tp_size} does not divide the {H} attention heads")
     if args.num_moe_layers:
         E = args.n_routed_experts
-        if E % plan.ep:
-            raise ShardError(f"--ep {plan.ep} does not divide the {E} routed experts")
-        if args.moe_intermediate_size % plan.tp:
-            raise ShardError(f"--tp {plan.tp} does not divide the experts' intermediate size "
+        if E % plan.ep_size:
+            raise ShardError(f"--ep {plan.ep_size} does not divide the {E} routed experts")
+        if args.moe_intermediate_size % plan.tp_size:
+            raise ShardError(f"--tp {plan.tp_size} does not divide the experts' intermediate size "
                              f"{args.moe_intermediate_size}")
         shared = args.n_shared_experts * args.moe_intermediate_size
         if shared and shared % plan.world:
             raise ShardError(f"the world size {plan.world} (tp x ep) does not divide the shared experts' "
                              f"intermediate size {shared}")
-    elif plan.ep > 1:
-        raise ShardError(f"--ep {plan.ep}: the model has no routed experts to split")
+    elif plan.ep_size > 1:
+        raise ShardError(f"--ep {plan.ep_size}: the model has no routed experts to split")
     if args.num_hidden_layers > args.num_moe_layers and args.intermediate_size % plan.world:
         raise ShardError(f"the world size {plan.world} (tp x ep) does not divide the dense MLPs' intermediate "
                          f"size {args.intermediate_size}")
 
 
+class _Slice:
+    """The `dsc_rank` of a split weight of a sharded program: rank r's value is its slice of `full`.
+    `spec` [(dim, axis), ...]: rank r holds slice index(r, axis) of size(axis) equal parts."""
+
+    def __init__(self, full: torch.Tensor, spec: tuple[tuple[int, str], ...], plan: Plan):
+        self.full, self.spec, self.plan = full, spec, plan
+
+    def at(self, rank: int) -> torch.Tensor:
+        return derive(lambda t: _slice(t, self.spec, self.plan, rank), self.full)  # lazy on meta weights
+
+
+class _ExpertStart:
+    """The `dsc_rank` of EXPERT_START: the first routed expert rank r holds (`dsc::moe_shard`)."""
+
+    def __init__(self, plan: Plan, experts_per_rank: int):
+        self.plan, self.experts_per_rank = plan, experts_per_rank
+
+    def at(self, rank: int) -> torch.Tensor:
+        return torch.tensor(self.plan.index(rank, "ep") * self.experts_per_rank)
+
+
 @dataclass
 class Sharded:
-    """A sharded program and how each rank's weights are cut from the unsharded ones."""
+    """A program `run` sharded, read for the export that writes it: each rank's weights, the
+    unsharded weights and how they are split, the all-reduces per step."""
 
     program: ExportedProgram
     plan: Plan
-    # weight name -> [(dim, axis), ...]: rank r holds slice index(r, axis) of size(axis) equal parts
-    specs: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
-    full: dict[str, torch.Tensor] = field(default_factory=dict)  # the unsharded weights, by name
-    collectives: dict[str, int] = field(default_factory=dict)  # group -> all-reduces per step
-    experts_per_rank: int = 0
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        constants = {k: v for k, v in self.program.constants.items() if isinstance(v, torch.Tensor)}
+        return {**self.program.state_dict, **constants}
+
+    @cached_property
+    def specs(self) -> dict[str, list[tuple[int, str]]]:
+        """Weight name -> how it is split, for the split weights."""
+        return {name: list(t.dsc_rank.spec) for name, t in self._weights().items()
+                if isinstance(getattr(t, "dsc_rank", None), _Slice)}
+
+    @cached_property
+    def full(self) -> dict[str, torch.Tensor]:
+        """The unsharded weights, by the program's names (the per-rank constant aside)."""
+        out = {}
+        for name, t in self._weights().items():
+            source = getattr(t, "dsc_rank", None)
+            if not isinstance(source, _ExpertStart):
+                out[name] = source.full if isinstance(source, _Slice) else t
+        return out
+
+    @cached_property
+    def collectives(self) -> dict[str, int]:
+        """Process group -> all-reduces per step."""
+        return dict(Counter(n.args[2] for n in self.program.graph.nodes
+                            if n.op == "call_function" and n.target == c10d.all_reduce.default))
 
     def rank_weights(self, rank: int) -> dict[str, torch.Tensor]:
         """Rank `rank`'s weights and constants, by the program's names: slices of the unsharded
         ones, computed when read (meta weights stay deferred)."""
-        out: dict[str, torch.Tensor] = {}
-        for name, full in self.full.items():
-            spec = self.specs.get(name, [])
-            out[name] = derive(lambda t, s=tuple(spec): _slice(t, s, self.plan, rank), full) if spec else full
-        if self.experts_per_rank:  # the program's per-rank constant (`dsc::moe_shard`)
-            out[EXPERT_START] = torch.tensor(self.plan.index(rank, "ep") * self.experts_per_rank)
-        return out
+        return {name: t.dsc_rank.at(rank) if hasattr(t, "dsc_rank") else t for name, t in self._weights().items()}
 
 
 def _slice(t: torch.Tensor, spec: tuple[tuple[int, str], ...], plan: Plan, rank: int) -> torch.Tensor:
@@ -150,26 +200,49 @@ def _slice(t: torch.Tensor, spec: tuple[tuple[int, str], ...], plan: Plan, rank:
     return t.contiguous()
 
 
-def shard(ep: ExportedProgram, plan: Plan, dynamic_shapes: Any) -> Sharded:
-    """The program every rank runs under `plan` (module docstring), re-exported with its local shapes."""
-    gm = ep.module()
+def _plan(options) -> Plan:
+    return Plan(options.tp_size, options.ep_size)
+
+
+def expected(options) -> int:
+    """Regions a run should split when the plan has more than one rank: every attention (tp_size > 1),
+    every fused MoE layer and every dense MLP."""
+    plan, args = _plan(options), options.args
+    if plan.world == 1:
+        return 0
+    attention = args.num_hidden_layers if plan.tp_size > 1 else 0
+    return attention + (args.num_moe_layers if options.fuse_moe else 0) + args.num_hidden_layers - args.num_moe_layers
+
+
+def describe(options) -> dict:
+    plan = _plan(options)
+    return {"plan": plan.to_dict()} if plan.world > 1 else {}
+
+
+def run(program: ExportedProgram, options) -> tuple[ExportedProgram, int, list[Unmatched]]:
+    """The program every rank runs under the plan (module docstring), re-exported with its local
+    shapes; the caller's program is never changed. A single rank leaves it as it is."""
+    plan = _plan(options)
+    if plan.world == 1:
+        return program, 0, []
+    gm = program.module()  # a copy of the graph; the weights are the program's own tensors
     state = {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
     for name in _constant_names(gm):
         state.setdefault(name, getattr(gm, name))
-    result = Sharded(ep, plan, full=dict(state))
-    if plan.world == 1:
-        return result
-    editor = _Editor(gm, plan, result)
+    editor = _Editor(gm, plan)
     editor.run()
-    for name, spec in result.specs.items():
+    for name, spec in editor.specs.items():
         full = state[name]
         local = torch.empty(_local_shape(full.shape, spec, plan), dtype=full.dtype, device=full.device)
-        _set_attr(gm, name, torch.nn.Parameter(local, requires_grad=False) if isinstance(full, torch.nn.Parameter) else local)
+        if isinstance(full, torch.nn.Parameter):
+            local = torch.nn.Parameter(local, requires_grad=False)
+        local.dsc_rank = _Slice(full, tuple(spec), plan)
+        _set_attr(gm, name, local)
     gm.recompile()
-    example = _sample_inputs(ep)
+    example = _sample_inputs(program)
     with torch.no_grad():
-        result.program = torch.export.export(gm, example, dynamic_shapes=dynamic_shapes, strict=False)
-    return result
+        sharded = torch.export.export(gm, example, dynamic_shapes=options.dynamic_shapes, strict=False)
+    return sharded, editor.count, editor.unmatched
 
 
 def _constant_names(gm: GraphModule) -> list[str]:
@@ -221,9 +294,12 @@ def _where(node: Node) -> str:
 class _Editor:
     """Finds what to split (backward from the anchors) and rewrites the graph (forward)."""
 
-    def __init__(self, gm: GraphModule, plan: Plan, result: Sharded):
-        self.gm, self.plan, self.result = gm, plan, result
+    def __init__(self, gm: GraphModule, plan: Plan):
+        self.gm, self.plan = gm, plan
         self.graph = gm.graph
+        self.specs: dict[str, list[tuple[int, str]]] = {}  # weight name -> [(dim, axis), ...] it is split on
+        self.count = 0  # regions split
+        self.unmatched: list[Unmatched] = []
         self.heads: dict[Node, int] = {}  # node -> dim split over tp (backward demands)
         self.expands: set[Node] = set()  # broadcasts over heads: expanded to the local heads instead
         self.state: dict[Node, tuple[int, str] | None] = {}  # node -> (dim, axis) it is split on
@@ -239,10 +315,10 @@ class _Editor:
             if shape[dim] % n:
                 raise ShardError(f"shard: {why} {node.target} has {shape[dim]} rows on dim {dim}, which {axis} = {n} "
                                  "does not divide")
-        old = self.result.specs.get(node.target)
+        old = self.specs.get(node.target)
         if old is not None and old != spec:
             raise ShardError(f"shard: weight {node.target} would be split two ways ({old} and {spec})")
-        self.result.specs[node.target] = spec
+        self.specs[node.target] = spec
 
     # -- backward: which tensors carry the heads -------------------------------------------------
     def demand(self, node: Node, dim: int) -> None:
@@ -261,7 +337,7 @@ class _Editor:
             raise ShardError(f"shard: the heads reach {_where(node)} ({node.op}), which is not computed from weights")
         t, a = node.target, node.args
         out = _shape(node)
-        if t in VIEWS:
+        if t in RESHAPES:
             self.demand(a[0], _view_dim(_shape(a[0]), out, dim, node))
         elif t == aten.transpose.int:
             d0, d1 = a[1] % len(out), a[2] % len(out)
@@ -321,26 +397,41 @@ class _Editor:
     # -- the whole edit --------------------------------------------------------------------------
     def run(self) -> None:
         nodes = list(self.graph.nodes)
-        for node in nodes if self.plan.tp > 1 else ():
+        for node in nodes if self.plan.tp_size > 1 else ():
             if node.op == "call_function" and node.target in ATTENTION + (torch.ops.dsc.latent_attention.default,):
-                if _shape(node.args[0])[1] % self.plan.tp:
-                    raise ShardError(f"shard: --tp {self.plan.tp} does not divide the {_shape(node.args[0])[1]} "
-                                     f"heads of {_where(node)}")
-                if node.target in ATTENTION:
-                    for x in node.args[:3]:
-                        self.demand(x, 1)
-                else:
-                    self.demand(node.args[0], 1)
-                    self.demand(node.args[1], 1)
+                with self._region(node, "attention heads"):
+                    if _shape(node.args[0])[1] % self.plan.tp_size:
+                        raise ShardError(f"shard: --tp {self.plan.tp_size} does not divide the "
+                                         f"{_shape(node.args[0])[1]} heads of {_where(node)}")
+                    if node.target in ATTENTION:
+                        for x in node.args[:3]:
+                            self.demand(x, 1)
+                    else:
+                        self.demand(node.args[0], 1)
+                        self.demand(node.args[1], 1)
+                self.count += 1
         moe = [n for n in nodes if n.op == "call_function" and n.target == torch.ops.dsc.moe.default]
         for node in moe:
-            self._moe(node)
+            with self._region(node, "experts"):
+                self._moe(node)
+            self.count += 1
         for node in nodes:
             if node.op == "call_function" and node.target == aten.linear.default:
-                self._mlp(node)
+                with self._region(node, "MLP"):
+                    self._mlp(node)
         self._forward()
         self.graph.eliminate_dead_code()
         self.graph.lint()
+
+    @contextmanager
+    def _region(self, node: Node, step: str) -> Iterator[None]:
+        """Record the region being split in a ShardError raised while splitting it (what --explain prints)."""
+        try:
+            yield
+        except ShardError as err:
+            if not err.unmatched:
+                err.unmatched.append(Unmatched(hint(node), step, str(err).removeprefix("shard: ")))
+            raise
 
     def _moe(self, node: Node) -> None:
         x, gate, bias, w1, w2, w3, s1, s2, s3, *attrs = node.args
@@ -351,10 +442,11 @@ class _Editor:
             self._weight(s1, [(0, "world")], "a shared expert weight")
             self._weight(s3, [(0, "world")], "a shared expert weight")
             self._weight(s2, [(1, "world")], "a shared expert weight")
-        self.result.experts_per_rank = _shape(w1)[0] // self.plan.ep
-        if EXPERT_START not in self.result.full:
+        if not hasattr(self.gm, EXPERT_START):
             device = operator.attrgetter(w1.target)(self.gm).device
-            self.gm.register_buffer(EXPERT_START, torch.zeros((), dtype=torch.int64, device=device))
+            start = torch.zeros((), dtype=torch.int64, device=device)
+            start.dsc_rank = _ExpertStart(self.plan, _shape(w1)[0] // self.plan.ep_size)
+            self.gm.register_buffer(EXPERT_START, start)
         with self.graph.inserting_before(node):
             start = self.graph.get_attr(EXPERT_START)
             start.meta["val"] = torch.empty((), dtype=torch.int64, device="meta")
@@ -374,43 +466,52 @@ class _Editor:
                 and b.target == aten.linear.default):
             return
         gate = a.args[0]
-        if not (isinstance(gate, Node) and gate.target == aten.linear.default and gate.args[0] is b.args[0]):
-            return
-        if any(len(n.args) > 2 and n.args[2] is not None for n in (gate, b, down)):
+        if not (isinstance(gate, Node) and gate.target == aten.linear.default):
             return
         if any(n in self.heads for n in (gate, b, mul, down)):
+            return  # part of an attention, split with its heads
+        if gate.args[0] is not b.args[0]:
+            self.unmatched.append(Unmatched(hint(down), "MLP", f"{gate.name} and {b.name} read different inputs: "
+                                                             "replicated"))
             return
+        if any(len(n.args) > 2 and n.args[2] is not None for n in (gate, b, down)):
+            self.unmatched.append(Unmatched(hint(down), "MLP", "a projection has a bias: replicated"))
+            return
+        self.count += 1
         self._weight(gate.args[1], [(0, "world")], "an MLP's gate weight")
         self._weight(b.args[1], [(0, "world")], "an MLP's up weight")
         self._weight(down.args[1], [(1, "world")], "an MLP's down weight")
 
     # -- forward: local shapes and the all-reduces -------------------------------------------------
     def _forward(self) -> None:
-        specs = self.result.specs
         for node in list(self.graph.nodes):
-            if node.op == "get_attr":
-                spec = specs.get(node.target)
-                self.state[node] = spec[0] if spec and len(spec) == 1 else None
-                continue
-            if node.op != "call_function":
-                if node.op == "output":
-                    for x in torch.utils._pytree.tree_leaves(node.args):
-                        if isinstance(x, Node) and self.state.get(x):
-                            raise ShardError(f"shard: the output {_where(x)} is still split; the pass cannot "
-                                             "gather it")
-                continue
-            split = [(x, self.state.get(x)) for x in _inputs(node) if self.state.get(x)]
-            if node in self.expands:
-                self._resize(node, node.args[1], self.heads[node], "tp")
-                self.state[node] = (self.heads[node], "tp")
-                continue
-            if node.target == torch.ops.dsc.moe_shard.default or not split:
-                self.state[node] = None
-            else:
-                self.state[node] = self._rule(node, split)
-            if node in self.partial:
-                self._all_reduce(node, self.partial[node])
-        self.result.collectives = dict(Counter(self.partial.values()))
+            with self._region(node, "forward"):
+                self._forward_node(node)
+
+    def _forward_node(self, node: Node) -> None:
+        """The node's split state after the split inputs reach it (its local shape, an all-reduce)."""
+        if node.op == "get_attr":
+            spec = self.specs.get(node.target)
+            self.state[node] = spec[0] if spec and len(spec) == 1 else None
+            return
+        if node.op != "call_function":
+            if node.op == "output":
+                for x in torch.utils._pytree.tree_leaves(node.args):
+                    if isinstance(x, Node) and self.state.get(x):
+                        raise ShardError(f"shard: the output {_where(x)} is still split; the pass cannot "
+                                         "gather it")
+            return
+        split = [(x, self.state.get(x)) for x in _inputs(node) if self.state.get(x)]
+        if node in self.expands:
+            self._resize(node, node.args[1], self.heads[node], "tp")
+            self.state[node] = (self.heads[node], "tp")
+            return
+        if node.target == torch.ops.dsc.moe_shard.default or not split:
+            self.state[node] = None
+        else:
+            self.state[node] = self._rule(node, split)
+        if node in self.partial:
+            self._all_reduce(node, self.partial[node])
 
     def _rule(self, node: Node, split: list[tuple[Node, tuple[int, str]]]) -> tuple[int, str] | None:
         t, a = node.target, node.args
@@ -432,7 +533,7 @@ class _Editor:
             if xs is not None and ws is None:
                 return xs
             raise ShardError(f"shard: {_where(node)} multiplies a split input by a weight split otherwise")
-        if t in VIEWS:
+        if t in RESHAPES:
             d = _view_dim_forward(_shape(a[0]), out, dim, node)
             self._resize(node, a[1], d, axis)
             return (d, axis)

@@ -73,7 +73,9 @@ def test_export_refuses_existing_out_and_bad_options(exported, tmp_path):
 
 def test_list_passes_prints_the_pipeline():
     out = dsc("export", "--list-passes").stdout.splitlines()
-    assert out[0].startswith("1. absorb_mla") and out[1].startswith("2. fuse_moe")
+    assert out[0] == "cleanup:" and out[1].startswith("1. squeeze_cache_append")
+    assert out[2] == "rewrite:" and out[3].startswith("2. absorb_mla") and out[4].startswith("3. fuse_moe")
+    assert out[5] == "sharding:" and out[6].startswith("4. shard")
 
 
 def test_run_generates_and_streams_json(exported):

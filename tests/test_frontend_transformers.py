@@ -23,7 +23,7 @@ from dscompile.capture.frontends import transformers_patches
 from dscompile.capture.frontends.transformers import capture_transformers, load_transformers_model
 from dscompile.model.checkpoint import CheckpointSource, load_checkpoint
 from dscompile.runtime.contract import io_names, position_ids
-from dscompile.passes import random_inputs
+from dscompile.passes import PassOptions, random_inputs, squeeze_cache_append
 from dscompile.lazy import Derived, materialize
 from dscompile.passes._edit import clone
 
@@ -155,6 +155,22 @@ def test_matches_our_reference_model(captured):
             want, our_cache = ours(nxt, pos, mask, our_cache)
             assert_close(got, want, what=f"{captured.variant} decode step {step} vs ours")
     assert cache[0][0].shape == our_cache[0][0].shape and cache[0][1].shape == our_cache[0][1].shape
+
+
+def test_cache_appends_move_onto_the_contract_s_past(captured):
+    """squeeze_cache_append finds transformers' two appends per layer and rewrites them without changing a value."""
+    args = captured.args
+    program, count, unmatched = squeeze_cache_append.run(captured.ep, PassOptions("decode", args))
+    assert (count, unmatched) == (2 * args.num_hidden_layers, [])
+    for spec in program.graph_signature.output_specs[1:]:  # present.* is the concatenation on past.* itself
+        node = next(n for n in program.graph.nodes if n.name == spec.arg.name)
+        assert node.target == torch.ops.aten.cat.default and node.args[0][0].op == "placeholder", spec.arg.name
+    inputs = _inputs(args, past_len=4, new=1, seed=7)
+    with torch.no_grad():
+        before, after = captured.run(*inputs), _runnable(program)(*inputs)
+    assert_close(after[0], before[0], what=f"{captured.variant} logits after squeeze_cache_append")
+    for (la, ra), (lb, rb) in zip(after[1], before[1]):
+        assert torch.equal(la, lb) and torch.equal(ra, rb)
 
 
 def test_io_flattens_like_our_capture(captured):

@@ -35,7 +35,6 @@ from dscompile.model.args import ModelArgs
 from dscompile.model.checkpoint import load_checkpoint
 from dscompile.model.transformer import causal_mask
 from dscompile.lazy import derive
-from dscompile.passes._edit import emit, rebuild
 
 MODEL_CLASSES = {"deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM"),
                  "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM")}
@@ -180,35 +179,7 @@ def capture_transformers(model: nn.Module, args: ModelArgs, limits: Limits = Lim
         ep = torch.export.export(contract, inputs, dynamic_shapes=contract_dims(args, limits), strict=False)
     # transformers' code writes into tensors (the attention key is copied into slices of an empty
     # tensor, the group mask is scatter_'ed): the passes match dataflow, so the program is made
-    # functional (in-place writes become slice_scatter / scatter); no op is decomposed.
-    return _append_on_the_sequence_axis(ep.run_decompositions({}))
-
-
-def _append_on_the_sequence_axis(ep: ExportedProgram) -> ExportedProgram:
-    """Each cache append in the contract's layout: transformers appends to its [B, 1, P, *] view of
-    `past` (cat(unsqueeze(past, 1), new, dim=2)) and the contract squeezes the result back; the
-    same values are cat(past, squeeze(new, 1), dim=1) [B, T, *], the one Concat on the past that
-    the in-place decode graph rewrites (lowering/in_place.py)."""
-    aten = torch.ops.aten
-    user = {s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"}
-    rewritten = False
-    for n in list(ep.graph.nodes):
-        if not (n.op == "call_function" and n.target == aten.cat.default and len(n.args[0]) == 2
-                and (n.args[1] if len(n.args) > 1 else 0) in (2, -2)):
-            continue
-        first, new = n.args[0]
-        if not (first.op == "call_function" and first.target == aten.unsqueeze.default and first.args[1] == 1
-                and first.args[0].op == "placeholder" and first.args[0].name in user):
-            continue
-        with ep.graph.inserting_before(n):
-            flat = emit(ep, aten.cat.default, [first.args[0], emit(ep, aten.squeeze.dim, new, 1, like=n)], 1, like=n)
-            viewed = emit(ep, aten.unsqueeze.default, flat, 1, like=n)
-        n.replace_all_uses_with(viewed)
-        for u in list(viewed.users):
-            if u.target == aten.squeeze.dim and u.args[1] == 1:
-                u.replace_all_uses_with(flat)
-                for spec in ep.graph_signature.output_specs:  # present.* is now `flat` itself
-                    if getattr(spec.arg, "name", None) == u.name:
-                        spec.arg.name = flat.name
-        rewritten = True
-    return rebuild(ep) if rewritten else ep
+    # functional (in-place writes become slice_scatter / scatter); no op is decomposed. Its cache
+    # appends on transformers' [B, 1, P, *] view are written on the contract's past by the first
+    # pass of the pipeline (passes/squeeze_cache_append.py).
+    return ep.run_decompositions({})

@@ -21,15 +21,15 @@
 it builds the DynamicCache the contract's past enters (see its docstring for why `update` is not
 used).
 
-Two things that are not patches of transformers' code, done by the contract module and the capture
-(frontends/transformers.py):
+Two things that are not patches of transformers' code, done by the contract module
+(frontends/transformers.py) and by a pass:
 - the mask: transformers takes a prepared 4D mask as it is, so the contract passes the causal +
   padding mask of the contract (model/transformer.py `causal_mask`). transformers' own mask builder
   indexes the padding mask by cache positions, which the in-place decode graph (cache buffers with
   spare rows) would read out of range; with a mask given, its SDPA call keeps `is_causal` False.
-- the cache append: transformers appends to its [B, 1, P, *] view of the past; after the capture each
-  append is rewritten as the same values concatenated on the contract's [B, P, *] past, the form the
-  in-place decode graph rewrites.
+- the cache append: transformers appends to its [B, 1, P, *] view of the past; the pass
+  passes/squeeze_cache_append.py (the first of the pipeline) rewrites each append as the same values
+  concatenated on the contract's [B, P, *] past, the form the in-place decode graph rewrites.
 
 Shape legend: B batch, S new tokens, P past tokens, T = P + S, H heads, C kv_lora_rank, R rope dim.
 """
