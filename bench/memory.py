@@ -4,7 +4,7 @@
 free lists it leaves behind) would count against the next, and where no one system's peak can be
 read. So each load is measured in a child process of its own that imports the loader's
 libraries, reads its own VmRSS from /proc/self/status, loads, reads VmRSS again and VmHWM (the
-process's peak), prints the numbers and exits. The child is a new interpreter running this file
+process's peak), prints the numbers and exits. The child is a new interpreter running this module
 (not fork: a forked child would start with the parent's pages), and it is given a loader's name
 and plain arguments (strings, numbers), not pickled code.
 
@@ -26,10 +26,10 @@ What is and is not counted:
   of what the process holds. "rss_file_after" and "rss_anon_after" split "rss_after" into
   file-backed pages and the process's own (copies).
 
-The loaders here are our systems'; those of the systems that wrap transformers live in the
-repository's benchmarks/hf_loaders.py (see systems.py) and join them when its folder is given.
-This module imports only the standard library at the top, so a child holds nothing a loader
-does not import itself.
+The loaders here are our systems'; those of the systems that wrap transformers are
+hf_loaders.py's. This module and hf_loaders.py import only the standard library at the top, and
+the bench package's __init__ imports nothing, so a child holds nothing a loader does not import
+itself.
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
+
+from dscompile.bench import hf_loaders
 
 LOAD_TIMEOUT_S = 900
 FIRST_STEP = list(range(1, 17))  # the prompt of the first step: 16 tokens, then one decode step
@@ -77,19 +78,8 @@ def _eager(checkpoint: str) -> tuple[Callable[[], Any], Callable[[Any], None]]:
 LOADERS: dict[str, tuple[Loader, str]] = {
     "ours": (_ours, "OrtEngine.load(folder, provider='cpu'): its prefill and decode ONNX Runtime sessions"),
     "eager": (_eager, "load_checkpoint + EagerEngine: our PyTorch model with the checkpoint's weights"),
+    **hf_loaders.LOADERS,
 }
-
-
-def loaders(benchmarks: Path | None = None) -> dict[str, tuple[Loader, str]]:
-    """The loaders by name, with what each loads: ours, and with `benchmarks` (a checkout's
-    benchmarks/ folder) those of its hf_loaders.py."""
-    if benchmarks is None:
-        return LOADERS
-    if str(benchmarks) not in sys.path:
-        sys.path.insert(0, str(benchmarks))
-    import hf_loaders
-
-    return {**LOADERS, **hf_loaders.LOADERS}
 
 
 def _status() -> dict[str, int]:
@@ -103,10 +93,10 @@ def _status() -> dict[str, int]:
     return out
 
 
-def _child(spec_json: str, benchmarks: str | None = None) -> None:
+def _child(spec_json: str) -> None:
     """The child process: load as `spec_json` says, print the readings on one marked line."""
     kind, *args = json.loads(spec_json)
-    setup = loaders(Path(benchmarks) if benchmarks else None)[kind][0]
+    setup = LOADERS[kind][0]
     start = _status()["VmRSS"]
     t0 = time.perf_counter()
     load, step = setup(*args)
@@ -128,10 +118,10 @@ def _child(spec_json: str, benchmarks: str | None = None) -> None:
     del engine  # held until the readings above: its memory is what they measure
 
 
-def measure_load(spec: tuple | list, timeout: float = LOAD_TIMEOUT_S, benchmarks: Path | None = None) -> dict[str, Any]:
-    """Load one engine in a fresh process: `spec` is (loader, *args), the loader one of `loaders(benchmarks)`:
-    ("ours", folder, threads[, prepack]), ("eager", checkpoint), with `benchmarks` also ("hf", checkpoint),
-    ("hf-onnx", onnx_file, threads).
+def measure_load(spec: tuple | list, timeout: float = LOAD_TIMEOUT_S) -> dict[str, Any]:
+    """Load one engine in a fresh process: `spec` is (loader, *args), the loader one of LOADERS:
+    ("ours", folder, threads[, prepack]), ("eager", checkpoint), ("hf", checkpoint) and ("hf-onnx", onnx_file,
+    threads) where transformers is installed.
 
     Returns {"load_s", "rss_before", "rss_after", "rss_peak", "pss_before", "pss_after"}, after a
     first step {"rss_after_step", "pss_after_step"} (where the loader has one), and, to see where
@@ -139,12 +129,10 @@ def measure_load(spec: tuple | list, timeout: float = LOAD_TIMEOUT_S, benchmarks
     bytes; see the module docstring), or raises LoadMeasureError.
     """
     kind = spec[0]
-    known = loaders(benchmarks)
-    if kind not in known:
-        raise ValueError(f"loader {kind!r} is not one of {', '.join(known)}")
-    # this file run as a script: the child imports the standard library and what its loader imports
-    argv = [sys.executable, str(Path(__file__).resolve()), json.dumps(list(spec))]
-    argv += [str(benchmarks)] if benchmarks is not None else []
+    if kind not in LOADERS:
+        raise ValueError(f"loader {kind!r} is not one of {', '.join(LOADERS)}")
+    # this module run in a new interpreter: the child imports the standard library and what its loader imports
+    argv = [sys.executable, "-m", __spec__.name, json.dumps(list(spec))]
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -156,7 +144,5 @@ def measure_load(spec: tuple | list, timeout: float = LOAD_TIMEOUT_S, benchmarks
     return json.loads(lines[-1][len(_MARK):])
 
 
-if __name__ == "__main__":  # the child: python memory.py SPEC_JSON [BENCHMARKS_FOLDER]
-    if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-        del sys.path[0]  # the package's own folder: its modules are not top-level ones
+if __name__ == "__main__":  # the child: python -m dscompile.bench.memory SPEC_JSON
     _child(*sys.argv[1:])

@@ -1,18 +1,16 @@
 """What `dscompile bench` runs: our systems, the engines and llama.cpp binaries named on the command
-line, and the systems that wrap transformers where the repository's benchmarks/ provides them.
+line, and the systems that wrap transformers where it is installed.
 
 - "eager":            our PyTorch reference (model/transformer.py) behind the Engine interface;
 - "ours":             our ONNX Runtime engine, every pass on;
 - "ours-absorb-none", "ours-no-fuse-moe": the same engine with one pass off (ablations);
 - `--engine NAME=FOLDER`: an engine folder exported elsewhere (another version, quantized weights);
 - `--llama-cpp NAME=BIN:GGUF`: llama.cpp's own llama-bench on a GGUF of the same model;
-- "hf", "hf-onnx":    transformers' model and its own ONNX export (benchmarks/hf_systems.py).
+- "hf", "hf-onnx":    transformers' model and its own ONNX export (hf_systems.py).
 
-The systems that wrap transformers are development-time measurements and stay out of the
-installed package: the ONNX export of transformers' model patches its RoPE at run time, which the
-product should not carry. `dscompile bench` imports them from a repository checkout (the
-benchmarks/ folder beside the package's source folders); an installed package reports them as
-skipped (HF_SYSTEMS_MISSING).
+transformers is an optional dependency (the `transformers` extra): hf_systems.py and its loaders
+(hf_loaders.py) import it only inside their functions, and where it is missing the bench reports
+both systems skipped with the reason (hf_systems.missing) and measures the others.
 """
 
 from __future__ import annotations
@@ -20,32 +18,27 @@ from __future__ import annotations
 import json
 import statistics
 import subprocess
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-import dscompile.exporter
 from dscompile.errors import OptionError
 from dscompile.model.args import ModelArgs
 from dscompile.runtime.contract import KVCache
-from dscompile.runtime.contract import random_step_inputs as step_inputs  # benchmarks/hf_systems.py reads it here
+from dscompile.runtime.contract import random_step_inputs as step_inputs  # hf_systems.py reads it here
 from dscompile.runtime.engine import Engine
 
 if TYPE_CHECKING:
-    from dscompile.bench import BenchOptions
+    from dscompile.bench.run import BenchOptions
 
 SYSTEMS = ("eager", "hf", "hf-onnx", "ours", "ours-absorb-none", "ours-no-fuse-moe")
-HF_SYSTEMS = ("hf", "hf-onnx")  # provided by benchmarks/hf_systems.py
+HF_SYSTEMS = ("hf", "hf-onnx")  # hf_systems.py, where transformers is installed
 OUR_ENGINES = {  # system -> export options
     "ours": {"absorb": "auto", "fuse_moe": True},
     "ours-absorb-none": {"absorb": "none", "fuse_moe": True},
     "ours-no-fuse-moe": {"absorb": "auto", "fuse_moe": False},
 }
-HF_SYSTEMS_MISSING = "needs the repository's benchmarks/hf_systems.py (not part of the installed package)"
-
 
 class System:
     """Something that runs the model: a prefill and a decode step to time (None: a size it cannot run)."""
@@ -91,27 +84,6 @@ class EngineSystem(System):
 
     def close(self) -> None:
         self.engine = None
-
-
-# ---------------------------------------------------------------- the systems that wrap transformers
-
-
-def benchmarks_folder() -> Path | None:
-    """The repository's benchmarks/ beside the package's source folders, or None (an installed package)."""
-    folder = Path(dscompile.exporter.__file__).resolve().parents[1] / "benchmarks"
-    return folder if (folder / "hf_systems.py").is_file() else None
-
-
-def find_hf_systems() -> ModuleType | None:
-    """benchmarks/hf_systems.py of a checkout, imported by its plain name; None where there is none."""
-    folder = benchmarks_folder()
-    if folder is None:
-        return None
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
-    import hf_systems
-
-    return hf_systems
 
 
 # ---------------------------------------------------------------- systems named on the command line

@@ -7,7 +7,7 @@
 
 Without CHECKPOINT it measures the bench config (V2-Lite dimensions, 4 layers, 16 experts),
 generated once under ~/.cache/dscompile (or $DSCOMPILE_HOME). See bench/ (the harness) and
-benchmarks/hf_systems.py (the systems that wrap transformers).
+bench/hf_systems.py (the systems that wrap transformers).
 """
 
 import argparse
@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from dscompile.bench import (SYSTEMS, BenchOptions, parse_engines, parse_ints, parse_systems, plot,  # noqa: E402
-                                      run_bench, table_lines, to_json)
+from dscompile.bench.run import (SYSTEMS, BenchOptions, parse_engines, parse_ints, parse_systems, plot,  # noqa: E402
+                                 run_bench, table_lines, to_json)
 from dscompile.cli import cache_home  # noqa: E402
 
 

@@ -24,8 +24,8 @@ def bench(
     warmup: int = typer.Option(2, help="Untimed runs before each measurement."),
     prefill_tokens: int = typer.Option(128, help="Prompt length of the prefill measurement (batch 1)."),
     systems: str = typer.Option(",".join(("eager", "hf", "hf-onnx", "ours", "ours-absorb-none", "ours-no-fuse-moe")),
-                                help="Systems to measure, comma-separated (hf, hf-onnx: in a repository checkout, "
-                                "from its benchmarks/)."),
+                                help="Systems to measure, comma-separated (hf, hf-onnx: where transformers is "
+                                "installed, the `transformers` extra)."),
     threads: int = typer.Option(2, help="Threads for torch and ONNX Runtime (intra-op)."),
     engine: list[str] = typer.Option([], "--engine", help="NAME=FOLDER: also measure an engine folder exported elsewhere "
                                      "(each is also run alternately against ours, for the time ratio)."),
@@ -42,8 +42,8 @@ def bench(
     """
     start = time.perf_counter()
     with guard():
-        from dscompile.bench import (BenchOptions, parse_engines, parse_ints, parse_llama_cpp, parse_systems,
-                                              plot as write_plot, run_bench, table_lines)
+        from dscompile.bench.run import (BenchOptions, parse_engines, parse_ints, parse_llama_cpp, parse_systems,
+                                         plot as write_plot, run_bench, table_lines)
 
         if config is not None and config != "bench":
             raise OptionError(f"--config {config!r}: the only built-in config is 'bench'")

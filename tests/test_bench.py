@@ -1,4 +1,4 @@
-"""`dscompile bench` (bench/, and benchmarks/hf_systems.py for the systems that wrap
+"""`dscompile bench` (bench/; bench/hf_systems.py for the systems that wrap
 transformers): the floor arithmetic, the report's structure on a tiny checkpoint (1 repeat, tiny
 contexts), bad options through the CLI's entry point (in this process: `run_here`; `bench --json` runs as
 the real process in test_cli_json_reports_load), and the product without transformers' code.
@@ -18,12 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import dscompile.bench.systems as bench_systems
-from dscompile.bench import BenchOptions, parse_engines, parse_ints, plot, run_bench, table_lines, to_json
+from dscompile.bench.run import BenchOptions, parse_engines, parse_ints, plot, run_bench, table_lines, to_json
 from dscompile.bench.floors import decode_floor, experts_read, step_weight_params
 from dscompile.bench.memory import LoadMeasureError, measure_load
 from dscompile.bench.report import _load_lines
-from dscompile.bench.systems import HF_SYSTEMS_MISSING, find_hf_systems, llama_bench_rows, step_inputs
+from dscompile.bench.systems import llama_bench_rows, step_inputs
 from dscompile.bench.timing import MachineProbe, compare_alternately, context_scaling, time_ms
 from dscompile.model.checkpoint import build_model
 from dscompile.model.synthetic import make_checkpoint, tiny_args
@@ -343,10 +342,10 @@ def test_real_valued_rope_gives_transformers_logits_and_restores_it(tmp_path):
     pytest.importorskip("transformers", reason="transformers is the external reference (test dependency)")
     import transformers.models.deepseek_v2.modeling_deepseek_v2 as v2
 
+    from dscompile.bench import hf_systems
     from dscompile.capture.frontends.transformers_patches import real_valued_rope
     from dscompile.model.args import ModelArgs
 
-    hf_systems = find_hf_systems()
     ckpt = make_checkpoint(tmp_path / "ckpt", "v2-lite", layers=2)
     hf = hf_systems.HFSystem(ckpt, ModelArgs.from_json(ckpt / "config.json"))
     ids, pos, mask = step_inputs(hf.args.vocab_size, 2, 5, 0, 3)
@@ -391,32 +390,35 @@ def test_hf_onnx_exports_and_is_measured_where_its_graph_allows(tmp_path):
     assert result["load"]["hf-onnx"]["load_s"] > 0 and "not included" in result["load"]["hf-onnx"]["loader"]
 
 
-# ---------------------------------------------------------------- the systems that wrap transformers stay out of the product
+# ---------------------------------------------------------------- transformers stays an optional dependency
 
 
-def test_hf_systems_come_from_the_checkouts_benchmarks():
-    """In a repository checkout the systems that wrap transformers are benchmarks/hf_systems.py, not the package's."""
-    hf_systems = find_hf_systems()
-    assert Path(hf_systems.__file__).resolve() == ROOT / "benchmarks" / "hf_systems.py"
+def test_hf_systems_and_their_loaders_are_the_packages():
+    """The systems that wrap transformers are installed with the package (bench/), their loaders beside ours."""
+    from dscompile.bench import hf_loaders, hf_systems
+    from dscompile.bench.memory import LOADERS
+
+    assert Path(hf_systems.__file__).resolve() == ROOT / "bench" / "hf_systems.py"
     assert hf_systems.HFSystem.name == "hf" and hf_systems.HFOnnxSystem.name == "hf-onnx"
+    assert {"hf", "hf-onnx"} <= set(LOADERS) and LOADERS["hf"] == hf_loaders.LOADERS["hf"]
 
 
-def test_without_the_benchmarks_module_hf_systems_are_skipped_and_ours_measured(report, monkeypatch):
-    """An installed package has no benchmarks/: hf and hf-onnx are skipped with one line, ours still runs."""
+def test_without_transformers_hf_systems_are_skipped_with_one_line_and_ours_measured(report, monkeypatch):
+    """Where transformers is not installed, hf and hf-onnx are skipped with one line naming the extra, ours still runs."""
     result, root = report
-    monkeypatch.setattr(bench_systems, "benchmarks_folder", lambda: None)
-    monkeypatch.setitem(sys.modules, "hf_systems", None)  # an import of it would fail the run
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError
     again = run_bench(Path(result["checkpoint"]), root / "home",
                       BenchOptions(contexts=[2, 4], batches=[1], repeats=1, warmup=0, prefill_tokens=2,
                                    systems=["hf", "hf-onnx", "ours"], bandwidth_bytes=1 << 20, gemm_size=64))
-    assert "benchmarks/hf_systems.py" in HF_SYSTEMS_MISSING and "\n" not in HF_SYSTEMS_MISSING
-    assert again["skipped"] == {"hf": HF_SYSTEMS_MISSING, "hf-onnx": HF_SYSTEMS_MISSING}
+    why = again["skipped"]["hf"]
+    assert 'pip install "dscompile[transformers]"' in why and "\n" not in why
+    assert again["skipped"] == {"hf": why, "hf-onnx": why}
     assert [(r["system"], r["phase"]) for r in again["results"]] == [("ours", "prefill"), ("ours", "decode"),
                                                                      ("ours", "decode")]
     assert list(again["load"]) == ["ours"] and again["alternating"] == [] and "hf_onnx_export" not in again
     assert list(again["context_scaling"]) == ["ours"] and again["cache"]["transformers_bytes_per_token"] is None
     lines = table_lines(again)
-    assert f"skipped hf: {HF_SYSTEMS_MISSING}" in lines and f"skipped hf-onnx: {HF_SYSTEMS_MISSING}" in lines
+    assert f"skipped hf: {why}" in lines and f"skipped hf-onnx: {why}" in lines
 
 
 PRODUCT = ("dscompile", "model", "capture", "passes", "lowering", "exporter", "verify", "runtime", "cli", "bench")  # the folders the package installs
@@ -439,16 +441,20 @@ def transformers_uses(source: str) -> list[int]:
     return sorted(set(found))
 
 
-# The one place the product drives transformers: the optional frontend that captures transformers' own
-# model (pip install "dscompile[transformers]"), which imports it inside its functions only.
+# The places the product drives transformers, each behind the optional `transformers` extra (pip install
+# "dscompile[transformers]") and importing it inside its functions only: the frontend that captures
+# transformers' own model, and the bench's systems that run transformers' model and its ONNX export
+# (with their loaders for the fresh-process memory measurement), which the bench reports skipped without it.
 TRANSFORMERS_FRONTEND = Path("capture") / "frontends"
+TRANSFORMERS_BENCH = (Path("bench") / "hf_systems.py", Path("bench") / "hf_loaders.py")
 
 
 def test_the_product_does_not_import_transformers():
-    """transformers is a development-time reference: no module the package installs imports or drives it,
-    except the optional transformers frontend."""
+    """transformers is optional: no module the package installs imports or drives it, except the
+    transformers frontend and the bench's transformers systems."""
     found = [f"{path.relative_to(ROOT)}:{line}" for folder in PRODUCT for path in sorted((ROOT / folder).rglob("*.py"))
              if TRANSFORMERS_FRONTEND not in path.relative_to(ROOT).parents
+             and path.relative_to(ROOT) not in TRANSFORMERS_BENCH
              for line in transformers_uses(path.read_text())]
     assert not found, "the product imports transformers:\n" + "\n".join(found)
 

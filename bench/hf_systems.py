@@ -7,11 +7,10 @@
              exporters, so its RoPE is rewritten in real numbers and transformers' eager
              attention and batched_mm experts are selected: see `_hf_onnx_attempts`).
 
-These are development-time measurements, kept out of the installed package. The RoPE rewrite is
-the transformers frontend's (dscompile/capture/frontends/transformers_patches.py
-`real_valued_rope`). `dscompile bench` imports this module from a repository checkout
-(dscompile.bench.systems.find_hf_systems); an installed package reports both systems
-as skipped. Run as a script, it is the child process of `hf_onnx_export`.
+transformers is the optional `transformers` extra, imported inside the functions only: where it
+is missing, `missing()` says so and the bench reports both systems skipped. The RoPE rewrite is
+the transformers frontend's (capture/frontends/transformers_patches.py `real_valued_rope`). Run
+as `python -m dscompile.bench.hf_systems`, this module is the child process of `hf_onnx_export`.
 """
 
 from __future__ import annotations
@@ -28,10 +27,10 @@ from typing import Any, Callable
 import torch
 
 from dscompile.bench.cache import checkpoint_key
+from dscompile.bench.hf_loaders import hf_onnx_session, load_hf_model
 from dscompile.bench.systems import System, step_inputs
 from dscompile.capture.frontends.transformers_patches import real_valued_rope
 from dscompile.model.args import ModelArgs
-from hf_loaders import hf_onnx_session, load_hf_model
 
 EXPORTABLE_IMPLEMENTATIONS = {"attention": "eager", "experts": "batched_mm"}
 HF_ONNX_TIMEOUT_S = 900
@@ -43,7 +42,7 @@ def missing() -> str | None:
     try:
         import transformers
     except ImportError as err:
-        return f"transformers is not installed ({err})"
+        return f"transformers is not installed ({err}): pip install \"dscompile[transformers]\""
     del transformers
     return None
 
@@ -296,7 +295,7 @@ def _check_hf_onnx(path: Path, hf: HFSystem, args: ModelArgs, with_cache: bool) 
 def hf_onnx_export(checkpoint: Path, home: Path) -> dict[str, Any]:
     """transformers' own ONNX export of `checkpoint` (see `_hf_onnx_attempts`), cached per checkpoint and versions.
 
-    The attempts run in a child process (this file run as a script): exporters print pages of
+    The attempts run in a child process (this module run with -m): exporters print pages of
     graph dumps on failure, hold the model's memory, and may not finish; the child is given up
     after HF_ONNX_TIMEOUT_S.
     """
@@ -311,7 +310,7 @@ def hf_onnx_export(checkpoint: Path, home: Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(checkpoint), str(out), str(report)],
+        proc = subprocess.run([sys.executable, "-m", __spec__.name, str(checkpoint), str(out), str(report)],
                               capture_output=True, text=True, timeout=HF_ONNX_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return {"file": None, "with_cache": False, "attempts": [

@@ -1,10 +1,9 @@
-"""transformers' model and its exported graph, loaded for `dscompile bench` (development time only).
+"""transformers' model and its exported graph, loaded for `dscompile bench`.
 
 The loaders of the systems that wrap transformers ("hf", "hf-onnx"), for the load time and
-resident memory each system is measured for in a fresh process (dscompile.bench.memory
-adds them to ours when given this folder), and the calls hf_systems.py loads them with. They are
-not part of the installed package: the comparisons with transformers are development-time
-measurements, and the product carries no code that drives transformers.
+resident memory each system is measured for in a fresh process (memory.py adds them to ours),
+and the calls hf_systems.py loads them with. transformers is the optional `transformers` extra:
+it is imported inside the functions, when a system is loaded.
 
 This module imports only the standard library at the top, so a child process that loads one
 system holds nothing its loader does not import itself.
