@@ -30,10 +30,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from dscompile.dtypes import DTYPES  # noqa: E402
 from dscompile.exporter.export import STAGES, export_checkpoint  # noqa: E402
 from dscompile.exporter.options import TARGETS, ExportOptions  # noqa: E402
 from dscompile.model.args import PUBLISHED_CONFIGS  # noqa: E402
-from dscompile.runtime.engine import DTYPES  # noqa: E402
 
 
 def peak_rss_gib() -> float:

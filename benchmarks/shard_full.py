@@ -30,11 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from capture_full import stage_seconds  # noqa: E402  (this folder is on sys.path when run as a script)
 
 from dscompile.cli.inspect import plan_lines  # noqa: E402  (prints what `inspect --plan` prints)
+from dscompile.dtypes import DTYPES  # noqa: E402
 from dscompile.exporter.export import export_checkpoint  # noqa: E402
 from dscompile.exporter.options import ExportOptions  # noqa: E402
 from dscompile.inspect import sharding_plan  # noqa: E402
 from dscompile.model.args import PUBLISHED_CONFIGS  # noqa: E402
-from dscompile.runtime.engine import DTYPES  # noqa: E402
 
 
 def one_plan(config: Path, tp: int, ep: int, dtype: str) -> dict:

@@ -49,6 +49,7 @@ import torch
 
 from dscompile.capture import PHASES, capture, contract_dims
 from dscompile.capture.frontends.transformers import capture_transformers, load_transformers_model
+from dscompile.dtypes import DTYPES
 from dscompile.errors import CheckpointError, OptionError
 from dscompile.exporter.manifest import (file_hashes, graph_entry, in_place_entry, manifest_head, parameter_bytes,
                                          pass_report, quantization_report, sharding_report)
@@ -63,7 +64,6 @@ from dscompile.model.args import ModelArgs
 from dscompile.model.checkpoint import apply_quantization, build_model, load_checkpoint
 from dscompile.passes import SHARDING, PassOptions, run_pipeline
 from dscompile.passes.shard import Sharded, check_plan
-from dscompile.runtime.engine import DTYPES
 from dscompile.runtime.manifest import write_manifest
 from dscompile.runtime.text import copy_tokenizer
 from dscompile.runtime.weights import fingerprint

@@ -18,10 +18,10 @@ import torch
 
 from dscompile.capture import Limits
 from dscompile.capture.frontends.transformers import transformers_version
+from dscompile.dtypes import DTYPES, TABLE
 from dscompile.lowering.quantize import quantizes_activations
 from dscompile.model.quant import Scheme
 from dscompile.passes.shard import Plan
-from dscompile.runtime.engine import DTYPES
 from dscompile.runtime.manifest import MANIFEST_FORMAT, WRITE_INDEX
 
 
@@ -174,8 +174,8 @@ def _io(value: ir.Value) -> dict[str, Any]:
 def _dtype_name(dtype: ir.DataType | None) -> str | None:
     if dtype is None:
         return None
-    return {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16",
-            ir.DataType.INT64: "int64", ir.DataType.INT32: "int32", ir.DataType.BOOL: "bool"}.get(dtype, dtype.name.lower())
+    floats = {d.onnx: d.name for d in TABLE}  # ir.DataType's own names: FLOAT, not float32
+    return floats.get(int(dtype), dtype.name.lower())
 
 
 def _op_counts(model: ir.Model) -> dict[str, int]:

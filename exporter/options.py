@@ -17,6 +17,7 @@ import importlib.util
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from dscompile.dtypes import DTYPES, SPELLINGS
 from dscompile.errors import OptionError
 
 if TYPE_CHECKING:
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
     from dscompile.passes.shard import Plan
 
 TARGETS = ("onnxruntime", "tensorrt")  # what the lowering is restricted for
-DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # --dtype's short names
 WEIGHT_FORMATS = {"int8": 8, "int4": 4}  # --weights: block-wise weight-only quantization (model/quant.py)
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # ONNX Runtime's MatMulNBits/QMoE accuracy_level attribute
 MIN_OPSET = 23  # the lowering emits RMSNormalization and Attention
@@ -64,9 +64,8 @@ class ExportOptions:
 
     def __post_init__(self) -> None:
         from dscompile.passes.absorb_mla import FORMS as ABSORB_FORMS  # noqa: PLC0415 - module docstring
-        from dscompile.runtime.engine import DTYPES  # noqa: PLC0415
 
-        object.__setattr__(self, "dtype", DTYPE_ALIASES.get(self.dtype, self.dtype))  # frozen: normalized once
+        object.__setattr__(self, "dtype", SPELLINGS.get(self.dtype, self.dtype))  # frozen: normalized once
         if self.dtype not in DTYPES:
             raise OptionError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.absorb not in ABSORB_FORMS:

@@ -30,7 +30,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from dscompile.errors import EngineError
-from dscompile.tolerance import DTYPES
+from dscompile.dtypes import DTYPES
 
 PREFILL, DECODE = "prefill", "decode"
 PHASES = (PREFILL, DECODE)  # the contract's graphs, in the order a generation runs them

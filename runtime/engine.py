@@ -23,7 +23,6 @@ import torch
 
 from dscompile.errors import EngineError
 from dscompile.runtime.contract import EngineInfo, KVCache
-from dscompile.tolerance import DTYPES  # noqa: F401 - the dtypes engines run, where the exporter reads them
 
 if TYPE_CHECKING:
     from dscompile.runtime.weights import WeightsFile

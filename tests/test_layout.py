@@ -29,7 +29,7 @@ FOLDERS = {"model": "dscompile.model", "runtime": "dscompile.runtime", "capture"
            "passes": "dscompile.passes", "lowering": "dscompile.lowering", "verify": "dscompile.verify",
            "exporter": "dscompile.exporter", "cli": "dscompile.cli", "bench": "dscompile.bench",
            "dscompile": "dscompile"}
-BASE = ("dscompile.errors", "dscompile.tolerance", "dscompile.lazy")
+BASE = ("dscompile.errors", "dscompile.tolerance", "dscompile.lazy", "dscompile.dtypes")
 STAGES = ("dscompile.model", "dscompile.capture", "dscompile.passes", "dscompile.lowering", "dscompile.verify",
           "dscompile.exporter")
 

@@ -44,6 +44,7 @@ from typing import Any, Callable
 import onnx
 
 from dscompile.lowering.tensorrt.compat import check_model
+from dscompile.dtypes import TABLE
 from dscompile.errors import DscompileError, EngineError, OptionError
 from dscompile.runtime.contract import PHASES as GRAPHS  # a TensorRT OUT holds one engine per phase
 from dscompile.runtime.trt_engine import PRECISIONS, TRT_FORMAT, TensorRTUnavailable, require_tensorrt
@@ -60,11 +61,7 @@ __all__ = [
     "build_engines",
 ]
 
-_ONNX_DTYPE_PRECISION = {
-    onnx.TensorProto.FLOAT: "fp32",
-    onnx.TensorProto.FLOAT16: "fp16",
-    onnx.TensorProto.BFLOAT16: "bf16",
-}
+_ONNX_DTYPE_PRECISION = {d.onnx: d.short for d in TABLE}  # an exported graph's float type -> TensorRT precision
 _PAST = re.compile(r"^past\.(\d+)\.(kv_latent|k_rope)$")
 _PRESENT = re.compile(r"^present\.(\d+)\.(kv_latent|k_rope)$")
 # Axis roles of each contract input: B batch, S new tokens, T = P + S, P past, "C" a static width.
