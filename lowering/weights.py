@@ -381,7 +381,7 @@ def _origins(weight: torch.Tensor) -> tuple[list[torch.Tensor], bool]:
 
 
 def _stores_weight(source: Derived) -> bool:
-    """Whether a derivation stores its input in another encoding (exporter/quantize.py's bits and
+    """Whether a derivation stores its input in another encoding (lowering/quantize.py's bits and
     scales: methods of an object with `stores_weight`) rather than computing new values."""
     return getattr(getattr(source.fn, "__self__", None), "stores_weight", False)
 

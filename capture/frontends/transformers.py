@@ -172,7 +172,7 @@ class TransformersContract(nn.Module):
 
 def capture_transformers(model: nn.Module, args: ModelArgs, limits: Limits = Limits()) -> ExportedProgram:
     """Export transformers' model under the engine contract (same inputs, outputs and dynamic dims as
-    exporter/capture.capture), with the patches of transformers_patches applied during the trace."""
+    capture/__init__.py's capture), with the patches of transformers_patches applied during the trace."""
     contract = TransformersContract(model, args)
     inputs = example_inputs(contract, limits.example_batch, limits.example_new, limits.example_past)
     with torch.no_grad(), export_patches(model):
