@@ -139,7 +139,7 @@ def test_manifest(variant, exported, args_of):
         outs = {o["name"]: o for o in g["outputs"]}
         assert outs["logits"]["dtype"] == "float32" and outs["logits"]["shape"] == ["batch", "seq", a.vocab_size]
         names = [p["name"] for p in g["passes"]["passes"]]
-        assert names == ["absorb_mla", "fuse_moe"]
+        assert names == ["squeeze_cache_append", "absorb_mla", "fuse_moe"]
         assert {p["name"]: p["count"] for p in g["passes"]["passes"]}["fuse_moe"] == a.num_moe_layers
     assert {p["name"]: p["count"] for p in m["graphs"]["decode"]["passes"]["passes"]}["absorb_mla"] == L
     assert set(m["files"]) == FILES - {"manifest.json"}
