@@ -29,6 +29,8 @@ from dscompile.model.synthetic import make_checkpoint, tiny_args
 from dscompile.errors import OptionError
 from conftest import run_here
 
+pytestmark = pytest.mark.long  # minutes of exports: scheduled first (tests/conftest.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

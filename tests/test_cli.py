@@ -27,6 +27,8 @@ from dscompile.model.checkpoint import load_checkpoint
 from dscompile.runtime.weights import fingerprint
 from conftest import run_here
 
+pytestmark = pytest.mark.long  # minutes of exports: scheduled first (tests/conftest.py)
+
 
 def dsc(*args: str, env: dict | None = None, check: int | None = 0,
         process: bool = False) -> subprocess.CompletedProcess:

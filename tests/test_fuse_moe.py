@@ -26,6 +26,8 @@ from dscompile.passes._edit import param_name
 from dscompile.passes._match import hint
 from dscompile.passes import PassMatchError
 
+pytestmark = pytest.mark.long  # minutes of exports: scheduled first (tests/conftest.py)
+
 aten = torch.ops.aten
 MOE = torch.ops.dsc.moe.default
 

@@ -29,6 +29,8 @@ from dscompile.errors import CheckpointError, EngineError, OptionError
 from dscompile.runtime.contract import PHASES
 from dscompile.runtime.manifest import load_manifest, read_manifest
 
+pytestmark = pytest.mark.long  # minutes of exports: scheduled first (tests/conftest.py)
+
 SMALL = Limits(max_batch=2, max_prompt_tokens=8, max_context=32)
 GRAPH_FILES = {"prefill": "prefill.onnx", "decode": "decode.onnx", "decode_inplace": "decode_inplace.onnx"}
 

@@ -18,6 +18,8 @@ from dscompile.model.checkpoint import load_checkpoint
 from dscompile.model.synthetic import tiny_args
 from dscompile.runtime.contract import position_ids
 
+pytestmark = pytest.mark.long  # minutes of exports: scheduled first (tests/conftest.py)
+
 transformers = pytest.importorskip("transformers", reason="transformers is the test oracle (pip install '.[test]')")
 
 

@@ -25,6 +25,8 @@ from dscompile.runtime.manifest import read_manifest
 from dscompile.runtime.ort_engine import OrtCapacityCache, OrtEngine, OrtKVCache
 from conftest import assert_close
 
+pytestmark = pytest.mark.long  # minutes of exports: scheduled first (tests/conftest.py)
+
 VARIANTS = ("v3", "v2", "v2-lite")
 DECODE_STEPS = 16
 

@@ -30,6 +30,8 @@ from dscompile.errors import EngineError
 from dscompile.runtime.ort_engine import OrtEngine
 from dscompile.tolerance import QUANTIZED_ACTIVATIONS, TOLERANCE
 
+pytestmark = pytest.mark.long  # minutes of exports: scheduled first (tests/conftest.py)
+
 BLOCK = 16  # the tiny configs' q_lora_rank (48) and kv_lora_rank (32) are multiples of 16, not of 32
 CASES = {  # name: (variant, checkpoint options, bits)
     "v2-int4": ("v2", {}, 4),

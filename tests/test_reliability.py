@@ -34,6 +34,8 @@ from dscompile.exporter.output import replace
 from dscompile.errors import EngineError
 from dscompile.runtime.manifest import check_program_file, read_manifest
 
+pytestmark = pytest.mark.long  # minutes of exports: scheduled first (tests/conftest.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 PAUSE_TIMEOUT = 240  # s to reach a pause point (an export of the one-layer checkpoint takes ~15 s)
 

@@ -33,6 +33,8 @@ from dscompile.lazy import materialize
 from dscompile.errors import EngineError
 from dscompile.runtime.contract import PHASES
 
+pytestmark = pytest.mark.long  # minutes of exports: scheduled first (tests/conftest.py)
+
 SMALL = Limits(max_batch=2, max_prompt_tokens=8, max_context=32)
 
 

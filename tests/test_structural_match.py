@@ -35,6 +35,8 @@ from dscompile.model.synthetic import random_state, tiny_args
 from dscompile.passes import PassMatchError, PassOptions, run_pipeline
 from dscompile.runtime.contract import io_names
 
+pytestmark = pytest.mark.long  # minutes of exports: scheduled first (tests/conftest.py)
+
 LIMITS = Limits(max_batch=4, max_prompt_tokens=16, max_context=32)
 MOE = torch.ops.dsc.moe.default
 LATENT = torch.ops.dsc.latent_attention.default

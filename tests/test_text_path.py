@@ -23,6 +23,8 @@ from dscompile.errors import EngineError, TextError
 from dscompile.runtime.session import TextEngine
 from conftest import run_here
 
+pytestmark = pytest.mark.long  # minutes of exports: scheduled first (tests/conftest.py)
+
 LIMITS = Limits(max_batch=4, max_prompt_tokens=128, max_context=256)  # the exports made here
 PROMPTS = ["The compiler folds the latent cache", "中文字符的缓存", "Emoji 🙂🚀 and café"]
 

@@ -39,6 +39,8 @@ from dscompile.runtime.torch_engine import TorchEngine
 from dscompile.runtime.weights import fingerprint
 from conftest import assert_close
 
+pytestmark = pytest.mark.long  # minutes of exports: scheduled first (tests/conftest.py)
+
 LIMITS = Limits(max_batch=2, max_prompt_tokens=64, max_context=128)
 FILE_RATIO = 1.02  # weights.bin / parameter bytes
 RESIDENT_RATIO, RESIDENT_SLACK = 1.10, 300 * 2**20  # resident growth <= RATIO * weights.bin + SLACK
