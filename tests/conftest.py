@@ -1,36 +1,17 @@
-"""Shared test helpers: named tolerances, error reports, and tiny checkpoints and their exports built once per
-session (fixtures: tests share them through here, never by importing each other)."""
+"""The tests' fixtures: tiny checkpoints, their captures and exports, built once per session (tests share
+them through here, never by importing each other; plain helper functions are in helpers.py), and the
+scheduling of the test files over pytest-xdist workers."""
 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import VARIANTS
 
-from dscompile.tolerance import OP_TOLERANCE, TOLERANCE, bound
-
-
-def assert_close(actual: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype = torch.float32, what: str = "",
-                 table: dict = TOLERANCE) -> None:
-    """Assert the named tolerance of `dtype`; the failure message reports max and mean error."""
-    actual, ref = actual.detach().double().cpu(), ref.detach().double().cpu()
-    assert actual.shape == ref.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(ref.shape)}"
-    assert torch.isfinite(actual).all(), f"{what}: non-finite output"
-    err = (actual - ref).abs()
-    limit = bound(dtype, float(ref.abs().max()) if ref.numel() else 0.0, table)
-    max_err = float(err.max()) if err.numel() else 0.0
-    mean_err = float(err.mean()) if err.numel() else 0.0
-    assert max_err <= limit, f"{what}: max |Δ| {max_err:.3g} > {limit:.3g} (mean |Δ| {mean_err:.3g})"
-
-
-def assert_op_close(actual: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
-    """assert_close with the single-op table (an op against its reference implementation)."""
-    assert_close(actual, ref, dtype, what, table=OP_TOLERANCE)
 
 
 @pytest.fixture(scope="session")
@@ -51,9 +32,27 @@ def make_ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def captured_models(make_ckpt):
+    """{variant: the eager model} of the three-layer, eight-expert tiny checkpoints that `captured` captures."""
+    from dscompile.model.checkpoint import load_checkpoint
+
+    return {v: load_checkpoint(make_ckpt(v, layers=3, experts=8)) for v in VARIANTS}
+
+
+@pytest.fixture(scope="session")
+def captured(captured_models):
+    """{(variant, phase): ExportedProgram} of `captured_models`, captured once per session (one program serves
+    both phases). Passes return new programs; a test that edits one in place copies it first."""
+    from dscompile.capture import capture
+
+    programs = {v: capture(m) for v, m in captured_models.items()}
+    return {(v, phase): programs[v] for v in VARIANTS for phase in ("prefill", "decode")}
+
+
+@pytest.fixture(scope="session")
 def export_limits():
     """The engine limits of `exported`'s engines (room for the chat conversations of
-    tests/test_text_path.py, which runs the v3 one)."""
+    tests/e2e/test_text_path.py, which runs the v3 one)."""
     from dscompile.capture import Limits
 
     return Limits(max_batch=8, max_prompt_tokens=128, max_context=256)
@@ -70,7 +69,7 @@ def exported_ckpt(make_ckpt):
 def exported(tmp_path_factory, exported_ckpt, export_limits):
     """exported(variant, dtype="float32") -> OUT of `exported_ckpt(variant)` within `export_limits`,
     exported once per session (~15-30 s each). That an export is deterministic (byte-identical OUT)
-    is tests/test_reliability.py's check, across processes."""
+    is tests/e2e/test_reliability.py's check, across processes."""
     from dscompile.exporter.export import export_checkpoint
     from dscompile.exporter.options import ExportOptions
 
@@ -121,35 +120,6 @@ def one_layer_ckpt(make_ckpt):
     return make_ckpt("v3", layers=1, experts=4, hidden=32, vocab=64)
 
 
-def run_here(*args, env: dict | None = None, input: bytes | str | None = None,
-             text: bool = True) -> subprocess.CompletedProcess:
-    """The `dscompile` command's own entry point run in this process (typer's CliRunner), as the
-    CompletedProcess a `python -m dscompile ...` subprocess would give: exit code, stdout, stderr
-    (str, or bytes with text=False). A subprocess costs seconds of interpreter, torch and ONNX
-    start-up each; tests that are about the process itself run the real one. `env` is set in
-    os.environ for the run; `input` is stdin (not a terminal); sys.argv is the command's, as in the
-    process (the PASSED/FAILED line quotes it). An exception that escapes the command is rendered as
-    a traceback into stderr, so a test's "no Traceback" check sees it."""
-    from typer.testing import CliRunner
-
-    from dscompile.cli import app
-
-    argv = [str(a) for a in args]
-    saved = sys.argv
-    sys.argv = ["dscompile", *argv]
-    try:
-        result = CliRunner().invoke(app, argv, input=input, env=env)
-    finally:
-        sys.argv = saved
-    stderr = result.stderr_bytes
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        stderr += "".join(traceback.format_exception(result.exception)).encode()
-    stdout = result.stdout_bytes
-    if text:
-        return subprocess.CompletedProcess(argv, result.exit_code, stdout.decode(), stderr.decode(errors="replace"))
-    return subprocess.CompletedProcess(argv, result.exit_code, stdout, stderr)
-
-
 @pytest.fixture(scope="session")
 def dscompile_argv():
     """dscompile_argv(*args) -> the argv of the `dscompile` command in a subprocess of this interpreter."""
@@ -166,7 +136,7 @@ def dscompile_argv():
 # two workers would each build the same exports). Which files share is read from the fixtures each
 # test requests, not from a list of names, so a renamed or new file cannot escape it. Files marked
 # `long` (they export engines: minutes each) go out first, so that the run does not end on one.
-SHARED_EXPORTS = ("exported", "small_export")
+SHARED_EXPORTS = ("exported", "small_export", "captured")
 
 
 def _shared_exports(item) -> set[str]:

@@ -14,7 +14,7 @@ import inspect
 import pytest
 
 import dscompile
-from conftest import run_here
+from helpers import run_here
 from dscompile.errors import OptionError
 from dscompile.exporter.export import export_checkpoint
 from dscompile.exporter.options import ExportOptions

@@ -5,7 +5,7 @@ typer's CliRunner), since a subprocess costs seconds of interpreter, torch and O
 The real `python -m dscompile` process runs where the process itself is the point: the export with
 --verify --json and `run --json` (nothing but the JSON object on the process's stdout, the exit code
 of the process) and `demo` (the main job, as a user runs it). Bad input through the real process:
-tests/test_cli_errors.py."""
+tests/e2e/test_cli_errors.py."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from dscompile.lowering.tensorrt.compat import load_table
 from dscompile.verify.eager import EagerEngine
 from dscompile.model.checkpoint import load_checkpoint
 from dscompile.runtime.weights import fingerprint
-from conftest import run_here
+from helpers import run_here
 
 pytestmark = pytest.mark.long  # minutes of exports: scheduled first (tests/conftest.py)
 

@@ -1,6 +1,6 @@
 """The absorb_mla pass: structure, count, numerics before vs after, the cost model, and regions it must not rewrite.
 
-The captured programs are test_capture_and_absorb.py's (its module-scoped fixtures, imported here).
+The captured programs are the session's (conftest.py `captured`), shared with tests/capture/test_capture.py.
 """
 
 from __future__ import annotations
@@ -11,11 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import assert_close
+from helpers import VARIANTS, assert_close, call_targets, program_outputs
 from dscompile.model.args import PUBLISHED_CONFIGS, ModelArgs
 from dscompile.passes import PassOptions, absorb_mla, random_inputs
 from dscompile.passes.absorb_mla import cost_model
-from test_capture_and_absorb import VARIANTS, _outputs, _targets, graphs, models  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.long  # minutes of exports: scheduled first (tests/conftest.py)
 
@@ -24,16 +23,16 @@ aten = torch.ops.aten
 
 @pytest.mark.parametrize("form", ["reassociate", "fold"])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_absorb_structure_count_and_numerics(models, graphs, variant, form):
-    model, ep = models[variant], graphs[(variant, "decode")]
+def test_absorb_structure_count_and_numerics(captured_models, captured, variant, form):
+    model, ep = captured_models[variant], captured[(variant, "decode")]
     a = model.args
     inputs = random_inputs(ep, a.vocab_size, seed=1)
-    before = _outputs(ep, inputs)
+    before = program_outputs(ep, inputs)
     new, count, unmatched = absorb_mla.run(ep, PassOptions("decode", a, absorb=form))
-    after = _outputs(new, inputs)
+    after = program_outputs(new, inputs)
 
     assert count == a.num_hidden_layers and unmatched == []
-    targets = _targets(new)
+    targets = call_targets(new)
     assert aten.scaled_dot_product_attention.default not in targets
     assert targets.count(torch.ops.dsc.latent_attention.default) == a.num_hidden_layers
     # Nothing multiplies the cached latent by kv_b_proj any more: the weight is gone from the program.
@@ -61,17 +60,17 @@ def test_absorb_structure_count_and_numerics(models, graphs, variant, form):
         assert_close(ra, rb, what=f"{variant} {form} present.{i}.k_rope")
 
 
-def test_prefill_absorption_keeps_numerics(models, graphs):
-    ep, a = graphs[("v2", "prefill")], models["v2"].args
+def test_prefill_absorption_keeps_numerics(captured_models, captured):
+    ep, a = captured[("v2", "prefill")], captured_models["v2"].args
     inputs = random_inputs(ep, a.vocab_size, seed=2)
-    before = _outputs(ep, inputs)
+    before = program_outputs(ep, inputs)
     new, count, _ = absorb_mla.run(ep, PassOptions("prefill", a, absorb="reassociate"))
     assert count == a.num_hidden_layers
-    assert_close(_outputs(new, inputs)[0], before[0], what="v2 prefill reassociate")
+    assert_close(program_outputs(new, inputs)[0], before[0], what="v2 prefill reassociate")
 
 
-def test_none_and_graphs_without_mla_are_left_alone(models, graphs):
-    ep, a = graphs[("v3", "decode")], models["v3"].args
+def test_none_and_graphs_without_mla_are_left_alone(captured_models, captured):
+    ep, a = captured[("v3", "decode")], captured_models["v3"].args
     same, count, _ = absorb_mla.run(ep, PassOptions("decode", a, absorb="none"))
     assert count == 0 and same is ep
 
@@ -92,8 +91,8 @@ def test_none_and_graphs_without_mla_are_left_alone(models, graphs):
         ("attention", "no explicit mask (is_causal or none): the latent attention takes the additive mask")]
 
 
-def test_region_of_another_shape_is_refused_with_a_reason(models):
-    a = models["v3"].args
+def test_region_of_another_shape_is_refused_with_a_reason(captured_models):
+    a = captured_models["v3"].args
 
     class MLA(nn.Module):  # named like ours, but attends without the latent up-projection
         def __init__(self):
@@ -131,8 +130,8 @@ def test_cost_model_picks_latent_attention_for_decode_on_published_configs():
         assert absorb_mla.describe(PassOptions("prefill", args))["form"] == "none"
 
 
-def test_unknown_absorb_option_is_a_user_error(models, graphs):
+def test_unknown_absorb_option_is_a_user_error(captured_models, captured):
     from dscompile.errors import DscompileError
 
     with pytest.raises(DscompileError, match="--absorb 'sometimes'"):
-        absorb_mla.run(graphs[("v3", "decode")], PassOptions("decode", models["v3"].args, absorb="sometimes"))
+        absorb_mla.run(captured[("v3", "decode")], PassOptions("decode", captured_models["v3"].args, absorb="sometimes"))

@@ -36,7 +36,7 @@ import dscompile.runtime.ops  # noqa: E402, F401  (registers the dsc ops)
 from dscompile.runtime.ops import latent_attention as la_mod  # noqa: E402
 from dscompile.runtime.ops import moe as moe_mod  # noqa: E402
 from dscompile.model.routing import Routing, route  # noqa: E402
-from conftest import assert_op_close as assert_close  # noqa: E402
+from helpers import assert_op_close as assert_close  # noqa: E402
 
 
 needs_triton = pytest.mark.skipif(_TRITON_MISSING is not None, reason=str(_TRITON_MISSING))

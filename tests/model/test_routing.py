@@ -24,7 +24,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from conftest import assert_op_close as assert_close
+from helpers import assert_op_close as assert_close
 from dscompile.lowering import ops as onnx_ops
 from dscompile.model.routing import Routing, route
 from dscompile.runtime.ops import moe as moe_ops

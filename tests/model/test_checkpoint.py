@@ -12,13 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import assert_close, run_here
+from helpers import assert_close, run_here
 from dscompile.model.args import PUBLISHED_CONFIGS, ModelArgs
 from dscompile.model.checkpoint import dequantize_fp8, load_checkpoint
 from dscompile.model.synthetic import make_checkpoint, quantize_fp8, random_state, tiny_args, write_checkpoint
 from dscompile.errors import CheckpointError, ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 

@@ -12,7 +12,7 @@ reach the write stage (disk full, file size limit, --allow-nonfinite) run a whol
 smallest checkpoint (the `one_layer_ckpt` fixture, with `small_flags`).
 
 Engine inputs the CLI cannot produce (a cache of the wrong shape or layer count) are covered at
-the Python level in tests/test_ort_engine.py::test_bad_inputs and the OrtEngine cache checks.
+the Python level in tests/runtime/test_ort_engine.py::test_bad_inputs and the OrtEngine cache checks.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from dscompile.model.synthetic import make_checkpoint
 
 pytestmark = pytest.mark.long  # minutes of exports: scheduled first (tests/conftest.py)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # The whole-export cases export `one_layer_ckpt`: weights.bin ~180 KB, each .pt2 ~250 KB.
 FSIZE_LIMIT = 120_000  # bytes per file: weights.bin, written first, does not fit
 TMPFS_SIZE = "100k"  # weights.bin does not fit (our own write)

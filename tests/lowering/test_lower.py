@@ -153,7 +153,7 @@ def test_float16_export_loads_and_runs(exported, exported_ckpt):
     after it are within float16's tolerance of the float32 eager model."""
     from dscompile.runtime.ort_engine import OrtEngine
 
-    out = exported("v3", "float16")  # the session's float16 export (tests/test_fp16_generation.py runs it too)
+    out = exported("v3", "float16")  # the session's float16 export (tests/runtime/test_fp16_generation.py runs it too)
     m = read_manifest(out)
     assert m["dtype"] == "float16" and m["cache"]["dtype"] == "float16"
     assert m["graphs"]["decode"]["outputs"][0]["dtype"] == "float32"  # logits stay float32

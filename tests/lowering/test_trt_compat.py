@@ -267,7 +267,7 @@ def test_tensorrt_targeted_export_passes_the_static_check_and_matches_eager(make
     """--target tensorrt lowers MoE with standard ops only: no errors for TensorRT's parser, same numerics."""
     import torch
 
-    from conftest import assert_close
+    from helpers import assert_close
     from dscompile.exporter.export import export_checkpoint
     from dscompile.exporter.options import ExportOptions
     from dscompile.model.checkpoint import load_checkpoint

@@ -8,7 +8,7 @@ import torch
 
 import dscompile.runtime.ops  # noqa: F401  (registers the dsc ops)
 from dscompile.runtime.ops.latent_attention import latent_attention_reference
-from conftest import assert_op_close as assert_close
+from helpers import assert_op_close as assert_close
 
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import assert_close
+from helpers import assert_close
 from dscompile.capture import Limits, capture, example_inputs
 from dscompile.lowering.graph import lower
 from dscompile.model.checkpoint import build_model

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.export import Dim
 
-from conftest import assert_close
+from helpers import assert_close
 from dscompile.passes import PassOptions, squeeze_cache_append
 
 aten = torch.ops.aten

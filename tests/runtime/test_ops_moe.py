@@ -1,6 +1,6 @@
 """dsc::moe: real dispatch vs a dense all-experts MoE, fake impl under export, errors.
 
-The routing is model/routing.py's (tests/test_routing.py checks it); here it only picks the
+The routing is model/routing.py's (tests/model/test_routing.py checks it); here it only picks the
 experts the dense reference combines.
 
 Shapes: T tokens, D hidden, E experts, K active experts per token, I expert intermediate,
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import dscompile.runtime.ops  # noqa: F401  (registers the dsc ops)
 from dscompile.model.routing import Routing, route
 from dscompile.runtime.ops.moe import moe_experts_reference, route as op_route
-from conftest import assert_op_close as assert_close
+from helpers import assert_op_close as assert_close
 
 V2_LITE = Routing(2, 1, 1, "greedy", False, 1.0)
 V2 = Routing(3, 4, 2, "group_limited_greedy", False, 16.0)

@@ -16,7 +16,7 @@ import torch
 from torch.fx.node import map_aggregate
 from torch.utils._pytree import tree_structure
 
-from conftest import assert_close
+from helpers import VARIANTS, assert_close
 from dscompile.errors import CheckpointError, ConfigError
 from dscompile.capture import Limits, example_inputs
 from dscompile.capture.frontends import transformers_patches
@@ -31,7 +31,6 @@ pytestmark = pytest.mark.long  # minutes of exports: scheduled first (tests/conf
 
 transformers = pytest.importorskip("transformers", reason="the frontend captures transformers' model")
 
-VARIANTS = ("v2", "v2-lite", "v3")
 LIMITS = Limits(max_batch=4, max_prompt_tokens=16, max_context=32)
 
 

@@ -21,7 +21,7 @@ from dscompile.exporter.options import ExportOptions
 from dscompile.model.synthetic import make_checkpoint
 from dscompile.errors import EngineError, TextError
 from dscompile.runtime.session import TextEngine
-from conftest import run_here
+from helpers import run_here
 
 pytestmark = pytest.mark.long  # minutes of exports: scheduled first (tests/conftest.py)
 

@@ -13,7 +13,7 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import assert_close
+from helpers import assert_close
 from dscompile.model.checkpoint import load_checkpoint
 from dscompile.model.synthetic import tiny_args
 from dscompile.runtime.contract import position_ids

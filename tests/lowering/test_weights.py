@@ -37,7 +37,7 @@ from dscompile.errors import EngineError
 from dscompile.runtime.ort_engine import OrtEngine
 from dscompile.runtime.torch_engine import TorchEngine
 from dscompile.runtime.weights import fingerprint
-from conftest import assert_close
+from helpers import assert_close
 
 pytestmark = pytest.mark.long  # minutes of exports: scheduled first (tests/conftest.py)
 

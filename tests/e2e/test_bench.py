@@ -27,11 +27,11 @@ from dscompile.bench.timing import MachineProbe, compare_alternately, context_sc
 from dscompile.model.checkpoint import build_model
 from dscompile.model.synthetic import make_checkpoint, tiny_args
 from dscompile.errors import OptionError
-from conftest import run_here
+from helpers import run_here
 
 pytestmark = pytest.mark.long  # minutes of exports: scheduled first (tests/conftest.py)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_decode_floor_by_hand():

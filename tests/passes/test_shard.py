@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from conftest import assert_close, run_here
+from helpers import assert_close, run_here
 from dscompile.errors import EngineError
 from dscompile.capture import Limits
 from dscompile.runtime.contract import position_ids

@@ -23,7 +23,7 @@ from dscompile.errors import EngineError
 from dscompile.runtime.contract import KVCache, next_step_inputs, position_ids, step_inputs
 from dscompile.runtime.manifest import read_manifest
 from dscompile.runtime.ort_engine import OrtCapacityCache, OrtEngine, OrtKVCache
-from conftest import assert_close
+from helpers import assert_close
 
 pytestmark = pytest.mark.long  # minutes of exports: scheduled first (tests/conftest.py)
 

@@ -23,7 +23,7 @@ import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from conftest import TOLERANCE
+from dscompile.tolerance import TOLERANCE
 from dscompile.capture import Limits
 from dscompile.exporter.export import export_checkpoint
 from dscompile.exporter.options import ExportOptions

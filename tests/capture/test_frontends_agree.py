@@ -14,7 +14,7 @@ import json
 import pytest
 import torch
 
-from conftest import assert_close
+from helpers import assert_close
 from dscompile.exporter.export import export_checkpoint
 from dscompile.exporter.options import ExportOptions
 from dscompile.capture.frontends.transformers import load_transformers_model

@@ -1,4 +1,4 @@
-"""Capture (torch.export of prefill/decode) and the pass pipeline over it (absorb_mla alone: test_absorb_mla.py)."""
+"""Capture (torch.export of prefill/decode) and the pass pipeline over it (each pass alone: tests/passes/)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import assert_close
+from helpers import assert_close, call_targets, program_outputs
 from dscompile.capture import Limits, capture
 from dscompile.model.args import PUBLISHED_CONFIGS, ModelArgs
 from dscompile.model.checkpoint import build_model, load_checkpoint
@@ -16,36 +16,14 @@ from dscompile.runtime.contract import io_names
 pytestmark = pytest.mark.long  # minutes of exports: scheduled first (tests/conftest.py)
 
 aten = torch.ops.aten
-VARIANTS = ("v2", "v2-lite", "v3")
-
-
-@pytest.fixture(scope="module")
-def models(make_ckpt):
-    return {v: load_checkpoint(make_ckpt(v, layers=3, experts=8)) for v in VARIANTS}
-
-
-@pytest.fixture(scope="module")
-def graphs(models):
-    programs = {v: capture(models[v]) for v in VARIANTS}  # one program serves both graphs
-    return {(v, phase): programs[v] for v in VARIANTS for phase in ("prefill", "decode")}
-
-
-def _outputs(ep, inputs):
-    with torch.no_grad():
-        logits, present = ep.module()(*inputs)
-    return logits, present
-
-
-def _targets(ep):
-    return [n.target for n in ep.graph.nodes if n.op == "call_function"]
 
 
 # ---- capture ----
 
 
 @pytest.mark.parametrize("B,S,P", [(1, 1, 0), (3, 5, 7), (2, 1, 9)])
-def test_captured_graph_matches_eager_for_any_batch_new_and_past(models, graphs, B, S, P):
-    model, ep = models["v3"], graphs[("v3", "prefill")]
+def test_captured_graph_matches_eager_for_any_batch_new_and_past(captured_models, captured, B, S, P):
+    model, ep = captured_models["v3"], captured[("v3", "prefill")]
     gen = torch.Generator().manual_seed(B * 100 + S)
     a = model.args
     ids = torch.randint(0, a.vocab_size, (B, S), generator=gen)
@@ -53,7 +31,7 @@ def test_captured_graph_matches_eager_for_any_batch_new_and_past(models, graphs,
     mask = torch.ones(B, P + S, dtype=torch.int64)
     past = [(torch.randn(B, P, a.kv_lora_rank, generator=gen), torch.randn(B, P, a.qk_rope_head_dim, generator=gen))
             for _ in range(a.num_hidden_layers)]
-    logits, present = _outputs(ep, (ids, pos, mask, past))
+    logits, present = program_outputs(ep, (ids, pos, mask, past))
     with torch.no_grad():
         ref, ref_cache = model(ids, pos, mask, past)
     assert_close(logits, ref, what=f"prefill graph B={B} S={S} P={P}")
@@ -72,7 +50,7 @@ def test_capture_on_meta_device_with_published_shapes():
     path = PUBLISHED_CONFIGS / "deepseek-v3.json"
     args = dataclasses.replace(ModelArgs.from_json(path), num_hidden_layers=4)
     ep = capture(build_model(args, torch.bfloat16, "meta"), Limits(max_batch=8, max_prompt_tokens=16, max_context=4096))
-    assert sum(t == aten.topk.default for t in _targets(ep)) >= args.num_moe_layers
+    assert sum(t == aten.topk.default for t in call_targets(ep)) >= args.num_moe_layers
     assert all(t.device.type == "meta" for t in ep.state_dict.values())
 
 
@@ -86,8 +64,8 @@ def test_limits_are_validated():
 # ---- the pipeline over the capture ----
 
 
-def test_pipeline_report_verifies_each_pass(models, graphs):
-    ep, a = graphs[("v2-lite", "decode")], models["v2-lite"].args
+def test_pipeline_report_verifies_each_pass(captured_models, captured):
+    ep, a = captured[("v2-lite", "decode")], captured_models["v2-lite"].args
     new, report = run_pipeline(ep, PassOptions("decode", a), verify=True)
     by_name = {r.name: r for r in report.results}
     assert by_name["squeeze_cache_append"].count == 0  # our capture appends on the contract's past already
@@ -96,10 +74,10 @@ def test_pipeline_report_verifies_each_pass(models, graphs):
     assert by_name["absorb_mla"].details["form"] == "reassociate"
 
 
-def test_same_checkpoint_and_options_give_the_same_graph(models):
+def test_same_checkpoint_and_options_give_the_same_graph(captured_models):
     """Node names, targets and order are a function of the model and options alone."""
     def signature(phase):
-        ep, _ = run_pipeline(capture(models["v2-lite"]), PassOptions(phase, models["v2-lite"].args))
+        ep, _ = run_pipeline(capture(captured_models["v2-lite"]), PassOptions(phase, captured_models["v2-lite"].args))
         return [(n.name, str(n.target)) for n in ep.graph.nodes], sorted(ep.state_dict)
 
     first = signature("decode")

@@ -4,11 +4,11 @@
   half-written (held there by its progress callback, `_PAUSED_EXPORT` below); OUT is still the previous
   complete export, byte for byte. The next export removes the dead run's temp folder (and leaves
   a live one alone) and its output is byte-identical to the first: the same checkpoint gives the
-  same files in another process (tests/test_lower.py checks two exports in one process).
+  same files in another process (tests/lowering/test_lower.py checks two exports in one process).
 - Security: no code path unpickles or evaluates checkpoint content (an `ast` scan of every product
   module, itself tested on sources that do); ONNX external data written is relative and inside
   OUT; .pt2 programs that torch.export.load would unpickle are refused.
-  (Crafted external-data locations through `dscompile run` / `inspect`: tests/test_cli_errors.py.)
+  (Crafted external-data locations through `dscompile run` / `inspect`: tests/e2e/test_cli_errors.py.)
 
 Shapes: B batch, S new tokens, P past.
 """
@@ -36,7 +36,7 @@ from dscompile.runtime.manifest import check_program_file, read_manifest
 
 pytestmark = pytest.mark.long  # minutes of exports: scheduled first (tests/conftest.py)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PAUSE_TIMEOUT = 240  # s to reach a pause point (an export of the one-layer checkpoint takes ~15 s)
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import dscompile.passes as passes
-from conftest import assert_close
+from helpers import assert_close
 from dscompile.tolerance import bound as tolerance_bound
 from dscompile.capture import capture, example_inputs
 from dscompile.model.checkpoint import build_model, load_checkpoint
