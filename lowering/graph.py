@@ -9,7 +9,7 @@ graph so that it is reproducible and readable:
   gate and up experts) fold into lazy initializers too (`lowering/weights.py`, `fold_weights`).
   The onnxscript optimizer only folds small constants (it would compute and hold every large
   folded weight in memory at once); a program with weights in memory lowers through the same
-  steps to the same graph and values (tests/test_streaming.py);
+  steps to the same graph and values (tests/lowering/test_streaming.py);
 - dynamic dims get the contract's names (batch, seq, past; "past + seq" for the total length)
   instead of torch's generated ones (s26, s70);
 - node metadata (`pkg.torch.onnx.stack_trace` records the caller's path and line) and doc

@@ -175,7 +175,7 @@ def route(x2d, x_dtype: ir.DataType, gate_weight, bias, E: int, top_k: int, n_gr
           norm_topk_prob: bool, routed_scaling_factor: float):
     """DeepSeek gate in float32 as model/routing.py defines it: weights [T, K] float32, idx [T, K].
 
-    tests/test_routing.py runs it on ONNX Runtime against that definition.
+    tests/model/test_routing.py runs it on ONNX Runtime against that definition.
     """
     logits = op.Gemm(_to_float(x2d, x_dtype), _to_float(gate_weight, gate_weight.dtype), transB=1)  # [T, E]
     k = _const([top_k])

@@ -2,7 +2,7 @@
 
 The eager model (model/transformer.py, `Gate`) and the `dsc::moe` op's reference
 (runtime/ops/moe.py) call `route`; the op's ONNX translation (lowering/ops.py) is tested
-against it (tests/test_routing.py), and so is this definition against transformers' DeepseekV2/V3.
+against it (tests/model/test_routing.py), and so is this definition against transformers' DeepseekV2/V3.
 
 Scores and selection, by topk_method:
 - "greedy" (DeepSeek-V2): softmax scores; the K best experts.
