@@ -28,9 +28,10 @@ import torch
 
 from dscompile.bench.cache import checkpoint_key
 from dscompile.bench.hf_loaders import hf_onnx_session, load_hf_model
-from dscompile.bench.systems import System, step_inputs
+from dscompile.bench.systems import System
 from dscompile.capture.frontends.transformers_patches import real_valued_rope
 from dscompile.model.args import ModelArgs
+from dscompile.runtime.contract import random_step_inputs
 
 EXPORTABLE_IMPLEMENTATIONS = {"attention": "eager", "experts": "batched_mm"}
 HF_ONNX_TIMEOUT_S = 900
@@ -65,7 +66,7 @@ class HFSystem(System):
         from transformers import DynamicCache
 
         probe = DynamicCache(config=self.model.config)
-        ids, pos, mask = step_inputs(self.args.vocab_size, batch, 1, 0, 4)
+        ids, pos, mask = random_step_inputs(self.args.vocab_size, batch, 1, 0, 4)
         with torch.no_grad():
             self.model(input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=probe, use_cache=True)
         cache = DynamicCache(config=self.model.config)
@@ -81,7 +82,7 @@ class HFSystem(System):
         from transformers import DynamicCache
 
         tokens = 8
-        ids, pos, mask = step_inputs(self.args.vocab_size, 1, tokens, 0, 5)
+        ids, pos, mask = random_step_inputs(self.args.vocab_size, 1, tokens, 0, 5)
         cache = DynamicCache(config=self.model.config)
         with torch.no_grad():
             self.model(input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=cache, use_cache=True)
@@ -89,7 +90,7 @@ class HFSystem(System):
         return total // tokens
 
     def prefill(self, batch: int, tokens: int) -> Callable[[], Any]:
-        ids, pos, mask = step_inputs(self.args.vocab_size, batch, tokens, 0, 1)
+        ids, pos, mask = random_step_inputs(self.args.vocab_size, batch, tokens, 0, 1)
 
         def run() -> Any:
             from transformers import DynamicCache
@@ -102,7 +103,7 @@ class HFSystem(System):
 
     def decode(self, batch: int, context: int) -> Callable[[], Any]:
         cache = self._cache(batch, context)
-        ids, pos, mask = step_inputs(self.args.vocab_size, batch, 1, context, 3)
+        ids, pos, mask = random_step_inputs(self.args.vocab_size, batch, 1, context, 3)
 
         def run() -> Any:
             with torch.no_grad():
@@ -180,7 +181,7 @@ def _hf_onnx_attempts(checkpoint: Path, out: Path) -> dict[str, Any]:
     wrapper = _HFDecodeGraph(hf.model, L).eval()
     probe = hf._cache(1, 4)
     past = [t for layer in probe.layers for t in (layer.keys, layer.values)]
-    ids, pos, mask = step_inputs(args.vocab_size, 1, 1, 4, 6)
+    ids, pos, mask = random_step_inputs(args.vocab_size, 1, 1, 4, 6)
     names = ["input_ids", "position_ids", "attention_mask"]
     names += _hf_cache_names("past", L)
     outs = ["logits"] + _hf_cache_names("present", L)
@@ -192,7 +193,7 @@ def _hf_onnx_attempts(checkpoint: Path, out: Path) -> dict[str, Any]:
     # *past is one element of the inputs for torch.export: its shapes are one nested tuple
     # (a decode graph: one new token, so S is static; a dynamic S makes SDPA's is_causal symbolic)
     shapes = ({0: auto}, {0: auto}, {0: auto, 1: auto}, tuple({0: auto, 2: auto} for _ in past))
-    plain_ids, _, plain_mask = step_inputs(args.vocab_size, 1, 4, 0, 6)
+    plain_ids, _, plain_mask = random_step_inputs(args.vocab_size, 1, 4, 0, 6)
     plain_axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
 
     class NoCache(torch.nn.Module):
@@ -278,13 +279,13 @@ def _check_hf_onnx(path: Path, hf: HFSystem, args: ModelArgs, with_cache: bool) 
     if with_cache:
         cache = hf._cache(1, 7)
         past = [t for layer in cache.layers for t in (layer.keys, layer.values)]
-        ids, pos, mask = step_inputs(args.vocab_size, 1, 1, 7, 9)
+        ids, pos, mask = random_step_inputs(args.vocab_size, 1, 1, 7, 9)
         feeds = {"input_ids": ids.numpy(), "position_ids": pos.numpy(), "attention_mask": mask.numpy()}
         feeds.update({name: t.numpy() for name, t in zip(_hf_cache_names("past", args.num_hidden_layers), past)})
         with torch.no_grad():
             want = _HFDecodeGraph(hf.model, args.num_hidden_layers)(ids, pos, mask, *past)[0]
     else:
-        ids, _, mask = step_inputs(args.vocab_size, 1, 5, 0, 9)
+        ids, _, mask = random_step_inputs(args.vocab_size, 1, 5, 0, 9)
         feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
         with torch.no_grad():
             want = hf.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
@@ -362,7 +363,7 @@ class HFOnnxSystem(System):
         return lambda: self.session.run(None, feeds)
 
     def _feeds(self, batch: int, tokens: int, past: int) -> dict[str, Any]:
-        ids, pos, mask = step_inputs(self.args.vocab_size, batch, tokens, past, 1)
+        ids, pos, mask = random_step_inputs(self.args.vocab_size, batch, tokens, past, 1)
         if not self.with_cache:
             return {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
         feeds = {"input_ids": ids.numpy(), "position_ids": pos.numpy(), "attention_mask": mask.numpy()}

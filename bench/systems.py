@@ -26,7 +26,7 @@ import torch
 from dscompile.errors import OptionError
 from dscompile.model.args import ModelArgs
 from dscompile.runtime.contract import KVCache
-from dscompile.runtime.contract import random_step_inputs as step_inputs  # hf_systems.py reads it here
+from dscompile.runtime.contract import random_step_inputs
 from dscompile.runtime.engine import Engine
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ class EngineSystem(System):
         self.name, self.engine, self.args = name, engine, args
 
     def prefill(self, batch: int, tokens: int) -> Callable[[], Any]:
-        ids, pos, mask = step_inputs(self.args.vocab_size, batch, tokens, 0, 1)
+        ids, pos, mask = random_step_inputs(self.args.vocab_size, batch, tokens, 0, 1)
         return lambda: self.engine.step(ids, pos, mask, None)
 
     def decode(self, batch: int, context: int) -> Callable[[], Any]:
@@ -79,7 +79,7 @@ class EngineSystem(System):
                           torch.randn(batch, context, info.qk_rope_head_dim, generator=gen).to(info.cache_dtype))
                          for _ in range(info.num_layers)])
         cache = self.engine.own_cache(cache)  # as a generation loop holds it (ORT: in-place buffers)
-        ids, pos, mask = step_inputs(self.args.vocab_size, batch, 1, context, 3)
+        ids, pos, mask = random_step_inputs(self.args.vocab_size, batch, 1, context, 3)
         return lambda: self.engine.step(ids, pos, mask, cache)  # each call's new cache is dropped
 
     def close(self) -> None:

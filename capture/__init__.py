@@ -16,15 +16,16 @@ import torch
 from torch import nn
 from torch.export import Dim, ExportedProgram
 
-from dscompile.runtime.contract import PHASES, step_inputs  # noqa: F401 - PHASES: the export job reads them here
+from dscompile.runtime.contract import step_inputs
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Largest sizes the engines accept (dynamic-dim ranges of the captured graphs)."""
+    """Largest sizes the engines accept (dynamic-dim ranges of the captured graphs). The defaults are
+    ExportOptions' (exporter/options.py), so a bare capture has the ranges of a default export."""
 
     max_batch: int = 64
-    max_prompt_tokens: int = 8192  # prefill S
+    max_prompt_tokens: int = 4096  # prefill S
     max_context: int = 16384  # P + S
 
     def __post_init__(self) -> None:

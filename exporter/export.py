@@ -47,7 +47,7 @@ from typing import Any, Callable
 import onnx_ir.passes.common as ir_passes
 import torch
 
-from dscompile.capture import PHASES, capture, contract_dims
+from dscompile.capture import capture, contract_dims
 from dscompile.capture.frontends.transformers import capture_transformers, load_transformers_model
 from dscompile.dtypes import DTYPES
 from dscompile.errors import CheckpointError, OptionError
@@ -64,6 +64,7 @@ from dscompile.model.args import ModelArgs
 from dscompile.model.checkpoint import apply_quantization, build_model, load_checkpoint
 from dscompile.passes import SHARDING, PassOptions, run_pipeline
 from dscompile.passes.shard import Sharded, check_plan
+from dscompile.runtime.contract import PHASES
 from dscompile.runtime.manifest import write_manifest
 from dscompile.runtime.text import copy_tokenizer
 from dscompile.runtime.weights import fingerprint

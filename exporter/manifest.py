@@ -22,7 +22,8 @@ from dscompile.dtypes import DTYPES, TABLE
 from dscompile.lowering.quantize import quantizes_activations
 from dscompile.model.quant import Scheme
 from dscompile.passes.shard import Plan
-from dscompile.runtime.manifest import MANIFEST_FORMAT, WRITE_INDEX
+from dscompile.runtime.contract import WRITE_INDEX
+from dscompile.runtime.manifest import MANIFEST_FORMAT
 
 
 def manifest_head(runtime: str, target: str, frontend: str, dtype: str, args, limits: Limits) -> dict[str, Any]:

@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from dscompile.errors import EngineError, first_line
-from dscompile.runtime.contract import DECODE, PHASES, WRITE_INDEX  # noqa: F401 - WRITE_INDEX: the exporter reads it here
+from dscompile.runtime.contract import DECODE, PHASES
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1

@@ -17,11 +17,12 @@ from typing import Any, Callable
 import torch
 from torch.export import ExportedProgram
 
-from dscompile.capture import PHASES, Limits, capture
+from dscompile.capture import Limits, capture
 from dscompile.capture.frontends.transformers import capture_transformers, load_transformers_model
 from dscompile.lowering import LoweringError
 from dscompile.model.checkpoint import load_checkpoint
 from dscompile.model.quant import Scheme
+from dscompile.runtime.contract import PHASES
 from dscompile.runtime.ort_engine import OrtEngine
 from dscompile.verify.compare import lowering_table, run_compare
 from dscompile.verify.eager import EagerEngine

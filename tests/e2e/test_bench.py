@@ -22,11 +22,12 @@ from dscompile.bench.run import BenchOptions, parse_engines, parse_ints, plot, r
 from dscompile.bench.floors import decode_floor, experts_read, step_weight_params
 from dscompile.bench.memory import LoadMeasureError, measure_load
 from dscompile.bench.report import _load_lines
-from dscompile.bench.systems import llama_bench_rows, step_inputs
+from dscompile.bench.systems import llama_bench_rows
 from dscompile.bench.timing import MachineProbe, compare_alternately, context_scaling, time_ms
 from dscompile.model.checkpoint import build_model
 from dscompile.model.synthetic import make_checkpoint, tiny_args
 from dscompile.errors import OptionError
+from dscompile.runtime.contract import random_step_inputs
 from helpers import run_here
 
 pytestmark = pytest.mark.long  # minutes of exports: scheduled first (tests/conftest.py)
@@ -350,7 +351,7 @@ def test_real_valued_rope_gives_transformers_logits_and_restores_it(tmp_path):
 
     ckpt = make_checkpoint(tmp_path / "ckpt", "v2-lite", layers=2)
     hf = hf_systems.HFSystem(ckpt, ModelArgs.from_json(ckpt / "config.json"))
-    ids, pos, mask = step_inputs(hf.args.vocab_size, 2, 5, 0, 3)
+    ids, pos, mask = random_step_inputs(hf.args.vocab_size, 2, 5, 0, 3)
     pos = pos + 11  # not position 0, where every rotation is the identity
     run = lambda: hf.model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False).logits  # noqa: E731
     original = v2.apply_rotary_emb
