@@ -6,7 +6,9 @@ Passes rewrite the ATen graph of a `torch.export.ExportedProgram`. What they sha
 - `emit(program, target, *args)`: a new node whose `meta["val"]` is computed by running the op on
   the arguments' fake values, so later passes and the ONNX exporter see shapes and dtypes;
 - `clone(program)`: a copy to edit, so a pass never changes the program it was given;
-- `rebuild(program)`: dead code removed, unused weights dropped, a fresh ExportedProgram.
+- `rebuild(program)`: dead code removed, unused weights dropped, a fresh ExportedProgram;
+- `rewrite_matches(program, match_all, rewrite)`: a pass's whole run over those: match, and where
+  anything matched, clone, match again on the copy, rewrite each region and rebuild.
 
 Weights that are not in memory: an export captures the model on the meta device, so a pass that
 computes a new weight from others does it through `dscompile.lazy.derive` (the lazy-weight
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.export import ExportedProgram
@@ -154,6 +156,20 @@ def clone(program: ExportedProgram) -> ExportedProgram:
         constants=dict(program.constants),
         verifiers=[program.verifier],
     )
+
+
+def rewrite_matches(program: ExportedProgram, match_all: Callable, rewrite: Callable):
+    """(new program, count, unmatched): `match_all(program) -> (regions, unmatched)` finds the regions,
+    `rewrite(program, region)` rewrites one of them in the copy. The caller's program is never changed,
+    and is returned as it is when nothing matched."""
+    found, unmatched = match_all(program)
+    if not found:
+        return program, 0, unmatched
+    program = clone(program)
+    found, _ = match_all(program)  # the same regions, as nodes of the copy
+    for region in found:
+        rewrite(program, region)
+    return rebuild(program), len(found), unmatched
 
 
 def rebuild(program: ExportedProgram) -> ExportedProgram:

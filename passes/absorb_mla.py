@@ -42,7 +42,7 @@ from torch.export import ExportedProgram
 import dscompile.runtime.ops  # noqa: F401  (registers torch.ops.dsc.*)
 from dscompile.errors import DscompileError
 from dscompile.lazy import derive
-from dscompile.passes._edit import add_param, clone, emit, param, rebuild
+from dscompile.passes._edit import add_param, emit, param, rewrite_matches
 from dscompile.passes._match import (VIEWS, Linear, Miss, Unmatched, call, dtype, hint, last_dim_parts, linear, need,
                                     rms_norm, shape, source, split_part)
 
@@ -135,14 +135,7 @@ def run(program: ExportedProgram, options) -> tuple[ExportedProgram, int, list[U
     form = choose(options.args, options.phase, options.absorb)
     if form == "none":
         return program, 0, []
-    found, unmatched = _match_all(program, form)
-    if not found:
-        return program, 0, unmatched
-    program = clone(program)  # the caller's program is never changed
-    found, _ = _match_all(program, form)
-    for m in found:
-        _rewrite(program, m, form)
-    return rebuild(program), len(found), unmatched
+    return rewrite_matches(program, lambda p: _match_all(p, form), lambda p, m: _rewrite(p, m, form))
 
 
 def _match_all(program: ExportedProgram, form: str) -> tuple[list[_Match], list[Unmatched]]:

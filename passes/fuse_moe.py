@@ -48,7 +48,7 @@ from torch.fx import Node
 
 import dscompile.runtime.ops  # noqa: F401  (registers torch.ops.dsc.*)
 from dscompile.lazy import derive
-from dscompile.passes._edit import add_param, clone, emit, param, param_node, rebuild
+from dscompile.passes._edit import add_param, emit, param, param_node, rewrite_matches
 from dscompile.passes._match import (SOFTMAX, VIEWS, Miss, Unmatched, call, forward, getitem, hint, linear, need,
                                     scalar, shape, source, split_part, users, weight)
 from dscompile.runtime.ops.moe import check_expert_weights, check_routing_args
@@ -82,14 +82,7 @@ def run(program: ExportedProgram, options) -> tuple[ExportedProgram, int, list[U
     """Fuse every MoE layer that matches into one `dsc.moe` node; the rest stay, with their reason."""
     if not options.fuse_moe:
         return program, 0, []
-    found, unmatched = _match_all(program)
-    if not found:
-        return program, 0, unmatched
-    program = clone(program)  # the caller's program is never changed
-    found, _ = _match_all(program)
-    for m in found:
-        _rewrite(program, m)
-    return rebuild(program), len(found), unmatched
+    return rewrite_matches(program, _match_all, _rewrite)
 
 
 def _match_all(program: ExportedProgram) -> tuple[list[_Match], list[Unmatched]]:

@@ -23,7 +23,7 @@ import torch
 from torch.export import ExportedProgram
 from torch.fx import Node
 
-from dscompile.passes._edit import clone, emit, rebuild
+from dscompile.passes._edit import emit, rewrite_matches
 from dscompile.passes._match import Miss, Unmatched, call, hint, need, shape
 
 aten = torch.ops.aten
@@ -37,14 +37,7 @@ def expected(options) -> int:
 
 def run(program: ExportedProgram, options) -> tuple[ExportedProgram, int, list[Unmatched]]:
     """Rewrite every cache append on a [B, 1, P, *] view; other cats of an unsqueezed input are reported."""
-    found, unmatched = _match_all(program)
-    if not found:
-        return program, 0, unmatched
-    program = clone(program)  # the caller's program is never changed
-    found, _ = _match_all(program)
-    for cat in found:
-        _rewrite(program, cat)
-    return rebuild(program), len(found), unmatched
+    return rewrite_matches(program, _match_all, _rewrite)
 
 
 def _match_all(program: ExportedProgram) -> tuple[list[Node], list[Unmatched]]:
@@ -80,7 +73,7 @@ def match(cat: Node, user: set[str]) -> None:
 
 
 def _rewrite(program: ExportedProgram, cat: Node) -> None:
-    (first, new), past = cat.args[0], cat.args[0][0].args[0]
+    new, past = cat.args[0][1], cat.args[0][0].args[0]
     with program.graph.inserting_before(cat):
         flat = emit(program, aten.cat.default, [past, emit(program, aten.squeeze.dim, new, 1, like=cat)], 1, like=cat)
         viewed = emit(program, aten.unsqueeze.default, flat, 1, like=cat)  # [B, 1, T, *] for the model's readers
