@@ -69,9 +69,27 @@ def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | Non
 
         manifest["tensorrt"] = build_engines(out, precision=options.precision, max_batch=options.max_batch,
                                              max_prompt_tokens=options.max_prompt_tokens,
-                                             max_context=options.max_context, progress=progress)
+                                             max_context=options.max_context, progress=_count_engines(progress))
         write_manifest(out, manifest)
     return manifest
+
+
+def _count_engines(progress: Progress | None) -> Callable[[str], None] | None:
+    """build_engines says what it does in words ("prefill: wrote prefill.engine ..."); the stage
+    callback counts the engines written, one per graph of the contract."""
+    if progress is None:
+        return None
+    from dscompile.runtime.contract import PHASES
+
+    written = []
+    progress("tensorrt", 0, len(PHASES))
+
+    def say(message: str) -> None:
+        if ": wrote " in message:
+            written.append(message)
+            progress("tensorrt", len(written), len(PHASES))
+
+    return say
 
 
 def compare(

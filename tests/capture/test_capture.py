@@ -9,7 +9,7 @@ import torch
 from helpers import assert_close, call_targets, program_outputs
 from dscompile.capture import Limits, capture
 from dscompile.model.args import PUBLISHED_CONFIGS, ModelArgs
-from dscompile.model.checkpoint import build_model, load_checkpoint
+from dscompile.model.checkpoint import build_model
 from dscompile.passes import PassOptions, run_pipeline
 from dscompile.runtime.contract import io_names
 

@@ -41,6 +41,9 @@ def test_one_set_of_defaults():
     assert {name: flags[name] for name in options if name in flags} == \
         {name: value for name, value in options.items() if name in flags}
     assert ExportOptions(dtype="bf16").dtype == "bfloat16"
+    from dscompile.capture import Limits
+
+    assert defaults.limits == Limits()  # a bare capture has a default export's ranges
 
 
 BAD = [  # (options, what the one-line error says)

@@ -173,6 +173,20 @@ def test_build_refuses_com_microsoft_ops_before_tensorrt(tmp_path):
     assert not list(tmp_path.glob("*.engine"))
 
 
+def test_the_api_counts_the_engines_the_build_writes():
+    """dscompile.export(target="tensorrt") reports build_engines' messages as the stage bars it takes:
+    (stage, done, total), one step per engine written."""
+    from dscompile.api import _count_engines
+
+    calls = []
+    say = _count_engines(lambda *a: calls.append(a))
+    for message in ("prefill: parsing prefill.onnx", "prefill: wrote prefill.engine (1.0 MiB)",
+                    "decode: parsing decode.onnx", "decode: wrote decode.engine (1.0 MiB)"):
+        say(message)
+    assert calls == [("tensorrt", 0, 2), ("tensorrt", 1, 2), ("tensorrt", 2, 2)]
+    assert _count_engines(None) is None
+
+
 def test_build_refuses_missing_graph(tmp_path):
     onnx.save(_toy_graph("prefill"), str(tmp_path / "prefill.onnx"))
     with pytest.raises(EngineError, match=r"decode\.onnx: no such ONNX file"):
