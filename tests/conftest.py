@@ -4,6 +4,7 @@ scheduling of the test files over pytest-xdist workers."""
 
 from __future__ import annotations
 
+import ast
 import os
 import sys
 from pathlib import Path
@@ -130,31 +131,37 @@ def dscompile_argv():
     return argv
 
 
-# Scheduling under `-n 2` (pyproject: `--dist loadgroup`). A work unit runs whole on one worker, so its
+# Scheduling under `-n 2` (pyproject: `--dist loadfile`). A work unit runs whole on one worker, so its
 # module and session fixtures are built once: each test file is a unit, and the files that use one of
-# the session's shared exports form one unit with the others that use it (fixtures are per worker, so
-# two workers would each build the same exports). Which files share is read from the fixtures each
-# test requests, not from a list of names, so a renamed or new file cannot escape it. Files marked
-# `long` (they export engines: minutes each) go out first, so that the run does not end on one.
+# the session's shared exports (or captures) form one unit (fixtures are per worker, so two workers
+# would each build the same exports). xdist's controller splits the work before any test is
+# collected, so it reads which file shares what from the files' source (the fixtures their functions
+# take); every worker then checks that reading against the fixtures its tests really request, and
+# stops the run where a test uses a shared export its file's source does not show, so a renamed or
+# new file cannot escape it. Files marked `long`
+# (they export engines: minutes each) go out first, so that the run does not end on one.
 SHARED_EXPORTS = ("exported", "small_export", "captured")
+TESTS = Path(__file__).resolve().parent
 
 
-def _shared_exports(item) -> set[str]:
-    """The session's shared exports that `item` requests (directly or through other fixtures)."""
-    used = set()
-    for name in SHARED_EXPORTS:
-        defs = item._fixtureinfo.name2fixturedefs.get(name, ())
-        if defs and defs[-1].func.__module__ == __name__:  # this module's fixture, not a file's own of that name
-            used.add(name)
-    return used
+def shared_in_source(path: Path) -> set[str]:
+    """The shared exports a test file's functions take as arguments, read from its source; a fixture
+    the file defines under the same name shadows this module's."""
+    tree = ast.parse(path.read_text())
+    functions = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]
+    taken = {a.arg for f in functions for a in f.args.args}
+    return (taken & set(SHARED_EXPORTS)) - {f.name for f in functions}
 
 
-def work_units(items) -> dict:
-    """item -> the name of its work unit: its file's path, or the shared exports its file's tests use
-    (files that share any export are one unit, transitively)."""
-    files: dict = {}
-    for item in items:
-        files.setdefault(item.path, set()).update(_shared_exports(item))
+def shared_by_fixtures(item) -> set[str]:
+    """The shared exports `item` requests (directly or through other fixtures), as pytest resolved them."""
+    return {name for name in SHARED_EXPORTS
+            if (defs := item._fixtureinfo.name2fixturedefs.get(name)) and defs[-1].func.__module__ == __name__}
+
+
+def work_units(shared: dict[str, set[str]]) -> dict[str, str]:
+    """{test file: its work unit}: the file itself, or `shares-NAME` for the files that share exports
+    (transitively: a file that uses two shared exports joins their files into one unit)."""
     unit = {name: name for name in SHARED_EXPORTS}
 
     def find(name: str) -> str:
@@ -162,22 +169,42 @@ def work_units(items) -> dict:
             name = unit[name]
         return name
 
-    for names in files.values():  # a file using two shared exports joins their units
+    for names in shared.values():
         first, *rest = sorted(names) or [None]
         for other in rest:
             unit[find(other)] = find(first)
-    rel = {path: path.relative_to(Path(__file__).parent).as_posix() for path in files}
-    return {item: (f"shares-{find(min(files[item.path]))}" if files[item.path] else rel[item.path])
-            for item in items}
+    return {f: f"shares-{find(min(names))}" if names else f for f, names in shared.items()}
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile` with the files that share an export as one unit (work_units, from the source)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    root = config.rootpath
+    units = work_units({p.relative_to(root).as_posix(): shared_in_source(p) for p in sorted(TESTS.rglob("test_*.py"))})
+
+    class SharedExportsScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            return units.get(path, path)
+
+    return SharedExportsScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Long files first, each test in its work unit; Triton through its CPU interpreter without a GPU."""
-    units = work_units(items)
-    long_units = {units[item] for item in items if item.get_closest_marker("long")}
-    items.sort(key=lambda item: units[item] not in long_units)  # stable: files and tests keep their order
+    """Check the scheduler's reading of the sources; long files first; Triton through its CPU
+    interpreter without a GPU."""
+    in_source = {path: shared_in_source(path) for path in {item.path for item in items}}
     for item in items:
-        item.add_marker(pytest.mark.xdist_group(units[item]))
+        if missed := shared_by_fixtures(item) - in_source[item.path]:
+            raise pytest.UsageError(
+                f"{item.nodeid} uses the shared exports {sorted(missed)}, which the scheduler does not read from "
+                "its file: take the fixture as an argument of a function of that file (tests/conftest.py, Scheduling)")
+    units = work_units(in_source)
+    long_units = {units[item.path] for item in items if item.get_closest_marker("long")}
+    items.sort(key=lambda item: units[item.path] not in long_units)  # stable: files and tests keep their order
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
