@@ -14,9 +14,13 @@ message.
 Launching: `ShardedEngine.load(OUT)` in a plain process starts world-1 worker processes
 (`python -m dscompile.runtime.sharded`) and joins them over a local TCP rendezvous. Under torchrun
 (RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set) every process calls it; ranks other than 0
-serve until rank 0 stops, then exit. Every collective has a timeout (COLLECTIVE_TIMEOUT_S), and rank
-0 watches its workers: a rank that fails or is killed ends the run with a one-line EngineError
-naming it, not a hang.
+serve until rank 0 stops, then exit. Every collective of a step has a timeout (120 s, or
+$DSCOMPILE_COLLECTIVE_TIMEOUT_S, read at load: tests set a few seconds), and rank 0 watches its
+workers: a rank that fails or is killed ends the run with a one-line EngineError naming it, not a
+hang. The workers' wait for the next step is a broadcast on the control group, where they have no
+practical timeout (CONTROL_TIMEOUT): an engine left idle (a chat between turns) stays up; a rank
+that dies while the others wait is still seen (its sockets close, and rank 0's watchdog), and rank
+0's side of the broadcast keeps the step's timeout (a worker that hangs ends the step).
 """
 
 from __future__ import annotations
@@ -45,7 +49,23 @@ from dscompile.runtime.manifest import read_manifest
 from dscompile.runtime.torch_engine import choose_device, load_programs, run_programs
 from dscompile.runtime.weights import WeightsFile
 
-COLLECTIVE_TIMEOUT_S = 120  # a rank that does not answer within this ends the run
+COLLECTIVE_TIMEOUT_S = 120  # a rank that does not answer within this, during a step, ends the run
+TIMEOUT_ENV = "DSCOMPILE_COLLECTIVE_TIMEOUT_S"  # overrides it (seconds), in every rank
+# The control group's wait for the next step lasts as long as the user is idle. Gloo has no
+# infinite timeout (it adds this to a clock in nanoseconds: ~290 years overflow), so: a year.
+CONTROL_TIMEOUT = datetime.timedelta(days=365)
+
+
+def collective_timeout() -> datetime.timedelta:
+    """The timeout of a step's collectives: COLLECTIVE_TIMEOUT_S or $DSCOMPILE_COLLECTIVE_TIMEOUT_S."""
+    value = os.environ.get(TIMEOUT_ENV, str(COLLECTIVE_TIMEOUT_S))
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise EngineError(f"{TIMEOUT_ENV}={value!r} is not a positive number of seconds")
+    return datetime.timedelta(seconds=seconds)
 
 
 @dataclass
@@ -85,14 +105,18 @@ class _Rank:
         mine = rank_manifest(manifest, rank)
         self.weights = WeightsFile.open(out, mine)
         groups = {}
+        timeout = collective_timeout()
         for key, lists in manifest["sharding"]["groups"].items():
             for ranks in lists:  # every rank creates every group, in the same order
-                group = dist.new_group(ranks, timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+                group = dist.new_group(ranks, timeout=timeout)
                 if rank in ranks:
                     groups[key] = group.group_name
         # Control messages go over their own gloo group (CPU objects), whatever the device's backend.
+        # A worker waiting there waits for the user (module docstring): no timeout. Rank 0 only
+        # sends, and a hung (not dead) worker must not hold that send forever: the step's timeout.
+        # (A gloo timeout is each process's own option.)
         self.control = dist.new_group(list(range(world)), backend="gloo",
-                                      timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+                                      timeout=timeout if rank == 0 else CONTROL_TIMEOUT)
 
         def bind(program) -> None:
             for node in program.graph.nodes:
@@ -142,6 +166,7 @@ def _init(rank: int, world: int, address: str, port: int, device: str) -> None:
 
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+    # The rendezvous waits for workers still importing torch: COLLECTIVE_TIMEOUT_S, whatever a test sets.
     dist.init_process_group(_backend(device), init_method=f"tcp://{address}:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
 

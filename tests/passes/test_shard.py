@@ -4,6 +4,8 @@ One v2 checkpoint (a dense layer and an MoE layer; group-limited routing, shared
 exported for tp 2 x ep 2 (4 ranks: heads, dense MLP, shared experts and each expert's
 intermediate size split, routed experts over 2 EP indices) and checked against eager. The other
 variants and plans, against the single-process engine, run in the opt-in matrix (DSCOMPILE_SLOW=1).
+Also: a 2-rank engine left idle past a short collective timeout (DSCOMPILE_COLLECTIVE_TIMEOUT_S)
+steps again.
 """
 
 from __future__ import annotations
@@ -201,6 +203,38 @@ def test_bad_sharding_input_is_one_line(tmp_path, sharded_out, v2_ckpt, monkeypa
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(EngineError, match="for 4 ranks .* cannot run with 2 processes"):
         ShardedEngine.load(sharded_out)
+
+
+def test_idle_engine_outlives_the_collective_timeout(tmp_path, v2_ckpt, monkeypatch):
+    """A step's collectives time out after DSCOMPILE_COLLECTIVE_TIMEOUT_S (3 s here), the wait for the next
+    step does not: a 2-rank engine left idle for 8 s steps again with the same result. A rank that hangs
+    during a step (stopped, so it neither answers nor exits) still ends that step within the timeout."""
+    from dscompile.exporter.export import export_checkpoint
+    from dscompile.exporter.options import ExportOptions
+    from dscompile.runtime.session import open_engine
+
+    timeout = 3
+    export_checkpoint(v2_ckpt, tmp_path / "tp2", ExportOptions.within(LIMITS, tp=2))
+    monkeypatch.setenv("DSCOMPILE_COLLECTIVE_TIMEOUT_S", str(timeout))  # read by every rank at load
+    engine = open_engine(tmp_path / "tp2", backend="torch")
+    try:
+        ids, pos, mask = _prompt()
+        logits, cache = engine.step(ids, pos, mask, None)
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        step = (token, pos[:, -1:] + 1, torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1), cache)
+        want, _ = engine.step(*step)
+        time.sleep(timeout + 5)  # idle: the worker waits in the control group's broadcast
+        got, _ = engine.step(*step)
+        assert all(p.poll() is None for p in engine._workers)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        engine._workers[0].send_signal(signal.SIGSTOP)
+        start = time.monotonic()
+        with pytest.raises(EngineError, match="a rank failed during the step"):
+            engine.step(*step)
+        assert time.monotonic() - start < timeout + 15  # the 3 s timeout, then 5 s waiting for an exit
+    finally:
+        engine.close()
+    assert all(p.poll() is not None for p in engine._workers)
 
 
 @pytest.mark.slow
