@@ -33,6 +33,8 @@ class Engine(ABC):
 
     info: EngineInfo
     weights: WeightsFile | None = None  # the weights file the engine maps, checked before every step
+    device: str = "cpu"  # where it computes: "cpu" or "cuda"
+    notes: tuple[str, ...] = ()  # where "auto" chose less than the caller could hope for, and why (the CLI prints them)
 
     def step(
         self,

@@ -21,6 +21,10 @@ hang. The workers' wait for the next step is a broadcast on the control group, w
 practical timeout (CONTROL_TIMEOUT): an engine left idle (a chat between turns) stays up; a rank
 that dies while the others wait is still seen (its sockets close, and rank 0's watchdog), and rank
 0's side of the broadcast keeps the step's timeout (a worker that hangs ends the step).
+
+Devices: one rank per GPU (NCCL refuses two ranks on one GPU). "cuda" with fewer GPUs than ranks
+on this machine is refused in one line; "auto" then runs the ranks on CPU (gloo) and says so in
+`notes` (`choose_rank_device`).
 """
 
 from __future__ import annotations
@@ -66,6 +70,25 @@ def collective_timeout() -> datetime.timedelta:
     if not seconds > 0:
         raise EngineError(f"{TIMEOUT_ENV}={value!r} is not a positive number of seconds")
     return datetime.timedelta(seconds=seconds)
+
+
+def choose_rank_device(device: str, world: int) -> tuple[str, str | None]:
+    """Every rank's device for `device` (auto, cpu, cuda), and a note when "auto" settled for CPU.
+
+    Ranks on this machine (torchrun's LOCAL_WORLD_SIZE, else all of them) need a GPU each: "cuda"
+    with fewer is a one-line EngineError naming both numbers; "auto" runs them on CPU (gloo)."""
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        here = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        gpus = torch.cuda.device_count()
+        if gpus >= here:
+            return "cuda", None
+        if device == "cuda":
+            raise EngineError(f"device 'cuda': a sharded engine runs one rank per GPU (NCCL refuses two ranks on "
+                              f"one GPU), and {here} ranks run on this machine, which has {gpus} GPU(s); "
+                              "run it with --provider cpu (gloo)")
+        return "cpu", (f"{here} ranks and {gpus} GPU(s) on this machine (one rank per GPU): the ranks run on "
+                       "CPU (gloo)")
+    return choose_device(device), None
 
 
 @dataclass
@@ -175,8 +198,9 @@ class ShardedEngine(Engine):
     """Rank 0 of a sharded OUT (module docstring): the `Engine` a caller steps."""
 
     def __init__(self, out: Path, manifest: dict[str, Any], rank: _Rank, workers: list[subprocess.Popen],
-                 logs: list[Path]):
+                 logs: list[Path], notes: tuple[str, ...] = ()):
         self.out_dir, self.manifest, self._rank = out, manifest, rank
+        self.notes = notes
         self.info, self.device = rank.info, rank.device
         self.weights = rank.weights
         self._workers, self._logs = workers, logs
@@ -193,8 +217,9 @@ class ShardedEngine(Engine):
     def load(cls, out_dir: str | Path, device: str = "auto") -> "ShardedEngine":
         out = Path(out_dir)
         manifest = read_manifest(out, check_graphs=False)
-        device = choose_device(device)
         world = int(manifest["sharding"]["world_size"])
+        device, note = choose_rank_device(device, world)
+        notes = (note,) if note else ()
         if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # under torchrun: every rank calls load
             check_world(out, manifest, int(os.environ["WORLD_SIZE"]))
             rank = int(os.environ["RANK"])
@@ -205,7 +230,7 @@ class ShardedEngine(Engine):
                 state.serve()
                 _shutdown()
                 raise SystemExit(0)
-            return cls(out, manifest, state, [], [])
+            return cls(out, manifest, state, [], [], notes)
         check_world(out, manifest, world)
         port = _free_port()
         workers, logs = [], []
@@ -229,7 +254,7 @@ class ShardedEngine(Engine):
             _stop(workers)
             torch.set_num_threads(before)
             raise EngineError(_worker_error(workers, logs) or f"{out}: cannot start the ranks ({first_line(err)})") from None
-        engine = cls(out, manifest, state, workers, logs)
+        engine = cls(out, manifest, state, workers, logs, notes)
         engine._threads = before
         return engine
 

@@ -4,8 +4,8 @@ One v2 checkpoint (a dense layer and an MoE layer; group-limited routing, shared
 exported for tp 2 x ep 2 (4 ranks: heads, dense MLP, shared experts and each expert's
 intermediate size split, routed experts over 2 EP indices) and checked against eager. The other
 variants and plans, against the single-process engine, run in the opt-in matrix (DSCOMPILE_SLOW=1).
-Also: a 2-rank engine left idle past a short collective timeout (DSCOMPILE_COLLECTIVE_TIMEOUT_S)
-steps again.
+Also: a rank per GPU or the CPU (GPU counts faked), and a 2-rank engine left idle past a short
+collective timeout (DSCOMPILE_COLLECTIVE_TIMEOUT_S) steps again.
 """
 
 from __future__ import annotations
@@ -203,6 +203,30 @@ def test_bad_sharding_input_is_one_line(tmp_path, sharded_out, v2_ckpt, monkeypa
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(EngineError, match="for 4 ranks .* cannot run with 2 processes"):
         ShardedEngine.load(sharded_out)
+
+
+def test_ranks_get_a_gpu_each_or_the_cpu(monkeypatch):
+    """One rank per GPU (NCCL refuses two ranks on one GPU): 4 ranks on a 1-GPU machine are refused for
+    "cuda" naming both numbers, and run on CPU for "auto" with a note; torchrun's LOCAL_WORLD_SIZE counts
+    the ranks on this machine. (GPUs faked: torch.cuda's answers.)"""
+    from dscompile.runtime.sharded import choose_rank_device
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(EngineError) as err:
+        choose_rank_device("cuda", 4)
+    assert "\n" not in str(err.value) and "4 ranks" in str(err.value) and "1 GPU(s)" in str(err.value), err.value
+    device, note = choose_rank_device("auto", 4)
+    assert device == "cpu" and "4 ranks and 1 GPU(s)" in note and "CPU (gloo)" in note
+    assert choose_rank_device("cpu", 4) == ("cpu", None)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # torchrun, one rank per machine
+    assert choose_rank_device("cuda", 4) == ("cuda", None)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert choose_rank_device("auto", 4) == ("cuda", None) == choose_rank_device("cuda", 4)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert choose_rank_device("auto", 4) == ("cpu", None)
 
 
 def test_idle_engine_outlives_the_collective_timeout(tmp_path, v2_ckpt, monkeypatch):
