@@ -32,6 +32,8 @@ def export(
     opset: int = typer.Option(_DEFAULT["opset"], help="ONNX opset (>= 23)."),
     target: str = typer.Option(_DEFAULT["target"], help="onnxruntime, or tensorrt (also builds TensorRT engines)."),
     precision: str = typer.Option(_DEFAULT["precision"], help="TensorRT engine precision: fp32, fp16 or bf16."),
+    tf32: bool = typer.Option(_DEFAULT["tf32"], "--tf32", help="Let fp32 TensorRT engines compute GEMMs in TF32 "
+                              "(default: IEEE float32; compare then judges with the TF32 tolerance)."),
     max_batch: int = typer.Option(_DEFAULT["max_batch"], help="Largest batch the engines accept."),
     max_prompt_tokens: int = typer.Option(_DEFAULT["max_prompt_tokens"], help="Largest prompt: the most tokens one step takes."),
     max_context: int = typer.Option(_DEFAULT["max_context"], help="Largest past + new tokens."),
@@ -69,9 +71,9 @@ def export(
         if checkpoint is None or out is None:
             raise OptionError("export needs CHECKPOINT and -o OUT")
         options = ExportOptions(dtype=dtype, weights=weights, block_size=block_size, absorb=absorb, fuse_moe=fuse_moe,
-                                verify=verify, opset=opset, target=target, precision=precision, max_batch=max_batch,
-                                max_prompt_tokens=max_prompt_tokens, max_context=max_context, frontend=frontend,
-                                graphs_only=graphs_only, tp=tp, ep=ep, force=force, allow_nonfinite=allow_nonfinite)
+                                verify=verify, opset=opset, target=target, precision=precision, tf32=tf32,
+                                max_batch=max_batch, max_prompt_tokens=max_prompt_tokens, max_context=max_context,
+                                frontend=frontend, graphs_only=graphs_only, tp=tp, ep=ep, force=force, allow_nonfinite=allow_nonfinite)
         from dscompile.api import export as export_api
         from dscompile.passes import PassMatchError
 

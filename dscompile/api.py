@@ -45,9 +45,9 @@ def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | Non
     (float32, float16 or bfloat16); weights (None, "int8" or "int4": block-wise, `block_size`
     values per scale); absorb (auto, fold, reassociate or none: MLA absorption); fuse_moe; verify
     (check each pass, and a quantized engine, numerically); opset; target ("tensorrt" also builds
-    TensorRT engines at `precision`); max_batch, max_prompt_tokens (tokens in one step) and
-    max_context (past + new), which bound the engines' inputs; graphs_only (graphs and manifest
-    without weights); frontend ("dscompile" captures our reference model, "transformers"
+    TensorRT engines at `precision`; `tf32` lets fp32 ones compute GEMMs in TF32); max_batch,
+    max_prompt_tokens (tokens in one step) and max_context (past + new), which bound the engines'
+    inputs; graphs_only (graphs and manifest without weights); frontend ("dscompile" captures our reference model, "transformers"
     transformers' own model class); tp x ep > 1 (a sharded engine for tp x ep ranks: heads over
     tp, routed experts over ep, run by the torch backend on torch.distributed); force;
     allow_nonfinite. Their defaults are the command line's.
@@ -69,7 +69,8 @@ def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | Non
 
         manifest["tensorrt"] = build_engines(out, precision=options.precision, max_batch=options.max_batch,
                                              max_prompt_tokens=options.max_prompt_tokens,
-                                             max_context=options.max_context, progress=_count_engines(progress))
+                                             max_context=options.max_context, progress=_count_engines(progress),
+                                             tf32=options.tf32)
         write_manifest(out, manifest)
     return manifest
 

@@ -49,6 +49,7 @@ class ExportOptions:
     opset: int = MIN_OPSET
     target: str = "onnxruntime"  # or tensorrt: standard ONNX ops only, and TensorRT engines (the API builds them)
     precision: str = "fp16"  # TensorRT engines' precision (target tensorrt)
+    tf32: bool = False  # fp32 TensorRT engines compute GEMMs in TF32 (opt-in; else IEEE float32)
     # the engines' limits: the captured graphs' dynamic ranges
     max_batch: int = 64
     max_prompt_tokens: int = 4096  # the most tokens one step takes
@@ -87,11 +88,14 @@ class ExportOptions:
             raise OptionError("--graphs-only and --verify: verifying the passes runs the model on its weights, "
                               "which a graph-only export does not read")
         self._check_sharding(scheme)
+        if self.tf32 and self.target != "tensorrt":
+            raise OptionError("--tf32 is a TensorRT build option (--target tensorrt); ONNX Runtime engines take "
+                              "it at run time (run/compare --tf32)")
         if self.builds_tensorrt:
             from dscompile.lowering.tensorrt.build import validate_options  # noqa: PLC0415 - TensorRT's module
 
             validate_options(self.precision, self.max_batch, self.max_prompt_tokens, self.max_context,
-                             TRT_WORKSPACE_GB)
+                             TRT_WORKSPACE_GB, self.tf32)
 
     @classmethod
     def within(cls, limits: Limits, **options) -> ExportOptions:

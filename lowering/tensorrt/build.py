@@ -27,6 +27,10 @@ Precision: when the export's dtype (that of `past.0.kv_latent`) already is the r
 the network is created strongly typed (types come from the ONNX, as TensorRT 10 recommends). An fp32
 export built for fp16/bf16 uses the weakly typed network with `BuilderFlag.FP16`/`BF16` (deprecated
 since TensorRT 10.12, absent where TensorRT removed weak typing: then re-export in that dtype).
+TensorRT's builder sets `BuilderFlag.TF32` by default, which rounds float32 GEMM and convolution
+inputs to 10 mantissa bits: an fp32 build clears it (float32 is IEEE float32) unless `tf32`
+opts in, and the manifest records the choice (`compare` then judges with tolerance.TF32).
+`builder_flags` decides the flags, without TensorRT.
 
 `tensorrt` is imported only inside functions, through `require_tensorrt()`.
 """
@@ -57,6 +61,7 @@ __all__ = [
     "read_graph_io",
     "compute_profile",
     "network_mode",
+    "builder_flags",
     "trt_section",
     "build_engines",
 ]
@@ -95,11 +100,14 @@ class GraphIO:
 
 
 def validate_options(
-    precision: str, max_batch: int, max_prompt_tokens: int, max_context: int, workspace_gb: float
+    precision: str, max_batch: int, max_prompt_tokens: int, max_context: int, workspace_gb: float,
+    tf32: bool = False,
 ) -> None:
     """OptionError naming the first option outside what a build accepts."""
     if precision not in PRECISIONS:
         raise OptionError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if tf32 and precision != "fp32":
+        raise OptionError(f"--tf32 with --precision {precision}: TF32 is a choice for float32 GEMMs (--precision fp32)")
     sizes = (("--max-batch", max_batch), ("--max-prompt-tokens", max_prompt_tokens), ("--max-context", max_context))
     for option, value in sizes:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -220,6 +228,15 @@ def network_mode(export_dtype: int, precision: str) -> tuple[bool, str | None]:
     )
 
 
+def builder_flags(flag: str | None, precision: str, tf32: bool = False) -> tuple[list[str], list[str]]:
+    """(BuilderFlag names to set, to clear) for a build: `flag` from network_mode; TF32 cleared in
+    an fp32 build unless `tf32` (TensorRT sets it by default: module docstring)."""
+    to_set = [flag] if flag else []
+    if precision != "fp32":
+        return to_set, []
+    return (to_set + ["TF32"], []) if tf32 else (to_set, ["TF32"])
+
+
 def _graph_files(out: Path) -> dict[str, Path]:
     """ONNX file per graph: the manifest's `graphs.<g>.file` where there is one, else `<g>.onnx`."""
     files = {g: out / f"{g}.onnx" for g in GRAPHS}
@@ -286,14 +303,16 @@ def build_engines(
     workspace_gb: float = 8.0,
     timing_cache_path: str | os.PathLike | None = None,
     progress: Callable[[str], None] | None = None,
+    tf32: bool = False,
 ) -> dict[str, Any]:
     """Build OUT/prefill.engine and OUT/decode.engine; return the manifest's "tensorrt" section.
 
     `max_prompt_tokens` is the longest prefill (S), `max_context` the longest P + S. Everything that
     needs no TensorRT (options, contract, compatibility) is checked before TensorRT is imported.
+    `tf32` lets an fp32 build compute GEMMs in TF32 (module docstring).
     """
     say = progress or (lambda _msg: None)
-    validate_options(precision, max_batch, max_prompt_tokens, max_context, workspace_gb)
+    validate_options(precision, max_batch, max_prompt_tokens, max_context, workspace_gb, tf32)
     out = Path(out_dir)
     if not out.is_dir():
         raise EngineError(f"{out}: no such engine folder")
@@ -304,6 +323,7 @@ def build_engines(
     for g in GRAPHS:
         _refuse_incompatible(files[g])
     strongly_typed, flag = network_mode(ios["prefill"].model_dtype, precision)
+    config_flags = builder_flags(flag, precision, tf32)
     profiles = {
         g: compute_profile(ios[g], g, max_batch=max_batch, max_prompt_tokens=max_prompt_tokens, max_context=max_context)
         for g in GRAPHS
@@ -315,7 +335,7 @@ def build_engines(
         say(f"{g}: parsing {files[g].name}")
         engine_path = out / f"{g}.engine"
         plan = _build_one(
-            trt, logger, files[g], profiles[g], strongly_typed, flag, workspace_gb, timing_cache_path, say
+            trt, logger, files[g], profiles[g], strongly_typed, config_flags, workspace_gb, timing_cache_path, say
         )
         _write_atomic(engine_path, plan)
         say(f"{g}: wrote {engine_path.name} ({engine_path.stat().st_size / 2**20:.1f} MiB)")
@@ -323,18 +343,20 @@ def build_engines(
         tensorrt_version=trt.__version__, precision=precision, strongly_typed=strongly_typed, max_batch=max_batch,
         max_prompt_tokens=max_prompt_tokens, max_context=max_context, workspace_gb=workspace_gb,
         timing_cache_path=timing_cache_path, onnx_files={g: files[g].name for g in GRAPHS}, profiles=profiles,
+        tf32=tf32,
     )
 
 
 def trt_section(*, tensorrt_version: str, precision: str, strongly_typed: bool, max_batch: int, max_prompt_tokens: int,
                 max_context: int, workspace_gb: float, timing_cache_path, onnx_files: dict[str, str],
-                profiles: dict[str, dict]) -> dict[str, Any]:
+                profiles: dict[str, dict], tf32: bool = False) -> dict[str, Any]:
     """The manifest's "tensorrt" section (schema in runtime/trt_engine.py, read by `read_trt_section`)."""
     return {
         "format": TRT_FORMAT,
         "tensorrt_version": tensorrt_version,
         "precision": precision,
         "strongly_typed": strongly_typed,
+        "tf32": tf32,
         "max_batch": max_batch,
         "max_prompt_tokens": max_prompt_tokens,
         "max_context": max_context,
@@ -346,8 +368,8 @@ def trt_section(*, tensorrt_version: str, precision: str, strongly_typed: bool, 
     }
 
 
-def _build_one(trt, logger, onnx_path: Path, profile: dict, strongly_typed: bool, flag: str | None,
-               workspace_gb: float, timing_cache_path, say) -> Any:
+def _build_one(trt, logger, onnx_path: Path, profile: dict, strongly_typed: bool,
+               config_flags: tuple[list[str], list[str]], workspace_gb: float, timing_cache_path, say) -> Any:
     builder = trt.Builder(logger)
     # TensorRT 10 networks are always explicit-batch; the only creation flag that matters is typing.
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
@@ -365,7 +387,8 @@ def _build_one(trt, logger, onnx_path: Path, profile: dict, strongly_typed: bool
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    if flag is not None:
+    to_set, to_clear = config_flags
+    for flag in to_set:
         builder_flag = getattr(trt.BuilderFlag, flag, None)
         if builder_flag is None:
             raise TensorRTBuildError(
@@ -373,6 +396,8 @@ def _build_one(trt, logger, onnx_path: Path, profile: dict, strongly_typed: bool
                 f"re-export the model in {flag.lower()}"
             )
         config.set_flag(builder_flag)
+    for flag in to_clear:
+        config.clear_flag(getattr(trt.BuilderFlag, flag))
 
     trt_profile = builder.create_optimization_profile()
     network_inputs = [network.get_input(i).name for i in range(network.num_inputs)]
@@ -395,7 +420,7 @@ def _build_one(trt, logger, onnx_path: Path, profile: dict, strongly_typed: bool
         if not config.set_timing_cache(cache, ignore_mismatch=False):
             raise TensorRTBuildError(f"{timing_cache_path}: timing cache does not match this TensorRT/GPU; delete it")
 
-    say(f"{onnx_path.stem}: building ({'strongly typed' if strongly_typed else flag})")
+    say(f"{onnx_path.stem}: building ({'strongly typed' if strongly_typed else ', '.join(to_set)})")
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise TensorRTBuildError(f"{onnx_path}: TensorRT could not build an engine (see the TensorRT log above)")

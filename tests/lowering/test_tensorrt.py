@@ -16,7 +16,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from dscompile.lowering.tensorrt.build import (
     TensorRTBuildError,
+    _build_one,
     build_engines,
+    builder_flags,
     compute_profile,
     network_mode,
     read_graph_io,
@@ -159,6 +161,37 @@ def test_network_mode_per_export_dtype():
         network_mode(TensorProto.FLOAT16, "bf16")
 
 
+def test_fp32_builds_clear_tf32_unless_opted_in(tmp_path):
+    """TensorRT sets BuilderFlag.TF32 by default: an fp32 build clears it, unless tf32 opts in; fp16/bf16
+    builds keep their flags. The builder-config code (_build_one, with a stand-in for TensorRT's module)
+    applies what builder_flags decides."""
+    from unittest.mock import MagicMock
+
+    assert builder_flags(None, "fp32") == ([], ["TF32"])
+    assert builder_flags(None, "fp32", tf32=True) == (["TF32"], [])
+    assert builder_flags("FP16", "fp16") == (["FP16"], []) and builder_flags(None, "bf16") == ([], [])
+    for tf32 in (False, True):
+        trt = MagicMock()
+        builder = trt.Builder.return_value
+        builder.create_network.return_value.num_inputs = 0
+        config = builder.create_builder_config.return_value
+        config.add_optimization_profile.return_value = 0
+        _build_one(trt, None, tmp_path / "prefill.onnx", {}, True, builder_flags(None, "fp32", tf32), 1.0, None,
+                   lambda _: None)
+        if tf32:
+            config.set_flag.assert_called_once_with(trt.BuilderFlag.TF32)
+            config.clear_flag.assert_not_called()
+        else:
+            config.clear_flag.assert_called_once_with(trt.BuilderFlag.TF32)
+            config.set_flag.assert_not_called()
+    with pytest.raises(OptionError, match="--tf32 with --precision fp16"):
+        validate_options("fp16", 1, 8, 16, 1.0, tf32=True)
+    from dscompile.exporter.options import ExportOptions
+
+    with pytest.raises(OptionError, match="--tf32 is a TensorRT build option"):
+        ExportOptions(tf32=True)
+
+
 # -- the build gate (no TensorRT needed) ---------------------------------------------------------
 
 
@@ -239,6 +272,7 @@ def test_manifest_section_written_by_the_builder_is_read_by_the_runtime(tmp_path
     json.dumps(section)
     assert read_trt_section({"tensorrt": section}, tmp_path) is section
     assert section["graphs"]["decode"]["engine"] == "decode.engine"
+    assert section["tf32"] is False  # IEEE float32 unless the build opted in (compare reads it)
     broken = json.loads(json.dumps(section))
     del broken["graphs"]["decode"]["profile"]
     with pytest.raises(EngineError, match=r"manifest\.json: tensorrt\.graphs\.decode\.profile is missing"):
