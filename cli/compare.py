@@ -23,6 +23,8 @@ def compare(
     seed: int = typer.Option(0, help="Input seed."),
     backend: str = typer.Option("onnxruntime", help="onnxruntime, torch or tensorrt."),
     provider: str = typer.Option("auto", help="auto, cpu or cuda."),
+    tf32: bool = typer.Option(False, "--tf32", help="Let ONNX Runtime's CUDA provider compute float32 GEMMs in TF32, "
+                              "judged against the TF32 tolerance (dscompile/tolerance.py) instead of float32's."),
     plot: Optional[Path] = typer.Option(None, help="Write a PNG of hidden-state error by layer."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
@@ -35,14 +37,15 @@ def compare(
         from dscompile.api import compare as compare_api
 
         with Bars(not as_json) as bars:
-            report = compare_api(checkpoint, out, backend=backend, provider=provider, decode_steps=decode_steps,
-                                 batch=batch, prompt_len=prompt_len, seed=seed, atol=atol, rtol=rtol, plot=plot,
-                                 progress=bars)
+            report = compare_api(checkpoint, out, backend=backend, provider=provider, tf32=tf32,
+                                 decode_steps=decode_steps, batch=batch, prompt_len=prompt_len, seed=seed, atol=atol,
+                                 rtol=rtol, plot=plot, progress=bars)
         from dscompile.verify.compare import scheme_of
         from dscompile.runtime.manifest import load_manifest
 
         scheme = scheme_of(load_manifest(out))
-        lines = [f"{'step':>4} {'graph':8s} {'max abs':>10} {'max rel':>10} {'mean abs':>10} {'cache max':>10}  result"]
+        lines = [f"note: {note}" for note in report["notes"]]
+        lines += [f"{'step':>4} {'graph':8s} {'max abs':>10} {'max rel':>10} {'mean abs':>10} {'cache max':>10}  result"]
         if scheme is not None:
             lines.insert(0, f"vs eager with the same {scheme.name} weights (the lowering's distance, judged)")
         for s in report["steps"]:

@@ -45,6 +45,8 @@ def run(
     backend: str = typer.Option("onnxruntime", help="onnxruntime, torch or tensorrt."),
     provider: str = typer.Option("auto", help="auto, cpu or cuda (onnxruntime: also tensorrt)."),
     threads: Optional[int] = typer.Option(None, help="Intra-op threads (default: the backend's)."),
+    tf32: bool = typer.Option(False, "--tf32", help="Let ONNX Runtime's CUDA provider compute float32 GEMMs in TF32 "
+                              "(10-bit mantissa inputs; default: IEEE float32)."),
     as_json: bool = typer.Option(False, "--json", help="Print text, ids, finish reasons and timings as JSON."),
 ) -> None:
     """Generate with an exported engine: text in, text out (streamed), token ids, or a chat."""
@@ -69,7 +71,9 @@ def run(
         ids = _parse_ids(input_ids) if input_ids is not None else None
         if ids is not None and not ids:
             raise OptionError("--input-ids is empty")
-        llm = TextEngine.open(out, backend=backend, provider=provider, threads=threads)
+        llm = TextEngine.open(out, backend=backend, provider=provider, threads=threads, tf32=tf32)
+        for note in llm.engine.notes:  # where "auto" settled for less (e.g. CPU), and why
+            typer.echo(f"note: {note}", err=True)
         if eos is not None:
             llm.eos_ids = tuple(sorted({*llm.eos_ids, eos}))
         options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -99,11 +103,11 @@ def _run_ids(llm, prompts: list[list[int]], options: dict, backend: str, as_json
     live = not as_json and sys.stderr.isatty()
     result = llm.complete(prompts, on_text=stream if live else None, **options)
     payload = {"prompts": prompts, "tokens": [c.ids for c in result.completions], "backend": backend,
-               **result.to_dict()}
+               "device": str(llm.engine.device), **result.to_dict()}
     lines = []
     for c in result.completions:
         lines.append(f"prompt {c.prompt_ids} -> {c.ids}" + (f"  {c.text!r}" if c.text is not None else ""))
-    lines.append(_stats(result, backend))
+    lines.append(_stats(result, f"{backend} on {llm.engine.device}"))
     lines.append(_status_line(True, start))
     _emit(payload, as_json, lines)
 
@@ -118,7 +122,7 @@ def _run_text(llm, prompts: list[str], options: dict, backend: str, as_json: boo
 
     result = llm.complete(prompts, on_text=show if live else None, **options)
     if as_json:
-        _emit({"backend": backend, **result.to_dict()}, True, [])
+        _emit({"backend": backend, "device": str(llm.engine.device), **result.to_dict()}, True, [])
         return
     if live:
         sys.stdout.write("\n")
@@ -126,7 +130,7 @@ def _run_text(llm, prompts: list[str], options: dict, backend: str, as_json: boo
         for i, c in enumerate(result.completions):
             typer.echo(f"--- prompt {i + 1}: {c.prompt!r} ({c.finish_reason})")
             typer.echo(c.text)
-    typer.echo(_stats(result, backend), err=True)
+    typer.echo(_stats(result, f"{backend} on {llm.engine.device}"), err=True)
     typer.echo(_status_line(True, start), err=True)
 
 

@@ -24,16 +24,18 @@ if TYPE_CHECKING:  # imported when called: `import dscompile` stays light
 Progress = Callable[[str, int, int], None]
 
 
-def load(out: str | Path, backend: str = "onnxruntime", provider: str = "auto", threads: int | None = None):
+def load(out: str | Path, backend: str = "onnxruntime", provider: str = "auto", threads: int | None = None,
+         tf32: bool = False):
     """Open an engine folder: a `TextEngine` (runtime/session.py) with generate, stream and chat.
 
     backend: onnxruntime (provider auto, cpu, cuda or tensorrt), torch (the exported programs;
     provider picks the device) or tensorrt (the engines `export(target="tensorrt")` built).
-    threads: intra-op threads (default: the backend's).
+    threads: intra-op threads (default: the backend's). tf32: let ONNX Runtime's CUDA provider
+    compute float32 GEMMs in TF32 (default: IEEE float32).
     """
     from dscompile.runtime.session import TextEngine
 
-    return TextEngine.open(out, backend=backend, provider=provider, threads=threads)
+    return TextEngine.open(out, backend=backend, provider=provider, threads=threads, tf32=tf32)
 
 
 def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | None = None, *,
@@ -47,8 +49,8 @@ def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | Non
     (check each pass, and a quantized engine, numerically); opset; target ("tensorrt" also builds
     TensorRT engines at `precision`; `tf32` lets fp32 ones compute GEMMs in TF32); max_batch,
     max_prompt_tokens (tokens in one step) and max_context (past + new), which bound the engines'
-    inputs; graphs_only (graphs and manifest without weights); frontend ("dscompile" captures our reference model, "transformers"
-    transformers' own model class); tp x ep > 1 (a sharded engine for tp x ep ranks: heads over
+    inputs; graphs_only (graphs and manifest without weights); frontend ("dscompile" captures our
+    reference model, "transformers" transformers' own model class); tp x ep > 1 (a sharded engine for tp x ep ranks: heads over
     tp, routed experts over ep, run by the torch backend on torch.distributed); force;
     allow_nonfinite. Their defaults are the command line's.
     """
@@ -99,6 +101,7 @@ def compare(
     *,
     backend: str = "onnxruntime",
     provider: str = "auto",
+    tf32: bool = False,
     decode_steps: int = 4,
     batch: int = 2,
     prompt_len: int = 8,
@@ -115,7 +118,9 @@ def compare(
     it fails (or `plot` is given), `report["layers"]` locates the first diverging layer in the
     engine's own graph and weights ("located_in" says how). A
     quantized engine is judged against eager with the same quantized weights, and its distance to
-    float32 eager is reported as `report["scheme"]`.
+    float32 eager is reported as `report["scheme"]`. With `tf32` (ONNX Runtime's CUDA provider
+    computing float32 GEMMs in TF32), and for TensorRT engines built with it, a float32 engine is
+    judged against tolerance.TF32 instead of the float32 bound.
     """
     from dscompile.verify.compare import (eager_for, locate_divergence, lowering_table, run_compare,
                                             scheme_cost, scheme_of)
@@ -123,14 +128,16 @@ def compare(
     from dscompile.runtime.session import open_engine
 
     manifest = read_manifest(out)
-    engine = open_engine(out, backend, provider)
+    engine = open_engine(out, backend, provider, tf32=tf32)
+    built_tf32 = backend == "tensorrt" and bool((manifest.get("tensorrt") or {}).get("tf32"))
     scheme = scheme_of(manifest)
     frontend = (manifest.get("frontend") or {}).get("name", "dscompile")
     eager = eager_for(checkpoint, engine.info.max_positions, scheme, frontend)
     _check_same_model(manifest, eager.args.to_config(), checkpoint)
     options = dict(dtype=manifest["dtype"], decode_steps=decode_steps, batch=batch, prompt=prompt_len, seed=seed)
-    report = run_compare(engine, eager, atol=atol, rtol=rtol, progress=progress, table=lowering_table(manifest),
-                         **options)
+    report = run_compare(engine, eager, atol=atol, rtol=rtol, progress=progress,
+                         table=lowering_table(manifest, tf32 or built_tf32), **options)
+    report["notes"] = list(engine.notes)
     if frontend == "transformers":
         report["reference"] = f"transformers' {type(eager.model).__name__} (eager, float32)"
     if not report["passed"] or plot is not None:

@@ -42,8 +42,20 @@ resident memory 0.86x weights.bin after a first step; decode at context 1024 in 
 128 tokens in 0.92 s; with two prepacked sessions 1.4x.
 
 Provider: "auto" picks CUDA when onnxruntime offers it and a CUDA GPU is present, else CPU;
-"cpu", "cuda" and "tensorrt" insist. Session logs are limited to errors: a CPU machine with the
-onnxruntime-gpu wheel prints nothing alarming.
+"cpu", "cuda" and "tensorrt" insist. ONNX Runtime itself never refuses a GPU provider: where its
+library does not load (no GPU, no CUDA 13 libraries, no TensorRT) it logs a warning and runs the
+session on CPU, and its Python API retries a failed session on CPU ("Falling back to
+['CPUExecutionProvider']"). So every GPU session is opened without the Python retry and checked
+with `session.get_providers()`: a session that did not get the provider asked for is refused in
+one line (`ProviderUnavailable`), and "auto" reopens on CPU and says so in `notes`. The session
+config entry `session.disable_cpu_ep_fallback` is not used: it fails any session with a node on
+the CPU provider, and the CUDA provider leaves shape computations there by design.
+
+Float32 is IEEE float32: the CUDA provider's default `use_tf32=1` (GEMM inputs rounded to 10
+mantissa bits) is turned off unless `tf32=True` (`provider_chain`). ONNX Runtime's TensorRT
+provider has no such option (TensorRT builds with TF32), so a float32 engine runs on it only with
+`tf32=True`. Session logs are limited to errors: a CPU machine with the onnxruntime-gpu wheel
+prints nothing alarming.
 
 Shape legend: B batch, S new tokens, P past tokens, V vocab, C kv_lora_rank, R rope dim.
 """
@@ -58,7 +70,7 @@ from typing import Any
 
 import torch
 
-from dscompile.errors import EngineError, first_line
+from dscompile.errors import EngineError, OptionError, first_line
 from dscompile.runtime.contract import (ATTENTION_MASK, DECODE, DECODE_IN_PLACE, INPUT_IDS, LOGITS, PAST, POSITION_IDS,
                                         PREFILL, PRESENT, STEP_INPUTS, WRITE_INDEX, EngineInfo, KVCache, cache_names,
                                         choose_graph)
@@ -95,6 +107,16 @@ def _ort():
     return onnxruntime
 
 
+# What ONNX Runtime's GPU providers load (onnxruntime-gpu 1.31, CUDA 13 builds), to name what is missing.
+_LIBRARIES = {"cuda": ("libcudart.so.13", "libcublas.so.13", "libcudnn.so.9"),
+              "tensorrt": ("libcudart.so.13", "libcublas.so.13", "libcudnn.so.9", "libnvinfer.so.10")}
+_CHAINS = {"cpu": ("cpu",), "cuda": ("cuda", "cpu"), "tensorrt": ("tensorrt", "cuda", "cpu")}
+
+
+class ProviderUnavailable(EngineError):
+    """The ONNX Runtime provider asked for cannot run here (no GPU, or its libraries do not load)."""
+
+
 def choose_providers(provider: str) -> list[str]:
     """ONNX Runtime provider list for `provider` (see the module docstring), or an EngineError."""
     if provider not in PROVIDERS:
@@ -105,10 +127,31 @@ def choose_providers(provider: str) -> list[str]:
         provider = "cuda" if "CUDAExecutionProvider" in available and gpu else "cpu"
     wanted = _ORT_PROVIDER[provider]
     if wanted not in available or (provider != "cpu" and not gpu):
-        why = "no CUDA GPU is present" if wanted in available else f"this onnxruntime has only {available}"
-        raise EngineError(f"provider {provider!r} is not usable here: {why}")
-    chain = {"cpu": ["cpu"], "cuda": ["cuda", "cpu"], "tensorrt": ["tensorrt", "cuda", "cpu"]}[provider]
-    return [_ORT_PROVIDER[p] for p in chain]
+        why = (missing_for(provider) or "no CUDA GPU is present") if wanted in available else \
+            f"this onnxruntime has only {available}"
+        raise ProviderUnavailable(f"provider {provider!r} is not usable here: {why}")
+    return [_ORT_PROVIDER[p] for p in _CHAINS[provider]]
+
+
+def missing_for(provider: str) -> str | None:
+    """What keeps `provider` ("cuda" or "tensorrt") from loading here, in words; None when the GPU
+    and the libraries it loads are all found."""
+    missing = []
+    for lib in _LIBRARIES.get(provider, ()):
+        try:
+            ctypes.CDLL(lib)
+        except OSError:
+            missing.append(lib)
+    parts = ([] if cuda_gpu_present() else ["no CUDA GPU is present"]) + ([f"{', '.join(missing)} not found"]
+                                                                          if missing else [])
+    return " and ".join(parts) or None
+
+
+def provider_chain(providers: list[str], tf32: bool = False) -> list[tuple[str, dict[str, str]]]:
+    """(provider, options) pairs a session is created with: the CUDA provider computes float32
+    GEMMs in IEEE float32 (`use_tf32` "0") unless `tf32` opts in to TF32."""
+    cuda = {"use_tf32": "1" if tf32 else "0"}
+    return [(p, cuda if p == "CUDAExecutionProvider" else {}) for p in providers]
 
 
 class OrtKVCache(KVCache):
@@ -183,15 +226,63 @@ class OrtCapacityCache(KVCache):
         raise AttributeError("OrtCapacityCache is read-only: build a KVCache from torch tensors instead")
 
 
+def _open_sessions(ort, out: Path, manifest: dict[str, Any], options, chain: list[tuple[str, dict[str, str]]]
+                   ) -> dict[str, Any]:
+    """The sessions OUT needs on `chain` (provider_chain), each refused with ProviderUnavailable
+    when ONNX Runtime did not give it the first provider of the chain."""
+    sessions = {}
+    quant = manifest.get("quantization")
+    cpu = chain[0][0] == "CPUExecutionProvider"
+    # On CPU decode steps run through the in-place graph; the contract's decode graph would map
+    # the same weights at no cost, but nothing on CPU steps through it, so it is not opened.
+    in_place = manifest["graphs"][DECODE].get("in_place")
+    decode = DECODE_IN_PLACE if in_place is not None and cpu else DECODE
+    files = {PREFILL: manifest["graphs"][PREFILL]["file"],
+             decode: in_place["file"] if decode == DECODE_IN_PLACE else manifest["graphs"][DECODE]["file"]}
+    if quant:
+        # Quantized kernels (MatMulNBits, QMoE) run from their prepacked layout: without it they
+        # unpack every weight on every call (~50x slower). Each session would prepack its own
+        # copy, so one session, on the contract's decode graph (any S, any P), runs every step.
+        files = {DECODE: manifest["graphs"][DECODE]["file"]}
+    wanted = chain[0][0]
+    name = {v: k for k, v in _ORT_PROVIDER.items()}[wanted]
+    for graph, file in files.items():
+        path = out / file
+        if not cpu:  # a provider that does not load logs errors on fd 2: the one-line refusal below says it
+            ort.set_default_logger_severity(4)
+        try:
+            # enable_fallback=0: no silent retry on CPU by ONNX Runtime's Python API (module docstring).
+            session = ort.InferenceSession(os.fspath(path), options, providers=[p for p, _ in chain],
+                                           provider_options=[o for _, o in chain], enable_fallback=0)
+        except Exception as err:  # ORT raises its own Fail/InvalidGraph/RuntimeException types
+            why = None if cpu else missing_for(name)
+            if why:  # the provider's own libraries, not the graph (TensorRT's plugins fail here)
+                raise ProviderUnavailable(f"provider {name!r} is not usable here: {why}") from None
+            raise EngineError(f"{path}: ONNX Runtime cannot load it: {first_line(err)}") from None
+        finally:
+            if not cpu:
+                ort.set_default_logger_severity(2)  # ONNX Runtime's default (warnings)
+        got = session.get_providers()
+        if got[0] != wanted:  # ONNX Runtime skipped the provider (its library did not load) and went on
+            why = missing_for(name) or "its library did not load (a dependency missing, or a driver too old)"
+            raise ProviderUnavailable(f"provider {name!r} is not usable here: {why} (ONNX Runtime gave the "
+                                      f"session {got[0]} instead)")
+        sessions[graph] = session
+    if quant:
+        sessions[PREFILL] = sessions[DECODE]
+    return sessions
+
+
 class OrtEngine(Engine):
     """Prefill and decode ONNX Runtime sessions over one OUT folder."""
 
     capacity_step = CAPACITY_STEP
 
     def __init__(self, out_dir: Path, manifest: dict[str, Any], sessions: dict[str, Any], device: str,
-                 weights: WeightsFile):
+                 weights: WeightsFile, provider: str = "CPUExecutionProvider", notes: tuple[str, ...] = ()):
         self.out_dir, self.manifest, self.sessions, self.device = out_dir, manifest, sessions, device
         self.weights = weights
+        self.provider, self.notes = provider, notes  # what the sessions run on, and why when auto fell back
         self.info = EngineInfo.from_manifest(manifest, str(out_dir / "manifest.json"))
         n = self.info.num_layers
         self._past, self._present = cache_names(PAST, n), cache_names(PRESENT, n)
@@ -205,23 +296,29 @@ class OrtEngine(Engine):
 
     @classmethod
     def load(cls, out_dir: str | Path, provider: str = "auto", threads: int | None = None,
-             prepack: bool = False) -> "OrtEngine":
+             prepack: bool = False, tf32: bool = False) -> "OrtEngine":
         """Open OUT: validate the manifest and files, create both sessions on the chosen provider.
 
         `prepack` lets ONNX Runtime's kernels copy their constant weights into packed layouts when
         a session is created (see "Weights" in the module docstring): faster GEMMs for long
-        prefills, one more copy of those weights per session.
+        prefills, one more copy of those weights per session. `tf32` lets the CUDA provider round
+        float32 GEMM inputs to TF32 (see "Provider"; `compare` then judges with tolerance.TF32).
         """
         out = Path(out_dir)
         manifest = read_manifest(out)
         if manifest.get("runtime", "onnxruntime") != "onnxruntime":
             raise EngineError(f"{out / 'manifest.json'}: runtime {manifest.get('runtime')!r} is not onnxruntime")
         quant = manifest.get("quantization")
-        providers = choose_providers(quant.get("provider", "cpu") if quant and provider == "auto" else provider)
+        asked = quant.get("provider", "cpu") if quant and provider == "auto" else provider
+        providers = choose_providers(asked)
         if quant and providers[0] != _ORT_PROVIDER[quant.get("provider", "cpu")]:
             raise EngineError(f"{out}: an {quant.get('scheme')} engine is lowered for ONNX Runtime's "
                               f"{quant.get('provider', 'cpu')} kernels (float32 MatMulNBits/QMoE); "
                               f"run it with --provider {quant.get('provider', 'cpu')}")
+        if providers[0] == _ORT_PROVIDER["tensorrt"] and manifest["dtype"] == "float32" and not tf32:
+            raise OptionError(f"{out}: a float32 engine on ONNX Runtime's TensorRT provider would compute in TF32 "
+                              "(TensorRT builds with it, and the provider has no option to turn it off): "
+                              "use --provider cuda, or opt in with --tf32")
         weights = WeightsFile.open(out, manifest)  # a truncated or foreign file stops here, before any session
         ort = _ort()
         options = ort.SessionOptions()
@@ -233,29 +330,17 @@ class OrtEngine(Engine):
             if threads < 1:
                 raise EngineError(f"threads must be >= 1, got {threads}")
             options.intra_op_num_threads = threads
-        sessions = {}
-        # On CPU decode steps run through the in-place graph; the contract's decode graph would map
-        # the same weights at no cost, but nothing on CPU steps through it, so it is not opened.
-        in_place = manifest["graphs"][DECODE].get("in_place")
-        decode = DECODE_IN_PLACE if in_place is not None and providers[0] == "CPUExecutionProvider" else DECODE
-        files = {PREFILL: manifest["graphs"][PREFILL]["file"],
-                 decode: in_place["file"] if decode == DECODE_IN_PLACE else manifest["graphs"][DECODE]["file"]}
-        if quant:
-            # Quantized kernels (MatMulNBits, QMoE) run from their prepacked layout: without it they
-            # unpack every weight on every call (~50x slower). Each session would prepack its own
-            # copy, so one session, on the contract's decode graph (any S, any P), runs every step.
-            files = {DECODE: manifest["graphs"][DECODE]["file"]}
-        for name, file in files.items():
-            path = out / file
-            try:
-                sessions[name] = ort.InferenceSession(os.fspath(path), options, providers=providers)
-            except Exception as err:  # ORT raises its own Fail/InvalidGraph/RuntimeException types
-                first = first_line(err)
-                raise EngineError(f"{path}: ONNX Runtime cannot load it: {first}") from None
-        if quant:
-            sessions[PREFILL] = sessions[DECODE]
+        notes = []
+        try:
+            sessions = _open_sessions(ort, out, manifest, options, provider_chain(providers, tf32))
+        except ProviderUnavailable as err:
+            if provider != "auto":
+                raise
+            notes.append(f"{err}: running on CPU")
+            providers = choose_providers("cpu")
+            sessions = _open_sessions(ort, out, manifest, options, provider_chain(providers))
         device = "cuda" if providers[0] != "CPUExecutionProvider" else "cpu"
-        return cls(out, manifest, sessions, device, weights)
+        return cls(out, manifest, sessions, device, weights, providers[0], tuple(notes))
 
     def _step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
               cache: KVCache | None) -> tuple[torch.Tensor, KVCache]:

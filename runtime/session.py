@@ -38,11 +38,17 @@ DEFAULT_MAX_NEW_TOKENS = 64
 
 
 def open_engine(out: str | Path, backend: str = "onnxruntime", provider: str = "auto",
-                threads: int | None = None) -> Engine:
+                threads: int | None = None, tf32: bool = False) -> Engine:
     """The engine of OUT on a backend: onnxruntime (provider auto, cpu, cuda or tensorrt),
-    torch (the exported programs; provider picks the device) or tensorrt (the built engines)."""
+    torch (the exported programs; provider picks the device) or tensorrt (the built engines).
+    `tf32` lets ONNX Runtime's CUDA provider compute float32 GEMMs in TF32 (a TensorRT engine took
+    that choice when it was built; the torch backend computes float32 in IEEE float32)."""
     if threads is not None and threads < 1:
         raise OptionError(f"threads must be >= 1, got {threads}")
+    if tf32 and backend != "onnxruntime":
+        raise OptionError(f"--tf32 is an option of --backend onnxruntime (its CUDA provider), not of {backend}"
+                          + (" (TensorRT engines take it when built: export --target tensorrt --tf32)"
+                             if backend == "tensorrt" else ""))
     device = {"auto": "auto", "cpu": "cpu", "cuda": "cuda"}.get(provider, "auto")  # the torch backends'
     sharding = load_manifest(Path(out)).get("sharding") if backend in BACKENDS else None
     if sharding is not None:
@@ -57,7 +63,7 @@ def open_engine(out: str | Path, backend: str = "onnxruntime", provider: str = "
     if backend == "onnxruntime":
         from dscompile.runtime.ort_engine import OrtEngine
 
-        return OrtEngine.load(out, provider=provider, threads=threads)
+        return OrtEngine.load(out, provider=provider, threads=threads, tf32=tf32)
     if threads is not None:
         torch.set_num_threads(threads)
     if backend == "torch":
@@ -110,10 +116,10 @@ class TextEngine:
 
     @classmethod
     def open(cls, out: str | Path, backend: str = "onnxruntime", provider: str = "auto",
-             threads: int | None = None) -> "TextEngine":
-        """OUT's engine on `backend`, and its tokenizer when the export copied one."""
+             threads: int | None = None, tf32: bool = False) -> "TextEngine":
+        """OUT's engine on `backend` (open_engine), and its tokenizer when the export copied one."""
         out = Path(out)
-        engine = open_engine(out, backend, provider, threads)
+        engine = open_engine(out, backend, provider, threads, tf32)
         manifest = getattr(engine, "manifest", None) or load_manifest(out)
         text = manifest.get("tokenizer") or {}
         tokenizer, problem = None, None

@@ -26,7 +26,7 @@ from dscompile.runtime.contract import (DECODE, PAST, PREFILL, STEP_INPUTS, Engi
                                         cache_names, next_step_inputs, random_step_inputs)
 from dscompile.runtime.engine import Engine
 from dscompile.errors import EngineError, OptionError, first_line
-from dscompile.tolerance import QUANTIZED_ACTIVATIONS, TOLERANCE
+from dscompile.tolerance import QUANTIZED_ACTIVATIONS, TF32, TOLERANCE
 from dscompile.tolerance import bound as tolerance_bound
 
 
@@ -288,12 +288,14 @@ def scheme_of(manifest: dict[str, Any]) -> Scheme | None:
     return None if q is None else Scheme(int(q["bits"]), int(q["block_size"]))
 
 
-def lowering_table(manifest: dict[str, Any]) -> dict | None:
+def lowering_table(manifest: dict[str, Any], tf32: bool = False) -> dict | None:
     """The tolerance table for an engine against its own eager reference: the dtype's, or where
     its quantized kernels quantize activations (manifest quantization.quantized_activations) the
-    measured one."""
+    measured one, or where the engine computes float32 GEMMs in TF32 (`tf32`) the TF32 one."""
     quantized = (manifest.get("quantization") or {}).get("quantized_activations") or {}
-    return QUANTIZED_ACTIVATIONS if any(quantized.values()) else None
+    if any(quantized.values()):
+        return QUANTIZED_ACTIVATIONS
+    return TF32 if tf32 else None
 
 
 def scheme_cost(engine: Engine, checkpoint: str | Path, **options) -> dict[str, Any]:

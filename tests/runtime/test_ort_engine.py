@@ -1,6 +1,8 @@
 """OrtEngine (runtime/ort_engine.py) against the eager model: prefill + 16 decode steps with left
 padding, greedy generation, the in-place decode graph against the contract's decode graph (and
-caches that a later step must not change), and the errors a user can cause (broken OUT, bad inputs).
+caches that a later step must not change), the errors a user can cause (broken OUT, bad inputs), and
+GPU providers asked for where they cannot run (refused in one line, not run on CPU; "auto" on CPU)
+with float32 kept IEEE unless TF32 is opted in.
 
 Uses the session's shared exports (the `exported` fixture of tests/conftest.py, one per variant).
 
@@ -19,11 +21,11 @@ import torch
 from dscompile.tolerance import bound as tolerance_bound
 
 from dscompile.model.checkpoint import load_checkpoint
-from dscompile.errors import EngineError
+from dscompile.errors import EngineError, OptionError
 from dscompile.runtime.contract import KVCache, next_step_inputs, position_ids, step_inputs
 from dscompile.runtime.manifest import read_manifest
 from dscompile.runtime.ort_engine import OrtCapacityCache, OrtEngine, OrtKVCache
-from helpers import assert_close
+from helpers import assert_close, run_here
 
 pytestmark = pytest.mark.long  # minutes of exports: scheduled first (tests/conftest.py)
 
@@ -244,3 +246,110 @@ def test_bad_inputs(pair, export_limits):
         engine.generate(too_long, 1)
     with pytest.raises(EngineError, match="attention_mask"):
         engine.step(torch.tensor([[1, 2]]), torch.tensor([[0, 1]]), torch.ones(1, 3, dtype=torch.int64), None)
+
+
+# -- GPU providers on a machine where they cannot run -----------------------------------------------
+
+
+def test_provider_options_keep_float32_ieee_unless_tf32():
+    """The CUDA provider defaults to use_tf32=1; the options every session is created with say "0"
+    unless the caller opts in."""
+    from dscompile.runtime.ort_engine import provider_chain
+
+    chain = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert provider_chain(chain) == [("TensorrtExecutionProvider", {}), ("CUDAExecutionProvider", {"use_tf32": "0"}),
+                                     ("CPUExecutionProvider", {})]
+    assert dict(provider_chain(chain, tf32=True))["CUDAExecutionProvider"] == {"use_tf32": "1"}
+    assert provider_chain(["CPUExecutionProvider"], tf32=True) == [("CPUExecutionProvider", {})]
+
+
+@pytest.fixture
+def gpu_without_libraries(monkeypatch):
+    """This machine as a GPU machine without ONNX Runtime's CUDA 13 libraries: the driver check says a GPU
+    is present, so ONNX Runtime really tries its CUDA provider, whose library does not load here. Every
+    InferenceSession's arguments are recorded."""
+    import onnxruntime
+
+    from dscompile.runtime import ort_engine
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has no CUDA provider (the CPU wheel): nothing would try to load it")
+    if ort_engine.missing_for("cuda") in (None, "no CUDA GPU is present"):
+        pytest.skip("the CUDA 13 libraries load here: ONNX Runtime's CUDA provider would not fail")
+    monkeypatch.setattr(ort_engine, "cuda_gpu_present", lambda: True)
+    calls, real = [], onnxruntime.InferenceSession
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", spy)
+    return calls
+
+
+def test_cuda_asked_for_is_refused_not_run_on_cpu(exported, gpu_without_libraries, capfd):
+    """ONNX Runtime gives a CUDA session whose provider does not load the CPU provider instead (a warning on
+    fd 2); the engine refuses it in one line naming what is missing, prints nothing else, and asked IEEE
+    float32 of the CUDA provider, with ONNX Runtime's own retry off."""
+    from dscompile.runtime.ort_engine import ProviderUnavailable
+
+    capfd.readouterr()
+    with pytest.raises(ProviderUnavailable) as err:
+        OrtEngine.load(exported("v3"), provider="cuda")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("provider 'cuda' is not usable here: ")
+    assert "libcublas.so.13" in message and "gave the session CPUExecutionProvider" in message, message
+    assert capfd.readouterr() == ("", "")  # no "Falling back to ['CPUExecutionProvider']", no ORT log lines
+    kwargs = gpu_without_libraries[0]
+    assert kwargs["providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert kwargs["provider_options"][0] == {"use_tf32": "0"} and kwargs["enable_fallback"] == 0
+    # TensorRT: listed by get_available_providers, absent here. A float32 engine needs the TF32 opt-in
+    # first (TensorRT computes float32 GEMMs in TF32); then the provider itself is refused.
+    with pytest.raises(OptionError, match="--tf32"):
+        OrtEngine.load(exported("v3"), provider="tensorrt")
+    with pytest.raises(ProviderUnavailable, match="provider 'tensorrt' is not usable here: .*libnvinfer.so.10"):
+        OrtEngine.load(exported("v3"), provider="tensorrt", tf32=True)
+    assert "Falling back" not in capfd.readouterr().out
+
+
+def test_auto_runs_on_cpu_and_says_why(exported, gpu_without_libraries):
+    """"auto" on the same machine tries CUDA, is refused, and reopens on CPU with a note; it steps as the
+    CPU engine does."""
+    cpu_engine = OrtEngine.load(exported("v3"), provider="cpu")
+    engine = OrtEngine.load(exported("v3"), provider="auto")
+    assert engine.provider == "CPUExecutionProvider" and engine.device == "cpu"
+    assert len(engine.notes) == 1 and "provider 'cuda' is not usable here" in engine.notes[0], engine.notes
+    assert engine.notes[0].endswith("running on CPU")
+    ids = torch.tensor([[1, 2, 3]])
+    inputs = (ids, position_ids(torch.ones_like(ids)), torch.ones_like(ids))
+    torch.testing.assert_close(engine.step(*inputs, None)[0], cpu_engine.step(*inputs, None)[0], rtol=0, atol=0)
+
+
+def test_cuda_refused_on_the_command_line(exported, monkeypatch):
+    """`dscompile run --provider cuda` on this CPU machine: exit 2, one stderr line, no traceback, nothing
+    run; `auto` runs and names the device it ran on."""
+    out = exported("v3")
+    result = run_here("run", out, "--provider", "cuda", "--input-ids", "1,2,3", "--max-new-tokens", "2")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and "Traceback" not in result.stderr and result.stdout == "", result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: provider 'cuda' is not usable here: "), lines
+    result = run_here("run", out, "--input-ids", "1,2,3", "--max-new-tokens", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["device"] == "cpu"
+    # --tf32 is ONNX Runtime's option: the other backends refuse it in one line
+    result = run_here("run", out, "--backend", "torch", "--tf32", "--input-ids", "1,2")
+    assert result.returncode == 2 and result.stderr.startswith("error: --tf32 is an option of --backend onnxruntime")
+
+
+def test_compare_with_tf32_judges_with_the_tf32_tolerance(exported, exported_ckpt):
+    """compare's bound with the TF32 opt-in is tolerance.TF32's, for the same steps (here on CPU, where the
+    engine computes IEEE float32 either way, so only the bound differs)."""
+    import dscompile
+    from dscompile.tolerance import TF32, TOLERANCE
+
+    plain = dscompile.compare(exported_ckpt("v3"), exported("v3"), decode_steps=1)
+    tf32 = dscompile.compare(exported_ckpt("v3"), exported("v3"), decode_steps=1, tf32=True)
+    assert plain["passed"] and tf32["passed"]
+    ratio = TF32[torch.float32] / TOLERANCE[torch.float32]
+    for p, t in zip(plain["steps"], tf32["steps"]):
+        assert t["atol"] == pytest.approx(p["atol"] * ratio), (p["atol"], t["atol"])
