@@ -61,11 +61,11 @@ def export(
             from dscompile.passes import describe_pipeline
 
             rows = describe_pipeline()
-            lines = []
+            lines, width = [], max(len(n) for _, n, _ in rows)
             for i, (stage, n, d) in enumerate(rows, 1):
                 if i == 1 or rows[i - 2][0] != stage:  # each stage under its own heading
                     lines.append(f"{stage}:")
-                lines.append(f"{i}. {n:20s} {d}")
+                lines.append(f"{i}. {n:{width}s}  {d}")
             _emit({"passes": [{"stage": s, "name": n, "doc": d} for s, n, d in rows]}, as_json, lines)
             return
         if checkpoint is None or out is None:

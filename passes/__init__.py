@@ -84,9 +84,10 @@ def _name(p) -> str:
 
 
 def describe_pipeline() -> list[tuple[str, str, str]]:
-    """(stage, name, first docstring line) of each pass, in order: what `export --list-passes` prints."""
-    return [(stage, _name(p), (p.__doc__ or "").strip().splitlines()[0]) for stage, passes in STAGES.items()
-            for p in passes]
+    """(stage, name, what it does: the first docstring line after "name: ") of each pass, in order: what
+    `export --list-passes` prints."""
+    return [(stage, _name(p), (p.__doc__ or "").strip().splitlines()[0].removeprefix(f"{_name(p)}: "))
+            for stage, passes in STAGES.items() for p in passes]
 
 
 def run_pipeline(

@@ -24,6 +24,7 @@ import torch
 from dscompile.lowering.tensorrt.compat import load_table
 from dscompile.verify.eager import EagerEngine
 from dscompile.model.checkpoint import load_checkpoint
+from dscompile.passes import absorb_mla
 from dscompile.runtime.weights import fingerprint
 from helpers import run_here
 
@@ -78,6 +79,7 @@ def test_list_passes_prints_the_pipeline():
     assert out[0] == "cleanup:" and out[1].startswith("1. squeeze_cache_append")
     assert out[2] == "rewrite:" and out[3].startswith("2. absorb_mla") and out[4].startswith("3. fuse_moe")
     assert out[5] == "sharding:" and out[6].startswith("4. shard")
+    assert out[3].split() == ["2.", "absorb_mla", *absorb_mla.__doc__.splitlines()[0].split()[1:]]  # named once
 
 
 def test_run_generates_and_streams_json(exported):
