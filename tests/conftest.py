@@ -13,6 +13,15 @@ import pytest
 import torch
 from helpers import VARIANTS
 
+# Triton runs compiled or interpreted, one or the other per process, fixed when it is first imported
+# (runtime/ops/triton_kernels.py). Decided here, before any test module imports it: interpreted on CPU
+# tensors where there is no GPU, compiled where there is one, unless the run sets TRITON_INTERPRET.
+if "TRITON_INTERPRET" in os.environ:
+    os.environ["DSCOMPILE_TRITON_MODE_FROM_USER"] = "interpret" if os.environ["TRITON_INTERPRET"] == "1" else "compile"
+elif not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+assert "triton" not in sys.modules, "Triton was imported before tests/conftest.py chose its mode"
+
 
 
 @pytest.fixture(scope="session")
@@ -195,8 +204,7 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Check the scheduler's reading of the sources; long files first; Triton through its CPU
-    interpreter without a GPU."""
+    """Check the scheduler's reading of the sources; long files first."""
     in_source = {path: shared_in_source(path) for path in {item.path for item in items}}
     for item in items:
         if missed := shared_by_fixtures(item) - in_source[item.path]:
@@ -206,5 +214,3 @@ def pytest_collection_modifyitems(config, items):
     units = work_units(in_source)
     long_units = {units[item.path] for item in items if item.get_closest_marker("long")}
     items.sort(key=lambda item: units[item.path] not in long_units)  # stable: files and tests keep their order
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -15,6 +15,8 @@ Shapes: B batch, S new tokens, T keys (past + new), H heads, C kv_lora_rank, R r
 import torch
 from torch import Tensor
 
+from dscompile.runtime.ops.kernels import triton_kernels
+
 
 def _check_ranks(q_latent: Tensor, q_rope: Tensor, kv_latent: Tensor, k_rope: Tensor,
                  mask: Tensor) -> None:
@@ -82,10 +84,8 @@ def _latent_attention_fake(q_latent, q_rope, kv_latent, k_rope, mask, scale):
 
 @latent_attention.register_kernel("cuda")
 def _latent_attention_cuda(q_latent, q_rope, kv_latent, k_rope, mask, scale):
-    try:
-        from .triton_kernels import triton_latent_attention
-    except ImportError:
-        # Without Triton the op must still run: fall back to its definition.
+    kernels = triton_kernels("latent_attention")
+    if kernels is None:  # without Triton the op still runs its definition (counted and warned: ops/kernels.py)
         return latent_attention_reference(q_latent, q_rope, kv_latent, k_rope, mask, scale)
     check_latent_attention_args(q_latent, q_rope, kv_latent, k_rope, mask)
-    return triton_latent_attention(q_latent, q_rope, kv_latent, k_rope, mask, scale)
+    return kernels.triton_latent_attention(q_latent, q_rope, kv_latent, k_rope, mask, scale)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dscompile.model.routing import TOPK_METHODS, Routing, route as route_logits
+from dscompile.runtime.ops.kernels import triton_kernels
 
 
 def check_routing_args(num_experts: int, top_k: int, n_group: int, topk_group: int,
@@ -149,14 +150,11 @@ def _moe_fake(x, gate_weight, e_score_correction_bias, w1, w2, w3, shared_w1, sh
 def _moe_cuda(x, gate_weight, e_score_correction_bias, w1, w2, w3, shared_w1, shared_w2,
               shared_w3, top_k, n_group, topk_group, topk_method, norm_topk_prob,
               routed_scaling_factor):
-    try:
-        from .triton_kernels import triton_moe_experts
-    except ImportError:
-        # Without Triton the op must still run: its definition dispatches in torch.
-        triton_moe_experts = moe_experts_reference
+    kernels = triton_kernels("moe")  # None: the definition's torch dispatch (counted and warned: ops/kernels.py)
+    experts = kernels.triton_moe_experts if kernels is not None else moe_experts_reference
     return moe_reference(x, gate_weight, e_score_correction_bias, w1, w2, w3, shared_w1,
                          shared_w2, shared_w3, top_k, n_group, topk_group, topk_method,
-                         norm_topk_prob, routed_scaling_factor, experts=triton_moe_experts)
+                         norm_topk_prob, routed_scaling_factor, experts=experts)
 
 
 def local_experts(experts, expert_start: int):
@@ -164,10 +162,16 @@ def local_experts(experts, expert_start: int):
 
     Only the (token, choice) pairs routed to a local expert are dispatched, as one choice each; a
     chosen expert held elsewhere contributes nothing here. `experts` is any implementation with
-    `moe_experts_reference`'s contract (the reference, the Triton kernels).
+    `moe_experts_reference`'s contract (the reference, the Triton kernels). `expert_start` is an
+    int or a 0-d tensor; with the Triton kernels it stays on the device (no host sync per layer).
     """
 
     def run(x2d: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, weights: Tensor, idx: Tensor) -> Tensor:
+        if getattr(experts, "takes_remote_ids", False):  # the Triton kernels: no host sync (no nonzero)
+            local_idx = idx - expert_start
+            here = (local_idx >= 0) & (local_idx < w1.shape[0])
+            return experts(x2d, w1, w2, w3, torch.where(here, weights, 0), torch.where(here, local_idx, w1.shape[0]),
+                           remote=True)
         local = (idx >= expert_start) & (idx < expert_start + w1.shape[0])
         tokens, k = local.nonzero(as_tuple=True)
         out = torch.zeros(x2d.shape[0], x2d.shape[-1], dtype=torch.float32, device=x2d.device)
@@ -216,10 +220,8 @@ def _moe_shard_fake(x, gate_weight, e_score_correction_bias, w1, w2, w3, shared_
 def _moe_shard_cuda(x, gate_weight, e_score_correction_bias, w1, w2, w3, shared_w1, shared_w2,
                     shared_w3, top_k, n_group, topk_group, topk_method, norm_topk_prob,
                     routed_scaling_factor, expert_start):
-    try:
-        from .triton_kernels import triton_moe_experts as experts
-    except ImportError:
-        experts = moe_experts_reference
+    kernels = triton_kernels("moe_shard")
+    experts = kernels.triton_moe_experts if kernels is not None else moe_experts_reference
     return moe_reference(x, gate_weight, e_score_correction_bias, w1, w2, w3, shared_w1, shared_w2,
                          shared_w3, top_k, n_group, topk_group, topk_method, norm_topk_prob,
-                         routed_scaling_factor, experts=local_experts(experts, int(expert_start)))
+                         routed_scaling_factor, experts=local_experts(experts, expert_start))

@@ -1,42 +1,55 @@
 """Triton kernels for the two hot `dsc` ops: MLA decode attention and the routed MoE experts.
 
 Importing this module requires Triton; the ops import it lazily and fall back to their torch
-definitions without it. Kernels are jitted on first launch for the current mode, so the same
-process can run them compiled on CUDA tensors or under TRITON_INTERPRET=1 on CPU tensors
-(the CPU test path) depending on the environment at launch time.
+definitions without it (visibly: runtime/ops/__init__.py counts which implementation ran and
+warns once on a fallback).
+
+One process runs Triton kernels one way: compiled, on CUDA tensors, or in Triton's interpreter,
+on CPU tensors (TRITON_INTERPRET=1, the CPU test path). Triton decides it when it is first
+imported: its language's library functions (`tl.max`, `tl.sum`, `tl.sigmoid`, ...) are
+themselves jitted functions, bound to the interpreter or to the compiler at that import for the
+whole process, and a kernel that calls them in the other mode fails. So the mode is read from
+Triton itself (`interpreting`), every kernel is jitted for it, and a tensor on the other mode's
+device is refused in one line. (Changing TRITON_INTERPRET after the import is not supported:
+Triton reads it again when it loads some of its modules.)
+
+Integer arguments that change from one decode step to the next (the key count, split counts,
+strides that follow the cache length) are not specialised: Triton would otherwise compile a new
+variant the first time a value crosses a divisibility class, stalling a generation mid-stream.
 
 Shapes: B batch, S new tokens, T keys (past + new), H heads, C kv_lora_rank, R rope dim;
 MoE: T tokens, D hidden, E experts, K active experts per token, I expert intermediate size.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
 
 from .moe import check_expert_weights
 
 # ---------------------------------------------------------------------------------------------
-# Jitting per mode
+# Jitting for the process's mode
 # ---------------------------------------------------------------------------------------------
 
 _JITTED: dict = {}
 
 
 def interpreting() -> bool:
-    """True when TRITON_INTERPRET asks for the interpreter (kernels then take CPU tensors)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    """True when this process runs Triton in its interpreter (kernels then take CPU tensors):
+    whether TRITON_INTERPRET was set when Triton was first imported (module docstring)."""
+    return isinstance(tl.standard.sigmoid, InterpretedFunction)
 
 
-def _jit(fn):
-    # triton.jit picks interpreter or compiler when it decorates; deciding at launch keeps one
-    # test process able to use both.
-    key = (fn.__name__, interpreting())
-    if key not in _JITTED:
-        _JITTED[key] = triton.jit(fn)
-    return _JITTED[key]
+def _jit(fn, do_not_specialize: tuple[str, ...] = ()):
+    """`fn` jitted for the process's mode, once."""
+    if fn.__name__ not in _JITTED:
+        kind = InterpretedFunction if interpreting() else JITFunction
+        _JITTED[fn.__name__] = kind(fn, do_not_specialize=list(do_not_specialize),
+                                    do_not_specialize_on_alignment=list(do_not_specialize))
+    return _JITTED[fn.__name__]
 
 
 def _check_device(*tensors: Tensor) -> None:
@@ -44,8 +57,12 @@ def _check_device(*tensors: Tensor) -> None:
     if any(t.device != dev for t in tensors):
         raise ValueError(f"Triton kernels need all tensors on one device, got "
                          f"{sorted({str(t.device) for t in tensors})}")
-    if dev.type != "cuda" and not interpreting():
-        raise ValueError(f"Triton kernels take {dev.type} tensors only under TRITON_INTERPRET=1")
+    if interpreting() and dev.type != "cpu":
+        raise ValueError(f"Triton runs interpreted in this process (TRITON_INTERPRET=1 when it was imported): "
+                         f"its kernels take CPU tensors here, got {dev.type}")
+    if not interpreting() and dev.type != "cuda":
+        raise ValueError(f"Triton kernels take {dev.type} tensors only when Triton runs interpreted "
+                         f"(TRITON_INTERPRET=1 before it is first imported)")
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -148,41 +165,65 @@ def _mla_combine_kernel(
     part_o_ptr, part_m_ptr, part_l_ptr, out_ptr,
     S, H, C, num_splits,
     so_b, so_h, so_s, so_c,
-    SPLIT_PAD: tl.constexpr, C_PAD: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr, C_PAD: tl.constexpr,
 ):
     # One program per (b, s, h): weigh each split's normalized output by its share of the
-    # total softmax mass, l_split * exp(m_split - m_max).
-    row = tl.program_id(0)
+    # total softmax mass, l_split * exp(m_split - m_max). The splits are read SPLIT_BLOCK at a
+    # time, so the registers a program needs do not grow with their number (no spills at
+    # hundreds of splits) and one compiled variant serves every split count.
+    row = tl.program_id(0).to(tl.int64)
     bs = row // H
-    h = (row % H).to(tl.int64)
-    b = (bs // S).to(tl.int64)
-    s = (bs % S).to(tl.int64)
-    offs_sp = tl.arange(0, SPLIT_PAD)
+    h = row % H
+    b = bs // S
+    s = bs % S
     offs_c = tl.arange(0, C_PAD)
-    sp_ok = offs_sp < num_splits
     c_ok = offs_c < C
+    first = row * num_splits
 
-    m = tl.load(part_m_ptr + row * num_splits + offs_sp, mask=sp_ok, other=float("-inf"))
-    l = tl.load(part_l_ptr + row * num_splits + offs_sp, mask=sp_ok, other=0.0)
-    m_max = tl.max(m, 0)
+    m_run = tl.full([SPLIT_BLOCK], float("-inf"), tl.float32)
+    for s0 in range(0, num_splits, SPLIT_BLOCK):
+        offs_sp = s0 + tl.arange(0, SPLIT_BLOCK)
+        m = tl.load(part_m_ptr + first + offs_sp, mask=offs_sp < num_splits, other=float("-inf"))
+        m_run = tl.maximum(m_run, m)
+    m_max = tl.max(m_run, 0)
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.exp(m - m_max) * l                                                   # [SPLITS]
-    o = tl.load(part_o_ptr + (row * num_splits + offs_sp[:, None]) * C + offs_c[None, :],
-                mask=sp_ok[:, None] & c_ok[None, :], other=0.0)                # [SPLITS, C]
-    total = tl.sum(w, 0)
-    out = tl.sum(w[:, None] * o, 0) / tl.where(total > 0.0, total, 1.0)
+
+    acc = tl.zeros([C_PAD], tl.float32)
+    mass = tl.zeros([SPLIT_BLOCK], tl.float32)
+    for s0 in range(0, num_splits, SPLIT_BLOCK):
+        offs_sp = s0 + tl.arange(0, SPLIT_BLOCK)
+        sp_ok = offs_sp < num_splits
+        m = tl.load(part_m_ptr + first + offs_sp, mask=sp_ok, other=float("-inf"))
+        l = tl.load(part_l_ptr + first + offs_sp, mask=sp_ok, other=0.0)
+        w = tl.exp(m - m_max) * l                                               # [SPLIT_BLOCK]
+        o = tl.load(part_o_ptr + (first + offs_sp[:, None]) * C + offs_c[None, :],
+                    mask=sp_ok[:, None] & c_ok[None, :], other=0.0)            # [SPLIT_BLOCK, C]
+        acc += tl.sum(w[:, None] * o, 0)
+        mass += w
+    total = tl.sum(mass, 0)
+    out = acc / tl.where(total > 0.0, total, 1.0)
     tl.store(out_ptr + b * so_b + h * so_h + s * so_s + offs_c * so_c,
              out.to(out_ptr.dtype.element_ty), mask=c_ok)
 
 
-def _default_num_splits(device: torch.device, programs_per_split: int, n_tiles: int) -> int:
+# Arguments of the MLA kernels that follow the cache length, left unspecialised (module docstring).
+_SPLIT_DYNAMIC = ("T", "tiles_per_split", "num_splits", "skv_b", "skr_b", "sm_b", "sm_h", "sm_s")
+_COMBINE_DYNAMIC = ("num_splits",)
+SPLIT_BLOCK = 16  # splits the combine kernel reads at a time
+
+
+def _default_num_splits(device: torch.device, programs_per_split: int, n_tiles: int, cache_bytes: int,
+                        partial_bytes_per_split: int) -> int:
     if device.type == "cuda":
         # Two waves of programs over the SMs hide the latency of the KV loads.
         target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         target = 4
     # Keep >= 4 tiles per split: fewer makes the combine pass cost more than it saves.
-    return max(1, min(triton.cdiv(target, programs_per_split), triton.cdiv(n_tiles, 4)))
+    splits = max(1, min(triton.cdiv(target, programs_per_split), triton.cdiv(n_tiles, 4)))
+    # The partials are written, then read back by the combine: they never outweigh the cache they
+    # summarize (at batch 1 with 128 heads, filling the GPU would take 3-4x the cache's bytes).
+    return max(1, min(splits, cache_bytes // max(1, partial_bytes_per_split)))
 
 
 def triton_latent_attention(q_latent: Tensor, q_rope: Tensor, kv_latent: Tensor, k_rope: Tensor,
@@ -212,7 +253,9 @@ def triton_latent_attention(q_latent: Tensor, q_rope: Tensor, kv_latent: Tensor,
     n_hblocks = triton.cdiv(H, block_h)
     n_tiles = triton.cdiv(T, block_t)
     if num_splits is None:
-        num_splits = _default_num_splits(q_latent.device, B * S * n_hblocks, n_tiles)
+        cache_bytes = kv_latent.shape[0] * T * (C + R) * kv_latent.element_size()
+        num_splits = _default_num_splits(q_latent.device, B * S * n_hblocks, n_tiles, cache_bytes,
+                                         B * S * H * (C + 2) * 4)
     num_splits = max(1, min(num_splits, n_tiles))
     tiles_per_split = triton.cdiv(n_tiles, num_splits)
     # Recount so that no split is empty: each one then owns at least one real key.
@@ -222,7 +265,7 @@ def triton_latent_attention(q_latent: Tensor, q_rope: Tensor, kv_latent: Tensor,
     part_m = torch.empty(B * S * H * num_splits, dtype=torch.float32, device=out.device)
     part_l = torch.empty_like(part_m)
     c_pad, r_pad = _pow2(C), _pow2(R)
-    _jit(_mla_split_kernel)[(n_hblocks, B * S, num_splits)](
+    _jit(_mla_split_kernel, _SPLIT_DYNAMIC)[(n_hblocks, B * S, num_splits)](
         q_latent, q_rope, kv_latent, k_rope, mask4, part_o, part_m, part_l,
         S, H, T, C, R, tiles_per_split, num_splits, float(scale),
         *q_latent.stride(), *q_rope.stride(), *kv_latent.stride(), *k_rope.stride(),
@@ -231,9 +274,9 @@ def triton_latent_attention(q_latent: Tensor, q_rope: Tensor, kv_latent: Tensor,
         DOT_PRECISION=_dot_precision(q_latent.dtype), DOT_DTYPE=_dot_dtype(q_latent.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
-    _jit(_mla_combine_kernel)[(B * S * H,)](
+    _jit(_mla_combine_kernel, _COMBINE_DYNAMIC)[(B * S * H,)](
         part_o, part_m, part_l, out, S, H, C, num_splits, *out.stride(),
-        SPLIT_PAD=_pow2(num_splits, at_least=2), C_PAD=c_pad, num_warps=4,
+        SPLIT_BLOCK=SPLIT_BLOCK, C_PAD=c_pad, num_warps=4,
     )
     return out
 
@@ -242,17 +285,19 @@ def triton_latent_attention(q_latent: Tensor, q_rope: Tensor, kv_latent: Tensor,
 # dsc::moe — routed experts as grouped GEMMs over tokens sorted by expert
 # ---------------------------------------------------------------------------------------------
 
-def align_by_expert(idx: Tensor, num_experts: int, block_m: int
+def align_by_expert(idx: Tensor, num_experts: int, block_m: int, ends: bool = False
                     ) -> tuple[Tensor, Tensor, Tensor]:
     """Sorts the T*K (token, slot) pairs by expert, each expert's run padded to block_m rows.
 
     Returns sorted_ids [M] (pair index t*K+k, or T*K for padding), expert_of_block [M/block_m]
-    and num_padded [1] (rows in use; blocks past it are skipped). M is an upper bound known
-    without reading the routing on the host, so nothing waits for the GPU.
+    and num_padded [1] (rows in use; blocks past it are skipped), or with `ends` every expert's
+    padded end [num_experts]. M is an upper bound known without reading the routing on the host,
+    so nothing waits for the GPU.
     """
     flat = idx.reshape(-1)                                                      # [T*K]
     n = flat.numel()
-    counts = torch.bincount(flat, minlength=num_experts)
+    # Counted by a scatter, not torch.bincount, which reads the largest id back to the host (a sync).
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
     padded_end = padded.cumsum(0)
     padded_start = padded_end - padded
@@ -266,7 +311,7 @@ def align_by_expert(idx: Tensor, num_experts: int, block_m: int
     block_start = torch.arange(0, m_max, block_m, device=flat.device)
     expert_of_block = torch.searchsorted(padded_end, block_start, right=True)
     expert_of_block = expert_of_block.clamp_max(num_experts - 1)
-    return sorted_ids, expert_of_block, padded_end[-1:]
+    return sorted_ids, expert_of_block, padded_end if ends else padded_end[-1:]
 
 
 def _moe_gate_up_kernel(
@@ -341,11 +386,13 @@ def _moe_down_kernel(
 
 def triton_moe_experts(x2d: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, weights: Tensor,
                        idx: Tensor, block_m: int | None = None, block_n: int = 64,
-                       block_k: int = 64, num_warps: int | None = None) -> Tensor:
+                       block_k: int = 64, num_warps: int | None = None, remote: bool = False) -> Tensor:
     """Routed experts as Triton grouped GEMMs; same contract as `moe_experts_reference`.
 
     Returns Σ_k weights[t,k]·expert_idx[t,k](x[t]) as [T, D] float32. The intermediate
-    silu(g)*u is stored in x's dtype, as the reference computes it.
+    silu(g)*u is stored in x's dtype, as the reference computes it. With `remote`, an id equal
+    to E marks a choice of an expert held elsewhere (a sharded layer): it contributes nothing,
+    and no host sync is needed to leave it out (`local_experts`).
     """
     _check_device(x2d, w1, w2, w3, weights, idx)
     check_expert_weights(x2d, w1, w2, w3)
@@ -362,10 +409,15 @@ def triton_moe_experts(x2d: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, weights:
     if num_warps is None:
         # 64-row blocks spill at 4 warps (ptxas, sm_90); 16-row blocks do not need more.
         num_warps = 4 if block_m <= 16 else 8
-    sorted_ids, expert_of_block, num_padded = align_by_expert(idx, E, block_m)
+    if remote:  # remote choices sort into one more bucket, after the last expert, that no block runs
+        sorted_ids, expert_of_block, padded_end = align_by_expert(idx, E + 1, block_m, ends=True)
+        expert_of_block, num_padded = expert_of_block.clamp_max(E - 1), padded_end[E - 1:E]
+    else:
+        sorted_ids, expert_of_block, num_padded = align_by_expert(idx, E, block_m)
     n_pairs = T * K
     h = torch.empty(n_pairs, I, dtype=x2d.dtype, device=x2d.device)
-    y = torch.empty(n_pairs, D, dtype=torch.float32, device=x2d.device)
+    # Remote pairs are never written: their rows must hold zeros for the sum over slots.
+    y = (torch.zeros if remote else torch.empty)(n_pairs, D, dtype=torch.float32, device=x2d.device)
     flat_w = weights.reshape(-1).float().contiguous()
     n_blocks_m = sorted_ids.numel() // block_m
     precision, dot_dtype = _dot_precision(x2d.dtype), _dot_dtype(x2d.dtype)
@@ -384,3 +436,6 @@ def triton_moe_experts(x2d: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, weights:
     )
     # Every pair row of y is written exactly once, so the combine is a plain sum over slots.
     return y.view(T, K, D).sum(dim=1)
+
+
+triton_moe_experts.takes_remote_ids = True  # local_experts passes remote choices as id E
