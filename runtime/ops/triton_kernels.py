@@ -21,6 +21,10 @@ Shapes: B batch, S new tokens, T keys (past + new), H heads, C kv_lora_rank, R r
 MoE: T tokens, D hidden, E experts, K active experts per token, I expert intermediate size.
 """
 
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
 import torch
 import triton
 import triton.language as tl
@@ -52,8 +56,59 @@ def _jit(fn, do_not_specialize: tuple[str, ...] = ()):
     return _JITTED[fn.__name__]
 
 
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch as the wrappers below decide it: what `recording` collects."""
+
+    fn: Callable
+    grid: tuple[int, ...]
+    args: tuple             # the kernel's runtime arguments, in order (tensors, ints, floats)
+    constexprs: dict        # its tl.constexpr arguments by name
+    options: dict           # num_warps, num_stages
+    dynamic: tuple[str, ...]  # integer arguments left unspecialised
+
+
+_RECORDING: list[Launch] | None = None
+_RECORDING_CAPABILITY: tuple[int, int] = (9, 0)
+
+
+@contextmanager
+def recording(capability: tuple[int, int] = (9, 0)) -> Iterator[list[Launch]]:
+    """Within it, the kernel wrappers take meta tensors and record the launches they would make on
+    a GPU of `capability` instead of running them: the ahead-of-time compiles
+    (verify/triton_aot.py) see exactly the configurations a real call would launch."""
+    global _RECORDING, _RECORDING_CAPABILITY
+    previous = _RECORDING, _RECORDING_CAPABILITY
+    _RECORDING, _RECORDING_CAPABILITY = [], capability
+    try:
+        yield _RECORDING
+    finally:
+        _RECORDING, _RECORDING_CAPABILITY = previous
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    """The compute capability launch choices are made for (the recorded one while recording)."""
+    if _RECORDING is not None:
+        return _RECORDING_CAPABILITY
+    if device.type != "cuda":  # the interpreter: any choice works, take the newest target's
+        return (9, 0)
+    return torch.cuda.get_device_capability(device)
+
+
+def _launch(fn, grid: tuple[int, ...], args: tuple, constexprs: dict, dynamic: tuple[str, ...] = (),
+            **options) -> None:
+    if _RECORDING is not None:
+        _RECORDING.append(Launch(fn, tuple(int(g) for g in grid), args, constexprs, options, dynamic))
+        return
+    _jit(fn, dynamic)[grid](*args, **constexprs, **options)
+
+
 def _check_device(*tensors: Tensor) -> None:
     dev = tensors[0].device
+    if _RECORDING is not None:
+        if dev.type != "meta":
+            raise ValueError(f"recording takes meta tensors, got {dev.type}")
+        return
     if any(t.device != dev for t in tensors):
         raise ValueError(f"Triton kernels need all tensors on one device, got "
                          f"{sorted({str(t.device) for t in tensors})}")
@@ -232,8 +287,9 @@ def triton_latent_attention(q_latent: Tensor, q_rope: Tensor, kv_latent: Tensor,
                             num_warps: int = 8, num_stages: int = 2) -> Tensor:
     """`dsc::latent_attention` by split-K flash decoding; returns [B, H, S, C] in q's dtype.
 
-    block_h heads share each loaded KV tile (default 32, 16 for fp32: the largest blocks that
-    compile without register spills at C=512, per ptxas for sm_90). The keys are cut into
+    block_h heads share each loaded KV tile (default 32 for 16-bit inputs from sm_90 on, else 16:
+    the largest blocks that compile without register spills at C=512, per ptxas for sm_80 and
+    sm_90a, verify/triton_aot.py). The keys are cut into
     num_splits ranges of whole tiles (default: enough programs to fill the GPU) whose partial
     results are merged by their softmax max and mass in a second kernel.
     """
@@ -248,7 +304,8 @@ def triton_latent_attention(q_latent: Tensor, q_rope: Tensor, kv_latent: Tensor,
     mask4 = mask.expand(B, H, S, T)                     # broadcast dims get stride 0
     block_t = _pow2(block_t)
     if block_h is None:
-        block_h = 16 if q_latent.dtype == torch.float32 else 32
+        wide = q_latent.dtype != torch.float32 and _capability(q_latent.device) >= (9, 0)
+        block_h = 32 if wide else 16
     block_h = _pow2(min(block_h, H))
     n_hblocks = triton.cdiv(H, block_h)
     n_tiles = triton.cdiv(T, block_t)
@@ -265,19 +322,16 @@ def triton_latent_attention(q_latent: Tensor, q_rope: Tensor, kv_latent: Tensor,
     part_m = torch.empty(B * S * H * num_splits, dtype=torch.float32, device=out.device)
     part_l = torch.empty_like(part_m)
     c_pad, r_pad = _pow2(C), _pow2(R)
-    _jit(_mla_split_kernel, _SPLIT_DYNAMIC)[(n_hblocks, B * S, num_splits)](
-        q_latent, q_rope, kv_latent, k_rope, mask4, part_o, part_m, part_l,
-        S, H, T, C, R, tiles_per_split, num_splits, float(scale),
-        *q_latent.stride(), *q_rope.stride(), *kv_latent.stride(), *k_rope.stride(),
-        *mask4.stride(),
-        BLOCK_H=block_h, BLOCK_T=block_t, C_PAD=c_pad, R_PAD=r_pad,
-        DOT_PRECISION=_dot_precision(q_latent.dtype), DOT_DTYPE=_dot_dtype(q_latent.dtype),
-        num_warps=num_warps, num_stages=num_stages,
-    )
-    _jit(_mla_combine_kernel, _COMBINE_DYNAMIC)[(B * S * H,)](
-        part_o, part_m, part_l, out, S, H, C, num_splits, *out.stride(),
-        SPLIT_BLOCK=SPLIT_BLOCK, C_PAD=c_pad, num_warps=4,
-    )
+    _launch(_mla_split_kernel, (n_hblocks, B * S, num_splits),
+            (q_latent, q_rope, kv_latent, k_rope, mask4, part_o, part_m, part_l,
+             S, H, T, C, R, tiles_per_split, num_splits, float(scale),
+             *q_latent.stride(), *q_rope.stride(), *kv_latent.stride(), *k_rope.stride(), *mask4.stride()),
+            dict(BLOCK_H=block_h, BLOCK_T=block_t, C_PAD=c_pad, R_PAD=r_pad,
+                 DOT_PRECISION=_dot_precision(q_latent.dtype), DOT_DTYPE=_dot_dtype(q_latent.dtype)),
+            _SPLIT_DYNAMIC, num_warps=num_warps, num_stages=num_stages)
+    _launch(_mla_combine_kernel, (B * S * H,),
+            (part_o, part_m, part_l, out, S, H, C, num_splits, *out.stride()),
+            dict(SPLIT_BLOCK=SPLIT_BLOCK, C_PAD=c_pad), _COMBINE_DYNAMIC, num_warps=4)
     return out
 
 
@@ -422,18 +476,16 @@ def triton_moe_experts(x2d: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, weights:
     n_blocks_m = sorted_ids.numel() // block_m
     precision, dot_dtype = _dot_precision(x2d.dtype), _dot_dtype(x2d.dtype)
 
-    _jit(_moe_gate_up_kernel)[(n_blocks_m, triton.cdiv(I, block_n))](
-        x2d, w1, w3, h, sorted_ids, expert_of_block, num_padded,
-        D, I, n_pairs, K, *x2d.stride(), *w1.stride(), *h.stride(),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION=precision,
-        DOT_DTYPE=dot_dtype, num_warps=num_warps,
-    )
-    _jit(_moe_down_kernel)[(n_blocks_m, triton.cdiv(D, block_n))](
-        h, w2, y, flat_w, sorted_ids, expert_of_block, num_padded,
-        D, I, n_pairs, *h.stride(), *w2.stride(), *y.stride(),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION=precision,
-        DOT_DTYPE=dot_dtype, num_warps=num_warps,
-    )
+    blocks = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION=precision, DOT_DTYPE=dot_dtype)
+    # The token counts change from step to step; the model's sizes and strides do not.
+    _launch(_moe_gate_up_kernel, (n_blocks_m, triton.cdiv(I, block_n)),
+            (x2d, w1, w3, h, sorted_ids, expert_of_block, num_padded,
+             D, I, n_pairs, K, *x2d.stride(), *w1.stride(), *h.stride()),
+            blocks, ("num_pairs",), num_warps=num_warps)
+    _launch(_moe_down_kernel, (n_blocks_m, triton.cdiv(D, block_n)),
+            (h, w2, y, flat_w, sorted_ids, expert_of_block, num_padded,
+             D, I, n_pairs, *h.stride(), *w2.stride(), *y.stride()),
+            blocks, ("num_pairs",), num_warps=num_warps)
     # Every pair row of y is written exactly once, so the combine is a plain sum over slots.
     return y.view(T, K, D).sum(dim=1)
 
