@@ -31,6 +31,8 @@ def export(
     verify: bool = typer.Option(_DEFAULT["verify"], "--verify", help="Check each pass numerically on random inputs."),
     opset: int = typer.Option(_DEFAULT["opset"], help="ONNX opset (>= 23)."),
     target: str = typer.Option(_DEFAULT["target"], help="onnxruntime, or tensorrt (also builds TensorRT engines)."),
+    device: str = typer.Option(_DEFAULT["device"], help="Where the ONNX Runtime engine runs: cpu, or cuda (lowerings "
+                               "the CUDA provider has: com.microsoft.MoE in float16/bfloat16 too)."),
     precision: str = typer.Option(_DEFAULT["precision"], help="TensorRT engine precision: fp32, fp16 or bf16."),
     tf32: bool = typer.Option(_DEFAULT["tf32"], "--tf32", help="Let fp32 TensorRT engines compute GEMMs in TF32 "
                               "(default: IEEE float32; compare then judges with the TF32 tolerance)."),
@@ -71,7 +73,7 @@ def export(
         if checkpoint is None or out is None:
             raise OptionError("export needs CHECKPOINT and -o OUT")
         options = ExportOptions(dtype=dtype, weights=weights, block_size=block_size, absorb=absorb, fuse_moe=fuse_moe,
-                                verify=verify, opset=opset, target=target, precision=precision, tf32=tf32,
+                                verify=verify, opset=opset, target=target, device=device, precision=precision, tf32=tf32,
                                 max_batch=max_batch, max_prompt_tokens=max_prompt_tokens, max_context=max_context,
                                 frontend=frontend, graphs_only=graphs_only, tp=tp, ep=ep, force=force, allow_nonfinite=allow_nonfinite)
         from dscompile.api import export as export_api

@@ -171,7 +171,7 @@ def _write(checkpoint, stage: Stage, programs, reports, args, options: ExportOpt
     quantizer = GraphQuantizer(scheme, accuracy_level=options.accuracy_level) if scheme is not None else None
     lowered, lowerings, quantized = {}, {}, {}
     for i, phase in enumerate(PHASES):
-        lowerings[phase] = choose_moe_experts(phase, DTYPES[dtype], options.target)
+        lowerings[phase] = choose_moe_experts(phase, DTYPES[dtype], options.target, options.device)
         lowered[phase] = lower(programs[phase], phase, args.num_hidden_layers, opset=options.opset,
                                moe_experts=lowerings[phase])
         if quantizer is not None:
@@ -206,6 +206,7 @@ def _write(checkpoint, stage: Stage, programs, reports, args, options: ExportOpt
         report("write", len(stored) + 1, len(stored) + 3)
         manifest = {
             **manifest_head(RUNTIME, options.target, options.frontend, dtype, args, options.limits),
+            "device": options.device,
             "opset": options.opset,
             "weights": {**stored["weights"],
                         "parameter_bytes": parameter_bytes(programs["prefill"]),

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from dscompile.passes.shard import Plan
 
 TARGETS = ("onnxruntime", "tensorrt")  # what the lowering is restricted for
+DEVICES = ("cpu", "cuda")  # where an ONNX Runtime engine will run: picks the lowerings its kernels have
 WEIGHT_FORMATS = {"int8": 8, "int4": 4}  # --weights: block-wise weight-only quantization (model/quant.py)
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # ONNX Runtime's MatMulNBits/QMoE accuracy_level attribute
 MIN_OPSET = 23  # the lowering emits RMSNormalization and Attention
@@ -48,6 +49,7 @@ class ExportOptions:
     # lowering
     opset: int = MIN_OPSET
     target: str = "onnxruntime"  # or tensorrt: standard ONNX ops only, and TensorRT engines (the API builds them)
+    device: str = "cpu"  # cuda: ONNX Runtime graphs for its CUDA provider (com.microsoft.MoE in float16/bfloat16)
     precision: str = "fp16"  # TensorRT engines' precision (target tensorrt)
     tf32: bool = False  # fp32 TensorRT engines compute GEMMs in TF32 (opt-in; else IEEE float32)
     # the engines' limits: the captured graphs' dynamic ranges
@@ -73,6 +75,11 @@ class ExportOptions:
             raise OptionError(f"--absorb {self.absorb!r} is not one of {', '.join(ABSORB_FORMS)}")
         if self.target not in TARGETS:
             raise OptionError(f"--target {self.target!r} is not one of {', '.join(TARGETS)}")
+        if self.device not in DEVICES:
+            raise OptionError(f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
+        if self.device != "cpu" and self.target != "onnxruntime":
+            raise OptionError(f"--device {self.device} is an option of --target onnxruntime (TensorRT engines run on "
+                              "the GPU by construction)")
         if self.opset < MIN_OPSET:
             raise OptionError(f"--opset {self.opset} is too old: the lowering needs opset >= {MIN_OPSET} "
                               "(RMSNormalization, Attention)")

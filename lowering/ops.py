@@ -291,7 +291,7 @@ def make_moe(experts: str) -> Callable:
     return moe
 
 
-def choose_moe_experts(phase: str, dtype: torch.dtype, target: str = "onnxruntime") -> str:
+def choose_moe_experts(phase: str, dtype: torch.dtype, target: str = "onnxruntime", device: str = "cpu") -> str:
     """The routed-experts lowering for a graph (measured: benchmarks/ort_moe_lowering.py).
 
     Every choice is a graph whose size does not depend on the number of routed experts.
@@ -308,13 +308,16 @@ def choose_moe_experts(phase: str, dtype: torch.dtype, target: str = "onnxruntim
     use com.microsoft.MoE for prefill and decode, both reading the same fc1 (gate/up
     interleaved) and fc2 weights. Its CPU kernel returns zeros for float16 (measured, ORT
     1.31.1), so half-precision graphs gather the chosen experts for decode (faster than dense at
-    1 token) and run all experts densely for prefill (not re-measured in fp16).
+    1 token) and run all experts densely for prefill (not re-measured in fp16). For ONNX Runtime's
+    CUDA provider (`device` "cuda"), which registers com.microsoft.MoE for float, float16 and
+    bfloat16, every dtype uses it: the gather and dense forms would read every chosen expert's
+    weights per token (gather) or run every expert on every token (dense) on the GPU.
     """
     if target == "tensorrt":
         # TensorRT's ONNX parser has no com.microsoft ops: gather the chosen experts for decode and
         # run all experts densely for prefill, with standard ops only (see `inspect --trt-compat`).
         return "gather" if phase == "decode" else "dense"
-    if dtype == torch.float32:
+    if dtype == torch.float32 or device == "cuda":
         return "moe_op"
     return "gather" if phase == "decode" else "dense"
 

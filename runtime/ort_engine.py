@@ -319,6 +319,7 @@ class OrtEngine(Engine):
             raise OptionError(f"{out}: a float32 engine on ONNX Runtime's TensorRT provider would compute in TF32 "
                               "(TensorRT builds with it, and the provider has no option to turn it off): "
                               "use --provider cuda, or opt in with --tf32")
+        cls.check_device(out, manifest, providers[0])
         weights = WeightsFile.open(out, manifest)  # a truncated or foreign file stops here, before any session
         ort = _ort()
         options = ort.SessionOptions()
@@ -338,9 +339,20 @@ class OrtEngine(Engine):
                 raise
             notes.append(f"{err}: running on CPU")
             providers = choose_providers("cpu")
+            cls.check_device(out, manifest, providers[0])
             sessions = _open_sessions(ort, out, manifest, options, provider_chain(providers))
         device = "cuda" if providers[0] != "CPUExecutionProvider" else "cpu"
         return cls(out, manifest, sessions, device, weights, providers[0], tuple(notes))
+
+    @staticmethod
+    def check_device(out: Path, manifest: dict[str, Any], provider: str) -> None:
+        """Refuse a half-precision export lowered for the CUDA provider (`export --device cuda`) on CPU:
+        ONNX Runtime's CPU com.microsoft.MoE returns zeros for float16 instead of failing."""
+        if manifest.get("device", "cpu") == "cuda" and manifest["dtype"] != "float32" \
+                and provider == "CPUExecutionProvider":
+            raise EngineError(f"{out}: a {manifest['dtype']} engine exported for CUDA (--device cuda) runs on ONNX "
+                              "Runtime's CUDA provider only (its CPU MoE kernel has no half precision): run it with "
+                              "--provider cuda on a GPU, or export with --device cpu")
 
     def _step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
               cache: KVCache | None) -> tuple[torch.Tensor, KVCache]:

@@ -50,6 +50,8 @@ BAD = [  # (options, what the one-line error says)
     (dict(dtype="float8"), "--dtype 'float8' is not one of float32, float16, bfloat16"),
     (dict(absorb="maybe"), "--absorb 'maybe' is not one of auto, fold, reassociate, none"),
     (dict(target="tpu"), "--target 'tpu' is not one of onnxruntime, tensorrt"),
+    (dict(device="rocm"), "--device 'rocm' is not one of cpu, cuda"),
+    (dict(device="cuda", target="tensorrt"), "--device cuda is an option of --target onnxruntime"),
     (dict(opset=22), "--opset 22 is too old: the lowering needs opset >= 23"),
     (dict(max_prompt_tokens=1), "--max-batch/--max-prompt-tokens/--max-context: need max_prompt_tokens >= 2"),
     (dict(max_prompt_tokens=64, max_context=32), "--max-batch/--max-prompt-tokens/--max-context: need max_batch"),

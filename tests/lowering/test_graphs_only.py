@@ -15,11 +15,13 @@ import json
 import onnx
 import onnx_ir as ir
 import pytest
+import torch
 
 from dscompile.capture import Limits, capture
 from dscompile.exporter.export import export_checkpoint
 from dscompile.exporter.options import ExportOptions
 from dscompile.lowering.graph import lower
+from dscompile.lowering.ops import choose_moe_experts
 from dscompile.lowering.weights import save_models
 from dscompile.model import checkpoint as ckpt_mod
 from dscompile.model.checkpoint import load_checkpoint
@@ -51,16 +53,16 @@ def _nodes(out) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def graphs_only(tmp_path_factory):
-    """graphs_only(experts, dtype, target) -> (OUT, manifest) of the tiny config, exported once."""
+    """graphs_only(experts, dtype, target, device) -> (OUT, manifest) of the tiny config, exported once."""
     tmp = tmp_path_factory.mktemp("graphs_only")
     done = {}
 
-    def export(experts: int, dtype: str = "float32", target: str = "onnxruntime"):
-        key = (experts, dtype, target)
+    def export(experts: int, dtype: str = "float32", target: str = "onnxruntime", device: str = "cpu"):
+        key = (experts, dtype, target, device)
         if key not in done:
-            out = tmp / f"out-{experts}-{dtype}-{target}"
+            out = tmp / f"out-{experts}-{dtype}-{target}-{device}"
             done[key] = out, export_checkpoint(_config(tmp, experts) / "config.json", out, ExportOptions.within(
-                                                   SMALL, dtype=dtype, target=target, graphs_only=True))
+                                                   SMALL, dtype=dtype, target=target, device=device, graphs_only=True))
         return done[key]
 
     return export
@@ -197,3 +199,30 @@ def test_engines_refuse_it_inspect_reads_it(graphs_only_out, monkeypatch):
             load(out)
         assert str(err.value) == message
     assert read_manifest(out, graphs_only_ok=True)["graphs_only"] is True
+
+
+def test_cuda_half_precision_uses_the_moe_op(graphs_only):
+    # The CUDA provider has com.microsoft.MoE for float16 and bfloat16 (its CPU kernel returns zeros
+    # for float16, so CPU exports gather/dense instead): both graphs read the same fc1/fc2 weights.
+    out, manifest = graphs_only(16, "bfloat16", "onnxruntime", "cuda")
+    assert manifest["device"] == "cuda"
+    for name in ("prefill", "decode"):
+        assert manifest["graphs"][name]["moe_lowering"] == "moe_op"
+        model = onnx.load(str(out / f"{name}.onnx"), load_external_data=False)
+        moe = [n for n in model.graph.node if n.domain == "com.microsoft" and n.op_type == "MoE"]
+        assert len(moe) == 1
+        types = {v.name: v.type.tensor_type.elem_type for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+        assert types.get(moe[0].input[0]) == onnx.TensorProto.BFLOAT16, "the MoE computes in bfloat16"
+    assert [choose_moe_experts(g, torch.bfloat16, "onnxruntime", "cpu") for g in ("prefill", "decode")] == \
+        ["dense", "gather"]
+
+
+def test_cuda_export_of_half_precision_is_refused_on_cpu(tmp_path):
+    from dscompile.errors import EngineError
+    from dscompile.runtime.ort_engine import OrtEngine
+
+    manifest = {"device": "cuda", "dtype": "float16"}
+    with pytest.raises(EngineError, match="--provider cuda"):
+        OrtEngine.check_device(tmp_path, manifest, "CPUExecutionProvider")
+    OrtEngine.check_device(tmp_path, manifest, "CUDAExecutionProvider")
+    OrtEngine.check_device(tmp_path, {"device": "cuda", "dtype": "float32"}, "CPUExecutionProvider")  # same graphs as CPU's
