@@ -33,7 +33,6 @@ import io
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -117,22 +116,6 @@ def triton_aot(work: Path) -> dict:
             "failed": bad, "kernels": report["kernels"]}
 
 
-def _time_ms(fn, reps: int = 20, warmup: int = 3) -> float:
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def triton_kernels(work: Path) -> dict:
     _need_gpu()
     _need("triton")
@@ -145,10 +128,9 @@ def triton_kernels(work: Path) -> dict:
     from dscompile.tolerance import OP_TOLERANCE
     from dscompile.verify.triton_aot import model_shapes
 
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    copy_gbs = 2 * src.numel() / _time_ms(lambda: dst.copy_(src)) / 1e6
-    del src, dst
+    from gpu_kernels import copy_bandwidth_gbs, time_ms  # benchmarks/gpu_kernels.py, beside this file
+
+    copy_gbs = copy_bandwidth_gbs(reps=20)
     rows, failures = [], []
     g = torch.Generator(device="cuda").manual_seed(0)
     for model in ("v2-lite", "v3"):
@@ -169,7 +151,7 @@ def triton_kernels(work: Path) -> dict:
                 ref = latent_attention_reference(q.float(), qr.float(), kv.float(), kr.float(), mask.float(), scale)
                 err = float((out.float() - ref).abs().max())
                 bound = rel * max(1.0, float(ref.abs().max()))
-                ms = _time_ms(lambda: torch.ops.dsc.latent_attention(q, qr, kv, kr, mask, scale))
+                ms = time_ms(lambda: torch.ops.dsc.latent_attention(q, qr, kv, kr, mask, scale), 20)
                 moved = kv.nbytes + kr.nbytes + mask.nbytes + 2 * q.nbytes + qr.nbytes
                 row = dict(kernel="latent_attention", model=model, dtype=str(dtype), B=B, T=T, ms=round(ms, 4),
                            max_abs_err=err, bound=bound, triton_ran=ran,
@@ -192,7 +174,7 @@ def triton_kernels(work: Path) -> dict:
                 ref = moe_experts_reference(x.float(), w1.float(), w2.float(), w3.float(), weights, idx)
                 err = float((out - ref).abs().max())
                 bound = rel * max(1.0, float(ref.abs().max()))
-                ms = _time_ms(lambda: triton_moe_experts(x, w1, w2, w3, weights, idx))
+                ms = time_ms(lambda: triton_moe_experts(x, w1, w2, w3, weights, idx), 20)
                 floor_ms = int(torch.unique(idx).numel()) * 3 * I * D * w1.element_size() / copy_gbs / 1e6
                 row = dict(kernel="moe_experts", model=model, dtype=str(dtype), tokens=tokens, ms=round(ms, 4),
                            max_abs_err=err, bound=bound, times_bytes_floor=round(ms / floor_ms, 2))
