@@ -181,7 +181,6 @@ def triton_kernels(work: Path) -> dict:
                 rows.append(row)
                 if err > bound:
                     failures.append(row)
-            del w1, w2, w3
     return {"passed": not failures, "copy_gbs": round(copy_gbs, 1), "failed": failures, "rows": rows}
 
 
