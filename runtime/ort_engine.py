@@ -33,6 +33,16 @@ prepacking, 3.62 GB with it (load 0.3 s vs 2.6-3.0 s); with it prefill is 4-11% 
 a truncated or foreign weights.bin is refused before any session opens, and a write into the file
 while the engine runs stops the next step.
 
+One device copy on a GPU: ONNX Runtime's CUDA provider copies every initializer of a session to the
+device (no mapping there), so prefill and decode sessions would hold two copies (63 GB for
+DeepSeek-V2-Lite in bfloat16). On CUDA and TensorRT ONE session, on the contract's decode graph
+(absorbed attention, any number of new tokens, any past), runs every step (`session_graphs`
+decides, per provider). Half-precision decode graphs gather the chosen experts' weights per token
+(lowering/ops.py choose_moe_experts): run through them, a long prefill would copy K experts per
+token and layer at once, so steps are cut into chunks of `max_step_tokens` new tokens that keep one
+layer's copies under GATHER_BUDGET_BYTES (2 GiB; DeepSeek-V2-Lite bf16: 104 MB per token, 20
+tokens per chunk), the same computation in causal attention.
+
 Quantized engines (`export --weights int8|int4`): MatMulNBits and QMoE compute from a packed
 layout they build when the session is created (prepacking); without it they unpack every weight
 on every call. Two sessions would hold two packed copies, so ONE session, on the contract's decode
@@ -54,7 +64,9 @@ the CPU provider, and the CUDA provider leaves shape computations there by desig
 Float32 is IEEE float32: the CUDA provider's default `use_tf32=1` (GEMM inputs rounded to 10
 mantissa bits) is turned off unless `tf32=True` (`provider_chain`). ONNX Runtime's TensorRT
 provider has no such option (TensorRT builds with TF32), so a float32 engine runs on it only with
-`tf32=True`. Session logs are limited to errors: a CPU machine with the onnxruntime-gpu wheel
+`tf32=True`. The TensorRT provider is given explicit optimization profiles from the manifest's
+limits and an engine cache (`tensorrt_provider_options`); without them it rebuilds its engine each
+time the past grows out of the shapes it has seen, i.e. at every decode step. Session logs are limited to errors: a CPU machine with the onnxruntime-gpu wheel
 prints nothing alarming.
 
 Shape legend: B batch, S new tokens, P past tokens, V vocab, C kv_lora_rank, R rope dim.
@@ -147,11 +159,67 @@ def missing_for(provider: str) -> str | None:
     return " and ".join(parts) or None
 
 
-def provider_chain(providers: list[str], tf32: bool = False) -> list[tuple[str, dict[str, str]]]:
+def provider_chain(providers: list[str], tf32: bool = False, tensorrt: dict[str, str] | None = None
+                   ) -> list[tuple[str, dict[str, str]]]:
     """(provider, options) pairs a session is created with: the CUDA provider computes float32
-    GEMMs in IEEE float32 (`use_tf32` "0") unless `tf32` opts in to TF32."""
-    cuda = {"use_tf32": "1" if tf32 else "0"}
-    return [(p, cuda if p == "CUDAExecutionProvider" else {}) for p in providers]
+    GEMMs in IEEE float32 (`use_tf32` "0") unless `tf32` opts in to TF32; the TensorRT provider
+    gets `tensorrt` (tensorrt_provider_options)."""
+    options = {"CUDAExecutionProvider": {"use_tf32": "1" if tf32 else "0"},
+               "TensorrtExecutionProvider": dict(tensorrt or {})}
+    return [(p, options.get(p, {})) for p in providers]
+
+
+def tensorrt_provider_options(manifest: dict[str, Any], cache_dir: str | os.PathLike) -> dict[str, str]:
+    """ONNX Runtime TensorRT provider options for OUT's one session (session_graphs: the decode graph).
+
+    Without explicit profiles the provider builds an engine for the shapes it has seen and rebuilds
+    it whenever a step falls outside them, which a growing past does at every decode step. So one
+    profile covers every step the manifest's limits allow (B 1..max_batch, S 1..max_prompt_tokens,
+    P 0..max_context-1, P+S <= max_context), tuned at decode (S = 1, P = max_context / 2), in the
+    provider's format "name:d0xd1x...,name:...". Engines are cached under `cache_dir` (built once
+    per export, GPU and TensorRT version); half-precision graphs enable the matching TensorRT
+    precision. Refuses (EngineError) an OUT whose graph holds non-standard ops (com.microsoft.MoE
+    in float32): the provider would leave them to CUDA and split the graph into TensorRT subgraphs
+    whose dynamic inputs no profile given here can name.
+    """
+    graph = manifest["graphs"][DECODE]
+    foreign = sorted(op for op in (graph.get("op_counts") or {}) if "." in op)  # "domain.Op" (exporter/manifest.py)
+    if foreign:
+        raise EngineError(f"ONNX Runtime's TensorRT provider cannot run {graph['file']} whole: it holds "
+                          f"{', '.join(foreign)}, which TensorRT does not import, and the TensorRT subgraphs "
+                          "around them would have no optimization profile: use --provider cuda")
+    limits = manifest["limits"]
+    B, S, T = limits["max_batch"], limits["max_prompt_tokens"], limits["max_context"]
+    p_opt = max(1, T // 2)
+    ranges = {"B": (1, B, B), "S": (1, 1, S), "P": (0, p_opt, T - 1), "T": (1, p_opt + 1, T)}
+    roles = {INPUT_IDS: ("B", "S"), POSITION_IDS: ("B", "S"), ATTENTION_MASK: ("B", "T")}
+    shapes: list[list[str]] = [[], [], []]  # min, opt, max
+    for io in graph["inputs"]:
+        name, dims = io["name"], io["shape"]
+        axes = roles.get(name, ("B", "P") + (None,) * (len(dims) - 2))
+        for k in range(3):
+            sizes = [str(d) if isinstance(d, int) else str(ranges[a][k]) for d, a in zip(dims, axes)]
+            shapes[k].append(f"{name}:{'x'.join(sizes)}")
+    options = {
+        "trt_profile_min_shapes": ",".join(shapes[0]),
+        "trt_profile_opt_shapes": ",".join(shapes[1]),
+        "trt_profile_max_shapes": ",".join(shapes[2]),
+        "trt_engine_cache_enable": "True",
+        "trt_engine_cache_path": os.fspath(cache_dir),
+    }
+    if manifest["dtype"] in ("float16", "bfloat16"):
+        options["trt_fp16_enable" if manifest["dtype"] == "float16" else "trt_bf16_enable"] = "True"
+    return options
+
+
+def tensorrt_cache_dir(out: Path) -> Path:
+    """Where the TensorRT provider caches OUT's engines: $DSCOMPILE_HOME (or ~/.cache/dscompile)/ort-tensorrt/
+    <a hash of OUT's manifest>, so a re-export never meets the engines of the one before."""
+    import hashlib  # noqa: PLC0415 - only this path needs it
+
+    home = Path(os.environ.get("DSCOMPILE_HOME", Path.home() / ".cache" / "dscompile"))
+    digest = hashlib.sha256((out / "manifest.json").read_bytes()).hexdigest()[:16]
+    return home / "ort-tensorrt" / digest
 
 
 class OrtKVCache(KVCache):
@@ -226,27 +294,58 @@ class OrtCapacityCache(KVCache):
         raise AttributeError("OrtCapacityCache is read-only: build a KVCache from torch tensors instead")
 
 
+def session_graphs(manifest: dict[str, Any], provider: str) -> dict[str, str]:
+    """graph a step may run (choose_graph's names) -> the ONNX file whose session runs it, for an
+    engine on ONNX Runtime `provider` ("CPUExecutionProvider", ...). A file named twice is ONE session.
+
+    - CPU, float: prefill.onnx for prefill, the in-place decode graph (where OUT has it) for decode:
+      both map the same weights.bin, so two sessions cost no second copy.
+    - CPU, quantized: the kernels prepack their weights per session, so one session of the contract's
+      decode graph (any S, any P) runs every step.
+    - CUDA and TensorRT: each session copies its initializers to the device, so one session of the
+      contract's decode graph runs every step: one device copy of the weights (two sessions would
+      hold two: 63 GB for DeepSeek-V2-Lite in bfloat16).
+    """
+    graphs = manifest["graphs"]
+    decode = graphs[DECODE]["file"]
+    if manifest.get("quantization") or provider != _ORT_PROVIDER["cpu"]:
+        return {PREFILL: decode, DECODE: decode}
+    in_place = graphs[DECODE].get("in_place")
+    if in_place is not None:
+        return {PREFILL: graphs[PREFILL]["file"], DECODE_IN_PLACE: in_place["file"]}
+    return {PREFILL: graphs[PREFILL]["file"], DECODE: decode}
+
+
+# Transient device memory a step may spend on the experts' weights that a "gather" MoE lowering
+# copies per token (half-precision decode graphs: lowering/ops.py choose_moe_experts); a longer
+# step through the one decode session is run in chunks of new tokens under this bound.
+GATHER_BUDGET_BYTES = 2 << 30
+
+
+def max_step_tokens(manifest: dict[str, Any], provider: str) -> int | None:
+    """New tokens per step through `provider`'s sessions (None: no limit). The decode graph's
+    "gather" experts copy K experts' weights per token and layer (K x 3 x hidden x moe_intermediate
+    values); where that graph also runs prefills (session_graphs: CUDA, TensorRT), a step is cut so
+    one layer's copies stay under GATHER_BUDGET_BYTES."""
+    plan = session_graphs(manifest, provider)
+    if plan[PREFILL] != manifest["graphs"][DECODE]["file"] or manifest["graphs"][DECODE].get("moe_lowering") != "gather":
+        return None
+    cfg = manifest["model"]
+    width = {"float32": 4, "float16": 2, "bfloat16": 2}.get(manifest["dtype"], 4)
+    per_token = cfg["num_experts_per_tok"] * 3 * cfg["hidden_size"] * cfg["moe_intermediate_size"] * width
+    return max(1, GATHER_BUDGET_BYTES // per_token)
+
+
 def _open_sessions(ort, out: Path, manifest: dict[str, Any], options, chain: list[tuple[str, dict[str, str]]]
                    ) -> dict[str, Any]:
-    """The sessions OUT needs on `chain` (provider_chain), each refused with ProviderUnavailable
-    when ONNX Runtime did not give it the first provider of the chain."""
-    sessions = {}
-    quant = manifest.get("quantization")
-    cpu = chain[0][0] == "CPUExecutionProvider"
-    # On CPU decode steps run through the in-place graph; the contract's decode graph would map
-    # the same weights at no cost, but nothing on CPU steps through it, so it is not opened.
-    in_place = manifest["graphs"][DECODE].get("in_place")
-    decode = DECODE_IN_PLACE if in_place is not None and cpu else DECODE
-    files = {PREFILL: manifest["graphs"][PREFILL]["file"],
-             decode: in_place["file"] if decode == DECODE_IN_PLACE else manifest["graphs"][DECODE]["file"]}
-    if quant:
-        # Quantized kernels (MatMulNBits, QMoE) run from their prepacked layout: without it they
-        # unpack every weight on every call (~50x slower). Each session would prepack its own
-        # copy, so one session, on the contract's decode graph (any S, any P), runs every step.
-        files = {DECODE: manifest["graphs"][DECODE]["file"]}
+    """The sessions OUT needs on `chain` (provider_chain; which graphs: session_graphs), each refused
+    with ProviderUnavailable when ONNX Runtime did not give it the first provider of the chain."""
     wanted = chain[0][0]
+    cpu = wanted == "CPUExecutionProvider"
+    plan = session_graphs(manifest, wanted)
+    by_file: dict[str, Any] = {}
     name = {v: k for k, v in _ORT_PROVIDER.items()}[wanted]
-    for graph, file in files.items():
+    for file in dict.fromkeys(plan.values()):
         path = out / file
         if not cpu:  # a provider that does not load logs errors on fd 2: the one-line refusal below says it
             ort.set_default_logger_severity(4)
@@ -267,10 +366,8 @@ def _open_sessions(ort, out: Path, manifest: dict[str, Any], options, chain: lis
             why = missing_for(name) or "its library did not load (a dependency missing, or a driver too old)"
             raise ProviderUnavailable(f"provider {name!r} is not usable here: {why} (ONNX Runtime gave the "
                                       f"session {got[0]} instead)")
-        sessions[graph] = session
-    if quant:
-        sessions[PREFILL] = sessions[DECODE]
-    return sessions
+        by_file[file] = session
+    return {graph: by_file[file] for graph, file in plan.items()}
 
 
 class OrtEngine(Engine):
@@ -283,6 +380,7 @@ class OrtEngine(Engine):
         self.out_dir, self.manifest, self.sessions, self.device = out_dir, manifest, sessions, device
         self.weights = weights
         self.provider, self.notes = provider, notes  # what the sessions run on, and why when auto fell back
+        self.max_step_tokens = max_step_tokens(manifest, provider)  # longer steps run in chunks (None: no limit)
         self.info = EngineInfo.from_manifest(manifest, str(out_dir / "manifest.json"))
         n = self.info.num_layers
         self._past, self._present = cache_names(PAST, n), cache_names(PRESENT, n)
@@ -331,8 +429,12 @@ class OrtEngine(Engine):
                 raise EngineError(f"threads must be >= 1, got {threads}")
             options.intra_op_num_threads = threads
         notes = []
+        trt = None
+        if providers[0] == _ORT_PROVIDER["tensorrt"]:
+            trt = tensorrt_provider_options(manifest, tensorrt_cache_dir(out))
+            Path(trt["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
         try:
-            sessions = _open_sessions(ort, out, manifest, options, provider_chain(providers, tf32))
+            sessions = _open_sessions(ort, out, manifest, options, provider_chain(providers, tf32, trt))
         except ProviderUnavailable as err:
             if provider != "auto":
                 raise
@@ -346,6 +448,8 @@ class OrtEngine(Engine):
               cache: KVCache | None) -> tuple[torch.Tensor, KVCache]:
         B, S = input_ids.shape
         P = cache.length if cache is not None else 0
+        if self.max_step_tokens is not None and S > self.max_step_tokens:
+            return self._step_in_chunks(input_ids, position_ids, attention_mask, cache)
         graph = choose_graph(S, P, in_place=DECODE_IN_PLACE in self.sessions)
         if graph == DECODE_IN_PLACE:
             return self._decode_in_place(input_ids, position_ids, attention_mask, cache)
@@ -369,6 +473,18 @@ class OrtEngine(Engine):
         outputs = binding.get_outputs()
         logits = torch.from_dlpack(outputs[0]._ortvalue)
         return logits.float(), OrtKVCache(list(outputs[1:]), P + S)
+
+    def _step_in_chunks(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        cache: KVCache | None) -> tuple[torch.Tensor, KVCache]:
+        """S new tokens as consecutive steps of at most max_step_tokens: causal attention makes it the
+        same computation (each chunk attends to the cache and to itself), with bounded transient memory."""
+        P, S, n = cache.length if cache is not None else 0, int(input_ids.shape[1]), self.max_step_tokens
+        logits = []
+        for a in range(0, S, n):
+            b = min(a + n, S)
+            out, cache = self._step(input_ids[:, a:b], position_ids[:, a:b], attention_mask[:, : P + b], cache)
+            logits.append(out)
+        return torch.cat(logits, dim=1), cache
 
     def own_cache(self, cache: KVCache) -> KVCache:
         """`cache` in capacity buffers when decode runs in place (rows copied once), else as it is."""
