@@ -430,7 +430,8 @@ class OrtEngine(Engine):
             options.intra_op_num_threads = threads
         notes = []
         trt = None
-        if providers[0] == _ORT_PROVIDER["tensorrt"]:
+        if providers[0] == _ORT_PROVIDER["tensorrt"] and missing_for("tensorrt") is None:
+            # (where the provider cannot load, opening the session says so first: ProviderUnavailable)
             trt = tensorrt_provider_options(manifest, tensorrt_cache_dir(out))
             Path(trt["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
         try:
