@@ -203,7 +203,8 @@ class _Checker:
             problems = self._type_problems(node, g, reg, formal)
             if not problems:
                 return reg, ""
-        return None, f"{node.op_type}-{since}: CUDA kernel has no " + "; ".join(problems)
+        more = f" (and {len(problems) - 1} more input/output of that type)" if len(problems) > 1 else ""
+        return None, f"{node.op_type}-{since}: the CUDA kernel takes no {problems[0]}{more}"
 
     @staticmethod
     def _type_problems(node, g: _Graph, reg: dict, formal) -> list[str]:
