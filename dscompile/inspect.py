@@ -58,7 +58,7 @@ def inspect(out: str | Path, trt_compat: bool = False, plan: bool = False, ort_c
         report["trt_compat"] = check_out_dir(out)
     if ort_cuda_compat:
         from dscompile.lowering.ort_cuda_compat import check_out_dir as check_cuda
-        from dscompile.runtime.ort_engine import session_graphs
+        from dscompile.runtime.ort_sessions import session_graphs
 
         report["ort_cuda_compat"] = check_cuda(out, set(session_graphs(manifest, "CUDAExecutionProvider").values()))
     return report

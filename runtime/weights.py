@@ -139,7 +139,7 @@ def resident_estimate(out: Path, manifest: dict[str, Any]) -> dict[str, dict[str
     ONNX Runtime on CPU and the torch engine map weights.bin once for all their graphs/programs,
     so they hold the union of the byte ranges they read. ONNX Runtime's CUDA and TensorRT providers
     copy a session's initializers to the device, so there the graphs opened add up: one session,
-    the decode graph (ort_engine.session_graphs). TensorRT engines (`--target tensorrt`) each hold
+    the decode graph (ort_sessions.session_graphs). TensorRT engines (`--target tensorrt`) each hold
     the weights their graph reads: prefill.engine and decode.engine, two copies. Activations and
     the cache come on top; prepacking (OrtEngine.load(prepack=True)) adds packed copies.
     """
@@ -166,7 +166,7 @@ def resident_estimate(out: Path, manifest: dict[str, Any]) -> dict[str, dict[str
         return {"onnxruntime-cpu": {"bytes": _covered(per_graph["decode"]),
                                     "how": "one session of the decode graph: quantized kernels hold a packed "
                                            "copy of their weights (about their size), the rest is mapped"}}
-    from dscompile.runtime.ort_engine import session_graphs  # noqa: PLC0415 - the engine's own choice
+    from dscompile.runtime.ort_sessions import session_graphs  # noqa: PLC0415 - the engine's own choice
 
     gpu_files = set(session_graphs(manifest, "CUDAExecutionProvider").values())
     gpu = _covered(set().union(*(regions_of(f) for f in gpu_files)))

@@ -29,7 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 from dscompile.errors import EngineError
 from dscompile.lowering.ort_cuda_compat import check_model, check_out_dir, kernels, load_table
 from dscompile.runtime.manifest import read_manifest
-from dscompile.runtime.ort_engine import session_graphs
+from dscompile.runtime.ort_sessions import session_graphs
 from helpers import run_here
 
 F32, F16, BF16, I64 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.INT64

@@ -1,4 +1,4 @@
-"""What an ONNX Runtime engine opens on each provider, checked on CPU (runtime/ort_engine.py):
+"""What an ONNX Runtime engine opens on each provider, checked on CPU (runtime/ort_sessions.py, ort_engine.py):
 
 - which graphs open as sessions (`session_graphs`): on CUDA and TensorRT one session, the contract's
   decode graph, serves every step (one device copy of the weights);
@@ -24,8 +24,9 @@ import torch
 from dscompile.errors import EngineError
 from dscompile.runtime.contract import DECODE, DECODE_IN_PLACE, PREFILL, position_ids
 from dscompile.runtime.manifest import read_manifest
-from dscompile.runtime.ort_engine import (GATHER_BUDGET_BYTES, OrtEngine, max_step_tokens, provider_chain,
-                                          session_graphs, tensorrt_cache_dir, tensorrt_provider_options)
+from dscompile.runtime.ort_engine import OrtEngine, provider_chain
+from dscompile.runtime.ort_sessions import (GATHER_BUDGET_BYTES, max_step_tokens, session_graphs, tensorrt_cache_dir,
+                                            tensorrt_provider_options)
 from dscompile.runtime.weights import resident_estimate
 from helpers import assert_close
 
