@@ -32,6 +32,9 @@ def inspect(out: str | Path, trt_compat: bool = False, plan: bool = False, ort_c
     out = Path(out)
     manifest = read_manifest(out, graphs_only_ok=True)
     if manifest.get("sharding") is not None:
+        if ort_cuda_compat:
+            raise OptionError(f"{out}: --ort-cuda-compat checks ONNX Runtime graphs; a sharded export runs on the "
+                              "torch backend (its plan: --plan)")
         return sharding_plan(manifest)
     if plan:
         raise OptionError(f"{out}: --plan describes a sharded export (dscompile export ... --tp N --ep M); this "
