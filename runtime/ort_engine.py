@@ -60,8 +60,8 @@ Float32 is IEEE float32: the CUDA provider's default `use_tf32=1` (GEMM inputs r
 mantissa bits) is turned off unless `tf32=True` (`provider_chain`). ONNX Runtime's TensorRT
 provider has no such option (TensorRT builds with TF32), so a float32 engine runs on it only with
 `tf32=True`. The TensorRT provider gets explicit optimization profiles from the manifest's limits
-and an engine cache (ort_sessions.tensorrt_provider_options). Session logs are limited to errors: a CPU machine with the onnxruntime-gpu wheel
-prints nothing alarming.
+and an engine cache (ort_sessions.tensorrt_provider_options). Session logs are limited to errors:
+a CPU machine with the onnxruntime-gpu wheel prints nothing alarming.
 
 Shape legend: B batch, S new tokens, P past tokens, V vocab, C kv_lora_rank, R rope dim.
 """

@@ -68,7 +68,8 @@ def max_step_tokens(manifest: dict[str, Any], provider: str) -> int | None:
     values); where that graph also runs prefills (session_graphs: CUDA, TensorRT), a step is cut so
     one layer's copies stay under GATHER_BUDGET_BYTES."""
     plan = session_graphs(manifest, provider)
-    if plan[PREFILL] != manifest["graphs"][DECODE]["file"] or manifest["graphs"][DECODE].get("moe_lowering") != "gather":
+    decode = manifest["graphs"][DECODE]
+    if plan[PREFILL] != decode["file"] or decode.get("moe_lowering") != "gather":
         return None
     cfg = manifest["model"]
     width = {"float32": 4, "float16": 2, "bfloat16": 2}.get(manifest["dtype"], 4)

@@ -104,7 +104,8 @@ def test_missing_op_version_and_type_are_named():
 def test_quantized_experts_in_float32_are_placed_on_cpu():
     """QMoE's CUDA kernel takes float16/bfloat16 activations; a float32 one is named, MatMulNBits is not."""
     u8 = TensorProto.UINT8
-    qmoe = helper.make_node("QMoE", ["x", "r", "w1", "s1", "", "w2", "s2"], ["y"], domain="com.microsoft", name="q", k=1)
+    qmoe = helper.make_node("QMoE", ["x", "r", "w1", "s1", "", "w2", "s2"], ["y"], domain="com.microsoft",
+                            name="q", k=1)
     nbits = helper.make_node("MatMulNBits", ["x", "b", "sc"], ["z"], domain="com.microsoft", name="m",
                              K=16, N=8, bits=4, block_size=16)
     inputs = [_vi("x", [2, 16]), _vi("r", [2, 4]), _vi("w1", [4, 16, 8], u8), _vi("s1", [4, 16]),
