@@ -13,6 +13,10 @@ from dscompile.cli import _emit, _mb, app, guard
 def inspect(
     out: Path = typer.Argument(..., help="Engine folder."),
     trt_compat: bool = typer.Option(False, "--trt-compat", help="Check every ONNX node against TensorRT's parser."),
+    ort_cuda_compat: bool = typer.Option(False, "--ort-cuda-compat",
+                                         help="Check every ONNX node against ONNX Runtime's CUDA kernels: list the "
+                                              "nodes it would run on CPU, and why (exit 1 when one has no CUDA "
+                                              "kernel)."),
     plan: bool = typer.Option(False, "--plan", help="A sharded OUT's plan: bytes per rank (at the engine's dtype, "
                                                     "bf16 and FP8) and all-reduce traffic per decode step and per "
                                                     "prefill token."),
@@ -22,8 +26,10 @@ def inspect(
     with guard():
         from dscompile.inspect import inspect as inspect_api
 
-        report = inspect_api(out, trt_compat=trt_compat, plan=plan)
+        report = inspect_api(out, trt_compat=trt_compat, plan=plan, ort_cuda_compat=ort_cuda_compat)
         _emit(report, as_json, plan_lines(report) if "plan" in report else report_lines(report))
+    if not (report.get("ort_cuda_compat") or {}).get("compatible", True):
+        raise typer.Exit(1)
 
 
 def report_lines(info: dict) -> list[str]:
@@ -81,6 +87,16 @@ def report_lines(info: dict) -> list[str]:
                 if key not in seen:  # one line per distinct problem, not per node
                     seen.add(key)
                     lines.append(f"    {f['severity']:7s} {f['op_type']}: {f['reason']}")
+    cuda = info.get("ort_cuda_compat")
+    if cuda is not None:
+        from dscompile.lowering.ort_cuda_compat import format_report  # noqa: PLC0415 - only this flag needs it
+
+        table = cuda["table"]
+        lines.append(f"cuda     checked against ONNX Runtime {table['onnxruntime'].split(' ')[0]}'s CUDA kernels "
+                     f"({table['repository']} {table['file']} at {table['commit'][:12]}): "
+                     + ("every node of the graphs a CUDA engine opens has a CUDA kernel" if cuda["compatible"] else
+                        f"{cuda['unsupported']} node(s) without a CUDA kernel"))
+        lines += format_report(cuda)
     return lines
 
 

@@ -4,7 +4,9 @@ For a one-device OUT: its graphs (IO, op counts, the passes applied and the regi
 alone), the bytes of every file, what weights.bin holds beyond one copy of each weight, the
 weight memory each backend keeps, and cache bytes per token against multi-head attention. For a
 sharded OUT: its plan, sized per rank (`sharding_plan`). Everything comes from the manifest (and,
-with `trt_compat`, from the ONNX graphs); no engine is opened.
+with `trt_compat` / `ort_cuda_compat`, from the ONNX graphs); no engine is opened. The weight memory
+per backend is device memory for the GPU ones: one copy on ONNX Runtime's CUDA provider (one
+session), two for TensorRT engines (prefill and decode each hold theirs).
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ from typing import Any
 from dscompile.errors import EngineError, OptionError
 
 
-def inspect(out: str | Path, trt_compat: bool = False, plan: bool = False) -> dict[str, Any]:
+def inspect(out: str | Path, trt_compat: bool = False, plan: bool = False, ort_cuda_compat: bool = False
+            ) -> dict[str, Any]:
     """The report of engine folder `out` (a graph-only export too); a sharded OUT's is `sharding_plan`'s.
 
     trt_compat: also check every ONNX node against TensorRT's ONNX parser ("trt_compat").
+    ort_cuda_compat: also check every ONNX node against ONNX Runtime's CUDA kernels: the nodes it
+    would place on CPU, and why ("ort_cuda_compat"; judged on the graphs a CUDA engine opens).
     plan: the caller wants a sharded OUT's plan; an OptionError for a one-device OUT.
     """
     from dscompile.runtime.manifest import read_manifest
@@ -27,6 +32,9 @@ def inspect(out: str | Path, trt_compat: bool = False, plan: bool = False) -> di
     out = Path(out)
     manifest = read_manifest(out, graphs_only_ok=True)
     if manifest.get("sharding") is not None:
+        if ort_cuda_compat:
+            raise OptionError(f"{out}: --ort-cuda-compat checks ONNX Runtime graphs; a sharded export runs on the "
+                              "torch backend (its plan: --plan)")
         return sharding_plan(manifest)
     if plan:
         raise OptionError(f"{out}: --plan describes a sharded export (dscompile export ... --tp N --ep M); this "
@@ -51,6 +59,11 @@ def inspect(out: str | Path, trt_compat: bool = False, plan: bool = False) -> di
         from dscompile.lowering.tensorrt.compat import check_out_dir
 
         report["trt_compat"] = check_out_dir(out)
+    if ort_cuda_compat:
+        from dscompile.lowering.ort_cuda_compat import check_out_dir as check_cuda
+        from dscompile.runtime.ort_sessions import session_graphs
+
+        report["ort_cuda_compat"] = check_cuda(out, set(session_graphs(manifest, "CUDAExecutionProvider").values()))
     return report
 
 

@@ -94,6 +94,13 @@ def _const(values: list[int]):
     return op.Constant(value_ints=list(values))
 
 
+def _filled(shape, value: float):
+    """A float32 tensor of `shape` holding `value`, as Expand of a one-element constant: ONNX
+    Runtime's CUDA provider registers ConstantOfShape for opset 9 only, so in our opset 23+ graphs
+    a ConstantOfShape would run on CPU and be copied to the GPU every step (inspect --ort-cuda-compat)."""
+    return op.Expand(op.Constant(value_floats=[float(value)]), shape)
+
+
 def _to_float(x, dtype: ir.DataType):
     """x (of `dtype`: intermediate values carry no type while tracing) as float32."""
     return x if dtype == FLOAT else op.Cast(x, to=FLOAT)
@@ -163,8 +170,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
 def _keep_best_groups(choice, group_scores, E: int, n_group: int, topk_group: int):
     """choice [T, E] with -inf outside the `topk_group` best of `n_group` groups (never 0)."""
     _, best = op.TopK(group_scores, _const([topk_group]), axis=-1)      # [T, topk_group]
-    zeros = op.ConstantOfShape(op.Shape(group_scores), value=ir.tensor([0.0], dtype=FLOAT))
-    ones = op.ConstantOfShape(op.Shape(best), value=ir.tensor([1.0], dtype=FLOAT))
+    zeros = _filled(op.Shape(group_scores), 0.0)
+    ones = _filled(op.Shape(best), 1.0)
     keep = op.ScatterElements(zeros, best, ones, axis=1)               # [T, G] 1 = kept
     keep = op.Expand(op.Unsqueeze(keep, _const([2])), _const([1, 1, E // n_group]))
     keep = op.Cast(op.Reshape(keep, _const([-1, E])), to=ir.DataType.BOOL)  # [T, E]
@@ -222,8 +229,7 @@ def experts_moe_op(x2d, x_dtype: ir.DataType, w1, w2, w3, weights, idx, E: int, 
     fc1 = op.Reshape(op.Concat(op.Unsqueeze(w1, _const([2])), op.Unsqueeze(w3, _const([2])), axis=2),
                      _const([E, 2 * I, D]))                           # [E, 2I, D]: g0 u0 g1 u1 ...
     logw = op.Log(weights)                                             # [T, K]
-    router = op.ConstantOfShape(op.Concat(op.Shape(x2d, start=0, end=1), _const([E]), axis=0),
-                                value=ir.tensor([NOT_CHOSEN], dtype=FLOAT))
+    router = _filled(op.Concat(op.Shape(x2d, start=0, end=1), _const([E]), axis=0), NOT_CHOSEN)
     router = op.ScatterElements(router, idx, logw, axis=1)             # [T, E]
     if x_dtype != FLOAT:
         router = op.Cast(router, to=x_dtype)

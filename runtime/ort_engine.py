@@ -33,6 +33,11 @@ prepacking, 3.62 GB with it (load 0.3 s vs 2.6-3.0 s); with it prefill is 4-11% 
 a truncated or foreign weights.bin is refused before any session opens, and a write into the file
 while the engine runs stops the next step.
 
+One device copy on a GPU: ONNX Runtime's CUDA provider copies every initializer of a session to the
+device, so on CUDA and TensorRT ONE session, of the contract's decode graph, runs every step; steps
+through a half-precision decode graph are cut into chunks of `max_step_tokens` new tokens
+(runtime/ort_sessions.py says which graphs open per provider, and why).
+
 Quantized engines (`export --weights int8|int4`): MatMulNBits and QMoE compute from a packed
 layout they build when the session is created (prepacking); without it they unpack every weight
 on every call. Two sessions would hold two packed copies, so ONE session, on the contract's decode
@@ -54,8 +59,9 @@ the CPU provider, and the CUDA provider leaves shape computations there by desig
 Float32 is IEEE float32: the CUDA provider's default `use_tf32=1` (GEMM inputs rounded to 10
 mantissa bits) is turned off unless `tf32=True` (`provider_chain`). ONNX Runtime's TensorRT
 provider has no such option (TensorRT builds with TF32), so a float32 engine runs on it only with
-`tf32=True`. Session logs are limited to errors: a CPU machine with the onnxruntime-gpu wheel
-prints nothing alarming.
+`tf32=True`. The TensorRT provider gets explicit optimization profiles from the manifest's limits
+and an engine cache (ort_sessions.tensorrt_provider_options). Session logs are limited to errors:
+a CPU machine with the onnxruntime-gpu wheel prints nothing alarming.
 
 Shape legend: B batch, S new tokens, P past tokens, V vocab, C kv_lora_rank, R rope dim.
 """
@@ -76,6 +82,8 @@ from dscompile.runtime.contract import (ATTENTION_MASK, DECODE, DECODE_IN_PLACE,
                                         choose_graph)
 from dscompile.runtime.engine import Engine
 from dscompile.runtime.manifest import read_manifest
+from dscompile.runtime.ort_sessions import (max_step_tokens, session_graphs, tensorrt_cache_dir,
+                                            tensorrt_provider_options)
 from dscompile.runtime.weights import WeightsFile
 
 PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
@@ -147,11 +155,14 @@ def missing_for(provider: str) -> str | None:
     return " and ".join(parts) or None
 
 
-def provider_chain(providers: list[str], tf32: bool = False) -> list[tuple[str, dict[str, str]]]:
+def provider_chain(providers: list[str], tf32: bool = False, tensorrt: dict[str, str] | None = None
+                   ) -> list[tuple[str, dict[str, str]]]:
     """(provider, options) pairs a session is created with: the CUDA provider computes float32
-    GEMMs in IEEE float32 (`use_tf32` "0") unless `tf32` opts in to TF32."""
-    cuda = {"use_tf32": "1" if tf32 else "0"}
-    return [(p, cuda if p == "CUDAExecutionProvider" else {}) for p in providers]
+    GEMMs in IEEE float32 (`use_tf32` "0") unless `tf32` opts in to TF32; the TensorRT provider
+    gets `tensorrt` (tensorrt_provider_options)."""
+    options = {"CUDAExecutionProvider": {"use_tf32": "1" if tf32 else "0"},
+               "TensorrtExecutionProvider": dict(tensorrt or {})}
+    return [(p, options.get(p, {})) for p in providers]
 
 
 class OrtKVCache(KVCache):
@@ -228,25 +239,14 @@ class OrtCapacityCache(KVCache):
 
 def _open_sessions(ort, out: Path, manifest: dict[str, Any], options, chain: list[tuple[str, dict[str, str]]]
                    ) -> dict[str, Any]:
-    """The sessions OUT needs on `chain` (provider_chain), each refused with ProviderUnavailable
-    when ONNX Runtime did not give it the first provider of the chain."""
-    sessions = {}
-    quant = manifest.get("quantization")
-    cpu = chain[0][0] == "CPUExecutionProvider"
-    # On CPU decode steps run through the in-place graph; the contract's decode graph would map
-    # the same weights at no cost, but nothing on CPU steps through it, so it is not opened.
-    in_place = manifest["graphs"][DECODE].get("in_place")
-    decode = DECODE_IN_PLACE if in_place is not None and cpu else DECODE
-    files = {PREFILL: manifest["graphs"][PREFILL]["file"],
-             decode: in_place["file"] if decode == DECODE_IN_PLACE else manifest["graphs"][DECODE]["file"]}
-    if quant:
-        # Quantized kernels (MatMulNBits, QMoE) run from their prepacked layout: without it they
-        # unpack every weight on every call (~50x slower). Each session would prepack its own
-        # copy, so one session, on the contract's decode graph (any S, any P), runs every step.
-        files = {DECODE: manifest["graphs"][DECODE]["file"]}
+    """The sessions OUT needs on `chain` (provider_chain; which graphs: session_graphs), each refused
+    with ProviderUnavailable when ONNX Runtime did not give it the first provider of the chain."""
     wanted = chain[0][0]
+    cpu = wanted == "CPUExecutionProvider"
+    plan = session_graphs(manifest, wanted)
+    by_file: dict[str, Any] = {}
     name = {v: k for k, v in _ORT_PROVIDER.items()}[wanted]
-    for graph, file in files.items():
+    for file in dict.fromkeys(plan.values()):
         path = out / file
         if not cpu:  # a provider that does not load logs errors on fd 2: the one-line refusal below says it
             ort.set_default_logger_severity(4)
@@ -267,10 +267,8 @@ def _open_sessions(ort, out: Path, manifest: dict[str, Any], options, chain: lis
             why = missing_for(name) or "its library did not load (a dependency missing, or a driver too old)"
             raise ProviderUnavailable(f"provider {name!r} is not usable here: {why} (ONNX Runtime gave the "
                                       f"session {got[0]} instead)")
-        sessions[graph] = session
-    if quant:
-        sessions[PREFILL] = sessions[DECODE]
-    return sessions
+        by_file[file] = session
+    return {graph: by_file[file] for graph, file in plan.items()}
 
 
 class OrtEngine(Engine):
@@ -283,6 +281,7 @@ class OrtEngine(Engine):
         self.out_dir, self.manifest, self.sessions, self.device = out_dir, manifest, sessions, device
         self.weights = weights
         self.provider, self.notes = provider, notes  # what the sessions run on, and why when auto fell back
+        self.max_step_tokens = max_step_tokens(manifest, provider)  # longer steps run in chunks (None: no limit)
         self.info = EngineInfo.from_manifest(manifest, str(out_dir / "manifest.json"))
         n = self.info.num_layers
         self._past, self._present = cache_names(PAST, n), cache_names(PRESENT, n)
@@ -332,8 +331,13 @@ class OrtEngine(Engine):
                 raise EngineError(f"threads must be >= 1, got {threads}")
             options.intra_op_num_threads = threads
         notes = []
+        trt = None
+        if providers[0] == _ORT_PROVIDER["tensorrt"] and missing_for("tensorrt") is None:
+            # (where the provider cannot load, opening the session says so first: ProviderUnavailable)
+            trt = tensorrt_provider_options(manifest, tensorrt_cache_dir(out))
+            Path(trt["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
         try:
-            sessions = _open_sessions(ort, out, manifest, options, provider_chain(providers, tf32))
+            sessions = _open_sessions(ort, out, manifest, options, provider_chain(providers, tf32, trt))
         except ProviderUnavailable as err:
             if provider != "auto":
                 raise
@@ -358,6 +362,8 @@ class OrtEngine(Engine):
               cache: KVCache | None) -> tuple[torch.Tensor, KVCache]:
         B, S = input_ids.shape
         P = cache.length if cache is not None else 0
+        if self.max_step_tokens is not None and S > self.max_step_tokens:
+            return self._step_in_chunks(input_ids, position_ids, attention_mask, cache)
         graph = choose_graph(S, P, in_place=DECODE_IN_PLACE in self.sessions)
         if graph == DECODE_IN_PLACE:
             return self._decode_in_place(input_ids, position_ids, attention_mask, cache)
@@ -381,6 +387,18 @@ class OrtEngine(Engine):
         outputs = binding.get_outputs()
         logits = torch.from_dlpack(outputs[0]._ortvalue)
         return logits.float(), OrtKVCache(list(outputs[1:]), P + S)
+
+    def _step_in_chunks(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        cache: KVCache | None) -> tuple[torch.Tensor, KVCache]:
+        """S new tokens as consecutive steps of at most max_step_tokens: causal attention makes it the
+        same computation (each chunk attends to the cache and to itself), with bounded transient memory."""
+        P, S, n = cache.length if cache is not None else 0, int(input_ids.shape[1]), self.max_step_tokens
+        logits = []
+        for a in range(0, S, n):
+            b = min(a + n, S)
+            out, cache = self._step(input_ids[:, a:b], position_ids[:, a:b], attention_mask[:, : P + b], cache)
+            logits.append(out)
+        return torch.cat(logits, dim=1), cache
 
     def own_cache(self, cache: KVCache) -> KVCache:
         """`cache` in capacity buffers when decode runs in place (rows copied once), else as it is."""

@@ -137,8 +137,10 @@ def resident_estimate(out: Path, manifest: dict[str, Any]) -> dict[str, dict[str
     """Weight bytes each backend keeps in memory for OUT, from the places its files give.
 
     ONNX Runtime on CPU and the torch engine map weights.bin once for all their graphs/programs,
-    so they hold the union of the byte ranges they read. ONNX Runtime's CUDA provider copies each
-    session's initializers to the device, so there the graphs it opens add up. Activations and
+    so they hold the union of the byte ranges they read. ONNX Runtime's CUDA and TensorRT providers
+    copy a session's initializers to the device, so there the graphs opened add up: one session,
+    the decode graph (ort_sessions.session_graphs). TensorRT engines (`--target tensorrt`) each hold
+    the weights their graph reads: prefill.engine and decode.engine, two copies. Activations and
     the cache come on top; prepacking (OrtEngine.load(prepack=True)) adds packed copies.
     """
     import onnx  # noqa: PLC0415 - only the estimate reads graphs
@@ -164,14 +166,29 @@ def resident_estimate(out: Path, manifest: dict[str, Any]) -> dict[str, dict[str
         return {"onnxruntime-cpu": {"bytes": _covered(per_graph["decode"]),
                                     "how": "one session of the decode graph: quantized kernels hold a packed "
                                            "copy of their weights (about their size), the rest is mapped"}}
-    return {
+    from dscompile.runtime.ort_sessions import session_graphs  # noqa: PLC0415 - the engine's own choice
+
+    gpu_files = set(session_graphs(manifest, "CUDAExecutionProvider").values())
+    gpu = _covered(set().union(*(regions_of(f) for f in gpu_files)))
+    report = {
         "onnxruntime-cpu": {"bytes": ort_cpu, "how": "one memory map of weights.bin shared by the sessions"},
-        "onnxruntime-cuda": {"bytes": sum(_covered(r) for r in per_graph.values()),
-                             "how": "device memory: each session (prefill, decode) copies its initializers"},
+        "onnxruntime-cuda": {"bytes": gpu, "how": "device memory: one session (the decode graph, every step) "
+                                                  "copies its initializers"},
         "torch-cpu": {"bytes": torch_bytes, "how": "the programs' weights are views of one memory map"},
         "torch-cuda": {"bytes": torch_bytes, "how": "device memory: each stored region copied once, shared by "
                                                     "the programs"},
     }
+    if manifest.get("target") == "tensorrt":
+        # an fp32 export built as fp16/bf16 engines holds its weights at half the width
+        half = manifest["dtype"] == "float32" and (manifest.get("tensorrt") or {}).get("precision") in ("fp16", "bf16")
+        both = sum(_covered(per_graph[g]) for g in ("prefill", "decode"))
+        report["tensorrt"] = {"bytes": both // 2 if half else both,
+                              "how": "device memory: prefill.engine and decode.engine each hold the weights "
+                                     "their graph reads" + (" (built in half precision)" if half else "")}
+    elif not any("." in op for op in graphs["decode"].get("op_counts") or {}):  # ORT's TensorRT provider runs it
+        report["onnxruntime-tensorrt"] = {"bytes": gpu, "how": "device memory: one session (the decode graph), "
+                                                               "its TensorRT engine holding the weights"}
+    return report
 
 
 def _covered(regions) -> int:

@@ -32,6 +32,13 @@ inputs to 10 mantissa bits: an fp32 build clears it (float32 is IEEE float32) un
 opts in, and the manifest records the choice (`compare` then judges with tolerance.TF32).
 `builder_flags` decides the flags, without TensorRT.
 
+Version floor: every graph normalizes with ONNX's `RMSNormalization` (and the in-place decode graph
+writes its cache with `TensorScatter`), which TensorRT's ONNX parser reads from 10.15 on
+(`min_trt` in lowering/tensorrt/data/trt_onnx_ops.json). The static check runs without TensorRT,
+so it can only warn; `build_engines` reads the installed `tensorrt.__version__` before parsing
+and refuses an older TensorRT in one line, naming the op that needs the newer one
+(`required_tensorrt` / `check_tensorrt_version`, tested with version strings).
+
 `tensorrt` is imported only inside functions, through `require_tensorrt()`.
 """
 
@@ -47,7 +54,7 @@ from typing import Any, Callable
 
 import onnx
 
-from dscompile.lowering.tensorrt.compat import check_model
+from dscompile.lowering.tensorrt.compat import check_model, load_table
 from dscompile.dtypes import TABLE
 from dscompile.errors import DscompileError, EngineError, OptionError
 from dscompile.runtime.contract import PHASES as GRAPHS  # a TensorRT OUT holds one engine per phase
@@ -64,7 +71,12 @@ __all__ = [
     "builder_flags",
     "trt_section",
     "build_engines",
+    "MIN_TENSORRT",
+    "required_tensorrt",
+    "check_tensorrt_version",
 ]
+
+MIN_TENSORRT = "10.15"  # RMSNormalization (every graph) and TensorScatter enter the ONNX parser in 10.15
 
 _ONNX_DTYPE_PRECISION = {d.onnx: d.short for d in TABLE}  # an exported graph's float type -> TensorRT precision
 _PAST = re.compile(r"^past\.(\d+)\.(kv_latent|k_rope)$")
@@ -237,6 +249,38 @@ def builder_flags(flag: str | None, precision: str, tf32: bool = False) -> tuple
     return (to_set + ["TF32"], []) if tf32 else (to_set, ["TF32"])
 
 
+def _version(v: str) -> tuple[int, ...]:
+    """(major, minor, ...) of a version string such as "10.15.1.29" or "10.8.0.43"; () when it starts with none."""
+    m = re.match(r"\s*(\d+(?:\.\d+)*)", str(v))
+    return tuple(int(p) for p in m.group(1).split(".")) if m else ()
+
+
+def required_tensorrt(paths) -> tuple[str, str]:
+    """(the oldest TensorRT whose ONNX parser reads every op of the ONNX files `paths`, the op that sets
+    it): the largest `min_trt` of their ops in trt_onnx_ops.json, at least MIN_TENSORRT."""
+    ops = load_table()["ops"]  # the table the static check reads
+    best, why = MIN_TENSORRT, "RMSNormalization"
+    for path in paths:
+        model = onnx.load(str(path), load_external_data=False)
+        for node in model.graph.node:
+            need = (ops.get(node.op_type) or {}).get("min_trt") if node.domain in ("", "ai.onnx") else None
+            if need and _version(need) > _version(best):
+                best, why = need, node.op_type
+    return best, why
+
+
+def check_tensorrt_version(installed: str, required: str = MIN_TENSORRT, needed_by: str = "RMSNormalization") -> None:
+    """TensorRTUnavailable (one line) when TensorRT `installed` is older than `required`, or its version
+    cannot be read; None when it is recent enough."""
+    have, need = _version(installed), _version(required)
+    if not have:
+        raise TensorRTUnavailable(f"TensorRT reports version {installed!r}, which is not a version number: this "
+                                  f"export needs TensorRT >= {required}")
+    if have < need:
+        raise TensorRTUnavailable(f"TensorRT {installed} is too old: the graphs use {needed_by}, which TensorRT's "
+                                  f"ONNX parser reads from {required} on: pip install \"tensorrt>={required}\"")
+
+
 def _graph_files(out: Path) -> dict[str, Path]:
     """ONNX file per graph: the manifest's `graphs.<g>.file` where there is one, else `<g>.onnx`."""
     files = {g: out / f"{g}.onnx" for g in GRAPHS}
@@ -329,7 +373,9 @@ def build_engines(
         for g in GRAPHS
     }
 
+    required, needed_by = required_tensorrt(files[g] for g in GRAPHS)
     trt = require_tensorrt()
+    check_tensorrt_version(trt.__version__, required, needed_by)  # before any parsing: one line, not a parser error
     logger = trt.Logger(trt.Logger.WARNING)
     for g in GRAPHS:
         say(f"{g}: parsing {files[g].name}")
