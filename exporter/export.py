@@ -198,7 +198,8 @@ def _write(checkpoint, stage: Stage, programs, reports, args, options: ExportOpt
                 graphs[phase].update(program=stage.what, program_weights=stored["extra"][phase])
         # TensorRT builds from the contract graphs (its parser takes 4D TensorScatter only); a quantized
         # engine runs every step in one session of the contract's decode graph (runtime/ort_engine.py).
-        if options.target == "onnxruntime" and scheme is None:
+        # The in-place graph serves ONNX Runtime's CPU provider only: an export for CUDA has none.
+        if options.target == "onnxruntime" and scheme is None and options.device == "cpu":
             stage.what = IN_PLACE_FILE
             in_place = in_place_decode(tmp / graphs["decode"]["file"], tmp / IN_PLACE_FILE)
             check_model(tmp / IN_PLACE_FILE, with_data=not graphs_only)

@@ -215,6 +215,11 @@ def test_cuda_half_precision_uses_the_moe_op(graphs_only):
         assert types.get(moe[0].input[0]) == onnx.TensorProto.BFLOAT16, "the MoE computes in bfloat16"
     assert [choose_moe_experts(g, torch.bfloat16, "onnxruntime", "cpu") for g in ("prefill", "decode")] == \
         ["dense", "gather"]
+    # Every node of both graphs has a CUDA kernel (the kernel table), and there is no CPU-only in-place graph.
+    from dscompile.lowering.ort_cuda_compat import check_out_dir
+
+    report = check_out_dir(out)
+    assert set(report["files"]) == {"prefill.onnx", "decode.onnx"} and report["compatible"], report["unsupported"]
 
 
 def test_cuda_export_of_half_precision_is_refused_on_cpu(tmp_path):
