@@ -160,7 +160,7 @@ class Scheduler:
 
     def __init__(self, engine: Engine, *, max_num_seqs: int = 8, max_queue: int = 64, prefill_chunk: int = 128,
                  max_model_len: int | None = None, prefix_cache_bytes: int = 256 << 20):
-        for name, value, low in (("max_num_seqs", max_num_seqs, 1), ("max_queue", max_queue, 0),
+        for name, value, low in (("max_num_seqs", max_num_seqs, 1), ("max_queue", max_queue, 1),
                                  ("prefill_chunk", prefill_chunk, 1), ("prefix_cache_bytes", prefix_cache_bytes, 0)):
             if not isinstance(value, int) or value < low:
                 raise OptionError(f"{name} must be an integer >= {low}, got {value}")
