@@ -93,6 +93,44 @@ class Engine(ABC):
                 f"of {self.info.max_positions}"
             )
 
+    def new_slots(self, slots: int, capacity: int) -> "SlotCache":
+        """Slot buffers for `slots` sequences of up to `capacity` cached tokens each (continuous batching)."""
+        return SlotCache(self.info, slots, capacity, self.device)
+
+    def prefill_slot(self, tokens: Sequence[int], slots: "SlotCache", slot: int, length: int) -> torch.Tensor:
+        """Run `tokens` (one sequence, batch 1) after the `length` tokens cached in slot `slot`;
+        their cache rows are written at [length, length + S) of the slot. Returns the last
+        token's float32 logits [V]."""
+        S = len(tokens)
+        ids = torch.tensor([list(tokens)], dtype=torch.int64)
+        positions = torch.arange(length, length + S, dtype=torch.int64).unsqueeze(0)
+        mask = torch.ones(1, length + S, dtype=torch.int64)
+        logits, present = self.step(ids, positions, mask, slots.view(slot, 1, length))
+        slots.write(slot, length, [t[0, length:] for pair in present.layers for t in pair])
+        return logits[0, -1].float()
+
+    def step_ragged(self, tokens: torch.Tensor, lengths: torch.Tensor, slots: "SlotCache", first: int = 0
+                    ) -> torch.Tensor:
+        """One decode step for slots [first, first + B), each at its own length: `tokens` [B] is
+        each row's new token, `lengths` [B] (int64) how many tokens its slot caches; the new
+        token's rows are written at row `lengths[b]` of each slot. Returns float32 logits [B, V].
+
+        This generic form runs the contract's decode step through `step` (any backend): the
+        past is the slots' first P rows (P their capacity, or the longest row where P + 1 would
+        pass the engine's maximum), a row shorter than P attends its own tokens, then a hole
+        of mask 0, then the new token, at position lengths[b]."""
+        B = int(tokens.shape[0])
+        longest = int(lengths.max())
+        P = slots.capacity if slots.capacity + 1 <= self.info.max_positions else longest
+        mask = torch.ones(B, P + 1, dtype=torch.int64)
+        mask[:, :P] = torch.arange(P).unsqueeze(0) < lengths.unsqueeze(1)
+        logits, present = self.step(tokens.reshape(B, 1).to(torch.int64), lengths.reshape(B, 1).to(torch.int64),
+                                    mask, slots.view(first, B, P))
+        rows = torch.arange(first, first + B)
+        for buffer, t in zip(slots.tensors, (t for pair in present.layers for t in pair)):
+            buffer[rows, lengths] = t[:, P].to(buffer.dtype)
+        return logits[:, -1].float()
+
     def truncated_cache(self, cache: KVCache, length: int) -> KVCache:
         """The first `length` positions of `cache` (how a chat drops what it no longer shares)."""
         return KVCache([(k[:, :length], r[:, :length]) for k, r in cache.layers])
@@ -129,3 +167,58 @@ class Engine(ABC):
                 on_token(row, token)
         return decoding.tokens
 
+
+
+class SlotCache:
+    """The latent cache of up to `slots` sequences, one buffer [N, T, dim] per cache tensor (contract
+    order: kv_latent.0, k_rope.0, ...), T the capacity in tokens of every slot.
+
+    Continuous batching keeps its running sequences here (runtime/batching.py): a sequence owns a
+    slot, the decoding ones the first B slots, so one step binds rows [0, B) of every buffer as
+    they are (contiguous). Rows past a sequence's length are zero or stale cache (finite): they are
+    masked, never NaN."""
+
+    def __init__(self, info: EngineInfo, slots: int, capacity: int, device: str = "cpu"):
+        self.info, self.slots, self.device = info, slots, device
+        self.tensors = [torch.zeros(slots, capacity, width, dtype=info.cache_dtype, device=device)
+                        for _ in range(info.num_layers) for width in info.cache_widths]
+
+    @property
+    def capacity(self) -> int:
+        return int(self.tensors[0].shape[1])
+
+    @property
+    def bytes_per_token(self) -> int:
+        return sum(int(t.shape[-1]) * t.element_size() for t in self.tensors)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors)
+
+    def resize(self, capacity: int) -> None:
+        """New buffers of `capacity` tokens holding the first min(T, capacity) rows of every slot."""
+        keep = min(capacity, self.capacity)
+        for i, old in enumerate(self.tensors):
+            new = torch.zeros(self.slots, capacity, int(old.shape[-1]), dtype=old.dtype, device=old.device)
+            new[:, :keep].copy_(old[:, :keep])
+            self.tensors[i] = new
+
+    def view(self, first: int, count: int, length: int) -> KVCache:
+        """Slots [first, first + count), rows [0, length), as a contract cache (views, no copy)."""
+        t = [buffer[first:first + count, :length] for buffer in self.tensors]
+        return KVCache([(t[i], t[i + 1]) for i in range(0, len(t), 2)])
+
+    def write(self, slot: int, start: int, rows: Sequence[torch.Tensor]) -> None:
+        """Rows [start, start + n) of `slot` from one [n, dim] tensor per cache tensor."""
+        for buffer, t in zip(self.tensors, rows):
+            buffer[slot, start:start + int(t.shape[0])].copy_(t)
+
+    def read(self, slot: int, start: int, end: int) -> list[torch.Tensor]:
+        """Copies of rows [start, end) of `slot`, one [n, dim] tensor per cache tensor."""
+        return [buffer[slot, start:end].clone() for buffer in self.tensors]
+
+    def move(self, source: int, target: int, length: int) -> None:
+        """Copy the first `length` rows of slot `source` into slot `target`."""
+        if source != target and length > 0:
+            for buffer in self.tensors:
+                buffer[target, :length].copy_(buffer[source, :length])

@@ -74,7 +74,7 @@ from dscompile.errors import EngineError, OptionError, first_line
 from dscompile.runtime.contract import (ATTENTION_MASK, DECODE, DECODE_IN_PLACE, INPUT_IDS, LOGITS, PAST, POSITION_IDS,
                                         PREFILL, PRESENT, STEP_INPUTS, WRITE_INDEX, EngineInfo, KVCache, cache_names,
                                         choose_graph)
-from dscompile.runtime.engine import Engine
+from dscompile.runtime.engine import Engine, SlotCache
 from dscompile.runtime.manifest import read_manifest
 from dscompile.runtime.weights import WeightsFile
 
@@ -405,6 +405,41 @@ class OrtEngine(Engine):
         self._run(self.sessions[DECODE_IN_PLACE], binding, B, 1, P)
         logits = torch.from_dlpack(binding.get_outputs()[0]._ortvalue)
         return logits.float(), buffers.cache(P + 1)
+
+    def prefill_slot(self, tokens, slots: SlotCache, slot: int, length: int) -> torch.Tensor:
+        """One token after a cached prefix runs as a one-row ragged step (in place); more through `step`."""
+        if len(tokens) == 1 and length > 0 and DECODE_IN_PLACE in self.sessions and slots.device == "cpu":
+            return self.step_ragged(torch.tensor([int(tokens[0])]), torch.tensor([length]), slots, slot)[0]
+        return super().prefill_slot(tokens, slots, slot, length)
+
+    def step_ragged(self, tokens: torch.Tensor, lengths: torch.Tensor, slots: SlotCache, first: int = 0
+                    ) -> torch.Tensor:
+        """The ragged decode step in place (CPU, float32 exports): slots [first, first + B) of the
+        slot buffers are bound by pointer as both the cache inputs and outputs, each row writes its
+        new token at its own `write_index` (its length) and attends rows [0, length]; nothing is
+        copied. Elsewhere (quantized engines, GPU providers) the base's form through `step`."""
+        if DECODE_IN_PLACE not in self.sessions or slots.device != "cpu":
+            return super().step_ragged(tokens, lengths, slots, first)
+        B, T = int(tokens.shape[0]), slots.capacity
+        lengths = lengths.to(torch.int64)
+        if int(lengths.max()) >= T or int(lengths.min()) < 1:
+            raise EngineError(f"ragged step: lengths {lengths.tolist()} do not fit slots of capacity {T}")
+        if self.weights is not None:
+            self.weights.check()
+        mask = (torch.arange(T).unsqueeze(0) <= lengths.unsqueeze(1)).to(torch.int64)  # own rows + the new one
+        binding = self.sessions[DECODE_IN_PLACE].io_binding()
+        keep = []
+        for name, t in ((INPUT_IDS, tokens.reshape(B, 1)), (POSITION_IDS, lengths.reshape(B, 1)),
+                        (ATTENTION_MASK, mask), (WRITE_INDEX, lengths)):
+            keep.append(self._bind_tensor(binding, name, t.to(torch.int64)))
+        binding.bind_output(LOGITS, "cpu")  # first: get_outputs() follows the binding order
+        kind = _ONNX_TYPES[self.info.cache_dtype]
+        for past, present, buffer in zip(self._past, self._present, slots.tensors):
+            shape, pointer = [B, T, int(buffer.shape[-1])], buffer[first].data_ptr()
+            binding.bind_input(past, "cpu", 0, kind, shape, pointer)
+            binding.bind_output(present, "cpu", 0, kind, shape, pointer)
+        self._run(self.sessions[DECODE_IN_PLACE], binding, B, 1, T)
+        return torch.from_dlpack(binding.get_outputs()[0]._ortvalue)[:, -1].float()
 
     def _new_buffers(self, cache: KVCache, batch: int) -> CacheBuffers:
         """Buffers of capacity for the next step at least, holding `cache`'s rows; the free rows are zero."""

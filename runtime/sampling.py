@@ -64,7 +64,12 @@ def process_logits(
     None means no history. Applies the repetition penalty, the temperature (when > 0), top-k and
     top-p; removed entries are -inf.
     """
-    scores = _penalize(logits.float(), seen, params.repetition_penalty)
+    return filter_scores(_penalize(logits.float(), seen, params.repetition_penalty), params)
+
+
+def filter_scores(scores: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Penalized scores [B, V] -> what sampling draws from: divided by the temperature (when > 0),
+    then top-k and top-p applied; removed entries are -inf. `scores` is not written to."""
     if params.temperature > 0:
         scores = scores / params.temperature
     if params.top_k > 0:
@@ -110,5 +115,22 @@ def _penalize(scores: torch.Tensor, seen: Sequence[Sequence[int]] | None, penalt
     inside = (cols >= 0) & (cols < vocab)
     mask = torch.zeros(batch, vocab, dtype=torch.bool)
     mask[rows[inside], cols[inside]] = True
+    return penalize_seen(scores, mask, penalty)
+
+
+def penalize_seen(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """The repetition penalty where the bool mask `seen` (shaped like `scores`) is set: negative
+    logits * penalty, others / penalty (a caller that keeps a row's seen ids as a mask)."""
+    if penalty == 1.0:
+        return scores
     penalized = torch.where(scores < 0, scores * penalty, scores / penalty)
-    return torch.where(mask.to(scores.device), penalized, scores)
+    return torch.where(seen.to(scores.device), penalized, scores)
+
+
+def penalize_counts(scores: torch.Tensor, counts: torch.Tensor, presence: float, frequency: float) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties: each id's score minus `presence` if it was
+    generated at all and `frequency` times the number of times it was (`counts`, shaped like
+    `scores`); the prompt does not count."""
+    if presence == 0 and frequency == 0:
+        return scores
+    return scores - (counts > 0).to(scores.dtype) * presence - counts.to(scores.dtype) * frequency
