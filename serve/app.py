@@ -126,7 +126,7 @@ def build_app(served: Served, api_key: str | None = None, max_body: int = MAX_BO
     async def health():
         scheduler = served.scheduler
         if scheduler.failure is not None:
-            return _error(APIError(503, f"the engine failed: {scheduler.failure}", type="server_error",
+            return _error(APIError(503, scheduler.failure, type="server_error",
                                    code="engine_failed"))
         if not scheduler.ready:
             return _error(APIError(503, "the engine is warming up", type="server_error", code="not_ready"))

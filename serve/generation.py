@@ -128,7 +128,7 @@ class Served:
     def start(self, request: Request, stop: list[str]) -> "Generation":
         """Submit `request`; APIError 503 when the queue is full or the engine failed, 400 when refused."""
         if self.scheduler.failure is not None:
-            raise APIError(503, f"the engine failed: {self.scheduler.failure}", type="server_error",
+            raise APIError(503, self.scheduler.failure, type="server_error",
                            code="engine_failed")
         generation = Generation(self, request, stop)
         try:
@@ -138,7 +138,7 @@ class Served:
                            code="queue_full", headers={"Retry-After": "1"}) from None
         except DscompileError as err:
             if self.scheduler.failure is not None:
-                raise APIError(503, f"the engine failed: {self.scheduler.failure}", type="server_error",
+                raise APIError(503, self.scheduler.failure, type="server_error",
                                code="engine_failed") from None
             raise bad(None, first_line(err)) from None
         return generation

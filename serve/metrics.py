@@ -27,7 +27,7 @@ FROM_STATS = {
     "prefix_cache_queries_total": ("prefix_cache_queries", "counter", "Prompt tokens looked up in the prefix cache."),
     "prefix_cache_hits_total": ("prefix_cache_hits", "counter", "Prompt tokens found in the prefix cache."),
     "cache_bytes_in_use": ("cache_bytes_in_use", "gauge", "Latent cache bytes held (running rows + prefix cache)."),
-    "prefix_cache_bytes": ("prefix_cache_capacity_bytes", "gauge", "The prefix cache's bound in bytes."),
+    "prefix_cache_bytes": ("prefix_cache_bytes", "gauge", "Latent cache bytes the prefix cache keeps."),
     "aborted_total": ("num_aborted_requests", "counter", "Requests cancelled before they finished."),
     "steps_total": ("engine_steps", "counter", "Engine steps run."),
 }
