@@ -21,6 +21,7 @@ import os
 import random
 import socket
 import subprocess
+import threading
 import sys
 import time
 from pathlib import Path
@@ -427,3 +428,73 @@ def test_tokenize_and_detokenize(server, llm):
     assert chat["count"] > 2
     bad = server.http.post("/detokenize", json={"tokens": [10 ** 9]})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+
+
+class _FailingEngine:
+    """The engine, until `fail` is set: then its next decode step raises (a device lost mid-run)."""
+
+    def __init__(self, engine):
+        self._engine, self.fail = engine, threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def step_ragged(self, *args, **kw):
+        if self.fail.is_set():
+            raise RuntimeError("device lost\nsecond line")
+        return self._engine.step_ragged(*args, **kw)
+
+
+def test_health_follows_warm_up_and_an_engine_failure_fails_requests_in_flight(engine_dir):
+    """In this process, through the ASGI app: /health is 503 before the warm-up step and after the
+    engine failed; a request in flight when it fails gets an error (a stream: an error chunk, then
+    [DONE]), and later requests a 503 saying why."""
+    from dscompile.runtime.batching import Scheduler
+    from dscompile.runtime.session import TextEngine
+    from dscompile.serve.app import build_app
+    from dscompile.serve.generation import Served
+    from dscompile.serve.metrics import Metrics
+
+    text = TextEngine.open(engine_dir, threads=1)
+    engine = _FailingEngine(text.engine)
+    scheduler = Scheduler(engine, max_num_seqs=2)
+    served = Served(text, scheduler, "m")
+    served.metrics = Metrics(scheduler.stats, "m")
+    body = {"model": "m", "prompt": "x", "max_tokens": 100, "ignore_eos": True}
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=build_app(served))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as http:
+            early = await http.get("/health")
+            assert early.status_code == 503 and early.json()["error"]["code"] == "not_ready"
+            scheduler.start()
+            while not scheduler.ready:
+                await asyncio.sleep(0.05)
+            assert (await http.get("/health")).status_code == 200
+            assert (await http.post("/v1/completions", json={**body, "max_tokens": 2})).status_code == 200
+            whole = asyncio.create_task(http.post("/v1/completions", json=body))
+            streamed = asyncio.create_task(http.post("/v1/completions", json={**body, "stream": True}))
+            await asyncio.sleep(0.3)
+            engine.fail.set()
+            whole, streamed = await whole, await streamed
+            assert whole.status_code == 500 and "device lost" in whole.json()["error"]["message"]
+            events = [e for e in streamed.text.split("\n\n") if e]
+            assert events[-1] == "data: [DONE]" and "device lost" in json.loads(events[-2][6:])["error"]["message"]
+            later = await http.post("/v1/completions", json=body)
+            assert later.status_code == 503 and "device lost" in later.json()["error"]["message"]
+            health = await http.get("/health")
+            assert health.status_code == 503 and "device lost" in health.json()["error"]["message"]
+            metrics = (await http.get("/metrics")).text
+            assert 'dscompile:request_failed_total{model_name="m"} 2.0' in metrics
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        scheduler.close()
+
+
+def test_serve_without_the_extra_says_how_to_add_it(engine_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # as if it were not installed
+    result = run_here("serve", engine_dir)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ['error: dscompile serve needs fastapi: pip install "dscompile[serve]"']
