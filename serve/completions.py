@@ -140,6 +140,13 @@ class _Shape:
     def first_chunk(self) -> dict | None:
         return None
 
+    def wanted(self, delta: Delta) -> bool:
+        """Whether a delta makes a chunk: it has text, or a token whose logprobs were asked for, or
+        a token of an engine without a tokenizer (no text ever: a chunk per token still shows progress)."""
+        if delta.text:
+            return True
+        return delta.token is not None and (self.logprobs is not None or self.served.text.tokenizer is None)
+
     def usage_chunk(self, outcome: Outcome) -> dict:
         return self._envelope(self.object_chunk, [], usage=usage(outcome))
 
@@ -171,7 +178,7 @@ class _ChatShape(_Shape):
                                                    "logprobs": None, "finish_reason": None}])
 
     def delta_chunk(self, delta: Delta) -> dict | None:
-        if not delta.text and (self.logprobs is None or delta.token is None):
+        if not self.wanted(delta):
             return None
         return self._envelope(self.object_chunk, [{"index": 0, "delta": {"content": delta.text},
                                                    "logprobs": self._logprobs([delta]), "finish_reason": None}])
@@ -209,7 +216,7 @@ class _CompletionShape(_Shape):
         return self._envelope(self.object_whole, [choice], usage=usage(outcome))
 
     def delta_chunk(self, delta: Delta) -> dict | None:
-        if not delta.text and (self.logprobs is None or delta.token is None):
+        if not self.wanted(delta):
             return None
         return self._envelope(self.object_chunk, [{"index": 0, "text": delta.text,
                                                    "logprobs": self._logprobs([delta]), "finish_reason": None}])
