@@ -394,8 +394,9 @@ class Scheduler:
                 self._slots.write(s.slot, start, [t[:n] for t in block.rows])
         s.length = s.cached
         s.generator = make_generator(s.request.params)
-        s.seen = torch.zeros(vocab, dtype=torch.bool)
-        s.seen[torch.tensor(prompt)] = True
+        if s.request.params.repetition_penalty != 1.0:
+            s.seen = torch.zeros(vocab, dtype=torch.bool)
+            s.seen[torch.tensor(prompt)] = True
         if s.request.presence_penalty or s.request.frequency_penalty:
             s.counts = torch.zeros(vocab, dtype=torch.float32)
         with self._lock:
@@ -427,13 +428,23 @@ class Scheduler:
         logits = self.engine.step_ragged(tokens, lengths, self._slots)
         for s in rows:  # every row's new cache row counts before any row leaves (and moves the others)
             s.length += 1
+        # plain greedy rows (most of a server's) take one argmax over the batch; the others their own path
+        plain = [i for i, s in enumerate(rows) if s.seen is None and s.counts is None and s.request.logprobs is None
+                 and s.request.params.temperature == 0]
+        chosen = dict(zip(plain, logits[plain].argmax(dim=-1).tolist())) if plain else {}
         for i, s in enumerate(rows):
-            self._choose(s, logits[i])
+            if i in chosen:
+                self._accept(s, chosen[i], Token(chosen[i]))
+            else:
+                self._choose(s, logits[i])
 
     def _choose(self, s: _Sequence, logits: torch.Tensor) -> None:
-        """Pick `s`'s next token from its logits [V], emit it, and end `s` on eos or max_tokens."""
+        """Pick `s`'s next token from its logits [V] (its penalties, temperature, filters and
+        generator) and accept it."""
         r, params = s.request, s.request.params
-        scores = penalize_seen(logits.float().unsqueeze(0), s.seen.unsqueeze(0), params.repetition_penalty)
+        scores = logits.float().unsqueeze(0)
+        if s.seen is not None:
+            scores = penalize_seen(scores, s.seen.unsqueeze(0), params.repetition_penalty)
         if s.counts is not None:
             scores = penalize_counts(scores, s.counts.unsqueeze(0), r.presence_penalty, r.frequency_penalty)
         if params.temperature == 0:
@@ -450,11 +461,17 @@ class Scheduler:
                 values, ids = torch.topk(logp, min(r.logprobs, int(logp.shape[0])))
                 top = tuple((int(i), float(v)) for i, v in zip(ids, values))
             event = Token(token, float(logp[token]), top)
+        self._accept(s, token, event)
+
+    def _accept(self, s: _Sequence, token: int, event: Token) -> None:
+        """`token` is `s`'s next: count it, emit it, end `s` on eos or max_tokens."""
+        r = s.request
         if s.generated == 0:
             s.first_token = time.perf_counter()
         s.generated += 1
         s.next_token = token
-        s.seen[token] = True
+        if s.seen is not None:
+            s.seen[token] = True
         if s.counts is not None:
             s.counts[token] += 1
         with self._lock:
