@@ -34,7 +34,7 @@ async def chat_completions(served: Served, http: HTTPRequest, body: Any) -> Resp
     req = parse_chat(body)
     _check_model(served, req.model)
     ids = served.chat_ids(req.messages)
-    gen = served.start(served.request(ids, req.sampling, "max_completion_tokens"), req.sampling.stop)
+    gen = served.start(served.request(ids, req.sampling, "messages"), req.sampling.stop)
     shape = _ChatShape(served, req.model, req.sampling.logprobs)
     return await _answer(gen, shape, req.sampling, http)
 

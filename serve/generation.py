@@ -100,11 +100,11 @@ class Served:
             raise bad("prompt", "prompt encodes to no tokens")
         return ids
 
-    def request(self, ids: list[int], s: Sampling, max_field: str = "max_tokens") -> Request:
+    def request(self, ids: list[int], s: Sampling, prompt_field: str = "prompt") -> Request:
         """The scheduler's request for prompt `ids`: limits checked, sampling defaults applied."""
-        limit = self.max_model_len
+        limit, max_field = self.max_model_len, s.max_field
         if len(ids) >= limit:
-            raise bad("messages" if max_field == "max_completion_tokens" else "prompt",
+            raise bad(prompt_field,
                       f"the prompt has {len(ids)} tokens; this model's maximum context length is {limit} "
                       f"tokens, and at least one must be left for the completion", code="context_length_exceeded")
         room = limit - len(ids)

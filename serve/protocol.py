@@ -61,6 +61,7 @@ class Sampling:
     """The generation fields both endpoints share, checked; None where the client gave none."""
 
     max_tokens: int | None = None
+    max_field: str = "max_tokens"  # the field max_tokens came from (chat also takes max_completion_tokens)
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -185,7 +186,7 @@ def _content(value: Any, where: str) -> str:
 def _sampling(body: dict, max_field: str | None) -> Sampling:
     s = Sampling()
     if max_field and body.get(max_field) is not None:
-        s.max_tokens = _int(body, max_field, 1, None)
+        s.max_tokens, s.max_field = _int(body, max_field, 1, None), max_field
     elif body.get("max_tokens") is not None:
         s.max_tokens = _int(body, "max_tokens", 1, None)
     s.temperature = _float(body, "temperature", 0.0, 2.0)

@@ -386,6 +386,15 @@ BAD = [
     ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
      400, "top_logprobs"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 10 ** 5},
+     400, "max_tokens"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                              "max_completion_tokens": 10 ** 5}, 400, "max_completion_tokens"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x" * 3000}]}, 400,
+     "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 3}, 400, "n"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                              "stream_options": {"include_usage": True}}, 400, "stream_options"),
 ]
 
 
@@ -447,7 +456,7 @@ class _FailingEngine:
 
 def test_health_follows_warm_up_and_an_engine_failure_fails_requests_in_flight(engine_dir):
     """In this process, through the ASGI app: /health is 503 before the warm-up step and after the
-    engine failed; a request in flight when it fails gets an error (a stream: an error chunk, then
+    engine failed; a stream that waits gets `: ping` comments; a request in flight when it fails gets an error (a stream: an error chunk, then
     [DONE]), and later requests a 503 saying why."""
     from dscompile.runtime.batching import Scheduler
     from dscompile.runtime.session import TextEngine
@@ -467,10 +476,14 @@ def test_health_follows_warm_up_and_an_engine_failure_fails_requests_in_flight(e
         async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as http:
             early = await http.get("/health")
             assert early.status_code == 503 and early.json()["error"]["code"] == "not_ready"
+            waiting = asyncio.create_task(http.post("/v1/completions", json={**body, "max_tokens": 2, "stream": True}))
+            await asyncio.sleep(2.3)  # queued before the engine thread runs: the stream keeps alive with a ping
             scheduler.start()
             while not scheduler.ready:
                 await asyncio.sleep(0.05)
             assert (await http.get("/health")).status_code == 200
+            waited = (await waiting).text
+            assert waited.startswith(": ping\n\n") and waited.endswith("data: [DONE]\n\n")
             assert (await http.post("/v1/completions", json={**body, "max_tokens": 2})).status_code == 200
             whole = asyncio.create_task(http.post("/v1/completions", json=body))
             streamed = asyncio.create_task(http.post("/v1/completions", json={**body, "stream": True}))
