@@ -27,7 +27,7 @@ from dscompile.errors import DscompileError, first_line
 from dscompile.serve import completions as endpoints
 from dscompile.serve.generation import Served
 from dscompile.serve.metrics import CONTENT_TYPE
-from dscompile.serve.protocol import APIError, bad
+from dscompile.serve.protocol import APIError, bad, parse_chat
 
 MAX_BODY_BYTES = 4 << 20
 OPEN_PATHS = ("/health", "/metrics")  # answered without the API key (probes, scrapers)
@@ -145,14 +145,12 @@ def build_app(served: Served, api_key: str | None = None, max_body: int = MAX_BO
         if unknown:
             raise bad(unknown[0], f"unknown field {unknown[0]!r}")
         if body.get("model") is not None:
-            endpoints._check_model(served, body["model"])
+            endpoints.check_model(served, body["model"])
         if ("prompt" in body) == ("messages" in body):
             raise bad("prompt", "give either prompt (text) or messages (a chat)")
         tokenizer = served.tokenizer("tokenize")
         try:
             if "messages" in body:
-                from dscompile.serve.protocol import parse_chat
-
                 turns = parse_chat({"model": served.name, "messages": body["messages"]}).messages
                 text = tokenizer.render_chat(turns, add_generation_prompt=body.get("add_generation_prompt", True))
                 ids = tokenizer.encode(text, add_special_tokens=False)
@@ -173,7 +171,7 @@ def build_app(served: Served, api_key: str | None = None, max_body: int = MAX_BO
         if unknown:
             raise bad(unknown[0], f"unknown field {unknown[0]!r}")
         if body.get("model") is not None:
-            endpoints._check_model(served, body["model"])
+            endpoints.check_model(served, body["model"])
         ids = body.get("tokens")
         vocab = served.text.engine.info.vocab_size
         if not (isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in ids)):

@@ -32,7 +32,7 @@ DISCONNECT_POLL_SECONDS = 0.5
 
 async def chat_completions(served: Served, http: HTTPRequest, body: Any) -> Response:
     req = parse_chat(body)
-    _check_model(served, req.model)
+    check_model(served, req.model)
     ids = served.chat_ids(req.messages)
     gen = served.start(served.request(ids, req.sampling, "messages"), req.sampling.stop)
     shape = _ChatShape(served, req.model, req.sampling.logprobs)
@@ -41,14 +41,15 @@ async def chat_completions(served: Served, http: HTTPRequest, body: Any) -> Resp
 
 async def completions(served: Served, http: HTTPRequest, body: Any) -> Response:
     req = parse_completion(body)
-    _check_model(served, req.model)
+    check_model(served, req.model)
     ids = served.prompt_ids(req.prompt)
     gen = served.start(served.request(ids, req.sampling), req.sampling.stop)
     shape = _CompletionShape(served, req.model, req.sampling.logprobs)
     return await _answer(gen, shape, req.sampling, http)
 
 
-def _check_model(served: Served, model: str) -> None:
+def check_model(served: Served, model: str) -> None:
+    """404 unless `model` is the served name."""
     if model != served.name:
         raise APIError(404, f"the model {model!r} does not exist; this server serves {served.name!r}",
                        param="model", code="model_not_found")

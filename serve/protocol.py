@@ -33,7 +33,7 @@ NEUTRAL = {"n": (1,), "best_of": (1,), "echo": (False,), "suffix": (None, ""), "
 SAMPLING = ("temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed",
             "stop", "ignore_eos", "user", "n", "stream", "stream_options", "model", "max_tokens")
 CHAT_FIELDS = frozenset({*SAMPLING, "messages", "max_completion_tokens", "logprobs", "top_logprobs",
-                         "response_format", "store", "metadata", "service_level", *REFUSED})
+                         "response_format", *REFUSED})
 COMPLETION_FIELDS = frozenset({*SAMPLING, "prompt", "logprobs", "best_of", *REFUSED})
 MAX_TOP_LOGPROBS = 20
 DEFAULT_MAX_TOKENS = 256

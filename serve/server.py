@@ -8,6 +8,7 @@ which ends the requests in flight.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -65,6 +66,7 @@ def run(out: Path, options: ServeOptions, on_listening: Callable[[Served], None]
     """Serve OUT until interrupted."""
     import uvicorn
 
+    _check_address(options.host, options.port)  # before the engine opens: a taken port fails in one line
     served = open_served(out, options)
     app = build_app(served, options.api_key, options.max_body_bytes)
     config = uvicorn.Config(app, host=options.host, port=options.port, log_level="warning", access_log=False,
@@ -82,3 +84,18 @@ def run(out: Path, options: ServeOptions, on_listening: Callable[[Served], None]
         server.run()
     finally:
         served.scheduler.close()
+
+
+def _check_address(host: str, port: int) -> None:
+    """OptionError unless `host:port` can be bound now (as uvicorn will bind it, SO_REUSEADDR set)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise OptionError(f"--host {host}: not an address of this machine ({e.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise OptionError(f"--host {host} --port {port}: cannot listen there ({e.strerror})") from None

@@ -451,6 +451,7 @@ class _FailingEngine:
     def step_ragged(self, *args, **kw):
         if self.fail.is_set():
             raise RuntimeError("device lost\nsecond line")
+        time.sleep(0.01)  # slow enough that the requests are still in flight when the test fails it
         return self._engine.step_ragged(*args, **kw)
 
 
@@ -469,7 +470,7 @@ def test_health_follows_warm_up_and_an_engine_failure_fails_requests_in_flight(e
     scheduler = Scheduler(engine, max_num_seqs=2)
     served = Served(text, scheduler, "m")
     served.metrics = Metrics(scheduler.stats, "m")
-    body = {"model": "m", "prompt": "x", "max_tokens": 100, "ignore_eos": True}
+    body = {"model": "m", "prompt": "x", "max_tokens": 200, "ignore_eos": True}
 
     async def scenario():
         transport = httpx.ASGITransport(app=build_app(served))
@@ -487,7 +488,9 @@ def test_health_follows_warm_up_and_an_engine_failure_fails_requests_in_flight(e
             assert (await http.post("/v1/completions", json={**body, "max_tokens": 2})).status_code == 200
             whole = asyncio.create_task(http.post("/v1/completions", json=body))
             streamed = asyncio.create_task(http.post("/v1/completions", json={**body, "stream": True}))
-            await asyncio.sleep(0.3)
+            while scheduler.stats()["running"] < 2:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)
             engine.fail.set()
             whole, streamed = await whole, await streamed
             assert whole.status_code == 500 and "device lost" in whole.json()["error"]["message"]
@@ -511,3 +514,20 @@ def test_serve_without_the_extra_says_how_to_add_it(engine_dir, monkeypatch):
     result = run_here("serve", engine_dir)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ['error: dscompile serve needs fastapi: pip install "dscompile[serve]"']
+
+
+def test_serve_option_errors_are_one_line(engine_dir, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cases = {("--port", port): f"--port {port}: cannot listen there",
+                 ("--max-num-seqs", 0): "--max-num-seqs must be >= 1, got 0",
+                 ("--max-model-len", 10 ** 6): "max_model_len must be an integer in [2, 256]"}
+        for args, message in cases.items():
+            result = run_here("serve", engine_dir, "--port" if args[0] != "--port" else args[0],
+                              _free_port() if args[0] != "--port" else args[1], *(args if args[0] != "--port" else ()))
+            lines = result.stderr.strip().splitlines()
+            assert result.returncode == 2 and len(lines) == 1 and message in lines[0], (args, result.stderr)
+    result = run_here("serve", tmp_path / "missing")
+    assert result.returncode == 2 and "engine folder not found" in result.stderr
