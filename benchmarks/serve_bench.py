@@ -217,10 +217,10 @@ class Running:
         self.log.close()
 
 
-def ours(out: Path, max_num_seqs: int, threads: int, logs: Path) -> Running:
+def ours(out: Path, max_num_seqs: int, threads: int, prefill_chunk: int, logs: Path) -> Running:
     port = free_port()
     argv = [sys.executable, "-m", "dscompile", "serve", str(out), "--port", str(port), "--served-model-name", "bench",
-            "--max-num-seqs", str(max_num_seqs), "--threads", str(threads)]
+            "--max-num-seqs", str(max_num_seqs), "--threads", str(threads), "--prefill-chunk", str(prefill_chunk)]
     return Running(argv, f"http://127.0.0.1:{port}", "bench", log=logs / f"serve-{out.name}.log")
 
 
@@ -263,6 +263,7 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prefill-chunk", type=int, default=128, help="the server's --prefill-chunk")
     p.add_argument("--long-prompt", type=int, default=LONG_PROMPT, help="the prompt that arrives mid-run")
     p.add_argument("--llama-server", type=Path, default=Path("/work/shared/llamacpp/bin"))
     p.add_argument("--gguf-dir", type=Path, default=Path("/work/gguf"))
@@ -287,7 +288,7 @@ def main() -> None:
                              args.threads)
         print(f"  engine alone: prefill {args.prompt_len} tokens {steps['prefill_s'] * 1e3:.1f} ms; decode step "
               + ", ".join(f"batch {b} {t * 1e3:.1f} ms" for b, t in steps["decode_s"].items()), flush=True)
-        server = ours(out, max(args.clients), args.threads, logs)
+        server = ours(out, max(args.clients), args.threads, args.prefill_chunk, logs)
         try:
             server.wait_healthy()
             levels = measure(server, args, steps["vocab"])
@@ -331,7 +332,8 @@ def main() -> None:
 def print_table(name: str, entry: dict, args) -> None:
     steps, levels, r = entry["steps"], entry["levels"], entry["ratios"]
     ms = lambda s: f"{s * 1e3:.1f}"  # noqa: E731
-    print(f"\n{name}: prompt {args.prompt_len} tokens, {args.output_len} out, {args.rounds} requests per client")
+    print(f"\n{name}: prompt {args.prompt_len} tokens, {args.output_len} out, {args.rounds} requests per client, "
+          f"prefill chunk {args.prefill_chunk}")
     print("| clients | output tok/s | TTFT p50/p90/p99 ms | TPOT p50/p90/p99 ms | ITL p50/p90/p99 ms | engine step at "
           "that batch ms |" + (" llama-server tok/s |" if "llama_server" in entry else ""))
     print("|---|---|---|---|---|---|" + ("---|" if "llama_server" in entry else ""))
