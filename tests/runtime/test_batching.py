@@ -14,7 +14,7 @@ from dscompile.runtime.batching import Failed, Finished, QueueFull, Request, Sch
 from dscompile.runtime.contract import next_step_inputs, step_inputs
 from dscompile.runtime.engine import Engine
 from dscompile.runtime.sampling import SamplingParams
-from dscompile.tolerance import QUANTIZED_ACTIVATIONS, TOLERANCE, bound
+from dscompile.tolerance import TOLERANCE, bound
 
 TIMEOUT = 60  # seconds to wait for one event: a stuck engine thread fails the test instead of hanging it
 
