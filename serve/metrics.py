@@ -28,7 +28,7 @@ FROM_STATS = {
     "prefix_cache_hits_total": ("prefix_cache_hits", "counter", "Prompt tokens found in the prefix cache."),
     "cache_bytes_in_use": ("cache_bytes_in_use", "gauge", "Latent cache bytes held (running rows + prefix cache)."),
     "prefix_cache_bytes": ("prefix_cache_bytes", "gauge", "Latent cache bytes the prefix cache keeps."),
-    "aborted_total": ("num_aborted_requests", "counter", "Requests cancelled before they finished."),
+    "aborted_total": ("num_aborted_requests", "counter", "Requests cancelled before they finished (clients gone)."),
     "steps_total": ("engine_steps", "counter", "Engine steps run."),
 }
 
@@ -36,9 +36,12 @@ FROM_STATS = {
 class _StatsCollector:
     def __init__(self, stats: Callable[[], dict], model: str):
         self._stats, self._model = stats, model
+        self.stop_cancels = 0  # requests the HTTP layer cancelled at a stop string: finished, not aborted
 
     def collect(self):
-        stats = self._stats()
+        stats = dict(self._stats())
+        if "aborted_total" in stats:
+            stats["aborted_total"] -= self.stop_cancels
         for key, (name, kind, doc) in FROM_STATS.items():
             if key not in stats:
                 continue
@@ -55,7 +58,8 @@ class Metrics:
         disable_created_metrics()  # the `_created` series vLLM does not expose either
         self.model = model
         self.registry = CollectorRegistry()
-        self.registry.register(_StatsCollector(stats, model))
+        self._collector = _StatsCollector(stats, model)
+        self.registry.register(self._collector)
 
         def histogram(name: str, doc: str) -> Histogram:
             return Histogram(PREFIX + name, doc, ["model_name"], buckets=LATENCY_BUCKETS,
@@ -80,6 +84,8 @@ class Metrics:
         for gap in gaps:
             self.itl.observe(gap)
         self.success.labels(self.model, reason).inc()
+        if done.reason == "cancelled" and reason == "stop":
+            self._collector.stop_cancels += 1
 
     def failed(self) -> None:
         self.failures.inc()

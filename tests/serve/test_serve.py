@@ -178,10 +178,12 @@ def test_stop_strings_end_the_text(server, llm):
     ref = _solo(llm, "The compiler", max_new_tokens=24, temperature=0.0, ignore_eos=True)
     assert len(ref.text) > 4
     stop = ref.text[len(ref.text) // 2:][:2]
+    aborted = server.metrics()["dscompile:num_aborted_requests_total"]
     got = server.client().completions.create(model=MODEL, prompt="The compiler", max_tokens=24, temperature=0,
                                              stop=[stop], extra_body={"ignore_eos": True})
     assert got.choices[0].finish_reason == "stop"
     assert got.choices[0].text == ref.text[: ref.text.find(stop)]
+    assert server.metrics()["dscompile:num_aborted_requests_total"] == aborted  # a stop string finishes, not aborts
 
 
 def test_seeded_sampling_is_reproducible_under_load(server, llm):
