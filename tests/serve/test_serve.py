@@ -21,8 +21,8 @@ import os
 import random
 import socket
 import subprocess
-import threading
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -110,8 +110,7 @@ def llm(engine_dir):
 
 
 def _solo(llm, prompt, **options):
-    c = llm.complete([prompt], **options).completions[0]
-    return c
+    return llm.complete([prompt], **options).completions[0]
 
 
 def test_models_health_and_metrics_names(server):
