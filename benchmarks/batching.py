@@ -10,8 +10,8 @@ names others instead), 2 threads:
   alike; medians over the rounds): the engine's batch-1 decode step as `Engine.generate` runs it
   (its own cache form, at context C) and `Engine.step_ragged` over B slots whose lengths are
   spread over [C/2, C] (random cache values); tokens/s of each and the ragged step's over batch 1's;
-- the scheduler's overhead: B requests of 16-token prompts decoding 32 tokens each in a
-  `Scheduler` (max_num_seqs B); each engine call is timed, and the time between two consecutive
+- the scheduler's overhead: B requests of 16-token prompts decoding 24 tokens each in a
+  `Scheduler` (max_num_seqs B), greedy or sampled (temperature, top-p); each engine call is timed, and the time between two consecutive
   ragged steps (choosing tokens, events, bookkeeping) is the scheduler's per-step overhead,
   printed beside the bare step's time.
 """
@@ -112,13 +112,14 @@ class Timed:
         return self._timed("decode", self.engine.step_ragged, *args, **kw)
 
 
-def scheduler_overhead(engine, batch: int, tokens: int = 32) -> dict:
+def scheduler_overhead(engine, batch: int, sampled: bool, tokens: int = 24) -> dict:
     timed = Timed(engine)
     scheduler = Scheduler(timed, max_num_seqs=batch, prefix_cache_bytes=0)
     scheduler.start()
     g = torch.Generator().manual_seed(1)
     handles = [scheduler.submit(Request(torch.randint(0, engine.info.vocab_size, (16,), generator=g).tolist(),
-                                        tokens, SamplingParams(temperature=0.8, top_p=0.95, seed=i)))
+                                        tokens, SamplingParams(temperature=0.8, top_p=0.95, seed=i) if sampled
+                                        else SamplingParams()))
                for i in range(batch)]
     for h in handles:
         list(h.events(timeout=600))
@@ -156,7 +157,8 @@ def main() -> None:
     for name, folder in engines.items():
         engine = open_engine(folder, threads=THREADS)
         report[name] = {"engine_speed": engine_speed(engine, batches, args.context, args.rounds),
-                        "scheduler": {b: scheduler_overhead(engine, b) for b in (1, max(batches) // 2)}}
+                        "scheduler": {f"{how} B={b}": scheduler_overhead(engine, b, how == "sampled")
+                                      for b in (1, max(batches) // 2) for how in ("greedy", "sampled")}}
         del engine
         if not args.json:
             r = report[name]
@@ -166,7 +168,7 @@ def main() -> None:
                 print(f"  ragged B={b:<3} {x['step_ms']:>8} ms/step {x['tokens_per_s']:>8} tokens/s "
                       f"{x['vs_batch1']:>6}x batch-1")
             for b, x in r["scheduler"].items():
-                print(f"  scheduler B={b:<3} step {x['step_ms']} ms, overhead {x['overhead_ms']} ms per step "
+                print(f"  scheduler {b:<12} step {x['step_ms']} ms, overhead {x['overhead_ms']} ms per step "
                       f"({100 * x['overhead_vs_step']:.2f}%) over {x['steps']} steps")
     if args.json:
         print(json.dumps(report, indent=1))

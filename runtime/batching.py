@@ -163,8 +163,12 @@ class Scheduler:
         if max_model_len is not None and not (isinstance(max_model_len, int) and 2 <= max_model_len <= limit):
             raise OptionError(f"max_model_len must be an integer in [2, {limit}] (the engine's maximum), "
                               f"got {max_model_len}")
+        if engine.max_batch is not None and max_num_seqs > engine.max_batch:
+            raise OptionError(f"max_num_seqs {max_num_seqs} exceeds the {engine.max_batch} rows a step of this engine "
+                              f"takes (its export's --max-batch)")
         self.engine = engine
-        self.max_num_seqs, self.max_queue, self.prefill_chunk = max_num_seqs, max_queue, prefill_chunk
+        self.max_num_seqs, self.max_queue = max_num_seqs, max_queue
+        self.prefill_chunk = min(prefill_chunk, engine.max_step_tokens or prefill_chunk)  # a chunk is one step
         self.max_model_len = max_model_len if max_model_len is not None else limit
         self.ready = False
         self.failure: str | None = None
@@ -351,7 +355,7 @@ class Scheduler:
         prompt = s.request.prompt
         chunk = prompt[s.length: s.length + self.prefill_chunk]
         self._ensure_capacity(s.length + len(chunk))
-        logits = self.engine.prefill_slot(chunk, self._slots, s.slot, s.length)
+        logits = self.engine.prefill_slot(chunk, self._slots, s.slot, s.length).cpu()  # sampling runs on CPU
         s.length += len(chunk)
         if not s.prefilled:
             return
@@ -367,7 +371,7 @@ class Scheduler:
         lengths = torch.tensor([s.length for s in rows], dtype=torch.int64)
         self._ensure_capacity(int(lengths.max()) + 1)
         tokens = torch.tensor([s.next_token for s in rows], dtype=torch.int64)
-        logits = self.engine.step_ragged(tokens, lengths, self._slots)
+        logits = self.engine.step_ragged(tokens, lengths, self._slots).cpu()
         for s in rows:  # every row's new cache row counts before any row leaves (and moves the others)
             s.length += 1
         # plain greedy rows (most of a server's) take one argmax over the batch; the others their own path

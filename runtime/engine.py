@@ -35,6 +35,10 @@ class Engine(ABC):
     weights: WeightsFile | None = None  # the weights file the engine maps, checked before every step
     device: str = "cpu"  # where it computes: "cpu" or "cuda"
     notes: tuple[str, ...] = ()  # where "auto" chose less than the caller could hope for, and why (the CLI prints them)
+    # Where the engine's programs bound a step's shape (torch.export's dynamic ranges, TensorRT's
+    # profiles: the export's limits), the most rows and new tokens one step takes; None: any.
+    max_batch: int | None = None
+    max_step_tokens: int | None = None
 
     def step(
         self,

@@ -202,6 +202,8 @@ class ShardedEngine(Engine):
         self.out_dir, self.manifest, self._rank = out, manifest, rank
         self.notes = notes
         self.info, self.device = rank.info, rank.device
+        limits = manifest.get("limits", {})
+        self.max_batch, self.max_step_tokens = limits.get("max_batch"), limits.get("max_prompt_tokens")
         self.weights = rank.weights
         self._workers, self._logs = workers, logs
         self._ids = itertools.count()

@@ -36,6 +36,8 @@ class TorchEngine(Engine):
         self.out_dir, self.manifest, self.modules, self.device = out_dir, manifest, modules, device
         self.weights = weights
         self.info = EngineInfo.from_manifest(manifest, str(out_dir / "manifest.json"))
+        limits = manifest.get("limits", {})
+        self.max_batch, self.max_step_tokens = limits.get("max_batch"), limits.get("max_prompt_tokens")
 
     @classmethod
     def load(cls, out_dir: str | Path, device: str = "auto") -> "TorchEngine":

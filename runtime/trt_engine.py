@@ -174,6 +174,7 @@ class TrtEngine(Engine):
         self.graphs = graphs
         self.device = device
         self.info = engine_info_from_io(graphs["prefill"].io, section["max_context"])
+        self.max_batch, self.max_step_tokens = section.get("max_batch"), section.get("max_prompt_tokens")
         # TensorRT may refuse a null address even for an empty tensor (P == 0 on the first step):
         # empty tensors are bound to this small scratch buffer instead.
         self._scratch = torch.empty(256, dtype=torch.uint8, device=device)

@@ -27,6 +27,13 @@ def engine(exported):
 
 
 @pytest.fixture(scope="module")
+def torch_engine(exported):
+    from dscompile.runtime.session import open_engine
+
+    return open_engine(exported("v3"), backend="torch", threads=1)
+
+
+@pytest.fixture(scope="module")
 def int4_engine(tmp_path_factory, one_layer_ckpt):
     """The smallest checkpoint exported int4 (one session on the contract's decode graph)."""
     import dscompile
@@ -64,11 +71,13 @@ def scheduler_of():
         s.close()
 
 
-@pytest.mark.parametrize("which", ["float32", "int4"])
+@pytest.mark.parametrize("which", ["engine", "int4_engine", "torch_engine"])
 def test_ragged_step_matches_single_rows(which, request):
     """Rows at different lengths in one step give each row's logits of its own single-row step, in the
-    engine's own form (ONNX Runtime in place for float32) and the base's generic form through `step`."""
-    engine = request.getfixturevalue("engine" if which == "float32" else "int4_engine")
+    engine's own form (ONNX Runtime in place for float32) and the base's generic form through `step`
+    (ONNX Runtime's float32 in-place graph and the int4 engine's contract decode graph with a mask that
+    has holes; the torch programs)."""
+    engine = request.getfixturevalue(which)
     lengths = [5, 17, 40, 3]
     prompts = prompts_of(engine, lengths)
     new = torch.tensor([7, 1, 30, 12])
@@ -124,6 +133,18 @@ def test_concurrent_requests_get_solo_tokens(engine, scheduler_of):
     assert stats["running"] == 0 and stats["waiting"] == 0
     assert stats["prompt_tokens_total"] == sum(lengths)
     assert stats["generation_tokens_total"] == sum(len(e) for e in expected)
+
+
+def test_torch_backend_batches_too(torch_engine, scheduler_of):
+    """The generic path (torch programs): batched greedy tokens are the solo ones; the programs' batch
+    bound limits max_num_seqs."""
+    prompts = prompts_of(torch_engine, [5, 17, 3], seed=8)
+    solo = [torch_engine.generate([p], 5)[0] for p in prompts]
+    scheduler = scheduler_of(torch_engine, max_num_seqs=2, prefill_chunk=8)
+    handles = [scheduler.submit(Request(p, 5, SamplingParams())) for p in prompts]
+    assert [collect(h)[0] for h in handles] == solo
+    with pytest.raises(OptionError, match="max_num_seqs 9 exceeds the 8 rows a step of this engine takes"):
+        Scheduler(torch_engine, max_num_seqs=9)
 
 
 def test_seeded_sampling_does_not_depend_on_batching(engine, scheduler_of):
