@@ -22,7 +22,9 @@ For each engine of the bench config (bench/cache.py: exported once under $DSCOMP
 
 With a GGUF of the bench model in `--gguf-dir` (q4_0 beside our int4, f32 beside our float32) and
 llama.cpp's binaries, `llama-server --parallel 8` runs on the same prompts with the same client
-(its binaries are copied to a writable folder first) and the table gets its row and our ratio.
+(its binaries are copied to a writable folder first) and the table gets its row and our ratio; a
+llama-server that does not start (the ready-built binaries stop with SIGILL on a CPU without
+AVX-512) is reported and skipped.
 The client, server and engine share the machine: on 2 cores the client's own time is part of the
 numbers (it is small next to a step of the bench model).
 """
@@ -315,18 +317,22 @@ def main() -> None:
             try:
                 peer.wait_healthy()
                 peer_levels = measure(peer, args, steps["vocab"])
+            except RuntimeError as err:  # e.g. SIGILL: binaries built for AVX-512 on a CPU without it
+                print(f"  llama-server not measured: {err}", flush=True)
+                peer_levels = None
             finally:
                 peer.stop()
-            entry["llama_server"] = {"gguf": str(gguf), "levels": peer_levels}
-            for c in args.clients:
-                ratios[f"tokens_per_s_vs_llama_server_{c}"] = (levels[c]["tokens_per_s"]
-                                                              / peer_levels[c]["tokens_per_s"])
+            if peer_levels is not None:
+                entry["llama_server"] = {"gguf": str(gguf), "levels": peer_levels}
+                for c in args.clients:
+                    ratios[f"tokens_per_s_vs_llama_server_{c}"] = (levels[c]["tokens_per_s"]
+                                                                  / peer_levels[c]["tokens_per_s"])
         elif not gguf.is_file():
             print(f"  (no {gguf} : llama-server not run for {name})", flush=True)
         results[name] = entry
         print_table(name, entry, args)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=str))
+        if args.json:  # after each engine, so a later failure keeps what was measured
+            args.json.write_text(json.dumps(results, indent=2, default=str))
 
 
 def print_table(name: str, entry: dict, args) -> None:
