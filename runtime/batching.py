@@ -18,10 +18,15 @@ row); the decoding ones occupy the first B slots, so each iteration runs
    batch-order noise); finished and cancelled rows leave at once (the last decoding row moves into
    the hole, so the decoding rows stay the first B slots).
 
-Prefix cache: a prompt is hashed in blocks of PREFIX_BLOCK tokens, each block's key chained from
-the previous one's; after a prompt is prefilled, the cache rows of its whole blocks are kept in an
-LRU bounded in bytes. A new prompt starting with kept blocks copies their rows into its slot and
-prefills the rest (at least its last token, whose logits give the first token).
+Prefix cache (runtime/prefix_cache.py): a prompt is hashed in 16-token blocks, each block's key
+chained from the previous one's; after a prompt is prefilled, the cache rows of its whole blocks
+are kept in an LRU bounded in bytes. A new prompt starting with kept blocks copies their rows into
+its slot and prefills the rest (at least its last token, whose logits give the first token).
+
+Measured on the bench config (benchmarks/batching.py, 2 threads, context 128, on a machine shared
+with other jobs, ratios from steps run in turn): a ragged step of 16 rows gives 3.3x the tokens/s
+of batch-1 decode in float32 and 2.0x in int4; between two steps the scheduler spends under 1 ms
+on 8 greedy rows, and a sampled row adds its own top-p sort over the vocabulary.
 
 Events (`Token`, then `Finished` or `Failed`) go to the request's `on_event` callback, called on
 the engine thread, and to its `Handle.events()`. An exception in the engine thread fails every
@@ -155,7 +160,7 @@ class Scheduler:
 
     def __init__(self, engine: Engine, *, max_num_seqs: int = 8, max_queue: int = 64, prefill_chunk: int = 128,
                  max_model_len: int | None = None, prefix_cache_bytes: int = 256 << 20):
-        for name, value, low in (("max_num_seqs", max_num_seqs, 1), ("max_queue", max_queue, 0),
+        for name, value, low in (("max_num_seqs", max_num_seqs, 1), ("max_queue", max_queue, 1),
                                  ("prefill_chunk", prefill_chunk, 1), ("prefix_cache_bytes", prefix_cache_bytes, 0)):
             if not isinstance(value, int) or value < low:
                 raise OptionError(f"{name} must be an integer >= {low}, got {value}")
