@@ -12,6 +12,7 @@ scripts; long steps show progress bars on stderr otherwise.
     compare.py   compare
     inspect.py   inspect
     bench.py     bench
+    serve.py     serve (OpenAI-compatible HTTP server; the serve extra)
 """
 
 from __future__ import annotations
@@ -112,3 +113,4 @@ from dscompile.cli import run  # noqa: E402,F401
 from dscompile.cli import compare  # noqa: E402,F401
 from dscompile.cli import inspect  # noqa: E402,F401
 from dscompile.cli import bench  # noqa: E402,F401
+from dscompile.cli import serve  # noqa: E402,F401

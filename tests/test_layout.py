@@ -14,6 +14,7 @@ every stage may import them):
     dscompile (api)       the Python API                       everything
     dscompile.cli         the command line                     the API and what it reports from
     dscompile.bench       measurements                         every stage, not the CLI
+    dscompile.serve       the HTTP server                      the runtime
 
 The runtime comes second because it is the lowest layer after the model: an engine never imports
 the compiler, while the compiler targets the runtime's op set and contract.
@@ -28,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"model": "dscompile.model", "runtime": "dscompile.runtime", "capture": "dscompile.capture",
            "passes": "dscompile.passes", "lowering": "dscompile.lowering", "verify": "dscompile.verify",
            "exporter": "dscompile.exporter", "cli": "dscompile.cli", "bench": "dscompile.bench",
+           "serve": "dscompile.serve",
            "dscompile": "dscompile"}
 BASE = ("dscompile.errors", "dscompile.tolerance", "dscompile.lazy", "dscompile.dtypes")
 STAGES = ("dscompile.model", "dscompile.capture", "dscompile.passes", "dscompile.lowering", "dscompile.verify",
@@ -42,8 +44,10 @@ ALLOWED = {
     "dscompile.lowering": ("dscompile.model", "dscompile.capture", "dscompile.runtime"),
     "dscompile.verify": ("dscompile.model", "dscompile.capture", "dscompile.lowering", "dscompile.runtime"),
     "dscompile.exporter": (*STAGES, "dscompile.runtime"),
-    "dscompile.cli": ("dscompile.api", "dscompile.inspect", *STAGES, "dscompile.runtime", "dscompile.bench"),
+    "dscompile.cli": ("dscompile.api", "dscompile.inspect", *STAGES, "dscompile.runtime", "dscompile.bench",
+                      "dscompile.serve"),
     "dscompile.bench": (*STAGES, "dscompile.runtime"),
+    "dscompile.serve": ("dscompile.runtime",),
 }
 
 # Files over LONG lines, and why each is one file.
