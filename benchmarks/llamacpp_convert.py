@@ -21,8 +21,11 @@ same weights; this script writes those GGUFs from a checkout:
     python benchmarks/llamacpp_convert.py --llama-cpp DIR --convert-python PY --quantize BIN [--out /work/gguf]
 
 DIR holds convert_hf_to_gguf.py, gguf-py/ and conversion/ at llama.cpp commit 0c1e57098 (also
-vendored by the llama-cpp-python 0.3.36 sdist under vendor/llama.cpp). Measured: the float32
-conversion takes ~1 min and each quantization ~20 s on 2 cores; files of 2.88 GB / 0.77 GB / 0.42 GB.
+vendored by the llama-cpp-python 0.3.36 sdist under vendor/llama.cpp). Measured on the 2-core machine
+beside other jobs: the float32 conversion 2.5 min, each quantization 11-20 s; files of 2,883,193,472 (f32),
+766,716,544 (q8_0) and 423,361,152 (q4_0) bytes. The llama.cpp binaries must suit the CPU: a build with
+AVX-512 stops with an illegal instruction on an AVX2-only one (rebuild with GGML_NATIVE=ON, ~65 min on 2
+busy cores).
 Run with `--as-converter` (internal) it is the converter process itself.
 """
 
