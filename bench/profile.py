@@ -10,8 +10,10 @@ at the read bandwidth measured just before (floor_ms; floor% = floor / time). A 
 embedding Gather reads one row per token. Activations and the cache are not counted: for the
 attention MatMuls and the small ops the floor is the weights' only.
 
-Measured on the bench model, int4 engine, decode at context 128, 2 threads: see README ("Where a
-decode step's time goes").
+Measured on the bench model, int4 engine, decode at context 128, 2 threads, beside other jobs (load 9,
+3 GB/s read; 2026-12-07): QMoE 32% of the step (3 nodes, 97 MB), MatMulNBits 31% (25 nodes, 145 MB),
+the absorbed W_UK/W_UV in float32 12% (Einsum + MatMul, 34 MB), the ~250 small nodes (Concat, Split,
+Mul, Reshape, Shape, ...) most of the rest.
 """
 
 from __future__ import annotations
