@@ -155,9 +155,14 @@ def table_lines(result: dict) -> list[str]:
     for name, why in result["skipped"].items():
         lines.append(f"skipped {name}: {why}")
     if result.get("alternating"):
-        lines.append("run alternately, our time / transformers': " + ", ".join(
-            f"{r['reference']} {r['phase']} B={r['batch']}{' P=' + str(r['context']) if r['context'] else ''} "
+        lines.append("run alternately, our time / the reference's (transformers', llama.cpp's): " + ", ".join(
+            f"{r['system']} / {r['reference']} {r['phase']} B={r['batch']}{' P=' + str(r['context']) if r['context'] else ''} "
             f"{r['time_ratio']:.2f}" for r in result["alternating"]))
+    for name, cases in result.get("profile", {}).items():
+        from dscompile.bench.profile import profile_lines
+
+        for what, prof in cases.items():
+            lines += profile_lines(name, what, prof)
     for t in result["targets"]:
         mark = {True: "pass", False: "MISS", None: "n/a"}[t["passed"]]
         table = f"  (table medians: {t['table']:.2f})" if t.get("table") is not None else ""

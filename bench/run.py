@@ -51,7 +51,8 @@ from dscompile.bench.cache import Progress, bench_checkpoint, cached_export
 from dscompile.bench.floors import decode_floor, prefill_floor, step_weight_params
 from dscompile.bench.memory import LOADERS, LoadMeasureError, measure_load
 from dscompile.bench.report import plot, table_lines, targets, to_json
-from dscompile.bench.systems import (HF_SYSTEMS, OUR_ENGINES, SYSTEMS, EngineSystem, System, llama_bench_rows,
+from dscompile.bench.systems import (HF_SYSTEMS, OUR_ENGINES, SYSTEMS, EngineSystem, System, against_for_llama,
+                                     llama_bench_rows,
                                      parse_engines, parse_llama_cpp)
 from dscompile.bench.timing import (BANDWIDTH_BYTES, GEMM_SIZE, MachineProbe, compare_alternately,
                                              context_scaling, time_ms)
@@ -101,6 +102,7 @@ class BenchOptions:
     gemm_size: int = GEMM_SIZE
     extra_engines: dict[str, Path] = field(default_factory=dict)  # name -> an engine folder exported elsewhere
     llama_cpp: dict[str, tuple[Path, Path]] = field(default_factory=dict)  # name -> (llama-bench, GGUF)
+    profile: bool = False  # per-op-type profile of each of our ONNX Runtime engines (profile.py)
 
     def check(self) -> None:
         """Raise an OptionError naming the first option out of range."""
@@ -242,8 +244,8 @@ def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progre
         result["load"][name] = entry
 
     for name in result["systems"]:
-        if name == "hf-onnx":
-            continue  # measured right after "hf", whose loaded model it exports
+        if name == "hf-onnx" or name in options.llama_cpp:
+            continue  # hf-onnx: measured right after "hf", whose loaded model it exports; llama.cpp: below
         system = load(name)
         if system is None:
             done += 1 + len(options.contexts) * len(options.batches)
@@ -297,12 +299,29 @@ def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progre
         ours.close()
         del ours
         gc.collect()
-    for name, (binary, gguf) in options.llama_cpp.items():
-        rows, why = llama_bench_rows(name, binary, gguf, options, probe.bandwidth)
+    # llama.cpp's llama-bench, each round beside one run of the engine of ours nearest in bits per weight
+    ours_bits = {n: 32.0 for n in ("ours",) if n in options.systems}
+    ours_bits.update((n, float(q["bits_per_weight"])) for n, q in quantizations.items())
+    every = step_weight_params(args, 1 << 20)  # every expert read
+    parameters = sum(every.values()) - every["embeddings"] + args.vocab_size * args.hidden_size
+    for i, (name, (binary, gguf)) in enumerate(options.llama_cpp.items()):
+        against_name = against_for_llama(name, gguf, ours_bits, parameters, None)
+        against = load(against_name) if against_name else None
+        rows, pairs, why = llama_bench_rows(name, binary, gguf, options, probe.bandwidth, against=against)
+        if against is not None:
+            against.close()
+            del against
+            gc.collect()
         result["results"] += rows
+        result["alternating"] += pairs
         if why:
             result["skipped"][name] = why
-        result["engines"][name] = {"llama_cpp": str(binary), "gguf": str(gguf), "bytes": gguf.stat().st_size}
+        result["engines"][name] = {"llama_cpp": str(binary), "gguf": str(gguf), "bytes": gguf.stat().st_size,
+                                   "against": against_name}
+        report("llama.cpp", i + 1, len(options.llama_cpp))
+
+    if options.profile:
+        result["profile"] = profile_ours(checkpoint, args, engines, options, probe.bandwidth, report)
 
     bw1, gemm1 = probe.median(probe.bandwidth), probe.median(probe.gemm)
     paired = [b for r in result["results"] for b in r["runs_bandwidth"]]
@@ -330,8 +349,6 @@ def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progre
         return prefill_floor(args, r["batch"], options.prefill_tokens, elt, bandwidth, flops, bpw)
 
     quantized_bits = {}  # system -> bits per weight, for engines exported with --weights
-    every = step_weight_params(args, 1 << 20)  # every expert read
-    parameters = sum(every.values()) - every["embeddings"] + args.vocab_size * args.hidden_size
     for name, (_, gguf) in options.llama_cpp.items():  # its average over every tensor, float parts included
         quantized_bits[name] = 8 * gguf.stat().st_size / parameters
     for name, quant in quantizations.items():
@@ -358,3 +375,38 @@ def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progre
     }
     result["targets"] = targets(result)
     return result
+
+
+def profile_ours(checkpoint: Path, args: ModelArgs, engines: dict[str, Path], options: BenchOptions,
+                 bandwidth, report: Progress) -> dict[str, dict]:
+    """ONNX Runtime's per-op-type profile (profile.py) of each of our engines: prefill and decode at the
+    shortest and longest context, batch 1."""
+    from dscompile.bench.floors import experts_read
+    from dscompile.bench.profile import profile_engine
+
+    folders = {**{n: f for n, f in engines.items()}, **options.extra_engines}
+    out: dict[str, dict] = {}
+    cases = [("prefill", 0)] + [("decode", c) for c in sorted({min(options.contexts), max(options.contexts)})]
+    for i, (name, folder) in enumerate(folders.items()):
+        manifest = json.loads((Path(folder) / "manifest.json").read_text())
+        graph = Path(folder) / manifest["graphs"]["decode"]["file"]
+        if not manifest.get("quantization") and manifest["graphs"]["decode"].get("in_place"):
+            graph = Path(folder) / manifest["graphs"]["decode"]["in_place"]["file"]
+        out[name] = {}
+        for phase, context in cases:
+            tokens = options.prefill_tokens if phase == "prefill" else 1
+            if phase == "prefill" and not manifest.get("quantization"):
+                what = Path(folder) / manifest["graphs"]["prefill"]["file"]
+            else:
+                what = graph
+
+            def step(engine, phase=phase, context=context, tokens=tokens):
+                system = EngineSystem(name, engine, args)
+                return system.prefill(1, tokens) if phase == "prefill" else system.decode(1, context)
+
+            key = "prefill" if phase == "prefill" else f"decode P={context}"
+            out[name][key] = profile_engine(Path(folder), options.threads, step, what, tokens,
+                                            experts_read(args, tokens), args.n_routed_experts, bandwidth,
+                                            steps=options.repeats, warmup=max(1, options.warmup))
+        report("profile", i + 1, len(folders))
+    return out

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import statistics
 import subprocess
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -118,35 +119,102 @@ def parse_llama_cpp(items: list[str]) -> dict[str, tuple[Path, Path]]:
     return found
 
 
-def llama_bench_rows(name: str, binary: Path, gguf: Path, options: BenchOptions, bandwidth: Callable[[], float],
-                     run: Callable[..., subprocess.CompletedProcess] = subprocess.run,
-                     ) -> tuple[list[dict[str, Any]], str | None]:
-    """llama.cpp's own `llama-bench` on a GGUF of the same model: prefill of `prefill_tokens` from empty and
-    decode (32 tokens after a prefilled depth = each context), batch 1, `threads` threads, `repeats` runs.
+def against_for_llama(name: str, gguf: Path, bits: dict[str, float], parameters: int, explicit: str | None) -> str | None:
+    """The system a llama.cpp GGUF is run alternately against: `explicit` where given, else the one of
+    `bits` (system -> bits per weight) nearest in log2 to the GGUF's average bits per parameter
+    (q4_0 ~4.7 -> an int4 engine, q8_0 ~8.5 -> int8, f32 -> ours in float32)."""
+    if explicit is not None:
+        return explicit
+    if not bits:
+        return None
+    import math
 
-    Each call is one process that loads the model itself, so its steps cannot be interleaved with ours;
-    the read bandwidth is taken just before each call (its floor fraction). Returns (rows, None) or
-    ([], why it could not run)."""
-    rows = []
-    tests = [("prefill", 0, ["-p", str(options.prefill_tokens), "-n", "0"])]
-    tests += [("decode", c, ["-p", "0", "-n", "32", "-d", str(c)]) for c in options.contexts]
-    for phase, context, extra in tests:
-        bw = bandwidth()
-        cmd = [str(binary), "-m", str(gguf), "-t", str(options.threads), "-o", "json", "-r", str(options.repeats),
-               *extra]
+    mine = 8 * gguf.stat().st_size / parameters
+    return min(bits, key=lambda s: abs(math.log2(bits[s]) - math.log2(mine)))
+
+
+class LlamaBenchError(Exception):
+    """llama-bench did not run, or printed no results (the reason in one line)."""
+
+
+def llama_bench_call(binary: Path, gguf: Path, threads: int, prefill_tokens: int, contexts: list[int], repeats: int,
+                     run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> tuple[dict, list[str]]:
+    """llama-bench's own timing of prefill (`prefill_tokens` from an empty cache) and decode (32 tokens after a
+    prefilled depth = each context), `repeats` samples each, in two processes (a prefill and a decode call: one
+    call over both would also time prefill at every depth). Returns ({(phase, context): [ms per sample]}, the
+    commands); ms is per token for decode, per prompt for prefill."""
+    out: dict[tuple[str, int], list[float]] = {}
+    cmds = []
+    tests = [("prefill", ["-p", str(prefill_tokens), "-n", "0"])]
+    if contexts:
+        tests.append(("decode", ["-p", "0", "-n", "32", "-d", ",".join(str(c) for c in contexts)]))
+    for phase, extra in tests:
+        cmd = [str(binary), "-m", str(gguf), "-t", str(threads), "-o", "json", "-r", str(repeats), *extra]
+        cmds.append(" ".join(cmd))
         done = run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            return [], f"llama-bench exited with {done.returncode}: {last}"
+            raise LlamaBenchError(f"llama-bench exited with {done.returncode}: {last}")
         try:
-            entry = json.loads(done.stdout)[0]
-            tokens = int(entry["n_gen"] if phase == "decode" else entry["n_prompt"])
-            samples = [ns / 1e6 for ns in entry["samples_ns"]]
+            for entry in json.loads(done.stdout):
+                tokens = int(entry["n_gen"] if phase == "decode" else entry["n_prompt"])
+                context = int(entry.get("n_depth", 0)) if phase == "decode" else 0
+                samples = [ns / 1e6 for ns in entry["samples_ns"]]
+                out[(phase, context)] = [ms / tokens for ms in samples] if phase == "decode" else samples
         except (ValueError, KeyError, IndexError, TypeError) as err:
-            return [], f"llama-bench printed no results JSON ({type(err).__name__}: {err})"
-        per = [ms / tokens for ms in samples] if phase == "decode" else samples  # decode: ms per token
+            raise LlamaBenchError(f"llama-bench printed no results JSON ({type(err).__name__}: {err})") from None
+        missing = [c for c in contexts if ("decode", c) not in out] if phase == "decode" else []
+        if ("prefill", 0) not in out or missing:
+            raise LlamaBenchError(f"llama-bench printed no result for {phase} {missing or ''}".rstrip())
+    return out, cmds
+
+
+def llama_bench_rows(name: str, binary: Path, gguf: Path, options: BenchOptions, bandwidth: Callable[[], float],
+                     run: Callable[..., subprocess.CompletedProcess] = subprocess.run, against: System | None = None,
+                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str | None]:
+    """llama.cpp's own `llama-bench` on a GGUF of the same model, batch 1, `threads` threads: prefill of
+    `prefill_tokens` from empty and decode at each context, in `repeats` rounds of one sample each.
+
+    llama-bench is a process that loads the model itself, so its steps cannot be interleaved with ours one by
+    one; a round is one llama-bench sample of every test, then (with `against`, one of our systems) one run
+    of ours of each, so the two see the same machine within seconds. Returns (rows of llama.cpp's
+    measurements, rows of our time / llama.cpp's per round (as compare_alternately's), None), or
+    ([], [], why it could not run). The read bandwidth is taken before each round (its floor fraction)."""
+    tests = [("prefill", 0)] + [("decode", c) for c in options.contexts]
+    ours = {}
+    if against is not None:
+        for phase, context in tests:
+            fn = against.prefill(1, options.prefill_tokens) if phase == "prefill" else against.decode(1, context)
+            if fn is not None:
+                ours[(phase, context)] = fn
+        for _ in range(options.warmup):
+            for fn in ours.values():
+                fn()
+    samples: dict[tuple[str, int], list[float]] = {t: [] for t in tests}
+    mine: dict[tuple[str, int], list[float]] = {t: [] for t in ours}
+    bws, cmds = [], []
+    for _ in range(options.repeats):
+        bws.append(bandwidth())
+        try:
+            got, cmds = llama_bench_call(binary, gguf, options.threads, options.prefill_tokens, options.contexts, 1,
+                                         run)
+        except LlamaBenchError as err:
+            return [], [], str(err)
+        for t in tests:
+            samples[t] += got[t]
+        for t, fn in ours.items():
+            start = time.perf_counter()
+            fn()
+            mine[t].append(1e3 * (time.perf_counter() - start))
+    rows, alternating = [], []
+    for (phase, context), per in samples.items():
         rows.append({"system": name, "phase": phase, "batch": 1, "context": context, "ms": statistics.median(per),
                      "best_ms": min(per), "runs_ms": [round(r, 3) for r in per],
-                     "runs_bandwidth": [round(bw)] * len(per), "runs_gemm_flops": [], "llama_cpp": {
-                         "cmd": " ".join(cmd), "gguf_bytes": gguf.stat().st_size}})
-    return rows, None
+                     "runs_bandwidth": [round(b) for b in bws][: len(per)], "runs_gemm_flops": [],
+                     "llama_cpp": {"cmd": cmds, "gguf_bytes": gguf.stat().st_size}})
+        if (phase, context) in mine:
+            pairs = list(zip(mine[(phase, context)], per))
+            alternating.append({"system": against.name, "reference": name, "phase": phase, "batch": 1,
+                                "context": context, "time_ratio": statistics.median(a / b for a, b in pairs),
+                                "runs_ms": [[round(a, 3), round(b, 3)] for a, b in pairs]})
+    return rows, alternating, None

@@ -31,6 +31,8 @@ def bench(
                                      "(each is also run alternately against ours, for the time ratio)."),
     llama_cpp: list[str] = typer.Option([], "--llama-cpp", help="NAME=LLAMA_BENCH:GGUF: also measure llama.cpp's "
                                         "llama-bench on a GGUF of the bench model."),
+    profile: bool = typer.Option(False, "--profile", help="Also profile each of our engines per op type "
+                                 "(ONNX Runtime's profiler): time and weight bytes per op type against the floor."),
     plot: Optional[Path] = typer.Option(None, help="Write a PNG of decode latency vs context per system."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
@@ -54,7 +56,7 @@ def bench(
         options = BenchOptions(contexts=parse_ints(contexts, "--contexts"), batches=parse_ints(batch, "--batch"),
                                repeats=repeats, warmup=warmup, prefill_tokens=prefill_tokens,
                                systems=parse_systems(systems), threads=threads, extra_engines=parse_engines(engine),
-                               llama_cpp=parse_llama_cpp(llama_cpp))
+                               llama_cpp=parse_llama_cpp(llama_cpp), profile=profile)
         options.check()
         with Bars(not as_json) as bars:
             result = run_bench(checkpoint, cache_home(), options, progress=bars)

@@ -223,13 +223,14 @@ class OrtEngine(Engine):
 
     @classmethod
     def load(cls, out_dir: str | Path, provider: str = "auto", threads: int | None = None,
-             prepack: bool = False, tf32: bool = False) -> "OrtEngine":
+             prepack: bool = False, tf32: bool = False, profile_prefix: str | None = None) -> "OrtEngine":
         """Open OUT: validate the manifest and files, create both sessions on the chosen provider.
 
         `prepack` lets ONNX Runtime's kernels copy their constant weights into packed layouts when
         a session is created (see "Weights" in the module docstring): faster GEMMs for long
         prefills, one more copy of those weights per session. `tf32` lets the CUDA provider round
         float32 GEMM inputs to TF32 (see "Provider"; `compare` then judges with tolerance.TF32).
+        `profile_prefix` turns on ONNX Runtime's profiler (its JSON files start with it; `end_profiling`).
         """
         out = Path(out_dir)
         manifest = read_manifest(out)
@@ -258,6 +259,9 @@ class OrtEngine(Engine):
             if threads < 1:
                 raise EngineError(f"threads must be >= 1, got {threads}")
             options.intra_op_num_threads = threads
+        if profile_prefix is not None:
+            options.enable_profiling = True
+            options.profile_file_prefix = profile_prefix
         notes = []
         trt = None
         if providers[0] == _ORT_PROVIDER["tensorrt"] and missing_for("tensorrt") is None:
@@ -327,6 +331,10 @@ class OrtEngine(Engine):
             out, cache = self._step(input_ids[:, a:b], position_ids[:, a:b], attention_mask[:, : P + b], cache)
             logits.append(out)
         return torch.cat(logits, dim=1), cache
+
+    def end_profiling(self) -> list[str]:
+        """Stop the profiler of every session (loaded with `profile_prefix`); the JSON files it wrote."""
+        return [f for f in dict.fromkeys(s.end_profiling() for s in dict.fromkeys(self.sessions.values())) if f]
 
     def own_cache(self, cache: KVCache) -> KVCache:
         """`cache` in capacity buffers when decode runs in place (rows copied once), else as it is."""

@@ -22,7 +22,7 @@ from dscompile.bench.run import BenchOptions, parse_engines, parse_ints, plot, r
 from dscompile.bench.floors import decode_floor, experts_read, step_weight_params
 from dscompile.bench.memory import LoadMeasureError, measure_load
 from dscompile.bench.report import _load_lines
-from dscompile.bench.systems import llama_bench_rows
+from dscompile.bench.systems import against_for_llama, llama_bench_rows
 from dscompile.bench.timing import MachineProbe, compare_alternately, context_scaling, time_ms
 from dscompile.model.checkpoint import build_model
 from dscompile.model.synthetic import make_checkpoint, tiny_args
@@ -75,35 +75,91 @@ def test_quantized_decode_floor_by_hand():
 
 
 def test_llama_bench_rows_from_its_json(tmp_path):
-    """How llama-bench's JSON becomes bench rows: one call per test, decode per token, prefill per prompt.
-    (The process is replaced by a function returning JSON in llama-bench's format; llama.cpp itself is
-    measured only where a binary and a GGUF are given.)"""
+    """How llama-bench's JSON becomes bench rows: a prefill and a decode call per round (one sample of each
+    test), decode per token, prefill per prompt; with `against`, one run of ours after each round and the
+    ratio per round. (The process is replaced by a function returning JSON in llama-bench's format;
+    llama.cpp itself is measured by the opt-in test below.)"""
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF" + b"\0" * 100)
-    calls = []
+    calls, order = [], []
 
     def fake_run(cmd, **kw):
         calls.append(cmd)
-        depth = int(cmd[cmd.index("-d") + 1]) if "-d" in cmd else 0
-        n_gen = int(cmd[cmd.index("-n") + 1])
-        n_prompt = int(cmd[cmd.index("-p") + 1])
+        order.append("llama")
+        depths = [int(d) for d in cmd[cmd.index("-d") + 1].split(",")] if "-d" in cmd else [0]
+        n_gen, n_prompt = int(cmd[cmd.index("-n") + 1]), int(cmd[cmd.index("-p") + 1])
         tokens = n_gen or n_prompt
-        out = [{"n_prompt": n_prompt, "n_gen": n_gen, "n_depth": depth,
-                "samples_ns": [tokens * (20e6 + depth * 1e3) + i * 1e6 for i in range(3)]}]
+        i = sum(1 for c in calls if c[-1] == cmd[-1]) - 1  # this call's round
+        out = [{"n_prompt": n_prompt, "n_gen": n_gen, "n_depth": d,
+                "samples_ns": [tokens * (20e6 + d * 1e3) + i * 1e6]} for d in depths]
         return subprocess.CompletedProcess(cmd, 0, json.dumps(out), "")
 
-    opts = BenchOptions(contexts=[128, 1024], repeats=3, threads=2)
-    rows, why = llama_bench_rows("q4_0", Path("/bin/llama-bench"), gguf, opts, lambda: 2.5e10, run=fake_run)
+    class Ours:
+        name = "int4"
+
+        def prefill(self, batch, tokens):
+            return lambda: order.append(("ours", "prefill"))
+
+        def decode(self, batch, context):
+            return lambda: order.append(("ours", context))
+
+    opts = BenchOptions(contexts=[128, 1024], repeats=3, warmup=0, threads=2)
+    rows, pairs, why = llama_bench_rows("q4_0", Path("/bin/llama-bench"), gguf, opts, lambda: 2.5e10, run=fake_run,
+                                        against=Ours())
     assert why is None and [(r["phase"], r["context"]) for r in rows] == [("prefill", 0), ("decode", 128), ("decode", 1024)]
     assert rows[1]["ms"] == pytest.approx(20.128 + 1 / 32, rel=1e-6)  # median sample over 32 tokens, in ms
     assert rows[0]["ms"] == pytest.approx(128 * 20.0 + 1)
-    assert all("-t" in c and c[c.index("-t") + 1] == "2" for c in calls)
+    assert all("-t" in c and c[c.index("-t") + 1] == "2" and c[c.index("-r") + 1] == "1" for c in calls)
+    assert len(calls) == 6  # 3 rounds x (prefill, decode at both depths)
+    one_round = ["llama", "llama", ("ours", "prefill"), ("ours", 128), ("ours", 1024)]
+    assert order == one_round * 3  # taken in turns
+    assert [(p["reference"], p["system"], p["phase"], p["context"]) for p in pairs] == [
+        ("q4_0", "int4", "prefill", 0), ("q4_0", "int4", "decode", 128), ("q4_0", "int4", "decode", 1024)]
+    assert all(len(p["runs_ms"]) == 3 and p["time_ratio"] > 0 for p in pairs)
 
     def failing(cmd, **kw):
         return subprocess.CompletedProcess(cmd, 1, "", "error: unknown model architecture")
 
-    rows, why = llama_bench_rows("q4_0", Path("/bin/llama-bench"), gguf, opts, lambda: 2.5e10, run=failing)
-    assert rows == [] and "unknown model architecture" in why
+    rows, pairs, why = llama_bench_rows("q4_0", Path("/bin/llama-bench"), gguf, opts, lambda: 2.5e10, run=failing)
+    assert rows == [] and pairs == [] and "unknown model architecture" in why
+
+
+def test_llama_gguf_runs_against_our_engine_nearest_in_bits(tmp_path):
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"\0" * 4700)  # 4.7 bits per parameter over 8000 parameters, as q4_0
+    bits = {"ours": 32.0, "int8": 9.0, "int4": 5.0}
+    assert against_for_llama("q4_0", gguf, bits, 8000, None) == "int4"
+    gguf.write_bytes(b"\0" * 8500)
+    assert against_for_llama("q8_0", gguf, bits, 8000, None) == "int8"
+    gguf.write_bytes(b"\0" * 32000)
+    assert against_for_llama("f32", gguf, bits, 8000, None) == "ours"
+    assert against_for_llama("f32", gguf, {}, 8000, None) is None
+
+
+LLAMA_BENCH, LLAMA_GGUF = os.environ.get("DSCOMPILE_LLAMA_BENCH"), os.environ.get("DSCOMPILE_LLAMA_GGUF")
+
+
+@pytest.mark.skipif(not (LLAMA_BENCH and LLAMA_GGUF),
+                    reason="opt-in: set DSCOMPILE_LLAMA_BENCH (a llama-bench binary) and DSCOMPILE_LLAMA_GGUF "
+                    "(a GGUF of the bench model, benchmarks/llamacpp_convert.py)")
+def test_llama_bench_for_real_beside_ours(report):
+    """The real llama-bench on a real GGUF, taken in turns with an engine of ours (the tiny one of `report`: the
+    bench config's export takes minutes); ~1 min for a q4_0 bench GGUF on 2 cores."""
+    from dscompile.bench.systems import EngineSystem
+    from dscompile.model.args import ModelArgs
+    from dscompile.runtime.ort_engine import OrtEngine
+
+    result, root = report
+    ours = EngineSystem("ours", OrtEngine.load(result["engines"]["ours"]["dir"], provider="cpu", threads=2),
+                        ModelArgs.from_json(root / "ckpt" / "config.json"))
+    opts = BenchOptions(contexts=[16], repeats=2, warmup=0, prefill_tokens=16, threads=2)
+    rows, pairs, why = llama_bench_rows("llama", Path(LLAMA_BENCH), Path(LLAMA_GGUF), opts, lambda: 2.5e10,
+                                        against=ours)
+    assert why is None, why
+    assert [(r["phase"], r["context"]) for r in rows] == [("prefill", 0), ("decode", 16)]
+    assert all(len(r["runs_ms"]) == 2 and min(r["runs_ms"]) > 0 for r in rows)
+    assert [(p["phase"], p["context"]) for p in pairs] == [("prefill", 0), ("decode", 16)]
+    assert all(p["time_ratio"] > 0 for p in pairs)
 
 
 def test_floor_matches_the_model_parameters():
@@ -471,3 +527,29 @@ def test_the_transformers_check_sees_each_form():
               "from .transformers import y\n"
               "why = 'transformers is not installed'\n")
     assert transformers_uses(source) == [1, 2, 4, 5]
+
+
+def test_profile_per_op_type_of_a_tiny_engine(report):
+    """--profile: ONNX Runtime's profiler summed per op type over the profiled steps, beside the bytes of the
+    weights each op type reads (a MatMul over a weight: its whole initializer; the embedding Gather: one row)."""
+    from dscompile.bench.profile import profile_engine, profile_lines, weight_bytes_per_op_type
+    from dscompile.bench.systems import EngineSystem
+    from dscompile.model.args import ModelArgs
+
+    result, root = report
+    args = ModelArgs.from_json(root / "ckpt" / "config.json")
+    folder = Path(result["engines"]["ours"]["dir"])
+    manifest = json.loads((folder / "manifest.json").read_text())
+    graph = folder / manifest["graphs"]["decode"]["in_place"]["file"]
+    prof = profile_engine(folder, 2, lambda e: EngineSystem("ours", e, args).decode(1, 5), graph, 1, 2.0,
+                          args.n_routed_experts, lambda: 1e10, steps=3, warmup=1)
+    ops = {o["op"]: o for o in prof["ops"]}
+    assert prof["step_ms"] > 0 and 0 < prof["kernels_ms"] and prof["steps"] == 3
+    assert "MatMul" in ops and ops["MatMul"]["ms"] > 0 and ops["MatMul"]["nodes"] >= 1
+    reads = weight_bytes_per_op_type(graph, 1, 2.0, args.n_routed_experts)
+    assert ops["MatMul"]["bytes"] == reads["MatMul"] > 0
+    assert ops["MatMul"]["floor_ms"] == pytest.approx(1e3 * reads["MatMul"] / 1e10)
+    assert reads.get("Gather", 0) < args.vocab_size * args.hidden_size * 4  # one embedding row, not the table
+    assert prof["bytes"] == pytest.approx(sum(reads.values()))
+    lines = profile_lines("ours", "decode P=5", prof)
+    assert lines[0].startswith("profile ours decode P=5") and any("MatMul" in line for line in lines[1:])
