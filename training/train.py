@@ -6,9 +6,12 @@ Hidden 256, 4 layers (the first dense, then 3 MoE layers of 8 routed experts, to
 which 2 are kept), 4 heads, kv_lora 128, q_lora 128, vocab 4096: every weight's input dimension is
 a multiple of 128, so every quantization block size from 16 to 128 applies. About 9.0M parameters.
 
-Training: AdamW with a linear warm-up and a cosine decay, float32 on the CPU (bf16 autocast was
-not faster here and breaks the router), the routed experts dispatched to their tokens
-(model/dispatch.py). Experts are balanced as DeepSeek-V3 does, without an auxiliary loss: after
+Training: AdamW with a linear warm-up and a cosine decay, float32 on the CPU, the routed experts
+dispatched to their tokens (model/dispatch.py). Measured on the 2-core machine while it was shared
+(load average 6-17), `--time-only`, batch 8 x 256 tokens: float32 with 2 threads 22 s/step, bf16
+autocast (router kept in float32) 119 s/step; float32 with 1 thread 5.3 s/step against 44 s/step
+with 2 threads in back-to-back runs (two threads wait on each other when the cores are
+oversubscribed), so the shipped model was trained on 1 thread. Experts are balanced as DeepSeek-V3 does, without an auxiliary loss: after
 each step every gate's `e_score_correction_bias` moves by `--bias-rate` towards the experts that
 got fewer than their share of tokens. Every `--eval-every` steps the loss on the held-out text
 (the start of *Persuasion*, never trained on) is logged. Seed, threads, token count, the curves,
