@@ -271,21 +271,35 @@ def plot_layers(errors: list[dict[str, float]], path: Path) -> None:
 
 
 def eager_for(checkpoint: str | Path, max_positions: int | None = None, scheme: Scheme | None = None,
-              frontend: str = "dscompile") -> EagerEngine:
+              frontend: str = "dscompile", importance: dict[str, torch.Tensor] | None = None) -> EagerEngine:
     """The fp32 eager reference of a checkpoint (every engine dtype is compared against fp32); with
     `scheme`, its quantized weights fake-quantized (the weights a quantized engine computes with).
-    An engine captured from transformers' code (`frontend`) is checked against transformers' model."""
+    An engine captured from transformers' code (`frontend`) is checked against transformers' model.
+    `importance`: the calibration the quantized weights' scales were chosen with (importance_of)."""
     if frontend == "transformers":
         from dscompile.capture.frontends.transformers import load_transformers_model
 
         return TransformersEagerEngine(*load_transformers_model(checkpoint, torch.float32, "cpu"), max_positions)
-    return EagerEngine(load_checkpoint(checkpoint, torch.float32, quantize=scheme), max_positions)
+    return EagerEngine(load_checkpoint(checkpoint, torch.float32, quantize=scheme, importance=importance), max_positions)
 
 
 def scheme_of(manifest: dict[str, Any]) -> Scheme | None:
     """The quantization scheme an export was made with (manifest "quantization"), or None."""
     q = manifest.get("quantization")
     return None if q is None else Scheme(int(q["bits"]), int(q["block_size"]))
+
+
+def importance_of(out: str | Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """The importance a calibrated export chose its scales with (OUT/calibration.safetensors), or None."""
+    entry = (manifest.get("quantization") or {}).get("calibration")
+    if not entry:
+        return None
+    from safetensors.torch import load_file
+
+    path = Path(out) / entry["file"]
+    if not path.is_file():
+        raise EngineError(f"{path}: missing (the manifest says the export was calibrated)")
+    return load_file(str(path))
 
 
 def lowering_table(manifest: dict[str, Any], tf32: bool = False) -> dict | None:

@@ -24,7 +24,7 @@ from dscompile.model.checkpoint import load_checkpoint
 from dscompile.model.quant import Scheme
 from dscompile.runtime.contract import PHASES
 from dscompile.runtime.ort_engine import OrtEngine
-from dscompile.verify.compare import lowering_table, run_compare
+from dscompile.verify.compare import importance_of, lowering_table, run_compare
 from dscompile.verify.eager import EagerEngine
 
 RunPasses = Callable[[ExportedProgram, str, Any], Any]  # (program, phase, ModelArgs) -> verified PassReport
@@ -53,7 +53,8 @@ def quantized_engine(checkpoint, folder: Path, manifest: dict[str, Any], scheme:
     weights: a prefill and two decode steps of a left-padded batch, within the tolerance `compare`
     uses for it (verify.compare.lowering_table). A LoweringError if it is outside."""
     engine = OrtEngine.load(folder, provider="cpu")
-    eager = EagerEngine(load_checkpoint(checkpoint, torch.float32, allow_nonfinite=allow_nonfinite, quantize=scheme))
+    eager = EagerEngine(load_checkpoint(checkpoint, torch.float32, allow_nonfinite=allow_nonfinite, quantize=scheme,
+                                        importance=importance_of(folder, manifest)))
     report = run_compare(engine, eager, dtype=manifest["dtype"], decode_steps=2, table=lowering_table(manifest))
     worst = max(report["steps"], key=lambda s: s["logits"]["max_abs"] / max(s["atol"], 1e-30))
     result = {"passed": report["passed"], "steps": len(report["steps"]), "worst_step": worst["step"],
