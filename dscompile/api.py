@@ -123,8 +123,8 @@ def compare(
     computing float32 GEMMs in TF32), and for TensorRT engines built with it, a float32 engine is
     judged against tolerance.TF32 instead of the float32 bound.
     """
-    from dscompile.verify.compare import (eager_for, importance_of, locate_divergence, lowering_table, run_compare,
-                                            scheme_cost, scheme_of)
+    from dscompile.verify.compare import (eager_for, importance_of, locate_divergence, lowering_rms_bound,
+                                            lowering_table, run_compare, scheme_cost, scheme_of)
     from dscompile.runtime.manifest import read_manifest
     from dscompile.runtime.session import open_engine
 
@@ -137,7 +137,9 @@ def compare(
     _check_same_model(manifest, eager.args.to_config(), checkpoint)
     options = dict(dtype=manifest["dtype"], decode_steps=decode_steps, batch=batch, prompt=prompt_len, seed=seed)
     report = run_compare(engine, eager, atol=atol, rtol=rtol, progress=progress,
-                         table=lowering_table(manifest, tf32 or built_tf32), **options)
+                         table=lowering_table(manifest, tf32 or built_tf32),
+                         rms_bound=None if atol is not None or rtol is not None else lowering_rms_bound(manifest),
+                         **options)
     report["notes"] = list(engine.notes)
     if frontend == "transformers":
         report["reference"] = f"transformers' {type(eager.model).__name__} (eager, float32)"
