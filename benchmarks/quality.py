@@ -12,7 +12,8 @@ tokens scored on their second half).
     python benchmarks/quality.py model/pretrained --text model/pretrained/heldout.txt \\
         (--calibration CAL.txt | --calibration-from TRAIN.txt) [--work /tmp/quality] [--context 512] [--max-tokens N] [--json]
 
-Engines are exported once into WORK (reused when their folder exists).
+Engines are exported once into WORK (reused when their folder exists), with room for `dscompile
+compare CKPT OUT` (batch 2).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def main() -> None:
         start = time.perf_counter()
         try:
             if not (out / "manifest.json").is_file():
-                dscompile.export(a.checkpoint, out, max_batch=1, max_prompt_tokens=a.context, max_context=a.context,
+                dscompile.export(a.checkpoint, out, max_batch=2, max_prompt_tokens=a.context, max_context=a.context,
                                  force=True, **options)
             exported = time.perf_counter() - start
             report = dscompile.eval(out, a.text, reference=a.checkpoint, context=a.context, stride=a.stride,
