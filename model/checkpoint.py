@@ -42,6 +42,9 @@ from dscompile.errors import CheckpointError, OptionError
 log = logging.getLogger("dscompile")
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+# The trained checkpoint shipped with the package (training/train.py wrote it; `dscompile demo` runs it),
+# with its tokenizer and the held-out text it is evaluated on (heldout.txt, never trained on).
+PRETRAINED = Path(__file__).resolve().parent / "pretrained"
 
 # The one HF-name -> ours table. Ours drop the "model." prefix and stack routed experts.
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")

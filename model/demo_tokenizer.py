@@ -4,13 +4,15 @@
 the three files a published DeepSeek checkpoint ships: tokenizer.json (DeepSeek's special token
 names, bos prepended by the post-processor), tokenizer_config.json (with a DeepSeek-V2-Chat-style
 chat template) and generation_config.json. Every byte has a token, so any text encodes; training
-is deterministic, so two calls write byte-identical files.
+is deterministic, so two calls write byte-identical files. `write_tokenizer` is the same on any
+text (the shipped model's tokenizer is trained by training/train.py on its corpus, 4096 tokens).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -72,12 +74,23 @@ conversations fit.
 
 def write_demo_tokenizer(folder: Path, vocab_size: int) -> list[str]:
     """Write tokenizer.json, tokenizer_config.json and generation_config.json; return their names."""
+    return write_tokenizer(folder, vocab_size, CORPUS.splitlines(keepends=True))
+
+
+def write_tokenizer(
+    folder: Path,
+    vocab_size: int,
+    texts: Iterable[str],
+    generation: dict[str, Any] | None = None,
+) -> list[str]:
+    """The demo tokenizer's three files, its BPE trained on `texts` (an iterable of lines or
+    documents); `generation` adds sampling defaults to generation_config.json (greedy otherwise)."""
     if vocab_size < MIN_VOCAB:
         raise OptionError(f"--vocab {vocab_size} is too small for the demo tokenizer: it needs at least {MIN_VOCAB}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     files = {
-        "tokenizer.json": _train(vocab_size).to_str(pretty=True) + "\n",
+        "tokenizer.json": train_bpe(vocab_size, texts).to_str(pretty=True) + "\n",
         "tokenizer_config.json": _dump(
             {
                 "tokenizer_class": "PreTrainedTokenizerFast",
@@ -91,15 +104,17 @@ def write_demo_tokenizer(folder: Path, vocab_size: int) -> list[str]:
                 "chat_template": CHAT_TEMPLATE,
             }
         ),
-        "generation_config.json": _dump({"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "do_sample": False}),
+        "generation_config.json": _dump(
+            {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, **(generation or {"do_sample": False})}
+        ),
     }
     for name, text in files.items():
         (folder / name).write_text(text, encoding="utf-8")
     return list(files)
 
 
-def _train(vocab_size: int) -> Tokenizer:
-    """Byte-level BPE over CORPUS: bos and eos first (BOS_ID, EOS_ID), then the 256 bytes, then merges."""
+def train_bpe(vocab_size: int, texts: Iterable[str]) -> Tokenizer:
+    """Byte-level BPE over `texts`: bos and eos first (BOS_ID, EOS_ID), then the 256 bytes, then merges."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -109,7 +124,7 @@ def _train(vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(CORPUS.splitlines(keepends=True), trainer)
+    tokenizer.train_from_iterator(texts, trainer)
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B:1", special_tokens=[(BOS, BOS_ID)]
     )
