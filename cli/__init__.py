@@ -11,6 +11,7 @@ scripts; long steps show progress bars on stderr otherwise.
     run.py       run (text, token ids, chat)
     compare.py   compare
     inspect.py   inspect
+    eval.py      eval (perplexity, KL divergence on a text)
     bench.py     bench
     serve.py     serve (OpenAI-compatible HTTP server; the serve extra)
 """
@@ -113,4 +114,5 @@ from dscompile.cli import run  # noqa: E402,F401
 from dscompile.cli import compare  # noqa: E402,F401
 from dscompile.cli import inspect  # noqa: E402,F401
 from dscompile.cli import bench  # noqa: E402,F401
+from dscompile.cli import eval  # noqa: E402,F401,A004
 from dscompile.cli import serve  # noqa: E402,F401

@@ -26,6 +26,9 @@ def export(
     weights: Optional[str] = typer.Option(_DEFAULT["weights"], help="Weight storage: int8 or int4 (block-wise, weight-only; "
                                           "default: the export dtype)."),
     block_size: int = typer.Option(_DEFAULT["block_size"], help="Values per quantization scale with --weights: 16, 32, 64 or 128."),
+    calibration: Optional[Path] = typer.Option(_DEFAULT["calibration"], help="With --weights: choose each block's "
+                                               "scale by the input activations the model sees on this text "
+                                               "(importance-weighted error, as llama.cpp's imatrix)."),
     absorb: str = typer.Option(_DEFAULT["absorb"], help="MLA absorption: auto (cost model), fold, reassociate or none."),
     fuse_moe: bool = typer.Option(_DEFAULT["fuse_moe"], "--fuse-moe/--no-fuse-moe", help="Fuse MoE routing + dispatch into dsc.moe."),
     verify: bool = typer.Option(_DEFAULT["verify"], "--verify", help="Check each pass numerically on random inputs."),
@@ -72,8 +75,9 @@ def export(
             return
         if checkpoint is None or out is None:
             raise OptionError("export needs CHECKPOINT and -o OUT")
-        options = ExportOptions(dtype=dtype, weights=weights, block_size=block_size, absorb=absorb, fuse_moe=fuse_moe,
-                                verify=verify, opset=opset, target=target, device=device, precision=precision, tf32=tf32,
+        options = ExportOptions(dtype=dtype, weights=weights, block_size=block_size, calibration=calibration,
+                                absorb=absorb, fuse_moe=fuse_moe, verify=verify, opset=opset, target=target,
+                                device=device, precision=precision, tf32=tf32,
                                 max_batch=max_batch, max_prompt_tokens=max_prompt_tokens, max_context=max_context,
                                 frontend=frontend, graphs_only=graphs_only, tp=tp, ep=ep, force=force, allow_nonfinite=allow_nonfinite)
         from dscompile.api import export as export_api

@@ -9,6 +9,7 @@
         print(piece, end="", flush=True)
     print(llm.chat([{"role": "user", "content": "Hello!"}]))
     assert dscompile.compare("ckpt", "out")["passed"]      # numerics against PyTorch eager
+    print(dscompile.eval("out", "text.txt", reference="ckpt")["perplexity"])   # quality on real text
 
 The repository's folders are its subpackages, in the order data flows: dscompile.model
 (checkpoints, the reference model), dscompile.capture (torch.export of the engine contract),
@@ -17,8 +18,8 @@ export job and OUT), dscompile.verify (engines against eager), dscompile.runtime
 generation, text), dscompile.cli (the command line) and dscompile.bench (measurements).
 """
 
-from dscompile.api import compare, export, load
+from dscompile.api import compare, eval, export, load  # noqa: A004 - dscompile.eval
 from dscompile.errors import DscompileError
 
-__all__ = ["DscompileError", "compare", "export", "load"]
+__all__ = ["DscompileError", "compare", "eval", "export", "load"]
 __version__ = "0.1.0"

@@ -53,6 +53,7 @@ from dscompile.dtypes import DTYPES
 from dscompile.errors import CheckpointError, OptionError
 from dscompile.exporter.manifest import (file_hashes, graph_entry, in_place_entry, manifest_head, parameter_bytes,
                                          pass_report, quantization_report, sharding_report)
+from dscompile.exporter.calibration import calibrate, save_importance
 from dscompile.exporter.options import ExportOptions
 from dscompile.exporter.output import Stage, staged
 from dscompile.lowering.graph import check_model, lower
@@ -120,6 +121,7 @@ def _export(checkpoint, stage: Stage, options: ExportOptions, report: Progress) 
     torch_dtype = DTYPES[options.dtype]
     scheme, limits = options.scheme, options.limits
     quant_errors: dict[str, dict[str, float]] = {}
+    calibration = None  # (importance, manifest entry) with options.calibration
     load_progress = lambda done, total: report("load", done, total)  # noqa: E731
     if options.graphs_only:
         model = build_model(ModelArgs.from_json(config_file(checkpoint)), torch_dtype, "meta")
@@ -131,8 +133,11 @@ def _export(checkpoint, stage: Stage, options: ExportOptions, report: Progress) 
         model, args = load_transformers_model(checkpoint, torch_dtype, "meta", scan=True, progress=load_progress,
                                               allow_nonfinite=options.allow_nonfinite)
     else:
+        if options.calibration is not None:
+            calibration = calibrate(checkpoint, options.calibration, options.allow_nonfinite, report)
         model = load_checkpoint(checkpoint, dtype=torch_dtype, device="meta", scan=True, progress=load_progress,
-                                allow_nonfinite=options.allow_nonfinite, quantize=scheme, quant_errors=quant_errors)
+                                allow_nonfinite=options.allow_nonfinite, quantize=scheme, quant_errors=quant_errors,
+                                importance=calibration[0] if calibration else None)
         args = model.args
     # a corrupt tokenizer stops the export early
     tokenizer = copy_tokenizer(config_file(checkpoint), stage.folder, args.vocab_size)
@@ -155,7 +160,7 @@ def _export(checkpoint, stage: Stage, options: ExportOptions, report: Progress) 
         report("passes", i + 1, len(PHASES))
     if options.plan.world > 1:
         return _write_sharded(stage, programs, reports, args, options, tokenizer, report)
-    return _write(checkpoint, stage, programs, reports, args, options, tokenizer, quant_errors, report)
+    return _write(checkpoint, stage, programs, reports, args, options, tokenizer, quant_errors, report, calibration)
 
 
 def _pass_options(phase: str, args, options: ExportOptions) -> PassOptions:
@@ -164,9 +169,10 @@ def _pass_options(phase: str, args, options: ExportOptions) -> PassOptions:
 
 
 def _write(checkpoint, stage: Stage, programs, reports, args, options: ExportOptions, tokenizer,
-           quant_errors: dict[str, dict[str, float]], report: Progress) -> dict[str, Any]:
+           quant_errors: dict[str, dict[str, float]], report: Progress, calibration=None) -> dict[str, Any]:
     """The single-device OUT: both graphs lowered (quantized with `weights`), weights.bin, the
-    programs, the in-place decode graph (ONNX Runtime target, float weights) and the manifest."""
+    programs, the in-place decode graph (ONNX Runtime target, float weights), the calibration's
+    importance (exporter/calibration.py) and the manifest."""
     scheme, graphs_only, dtype = options.scheme, options.graphs_only, options.dtype
     quantizer = GraphQuantizer(scheme, accuracy_level=options.accuracy_level) if scheme is not None else None
     lowered, lowerings, quantized = {}, {}, {}
@@ -204,6 +210,9 @@ def _write(checkpoint, stage: Stage, programs, reports, args, options: ExportOpt
             in_place = in_place_decode(tmp / graphs["decode"]["file"], tmp / IN_PLACE_FILE)
             check_model(tmp / IN_PLACE_FILE, with_data=not graphs_only)
             graphs["decode"]["in_place"] = in_place_entry(IN_PLACE_FILE, in_place)
+        if calibration is not None:
+            stage.what = calibration[1]["file"]
+            save_importance(calibration[0], tmp)
         report("write", len(stored) + 1, len(stored) + 3)
         manifest = {
             **manifest_head(RUNTIME, options.target, options.frontend, dtype, args, options.limits),
@@ -219,6 +228,8 @@ def _write(checkpoint, stage: Stage, programs, reports, args, options: ExportOpt
         }
         if scheme is not None:
             manifest["quantization"] = quantization_report(scheme, lowered, quant_errors, graphs_only)
+            if calibration is not None:
+                manifest["quantization"]["calibration"] = calibration[1]
         if not graphs_only:
             manifest["weights"]["fingerprint"] = fingerprint(tmp / WEIGHTS_FILE)
         else:

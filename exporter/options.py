@@ -42,6 +42,7 @@ class ExportOptions:
     weights: str | None = None  # int8 / int4: block-wise weight-only quantization; None: the dtype
     block_size: int = 32  # values per quantization scale with `weights`
     accuracy_level: int | None = None  # None: the kernels' measured setting (lowering/quantize.py)
+    calibration: str | None = None  # a text file: quantization scales chosen by the activations on it (model/calibration.py)
     # passes
     absorb: str = "auto"  # MLA absorption: auto (cost model), fold, reassociate or none
     fuse_moe: bool = True
@@ -90,6 +91,7 @@ class ExportOptions:
         scheme = self.scheme
         if self.accuracy_level is not None and self.accuracy_level not in ACCURACY_LEVELS:
             raise OptionError(f"accuracy level {self.accuracy_level} is not one of 0-4")
+        self._check_calibration(scheme)
         self._check_frontend(scheme)
         if self.graphs_only and self.verify:
             raise OptionError("--graphs-only and --verify: verifying the passes runs the model on its weights, "
@@ -147,6 +149,20 @@ class ExportOptions:
     def builds_tensorrt(self) -> bool:
         """Whether the export ends with TensorRT engines (they need the weights: not graph-only)."""
         return self.target == "tensorrt" and not self.graphs_only
+
+    def _check_calibration(self, scheme: Scheme | None) -> None:
+        if self.calibration is None:
+            return
+        from pathlib import Path  # noqa: PLC0415 - one use
+
+        object.__setattr__(self, "calibration", str(self.calibration))  # a Path or a str: the same options
+        if scheme is None:
+            raise OptionError("--calibration chooses quantization scales: it needs --weights int4 or int8")
+        if self.graphs_only:
+            raise OptionError("--calibration with --graphs-only: calibration runs the model on its weights, which a "
+                              "graph-only export does not read")
+        if not Path(self.calibration).is_file():
+            raise OptionError(f"--calibration {self.calibration}: text file not found")
 
     def _check_frontend(self, scheme: Scheme | None) -> None:
         from dscompile.capture.frontends import FRONTENDS  # noqa: PLC0415 - module docstring

@@ -236,6 +236,7 @@ def load_checkpoint(
     scan: bool = False,
     quantize: Scheme | None = None,
     quant_errors: dict[str, dict[str, float]] | None = None,
+    importance: dict[str, torch.Tensor] | None = None,
 ) -> Transformer:
     """Read config.json and the safetensors weights of `path` into a Transformer.
 
@@ -249,7 +250,9 @@ def load_checkpoint(
     as dequantize(quantize(w)), the values a quantized engine computes with, and marks it
     (`dsc_quantize` attribute) for the lowering to store as bits and scales. On the meta device
     the conversion happens when the weight is read (model.quant.FakeQuantized). `quant_errors`
-    receives each such weight's largest quantization error as it is computed.
+    receives each such weight's largest quantization error as it is computed. `importance` (our
+    parameter name -> mean squared input activation per input channel, model/calibration.py)
+    chooses the quantized weights' scales by calibration (model.quant.quantize_weighted).
     """
     path = Path(path)
     if not path.is_dir():
@@ -354,11 +357,12 @@ def load_checkpoint(
         for name, found in parts.items():
             params[name].dsc_source = CheckpointSource(name, found, params[name], fp8_scales, block)
     if quantize is not None:
-        apply_quantization(model, quantize, quant_errors)
+        apply_quantization(model, quantize, quant_errors, importance)
     return model
 
 
-def apply_quantization(model: Transformer, scheme: Scheme, errors: dict[str, dict[str, float]] | None = None) -> int:
+def apply_quantization(model: Transformer, scheme: Scheme, errors: dict[str, dict[str, float]] | None = None,
+                       importance: dict[str, torch.Tensor] | None = None) -> int:
     """Mark (and, with values, fake-quantize) the weights `scheme` quantizes; returns how many.
 
     Real weights are replaced by their fake-quantized values now; meta weights with a source read
@@ -376,9 +380,9 @@ def apply_quantization(model: Transformer, scheme: Scheme, errors: dict[str, dic
         if param.is_meta:
             source = getattr(param, "dsc_source", None)
             if source is not None:
-                param.dsc_source = FakeQuantized(_hf_name(name), source, scheme, errors)
+                param.dsc_source = FakeQuantized(_hf_name(name), source, scheme, errors, (importance or {}).get(name))
         else:
-            fake = fake_quantize(param.data, scheme)
+            fake = fake_quantize(param.data, scheme, (importance or {}).get(name))
             errors[_hf_name(name)] = error_of(param.data, fake)
             param.data.copy_(fake)
         param.dsc_quantize = scheme

@@ -19,6 +19,15 @@ the eager reference of a quantized engine loads every quantized weight that way
 (model.checkpoint.load_checkpoint(quantize=...)), and quantizing it again gives back the same
 bytes (the largest value of each block is on the grid, so the search keeps factor 1).
 
+Calibrated (`quantize_weighted`, `export --calibration TEXT`): the error that matters is the
+layer's output error, E[(Σ_j (w_j - d q_j) x_j)²] ≈ Σ_j E[x_j²] (w_j - d q_j)² when the input
+channels are uncorrelated, so each block's scale is searched (over `CALIBRATED_FACTORS`, finer
+than `SEARCH_FACTORS`) for the least squared error weighted by the mean squared input activation
+of each input channel (model/calibration.py collects it per linear and per routed expert by
+running the eager model on a text), as llama.cpp's imatrix does. Factors stay <= 1, so the
+block's largest value stays on the grid and requantizing the fake-quantized weight gives back
+the same bytes.
+
 Quantized: every linear layer's weight (attention projections, dense and shared-expert MLPs,
 lm_head) and the routed experts. Kept in the compute dtype: the embeddings (a lookup reads one
 row), the MoE router (`mlp.gate.weight`, tiny, and routing decisions flip under its error), norms
@@ -35,6 +44,7 @@ import torch
 BITS = (4, 8)
 BLOCK_SIZES = (16, 32, 64, 128)
 SEARCH_FACTORS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+CALIBRATED_FACTORS = tuple(round(1.0 - 0.025 * i, 3) for i in range(17))  # 1.0 down to 0.6
 _QUANTIZED = re.compile(
     r"(^|\.)(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)\.weight"
     r"|mlp\.(shared_experts\.)?(gate_proj|up_proj|down_proj)\.weight"
@@ -115,6 +125,48 @@ def _quantize_blocks(x: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, tor
     return _round(x, best_d, lo, hi).to(torch.int8), best_d.squeeze(-1)
 
 
+def quantize_weighted(w: torch.Tensor, scheme: Scheme, importance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize` with each block's scale chosen for the least importance-weighted squared error.
+
+    importance: [K] (one vector for every row) or [G, K] with G dividing the rows (a stacked
+    expert weight [E, rows, K]: one vector per expert), >= 0: the mean squared input activation of
+    each input channel.
+    """
+    K, block = int(w.shape[-1]), scheme.block_size
+    if K % block:
+        raise ValueError(f"input dimension {K} is not a multiple of the block size {block}")
+    rows = w.reshape(-1, K)
+    groups = importance.reshape(-1, K).float()
+    if rows.shape[0] % groups.shape[0]:
+        raise ValueError(f"{groups.shape[0]} importance vectors do not divide the {rows.shape[0]} rows")
+    per = rows.shape[0] // groups.shape[0]  # rows that share one vector
+    q = torch.empty((rows.shape[0], K // block, block), dtype=torch.int8)
+    d = torch.empty((rows.shape[0], K // block), dtype=torch.float32)
+    step = max(1, (1 << 21) // K)
+    for start in range(0, rows.shape[0], step):
+        end = min(start + step, rows.shape[0])
+        x = rows[start:end].float().reshape(-1, K // block, block)
+        weight = groups[torch.arange(start, end) // per].reshape(-1, K // block, block)
+        q[start:end], d[start:end] = _weighted_blocks(x, weight, scheme.bits)
+    return q.reshape(*w.shape[:-1], K // block, block), d.reshape(*w.shape[:-1], K // block)
+
+
+def _weighted_blocks(x: torch.Tensor, weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    peak = x.gather(-1, x.abs().argmax(-1, keepdim=True))
+    best_d, best_err = peak / lo, None
+    for factor in CALIBRATED_FACTORS:
+        d = peak * factor / lo
+        t = _round(x, d, lo, hi).mul_(d).sub_(x)
+        err = t.mul_(t).mul_(weight).sum(-1, keepdim=True)
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best_err, best_d = torch.where(better, err, best_err), torch.where(better, d, best_d)
+    return _round(x, best_d, lo, hi).to(torch.int8), best_d.squeeze(-1)
+
+
 def _squared_error(x: torch.Tensor, d: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """Per block, the squared error of x quantized with scales d: [..., 1]."""
     t = _round(x, d, lo, hi).mul_(d).sub_(x)
@@ -132,8 +184,11 @@ def dequantize(q: torch.Tensor, d: torch.Tensor, dtype: torch.dtype = torch.floa
     return w.reshape(*q.shape[:-2], -1).to(dtype)
 
 
-def fake_quantize(w: torch.Tensor, scheme: Scheme) -> torch.Tensor:
-    """dequantize(quantize(w)) in w's dtype: the values a quantized engine multiplies with."""
+def fake_quantize(w: torch.Tensor, scheme: Scheme, importance: torch.Tensor | None = None) -> torch.Tensor:
+    """dequantize(quantize(w)) in w's dtype: the values a quantized engine multiplies with (with
+    `importance`, the calibrated scales of quantize_weighted)."""
+    if importance is not None:
+        return dequantize(*quantize_weighted(w, scheme, importance), dtype=w.dtype)
     return dequantize(*quantize(w, scheme), dtype=w.dtype)
 
 
@@ -161,12 +216,14 @@ class FakeQuantized:
     that relative to max |w|, each time one is loaded: what the manifest reports per weight.
     """
 
-    def __init__(self, name: str, source, scheme: Scheme, errors: dict[str, dict[str, float]]):
+    def __init__(self, name: str, source, scheme: Scheme, errors: dict[str, dict[str, float]],
+                 importance: torch.Tensor | None = None):
         self.name, self.source, self.scheme, self.errors = name, source, scheme, errors
+        self.importance = importance  # calibrated: the scales of quantize_weighted
 
     def load(self) -> torch.Tensor:
         w = self.source.load()
-        fake = fake_quantize(w, self.scheme)
+        fake = fake_quantize(w, self.scheme, self.importance)
         self.errors[self.name] = error_of(w, fake)
         del w  # the source values go before the caller continues with the fake ones
         return fake

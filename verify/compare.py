@@ -26,7 +26,7 @@ from dscompile.runtime.contract import (DECODE, PAST, PREFILL, STEP_INPUTS, Engi
                                         cache_names, next_step_inputs, random_step_inputs)
 from dscompile.runtime.engine import Engine
 from dscompile.errors import EngineError, OptionError, first_line
-from dscompile.tolerance import QUANTIZED_ACTIVATIONS, TF32, TOLERANCE
+from dscompile.tolerance import QUANTIZED_ACTIVATIONS, TF32, TOLERANCE, quantized_activations_rms
 from dscompile.tolerance import bound as tolerance_bound
 
 
@@ -94,13 +94,15 @@ def run_compare(
     seed: int = 0,
     progress: Callable[[str, int, int], None] | None = None,
     table: dict | None = None,
+    rms_bound: float | None = None,
 ) -> dict[str, Any]:
     """Prefill + `decode_steps` steps on both; per step: logits and cache error, pass/fail.
 
     Both sides are fed the eager model's greedy tokens (teacher forcing). Per step also the
     logits' relative RMS error, KL divergence and top-1 agreement of the next-token distributions.
-    `table` replaces the dtype's tolerance table (dscompile/tolerance.py), e.g. for kernels that
-    quantize activations.
+    `table` replaces the dtype's tolerance table (dscompile/tolerance.py). With `rms_bound` a step
+    is judged by the relative RMS error of its logits and of each cache tensor instead of max |Δ|
+    (kernels that quantize activations: tolerance.quantized_activations_rms, `lowering_rms_bound`).
     """
     if decode_steps < 0 or batch < 1 or prompt < 1:
         raise OptionError("--decode-steps must be >= 0, --batch and --prompt-len >= 1")
@@ -121,11 +123,16 @@ def run_compare(
         cache = [Stats.of(g.cpu()[seen], e[seen]) for ge, ee in zip(g_cache.layers, e_cache.layers) for g, e in zip(ge, ee)]
         worst_cache = max(cache, key=lambda s: s.max_abs)
         ca, cr = tolerance(dtype, atol, rtol, worst_cache.ref_max, table)
-        ok = logits.within(a, r) and worst_cache.within(ca, cr)
+        if rms_bound is None:
+            ok = logits.within(a, r) and worst_cache.within(ca, cr)
+        else:
+            ok = logits.rel_rms <= rms_bound and max(c.rel_rms for c in cache) <= rms_bound
         entry = {"step": i, "graph": PREFILL if i == 0 else DECODE, "new_tokens": int(step_ids.shape[1]),
                  "batch": batch,
                  "logits": vars(logits), **distribution(got[real], ref[real]),
                  "cache": vars(worst_cache), "atol": a, "rtol": r, "passed": ok}
+        if rms_bound is not None:
+            entry.update(rel_rms_bound=rms_bound, cache_rel_rms=max(c.rel_rms for c in cache))
         steps.append(entry)
         if progress is not None:
             progress("compare", i + 1, total)
@@ -166,7 +173,8 @@ def locate_divergence(
     ref = eager.hidden_states(ids, pos, mask, None)
     real = mask.bool()
     errors = [vars(Stats.of(g[real], r[real])) for g, r in zip(got, ref)]
-    first = first_diverging_layer(errors, report["dtype"], atol, rtol, lowering_table(manifest))
+    bound = None if atol is not None or rtol is not None else lowering_rms_bound(manifest)
+    first = first_diverging_layer(errors, report["dtype"], atol, rtol, lowering_table(manifest), bound)
     if plot is not None:
         plot_layers(errors, plot)
     located = (f"{graph_file} of the engine folder with its weights.bin (the hidden state after each block made "
@@ -240,8 +248,13 @@ def _run_on_weights(model: onnx.ModelProto, out: Path, path: Path, names: list[s
 
 
 def first_diverging_layer(errors: list[dict[str, float]], dtype: str, atol: float | None, rtol: float | None,
-                          table: dict | None = None) -> int | None:
+                          table: dict | None = None, rms_bound: float | None = None) -> int | None:
+    """The first layer out of tolerance: max |Δ| against the table, or relative RMS against `rms_bound`."""
     for i, e in enumerate(errors):
+        if rms_bound is not None:
+            if e["rel_rms"] > rms_bound:
+                return i
+            continue
         a, r = tolerance(dtype, atol, rtol, e["ref_max"], table)
         if e["max_abs"] > a + r * e["ref_max"]:
             return i
@@ -271,21 +284,35 @@ def plot_layers(errors: list[dict[str, float]], path: Path) -> None:
 
 
 def eager_for(checkpoint: str | Path, max_positions: int | None = None, scheme: Scheme | None = None,
-              frontend: str = "dscompile") -> EagerEngine:
+              frontend: str = "dscompile", importance: dict[str, torch.Tensor] | None = None) -> EagerEngine:
     """The fp32 eager reference of a checkpoint (every engine dtype is compared against fp32); with
     `scheme`, its quantized weights fake-quantized (the weights a quantized engine computes with).
-    An engine captured from transformers' code (`frontend`) is checked against transformers' model."""
+    An engine captured from transformers' code (`frontend`) is checked against transformers' model.
+    `importance`: the calibration the quantized weights' scales were chosen with (importance_of)."""
     if frontend == "transformers":
         from dscompile.capture.frontends.transformers import load_transformers_model
 
         return TransformersEagerEngine(*load_transformers_model(checkpoint, torch.float32, "cpu"), max_positions)
-    return EagerEngine(load_checkpoint(checkpoint, torch.float32, quantize=scheme), max_positions)
+    return EagerEngine(load_checkpoint(checkpoint, torch.float32, quantize=scheme, importance=importance), max_positions)
 
 
 def scheme_of(manifest: dict[str, Any]) -> Scheme | None:
     """The quantization scheme an export was made with (manifest "quantization"), or None."""
     q = manifest.get("quantization")
     return None if q is None else Scheme(int(q["bits"]), int(q["block_size"]))
+
+
+def importance_of(out: str | Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """The importance a calibrated export chose its scales with (OUT/calibration.safetensors), or None."""
+    entry = (manifest.get("quantization") or {}).get("calibration")
+    if not entry:
+        return None
+    from safetensors.torch import load_file
+
+    path = Path(out) / entry["file"]
+    if not path.is_file():
+        raise EngineError(f"{path}: missing (the manifest says the export was calibrated)")
+    return load_file(str(path))
 
 
 def lowering_table(manifest: dict[str, Any], tf32: bool = False) -> dict | None:
@@ -298,6 +325,17 @@ def lowering_table(manifest: dict[str, Any], tf32: bool = False) -> dict | None:
     return TF32 if tf32 else None
 
 
+def lowering_rms_bound(manifest: dict[str, Any]) -> float | None:
+    """For an engine whose quantized kernels quantize activations, the relative RMS error its steps are
+    judged by (tolerance.quantized_activations_rms of its block size and quantized matrix products:
+    MatMulNBits nodes, two per QMoE, in the decode graph its steps run); None otherwise."""
+    quantization = manifest.get("quantization") or {}
+    if not any((quantization.get("quantized_activations") or {}).values()):
+        return None
+    ops = manifest["graphs"][DECODE].get("quantized_ops") or {}
+    return quantized_activations_rms(int(quantization["block_size"]), ops.get("MatMulNBits", 0) + 2 * ops.get("QMoE", 0))
+
+
 def scheme_cost(engine: Engine, checkpoint: str | Path, **options) -> dict[str, Any]:
     """What quantization costs: a quantized engine against the fp32 eager model, teacher-forced.
 
@@ -306,7 +344,7 @@ def scheme_cost(engine: Engine, checkpoint: str | Path, **options) -> dict[str, 
     (logits relative RMS error, KL divergence, top-1 agreement), not judged.
     """
     fp32 = eager_for(checkpoint, engine.info.max_positions)
-    cost = run_compare(engine, fp32, **{k: v for k, v in options.items() if k not in ("atol", "rtol", "table")})
+    cost = run_compare(engine, fp32, **{k: v for k, v in options.items() if k not in ("atol", "rtol", "table", "rms_bound")})
     steps = [{"step": s["step"], "graph": s["graph"], "logits_rel_rms": s["logits"]["rel_rms"], "kl": s["kl"],
               "top1_agreement": s["top1_agreement"]} for s in cost["steps"]]
     return {"distance": "engine vs the fp32 eager model (quantization's cost; not judged)", "steps": steps,

@@ -24,7 +24,7 @@ from dscompile.model.checkpoint import load_checkpoint
 from dscompile.model.quant import Scheme
 from dscompile.runtime.contract import PHASES
 from dscompile.runtime.ort_engine import OrtEngine
-from dscompile.verify.compare import lowering_table, run_compare
+from dscompile.verify.compare import importance_of, lowering_rms_bound, lowering_table, run_compare
 from dscompile.verify.eager import EagerEngine
 
 RunPasses = Callable[[ExportedProgram, str, Any], Any]  # (program, phase, ModelArgs) -> verified PassReport
@@ -53,13 +53,23 @@ def quantized_engine(checkpoint, folder: Path, manifest: dict[str, Any], scheme:
     weights: a prefill and two decode steps of a left-padded batch, within the tolerance `compare`
     uses for it (verify.compare.lowering_table). A LoweringError if it is outside."""
     engine = OrtEngine.load(folder, provider="cpu")
-    eager = EagerEngine(load_checkpoint(checkpoint, torch.float32, allow_nonfinite=allow_nonfinite, quantize=scheme))
-    report = run_compare(engine, eager, dtype=manifest["dtype"], decode_steps=2, table=lowering_table(manifest))
+    eager = EagerEngine(load_checkpoint(checkpoint, torch.float32, allow_nonfinite=allow_nonfinite, quantize=scheme,
+                                        importance=importance_of(folder, manifest)))
+    bound = lowering_rms_bound(manifest)
+    report = run_compare(engine, eager, dtype=manifest["dtype"], decode_steps=2, table=lowering_table(manifest),
+                         rms_bound=bound)
     worst = max(report["steps"], key=lambda s: s["logits"]["max_abs"] / max(s["atol"], 1e-30))
+    if bound is not None:
+        worst = max(report["steps"], key=lambda s: max(s["logits"]["rel_rms"], s["cache_rel_rms"]))
     result = {"passed": report["passed"], "steps": len(report["steps"]), "worst_step": worst["step"],
               "max_abs": worst["logits"]["max_abs"], "atol": worst["atol"],
               "against": f"eager with the same {scheme.name} weights (fake-quantized)"}
+    if bound is not None:
+        result.update(rel_rms=max(worst["logits"]["rel_rms"], worst["cache_rel_rms"]), rel_rms_bound=bound)
     del engine
+    if not report["passed"] and bound is not None:
+        raise LoweringError(f"the {scheme.name} engine differs from eager with the same quantized weights: relative "
+                            f"RMS error {result['rel_rms']:.3g} > {bound:.3g} at step {worst['step']}")
     if not report["passed"]:
         raise LoweringError(f"the {scheme.name} engine differs from eager with the same quantized weights: max |Δ| "
                             f"{worst['logits']['max_abs']:.3g} > {worst['atol']:.3g} at step {worst['step']}")
