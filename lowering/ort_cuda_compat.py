@@ -39,6 +39,7 @@ from typing import Any
 import onnx
 
 from dscompile.errors import EngineError
+from dscompile.lowering.tensorrt.compat import load_model  # the same ONNX file reading and its one-line errors
 
 TABLE_PATH = Path(__file__).with_name("data") / "ort_cuda_kernels.json"
 _DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -306,28 +307,13 @@ class _Checker:
         return sorted(placed)
 
 
-def _load(model_or_path: onnx.ModelProto | str | os.PathLike) -> tuple[onnx.ModelProto, str]:
-    if isinstance(model_or_path, onnx.ModelProto):
-        return model_or_path, model_or_path.graph.name or "main"
-    path = Path(model_or_path)
-    if not path.is_file():
-        raise EngineError(f"{path}: no such ONNX file")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # protobuf's DecodeError and friends: the file name is what the user needs
-        raise EngineError(f"{path}: not a valid ONNX file ({type(e).__name__})") from None
-    if not model.graph.node and not model.graph.output:
-        raise EngineError(f"{path}: not a valid ONNX file (no graph)")
-    return model, path.name
-
-
 def check_model(model_or_path: onnx.ModelProto | str | os.PathLike) -> dict[str, Any]:
     """Where ONNX Runtime's CUDA provider would run each node of a model: the nodes it leaves to CPU.
 
     Returns {"nodes", "on_cuda", "unsupported", "shape_on_cpu", "host_compute", "placements": [...]};
     "unsupported" counts nodes without a CUDA kernel (the reason names op, version or type).
     """
-    model, name = _load(model_or_path)
+    model, name = load_model(model_or_path)
     if model.functions:  # the exporter's local functions: check their bodies as ONNX Runtime will run them
         model = onnx.inliner.inline_local_functions(model)
     findings, total = _Checker(model, name).check(model)

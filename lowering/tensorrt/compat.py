@@ -364,7 +364,8 @@ def _all_graphs(graph: onnx.GraphProto) -> Iterable[onnx.GraphProto]:
                     yield from _all_graphs(g)
 
 
-def _load(model_or_path: onnx.ModelProto | str | os.PathLike) -> tuple[onnx.ModelProto, str]:
+def load_model(model_or_path: onnx.ModelProto | str | os.PathLike) -> tuple[onnx.ModelProto, str]:
+    """An ONNX model (its graph only: external data is not read) and its name, or a one-line EngineError."""
     if isinstance(model_or_path, onnx.ModelProto):
         return model_or_path, model_or_path.graph.name or "main"
     path = Path(model_or_path)
@@ -384,7 +385,7 @@ def check_model(model_or_path: onnx.ModelProto | str | os.PathLike, *, trt_versi
 
     `trt_version` (e.g. "10.13") turns "needs TensorRT >= X" warnings into errors when it is older.
     """
-    model, name = _load(model_or_path)
+    model, name = load_model(model_or_path)
     checker = _Checker(model, trt_version)
     lo, hi = checker.table["opset_range"]
     for imp in model.opset_import:
