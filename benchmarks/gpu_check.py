@@ -186,16 +186,23 @@ def triton_kernels(work: Path) -> dict:
     return {"passed": not failures, "copy_gbs": round(copy_gbs, 1), "failed": failures, "rows": rows}
 
 
+def _checkpoint(work: Path, variant: str) -> Path:
+    """The tiny checkpoint of `variant` every part exports, made once per run."""
+    from dscompile.model.synthetic import make_checkpoint
+
+    ckpt = _checkpoint(work, variant)
+    if not ckpt.exists():
+        make_checkpoint(ckpt, variant, layers=2, experts=8, hidden=128, heads=4, vocab=512)
+    return ckpt
+
+
 def _exports(work: Path, kinds: list[tuple[str, str, str | None]]) -> dict[tuple, Path]:
     """Tiny checkpoints and their exports: {(variant, dtype, weights): OUT}."""
     import dscompile
-    from dscompile.model.synthetic import make_checkpoint
 
     outs = {}
     for variant, dtype, weights in kinds:
-        ckpt = work / f"ckpt-{variant}"
-        if not ckpt.exists():
-            make_checkpoint(ckpt, variant, layers=2, experts=8, hidden=128, heads=4, vocab=512)
+        ckpt = _checkpoint(work, variant)
         out = work / f"out-{variant}-{dtype}-{weights or 'float'}"
         if not out.exists():
             options = {"dtype": dtype} if weights is None else {"weights": weights}
@@ -226,9 +233,9 @@ def torch_engine(work: Path) -> dict:
         engine = open_engine(out, backend="torch", provider="cuda")
         held = torch.cuda.memory_allocated() - base
         weights_bytes = (out / "weights.bin").stat().st_size
-        same = _greedy_same(engine, eager_for(work / f"ckpt-{variant}"), engine.info.vocab_size) \
+        same = _greedy_same(engine, eager_for(_checkpoint(work, variant)), engine.info.vocab_size) \
             if dtype == "float32" else None
-        report = dscompile.compare(work / f"ckpt-{variant}", out, backend="torch", provider="cuda")
+        report = dscompile.compare(_checkpoint(work, variant), out, backend="torch", provider="cuda")
         rows.append(dict(variant=variant, dtype=dtype, passed=report["passed"], greedy_equal=same,
                          device_bytes=held, weights_bin_bytes=weights_bytes,
                          device_over_weights=round(held / weights_bytes, 3)))
@@ -250,7 +257,7 @@ def ort_cuda(work: Path) -> dict:
     kinds = [("v3", d, None) for d in ("float32", "float16", "bfloat16")] + [("v3", "float32", "int4")]
     for (variant, dtype, weights), out in _exports(work, kinds).items():
         try:
-            report = dscompile.compare(work / f"ckpt-{variant}", out, backend="onnxruntime", provider="cuda")
+            report = dscompile.compare(_checkpoint(work, variant), out, backend="onnxruntime", provider="cuda")
             rows.append(dict(variant=variant, dtype=dtype, weights=weights, passed=report["passed"]))
         except Exception as err:  # one export kind failing is a finding, the others still run
             rows.append(dict(variant=variant, dtype=dtype, weights=weights, passed=False,
@@ -263,11 +270,8 @@ def tensorrt(work: Path) -> dict:
     _need_gpu()
     _need("tensorrt", "onnx", "onnx_ir", "onnxscript", "safetensors")
     import dscompile
-    from dscompile.model.synthetic import make_checkpoint
 
-    ckpt = work / "ckpt-v3"
-    if not ckpt.exists():
-        make_checkpoint(ckpt, "v3", layers=2, experts=8, hidden=128, heads=4, vocab=512)
+    ckpt = _checkpoint(work, "v3")
     out = work / "out-v3-tensorrt"
     if not out.exists():
         dscompile.export(ckpt, out, target="tensorrt")

@@ -172,7 +172,6 @@ class Engine(ABC):
         return decoding.tokens
 
 
-
 class SlotCache:
     """The latent cache of up to `slots` sequences, one buffer [N, T, dim] per cache tensor (contract
     order: kv_latent.0, k_rope.0, ...), T the capacity in tokens of every slot.
