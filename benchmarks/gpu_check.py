@@ -190,7 +190,7 @@ def _checkpoint(work: Path, variant: str) -> Path:
     """The tiny checkpoint of `variant` every part exports, made once per run."""
     from dscompile.model.synthetic import make_checkpoint
 
-    ckpt = _checkpoint(work, variant)
+    ckpt = work / f"ckpt-{variant}"
     if not ckpt.exists():
         make_checkpoint(ckpt, variant, layers=2, experts=8, hidden=128, heads=4, vocab=512)
     return ckpt
