@@ -337,7 +337,9 @@ def _einsum_matmul(equation: str, a, b):
     ONNX Runtime's CPU Einsum runs these at ~1 GB/s (it transposes and loops itself); MatMul
     broadcasts the heads of the weight over the batch and calls the GEMM kernels.
     """
-    if equation == "bshn,hnc->bhsc":  # reassociate, query side: W_UKᵀ q_nope per head
+    if equation == "bhsn,hnc->bhsc":  # reassociate, query side: W_UKᵀ q_nope per head (absorb_mla's form)
+        return op.MatMul(a, b)
+    if equation == "bshn,hnc->bhsc":  # the same from a query not yet moved to [B, H, S, N]
         return op.MatMul(op.Transpose(a, perm=[0, 2, 1, 3]), b)
     if equation == "bhsc,hvc->bhsv":  # reassociate, output side: W_UV o per head
         return op.MatMul(a, op.Transpose(b, perm=[0, 2, 1]))
