@@ -96,7 +96,7 @@ class HFSystem(System):
             from transformers import DynamicCache
 
             with torch.no_grad():
-                return self.model(input_ids=ids, position_ids=pos, attention_mask=mask,
+                return self.model(input_ids=ids, position_ids=pos, attention_mask=mask, logits_to_keep=1,
                                   past_key_values=DynamicCache(config=self.model.config), use_cache=True)
 
         return run

@@ -70,8 +70,9 @@ class EngineSystem(System):
         self.name, self.engine, self.args = name, engine, args
 
     def prefill(self, batch: int, tokens: int) -> Callable[[], Any]:
+        """The prefill as a generation runs it: the last token's logits only (as llama.cpp's)."""
         ids, pos, mask = random_step_inputs(self.args.vocab_size, batch, tokens, 0, 1)
-        return lambda: self.engine.step(ids, pos, mask, None)
+        return lambda: self.engine.step(ids, pos, mask, None, last_only=True)
 
     def decode(self, batch: int, context: int) -> Callable[[], Any]:
         info = self.engine.info

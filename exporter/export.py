@@ -58,6 +58,7 @@ from dscompile.exporter.options import ExportOptions
 from dscompile.exporter.output import Stage, staged
 from dscompile.lowering.graph import check_model, lower
 from dscompile.lowering.in_place import in_place_decode
+from dscompile.lowering.logits import add_logits_from
 from dscompile.lowering.ops import choose_moe_experts
 from dscompile.lowering.quantize import GraphQuantizer
 from dscompile.lowering.weights import save_models
@@ -183,6 +184,8 @@ def _write(checkpoint, stage: Stage, programs, reports, args, options: ExportOpt
         if quantizer is not None:
             quantized[phase] = quantizer(lowered[phase])
             ir_passes.RemoveUnusedNodesPass()(lowered[phase])
+        if options.target == "onnxruntime":  # ONNX Runtime's optional inputs; TensorRT's parser takes none
+            add_logits_from(lowered[phase])
         report("lower", i + 1, len(PHASES))
 
     with stage.writing(f"{WEIGHTS_FILE} or a graph") as tmp:

@@ -22,7 +22,7 @@ from dscompile.dtypes import DTYPES, TABLE
 from dscompile.lowering.quantize import quantizes_activations
 from dscompile.model.quant import Scheme
 from dscompile.passes.shard import Plan
-from dscompile.runtime.contract import WRITE_INDEX
+from dscompile.runtime.contract import LOGITS_FROM, WRITE_INDEX
 from dscompile.runtime.manifest import MANIFEST_FORMAT
 
 
@@ -65,14 +65,22 @@ def cache_layout(args, dtype: torch.dtype) -> dict[str, Any]:
 
 def graph_entry(file: str, model: ir.Model, report, moe_lowering: str | None) -> dict[str, Any]:
     """A lowered graph's `graphs.<phase>`: file, IO, passes, MoE lowering, op counts."""
-    return {
+    entry = {
         "file": file,
-        "inputs": [_io(v) for v in model.graph.inputs],
+        "inputs": _inputs(model),
         "outputs": [_io(v) for v in model.graph.outputs],
         "passes": pass_report(report),
         "moe_lowering": moe_lowering,
         "op_counts": _op_counts(model),
     }
+    if any(v.name == LOGITS_FROM for v in model.graph.inputs):
+        entry[LOGITS_FROM] = "optional int64 [1], default 0: logits for new tokens [logits_from, S) only"
+    return entry
+
+
+def _inputs(model: ir.Model) -> list[dict[str, Any]]:
+    """The contract's inputs: an input with a default (an initializer of its name, lowering/logits.py) is optional."""
+    return [_io(v) for v in model.graph.inputs if not v.is_initializer()]
 
 
 def in_place_entry(file: str, model: ir.Model) -> dict[str, Any]:
@@ -80,7 +88,7 @@ def in_place_entry(file: str, model: ir.Model) -> dict[str, Any]:
     return {
         "file": file,
         "opset": model.opset_imports[""],
-        "inputs": [_io(v) for v in model.graph.inputs],
+        "inputs": _inputs(model),
         "outputs": [_io(v) for v in model.graph.outputs],
         "op_counts": _op_counts(model),
         "use": f"one new token; past.{{i}}.* are buffers of capacity T >= P+1, bound as present.{{i}}.* "

@@ -14,7 +14,8 @@ interface: README, DESIGN.md "The engine contract (OUT/)"):
     present.{i}.kv_latent  cache dtype  [B, P+S, C]   (outputs; k_rope likewise)
 
 The in-place decode graph (ONNX Runtime on CPU) takes one more input, `write_index` [B]: the
-cache row its step writes.
+cache row its step writes. ONNX Runtime exports also take an optional `logits_from` int64 [1]
+(default 0, lowering/logits.py): logits are then returned for new tokens [logits_from, S) only.
 
 Batches are left-padded: a row's real tokens end at the right, its padding (mask 0) comes first,
 and its first real token has position P (the cache before it is all real).
@@ -40,6 +41,7 @@ INPUT_IDS, POSITION_IDS, ATTENTION_MASK = "input_ids", "position_ids", "attentio
 STEP_INPUTS = (INPUT_IDS, POSITION_IDS, ATTENTION_MASK)  # before the cache, in this order
 LOGITS = "logits"
 WRITE_INDEX = "write_index"  # the in-place decode graph's extra input: the cache row to write, [B]
+LOGITS_FROM = "logits_from"  # optional input of ONNX Runtime graphs: logits for new tokens [logits_from, S) only
 PAST, PRESENT = "past", "present"
 CACHE_KINDS = ("kv_latent", "k_rope")  # per layer, in this order
 

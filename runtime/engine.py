@@ -46,14 +46,25 @@ class Engine(ABC):
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         cache: KVCache | None,
+        last_only: bool = False,
     ) -> tuple[torch.Tensor, KVCache]:
         """Run S new tokens against the cache; return float32 logits [B, S, V] and the new cache.
+        `last_only`: logits [B, 1, V] of the last new token, all a generation step reads (a backend
+        whose graphs can skip the others' final norm and lm_head does: `_step_last`).
 
         Refuses (EngineError) inputs `check_inputs` refuses and a weights file written since load."""
         self.check_inputs(input_ids, cache.length if cache is not None else 0, position_ids, attention_mask)
         if self.weights is not None:
             self.weights.check()
+        if last_only:
+            return self._step_last(input_ids, position_ids, attention_mask, cache)
         return self._step(input_ids, position_ids, attention_mask, cache)
+
+    def _step_last(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   cache: KVCache | None) -> tuple[torch.Tensor, KVCache]:
+        """`_step` with the last new token's logits only; by default all are computed, the last kept."""
+        logits, cache = self._step(input_ids, position_ids, attention_mask, cache)
+        return logits[:, -1:], cache
 
     @abstractmethod
     def _step(
@@ -109,7 +120,7 @@ class Engine(ABC):
         ids = torch.tensor([list(tokens)], dtype=torch.int64)
         positions = torch.arange(length, length + S, dtype=torch.int64).unsqueeze(0)
         mask = torch.ones(1, length + S, dtype=torch.int64)
-        logits, present = self.step(ids, positions, mask, slots.view(slot, 1, length))
+        logits, present = self.step(ids, positions, mask, slots.view(slot, 1, length), last_only=True)
         slots.write(slot, length, [t[0, length:] for pair in present.layers for t in pair])
         return logits[0, -1].float()
 

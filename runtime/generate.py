@@ -127,7 +127,7 @@ class Decoding:
             if all(r is not None for r in self.finish_reasons):
                 return
             start = time.perf_counter()
-            logits, cache = self.engine.step(*inputs, cache)
+            logits, cache = self.engine.step(*inputs, cache, last_only=True)
             self._cache = cache
             chosen = next_tokens(logits[:, -1, :].float().cpu(), self.seen, self.params, generator)
             seconds = time.perf_counter() - start

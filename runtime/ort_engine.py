@@ -76,9 +76,9 @@ from typing import Any
 import torch
 
 from dscompile.errors import EngineError, OptionError, first_line
-from dscompile.runtime.contract import (ATTENTION_MASK, DECODE, DECODE_IN_PLACE, INPUT_IDS, LOGITS, PAST, POSITION_IDS,
-                                        PRESENT, STEP_INPUTS, WRITE_INDEX, EngineInfo, KVCache, cache_names,
-                                        choose_graph)
+from dscompile.runtime.contract import (ATTENTION_MASK, DECODE, DECODE_IN_PLACE, INPUT_IDS, LOGITS, LOGITS_FROM, PAST,
+                                        POSITION_IDS, PRESENT, STEP_INPUTS, WRITE_INDEX, EngineInfo, KVCache,
+                                        cache_names, choose_graph)
 from dscompile.runtime.engine import Engine, SlotCache
 from dscompile.runtime.ort_cache import CacheBuffers, OrtCapacityCache, OrtKVCache
 from dscompile.runtime.manifest import read_manifest
@@ -211,6 +211,9 @@ class OrtEngine(Engine):
         self.provider, self.notes = provider, notes  # what the sessions run on, and why when auto fell back
         self.max_step_tokens = max_step_tokens(manifest, provider)  # longer steps run in chunks (None: no limit)
         self.info = EngineInfo.from_manifest(manifest, str(out_dir / "manifest.json"))
+        # graph -> whether its session takes the optional `logits_from` (lowering/logits.py)
+        self._logits_from = {name: any(i.name == LOGITS_FROM for i in s.get_overridable_initializers())
+                             for name, s in sessions.items()}
         n = self.info.num_layers
         self._past, self._present = cache_names(PAST, n), cache_names(PRESENT, n)
         for name, session in sessions.items():
@@ -290,12 +293,17 @@ class OrtEngine(Engine):
                               "Runtime's CUDA provider only (its CPU MoE kernel has no half precision): run it with "
                               "--provider cuda on a GPU, or export with --device cpu")
 
+    def _step_last(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   cache: KVCache | None) -> tuple[torch.Tensor, KVCache]:
+        """The last token's logits: graphs with `logits_from` (lowering/logits.py) compute no others."""
+        return self._step(input_ids, position_ids, attention_mask, cache, last_only=True)
+
     def _step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
-              cache: KVCache | None) -> tuple[torch.Tensor, KVCache]:
+              cache: KVCache | None, last_only: bool = False) -> tuple[torch.Tensor, KVCache]:
         B, S = input_ids.shape
         P = cache.length if cache is not None else 0
         if self.max_step_tokens is not None and S > self.max_step_tokens:
-            return self._step_in_chunks(input_ids, position_ids, attention_mask, cache)
+            return self._step_in_chunks(input_ids, position_ids, attention_mask, cache, last_only)
         graph = choose_graph(S, P, in_place=DECODE_IN_PLACE in self.sessions)
         if graph == DECODE_IN_PLACE:
             return self._decode_in_place(input_ids, position_ids, attention_mask, cache)
@@ -304,6 +312,9 @@ class OrtEngine(Engine):
         keep = []  # tensors whose memory is bound by pointer: alive until the run returns
         for name, t in zip(STEP_INPUTS, (input_ids, position_ids, attention_mask)):
             keep.append(self._bind_tensor(binding, name, t.to(torch.int64)))
+        sliced = last_only and S > 1 and self._logits_from[graph]
+        if sliced:
+            keep.append(self._bind_tensor(binding, LOGITS_FROM, torch.tensor([S - 1])))
         if isinstance(cache, OrtKVCache):
             if len(cache.values) != len(self._past):
                 raise EngineError(f"cache has {len(cache.values) // 2} layers, the engine {self.info.num_layers}")
@@ -318,19 +329,20 @@ class OrtEngine(Engine):
         self._run(session, binding, B, S, P)
         outputs = binding.get_outputs()
         logits = torch.from_dlpack(outputs[0]._ortvalue)
-        return logits.float(), OrtKVCache(list(outputs[1:]), P + S)
+        return (logits if sliced or not last_only else logits[:, -1:]).float(), OrtKVCache(list(outputs[1:]), P + S)
 
     def _step_in_chunks(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        cache: KVCache | None) -> tuple[torch.Tensor, KVCache]:
+                        cache: KVCache | None, last_only: bool = False) -> tuple[torch.Tensor, KVCache]:
         """S new tokens as consecutive steps of at most max_step_tokens: causal attention makes it the
         same computation (each chunk attends to the cache and to itself), with bounded transient memory."""
         P, S, n = cache.length if cache is not None else 0, int(input_ids.shape[1]), self.max_step_tokens
         logits = []
         for a in range(0, S, n):
             b = min(a + n, S)
-            out, cache = self._step(input_ids[:, a:b], position_ids[:, a:b], attention_mask[:, : P + b], cache)
+            out, cache = self._step(input_ids[:, a:b], position_ids[:, a:b], attention_mask[:, : P + b], cache,
+                                    last_only=last_only)
             logits.append(out)
-        return torch.cat(logits, dim=1), cache
+        return (logits[-1] if last_only else torch.cat(logits, dim=1)), cache
 
     def end_profiling(self) -> list[str]:
         """Stop the profiler of every session (loaded with `profile_prefix`); the JSON files it wrote."""

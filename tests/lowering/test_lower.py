@@ -139,7 +139,9 @@ def test_manifest(variant, exported, args_of):
         assert ins["attention_mask"]["shape"] == ["batch", "past + seq"]
         assert ins["past.0.kv_latent"]["shape"] == ["batch", "past", C]
         outs = {o["name"]: o for o in g["outputs"]}
-        assert outs["logits"]["dtype"] == "float32" and outs["logits"]["shape"] == ["batch", "seq", a.vocab_size]
+        # S rows, or S - logits_from where the caller feeds the optional input (lowering/logits.py)
+        assert outs["logits"]["dtype"] == "float32" and outs["logits"]["shape"] == ["batch", "logits_tokens", a.vocab_size]
+        assert "logits_from" in g and "logits_from" not in ins
         names = [p["name"] for p in g["passes"]["passes"]]
         assert names == ["squeeze_cache_append", "absorb_mla", "fuse_moe"]
         assert {p["name"]: p["count"] for p in g["passes"]["passes"]}["fuse_moe"] == a.num_moe_layers

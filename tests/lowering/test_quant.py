@@ -27,8 +27,10 @@ from dscompile.model import quant
 from dscompile.model.checkpoint import load_checkpoint
 from dscompile.model.quant import Scheme, dequantize, fake_quantize, pack, quantize, unpack
 from dscompile.errors import EngineError
+from dscompile.runtime.contract import position_ids
 from dscompile.runtime.ort_engine import OrtEngine
 from dscompile.tolerance import QUANTIZED_ACTIVATIONS, TOLERANCE
+from dscompile.tolerance import bound as tolerance_bound
 
 pytestmark = pytest.mark.long  # minutes of exports: scheduled first (tests/conftest.py)
 
@@ -167,6 +169,14 @@ def test_graphs_use_the_quantized_kernels(quantized, name):
             assert (name_.endswith(".scales") or "embed_tokens" in name_ or ".mlp.gate.weight" in name_
                     or ".absorb." in name_ or "norm" in name_), f"{phase}: float weight {name_}"
     assert not list(out.glob("*.pt2"))  # no float programs beside a quantized engine
+    # the one session runs prefills too: a generation's prefill computes the last token's logits only
+    engine = OrtEngine.load(out, provider="cpu")
+    ids = torch.randint(0, engine.info.vocab_size, (1, 6), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(1, 6, dtype=torch.int64)
+    full, _ = engine.step(ids, position_ids(mask), mask, None)
+    last, _ = engine.step(ids, position_ids(mask), mask, None, last_only=True)
+    assert engine._logits_from["prefill"] and last.shape == (1, 1, engine.info.vocab_size)
+    assert (last[:, 0] - full[:, -1]).abs().max() <= tolerance_bound(torch.float32, full[:, -1].abs().max().item())
 
 
 def test_verify_runs_the_quantized_engine(quantized):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -88,6 +89,31 @@ def test_greedy_generate_matches_eager(pair):
             for row in range(len(prompts)):
                 want[row].append(int(inputs.input_ids[row]))
     assert got == want, f"{variant}: engine {got} != eager {want}"
+
+
+def test_last_only_prefill_computes_the_last_token_only(pair):
+    """`step(..., last_only=True)` feeds the graph's `logits_from` (lowering/logits.py): logits [B, 1, V]
+    equal to the full step's last row, the same cache; the graph's lm_head saw one token."""
+    variant, engine, _ = pair
+    assert engine.manifest["graphs"]["prefill"]["logits_from"] and engine._logits_from["prefill"]
+    B, S = 2, 9
+    ids = torch.randint(0, engine.info.vocab_size, (B, S), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(B, S, dtype=torch.int64)
+    pos = position_ids(mask)
+    full, cache_full = engine.step(ids, pos, mask, None)
+    last, cache_last = engine.step(ids, pos, mask, None, last_only=True)
+    assert full.shape == (B, S, engine.info.vocab_size) and last.shape == (B, 1, engine.info.vocab_size)
+    bound = tolerance_bound(torch.float32, full[:, -1].abs().max().item())
+    assert (last[:, 0] - full[:, -1]).abs().max() <= bound, variant
+    for (k, r), (k2, r2) in zip(cache_full.layers, cache_last.layers):
+        assert torch.equal(k, k2) and torch.equal(r, r2)
+    # not a slice taken after the step: the graph's logits output itself has one row per sequence
+    session = engine.sessions["prefill"]
+    feeds = {"input_ids": ids.numpy(), "position_ids": pos.numpy(), "attention_mask": mask.numpy(),
+             "logits_from": np.array([S - 1])}
+    feeds.update({i.name: np.zeros([B, 0, i.shape[-1]], np.float32) for i in session.get_inputs()
+                  if i.name.startswith("past.")})
+    assert session.run(["logits"], feeds)[0].shape == (B, 1, engine.info.vocab_size)
 
 
 def test_step_accepts_a_torch_cache(pair):
