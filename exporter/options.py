@@ -140,8 +140,9 @@ class ExportOptions:
                               "provider has no float32 QMoE kernel (its routed experts would run on CPU); add "
                               "--dtype float16 or bfloat16")
         if self.device == "cuda" and self.block_size % 32:
-            raise OptionError(f"--block-size {self.block_size} with --device cuda: ONNX Runtime's CUDA QMoE kernels "
-                              "take quantization groups of a multiple of 32 values; use --block-size 32, 64 or 128")
+            raise OptionError(f"--block-size {self.block_size} with --device cuda --weights: ONNX Runtime's CUDA "
+                              "QMoE kernels take quantization groups of a multiple of 32 values; use --block-size "
+                              "32, 64 or 128")
         if self.device == "cpu" and self.dtype != "float32":
             raise OptionError(f"--weights {self.weights} with --dtype {self.dtype}: quantized engines for CPU compute "
                               "in float32 (ONNX Runtime's CPU MatMulNBits/QMoE kernels); drop --dtype, or export "

@@ -291,7 +291,7 @@ class OrtEngine(Engine):
             return
         quantization = manifest.get("quantization")
         if quantization:
-            raise EngineError(f"{out}: a {quantization['scheme']} {manifest['dtype']} engine exported for CUDA (--device "
+            raise EngineError(f"{out}: an {quantization['scheme']} {manifest['dtype']} engine exported for CUDA (--device "
                               "cuda) runs on ONNX Runtime's CUDA provider only (its MatMulNBits/QMoE nodes are set for "
                               "the CUDA kernels): run it with --provider cuda on a GPU, or export with --device cpu "
                               "(float32)")
