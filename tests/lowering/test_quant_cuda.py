@@ -177,10 +177,9 @@ def test_float16_engine_matches_eager_on_cpu(cuda_export, make_ckpt, tmp_path, w
     assert report["passed"], f"max |Δ| / atol = {worst:.3g}"
     if weights == "int4":  # the lowering adds nothing beyond float16's rounding (~1e-3 relative measured)
         assert max(s["logits"]["rel_rms"] for s in report["steps"]) < 5e-3, report["steps"]
-    # a wrong scale is outside: the same engine against eager whose weights were quantized from float32
-    # (other 4-bit scales for some blocks) errs by ~2%, and against unquantized eager by far more
-    plain = run_compare(engine, eager_for(ckpt, engine.info.max_positions), dtype="float16", decode_steps=1)
-    assert max(s["logits"]["rel_rms"] for s in plain["steps"]) > 3e-2
+        # ...and the check can fail: unquantized eager is far from it (int8 would be within ~3%)
+        plain = run_compare(engine, eager_for(ckpt, engine.info.max_positions), dtype="float16", decode_steps=1)
+        assert max(s["logits"]["rel_rms"] for s in plain["steps"]) > 3e-2
 
 
 def test_engine_refuses_a_cuda_quantized_export_on_cpu(cuda_export):
