@@ -132,6 +132,8 @@ def quantization_report(scheme: Scheme, models: dict[str, ir.Model], errors: dic
     report = scheme.to_dict()
     if scale_types:
         report["scale"] = report["scale"].replace("float32", "/".join(sorted(scale_types)), 1)
+    if scale_types and scale_types <= {"float16", "bfloat16"}:  # 16-bit scales
+        report["bits_per_weight"] = scheme.bits + 16 / scheme.block_size
     return {**report, "provider": provider, "accuracy_level": levels,
             "quantized_activations": {op: quantizes_activations(op, scheme.bits, level, provider)
                                       for op, level in levels.items()},

@@ -146,7 +146,7 @@ def test_kernels_are_set_as_the_cuda_provider_expects(cuda_export, dtype, weight
     assert q["provider"] == "cuda" and manifest["device"] == "cuda" and q["scheme"] == weights
     assert q["accuracy_level"] == {"MatMulNBits": 0, "QMoE": 0}
     assert q["quantized_activations"] == {"MatMulNBits": False, "QMoE": False}
-    assert q["scale"].startswith(f"{dtype} per block")
+    assert q["scale"].startswith(f"{dtype} per block") and q["bits_per_weight"] == bits + 0.5  # 16-bit scales
 
 
 def _on_cpu(out: Path, tmp: Path) -> Path:
