@@ -19,7 +19,8 @@ Parts, in order:
                    MoE within 1.5x of its bytes floor at one token)
   torch-engine     tiny v2 and v3 exports, float32 and bfloat16, on the torch backend on CUDA: greedy
                    tokens equal eager's, `compare` within its bound, device memory against weights.bin
-  ort-cuda         the same exports plus float16 and int4 on ONNX Runtime's CUDA provider, where it exists
+  ort-cuda         the same exports plus float16, int4 (CPU-lowered) and the int4/int8 float16/bfloat16
+                   engines exported for CUDA (--device cuda) on ONNX Runtime's CUDA provider, where it exists
   tensorrt         a TensorRT build of the tiny v3 export and its `compare`, where TensorRT is installed
 It is sized to finish within 8 minutes on one H100.
 """
@@ -186,28 +187,45 @@ def triton_kernels(work: Path) -> dict:
     return {"passed": not failures, "copy_gbs": round(copy_gbs, 1), "failed": failures, "rows": rows}
 
 
+QUANT_VARIANT = "v2-lite-q"  # the quantized engines' checkpoint (see _checkpoint)
+
+
 def _checkpoint(work: Path, variant: str) -> Path:
-    """The tiny checkpoint of `variant` every part exports, made once per run."""
-    from dscompile.model.synthetic import make_checkpoint
+    """The tiny checkpoint of `variant` every part exports, made once per run. QUANT_VARIANT is v2-lite
+    with 128-wide experts: every quantized input dimension a multiple of the block size 32 (v2/v3's
+    q_lora_rank 48 is not), and expert widths that CUDA's QMoE tiles take."""
+    from dataclasses import replace
+
+    from dscompile.model.synthetic import make_checkpoint, random_state, tiny_args, write_checkpoint
 
     ckpt = work / f"ckpt-{variant}"
-    if not ckpt.exists():
+    if not ckpt.exists() and variant == QUANT_VARIANT:
+        args = replace(tiny_args("v2-lite", layers=2, experts=8, hidden=128, heads=4, vocab=512),
+                       moe_intermediate_size=128)
+        write_checkpoint(ckpt, args, random_state(args, 0))
+    elif not ckpt.exists():
         make_checkpoint(ckpt, variant, layers=2, experts=8, hidden=128, heads=4, vocab=512)
     return ckpt
 
 
-def _exports(work: Path, kinds: list[tuple[str, str, str | None]]) -> dict[tuple, Path]:
-    """Tiny checkpoints and their exports: {(variant, dtype, weights): OUT}."""
+def _exports(work: Path, kinds: list[tuple]) -> dict[tuple, Path]:
+    """Tiny checkpoints and their exports: {(variant, dtype, weights[, device]): OUT}; device "cpu" when
+    a kind does not name one (`export --device`)."""
     import dscompile
 
     outs = {}
-    for variant, dtype, weights in kinds:
+    for kind in kinds:
+        variant, dtype, weights, device = (tuple(kind) + ("cpu",))[:4]
         ckpt = _checkpoint(work, variant)
-        out = work / f"out-{variant}-{dtype}-{weights or 'float'}"
+        out = work / (f"out-{variant}-{dtype}-{weights or 'float'}" + ("" if device == "cpu" else f"-{device}"))
         if not out.exists():
             options = {"dtype": dtype} if weights is None else {"weights": weights}
+            if weights is not None and dtype != "float32":
+                options["dtype"] = dtype
+            if device != "cpu":
+                options["device"] = device
             dscompile.export(ckpt, out, **options)
-        outs[(variant, dtype, weights)] = out
+        outs[tuple(kind)] = out
     return outs
 
 
@@ -254,14 +272,22 @@ def ort_cuda(work: Path) -> dict:
     import dscompile
 
     rows = []
-    kinds = [("v3", d, None) for d in ("float32", "float16", "bfloat16")] + [("v3", "float32", "int4")]
-    for (variant, dtype, weights), out in _exports(work, kinds).items():
+    # float engines; the CPU-lowered int4 engine (float32 activations: its QMoE runs on the CPU provider);
+    # the quantized engines lowered for CUDA (float16/bfloat16 activations, MatMulNBits/QMoE on the GPU),
+    # each against eager with the same fake-quantized weights (dscompile.compare)
+    kinds = [("v3", d, None) for d in ("float32", "float16", "bfloat16")] + [(QUANT_VARIANT, "float32", "int4")] + \
+            [(QUANT_VARIANT, d, w, "cuda") for d in ("float16", "bfloat16") for w in ("int4", "int8")]
+    for kind, out in _exports(work, kinds).items():
+        variant, dtype, weights = kind[:3]
+        device = kind[3] if len(kind) > 3 else "cpu"
+        row = dict(variant=variant, dtype=dtype, weights=weights, device=device)
         try:
             report = dscompile.compare(_checkpoint(work, variant), out, backend="onnxruntime", provider="cuda")
-            rows.append(dict(variant=variant, dtype=dtype, weights=weights, passed=report["passed"]))
+            worst = max(report["steps"], key=lambda s: s["logits"]["max_abs"] / max(s["atol"], 1e-30))
+            rows.append(dict(row, passed=report["passed"], max_abs=worst["logits"]["max_abs"], atol=worst["atol"],
+                             rel_rms=worst["logits"].get("rel_rms")))
         except Exception as err:  # one export kind failing is a finding, the others still run
-            rows.append(dict(variant=variant, dtype=dtype, weights=weights, passed=False,
-                             error=f"{type(err).__name__}: {err}"))
+            rows.append(dict(row, passed=False, error=f"{type(err).__name__}: {err}"))
     failed = [r for r in rows if not r["passed"]]
     return {"passed": not failed, "failed": failed, "rows": rows}
 

@@ -35,7 +35,8 @@ def export(
     opset: int = typer.Option(_DEFAULT["opset"], help="ONNX opset (>= 23)."),
     target: str = typer.Option(_DEFAULT["target"], help="onnxruntime, or tensorrt (also builds TensorRT engines)."),
     device: str = typer.Option(_DEFAULT["device"], help="Where the ONNX Runtime engine runs: cpu, or cuda (lowerings "
-                               "the CUDA provider has: com.microsoft.MoE in float16/bfloat16 too)."),
+                               "the CUDA provider has: com.microsoft.MoE in float16/bfloat16 too; with --weights, "
+                               "--dtype float16 or bfloat16)."),
     precision: str = typer.Option(_DEFAULT["precision"], help="TensorRT engine precision: fp32, fp16 or bf16."),
     tf32: bool = typer.Option(_DEFAULT["tf32"], "--tf32", help="Let fp32 TensorRT engines compute GEMMs in TF32 "
                               "(default: IEEE float32; compare then judges with the TF32 tolerance)."),

@@ -123,6 +123,7 @@ def compare(
     computing float32 GEMMs in TF32), and for TensorRT engines built with it, a float32 engine is
     judged against tolerance.TF32 instead of the float32 bound.
     """
+    from dscompile.dtypes import DTYPES
     from dscompile.verify.compare import (eager_for, importance_of, locate_divergence, lowering_rms_bound,
                                             lowering_table, run_compare, scheme_cost, scheme_of)
     from dscompile.runtime.manifest import read_manifest
@@ -133,7 +134,8 @@ def compare(
     built_tf32 = backend == "tensorrt" and bool((manifest.get("tensorrt") or {}).get("tf32"))
     scheme = scheme_of(manifest)
     frontend = (manifest.get("frontend") or {}).get("name", "dscompile")
-    eager = eager_for(checkpoint, engine.info.max_positions, scheme, frontend, importance_of(out, manifest))
+    eager = eager_for(checkpoint, engine.info.max_positions, scheme, frontend, importance_of(out, manifest),
+                      quantized_from=DTYPES[manifest["dtype"]])
     _check_same_model(manifest, eager.args.to_config(), checkpoint)
     options = dict(dtype=manifest["dtype"], decode_steps=decode_steps, batch=batch, prompt=prompt_len, seed=seed)
     report = run_compare(engine, eager, atol=atol, rtol=rtol, progress=progress,

@@ -93,9 +93,11 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, options: Expo
     (capture/frontends/transformers.py). The passes and the lowering are the same.
 
     `weights` "int8" / "int4" stores every linear layer's weight and the routed experts as
-    block-wise integers (`block_size` values per float32 scale) run by ONNX Runtime's MatMulNBits
+    block-wise integers (`block_size` values per scale) run by ONNX Runtime's MatMulNBits
     and QMoE (lowering/quantize.py); activations stay float32. A quantized export has no torch
-    programs (their weights would be a float copy): it runs on ONNX Runtime's CPU provider.
+    programs (their weights would be a float copy): it runs on ONNX Runtime's CPU provider, or with
+    `device="cuda"` and a float16/bfloat16 `dtype` on its CUDA provider (activations and scales in
+    that dtype).
     `accuracy_level` overrides the kernels' measured setting (lowering/quantize.py ACCURACY_LEVELS);
     0 keeps activations in float32.
 
@@ -175,7 +177,8 @@ def _write(checkpoint, stage: Stage, programs, reports, args, options: ExportOpt
     programs, the in-place decode graph (ONNX Runtime target, float weights), the calibration's
     importance (exporter/calibration.py) and the manifest."""
     scheme, graphs_only, dtype = options.scheme, options.graphs_only, options.dtype
-    quantizer = GraphQuantizer(scheme, accuracy_level=options.accuracy_level) if scheme is not None else None
+    quantizer = GraphQuantizer(scheme, provider=options.device, accuracy_level=options.accuracy_level,
+                               dtype=DTYPES[dtype]) if scheme is not None else None
     lowered, lowerings, quantized = {}, {}, {}
     for i, phase in enumerate(PHASES):
         lowerings[phase] = choose_moe_experts(phase, DTYPES[dtype], options.target, options.device)
@@ -230,7 +233,7 @@ def _write(checkpoint, stage: Stage, programs, reports, args, options: ExportOpt
             "files": file_hashes(tmp),
         }
         if scheme is not None:
-            manifest["quantization"] = quantization_report(scheme, lowered, quant_errors, graphs_only)
+            manifest["quantization"] = quantization_report(scheme, lowered, quant_errors, graphs_only, options.device)
             if calibration is not None:
                 manifest["quantization"]["calibration"] = calibration[1]
         if not graphs_only:
@@ -242,7 +245,12 @@ def _write(checkpoint, stage: Stage, programs, reports, args, options: ExportOpt
                                            "contents not merged)")
         stage.what = "manifest.json"
         write_manifest(tmp, manifest)
-        if options.verify and scheme is not None:  # the quantized lowering, run, against eager with the same weights
+        if options.verify and scheme is not None and options.device == "cuda":
+            manifest["quantization"]["verified"] = {
+                "passed": None, "skipped": "the engine runs on ONNX Runtime's CUDA provider only: check it on a GPU "
+                                           "with `dscompile compare --provider cuda` (benchmarks/gpu_check.py)"}
+            write_manifest(tmp, manifest)
+        elif options.verify and scheme is not None:  # the quantized lowering, run, against eager with the same weights
             manifest["quantization"]["verified"] = quantized_engine(checkpoint, tmp, manifest, scheme,
                                                                     options.allow_nonfinite)
             write_manifest(tmp, manifest)

@@ -121,27 +121,37 @@ def file_hashes(folder: Path) -> dict[str, dict[str, Any]]:
 
 
 def quantization_report(scheme: Scheme, models: dict[str, ir.Model], errors: dict[str, dict[str, float]],
-                        graphs_only: bool) -> dict[str, Any]:
+                        graphs_only: bool, provider: str = "cpu") -> dict[str, Any]:
     """The manifest's "quantization": scheme, kernels and their attributes, per-weight error, float weights kept."""
     kept: dict[str, int] = {}
     levels: dict[str, int] = {}
+    scale_types: set[str] = set()
+    floats = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
     for model in models.values():
         for node in model.graph:
             if node.op_type in ("MatMulNBits", "QMoE"):
                 levels[node.op_type] = node.attributes["accuracy_level"].value
+                scale_type = node.inputs[2 if node.op_type == "MatMulNBits" else 3].dtype
+                scale_types.add({ir.DataType.FLOAT: "float32"}.get(scale_type, scale_type.name.lower()))
         for value in model.graph.initializers.values():
             t = value.const_value
-            if t is not None and t.dtype == ir.DataType.FLOAT and t.nbytes >= 1 << 16 and \
-                    not value.name.endswith(".scales"):
+            if t is not None and t.dtype in floats and t.nbytes >= 1 << 16 and not value.name.endswith(".scales"):
                 kept[value.name] = t.nbytes
-    return {**scheme.to_dict(), "provider": "cpu", "accuracy_level": levels,
-            "quantized_activations": {op: quantizes_activations(op, scheme.bits, level) for op, level in levels.items()},
-            "accuracy_level_note": "4: the kernels quantize activations to int8 per block (faster, adds error); "
-                                   "0: activations stay float32",
+    report = scheme.to_dict()
+    if scale_types:
+        report["scale"] = report["scale"].replace("float32", "/".join(sorted(scale_types)), 1)
+    if scale_types and scale_types <= {"float16", "bfloat16"}:  # 16-bit scales
+        report["bits_per_weight"] = scheme.bits + 16 / scheme.block_size
+    return {**report, "provider": provider, "accuracy_level": levels,
+            "quantized_activations": {op: quantizes_activations(op, scheme.bits, level, provider)
+                                      for op, level in levels.items()},
+            "accuracy_level_note": "CPU: 4: the kernels quantize activations to int8 per block (faster, adds error); "
+                                   "0: activations stay float32. CUDA: the kernels compute in the activation "
+                                   "dtype at every level (0 recorded)",
             "weights_error": None if graphs_only else dict(sorted(errors.items())),
             "weights_error_note": "per quantized weight: max |w - dequantized| and that over max |w|",
             "float_weights": dict(sorted(kept.items())), "float_weight_bytes": sum(kept.values()),
-            "float_weights_note": "float32 weights of 64 KiB or more the graphs keep: embeddings, routers, and "
+            "float_weights_note": "float weights of 64 KiB or more the graphs keep: embeddings, routers, and "
                                   "weights a pass computed (absorbed per-head MLA matrices)"}
 
 

@@ -50,7 +50,8 @@ class ExportOptions:
     # lowering
     opset: int = MIN_OPSET
     target: str = "onnxruntime"  # or tensorrt: standard ONNX ops only, and TensorRT engines (the API builds them)
-    device: str = "cpu"  # cuda: ONNX Runtime graphs for its CUDA provider (com.microsoft.MoE in float16/bfloat16)
+    device: str = "cpu"  # cuda: ONNX Runtime graphs for its CUDA provider (com.microsoft.MoE in float16/bfloat16;
+    #                      with `weights`, MatMulNBits/QMoE in float16/bfloat16: lowering/quantize.py)
     precision: str = "fp16"  # TensorRT engines' precision (target tensorrt)
     tf32: bool = False  # fp32 TensorRT engines compute GEMMs in TF32 (opt-in; else IEEE float32)
     # the engines' limits: the captured graphs' dynamic ranges
@@ -134,9 +135,18 @@ class ExportOptions:
         if self.target != "onnxruntime":
             raise OptionError(f"--weights {self.weights} with --target {self.target}: quantized engines are lowered "
                               "for ONNX Runtime only (MatMulNBits, QMoE)")
-        if self.dtype != "float32":
-            raise OptionError(f"--weights {self.weights} with --dtype {self.dtype}: quantized engines compute in "
-                              "float32 (ONNX Runtime's CPU MatMulNBits/QMoE kernels); drop --dtype")
+        if self.device == "cuda" and self.dtype == "float32":
+            raise OptionError(f"--weights {self.weights} with --device cuda and --dtype float32: ONNX Runtime's CUDA "
+                              "provider has no float32 QMoE kernel (its routed experts would run on CPU); add "
+                              "--dtype float16 or bfloat16")
+        if self.device == "cuda" and self.block_size % 32:
+            raise OptionError(f"--block-size {self.block_size} with --device cuda --weights: ONNX Runtime's CUDA "
+                              "QMoE kernels take quantization groups of a multiple of 32 values; use --block-size "
+                              "32, 64 or 128")
+        if self.device == "cpu" and self.dtype != "float32":
+            raise OptionError(f"--weights {self.weights} with --dtype {self.dtype}: quantized engines for CPU compute "
+                              "in float32 (ONNX Runtime's CPU MatMulNBits/QMoE kernels); drop --dtype, or export "
+                              "for the GPU with --device cuda")
         return Scheme(WEIGHT_FORMATS[self.weights], self.block_size)
 
     @property

@@ -24,6 +24,23 @@ come from one quantization (`_Quantization` hands the first result to the second
 
 `accuracy_level` (MatMulNBits and QMoE attribute) says whether the kernels may quantize
 activations to int8 per block; chosen per provider by measurement (`ACCURACY_LEVELS`).
+
+For ONNX Runtime's CUDA provider (`provider="cuda"`, `export --device cuda --dtype float16|bfloat16`)
+the same two ops run with half-precision activations; what its kernels (onnxruntime 1.31.1) expect:
+- scales in the activation dtype (MatMulNBits' T1 is A's type; CUDA QMoE registers T and its scales'
+  T2 for float16/bfloat16 only, and requires bfloat16 scales with bfloat16 activations). The float32
+  scale of each block is rounded once to that dtype when stored;
+- QMoE `weights_prepacked=0`: fc1/fc2 are the raw [E, N, K·bits/8] bytes (the MatMulNBits layout, the
+  same bytes the CPU kernel reads), which the CUDA provider repacks at session creation into the
+  CUTLASS layout of the GPU it runs on (SM75+). The attribute's default, -1, means a layout already
+  prepacked for the provider's architecture; a file written here would then depend on the GPU;
+- `swiglu_fusion=1` (gate and up rows interleaved in fc1, as lowering/ops.py builds it for MoE),
+  `block_size` and `expert_weight_bits` as on CPU, no fc3 (the CUDA QMoE takes none);
+- `accuracy_level` 0 (`ACCURACY_LEVELS["cuda"]`): the CUDA kernels dequantize to the activation dtype
+  and never quantize activations, so the attribute only documents that; 0 also keeps the graph's
+  meaning exact wherever else it runs (on CPU, 8-bit QMoE still quantizes activations at every level).
+CUDA has no float32 QMoE kernel, so float32 quantized exports for CUDA are refused
+(exporter/options.py): their routed experts would run on the CPU provider.
 """
 
 from __future__ import annotations
@@ -48,12 +65,22 @@ from dscompile.lazy import derive
 #   experts ..., 128       211.3    168.1    195.7    151.0    161.1
 # Level 4 (activations quantized to int8 per block, ~0.5% relative error per linear op and ~1.2%
 # per expert op) is the fast one at decode for every kernel; QMoE int8 errs by ~1.2% at level 0 too.
-ACCURACY_LEVELS = {"cpu": {"MatMulNBits": {4: 4, 8: 4}, "QMoE": {4: 4, 8: 4}}}
+# On the CUDA provider (float16/bfloat16 activations) the MatMulNBits and QMoE kernels dequantize the
+# weights to the activation dtype and ignore accuracy_level (not measured here: no GPU; read from
+# onnxruntime 1.31.1's op schemas, where QMoE's attribute is documented for CPU only, and its CUDA
+# kernels). Level 0 says so, and a GPU engine is then judged with the dtype's own tolerance.
+ACCURACY_LEVELS = {"cpu": {"MatMulNBits": {4: 4, 8: 4}, "QMoE": {4: 4, 8: 4}},
+                   "cuda": {"MatMulNBits": {4: 0, 8: 0}, "QMoE": {4: 0, 8: 0}}}
+SCALE_DTYPES = {torch.float32: ir.DataType.FLOAT, torch.float16: ir.DataType.FLOAT16,
+                torch.bfloat16: ir.DataType.BFLOAT16}  # scales are stored in the activation dtype
 
 
-def quantizes_activations(op: str, bits: int, level: int) -> bool:
-    """Whether a kernel quantizes its activations: at accuracy_level 4, and QMoE's 8-bit CPU kernel at
-    every level (measured: its error vanishes for inputs on an int8 grid, ~1.2% otherwise, level 0 or 4)."""
+def quantizes_activations(op: str, bits: int, level: int, provider: str = "cpu") -> bool:
+    """Whether a kernel quantizes its activations: on CPU at accuracy_level 4, and QMoE's 8-bit CPU kernel
+    at every level (measured: its error vanishes for inputs on an int8 grid, ~1.2% otherwise, level 0
+    or 4); on CUDA never (its kernels compute in the activation dtype)."""
+    if provider == "cuda":
+        return False
     return level == 4 or (op == "QMoE" and bits == 8)
 
 
@@ -62,7 +89,7 @@ def _register_schemas() -> None:
     P = onnx.defs.OpSchema.FormalParameter
     opt = onnx.defs.OpSchema.FormalParameterOption.Optional
     A, AT = onnx.defs.OpSchema.Attribute, onnx.defs.OpSchema.AttrType
-    floats = ["tensor(float)", "tensor(float16)"]
+    floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
     try:
         onnx.defs.get_schema("MatMulNBits", 1, MSFT_DOMAIN)
     except onnx.defs.SchemaError:
@@ -72,7 +99,8 @@ def _register_schemas() -> None:
                     P("g_idx", "T4", param_option=opt), P("bias", "T1", param_option=opt)],
             outputs=[P("Y", "T1")],
             type_constraints=[("T1", floats, "float"), ("T2", ["tensor(uint8)", "tensor(int32)"], "packed"),
-                              ("T3", ["tensor(uint8)", "tensor(int32)", "tensor(float)", "tensor(float16)"], "zp"),
+                              ("T3", ["tensor(uint8)", "tensor(int32)", "tensor(float)", "tensor(float16)",
+                                      "tensor(bfloat16)"], "zp"),
                               ("T4", ["tensor(int32)"], "g_idx")],
             attributes=[A("K", AT.INT, "input features"), A("N", AT.INT, "output features"),
                         A("bits", AT.INT, "bits per weight"), A("block_size", AT.INT, "values per block"),
@@ -95,7 +123,8 @@ def _register_schemas() -> None:
                 ("k", AT.INT), ("activation_type", AT.STRING), ("activation_alpha", AT.FLOAT),
                 ("activation_beta", AT.FLOAT), ("swiglu_fusion", AT.INT), ("swiglu_limit", AT.FLOAT),
                 ("normalize_routing_weights", AT.INT), ("use_sparse_mixer", AT.INT),
-                ("expert_weight_bits", AT.INT), ("block_size", AT.INT), ("accuracy_level", AT.INT))]))
+                ("expert_weight_bits", AT.INT), ("block_size", AT.INT), ("accuracy_level", AT.INT),
+                ("weights_prepacked", AT.INT))]))
 
 
 _register_schemas()
@@ -110,9 +139,10 @@ class _Quantization:
 
     stores_weight = True  # its outputs are the weight it reads, encoded (lower._origins: not "computed")
 
-    def __init__(self, scheme: Scheme, transpose: bool, flat: bool):
+    def __init__(self, scheme: Scheme, transpose: bool, flat: bool, scale_dtype: torch.dtype = torch.float32):
         # The weight arrives fake-quantized: quantizing it again needs no scale search (same result).
         self.scheme = Scheme(scheme.bits, scheme.block_size, search=False)
+        self.scale_dtype = scale_dtype
         self.transpose, self.flat = transpose, flat  # flat: bytes [..., rows, K·bits/8] (QMoE)
         self._result: dict[str, torch.Tensor] | None = None
 
@@ -127,14 +157,14 @@ class _Quantization:
         if w.is_meta:
             packed, scales = self._shapes(w)
             return torch.empty(packed if part == "packed" else scales,
-                               dtype=torch.uint8 if part == "packed" else torch.float32, device="meta")
+                               dtype=torch.uint8 if part == "packed" else self.scale_dtype, device="meta")
         if self._result is None:
             rows = w.transpose(-1, -2) if self.transpose else w
             q, d = quantize(rows, self.scheme)
             packed = pack(q, self.scheme.bits)
             if self.flat:
                 packed = packed.reshape(*packed.shape[:-2], -1)
-            self._result = {"packed": packed, "scales": d}
+            self._result = {"packed": packed, "scales": d.to(self.scale_dtype)}
         out = self._result.pop(part)
         if not self._result:
             self._result = None
@@ -164,29 +194,39 @@ def quantizable(weight: torch.Tensor | None) -> bool:
 class GraphQuantizer:
     """Rewrites graphs for one scheme; shares the quantized tensors between the graphs it rewrites."""
 
-    def __init__(self, scheme: Scheme, provider: str = "cpu", accuracy_level: int | None = None):
+    def __init__(self, scheme: Scheme, provider: str = "cpu", accuracy_level: int | None = None,
+                 dtype: torch.dtype = torch.float32):
         """`accuracy_level` overrides the provider's measured choice for every kernel (0: activations
-        stay float32, so the engine computes what the fake-quantized eager model does)."""
-        self.scheme, self.provider = scheme, provider
+        stay in their dtype, so the engine computes what the fake-quantized eager model does).
+        `dtype`: the activations' (the export's); scales are stored in it (module docstring)."""
+        if dtype not in SCALE_DTYPES:
+            raise ValueError(f"quantized graphs compute in {', '.join(map(str, SCALE_DTYPES))}, not {dtype}")
+        self.scheme, self.provider, self.dtype = scheme, provider, dtype
         self.levels = ACCURACY_LEVELS[provider]
         if accuracy_level is not None:
             self.levels = {op: {bits: accuracy_level for bits in per} for op, per in self.levels.items()}
         self.memo: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _stored(self, graph: ir.Graph, value: ir.Value, transpose: bool, name: str) -> tuple[ir.Value, ir.Value]:
+    def _scale_dtype(self, activations: ir.Value) -> torch.dtype:
+        """The scales' dtype for a kernel: its activations' (the export dtype where the graph does not say)."""
+        found = {v: k for k, v in SCALE_DTYPES.items()}.get(activations.dtype)
+        return found if found is not None else self.dtype
+
+    def _stored(self, graph: ir.Graph, value: ir.Value, transpose: bool, name: str,
+                scale_dtype: torch.dtype = torch.float32) -> tuple[ir.Value, ir.Value]:
         # The block size divides every quantized weight's input dimension: checked when the weights
         # were marked (model.checkpoint.apply_quantization), naming the checkpoint weight.
         weight = value.const_value.weight
         flat = weight.dim() == 3
-        key = (_fold_key(weight), transpose, flat)
+        key = (_fold_key(weight), transpose, flat, scale_dtype)
         if key not in self.memo:
-            q = _Quantization(self.scheme, transpose, flat)
+            q = _Quantization(self.scheme, transpose, flat, scale_dtype)
             self.memo[key] = (derive(q.packed, weight), derive(q.scales, weight))
         values = []
         for tensor, suffix in zip(self.memo[key], (f"int{self.scheme.bits}", "scales")):
             vname = _unique_name(graph, f"{name}.{suffix}")
             v = ir.Value(name=vname, shape=ir.Shape(list(tensor.shape)), type=ir.TensorType(
-                ir.DataType.UINT8 if tensor.dtype == torch.uint8 else ir.DataType.FLOAT),
+                ir.DataType.UINT8 if tensor.dtype == torch.uint8 else SCALE_DTYPES[tensor.dtype]),
                 const_value=_MetaWeight(tensor, vname))
             graph.register_initializer(v)
             values.append(v)
@@ -222,7 +262,7 @@ class GraphQuantizer:
                 continue
             else:
                 continue
-            packed, scales = self._stored(graph, b, transpose, name)
+            packed, scales = self._stored(graph, b, transpose, name, self._scale_dtype(node.inputs[0]))
             new = ir.node("MatMulNBits", [node.inputs[0], packed, scales], domain=MSFT_DOMAIN,
                           attributes={"K": K, "N": N, "bits": bits, "block_size": self.scheme.block_size,
                                       "accuracy_level": self.levels["MatMulNBits"][bits]},
@@ -235,14 +275,17 @@ class GraphQuantizer:
     def _moe(self, graph: ir.Graph, node: ir.Node) -> None:
         fc1, fc2 = node.inputs[2], node.inputs[4]
         prefix = fc2.name.rsplit(".", 1)[0] if fc2.name else node.name
-        q1, s1 = self._stored(graph, fc1, False, f"{prefix}.gate_up_interleaved")
-        q2, s2 = self._stored(graph, fc2, False, fc2.name or f"{prefix}.down_proj")
+        scale_dtype = self._scale_dtype(node.inputs[0])
+        q1, s1 = self._stored(graph, fc1, False, f"{prefix}.gate_up_interleaved", scale_dtype)
+        q2, s2 = self._stored(graph, fc2, False, fc2.name or f"{prefix}.down_proj", scale_dtype)
         router = node.inputs[1]
         mix = ir.node("Softmax", [router], attributes={"axis": -1}, name=f"{node.name}.mixing_weights")
         graph.insert_before(node, mix)
         attrs = {k: a.value for k, a in node.attributes.items()}
         attrs.update(expert_weight_bits=self.scheme.bits, block_size=self.scheme.block_size,
                      accuracy_level=self.levels["QMoE"][self.scheme.bits], normalize_routing_weights=0)
+        if self.provider == "cuda":  # raw bytes, repacked by the provider for its GPU (module docstring)
+            attrs["weights_prepacked"] = 0
         inputs = [node.inputs[0], router, q1, s1, None, q2, s2] + [None] * 7 + [mix.outputs[0]]
         new = ir.node("QMoE", inputs, domain=MSFT_DOMAIN, attributes=attrs, name=f"{node.name}.q")
         self._replace(graph, node, new)

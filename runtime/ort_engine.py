@@ -286,12 +286,21 @@ class OrtEngine(Engine):
     @staticmethod
     def check_device(out: Path, manifest: dict[str, Any], provider: str) -> None:
         """Refuse a half-precision export lowered for the CUDA provider (`export --device cuda`) on CPU:
-        ONNX Runtime's CPU com.microsoft.MoE returns zeros for float16 instead of failing."""
-        if manifest.get("device", "cpu") == "cuda" and manifest["dtype"] != "float32" \
-                and provider == "CPUExecutionProvider":
-            raise EngineError(f"{out}: a {manifest['dtype']} engine exported for CUDA (--device cuda) runs on ONNX "
-                              "Runtime's CUDA provider only (its CPU MoE kernel has no half precision): run it with "
-                              "--provider cuda on a GPU, or export with --device cpu")
+        ONNX Runtime's CPU com.microsoft.MoE returns zeros for float16 instead of failing, and a quantized
+        one's MatMulNBits/QMoE are set for the CUDA kernels (half-precision scales, QMoE weights_prepacked=0
+        for the GPU's own repacking; bfloat16 has no CPU kernels at all)."""
+        if manifest.get("device", "cpu") != "cuda" or manifest["dtype"] == "float32" \
+                or provider != "CPUExecutionProvider":
+            return
+        quantization = manifest.get("quantization")
+        if quantization:
+            raise EngineError(f"{out}: an {quantization['scheme']} {manifest['dtype']} engine exported for CUDA (--device "
+                              "cuda) runs on ONNX Runtime's CUDA provider only (its MatMulNBits/QMoE nodes are set for "
+                              "the CUDA kernels): run it with --provider cuda on a GPU, or export with --device cpu "
+                              "(float32)")
+        raise EngineError(f"{out}: a {manifest['dtype']} engine exported for CUDA (--device cuda) runs on ONNX "
+                          "Runtime's CUDA provider only (its CPU MoE kernel has no half precision): run it with "
+                          "--provider cuda on a GPU, or export with --device cpu")
 
     def _step_last(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
                    cache: KVCache | None) -> tuple[torch.Tensor, KVCache]:
