@@ -244,7 +244,7 @@ class OrtEngine(Engine):
         providers = choose_providers(asked)
         if quant and providers[0] != _ORT_PROVIDER[quant.get("provider", "cpu")]:
             raise EngineError(f"{out}: an {quant.get('scheme')} engine is lowered for ONNX Runtime's "
-                              f"{quant.get('provider', 'cpu')} kernels (float32 MatMulNBits/QMoE); "
+                              f"{quant.get('provider', 'cpu')} kernels ({manifest['dtype']} MatMulNBits/QMoE); "
                               f"run it with --provider {quant.get('provider', 'cpu')}")
         if providers[0] == _ORT_PROVIDER["tensorrt"] and manifest["dtype"] == "float32" and not tf32:
             raise OptionError(f"{out}: a float32 engine on ONNX Runtime's TensorRT provider would compute in TF32 "
