@@ -76,7 +76,9 @@ def _halves(x1: ir.Value, x2: ir.Value) -> tuple[ir.Value, bool] | None:
     if split is not None and x2.producer() is split and len(split.outputs) == 2 and split.outputs[0] is x1:
         x = split.inputs[0]
         rank, R = len(x.shape) if x.shape else 0, x.shape[-1] if x.shape else None
-        sizes = _ints(split.inputs[1]) if len(split.inputs) > 1 else None
+        sizes = _ints(split.inputs[1]) if len(split.inputs) > 1 and split.inputs[1] is not None else None
+        if sizes is None and split.attributes.get_int("num_outputs", 0) == 2 and isinstance(R, int) and R % 2 == 0:
+            sizes = [R // 2, R // 2]  # chunk(2) exports as Split(num_outputs=2)
         if isinstance(R, int) and _last_axis(split.attributes.get_int("axis", 0), rank) and sizes == [R // 2, R // 2]:
             return x, False
         return None
