@@ -36,7 +36,7 @@ import torch
 from torch.export import ExportedProgram
 
 from dscompile.errors import DscompileError, first_line
-from dscompile.lowering import LoweringError
+from dscompile.lowering import LoweringError, fuse_rope, static_reshapes
 from dscompile.lowering.ops import MSFT_DOMAIN, translation_table
 from dscompile.lowering.weights import FOLD_LIMIT, defer_weights, fold_weights, small_only, values_hidden
 from dscompile.runtime.contract import INPUT_IDS, PAST, cache_name, io_names
@@ -64,6 +64,8 @@ def lower(ep: ExportedProgram, phase: str, num_layers: int, *, opset: int = 23,
                 # What ONNXProgram.optimize does, with large constants left to fold_weights.
                 onnxscript.optimizer.optimize_ir(model, should_fold=small_only, input_size_limit=FOLD_LIMIT - 1)
                 onnxscript.rewriter.onnx_fusions.fuse(model)
+                fuse_rope.run(model)
+                static_reshapes.run(model)
     except Exception as err:  # torch.onnx wraps every failure in a multi-page report
         cause = _our_error(err)
         if cause is not None:  # a weight read while folding (a checkpoint changed under us): say that

@@ -113,7 +113,7 @@ def latent_attention(q_latent, q_rope, kv_latent, k_rope, mask, scale: float):
     """scores = [q_lat; q_rope]·[kv; k_rope]ᵀ·scale + mask; softmax (float32); @ kv.
 
     All heads share one key and value (MQA), so the heads are folded into the rows of one MatMul
-    per batch row: [B, H*S, C] @ [B, C, T] reads each cached token once, where a per-head
+    per batch row: [B, 1, H*S, C] @ [B, 1, C, T] reads each cached token once, where a per-head
     broadcast MatMul reads it H times. The key is never concatenated (a copy of the whole cache
     per step): the latent and rope parts are two MatMuls summed. The transposes feed MatMuls
     directly, which ONNX Runtime fuses (FusedMatMul with transB, no copy).
@@ -121,6 +121,28 @@ def latent_attention(q_latent, q_rope, kv_latent, k_rope, mask, scale: float):
     Softmax of a row that is -inf everywhere gives NaN where the reference gives 0; the graphs'
     masks are finite (the model masks with the dtype's most negative value), so no row is.
     """
+    dtype = q_latent.dtype
+    H, C, R = q_latent.shape[1], int(q_latent.shape[-1]), int(q_rope.shape[-1])
+    if not isinstance(H, int):
+        return _latent_attention_dynamic_heads(q_latent, q_rope, kv_latent, k_rope, mask, scale)
+    # Rows [B, 1, H*S, *] against keys [B, 1, T, *]: every reshape is a constant target (0 copies a
+    # dim in place, -1 is the one left), so no Shape/Concat chains compute targets at run time.
+    s = op.Constant(value_float=float(scale))
+    q = op.Mul(op.Reshape(_to_float(q_latent, dtype), _const([0, 1, -1, C])), s)       # [B, 1, H*S, C]
+    qr = op.Mul(op.Reshape(_to_float(q_rope, q_rope.dtype), _const([0, 1, -1, R])), s)  # [B, 1, H*S, R]
+    kv = op.Unsqueeze(_to_float(kv_latent, kv_latent.dtype), _const([1]))            # [B, 1, T, C]
+    kr = op.Unsqueeze(_to_float(k_rope, k_rope.dtype), _const([1]))                  # [B, 1, T, R]
+    scores = op.Add(op.MatMul(q, op.Transpose(kv, perm=[0, 1, 3, 2])),
+                    op.MatMul(qr, op.Transpose(kr, perm=[0, 1, 3, 2])))  # [B, 1, H*S, T]
+    scores = op.Reshape(scores, _const([0, H, -1, 0]))                     # [B, H, S, T]
+    p = op.Softmax(op.Add(scores, _to_float(mask, mask.dtype)), axis=-1)  # [B, H, S, T]
+    out = op.MatMul(op.Reshape(p, _const([0, 1, -1, 0])), kv)             # [B, 1, H*S, C]
+    out = op.Reshape(out, _const([0, H, -1, 0]))                           # [B, H, S, C]
+    return out if dtype == FLOAT else op.Cast(out, to=dtype)
+
+
+def _latent_attention_dynamic_heads(q_latent, q_rope, kv_latent, k_rope, mask, scale: float):
+    """latent_attention when the number of heads is not a static dim: the targets from Shape."""
     dtype = q_latent.dtype
     C, R = int(q_latent.shape[-1]), int(q_rope.shape[-1])
     shape = op.Shape(q_latent)                                          # [B, H, S, C]

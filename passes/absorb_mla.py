@@ -285,8 +285,14 @@ def _rewrite(program: ExportedProgram, m: _Match, form: str) -> None:
     w_kv = param(program, m.kv_b)
     graph, sdpa = program.graph, m.sdpa
     with graph.inserting_before(sdpa):
+        built = m.q.args[0] if call(m.q, aten.transpose.int) and sorted(m.q.args[1:3]) == [1, 2] else None
         if call(m.q, aten.cat.default) and [shape(p)[-1] for p in m.q.args[0]] == [N, R]:
             q_nope, q_rope = m.q.args[0]  # the query is built [B, H, S, *] from its two parts
+        elif built is not None and call(built, aten.cat.default) and built.args[1:] in ((-1,), (3,)) \
+                and [shape(p)[-1] for p in built.args[0]] == [N, R]:
+            # built [B, S, H, *] from its two parts, then transposed: transpose the parts instead
+            # (the concatenated copy and the two slices of it are not computed)
+            q_nope, q_rope = (emit(program, aten.transpose.int, p, 1, 2, like=sdpa) for p in built.args[0])
         else:
             q_nope = emit(program, aten.slice.Tensor, m.q, 3, 0, N, like=sdpa)  # [B, H, S, N]
             q_rope = emit(program, aten.slice.Tensor, m.q, 3, N, N + R, like=sdpa)  # [B, H, S, R]
