@@ -57,38 +57,42 @@ def _absorbed_params(a: ModelArgs) -> int:
 
 
 def step_weight_bytes(a: ModelArgs, batch: int, elt: int, bits_per_weight: float | None = None,
-                      absorbed: bool = True) -> float:
+                      absorbed: bool = True, head_bits_per_weight: float | None = None) -> float:
     """Bytes of weights one step of B tokens reads: every parameter at `elt` bytes, or for a quantized
-    engine (`bits_per_weight`) the quantized parts at that rate and the float32 ones at 4 bytes."""
+    engine (`bits_per_weight`) the quantized parts at that rate (lm_head at `head_bits_per_weight`
+    where it differs) and the float32 ones at 4 bytes."""
     params = step_weight_params(a, batch)
     if bits_per_weight is None:
         return sum(params.values()) * elt
     q = bits_per_weight / 8
-    total = sum(v * (4 if k in _FLOAT_PARTS else q) for k, v in params.items())
+    rate = {k: 4 if k in _FLOAT_PARTS else q for k in params}
+    if head_bits_per_weight is not None:
+        rate["lm_head"] = head_bits_per_weight / 8
+    total = sum(v * rate[k] for k, v in params.items())
     if absorbed:  # kv_b_proj read as float32 absorbed matrices instead of quantized
         total += _absorbed_params(a) * (4 - q)
     return total
 
 
 def decode_floor(a: ModelArgs, batch: int, context: int, elt: int, bandwidth: float,
-                 bits_per_weight: float | None = None) -> dict[str, float]:
+                 bits_per_weight: float | None = None, head_bits_per_weight: float | None = None) -> dict[str, float]:
     """Bytes one decode step reads (weights of the active path + the latent cache) and the time at `bandwidth`.
 
     With `bits_per_weight` (a quantized engine) its weights count at that rate (step_weight_bytes);
     the cache stays at `elt` bytes a value.
     """
-    weights = step_weight_bytes(a, batch, elt, bits_per_weight)
+    weights = step_weight_bytes(a, batch, elt, bits_per_weight, head_bits_per_weight=head_bits_per_weight)
     cache = batch * context * a.num_hidden_layers * (a.kv_lora_rank + a.qk_rope_head_dim) * elt
     total = weights + cache
     return {"weight_bytes": weights, "cache_bytes": cache, "bytes": total, "ms": 1e3 * total / bandwidth}
 
 
 def prefill_floor(a: ModelArgs, batch: int, tokens: int, elt: int, bandwidth: float, flops: float,
-                  bits_per_weight: float | None = None) -> dict[str, float]:
+                  bits_per_weight: float | None = None, head_bits_per_weight: float | None = None) -> dict[str, float]:
     """max(all weights read once / bandwidth, matmul FLOPs / GEMM rate) for a prompt of B x S tokens."""
     n = batch * tokens
     # n tokens: (nearly) every expert is read; prefill runs kv_b_proj itself (not absorbed)
-    weights = step_weight_bytes(a, n, elt, bits_per_weight, absorbed=False)
+    weights = step_weight_bytes(a, n, elt, bits_per_weight, absorbed=False, head_bits_per_weight=head_bits_per_weight)
     active = sum(step_weight_params(a, 1).values()) - a.hidden_size  # per token, embeddings are a lookup
     H = a.num_attention_heads
     attn = a.num_hidden_layers * batch * H * tokens * tokens * (a.qk_head_dim + a.v_head_dim)  # causal half of 2*S*T*d

@@ -343,16 +343,18 @@ def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progre
     hfo_ms = {(r["phase"], r["batch"], r["context"]): r["ms"] for r in result["results"] if r["system"] == "hf-onnx"}
 
     def floor(r: dict, bandwidth: float, flops: float) -> dict:
-        bpw = quantized_bits.get(r["system"])
+        bpw, head = quantized_bits.get(r["system"]), head_bits.get(r["system"])
         if r["phase"] == "decode":
-            return decode_floor(args, r["batch"], r["context"], elt, bandwidth, bpw)
-        return prefill_floor(args, r["batch"], options.prefill_tokens, elt, bandwidth, flops, bpw)
+            return decode_floor(args, r["batch"], r["context"], elt, bandwidth, bpw, head)
+        return prefill_floor(args, r["batch"], options.prefill_tokens, elt, bandwidth, flops, bpw, head)
 
     quantized_bits = {}  # system -> bits per weight, for engines exported with --weights
     for name, (_, gguf) in options.llama_cpp.items():  # its average over every tensor, float parts included
         quantized_bits[name] = 8 * gguf.stat().st_size / parameters
+    head_bits = {}  # system -> lm_head's bits per weight where the engine keeps it wider (model/quant.py)
     for name, quant in quantizations.items():
         quantized_bits[name] = float(quant["bits_per_weight"])
+        head_bits[name] = float(quant["bits_per_weight"]) - quant["bits"] + quant.get("lm_head_bits", quant["bits"])
         result["engines"].setdefault(name, {"dir": str(options.extra_engines[name])})["quantization"] = quant["scheme"]
 
     for r in result["results"]:

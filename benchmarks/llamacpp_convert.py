@@ -1,4 +1,4 @@
-"""GGUFs of the bench model for llama.cpp: float32 from our bench checkpoint, then q8_0 and q4_0.
+"""GGUFs for llama.cpp: float32 from our bench checkpoint (or any checkpoint), then q8_0 and q4_0.
 
 `dscompile bench --llama-cpp NAME=LLAMA_BENCH:GGUF` measures llama.cpp beside our engines on the
 same weights; this script writes those GGUFs from a checkout:
@@ -19,6 +19,10 @@ same weights; this script writes those GGUFs from a checkout:
 3. `llama-quantize` writes q8_0 and q4_0 from the float32 file.
 
     python benchmarks/llamacpp_convert.py --llama-cpp DIR --convert-python PY --quantize BIN [--out /work/gguf]
+        [--checkpoint CKPT --name NAME]
+
+`--checkpoint` converts another checkpoint with its own tokenizer (e.g. model/pretrained, for
+`llama-perplexity --kl-divergence` beside `dscompile eval`); the files are then NAME-{f32,q8_0,q4_0}.gguf.
 
 DIR holds convert_hf_to_gguf.py, gguf-py/ and conversion/ at llama.cpp commit 0c1e57098 (also
 vendored by the llama-cpp-python 0.3.36 sdist under vendor/llama.cpp). Measured on the 2-core machine
@@ -92,9 +96,14 @@ def main() -> int:
     p.add_argument("--llama-cpp", required=True, type=Path, help="folder with convert_hf_to_gguf.py, gguf-py/, conversion/")
     p.add_argument("--convert-python", required=True, help="python of the converter venv")
     p.add_argument("--quantize", required=True, type=Path, help="llama-quantize binary")
-    p.add_argument("--out", type=Path, default=Path("/work/gguf"), help="folder of bench-{f32,q8_0,q4_0}.gguf")
+    p.add_argument("--out", type=Path, default=Path("/work/gguf"), help="folder of NAME-{f32,q8_0,q4_0}.gguf")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--checkpoint", type=Path, help="a checkpoint with its tokenizer (default: the bench checkpoint)")
+    p.add_argument("--name", default="bench", help="the files' prefix")
     a = p.parse_args()
+    if a.checkpoint is not None and not (a.checkpoint / "tokenizer.json").is_file():
+        print(f"error: {a.checkpoint}: no tokenizer.json (the converter needs the checkpoint's tokenizer)", file=sys.stderr)
+        return 2
     if not (a.llama_cpp / "convert_hf_to_gguf.py").is_file():
         print(f"error: {a.llama_cpp}: no convert_hf_to_gguf.py", file=sys.stderr)
         return 2
@@ -104,16 +113,16 @@ def main() -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     home = Path(os.environ.get("DSCOMPILE_HOME", Path.home() / ".cache" / "dscompile"))
     a.out.mkdir(parents=True, exist_ok=True)
-    f32 = a.out / "bench-f32.gguf"
+    f32 = a.out / f"{a.name}-f32.gguf"
     with tempfile.TemporaryDirectory() as tmp:
         if not f32.is_file():
-            staged = stage_checkpoint(home, Path(tmp) / "ckpt")
+            staged = a.checkpoint if a.checkpoint is not None else stage_checkpoint(home, Path(tmp) / "ckpt")
             part = f32.with_suffix(".part")
             subprocess.run([a.convert_python, __file__, "--as-converter", str(a.llama_cpp.resolve()), str(staged),
                             "--outtype", "f32", "--outfile", str(part)], check=True)
             part.rename(f32)  # written whole or not at all
         for t in TYPES:
-            out = a.out / f"bench-{t}.gguf"
+            out = a.out / f"{a.name}-{t}.gguf"
             if not out.is_file():
                 part = out.with_suffix(".part")
                 subprocess.run([str(a.quantize), str(f32), str(part), t.upper(), str(a.threads)], check=True)

@@ -34,6 +34,7 @@ VARIANTS = {  # name: export options
     "float16": {"dtype": "float16"},
     "int8 (block 32)": {"weights": "int8", "block_size": 32},
     "int4 block 32": {"weights": "int4", "block_size": 32},
+    "int4 block 32, 4-bit lm_head": {"weights": "int4", "block_size": 32, "lm_head_bits": 4},
     "int4 block 128": {"weights": "int4", "block_size": 128},
     "int4 block 32 + calibration": {"weights": "int4", "block_size": 32, "calibration": True},
     "int4 block 128 + calibration": {"weights": "int4", "block_size": 128, "calibration": True},
@@ -57,7 +58,8 @@ def main() -> None:
     p.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
     p.add_argument("--llama-perplexity", type=Path, default=None)
     p.add_argument("--gguf", type=Path, default=None, help="float32 GGUF of the checkpoint")
-    p.add_argument("--gguf-quant", type=Path, default=None, help="quantized GGUF (e.g. Q4_0)")
+    p.add_argument("--gguf-quant", type=Path, action="append", default=None,
+                   help="quantized GGUF (e.g. Q4_0; repeat for several)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
@@ -93,9 +95,9 @@ def main() -> None:
                       "export_s": round(exported, 1), "eval_s": round(time.perf_counter() - start - exported, 1)}
         print(f"{name}: ppl {report['perplexity']:.3f} KL {ref['kl']['mean']:.4g} top1 {ref['top1_agreement']:.4f}",
               file=sys.stderr)
-    if a.llama_perplexity and a.gguf and a.gguf_quant:
-        rows["llama.cpp " + a.gguf_quant.stem] = llama_kl(a.llama_perplexity, a.gguf, a.gguf_quant, a.text, a.context,
-                                                          a.work, a.threads or 2)
+    for quant in (a.gguf_quant or []) if a.llama_perplexity and a.gguf else []:
+        rows["llama.cpp " + quant.stem] = llama_kl(a.llama_perplexity, a.gguf, quant, a.text, a.context,
+                                                   a.work, a.threads or 2, a.max_tokens)
     if a.json:
         print(json.dumps(rows, indent=2))
         return
@@ -123,10 +125,14 @@ def sample_text(text: str, pieces: int, piece_chars: int = 2048) -> str:
     return "\n\n".join(out) + "\n"
 
 
-def llama_kl(binary: Path, base: Path, quant: Path, text: Path, context: int, work: Path, threads: int) -> dict:
-    """llama-perplexity's KL divergence of `quant` against `base` on `text` (its own chunking)."""
+def llama_kl(binary: Path, base: Path, quant: Path, text: Path, context: int, work: Path, threads: int,
+             max_tokens: int | None = None) -> dict:
+    """llama-perplexity's KL divergence of `quant` against `base` on `text` (its own chunking; the first
+    `max_tokens` // `context` chunks where given)."""
     logits = work / "llama-base.kld"
     common = ["-f", str(text), "-c", str(context), "-t", str(threads), "--kl-divergence-base", str(logits)]
+    if max_tokens:
+        common += ["--chunks", str(max(1, max_tokens // context))]
     subprocess.run([str(binary), "-m", str(base), *common], check=True, capture_output=True, text=True)
     done = subprocess.run([str(binary), "-m", str(quant), *common, "--kl-divergence"], check=True,
                           capture_output=True, text=True)
@@ -134,13 +140,15 @@ def llama_kl(binary: Path, base: Path, quant: Path, text: Path, context: int, wo
     found = {}
     for key, pattern in {"ppl": r"Mean PPL\(Q\)\s*:\s*([\d.]+)", "ppl_base": r"Mean PPL\(base\)\s*:\s*([\d.]+)",
                          "ratio": r"Mean\s+PPL\(Q\)/PPL\(base\)\s*:\s*([\d.]+)", "kl_mean": r"Mean\s+KLD:\s*([\d.e+-]+)",
+                         "kl_median": r"Median\s+KLD:\s*([\d.e+-]+)",
                          "kl_p99": r"99\.0%\s+KLD:\s*([\d.e+-]+)", "kl_max": r"Maximum KLD:\s*([\d.e+-]+)",
                          "top1": r"Same top p:\s*([\d.]+)"}.items():
         m = re.search(pattern, log)
         found[key] = float(m.group(1)) if m else None
     top1 = found["top1"] / 100 if found["top1"] and found["top1"] > 1 else found["top1"]
     return {"perplexity": found["ppl"], "reference_perplexity": found["ppl_base"], "ppl_ratio": found["ratio"],
-            "kl": {"mean": found["kl_mean"], "p99": found["kl_p99"], "max": found["kl_max"]}, "top1": top1,
+            "kl": {"mean": found["kl_mean"], "median": found["kl_median"], "p99": found["kl_p99"],
+                   "max": found["kl_max"]}, "top1": top1,
             "scored_tokens": None, "windows": None, "log_tail": log[-2000:]}
 
 

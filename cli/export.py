@@ -26,6 +26,8 @@ def export(
     weights: Optional[str] = typer.Option(_DEFAULT["weights"], help="Weight storage: int8 or int4 (block-wise, weight-only; "
                                           "default: the export dtype)."),
     block_size: int = typer.Option(_DEFAULT["block_size"], help="Values per quantization scale with --weights: 16, 32, 64 or 128."),
+    lm_head_bits: int = typer.Option(_DEFAULT["lm_head_bits"], help="Bits of lm_head with --weights: 8 (default: its "
+                                     "error goes straight into the logits) or 4."),
     calibration: Optional[Path] = typer.Option(_DEFAULT["calibration"], help="With --weights: choose each block's "
                                                "scale by the input activations the model sees on this text "
                                                "(importance-weighted error, as llama.cpp's imatrix)."),
@@ -76,7 +78,8 @@ def export(
             return
         if checkpoint is None or out is None:
             raise OptionError("export needs CHECKPOINT and -o OUT")
-        options = ExportOptions(dtype=dtype, weights=weights, block_size=block_size, calibration=calibration,
+        options = ExportOptions(dtype=dtype, weights=weights, block_size=block_size, lm_head_bits=lm_head_bits,
+                                calibration=calibration,
                                 absorb=absorb, fuse_moe=fuse_moe, verify=verify, opset=opset, target=target,
                                 device=device, precision=precision, tf32=tf32,
                                 max_batch=max_batch, max_prompt_tokens=max_prompt_tokens, max_context=max_context,

@@ -41,6 +41,7 @@ class ExportOptions:
     dtype: str = "float32"  # float32, float16 or bfloat16 (or fp32, fp16, bf16)
     weights: str | None = None  # int8 / int4: block-wise weight-only quantization; None: the dtype
     block_size: int = 32  # values per quantization scale with `weights`
+    lm_head_bits: int = 8  # lm_head's bits with `weights` (model/quant.py: 8, as llama.cpp keeps its output layer wider)
     accuracy_level: int | None = None  # None: the kernels' measured setting (lowering/quantize.py)
     calibration: str | None = None  # a text file: quantization scales chosen by the activations on it (model/calibration.py)
     # passes
@@ -147,7 +148,10 @@ class ExportOptions:
             raise OptionError(f"--weights {self.weights} with --dtype {self.dtype}: quantized engines for CPU compute "
                               "in float32 (ONNX Runtime's CPU MatMulNBits/QMoE kernels); drop --dtype, or export "
                               "for the GPU with --device cuda")
-        return Scheme(WEIGHT_FORMATS[self.weights], self.block_size)
+        if self.lm_head_bits not in WEIGHT_FORMATS.values():
+            raise OptionError(f"--lm-head-bits {self.lm_head_bits} is not one of "
+                              f"{', '.join(str(b) for b in sorted(WEIGHT_FORMATS.values()))}")
+        return Scheme(WEIGHT_FORMATS[self.weights], self.block_size, head_bits=self.lm_head_bits)
 
     @property
     def plan(self) -> Plan:

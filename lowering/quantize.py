@@ -183,6 +183,15 @@ def _weight(value: ir.Value | None) -> torch.Tensor | None:
     return value.const_value.weight
 
 
+def weight_scheme(weight: torch.Tensor) -> Scheme:
+    """The scheme a quantizable stored weight's checkpoint weights were marked with (all the same)."""
+    leaves, _ = _origins(weight)
+    schemes = {t.dsc_quantize for t in leaves}
+    if len(schemes) != 1:
+        raise ValueError(f"a stored weight mixes quantization schemes: {sorted(map(str, schemes))}")
+    return schemes.pop()
+
+
 def quantizable(weight: torch.Tensor | None) -> bool:
     """Whether a stored weight is a layout of one quantized checkpoint weight (not a computed one)."""
     if weight is None:
@@ -217,13 +226,14 @@ class GraphQuantizer:
         # The block size divides every quantized weight's input dimension: checked when the weights
         # were marked (model.checkpoint.apply_quantization), naming the checkpoint weight.
         weight = value.const_value.weight
+        scheme = weight_scheme(weight)
         flat = weight.dim() == 3
         key = (_fold_key(weight), transpose, flat, scale_dtype)
         if key not in self.memo:
-            q = _Quantization(self.scheme, transpose, flat, scale_dtype)
+            q = _Quantization(scheme, transpose, flat, scale_dtype)
             self.memo[key] = (derive(q.packed, weight), derive(q.scales, weight))
         values = []
-        for tensor, suffix in zip(self.memo[key], (f"int{self.scheme.bits}", "scales")):
+        for tensor, suffix in zip(self.memo[key], (f"int{scheme.bits}", "scales")):
             vname = _unique_name(graph, f"{name}.{suffix}")
             v = ir.Value(name=vname, shape=ir.Shape(list(tensor.shape)), type=ir.TensorType(
                 ir.DataType.UINT8 if tensor.dtype == torch.uint8 else SCALE_DTYPES[tensor.dtype]),
@@ -234,7 +244,7 @@ class GraphQuantizer:
 
     def __call__(self, model: ir.Model) -> dict[str, int]:
         """Rewrite `model` in place; returns counts of rewritten nodes."""
-        graph, bits = model.graph, self.scheme.bits
+        graph = model.graph
         counts = {"MatMulNBits": 0, "QMoE": 0}
         for node in list(graph):
             if not node.domain and node.op_type == "MatMul":
@@ -263,9 +273,10 @@ class GraphQuantizer:
             else:
                 continue
             packed, scales = self._stored(graph, b, transpose, name, self._scale_dtype(node.inputs[0]))
+            scheme = weight_scheme(w)  # the scheme's, or lm_head's own bits (model/quant.py)
             new = ir.node("MatMulNBits", [node.inputs[0], packed, scales], domain=MSFT_DOMAIN,
-                          attributes={"K": K, "N": N, "bits": bits, "block_size": self.scheme.block_size,
-                                      "accuracy_level": self.levels["MatMulNBits"][bits]},
+                          attributes={"K": K, "N": N, "bits": scheme.bits, "block_size": scheme.block_size,
+                                      "accuracy_level": self.levels["MatMulNBits"][scheme.bits]},
                           name=f"{node.name}.nbits" if node.name else None)
             self._replace(graph, node, new)
             counts["MatMulNBits"] += 1

@@ -377,15 +377,16 @@ def apply_quantization(model: Transformer, scheme: Scheme, errors: dict[str, dic
         if param.shape[-1] % scheme.block_size:
             raise OptionError(f"--block-size {scheme.block_size} does not divide the input dimension "
                               f"{param.shape[-1]} of weight {_hf_name(name)}; choose one that divides it")
+        own = scheme.for_weight(name)  # lm_head may keep more bits (model/quant.py)
         if param.is_meta:
             source = getattr(param, "dsc_source", None)
             if source is not None:
-                param.dsc_source = FakeQuantized(_hf_name(name), source, scheme, errors, (importance or {}).get(name))
+                param.dsc_source = FakeQuantized(_hf_name(name), source, own, errors, (importance or {}).get(name))
         else:
-            fake = fake_quantize(param.data, scheme, (importance or {}).get(name))
+            fake = fake_quantize(param.data, own, (importance or {}).get(name))
             errors[_hf_name(name)] = error_of(param.data, fake)
             param.data.copy_(fake)
-        param.dsc_quantize = scheme
+        param.dsc_quantize = own
         count += 1
     return count
 

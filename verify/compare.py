@@ -194,7 +194,8 @@ def block_outputs(graph: onnx.GraphProto, num_layers: int, where: Path) -> list[
 
     Follows the residual stream from the token embedding: each block adds its attention output,
     then its MLP's (or MoE's), and every value of the stream is read by an RMS norm (the next
-    sub-block's; after the last block, the final norm). So the hidden state after block i is the
+    sub-block's; after the last block, the final norm, through logits_from's Slice where the graph
+    has it). So the hidden state after block i is the
     value two residual Adds after block i's input. Found by structure, not by the norm weights'
     names: the optimizer merges initializers with equal contents, so a weight name may be another
     layer's. An EngineError when the graph does not have that structure.
@@ -208,6 +209,8 @@ def block_outputs(graph: onnx.GraphProto, num_layers: int, where: Path) -> list[
         raise EngineError(f"{where}: no embedding (a Gather of input_ids) to follow the residual stream from")
     for step in range(2 * num_layers + 1):
         kinds = [n.op_type for n in readers[value]]
+        if kinds == ["Slice"] and [n.op_type for n in readers[readers[value][0].output[0]]] == ["RMSNormalization"]:
+            kinds = ["RMSNormalization"]  # the last block's output, cut by logits_from (lowering/logits.py)
         adds = [n for n in readers[value] if n.op_type == "Add"]
         last = step == 2 * num_layers  # the last block's output: read by the final norm, added to nothing
         if "RMSNormalization" not in kinds or len(adds) != (0 if last else 1):
@@ -308,7 +311,8 @@ def eager_for(checkpoint: str | Path, max_positions: int | None = None, scheme: 
 def scheme_of(manifest: dict[str, Any]) -> Scheme | None:
     """The quantization scheme an export was made with (manifest "quantization"), or None."""
     q = manifest.get("quantization")
-    return None if q is None else Scheme(int(q["bits"]), int(q["block_size"]))
+    return None if q is None else Scheme(int(q["bits"]), int(q["block_size"]),
+                                         head_bits=int(q.get("lm_head_bits", q["bits"])))
 
 
 def importance_of(out: str | Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor] | None:

@@ -163,6 +163,13 @@ def test_graphs_use_the_quantized_kernels(quantized, name):
         ops = [n.op_type for n in model.graph.node]
         assert ops.count("QMoE") == moe_layers and "MoE" not in ops
         assert ops.count("MatMulNBits") >= 3 * cfg["num_hidden_layers"] + 1  # q, kv_a, o per layer; lm_head
+        bits = {}
+        for node in model.graph.node:
+            if node.op_type == "MatMulNBits":
+                attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+                bits.setdefault(attrs["N"] == cfg["vocab_size"], set()).add(attrs["bits"])
+        # lm_head keeps 8 bits (its error goes straight into the logits: model/quant.py), the rest the scheme's
+        assert bits == {True: {8}, False: {CASES[name][2]}} and manifest["quantization"]["lm_head_bits"] == 8
         float_inits = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT
                        and int(torch.tensor(list(t.dims)).prod()) >= 1024}
         for name_ in float_inits:

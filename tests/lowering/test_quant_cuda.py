@@ -130,7 +130,8 @@ def test_kernels_are_set_as_the_cuda_provider_expects(cuda_export, dtype, weight
     assert len(nodes["MatMulNBits"]) >= 3 * cfg["num_hidden_layers"] + 1
     for node in nodes["MatMulNBits"]:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        assert attrs["bits"] == bits and attrs["block_size"] == 32 and attrs["accuracy_level"] == 0
+        head = attrs["N"] == cfg["vocab_size"]  # lm_head keeps 8 bits (model/quant.py)
+        assert attrs["bits"] == (8 if head else bits) and attrs["block_size"] == 32 and attrs["accuracy_level"] == 0
         assert types[node.input[1]] == onnx.TensorProto.UINT8 and types[node.input[2]] == ONNX_TYPES[dtype]
     for node in nodes["QMoE"]:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
