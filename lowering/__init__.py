@@ -5,6 +5,9 @@
     weights.py   lazy weights, weight folds, and writing graphs with one shared weights file
     in_place.py  the decode graph's variant that writes its cache into capacity buffers
     quantize.py  int8/int4: MatMul/Gemm -> MatMulNBits, MoE -> QMoE over the lowered graphs
+    fuse_rope.py, static_reshapes.py   fewer small nodes: RotaryEmbedding, constant Reshape targets
+    logits.py    the optional logits_from input (the last tokens' logits only)
+    _ir.py       small onnx-ir helpers the rewrites share
 """
 
 from dscompile.errors import DscompileError

@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import onnx_ir as ir
+
+from dscompile.lowering._ir import int64_initializer
 
 log = logging.getLogger(__name__)
 
@@ -169,14 +170,7 @@ def _same_dim(a, b) -> bool:
 
 def _const(graph: ir.Graph, name: str, values: list[int]) -> ir.Value:
     """An int64 initializer holding `values`, shared by the rotations that need the same one."""
-    name = f"{name}.{'_'.join(map(str, values[:2]))}.{len(values)}"
-    if name in graph.initializers and _ints(graph.initializers[name]) == values:
-        return graph.initializers[name]
-    name = name if name not in graph.initializers else f"{name}_{len(graph.initializers)}"
-    value = ir.Value(name=name, const_value=ir.tensor(np.array(values, dtype=np.int64), name=name))
-    value.type, value.shape = ir.TensorType(ir.DataType.INT64), ir.Shape([len(values)])
-    graph.register_initializer(value)
-    return value
+    return int64_initializer(graph, f"{name}.{'_'.join(map(str, values[:2]))}.{len(values)}", values)
 
 
 def _rewrite(graph: ir.Graph, concat: ir.Node, x: ir.Value, interleaved: bool, cos: ir.Value, sin: ir.Value) -> None:

@@ -24,16 +24,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from dscompile.lowering._ir import int64_initializer
 from dscompile.runtime.contract import LOGITS, LOGITS_FROM
 
 _HEADS = {("", "MatMul"), ("", "Gemm"), ("com.microsoft", "MatMulNBits")}
-
-
-def _const(graph: ir.Graph, name: str, values: list[int]) -> ir.Value:
-    value = ir.Value(name=name, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([len(values)]),
-                     const_value=ir.tensor(np.array(values, dtype=np.int64), name=name))
-    graph.register_initializer(value)
-    return value
 
 
 def add_logits_from(model: ir.Model) -> bool:
@@ -57,8 +51,8 @@ def add_logits_from(model: ir.Model) -> bool:
                      const_value=ir.tensor(np.array([0], dtype=np.int64), name=LOGITS_FROM))
     graph.inputs.append(start)
     graph.register_initializer(start)
-    end = _const(graph, f"{LOGITS_FROM}.end", [np.iinfo(np.int64).max])
-    axis = _const(graph, f"{LOGITS_FROM}.axis", [1])
+    end = int64_initializer(graph, f"{LOGITS_FROM}.end", [np.iinfo(np.int64).max])
+    axis = int64_initializer(graph, f"{LOGITS_FROM}.axis", [1])
     cut = ir.node("Slice", [hidden, start, end, axis], name=f"{LOGITS_FROM}.slice")
     graph.insert_before(norm, cut)
     sliced = cut.outputs[0]

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import onnx_ir as ir
+
+from dscompile.lowering._ir import int64_initializer
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +64,4 @@ def _target(x: ir.Value, out: ir.Value) -> list[int] | None:
 
 
 def _const(graph: ir.Graph, values: list[int]) -> ir.Value:
-    name = "reshape.target." + "_".join(str(v).replace("-", "m") for v in values)
-    if name in graph.initializers:
-        return graph.initializers[name]
-    value = ir.Value(name=name, const_value=ir.tensor(np.array(values, dtype=np.int64), name=name))
-    value.type, value.shape = ir.TensorType(ir.DataType.INT64), ir.Shape([len(values)])
-    graph.register_initializer(value)
-    return value
+    return int64_initializer(graph, "reshape.target." + "_".join(str(v).replace("-", "m") for v in values), values)

@@ -1,0 +1,22 @@
+"""Small onnx-ir helpers the lowering's graph rewrites share."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+
+def int64_initializer(graph: ir.Graph, name: str, values: list[int]) -> ir.Value:
+    """An int64 [len(values)] initializer of `values` called `name`; the graph's own where it already
+    holds one of that name with these values, else a new one (renamed if the name is taken)."""
+    values = [int(v) for v in values]
+    existing = graph.initializers.get(name)
+    if existing is not None:
+        held = existing.const_value
+        if held is not None and held.numpy().reshape(-1).tolist() == values:
+            return existing
+        name = f"{name}_{len(graph.initializers)}"
+    value = ir.Value(name=name, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([len(values)]),
+                     const_value=ir.tensor(np.array(values, dtype=np.int64), name=name))
+    graph.register_initializer(value)
+    return value
