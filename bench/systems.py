@@ -170,6 +170,9 @@ def llama_bench_call(binary: Path, gguf: Path, threads: int, prefill_tokens: int
     return out, cmds
 
 
+OURS_DECODE_STEPS = 8  # decode steps of ours averaged per round beside llama-bench (llama_bench_rows)
+
+
 def llama_bench_rows(name: str, binary: Path, gguf: Path, options: BenchOptions, bandwidth: Callable[[], float],
                      run: Callable[..., subprocess.CompletedProcess] = subprocess.run, against: System | None = None,
                      ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str | None]:
@@ -177,8 +180,11 @@ def llama_bench_rows(name: str, binary: Path, gguf: Path, options: BenchOptions,
     `prefill_tokens` from empty and decode at each context, in `repeats` rounds of one sample each.
 
     llama-bench is a process that loads the model itself, so its steps cannot be interleaved with ours one by
-    one; a round is one llama-bench sample of every test, then (with `against`, one of our systems) one run
-    of ours of each, so the two see the same machine within seconds. Returns (rows of llama.cpp's
+    one; a round is one llama-bench sample of every test, then (with `against`, one of our systems) ours
+    of each: one untimed step, then the mean of OURS_DECODE_STEPS decode steps (llama-bench's decode sample
+    is the mean of its 32 tokens after its own warm-up) or one prefill, so the two see the same machine
+    within seconds. (Timed as one cold step right after llama-bench's process exits, ours read up to
+    1.8x slower than in its own warm loop: float32, context 128, on the 2-core machine.) Returns (rows of llama.cpp's
     measurements, rows of our time / llama.cpp's per round (as compare_alternately's), None), or
     ([], [], why it could not run). The read bandwidth is taken before each round (its floor fraction)."""
     tests = [("prefill", 0)] + [("decode", c) for c in options.contexts]
@@ -204,9 +210,12 @@ def llama_bench_rows(name: str, binary: Path, gguf: Path, options: BenchOptions,
         for t in tests:
             samples[t] += got[t]
         for t, fn in ours.items():
+            fn()  # untimed: caches and pages warm again after llama-bench's process, as its own warm-up run
+            steps = OURS_DECODE_STEPS if t[0] == "decode" else 1
             start = time.perf_counter()
-            fn()
-            mine[t].append(1e3 * (time.perf_counter() - start))
+            for _ in range(steps):
+                fn()
+            mine[t].append(1e3 * (time.perf_counter() - start) / steps)
     rows, alternating = [], []
     for (phase, context), per in samples.items():
         rows.append({"system": name, "phase": phase, "batch": 1, "context": context, "ms": statistics.median(per),

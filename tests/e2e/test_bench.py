@@ -22,7 +22,7 @@ from dscompile.bench.run import BenchOptions, parse_engines, parse_ints, plot, r
 from dscompile.bench.floors import decode_floor, experts_read, step_weight_params
 from dscompile.bench.memory import LoadMeasureError, measure_load
 from dscompile.bench.report import _load_lines
-from dscompile.bench.systems import against_for_llama, llama_bench_rows
+from dscompile.bench.systems import OURS_DECODE_STEPS, against_for_llama, llama_bench_rows
 from dscompile.bench.timing import MachineProbe, compare_alternately, context_scaling, time_ms
 from dscompile.model.checkpoint import build_model
 from dscompile.model.synthetic import make_checkpoint, tiny_args
@@ -76,8 +76,8 @@ def test_quantized_decode_floor_by_hand():
 
 def test_llama_bench_rows_from_its_json(tmp_path):
     """How llama-bench's JSON becomes bench rows: a prefill and a decode call per round (one sample of each
-    test), decode per token, prefill per prompt; with `against`, one run of ours after each round and the
-    ratio per round. (The process is replaced by a function returning JSON in llama-bench's format;
+    test), decode per token, prefill per prompt; with `against`, ours after each round (warmed by one
+    untimed step, decode averaged over OURS_DECODE_STEPS) and the ratio per round. (The process is replaced by a function returning JSON in llama-bench's format;
     llama.cpp itself is measured by the opt-in test below.)"""
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF" + b"\0" * 100)
@@ -111,8 +111,10 @@ def test_llama_bench_rows_from_its_json(tmp_path):
     assert rows[0]["ms"] == pytest.approx(128 * 20.0 + 1)
     assert all("-t" in c and c[c.index("-t") + 1] == "2" and c[c.index("-r") + 1] == "1" for c in calls)
     assert len(calls) == 6  # 3 rounds x (prefill, decode at both depths)
-    one_round = ["llama", "llama", ("ours", "prefill"), ("ours", 128), ("ours", 1024)]
-    assert order == one_round * 3  # taken in turns
+    # taken in turns; ours: one untimed step, then one prefill or the mean of OURS_DECODE_STEPS decode steps
+    n = OURS_DECODE_STEPS
+    one_round = ["llama", "llama", *[("ours", "prefill")] * 2, *[("ours", 128)] * (n + 1), *[("ours", 1024)] * (n + 1)]
+    assert order == one_round * 3
     assert [(p["reference"], p["system"], p["phase"], p["context"]) for p in pairs] == [
         ("q4_0", "int4", "prefill", 0), ("q4_0", "int4", "decode", 128), ("q4_0", "int4", "decode", 1024)]
     assert all(len(p["runs_ms"]) == 3 and p["time_ratio"] > 0 for p in pairs)
