@@ -20,3 +20,9 @@ def int64_initializer(graph: ir.Graph, name: str, values: list[int]) -> ir.Value
                      const_value=ir.tensor(np.array(values, dtype=np.int64), name=name))
     graph.register_initializer(value)
     return value
+
+
+def standard_nodes(graph: ir.Graph, op_type: str, inputs: int) -> list[ir.Node]:
+    """The graph's nodes of ONNX op `op_type` (default domain) with `inputs` inputs, listed up front so a
+    rewrite may insert and remove nodes while it walks them."""
+    return [n for n in graph if n.op_type == op_type and n.domain == "" and len(n.inputs) == inputs]

@@ -33,7 +33,7 @@ import logging
 
 import onnx_ir as ir
 
-from dscompile.lowering._ir import int64_initializer
+from dscompile.lowering._ir import int64_initializer, standard_nodes
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,7 @@ def run(model: ir.Model) -> int:
     """Rewrite every matched rotation; returns how many."""
     graph = model.graph
     count = 0
-    for node in list(graph):
-        if node.op_type != "Concat" or node.domain != "" or len(node.inputs) != 2:
-            continue
+    for node in standard_nodes(graph, "Concat", 2):
         match = _match(node)
         if match is None:
             continue

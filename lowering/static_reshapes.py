@@ -20,7 +20,7 @@ import logging
 
 import onnx_ir as ir
 
-from dscompile.lowering._ir import int64_initializer
+from dscompile.lowering._ir import int64_initializer, standard_nodes
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +29,7 @@ def run(model: ir.Model) -> int:
     """Give every Reshape whose target can be a constant that constant; returns how many."""
     graph = model.graph
     count = 0
-    for node in list(graph):
-        if node.op_type != "Reshape" or node.domain != "" or len(node.inputs) != 2:
-            continue
+    for node in standard_nodes(graph, "Reshape", 2):
         target = node.inputs[1]
         if target is None or target.const_value is not None:
             continue
