@@ -14,6 +14,10 @@ token's logits). Fed with S - 1, the graph slices the final hidden states to the
 the final norm: logits [B, 1, V]. The norm is per token, so the rows it returns are the rows the
 full graph returns.
 
+Exports for ONNX Runtime on CPU get it (exporter/export.py): how ONNX Runtime's TensorRT provider
+would profile such an input is unchecked without a GPU, so exports for CUDA keep the contract's
+inputs only for now.
+
 What it matches: the graph output `logits`, produced (through Casts) by a MatMul, Gemm or
 com.microsoft.MatMulNBits whose first input is the output of one RMSNormalization used by that
 node alone. A graph of another form is left as it is (returns False), and its engine slices the

@@ -14,7 +14,7 @@ interface: README, DESIGN.md "The engine contract (OUT/)"):
     present.{i}.kv_latent  cache dtype  [B, P+S, C]   (outputs; k_rope likewise)
 
 The in-place decode graph (ONNX Runtime on CPU) takes one more input, `write_index` [B]: the
-cache row its step writes. ONNX Runtime exports also take an optional `logits_from` int64 [1]
+cache row its step writes. ONNX Runtime exports for CPU also take an optional `logits_from` int64 [1]
 (default 0, lowering/logits.py): logits are then returned for new tokens [logits_from, S) only.
 
 Batches are left-padded: a row's real tokens end at the right, its padding (mask 0) comes first,

@@ -125,6 +125,8 @@ def test_kernels_are_set_as_the_cuda_provider_expects(cuda_export, dtype, weight
     model = onnx.load(str(out / manifest["graphs"]["decode"]["file"]), load_external_data=False)
     types = {t.name: t.data_type for t in model.graph.initializer}
     nodes = {op: [n for n in model.graph.node if n.op_type == op] for op in ("MatMulNBits", "QMoE", "MoE")}
+    # exports for CUDA keep the contract's inputs only (logits_from is for CPU exports: lowering/logits.py)
+    assert "logits_from" not in manifest["graphs"]["decode"] and "logits_from" not in types
     cfg = manifest["model"]
     assert len(nodes["QMoE"]) == cfg["num_hidden_layers"] - cfg["first_k_dense_replace"] and not nodes["MoE"]
     assert len(nodes["MatMulNBits"]) >= 3 * cfg["num_hidden_layers"] + 1
