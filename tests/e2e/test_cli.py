@@ -185,7 +185,7 @@ def test_inspect_reports_graphs_cache_and_passes(exported):
 def _assert_trt_verdicts(compat: dict, out: Path) -> None:
     """The static TensorRT check of an ONNX Runtime export, node by node, as the support table
     (lowering/tensorrt/data/trt_onnx_ops.json) says: every graph checked; the com.microsoft MoE
-    is an error (no importer); RMSNormalization and TensorScatter are warnings (added in a
+    is an error (no importer); RMSNormalization, TensorScatter and RotaryEmbedding are warnings (added in a
     TensorRT version, none targeted); the in-place graph's TensorScatter breaks every constraint
     the table gives it (4D inputs, axis -2); no other op of these graphs has a finding."""
     table = load_table()
@@ -208,6 +208,9 @@ def _assert_trt_verdicts(compat: dict, out: Path) -> None:
                 errors = {r.split(" (got")[0] for s, r in found if s == "error"}
                 broken = {c["reason"] for c in table["ops"][op].get("constraints", [])}
                 assert errors == broken, (node, errors)
+            elif op == "RotaryEmbedding":  # lowering/fuse_rope.py: no position_ids, so no constraint broken
+                since = table["ops"][op]["min_trt"]
+                assert found == {("warning", f"{op} needs TensorRT >= {since} (added to the ONNX parser in {since})")}
             else:
                 assert table["ops"][op]["supported"] and not found, (node, op, found)
         moe = sum(domain == "com.microsoft" for _, domain in ops.values())

@@ -92,7 +92,7 @@ def test_a_step_in_chunks_computes_the_whole_step(small_export):
     cut = OrtEngine.load(small_export, provider="cpu")
     cut.max_step_tokens = 3
     steps, real_step = [], cut._step
-    cut._step = lambda ids, *rest: steps.append(int(ids.shape[1])) or real_step(ids, *rest)
+    cut._step = lambda ids, *rest, **kw: steps.append(int(ids.shape[1])) or real_step(ids, *rest, **kw)
     torch.manual_seed(0)
     vocab = whole.info.vocab_size
     ids = torch.randint(1, vocab, (2, 7))
