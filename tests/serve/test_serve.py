@@ -288,7 +288,10 @@ def test_dropped_clients_cost_nobody_else_and_leave_nothing_running(server, requ
     assert len(kept) == requests - requests // 10 * 2
     assert all(reason == "length" and got == want for reason, (got, want) in kept), kept[:5]
     assert not run["still_running"], f"still running after the clients left: {run['metrics']}"
-    assert run["metrics"]["dscompile:num_aborted_requests_total"] - run["aborted_before"] == requests // 10 * 2
+    # a dropped stream is cancelled, unless its 120 tokens were all made before the server saw the client
+    # go (a race the 2-core machine's scheduling decides: 38 of 40 aborted in one CI run); none may run on
+    aborted, dropped = run["metrics"]["dscompile:num_aborted_requests_total"] - run["aborted_before"], requests // 10 * 2
+    assert dropped * 3 // 4 <= aborted <= dropped, (aborted, dropped)
     assert run["rss_after"] < run["rss_before"] + rss_slack_mb, (run["rss_before"], run["rss_after"])
     assert run["health"] == 200
 
