@@ -9,7 +9,8 @@ DeepSeek-V2-Lite in bfloat16). Half-precision decode graphs gather the chosen ex
 token (lowering/ops.py choose_moe_experts); run through them, a long prefill would copy K experts per
 token and layer at once, so `max_step_tokens` cuts such steps into chunks that keep one layer's
 copies under GATHER_BUDGET_BYTES (OrtEngine runs them one after the other: the same computation,
-attention being causal).
+attention being causal). TensorRT engines (lowering/tensorrt/build.py) bound their prefill profile
+by the same `gather_step_tokens`.
 
 ONNX Runtime's TensorRT provider without explicit optimization profiles builds an engine for the
 shapes it has seen and rebuilds it when a step falls outside them, which a growing past does at
@@ -63,16 +64,24 @@ GATHER_BUDGET_BYTES = 2 << 30
 
 
 def max_step_tokens(manifest: dict[str, Any], provider: str) -> int | None:
-    """New tokens per step through `provider`'s sessions (None: no limit). The decode graph's
-    "gather" experts copy K experts' weights per token and layer (K x 3 x hidden x moe_intermediate
-    values); where that graph also runs prefills (session_graphs: CUDA, TensorRT), a step is cut so
-    one layer's copies stay under GATHER_BUDGET_BYTES."""
+    """New tokens per step through `provider`'s sessions (None: no limit): where the decode graph
+    also runs prefills (session_graphs: CUDA, TensorRT), `gather_step_tokens` of it."""
     plan = session_graphs(manifest, provider)
-    decode = manifest["graphs"][DECODE]
-    if plan[PREFILL] != decode["file"] or decode.get("moe_lowering") != "gather":
+    if plan[PREFILL] != manifest["graphs"][DECODE]["file"]:
+        return None
+    return gather_step_tokens(manifest)
+
+
+def gather_step_tokens(manifest: dict[str, Any], width: int | None = None) -> int | None:
+    """New tokens per step through the decode graph that keep one layer's gathered expert weights
+    under GATHER_BUDGET_BYTES; None where that graph does not gather. Its "gather" experts copy K
+    experts' weights per token and layer (K x 3 x hidden x moe_intermediate values of `width` bytes:
+    by default the export's dtype; a TensorRT engine built in half precision from a float32 export
+    passes 2)."""
+    if manifest["graphs"][DECODE].get("moe_lowering") != "gather":
         return None
     cfg = manifest["model"]
-    width = {"float32": 4, "float16": 2, "bfloat16": 2}.get(manifest["dtype"], 4)
+    width = width or {"float32": 4, "float16": 2, "bfloat16": 2}.get(manifest["dtype"], 4)
     per_token = cfg["num_experts_per_tok"] * 3 * cfg["hidden_size"] * cfg["moe_intermediate_size"] * width
     return max(1, GATHER_BUDGET_BYTES // per_token)
 

@@ -1,26 +1,37 @@
-"""Run TensorRT engines built from an OUT folder: `TrtEngine(Engine)`.
+"""Run the TensorRT engine built from an OUT folder: `TrtEngine(Engine)`.
 
-OUT holds `prefill.engine` and `decode.engine`, built by `lowering/tensorrt/build.py` from
-`prefill.onnx` / `decode.onnx`, and `manifest.json` records them under the key "tensorrt":
+OUT holds `model.engine`, built by `lowering/tensorrt/build.py` from the decode graph with two
+optimization profiles, and `manifest.json` records it under the key "tensorrt":
 
     "tensorrt": {
-      "format": 1,
+      "format": 3,
       "tensorrt_version": "10.15.1",       # engines only load with the TensorRT (and GPU) that built them
       "precision": "fp16",                  # fp32 | fp16 | bf16
       "strongly_typed": true,               # types taken from the ONNX (no precision flags)
+      "tf32": false,                        # fp32 GEMMs in TF32 (compare judges with tolerance.TF32)
       "max_batch": 8, "max_prompt_tokens": 512, "max_context": 4096, "workspace_gb": 8.0,
       "timing_cache": "/path/to/cache" | null,
-      "graphs": {
-        "prefill": {"onnx": "prefill.onnx", "engine": "prefill.engine",
-                    "profile": {"input_ids": {"min": [1, 1], "opt": [8, 256], "max": [8, 512]}, ...}},
-        "decode":  {"onnx": "decode.onnx", "engine": "decode.engine", "profile": {...}}
+      "onnx": "decode.onnx", "engine": "model.engine",
+      "step_tokens": 512,                   # most new tokens per step: longer steps run in chunks
+      "profiles": {
+        "prefill": {"index": 0, "shapes": {"input_ids": {"min": [1, 1], "opt": [8, 256], "max": [8, 512]}, ...}},
+        "decode":  {"index": 1, "shapes": {...}}
       }
     }
 
-`step` runs the decode engine for one new token against a non-empty cache (S == 1, P > 0) and the
-prefill engine otherwise. Inputs and cache may live anywhere; they are copied to the GPU in the
-dtypes the engine declares. Outputs are fresh CUDA tensors: float32 logits and a `KVCache` of the
-`present.*` tensors (the next step's `past.*`).
+Format 2 (prefill.engine and decode.engine, each holding the weights) is refused with a line that
+says to rebuild. One engine holds one device copy of the weights; `load` deserializes it once and
+creates one execution context per profile (`set_optimization_profile_async` selects it; with
+several profiles TensorRT 10 names the IO tensors the same in each, and a context's profile decides
+the shape ranges it accepts). The two contexts share the engine's weights; each holds its own
+activation memory (sized for its profile by TensorRT).
+
+`step` plans a step with `step_plan`: new tokens beyond `step_tokens` run as consecutive chunks
+(causal attention: each chunk attends to the cache and to itself, the same computation as one
+step, as OrtEngine's chunked steps), each on the decode context where it is one token against a
+non-empty cache (S == 1, P > 0) and on the prefill context otherwise. Inputs and cache may live
+anywhere; they are copied to the GPU in the dtypes the engine declares. Outputs are fresh CUDA
+tensors: float32 logits and a `KVCache` of the `present.*` tensors (the next step's `past.*`).
 
 `tensorrt` is imported only through `require_tensorrt()`, so this module imports everywhere; without
 TensorRT, `TrtEngine.load` raises `TensorRTUnavailable`.
@@ -38,12 +49,14 @@ from typing import Any
 import torch
 
 from dscompile.errors import DscompileError, EngineError
-from dscompile.runtime.contract import (CACHE_KINDS, LOGITS, PAST, PHASES, PRESENT, STEP_INPUTS, EngineInfo, KVCache,
-                                        cache_name, cache_names, choose_graph)
+from dscompile.runtime.contract import (CACHE_KINDS, DECODE, LOGITS, PAST, PREFILL, PRESENT, STEP_INPUTS, EngineInfo,
+                                        KVCache, cache_name, cache_names, choose_graph)
 from dscompile.runtime.engine import Engine
 from dscompile.runtime.manifest import load_manifest
 
-TRT_FORMAT = 2  # 2: max_prompt_tokens (was max_new_tokens)
+TRT_FORMAT = 3  # 3: one model.engine with two profiles (2: an engine per graph; 1: max_new_tokens)
+ENGINE_FILE = "model.engine"
+PROFILES = (PREFILL, DECODE)  # the engine's optimization profiles, in index order
 PRECISIONS = ("fp32", "fp16", "bf16")
 INSTALL_HINT = (
     'pip install "dscompile[tensorrt]" (TensorRT wheels download from NVIDIA\'s own package index '
@@ -95,39 +108,55 @@ def read_trt_section(manifest: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     where = out_dir / "manifest.json"
     section = manifest.get("tensorrt")
     if not isinstance(section, dict):
-        raise EngineError(f"{where}: no 'tensorrt' section (build the TensorRT engines for this OUT first)")
+        raise EngineError(f"{where}: no 'tensorrt' section (build the TensorRT engine for this OUT first)")
+    if section.get("format") in (1, 2):
+        raise EngineError(f"{where}: tensorrt.format {section['format']} (an engine per graph, two copies of the "
+                          f"weights) is no longer read: rebuild the engine (dscompile export CKPT -o {out_dir} "
+                          "--target tensorrt --force)")
     if section.get("format") != TRT_FORMAT:
         raise EngineError(f"{where}: tensorrt.format is {section.get('format')!r}, this dscompile reads {TRT_FORMAT}")
     if section.get("precision") not in PRECISIONS:
         raise EngineError(f"{where}: tensorrt.precision is {section.get('precision')!r}, expected one of {PRECISIONS}")
-    for key in ("max_batch", "max_prompt_tokens", "max_context"):
-        if not isinstance(section.get(key), int) or section[key] < 1:
+    for key in ("max_batch", "max_prompt_tokens", "max_context", "step_tokens"):
+        if isinstance(section.get(key), bool) or not isinstance(section.get(key), int) or section[key] < 1:
             raise EngineError(f"{where}: tensorrt.{key} must be a positive integer, got {section.get(key)!r}")
-    graphs = section.get("graphs")
-    for g in PHASES:
-        entry = graphs.get(g) if isinstance(graphs, dict) else None
-        if not isinstance(entry, dict) or not isinstance(entry.get("engine"), str):
-            raise EngineError(f"{where}: tensorrt.graphs.{g}.engine is missing")
-        if not isinstance(entry.get("profile"), dict):
-            raise EngineError(f"{where}: tensorrt.graphs.{g}.profile is missing")
+    if not isinstance(section.get("engine"), str):
+        raise EngineError(f"{where}: tensorrt.engine is missing")
+    profiles = section.get("profiles")
+    for i, name in enumerate(PROFILES):
+        entry = profiles.get(name) if isinstance(profiles, dict) else None
+        if not isinstance(entry, dict) or not isinstance(entry.get("shapes"), dict):
+            raise EngineError(f"{where}: tensorrt.profiles.{name}.shapes is missing")
+        if entry.get("index") != i:
+            raise EngineError(f"{where}: tensorrt.profiles.{name}.index is {entry.get('index')!r}, expected {i}")
     return section
 
 
-def check_profile(graph: str, shapes: dict[str, tuple[int, ...]], profile: dict[str, dict[str, list[int]]]) -> None:
-    """Refuse input shapes outside the optimization profile the engine was built with."""
+def check_profile(profile: str, shapes: dict[str, tuple[int, ...]], ranges: dict[str, dict[str, list[int]]]) -> None:
+    """Refuse input shapes outside the ranges of the optimization profile `profile` of the engine."""
     for name, shape in shapes.items():
-        p = profile.get(name)
+        p = ranges.get(name)
         if p is None:
             continue
         lo, hi = p["min"], p["max"]
         if len(shape) != len(lo):
-            raise EngineError(f"{graph} engine: {name} has rank {len(shape)}, the engine takes rank {len(lo)}")
+            raise EngineError(f"{profile} profile: {name} has rank {len(shape)}, the engine takes rank {len(lo)}")
         for axis, (d, a, b) in enumerate(zip(shape, lo, hi)):
             if not a <= d <= b:
                 raise EngineError(
-                    f"{graph} engine: {name} dim {axis} is {d}, the engine was built for {a}..{b} "
+                    f"{profile} profile: {name} dim {axis} is {d}, the engine was built for {a}..{b} "
                     f"(shape {list(shape)}; rebuild with larger limits)"
                 )
+
+
+def step_plan(new_tokens: int, past_len: int, step_tokens: int) -> list[tuple[str, int, int]]:
+    """(profile, start, end) per run of one step of `new_tokens` against `past_len` cached tokens: the
+    new tokens [start, end) in consecutive chunks of at most `step_tokens`, each on the decode profile
+    where it is one token against a non-empty cache (choose_graph), else on the prefill profile."""
+    if new_tokens < 1 or step_tokens < 1:
+        raise EngineError(f"a step needs new tokens and a chunk size >= 1, got {new_tokens} and {step_tokens}")
+    return [(choose_graph(min(a + step_tokens, new_tokens) - a, past_len + a), a, min(a + step_tokens, new_tokens))
+            for a in range(0, new_tokens, step_tokens)]
 
 
 def engine_info_from_io(io: dict[str, tuple[tuple[int, ...], torch.dtype]], max_context: int) -> EngineInfo:
@@ -153,95 +182,116 @@ def engine_info_from_io(io: dict[str, tuple[tuple[int, ...], torch.dtype]], max_
 
 
 @dataclass
-class _Graph:
-    """One deserialized engine with its execution context and IO description."""
+class _Profile:
+    """One optimization profile of the engine: its execution context and its shape ranges."""
 
     name: str
-    engine: Any
+    index: int
     context: Any
-    inputs: list[str]
-    outputs: list[str]
-    io: dict[str, tuple[tuple[int, ...], torch.dtype]]
-    profile: dict[str, dict[str, list[int]]]
+    ranges: dict[str, dict[str, list[int]]]
 
 
 class TrtEngine(Engine):
-    """The prefill and decode TensorRT engines of one OUT folder behind the `Engine` interface."""
+    """The one TensorRT engine of an OUT folder, run through a prefill and a decode context, behind `Engine`."""
 
-    def __init__(self, out_dir: Path, section: dict[str, Any], graphs: dict[str, _Graph], device: torch.device):
-        self.out_dir = out_dir
-        self.section = section
-        self.graphs = graphs
-        self.device = device
-        self.info = engine_info_from_io(graphs["prefill"].io, section["max_context"])
-        self.max_batch, self.max_step_tokens = section.get("max_batch"), section.get("max_prompt_tokens")
+    def __init__(self, out_dir: Path, section: dict[str, Any], engine: Any, io: dict[str, tuple[tuple[int, ...], Any]],
+                 inputs: list[str], outputs: list[str], profiles: dict[str, _Profile], device: torch.device):
+        self.out_dir, self.section, self.engine, self.device = out_dir, section, engine, device
+        self.io, self.inputs, self.outputs, self.profiles = io, inputs, outputs, profiles
+        self.info = engine_info_from_io(io, section["max_context"])
+        self.max_batch, self.max_step_tokens = section["max_batch"], section["step_tokens"]
         # TensorRT may refuse a null address even for an empty tensor (P == 0 on the first step):
         # empty tensors are bound to this small scratch buffer instead.
         self._scratch = torch.empty(256, dtype=torch.uint8, device=device)
 
     @classmethod
     def load(cls, out_dir: str | Path, device: str | torch.device = "cuda") -> "TrtEngine":
-        """Deserialize OUT's prefill and decode engines and create one execution context for each."""
+        """Deserialize OUT's engine once and create one execution context per optimization profile."""
         trt = require_tensorrt()
         out = Path(out_dir)
         section = read_trt_section(load_manifest(out), out)
         if not torch.cuda.is_available():
             raise TensorRTUnavailable("TensorRT engines need a CUDA GPU and torch sees none")
         device = torch.device(device)
-        logger = trt.Logger(trt.Logger.WARNING)
-        runtime = trt.Runtime(logger)
-        graphs: dict[str, _Graph] = {}
+        path = out / section["engine"]
+        if not path.is_file():
+            raise EngineError(f"{path}: no such engine file")
         with torch.cuda.device(device):
-            for g in PHASES:
-                path = out / section["graphs"][g]["engine"]
-                if not path.is_file():
-                    raise EngineError(f"{path}: no such engine file")
-                engine = runtime.deserialize_cuda_engine(path.read_bytes())
-                if engine is None:
-                    raise EngineError(
-                        f"{path}: TensorRT {trt.__version__} cannot deserialize it (built with TensorRT "
-                        f"{section.get('tensorrt_version')}; engines are tied to the TensorRT version and GPU)"
-                    )
-                graphs[g] = _describe(trt, g, engine)
-        return cls(out, section, graphs, device)
+            engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(path.read_bytes())
+            if engine is None:
+                raise EngineError(
+                    f"{path}: TensorRT {trt.__version__} cannot deserialize it (built with TensorRT "
+                    f"{section.get('tensorrt_version')}; engines are tied to the TensorRT version and GPU)"
+                )
+            if engine.num_optimization_profiles != len(PROFILES):
+                raise EngineError(f"{path}: the engine has {engine.num_optimization_profiles} optimization "
+                                  f"profile(s), the manifest {len(PROFILES)} ({', '.join(PROFILES)}): rebuild it")
+            io, inputs, outputs = _describe(trt, engine)
+            stream = torch.cuda.current_stream(device)
+            profiles = {}
+            for name in PROFILES:
+                index = section["profiles"][name]["index"]
+                context = engine.create_execution_context()
+                if context is None:
+                    raise EngineError(f"{path}: TensorRT could not create the {name} execution context "
+                                      "(out of GPU memory?)")
+                if not context.set_optimization_profile_async(index, stream.cuda_stream):
+                    raise EngineError(f"{path}: TensorRT refused optimization profile {index} ({name})")
+                ranges = {t: dict(zip(("min", "opt", "max"), map(list, engine.get_tensor_profile_shape(t, index))))
+                          for t in inputs}
+                profiles[name] = _Profile(name, index, context, ranges)
+            stream.synchronize()
+        return cls(out, section, engine, io, inputs, outputs, profiles, device)
 
-    def _step(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        cache: KVCache | None,
-    ) -> tuple[torch.Tensor, KVCache]:
-        batch, new = int(input_ids.shape[0]), int(input_ids.shape[1])
-        past = cache.length if cache is not None else 0
+    def _step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+              cache: KVCache | None) -> tuple[torch.Tensor, KVCache]:
+        return self._run_plan(input_ids, position_ids, attention_mask, cache, last_only=False)
+
+    def _step_last(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   cache: KVCache | None) -> tuple[torch.Tensor, KVCache]:
+        return self._run_plan(input_ids, position_ids, attention_mask, cache, last_only=True)
+
+    def _run_plan(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  cache: KVCache | None, last_only: bool) -> tuple[torch.Tensor, KVCache]:
+        """The step as `step_plan` cuts it; logits of every new token, or of the last one (`last_only`)."""
+        P = cache.length if cache is not None else 0
+        logits = []
+        for name, a, b in step_plan(int(input_ids.shape[1]), P, self.max_step_tokens):
+            out, cache = self._run(self.profiles[name], input_ids[:, a:b], position_ids[:, a:b],
+                                   attention_mask[:, : P + b], cache)
+            logits = [out[:, -1:]] if last_only else logits + [out]
+        return (logits[0] if last_only else torch.cat(logits, dim=1)), cache
+
+    def _run(self, profile: _Profile, input_ids: torch.Tensor, position_ids: torch.Tensor,
+             attention_mask: torch.Tensor, cache: KVCache | None) -> tuple[torch.Tensor, KVCache]:
+        """One run of the engine on `profile`'s context."""
         if cache is None:
-            cache = KVCache.empty(self.info, batch, self.device)
-        graph = self.graphs[choose_graph(new, past)]
+            cache = KVCache.empty(self.info, int(input_ids.shape[0]), self.device)
         feeds = dict(zip(STEP_INPUTS, (input_ids, position_ids, attention_mask)))
         feeds.update(zip(cache_names(PAST, len(cache.layers)), (t for layer in cache.layers for t in layer)))
-        check_profile(graph.name, {n: tuple(t.shape) for n, t in feeds.items()}, graph.profile)
+        check_profile(profile.name, {n: tuple(t.shape) for n, t in feeds.items()}, profile.ranges)
 
-        ctx = graph.context
+        ctx = profile.context
         bound: list[torch.Tensor] = []  # keeps converted inputs alive until the engine has run
         with torch.cuda.device(self.device):
             stream = torch.cuda.current_stream(self.device)
-            for name in graph.inputs:
+            for name in self.inputs:
                 if name not in feeds:
-                    raise EngineError(f"{graph.name} engine takes an input '{name}' outside the engine contract")
-                t = feeds[name].to(device=self.device, dtype=graph.io[name][1]).contiguous()
+                    raise EngineError(f"the engine takes an input '{name}' outside the engine contract")
+                t = feeds[name].to(device=self.device, dtype=self.io[name][1]).contiguous()
                 bound.append(t)
                 if not ctx.set_input_shape(name, tuple(t.shape)):
-                    raise EngineError(f"{graph.name} engine refused shape {list(t.shape)} for {name}")
+                    raise EngineError(f"{profile.name} profile refused shape {list(t.shape)} for {name}")
                 ctx.set_tensor_address(name, self._address(t))
             outputs: dict[str, torch.Tensor] = {}
-            for name in graph.outputs:
+            for name in self.outputs:
                 shape = tuple(ctx.get_tensor_shape(name))
                 if any(d < 0 for d in shape):
-                    raise EngineError(f"{graph.name} engine: output {name} has unresolved shape {list(shape)}")
-                outputs[name] = torch.empty(shape, dtype=graph.io[name][1], device=self.device)
+                    raise EngineError(f"{profile.name} profile: output {name} has unresolved shape {list(shape)}")
+                outputs[name] = torch.empty(shape, dtype=self.io[name][1], device=self.device)
                 ctx.set_tensor_address(name, self._address(outputs[name]))
             if not ctx.execute_async_v3(stream.cuda_stream):
-                raise EngineError(f"{graph.name} engine: TensorRT execution failed (see the TensorRT log)")
+                raise EngineError(f"{profile.name} profile: TensorRT execution failed (see the TensorRT log)")
         present = [outputs[name] for name in cache_names(PRESENT, self.info.num_layers)]
         return outputs[LOGITS].float(), KVCache(list(zip(present[::2], present[1::2])))
 
@@ -249,19 +299,11 @@ class TrtEngine(Engine):
         return t.data_ptr() if t.numel() else self._scratch.data_ptr()
 
 
-def _describe(trt: Any, name: str, engine: Any) -> _Graph:
-    """IO names, shapes, dtypes and profile-0 ranges of a deserialized engine."""
-    inputs, outputs, io, profile = [], [], {}, {}
+def _describe(trt: Any, engine: Any) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype]], list[str], list[str]]:
+    """(IO name -> (shape, dtype), input names, output names) of a deserialized engine: the same for every profile."""
+    inputs, outputs, io = [], [], {}
     for i in range(engine.num_io_tensors):
         tensor = engine.get_tensor_name(i)
         io[tensor] = (tuple(engine.get_tensor_shape(tensor)), torch_dtype(engine.get_tensor_dtype(tensor)))
-        if engine.get_tensor_mode(tensor) == trt.TensorIOMode.INPUT:
-            inputs.append(tensor)
-            lo, opt, hi = engine.get_tensor_profile_shape(tensor, 0)
-            profile[tensor] = {"min": list(lo), "opt": list(opt), "max": list(hi)}
-        else:
-            outputs.append(tensor)
-    context = engine.create_execution_context()
-    if context is None:
-        raise EngineError(f"{name} engine: TensorRT could not create an execution context (out of GPU memory?)")
-    return _Graph(name, engine, context, inputs, outputs, io, profile)
+        (inputs if engine.get_tensor_mode(tensor) == trt.TensorIOMode.INPUT else outputs).append(tensor)
+    return io, inputs, outputs

@@ -1,27 +1,39 @@
-"""Build TensorRT engines (`prefill.engine`, `decode.engine`) from an OUT folder's ONNX graphs.
+"""Build the TensorRT engine (`model.engine`) of an OUT folder from its decode graph.
 
-The official TensorRT Python API does the work: `trt.OnnxParser` reads `prefill.onnx` /
-`decode.onnx` (external weights are found next to the file), one optimization profile per graph
-covers the dynamic dims of the engine contract, and `builder.build_serialized_network` produces the
-plan, written atomically into OUT. The returned dict is the manifest's "tensorrt" section
-(documented in `runtime/trt_engine.py`, which loads and runs the engines).
+The official TensorRT Python API does the work: `trt.OnnxParser` reads `decode.onnx` (external
+weights are found next to the file), two optimization profiles of one builder config cover the
+steps of the engine contract, and `builder.build_serialized_network` produces the plan, written
+atomically into OUT. The returned dict is the manifest's "tensorrt" section (documented in
+`runtime/trt_engine.py`, which loads and runs the engine).
+
+One engine, one device copy of the weights. A TensorRT engine embeds the weights its network reads,
+so one engine per graph held two copies on the GPU (DeepSeek-V2-Lite in bfloat16: 31 GB each). The
+contract's decode graph (absorbed attention) takes any number of new tokens S and any past P, so
+it serves prefill too, as ONNX Runtime's GPU sessions do (runtime/ort_sessions.py): the prefill
+graph is not built (it stays in OUT for ONNX Runtime). Its "gather" experts copy K experts' weights
+per token (lowering/ops.py choose_moe_experts), so the prefill profile's S is bounded by
+`ort_sessions.gather_step_tokens` (at the engine's precision) as well as by max_prompt_tokens, and
+the runtime runs longer steps in chunks of at most that many tokens (`step_tokens`).
 
 Custom ops: the `dsc` ops reach TensorRT already lowered to standard ONNX operators that its parser
 imports, so no plugin is needed: one ONNX serves every backend, and the static check proves the
 parser takes it, where a plugin would need a build per GPU and TensorRT version. ONNX
 Runtime-targeted exports use `com.microsoft.MoE` for the experts (the fastest CPU lowering); the
 TensorRT parser has no importer for it, so `dscompile export --target tensorrt` lowers MoE with
-Gather/MatMul instead (lowering/ops.py, `choose_moe_experts`). `build_engines` runs the static check (`lowering/tensorrt/compat.py`) first and refuses
-with the first offending ops before any TensorRT work starts.
+Gather/MatMul instead (lowering/ops.py, `choose_moe_experts`). `build_engines` runs the static check
+(`lowering/tensorrt/compat.py`) first and refuses with the first offending ops before any TensorRT
+work starts.
 
-Profiles (B batch, S new tokens, P past tokens, T = P + S):
-- prefill: B 1..max_batch, S 1..max_prompt_tokens, P 0..max_context-1, T 1..max_context. P == 0 (the
+Profiles (B batch, S new tokens, P past tokens, T = P + S), in this order (index 0, 1), both added
+to one builder config; the runtime gives each its own execution context:
+- prefill: B 1..max_batch, S 1..step_tokens, P 0..max_context-1, T 1..max_context. P == 0 (the
   first step) is an empty tensor, which TensorRT accepts as a zero-length dimension.
-- decode: S == 1, P 1..max_context-1, T 2..max_context. The runtime only sends P > 0 to decode
-  (a first step is always prefill), so decode's profile need not include empty tensors.
-Kernels are tuned at `opt`: B = max_batch; prefill at P = 0 with S half of max_prompt_tokens (the
-common case: one prefill of a whole prompt); decode at P = half of max_context. `opt` is always a
-consistent point (T = P + S) so the builder tunes on a shape that really occurs.
+- decode: S == 1, P 1..max_context-1, T 2..max_context. The runtime only sends P > 0 to it
+  (a first step is always prefill), so it need not include empty tensors.
+Kernels are tuned at `opt`: B = max_batch; prefill at P = 0 with S half of max_prompt_tokens (one
+prefill of a whole prompt), or a whole chunk where prompts that long run in chunks; decode at P =
+half of max_context. `opt` is always a consistent point (T = P + S) so the builder tunes on a shape
+that really occurs.
 
 Precision: when the export's dtype (that of `past.0.kv_latent`) already is the requested precision,
 the network is created strongly typed (types come from the ONNX, as TensorRT 10 recommends). An fp32
@@ -57,8 +69,10 @@ import onnx
 from dscompile.lowering.tensorrt.compat import check_model, load_table
 from dscompile.dtypes import TABLE
 from dscompile.errors import DscompileError, EngineError, OptionError
-from dscompile.runtime.contract import PHASES as GRAPHS  # a TensorRT OUT holds one engine per phase
-from dscompile.runtime.trt_engine import PRECISIONS, TRT_FORMAT, TensorRTUnavailable, require_tensorrt
+from dscompile.runtime.contract import DECODE
+from dscompile.runtime.ort_sessions import gather_step_tokens
+from dscompile.runtime.trt_engine import (ENGINE_FILE, PRECISIONS, PROFILES, TRT_FORMAT, TensorRTUnavailable,
+                                          require_tensorrt)
 
 __all__ = [
     "TensorRTBuildError",
@@ -66,7 +80,8 @@ __all__ = [
     "require_tensorrt",
     "validate_options",
     "read_graph_io",
-    "compute_profile",
+    "compute_profiles",
+    "step_tokens",
     "network_mode",
     "builder_flags",
     "trt_section",
@@ -199,32 +214,48 @@ def _check_contract(io: GraphIO, graph: str) -> None:
             raise EngineError(f"{where}: decode input_ids must have S == 1, has {s}")
 
 
-def _ranges(graph: str, max_batch: int, max_prompt_tokens: int, max_context: int) -> dict[str, tuple[int, int, int]]:
-    """(min, opt, max) per axis role; opt is a consistent point: T = P + S."""
-    if graph == "decode":
+def _ranges(profile: str, max_batch: int, max_prompt_tokens: int, max_context: int, step_tokens: int
+            ) -> dict[str, tuple[int, int, int]]:
+    """(min, opt, max) per axis role of one profile; opt is a consistent point: T = P + S."""
+    if profile == DECODE:
         p_opt = max(1, max_context // 2)
         return {"B": (1, max_batch, max_batch), "S": (1, 1, 1), "P": (1, p_opt, max_context - 1),
                 "T": (2, p_opt + 1, max_context)}
-    s_opt = max(1, max_prompt_tokens // 2)
-    return {"B": (1, max_batch, max_batch), "S": (1, s_opt, max_prompt_tokens), "P": (0, 0, max_context - 1),
+    # a whole prompt in one step: half the longest; prompts longer than a chunk run as whole chunks
+    s_opt = max(1, max_prompt_tokens // 2) if step_tokens >= max_prompt_tokens else step_tokens
+    return {"B": (1, max_batch, max_batch), "S": (1, s_opt, step_tokens), "P": (0, 0, max_context - 1),
             "T": (1, s_opt, max_context)}
 
 
-def compute_profile(io: GraphIO, graph: str, *, max_batch: int, max_prompt_tokens: int, max_context: int
-                    ) -> dict[str, dict[str, list[int]]]:
-    """min/opt/max shapes for every input of one graph; static ONNX dims are kept as they are."""
-    ranges = _ranges(graph, max_batch, max_prompt_tokens, max_context)
-    profile = {}
-    for name, (dims, _) in io.inputs.items():
-        roles = _ROLES.get(name, _PAST_ROLES)
-        shape = {"min": [], "opt": [], "max": []}
-        for dim, role in zip(dims, roles):
-            lo, opt, hi = (dim, dim, dim) if dim is not None else ranges[role]
-            shape["min"].append(lo)
-            shape["opt"].append(opt)
-            shape["max"].append(hi)
-        profile[name] = shape
-    return profile
+def step_tokens(manifest: dict[str, Any] | None, precision: str, max_prompt_tokens: int) -> int:
+    """The most new tokens one step of the engine takes (the prefill profile's S max): max_prompt_tokens,
+    less where the decode graph gathers experts per token (ort_sessions.gather_step_tokens, at the width
+    of `precision`). Without a manifest (an OUT of bare graphs) nothing is known of the experts."""
+    if not isinstance((manifest or {}).get("graphs"), dict) or DECODE not in manifest["graphs"]:
+        return max_prompt_tokens
+    bound = gather_step_tokens(manifest, width=4 if precision == "fp32" else 2)
+    return min(max_prompt_tokens, bound) if bound else max_prompt_tokens
+
+
+def compute_profiles(io: GraphIO, *, max_batch: int, max_prompt_tokens: int, max_context: int, step_tokens: int
+                     ) -> dict[str, dict[str, dict[str, list[int]]]]:
+    """Profile name (PROFILES, in index order) -> min/opt/max shapes of every input of the decode graph;
+    static ONNX dims are kept as they are."""
+    profiles = {}
+    for name in PROFILES:
+        ranges = _ranges(name, max_batch, max_prompt_tokens, max_context, step_tokens)
+        shapes = {}
+        for tensor, (dims, _) in io.inputs.items():
+            roles = _ROLES.get(tensor, _PAST_ROLES)
+            shape = {"min": [], "opt": [], "max": []}
+            for dim, role in zip(dims, roles):
+                lo, opt, hi = (dim, dim, dim) if dim is not None else ranges[role]
+                shape["min"].append(lo)
+                shape["opt"].append(opt)
+                shape["max"].append(hi)
+            shapes[tensor] = shape
+        profiles[name] = shapes
+    return profiles
 
 
 def network_mode(export_dtype: int, precision: str) -> tuple[bool, str | None]:
@@ -281,20 +312,19 @@ def check_tensorrt_version(installed: str, required: str = MIN_TENSORRT, needed_
                                   f"ONNX parser reads from {required} on: pip install \"tensorrt>={required}\"")
 
 
-def _graph_files(out: Path) -> dict[str, Path]:
-    """ONNX file per graph: the manifest's `graphs.<g>.file` where there is one, else `<g>.onnx`."""
-    files = {g: out / f"{g}.onnx" for g in GRAPHS}
-    manifest = out / "manifest.json"
-    if manifest.is_file():
-        try:
-            graphs = json.loads(manifest.read_text(encoding="utf-8")).get("graphs", {})
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            raise EngineError(f"{manifest}: not valid JSON") from None
-        for g in GRAPHS:
-            name = graphs.get(g, {}).get("file") if isinstance(graphs.get(g), dict) else None
-            if isinstance(name, str):
-                files[g] = out / name
-    return files
+def _decode_file(out: Path) -> tuple[Path, dict[str, Any] | None]:
+    """(the decode graph's ONNX file: the manifest's `graphs.decode.file` where there is one, else
+    decode.onnx; the manifest, None where OUT has none)."""
+    manifest_path = out / "manifest.json"
+    if not manifest_path.is_file():
+        return out / f"{DECODE}.onnx", None
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        entry = manifest.get("graphs", {}).get(DECODE)
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise EngineError(f"{manifest_path}: not valid JSON") from None
+    name = entry.get("file") if isinstance(entry, dict) else None
+    return out / (name if isinstance(name, str) else f"{DECODE}.onnx"), manifest
 
 
 def _refuse_incompatible(path: Path) -> None:
@@ -349,53 +379,55 @@ def build_engines(
     progress: Callable[[str], None] | None = None,
     tf32: bool = False,
 ) -> dict[str, Any]:
-    """Build OUT/prefill.engine and OUT/decode.engine; return the manifest's "tensorrt" section.
+    """Build OUT/model.engine from the decode graph, with a prefill and a decode optimization profile;
+    return the manifest's "tensorrt" section.
 
-    `max_prompt_tokens` is the longest prefill (S), `max_context` the longest P + S. Everything that
-    needs no TensorRT (options, contract, compatibility) is checked before TensorRT is imported.
-    `tf32` lets an fp32 build compute GEMMs in TF32 (module docstring).
+    `max_prompt_tokens` is the longest prefill (S) a step takes (less where `step_tokens` bounds it),
+    `max_context` the longest P + S. Everything that needs no TensorRT (options, contract, compatibility)
+    is checked before TensorRT is imported. `tf32` lets an fp32 build compute GEMMs in TF32 (module
+    docstring). The engines of an older build (prefill.engine, decode.engine) are removed once
+    model.engine is written: they would hold two more copies of the weights on disk.
     """
     say = progress or (lambda _msg: None)
     validate_options(precision, max_batch, max_prompt_tokens, max_context, workspace_gb, tf32)
     out = Path(out_dir)
     if not out.is_dir():
         raise EngineError(f"{out}: no such engine folder")
-    files = _graph_files(out)
-    ios = {g: read_graph_io(files[g], g) for g in GRAPHS}
-    if ios["prefill"].num_layers != ios["decode"].num_layers or ios["prefill"].model_dtype != ios["decode"].model_dtype:
-        raise EngineError(f"{out}: prefill and decode graphs disagree on the cache (layers or dtype)")
-    for g in GRAPHS:
-        _refuse_incompatible(files[g])
-    strongly_typed, flag = network_mode(ios["prefill"].model_dtype, precision)
+    onnx_path, manifest = _decode_file(out)
+    io = read_graph_io(onnx_path, DECODE)
+    if io.inputs["input_ids"][0][1] == 1:
+        raise EngineError(f"{onnx_path}: input_ids has a static S == 1, so the one engine cannot run prefills "
+                          "through it: re-export (the contract's decode graph takes any number of new tokens)")
+    _refuse_incompatible(onnx_path)
+    strongly_typed, flag = network_mode(io.model_dtype, precision)
     config_flags = builder_flags(flag, precision, tf32)
-    profiles = {
-        g: compute_profile(ios[g], g, max_batch=max_batch, max_prompt_tokens=max_prompt_tokens, max_context=max_context)
-        for g in GRAPHS
-    }
+    chunk = step_tokens(manifest, precision, max_prompt_tokens)
+    profiles = compute_profiles(io, max_batch=max_batch, max_prompt_tokens=max_prompt_tokens, max_context=max_context,
+                                step_tokens=chunk)
 
-    required, needed_by = required_tensorrt(files[g] for g in GRAPHS)
+    required, needed_by = required_tensorrt([onnx_path])
     trt = require_tensorrt()
     check_tensorrt_version(trt.__version__, required, needed_by)  # before any parsing: one line, not a parser error
     logger = trt.Logger(trt.Logger.WARNING)
-    for g in GRAPHS:
-        say(f"{g}: parsing {files[g].name}")
-        engine_path = out / f"{g}.engine"
-        plan = _build_one(
-            trt, logger, files[g], profiles[g], strongly_typed, config_flags, workspace_gb, timing_cache_path, say
-        )
-        _write_atomic(engine_path, plan)
-        say(f"{g}: wrote {engine_path.name} ({engine_path.stat().st_size / 2**20:.1f} MiB)")
+    say(f"model: parsing {onnx_path.name}")
+    plan = _build_one(trt, logger, onnx_path, [profiles[name] for name in PROFILES], strongly_typed, config_flags,
+                      workspace_gb, timing_cache_path, say)
+    engine_path = out / ENGINE_FILE
+    _write_atomic(engine_path, plan)
+    say(f"model: wrote {engine_path.name} ({engine_path.stat().st_size / 2**20:.1f} MiB)")
+    for old in ("prefill.engine", "decode.engine"):
+        (out / old).unlink(missing_ok=True)
     return trt_section(
         tensorrt_version=trt.__version__, precision=precision, strongly_typed=strongly_typed, max_batch=max_batch,
         max_prompt_tokens=max_prompt_tokens, max_context=max_context, workspace_gb=workspace_gb,
-        timing_cache_path=timing_cache_path, onnx_files={g: files[g].name for g in GRAPHS}, profiles=profiles,
+        timing_cache_path=timing_cache_path, onnx_file=onnx_path.name, profiles=profiles, step_tokens=chunk,
         tf32=tf32,
     )
 
 
 def trt_section(*, tensorrt_version: str, precision: str, strongly_typed: bool, max_batch: int, max_prompt_tokens: int,
-                max_context: int, workspace_gb: float, timing_cache_path, onnx_files: dict[str, str],
-                profiles: dict[str, dict], tf32: bool = False) -> dict[str, Any]:
+                max_context: int, workspace_gb: float, timing_cache_path, onnx_file: str,
+                profiles: dict[str, dict], step_tokens: int, tf32: bool = False) -> dict[str, Any]:
     """The manifest's "tensorrt" section (schema in runtime/trt_engine.py, read by `read_trt_section`)."""
     return {
         "format": TRT_FORMAT,
@@ -408,13 +440,14 @@ def trt_section(*, tensorrt_version: str, precision: str, strongly_typed: bool, 
         "max_context": max_context,
         "workspace_gb": float(workspace_gb),
         "timing_cache": str(timing_cache_path) if timing_cache_path else None,
-        "graphs": {
-            g: {"onnx": onnx_files[g], "engine": f"{g}.engine", "profile": profiles[g]} for g in GRAPHS
-        },
+        "onnx": onnx_file,
+        "engine": ENGINE_FILE,
+        "step_tokens": step_tokens,
+        "profiles": {name: {"index": i, "shapes": profiles[name]} for i, name in enumerate(PROFILES)},
     }
 
 
-def _build_one(trt, logger, onnx_path: Path, profile: dict, strongly_typed: bool,
+def _build_one(trt, logger, onnx_path: Path, profiles: list[dict], strongly_typed: bool,
                config_flags: tuple[list[str], list[str]], workspace_gb: float, timing_cache_path, say) -> Any:
     builder = trt.Builder(logger)
     # TensorRT 10 networks are always explicit-batch; the only creation flag that matters is typing.
@@ -445,18 +478,18 @@ def _build_one(trt, logger, onnx_path: Path, profile: dict, strongly_typed: bool
     for flag in to_clear:
         config.clear_flag(getattr(trt.BuilderFlag, flag))
 
-    trt_profile = builder.create_optimization_profile()
     network_inputs = [network.get_input(i).name for i in range(network.num_inputs)]
-    for name in network_inputs:
-        if name not in profile:
-            raise TensorRTBuildError(f"{onnx_path}: network input '{name}' has no optimization profile")
-        p = profile[name]
-        trt_profile.set_shape(name, p["min"], p["opt"], p["max"])
-    if config.add_optimization_profile(trt_profile) < 0:
-        # The likeliest cause is prefill's P == 0 minimum (empty past tensors); the log says which input.
-        raise TensorRTBuildError(
-            f"{onnx_path}: TensorRT rejected the optimization profile (see the TensorRT log for the input at fault)"
-        )
+    for index, profile in enumerate(profiles):
+        trt_profile = builder.create_optimization_profile()
+        for name in network_inputs:
+            if name not in profile:
+                raise TensorRTBuildError(f"{onnx_path}: network input '{name}' has no shapes in profile {index}")
+            p = profile[name]
+            trt_profile.set_shape(name, p["min"], p["opt"], p["max"])
+        if config.add_optimization_profile(trt_profile) != index:
+            # The likeliest cause is the prefill profile's P == 0 (empty past tensors); the log names the input.
+            raise TensorRTBuildError(f"{onnx_path}: TensorRT rejected optimization profile {index} "
+                                     f"({PROFILES[index]}; see the TensorRT log for the input at fault)")
 
     cache = None
     if timing_cache_path is not None:
@@ -466,7 +499,7 @@ def _build_one(trt, logger, onnx_path: Path, profile: dict, strongly_typed: bool
         if not config.set_timing_cache(cache, ignore_mismatch=False):
             raise TensorRTBuildError(f"{timing_cache_path}: timing cache does not match this TensorRT/GPU; delete it")
 
-    say(f"{onnx_path.stem}: building ({'strongly typed' if strongly_typed else ', '.join(to_set)})")
+    say(f"model: building {len(profiles)} profiles ({'strongly typed' if strongly_typed else ', '.join(to_set)})")
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise TensorRTBuildError(f"{onnx_path}: TensorRT could not build an engine (see the TensorRT log above)")
