@@ -79,19 +79,17 @@ def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | Non
 
 
 def _count_engines(progress: Progress | None) -> Callable[[str], None] | None:
-    """build_engines says what it does in words ("prefill: wrote prefill.engine ..."); the stage
-    callback counts the engines written, one per graph of the contract."""
+    """build_engines says what it does in words ("model: wrote model.engine ..."); the stage
+    callback counts the engine written (one: both profiles are in it)."""
     if progress is None:
         return None
-    from dscompile.runtime.contract import PHASES
-
     written = []
-    progress("tensorrt", 0, len(PHASES))
+    progress("tensorrt", 0, 1)
 
     def say(message: str) -> None:
         if ": wrote " in message:
             written.append(message)
-            progress("tensorrt", len(written), len(PHASES))
+            progress("tensorrt", len(written), 1)
 
     return say
 

@@ -6,7 +6,7 @@ weight memory each backend keeps, and cache bytes per token against multi-head a
 sharded OUT: its plan, sized per rank (`sharding_plan`). Everything comes from the manifest (and,
 with `trt_compat` / `ort_cuda_compat`, from the ONNX graphs); no engine is opened. The weight memory
 per backend is device memory for the GPU ones: one copy on ONNX Runtime's CUDA provider (one
-session), two for TensorRT engines (prefill and decode each hold theirs).
+session) and for the TensorRT engine (one engine, the decode graph, with two profiles).
 """
 
 from __future__ import annotations

@@ -264,13 +264,16 @@ class TrtEngine(Engine):
 
     def _run(self, profile: _Profile, input_ids: torch.Tensor, position_ids: torch.Tensor,
              attention_mask: torch.Tensor, cache: KVCache | None) -> tuple[torch.Tensor, KVCache]:
-        """One run of the engine on `profile`'s context."""
+        """One run of the engine on `profile`'s context: inputs checked against its ranges, then `_execute`."""
         if cache is None:
             cache = KVCache.empty(self.info, int(input_ids.shape[0]), self.device)
         feeds = dict(zip(STEP_INPUTS, (input_ids, position_ids, attention_mask)))
         feeds.update(zip(cache_names(PAST, len(cache.layers)), (t for layer in cache.layers for t in layer)))
         check_profile(profile.name, {n: tuple(t.shape) for n, t in feeds.items()}, profile.ranges)
+        return self._execute(profile, feeds)
 
+    def _execute(self, profile: _Profile, feeds: dict[str, torch.Tensor]) -> tuple[torch.Tensor, KVCache]:
+        """The TensorRT part of a run: bind `feeds` and fresh outputs to the context and execute it."""
         ctx = profile.context
         bound: list[torch.Tensor] = []  # keeps converted inputs alive until the engine has run
         with torch.cuda.device(self.device):

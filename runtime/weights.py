@@ -139,8 +139,8 @@ def resident_estimate(out: Path, manifest: dict[str, Any]) -> dict[str, dict[str
     ONNX Runtime on CPU and the torch engine map weights.bin once for all their graphs/programs,
     so they hold the union of the byte ranges they read. ONNX Runtime's CUDA and TensorRT providers
     copy a session's initializers to the device, so there the graphs opened add up: one session,
-    the decode graph (ort_sessions.session_graphs). TensorRT engines (`--target tensorrt`) each hold
-    the weights their graph reads: prefill.engine and decode.engine, two copies. Activations and
+    the decode graph (ort_sessions.session_graphs). The TensorRT engine (`--target tensorrt`) holds
+    the weights the decode graph reads, once for both its profiles (model.engine). Activations and
     the cache come on top; prepacking (OrtEngine.load(prepack=True)) adds packed copies.
     """
     import onnx  # noqa: PLC0415 - only the estimate reads graphs
@@ -181,10 +181,11 @@ def resident_estimate(out: Path, manifest: dict[str, Any]) -> dict[str, dict[str
     if manifest.get("target") == "tensorrt":
         # an fp32 export built as fp16/bf16 engines holds its weights at half the width
         half = manifest["dtype"] == "float32" and (manifest.get("tensorrt") or {}).get("precision") in ("fp16", "bf16")
-        both = sum(_covered(per_graph[g]) for g in ("prefill", "decode"))
-        report["tensorrt"] = {"bytes": both // 2 if half else both,
-                              "how": "device memory: prefill.engine and decode.engine each hold the weights "
-                                     "their graph reads" + (" (built in half precision)" if half else "")}
+        one = _covered(per_graph["decode"])
+        report["tensorrt"] = {"bytes": one // 2 if half else one,
+                              "how": "device memory: model.engine holds the weights the decode graph reads, "
+                                     "once for its prefill and decode profiles"
+                                     + (" (built in half precision)" if half else "")}
     elif not any("." in op for op in graphs["decode"].get("op_counts") or {}):  # ORT's TensorRT provider runs it
         report["onnxruntime-tensorrt"] = {"bytes": gpu, "how": "device memory: one session (the decode graph), "
                                                                "its TensorRT engine holding the weights"}

@@ -19,7 +19,7 @@ from dscompile.lowering.tensorrt.build import (
     _build_one,
     build_engines,
     builder_flags,
-    compute_profile,
+    compute_profiles,
     network_mode,
     read_graph_io,
     trt_section,
@@ -34,6 +34,7 @@ from dscompile.runtime.trt_engine import (
     engine_info_from_io,
     read_trt_section,
     require_tensorrt,
+    step_plan,
     torch_dtype,
 )
 
@@ -112,28 +113,35 @@ def test_build_refuses_bad_options_before_touching_out(tmp_path):
         build_engines(tmp_path / "does-not-exist", max_prompt_tokens=64, max_context=32)
 
 
-def test_prefill_profile_from_onnx_inputs(tmp_path):
-    onnx.save(_toy_graph("prefill"), str(tmp_path / "prefill.onnx"))
-    io = read_graph_io(tmp_path / "prefill.onnx", "prefill")
+def test_profiles_from_onnx_inputs(tmp_path):
+    onnx.save(_toy_graph("decode"), str(tmp_path / "decode.onnx"))
+    io = read_graph_io(tmp_path / "decode.onnx", "decode")
     assert io.num_layers == LAYERS
-    p = compute_profile(io, "prefill", max_batch=4, max_prompt_tokens=128, max_context=1024)
+    profiles = compute_profiles(io, max_batch=4, max_prompt_tokens=128, max_context=1024, step_tokens=128)
+    assert list(profiles) == ["prefill", "decode"]  # index order
+    p = profiles["prefill"]
     assert p["input_ids"] == {"min": [1, 1], "opt": [4, 64], "max": [4, 128]}
     assert p["position_ids"] == p["input_ids"]
     assert p["attention_mask"] == {"min": [1, 1], "opt": [4, 64], "max": [4, 1024]}
     assert p["past.1.kv_latent"] == {"min": [1, 0, C], "opt": [4, 0, C], "max": [4, 1023, C]}
     assert p["past.0.k_rope"] == {"min": [1, 0, R], "opt": [4, 0, R], "max": [4, 1023, R]}
     assert sorted(p) == sorted(io.inputs)
+    d = profiles["decode"]
+    assert d["input_ids"] == {"min": [1, 1], "opt": [4, 1], "max": [4, 1]}
+    assert d["attention_mask"] == {"min": [1, 2], "opt": [4, 513], "max": [4, 1024]}
+    assert d["past.0.kv_latent"] == {"min": [1, 1, C], "opt": [4, 512, C], "max": [4, 1023, C]}
+    # a chunk bound below the longest prompt: S max is the chunk, tuned at a whole chunk
+    chunked = compute_profiles(io, max_batch=4, max_prompt_tokens=128, max_context=1024, step_tokens=20)["prefill"]
+    assert chunked["input_ids"] == {"min": [1, 1], "opt": [4, 20], "max": [4, 20]}
+    for shapes in (p, d, chunked):  # opt is a point that really occurs: T = P + S
+        assert shapes["attention_mask"]["opt"][1] == \
+            shapes["past.0.kv_latent"]["opt"][1] + shapes["input_ids"]["opt"][1]
 
 
-def test_decode_profile_keeps_static_dims_and_starts_past_at_one(tmp_path):
+def test_build_refuses_a_decode_graph_with_static_s(tmp_path):
     onnx.save(_toy_graph("decode", decode_static_s=True), str(tmp_path / "decode.onnx"))
-    io = read_graph_io(tmp_path / "decode.onnx", "decode")
-    p = compute_profile(io, "decode", max_batch=2, max_prompt_tokens=128, max_context=1024)
-    assert p["input_ids"] == {"min": [1, 1], "opt": [2, 1], "max": [2, 1]}
-    assert p["attention_mask"] == {"min": [1, 2], "opt": [2, 513], "max": [2, 1024]}
-    assert p["past.0.kv_latent"] == {"min": [1, 1, C], "opt": [2, 512, C], "max": [2, 1023, C]}
-    # opt is a point that really occurs: T = P + S
-    assert p["attention_mask"]["opt"][1] == p["past.0.kv_latent"]["opt"][1] + p["input_ids"]["opt"][1]
+    with pytest.raises(EngineError, match=r"decode\.onnx: input_ids has a static S == 1, so the one engine cannot"):
+        build_engines(tmp_path, precision="fp32", max_batch=2, max_prompt_tokens=8, max_context=16)
 
 
 def test_contract_violations_name_the_tensor(tmp_path):
@@ -175,9 +183,10 @@ def test_fp32_builds_clear_tf32_unless_opted_in(tmp_path):
         builder = trt.Builder.return_value
         builder.create_network.return_value.num_inputs = 0
         config = builder.create_builder_config.return_value
-        config.add_optimization_profile.return_value = 0
-        _build_one(trt, None, tmp_path / "prefill.onnx", {}, True, builder_flags(None, "fp32", tf32), 1.0, None,
+        config.add_optimization_profile.side_effect = [0, 1]
+        _build_one(trt, None, tmp_path / "decode.onnx", [{}, {}], True, builder_flags(None, "fp32", tf32), 1.0, None,
                    lambda _: None)
+        assert config.add_optimization_profile.call_count == 2  # both profiles on the one builder config
         if tf32:
             config.set_flag.assert_called_once_with(trt.BuilderFlag.TF32)
             config.clear_flag.assert_not_called()
@@ -201,22 +210,22 @@ def test_build_refuses_com_microsoft_ops_before_tensorrt(tmp_path):
     with pytest.raises(TensorRTBuildError) as e:
         build_engines(tmp_path, precision="fp32")
     msg = str(e.value)
-    assert "prefill.onnx: not buildable by TensorRT: com.microsoft::MoE (layers.1.moe)" in msg
+    assert "decode.onnx: not buildable by TensorRT: com.microsoft::MoE (layers.1.moe)" in msg
     assert "domain 'com.microsoft' is not supported by TensorRT" in msg and "\n" not in msg
     assert not list(tmp_path.glob("*.engine"))
 
 
-def test_the_api_counts_the_engines_the_build_writes():
-    """dscompile.export(target="tensorrt") reports build_engines' messages as the stage bars it takes:
-    (stage, done, total), one step per engine written."""
+def test_the_api_counts_the_engine_the_build_writes():
+    """dscompile.export(target="tensorrt") reports build_engines' messages as the stage bar it takes:
+    (stage, done, total), one engine."""
     from dscompile.api import _count_engines
 
     calls = []
     say = _count_engines(lambda *a: calls.append(a))
-    for message in ("prefill: parsing prefill.onnx", "prefill: wrote prefill.engine (1.0 MiB)",
-                    "decode: parsing decode.onnx", "decode: wrote decode.engine (1.0 MiB)"):
+    for message in ("model: parsing decode.onnx", "model: building 2 profiles (strongly typed)",
+                    "model: wrote model.engine (1.0 MiB)"):
         say(message)
-    assert calls == [("tensorrt", 0, 2), ("tensorrt", 1, 2), ("tensorrt", 2, 2)]
+    assert calls == [("tensorrt", 0, 1), ("tensorrt", 1, 1)]
     assert _count_engines(None) is None
 
 
@@ -260,34 +269,69 @@ def test_choose_graph():
 
 def _section(tmp_path):
     _write_out(tmp_path)
-    profiles = {g: compute_profile(read_graph_io(tmp_path / f"{g}.onnx", g), g, max_batch=2, max_prompt_tokens=8,
-                                   max_context=16) for g in ("prefill", "decode")}
+    io = read_graph_io(tmp_path / "decode.onnx", "decode")
+    profiles = compute_profiles(io, max_batch=2, max_prompt_tokens=8, max_context=16, step_tokens=8)
     return trt_section(tensorrt_version="10.15.1", precision="fp32", strongly_typed=True, max_batch=2,
                        max_prompt_tokens=8, max_context=16, workspace_gb=1, timing_cache_path=None,
-                       onnx_files={"prefill": "prefill.onnx", "decode": "decode.onnx"}, profiles=profiles)
+                       onnx_file="decode.onnx", profiles=profiles, step_tokens=8)
 
 
 def test_manifest_section_written_by_the_builder_is_read_by_the_runtime(tmp_path):
     section = _section(tmp_path)
-    json.dumps(section)
-    assert read_trt_section({"tensorrt": section}, tmp_path) is section
-    assert section["graphs"]["decode"]["engine"] == "decode.engine"
+    assert read_trt_section(json.loads(json.dumps({"tensorrt": section})), tmp_path) == section
+    assert section["engine"] == "model.engine" and section["onnx"] == "decode.onnx" and section["step_tokens"] == 8
+    assert {n: p["index"] for n, p in section["profiles"].items()} == {"prefill": 0, "decode": 1}
     assert section["tf32"] is False  # IEEE float32 unless the build opted in (compare reads it)
     broken = json.loads(json.dumps(section))
-    del broken["graphs"]["decode"]["profile"]
-    with pytest.raises(EngineError, match=r"manifest\.json: tensorrt\.graphs\.decode\.profile is missing"):
+    del broken["profiles"]["decode"]["shapes"]
+    with pytest.raises(EngineError, match=r"manifest\.json: tensorrt\.profiles\.decode\.shapes is missing"):
         read_trt_section({"tensorrt": broken}, tmp_path)
+    swapped = json.loads(json.dumps(section))
+    swapped["profiles"]["prefill"]["index"] = 1
+    with pytest.raises(EngineError, match=r"tensorrt\.profiles\.prefill\.index is 1, expected 0"):
+        read_trt_section({"tensorrt": swapped}, tmp_path)
+    with pytest.raises(EngineError, match=r"tensorrt\.step_tokens must be a positive integer, got 0"):
+        read_trt_section({"tensorrt": dict(section, step_tokens=0)}, tmp_path)
     with pytest.raises(EngineError, match="no 'tensorrt' section"):
         read_trt_section({}, tmp_path)
 
 
+def test_the_engine_per_graph_format_is_refused_with_what_to_do(tmp_path):
+    old = {"format": 2, "precision": "fp16", "max_batch": 1, "max_prompt_tokens": 8, "max_context": 16,
+           "graphs": {g: {"onnx": f"{g}.onnx", "engine": f"{g}.engine", "profile": {}} for g in ("prefill", "decode")}}
+    with pytest.raises(EngineError) as e:
+        read_trt_section({"tensorrt": old}, tmp_path)
+    msg = str(e.value)
+    assert "tensorrt.format 2" in msg and "rebuild the engine" in msg and "--target tensorrt" in msg and "\n" not in msg
+    with pytest.raises(EngineError, match="tensorrt.format is 7, this dscompile reads 3"):
+        read_trt_section({"tensorrt": dict(old, format=7)}, tmp_path)
+
+
 def test_profile_check_names_tensor_and_range(tmp_path):
-    profile = _section(tmp_path)["graphs"]["prefill"]["profile"]
+    profile = _section(tmp_path)["profiles"]["prefill"]["shapes"]
     check_profile("prefill", {"input_ids": (2, 8), "past.0.kv_latent": (2, 0, C)}, profile)
-    with pytest.raises(EngineError, match=r"prefill engine: input_ids dim 1 is 9, the engine was built for 1\.\.8"):
+    with pytest.raises(EngineError, match=r"prefill profile: input_ids dim 1 is 9, the engine was built for 1\.\.8"):
         check_profile("prefill", {"input_ids": (1, 9)}, profile)
     with pytest.raises(EngineError, match=r"past\.0\.kv_latent dim 0 is 3, the engine was built for 1\.\.2"):
         check_profile("prefill", {"past.0.kv_latent": (3, 4, C)}, profile)
+    decode = _section(tmp_path)["profiles"]["decode"]["shapes"]
+    with pytest.raises(EngineError, match=r"decode profile: past\.0\.kv_latent dim 1 is 0, the engine was built for 1"):
+        check_profile("decode", {"past.0.kv_latent": (1, 0, C)}, decode)
+
+
+def test_step_plan_picks_the_profile_and_cuts_chunks():
+    assert step_plan(1, 5, 8) == [("decode", 0, 1)]
+    assert step_plan(1, 0, 8) == [("prefill", 0, 1)]  # a one-token prompt: nothing cached yet
+    assert step_plan(8, 0, 8) == [("prefill", 0, 8)]
+    assert step_plan(7, 3, 3) == [("prefill", 0, 3), ("prefill", 3, 6), ("decode", 6, 7)]  # a last lone token decodes
+    assert step_plan(7, 0, 3) == [("prefill", 0, 3), ("prefill", 3, 6), ("decode", 6, 7)]
+    assert step_plan(4, 0, 1) == [("prefill", 0, 1), ("decode", 1, 2), ("decode", 2, 3), ("decode", 3, 4)]
+    for S, P, n in ((13, 0, 4), (5, 2, 5), (1, 9, 2), (9, 1, 2)):
+        plan = step_plan(S, P, n)
+        assert [a for _, a, _ in plan] == list(range(0, S, n)) and plan[-1][2] == S  # consecutive, all covered
+        assert all(0 < b - a <= n for _, a, b in plan)
+    with pytest.raises(EngineError, match="a step needs new tokens"):
+        step_plan(0, 3, 4)
 
 
 def test_engine_info_from_engine_io():
@@ -324,7 +368,7 @@ def test_build_and_run_matches_onnxruntime(tmp_path, precision):
     _write_out(tmp_path)
     section = build_engines(tmp_path, precision=precision, max_batch=2, max_prompt_tokens=8, max_context=16,
                             timing_cache_path=tmp_path / "timing.cache")
-    assert (tmp_path / "prefill.engine").stat().st_size > 0 and (tmp_path / "decode.engine").stat().st_size > 0
+    assert (tmp_path / "model.engine").stat().st_size > 0 and not list(tmp_path.glob("[pd]*.engine"))
     assert (tmp_path / "timing.cache").is_file()
     (tmp_path / "manifest.json").write_text(json.dumps({"graphs": {"prefill": {"file": "prefill.onnx"}},
                                                         "tensorrt": section}))
@@ -367,3 +411,14 @@ def test_build_and_run_matches_onnxruntime(tmp_path, precision):
         return tokens[1:]
 
     assert engine.generate([[3, 5], [6]], 4) == [greedy([3, 5], 4), greedy([6], 4)]  # two different continuations
+
+    # a step longer than the prefill profile's S max (step_tokens = max_prompt_tokens = 8) runs as 8 + 3
+    long_ids = torch.randint(0, V, (1, 11), generator=torch.Generator().manual_seed(1))
+    one = {"input_ids": long_ids.numpy(), "position_ids": np.arange(11)[None],
+           "attention_mask": np.ones((1, 11), np.int64),
+           **{name: np.zeros((1, 0, C if "kv_latent" in name else R), np.float32) for name in past}}
+    logits3, cache3 = engine.step(long_ids, torch.arange(11)[None], torch.ones(1, 11, dtype=torch.int64), None)
+    ref3 = sess.run(["logits"], one)[0]
+    assert cache3.length == 11 and logits3.shape == (1, 11, V)
+    err = (logits3.cpu() - torch.from_numpy(ref3)).abs()
+    assert err.max() <= 1e-4 * max(1.0, float(np.abs(ref3).max())), f"max {err.max():.3e} mean {err.mean():.3e}"

@@ -180,9 +180,9 @@ def _union(regions) -> int:
     return sum(covered)
 
 
-def test_inspect_reports_one_device_copy_on_cuda_two_for_tensorrt_engines(small_export, tmp_path):
-    """onnxruntime-cuda: the bytes of the decode graph's initializers (one session); TensorRT engines:
-    prefill's plus decode's (each engine holds its own), halved for an fp32 export built as fp16."""
+def test_inspect_reports_one_device_copy_on_cuda_and_for_the_tensorrt_engine(small_export, tmp_path):
+    """onnxruntime-cuda: the bytes of the decode graph's initializers (one session); the TensorRT engine:
+    the same (one engine, the decode graph, with two profiles), halved for an fp32 export built as fp16."""
     manifest = read_manifest(small_export)
     decode, prefill = _bytes_of(small_export / "decode.onnx"), _bytes_of(small_export / "prefill.onnx")
     report = resident_estimate(small_export, manifest)
@@ -191,9 +191,9 @@ def test_inspect_reports_one_device_copy_on_cuda_two_for_tensorrt_engines(small_
     assert "onnxruntime-tensorrt" not in report  # com.microsoft.MoE: ORT's TensorRT provider refuses it
     assert "tensorrt" not in report
     trt = dict(manifest, target="tensorrt")
-    assert resident_estimate(small_export, trt)["tensorrt"]["bytes"] == _union(decode) + _union(prefill)
+    assert resident_estimate(small_export, trt)["tensorrt"]["bytes"] == _union(decode)
     built_half = dict(trt, tensorrt={"precision": "fp16"})
-    assert resident_estimate(small_export, built_half)["tensorrt"]["bytes"] == (_union(decode) + _union(prefill)) // 2
+    assert resident_estimate(small_export, built_half)["tensorrt"]["bytes"] == _union(decode) // 2
     from dscompile.inspect import inspect
 
     assert inspect(small_export)["resident_estimate"]["onnxruntime-cuda"]["bytes"] == _union(decode)
