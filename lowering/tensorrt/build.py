@@ -1,39 +1,32 @@
 """Build the TensorRT engine (`model.engine`) of an OUT folder from its decode graph.
 
 The official TensorRT Python API does the work: `trt.OnnxParser` reads `decode.onnx` (external
-weights are found next to the file), two optimization profiles of one builder config cover the
+weights are found next to the file), two optimization profiles on one builder config cover the
 steps of the engine contract, and `builder.build_serialized_network` produces the plan, written
 atomically into OUT. The returned dict is the manifest's "tensorrt" section (documented in
 `runtime/trt_engine.py`, which loads and runs the engine).
 
-One engine, one device copy of the weights. A TensorRT engine embeds the weights its network reads,
-so one engine per graph held two copies on the GPU (DeepSeek-V2-Lite in bfloat16: 31 GB each). The
-contract's decode graph (absorbed attention) takes any number of new tokens S and any past P, so
-it serves prefill too, as ONNX Runtime's GPU sessions do (runtime/ort_sessions.py): the prefill
-graph is not built (it stays in OUT for ONNX Runtime). Its "gather" experts copy K experts' weights
-per token (lowering/ops.py choose_moe_experts), so the prefill profile's S is bounded by
-`ort_sessions.gather_step_tokens` (at the engine's precision) as well as by max_prompt_tokens, and
-the runtime runs longer steps in chunks of at most that many tokens (`step_tokens`).
+One engine, one device copy of the weights: an engine embeds the weights its network reads, so an
+engine per graph held two copies on the GPU (DeepSeek-V2-Lite in bfloat16: 31 GB each). The
+contract's decode graph (absorbed attention) takes any S and any P, so it serves prefill too, as
+ONNX Runtime's GPU sessions do (runtime/ort_sessions.py); the prefill graph is not built (it stays
+in OUT for ONNX Runtime). Its "gather" experts copy K experts' weights per token (lowering/ops.py
+choose_moe_experts), so the prefill profile's S stops at `step_tokens`: max_prompt_tokens, or less
+where `ort_sessions.gather_step_tokens` (at the engine's precision) says so; the runtime runs longer
+steps in chunks of that many tokens.
 
-Custom ops: the `dsc` ops reach TensorRT already lowered to standard ONNX operators that its parser
-imports, so no plugin is needed: one ONNX serves every backend, and the static check proves the
-parser takes it, where a plugin would need a build per GPU and TensorRT version. ONNX
-Runtime-targeted exports use `com.microsoft.MoE` for the experts (the fastest CPU lowering); the
-TensorRT parser has no importer for it, so `dscompile export --target tensorrt` lowers MoE with
-Gather/MatMul instead (lowering/ops.py, `choose_moe_experts`). `build_engines` runs the static check
-(`lowering/tensorrt/compat.py`) first and refuses with the first offending ops before any TensorRT
-work starts.
+No plugin: the `dsc` ops reach TensorRT lowered to standard ONNX operators (`--target tensorrt`
+gathers experts with Gather/MatMul where ONNX Runtime exports use `com.microsoft.MoE`, which the
+parser lacks), so one ONNX serves every backend. `build_engines` runs the static parser check
+(`lowering/tensorrt/compat.py`) first and refuses the first offending ops before any TensorRT work.
 
-Profiles (B batch, S new tokens, P past tokens, T = P + S), in this order (index 0, 1), both added
-to one builder config; the runtime gives each its own execution context:
+Profiles (B batch, S new tokens, P past tokens, T = P + S), index 0 and 1 of one builder config:
 - prefill: B 1..max_batch, S 1..step_tokens, P 0..max_context-1, T 1..max_context. P == 0 (the
   first step) is an empty tensor, which TensorRT accepts as a zero-length dimension.
-- decode: S == 1, P 1..max_context-1, T 2..max_context. The runtime only sends P > 0 to it
-  (a first step is always prefill), so it need not include empty tensors.
+- decode: S == 1, P 1..max_context-1, T 2..max_context (a first step is always prefill).
 Kernels are tuned at `opt`: B = max_batch; prefill at P = 0 with S half of max_prompt_tokens (one
 prefill of a whole prompt), or a whole chunk where prompts that long run in chunks; decode at P =
-half of max_context. `opt` is always a consistent point (T = P + S) so the builder tunes on a shape
-that really occurs.
+half of max_context. `opt` is always a consistent point (T = P + S), a shape that really occurs.
 
 Precision: when the export's dtype (that of `past.0.kv_latent`) already is the requested precision,
 the network is created strongly typed (types come from the ONNX, as TensorRT 10 recommends). An fp32
@@ -379,14 +372,12 @@ def build_engines(
     progress: Callable[[str], None] | None = None,
     tf32: bool = False,
 ) -> dict[str, Any]:
-    """Build OUT/model.engine from the decode graph, with a prefill and a decode optimization profile;
-    return the manifest's "tensorrt" section.
+    """Build OUT/model.engine (decode graph; prefill and decode profiles); return the manifest's "tensorrt" section.
 
     `max_prompt_tokens` is the longest prefill (S) a step takes (less where `step_tokens` bounds it),
     `max_context` the longest P + S. Everything that needs no TensorRT (options, contract, compatibility)
-    is checked before TensorRT is imported. `tf32` lets an fp32 build compute GEMMs in TF32 (module
-    docstring). The engines of an older build (prefill.engine, decode.engine) are removed once
-    model.engine is written: they would hold two more copies of the weights on disk.
+    is checked before TensorRT is imported. `tf32`: fp32 GEMMs in TF32 (module docstring). An older
+    build's prefill.engine and decode.engine (two more copies of the weights) go once model.engine is written.
     """
     say = progress or (lambda _msg: None)
     validate_options(precision, max_batch, max_prompt_tokens, max_context, workspace_gb, tf32)
