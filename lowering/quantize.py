@@ -222,7 +222,8 @@ class GraphQuantizer:
         return found if found is not None else self.dtype
 
     def _stored(self, graph: ir.Graph, value: ir.Value, transpose: bool, name: str,
-                scale_dtype: torch.dtype = torch.float32) -> tuple[ir.Value, ir.Value]:
+                scale_dtype: torch.dtype = torch.float32) -> tuple[ir.Value, ir.Value, Scheme]:
+        """(bits, scales, the weight's scheme: the export's, or lm_head's own bits) of a stored weight."""
         # The block size divides every quantized weight's input dimension: checked when the weights
         # were marked (model.checkpoint.apply_quantization), naming the checkpoint weight.
         weight = value.const_value.weight
@@ -240,7 +241,7 @@ class GraphQuantizer:
                 const_value=_MetaWeight(tensor, vname))
             graph.register_initializer(v)
             values.append(v)
-        return values[0], values[1]
+        return values[0], values[1], scheme
 
     def __call__(self, model: ir.Model) -> dict[str, int]:
         """Rewrite `model` in place; returns counts of rewritten nodes."""
@@ -272,8 +273,7 @@ class GraphQuantizer:
                 continue
             else:
                 continue
-            packed, scales = self._stored(graph, b, transpose, name, self._scale_dtype(node.inputs[0]))
-            scheme = weight_scheme(w)  # the scheme's, or lm_head's own bits (model/quant.py)
+            packed, scales, scheme = self._stored(graph, b, transpose, name, self._scale_dtype(node.inputs[0]))
             new = ir.node("MatMulNBits", [node.inputs[0], packed, scales], domain=MSFT_DOMAIN,
                           attributes={"K": K, "N": N, "bits": scheme.bits, "block_size": scheme.block_size,
                                       "accuracy_level": self.levels["MatMulNBits"][scheme.bits]},
@@ -287,8 +287,8 @@ class GraphQuantizer:
         fc1, fc2 = node.inputs[2], node.inputs[4]
         prefix = fc2.name.rsplit(".", 1)[0] if fc2.name else node.name
         scale_dtype = self._scale_dtype(node.inputs[0])
-        q1, s1 = self._stored(graph, fc1, False, f"{prefix}.gate_up_interleaved", scale_dtype)
-        q2, s2 = self._stored(graph, fc2, False, fc2.name or f"{prefix}.down_proj", scale_dtype)
+        q1, s1, _ = self._stored(graph, fc1, False, f"{prefix}.gate_up_interleaved", scale_dtype)
+        q2, s2, _ = self._stored(graph, fc2, False, fc2.name or f"{prefix}.down_proj", scale_dtype)
         router = node.inputs[1]
         mix = ir.node("Softmax", [router], attributes={"axis": -1}, name=f"{node.name}.mixing_weights")
         graph.insert_before(node, mix)
