@@ -9,14 +9,15 @@ prefill graph otherwise, through IOBinding:
   they become torch tensors (zero-copy, DLPack) only when someone reads `cache.layers`;
 - logits come back as a float32 torch tensor (zero-copy view of ORT's output on CPU).
 
-In-place decode (CPU provider, exports that have `graphs.decode.in_place`, which then runs every
-decode step): the contract's decode graph copies the whole cache into a new `present` every step (Concat), and ORT allocates those
-outputs afresh. The in-place graph (lowering.in_place.in_place_decode) instead writes the new row into
+In-place steps (CPU provider, exports that have `graphs.decode.in_place`, which then runs every
+decode step, and every step where it takes any number of new tokens): the contract's decode graph
+copies the whole cache into a new `present` every step (Concat), and ORT allocates those outputs
+afresh. The in-place graph (lowering.in_place.in_place_decode) instead writes the S new rows into
 capacity buffers bound as both its cache inputs and outputs. The cache it returns is an
 `OrtCapacityCache`: rows [0, P) of `CacheBuffers` of capacity T (a multiple of CAPACITY_STEP).
-Stepping from a cache of length P writes row P of its buffers when no live cache reads that row
-(the usual chain: each step's cache replaces the previous one, or the returned cache is dropped);
-otherwise, or when the buffers are full, the rows are first copied into new buffers. So a cache
+Stepping from a cache of length P writes rows [P, P + S) of its buffers when no live cache reads
+them (the usual chain: each step's cache replaces the previous one, or the returned cache is
+dropped); otherwise, or when the buffers are too small, the rows are first copied into new buffers. So a cache
 never changes under whoever holds it, and a generation loop copies the cache once per
 CAPACITY_STEP tokens instead of every token. `own_cache` turns any cache into this form up front.
 
@@ -40,11 +41,14 @@ through a half-precision decode graph are cut into chunks of `max_step_tokens` n
 
 Quantized engines (`export --weights int8|int4`): MatMulNBits and QMoE compute from a packed
 layout they build when the session is created (prepacking); without it they unpack every weight
-on every call. Two sessions would hold two packed copies, so ONE session, on the contract's decode
-graph (absorbed attention, any number of new tokens), runs prefill and decode steps; the in-place
-variant is not used. Measured on the bench config, int4 (705 MB weights.bin): proportional
-resident memory 0.86x weights.bin after a first step; decode at context 1024 in 18 ms, prefill of
-128 tokens in 0.92 s; with two prepacked sessions 1.4x.
+on every call. Two sessions would hold two packed copies, so ONE session runs prefill and decode
+steps: of the in-place graph made for any number of new tokens (`new_tokens` "any": the causal
+limit of new token j is write_index + j), so a prefill writes its rows into capacity buffers and
+each decode step writes one row, neither copying the cache (exports without it: the contract's
+decode graph, whose Concat copies it every step: 0.8 ms of an 18 ms int4 step at context 1024).
+Measured on the bench config, int4 (705 MB weights.bin): proportional resident memory 0.86x
+weights.bin after a first step; decode at context 1024 in 18 ms, prefill of 128 tokens in 0.92 s;
+with two prepacked sessions 1.4x.
 
 Provider: "auto" picks CUDA when onnxruntime offers it and a CUDA GPU is present, else CPU;
 "cpu", "cuda" and "tensorrt" insist. ONNX Runtime itself never refuses a GPU provider: where its
