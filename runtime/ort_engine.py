@@ -17,9 +17,9 @@ capacity buffers bound as both its cache inputs and outputs. The cache it return
 `OrtCapacityCache`: rows [0, P) of `CacheBuffers` of capacity T (a multiple of CAPACITY_STEP).
 Stepping from a cache of length P writes rows [P, P + S) of its buffers when no live cache reads
 them (the usual chain: each step's cache replaces the previous one, or the returned cache is
-dropped); otherwise, or when the buffers are too small, the rows are first copied into new buffers. So a cache
-never changes under whoever holds it, and a generation loop copies the cache once per
-CAPACITY_STEP tokens instead of every token. `own_cache` turns any cache into this form up front.
+dropped); otherwise, or when the buffers are too small, the rows are first copied into new
+buffers. So a cache never changes under whoever holds it, and a generation loop copies the cache
+once per CAPACITY_STEP tokens instead of every token. `own_cache` turns any cache into this form up front.
 
 Weights: one copy for all sessions. ONNX Runtime memory-maps external data stored at page-aligned
 offsets (lowering/weights.py save_models writes them so), and every session of OUT maps the same
@@ -443,6 +443,7 @@ class OrtEngine(Engine):
         lengths = lengths.to(torch.int64)
         if int(lengths.max()) + S > T or int(lengths.min()) < (0 if S > 1 or self._any_in_place else 1):
             raise EngineError(f"ragged step: lengths {lengths.tolist()} + {S} do not fit slots of capacity {T}")
+        self.check_inputs(ids, 0)  # ids within the vocabulary (the slots' capacity bounds the lengths)
         if self.weights is not None:
             self.weights.check()
         mask = (torch.arange(T).unsqueeze(0) < (lengths + S).unsqueeze(1)).to(torch.int64)  # own rows + the new
