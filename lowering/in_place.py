@@ -6,7 +6,7 @@ input, `write_index` [B] (= P), and writes the new rows with `TensorScatter` (op
 write_index[b] of batch row b): bound as both `past.{i}.*` and `present.{i}.*`, a buffer is updated
 in place. `attention_mask` is then [B, T]: the contract's [B, P+S] followed by zeros for the free rows.
 
-One other node reads the past length: the causal limit of new token j, `j + P` with P taken as
+One other node reads the past length (others may read the batch size, which stays): the causal limit of new token j, `j + P` with P taken as
 `Shape(past.*)[1]` (model/transformer.py causal_mask, exported as Add(Range(0, S), Squeeze(Shape(past)))
 -> Unsqueeze -> LessOrEqual(key positions, that) -> Unsqueeze(axis 0) -> And(.., padding mask)). In
 the variant that shape is the capacity T, so the limit is T + j: every key passes, and only the
@@ -80,6 +80,14 @@ def _axes(node: ir.Node) -> list[int] | None:
     return None if held is None else [int(a) for a in held.numpy().reshape(-1)]
 
 
+def _other_axes(node: ir.Node) -> bool:
+    """A Shape of axes other than the sequence axis 1 (the batch size, the width): the buffers share them."""
+    if node.op_type != "Shape" or node.domain:
+        return False
+    start, end = node.attributes.get_int("start", 0), node.attributes.get_int("end")
+    return end is not None and (0 <= end <= 1 or start >= 2)
+
+
 def _only_use(value: ir.Value, op_type: str, index: int | None = None) -> ir.Node | None:
     """The one node that reads `value`, where it is a default-domain `op_type` (reading it as input `index`)."""
     uses = list(value.uses())
@@ -92,7 +100,7 @@ def _causal_limit_from_write_index(graph: ir.Graph, write_index: ir.Value, where
     """Rewrite the causal limit `Range(0, S) + Shape(past)[1]` to `Range(0, S) + write_index[:, None]`
     ([B, S]) and keep the causal mask [B, S, T] (module docstring); LoweringError where the chain differs."""
     shapes = [node for value in graph.inputs if value.name.startswith(f"{PAST}.")
-              for node, _ in value.uses() if node.op_type != "TensorScatter"]
+              for node, _ in value.uses() if node.op_type != "TensorScatter" and not _other_axes(node)]
     if not shapes:
         raise LoweringError(f"{where}: no node reads the past length (Shape of a {PAST}.* input); the causal limit "
                             "of the new tokens was not found, so the in-place graph cannot take several")
