@@ -45,7 +45,8 @@ on every call. Two sessions would hold two packed copies, so ONE session runs pr
 steps: of the in-place graph made for any number of new tokens (`new_tokens` "any": the causal
 limit of new token j is write_index + j), so a prefill writes its rows into capacity buffers and
 each decode step writes one row, neither copying the cache (exports without it: the contract's
-decode graph, whose Concat copies it every step: 0.8 ms of an 18 ms int4 step at context 1024).
+decode graph, whose Concat copies it every step: 0.8 ms of an 18 ms int4 step at context 1024;
+in place, decode takes 0.95-0.97x the time at contexts 128 and 1024: benchmarks/in_place_steps.py).
 Measured on the bench config, int4 (705 MB weights.bin): proportional resident memory 0.86x
 weights.bin after a first step; decode at context 1024 in 18 ms, prefill of 128 tokens in 0.92 s;
 with two prepacked sessions 1.4x.
