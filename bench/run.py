@@ -385,22 +385,20 @@ def profile_ours(checkpoint: Path, args: ModelArgs, engines: dict[str, Path], op
     shortest and longest context, batch 1."""
     from dscompile.bench.floors import experts_read
     from dscompile.bench.profile import profile_engine
+    from dscompile.runtime.contract import DECODE_IN_PLACE
+    from dscompile.runtime.ort_sessions import session_graphs
 
     folders = {**{n: f for n, f in engines.items()}, **options.extra_engines}
     out: dict[str, dict] = {}
     cases = [("prefill", 0)] + [("decode", c) for c in sorted({min(options.contexts), max(options.contexts)})]
     for i, (name, folder) in enumerate(folders.items()):
         manifest = json.loads((Path(folder) / "manifest.json").read_text())
-        graph = Path(folder) / manifest["graphs"]["decode"]["file"]
-        if not manifest.get("quantization") and manifest["graphs"]["decode"].get("in_place"):
-            graph = Path(folder) / manifest["graphs"]["decode"]["in_place"]["file"]
+        plan = session_graphs(manifest, "CPUExecutionProvider")  # the files the engine's steps run
+        graph = Path(folder) / plan.get(DECODE_IN_PLACE, plan.get("decode"))
         out[name] = {}
         for phase, context in cases:
             tokens = options.prefill_tokens if phase == "prefill" else 1
-            if phase == "prefill" and not manifest.get("quantization"):
-                what = Path(folder) / manifest["graphs"]["prefill"]["file"]
-            else:
-                what = graph
+            what = Path(folder) / plan["prefill"] if phase == "prefill" else graph
 
             def step(engine, phase=phase, context=context, tokens=tokens):
                 system = EngineSystem(name, engine, args)

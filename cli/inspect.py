@@ -73,7 +73,9 @@ def report_lines(info: dict) -> list[str]:
                       for u in p.get("unmatched", [])]
         if g.get("in_place"):
             lines.append(f"  in place {g['in_place']['file']}: the cache written in capacity buffers "
-                         f"(TensorScatter x{g['in_place']['op_counts'].get('TensorScatter', 0)}; ONNX Runtime CPU)")
+                         f"(TensorScatter x{g['in_place']['op_counts'].get('TensorScatter', 0)}; ONNX Runtime CPU"
+                         + ("; any number of new tokens: it runs every step)"
+                            if g["in_place"].get("new_tokens") == "any" else ")"))
     compat = info.get("trt_compat")
     if compat is not None:
         table = compat["table"]

@@ -174,7 +174,7 @@ def _pass_options(phase: str, args, options: ExportOptions) -> PassOptions:
 def _write(checkpoint, stage: Stage, programs, reports, args, options: ExportOptions, tokenizer,
            quant_errors: dict[str, dict[str, float]], report: Progress, calibration=None) -> dict[str, Any]:
     """The single-device OUT: both graphs lowered (quantized with `weights`), weights.bin, the
-    programs, the in-place decode graph (ONNX Runtime target, float weights), the calibration's
+    programs, the in-place decode graph (ONNX Runtime on CPU; any number of new tokens where quantized), the calibration's
     importance (exporter/calibration.py) and the manifest."""
     scheme, graphs_only, dtype = options.scheme, options.graphs_only, options.dtype
     quantizer = GraphQuantizer(scheme, provider=options.device, accuracy_level=options.accuracy_level,
@@ -210,14 +210,15 @@ def _write(checkpoint, stage: Stage, programs, reports, args, options: ExportOpt
                 stage.what = f"{phase}.pt2"
                 _save_program(programs[phase], tmp / stage.what)
                 graphs[phase].update(program=stage.what, program_weights=stored["extra"][phase])
-        # TensorRT builds from the contract graphs (its parser takes 4D TensorScatter only); a quantized
-        # engine runs every step in one session of the contract's decode graph (runtime/ort_engine.py).
-        # The in-place graph serves ONNX Runtime's CPU provider only: an export for CUDA has none.
-        if options.target == "onnxruntime" and scheme is None and options.device == "cpu":
+        # TensorRT builds from the contract graphs (its parser takes 4D TensorScatter only). The in-place
+        # graph serves ONNX Runtime's CPU provider only: an export for CUDA has none. A quantized engine
+        # runs every step in one session (runtime/ort_engine.py), so its in-place graph takes any S.
+        if options.target == "onnxruntime" and options.device == "cpu":
             stage.what = IN_PLACE_FILE
-            in_place = in_place_decode(tmp / graphs["decode"]["file"], tmp / IN_PLACE_FILE)
+            in_place = in_place_decode(tmp / graphs["decode"]["file"], tmp / IN_PLACE_FILE,
+                                       any_new_tokens=scheme is not None)
             check_model(tmp / IN_PLACE_FILE, with_data=not graphs_only)
-            graphs["decode"]["in_place"] = in_place_entry(IN_PLACE_FILE, in_place)
+            graphs["decode"]["in_place"] = in_place_entry(IN_PLACE_FILE, in_place, any_new_tokens=scheme is not None)
         if calibration is not None:
             stage.what = calibration[1]["file"]
             save_importance(calibration[0], tmp)

@@ -83,16 +83,20 @@ def _inputs(model: ir.Model) -> list[dict[str, Any]]:
     return [_io(v) for v in model.graph.inputs if not v.is_initializer()]
 
 
-def in_place_entry(file: str, model: ir.Model) -> dict[str, Any]:
-    """`graphs.decode.in_place`: the decode graph writing its cache into capacity buffers."""
+def in_place_entry(file: str, model: ir.Model, any_new_tokens: bool = False) -> dict[str, Any]:
+    """`graphs.decode.in_place`: the decode graph writing its cache into capacity buffers; `new_tokens`
+    says whether it takes one new token per step or any number (lowering/in_place.py)."""
+    S = "S" if any_new_tokens else "1"
     return {
         "file": file,
         "opset": model.opset_imports[""],
         "inputs": _inputs(model),
         "outputs": [_io(v) for v in model.graph.outputs],
         "op_counts": _op_counts(model),
-        "use": f"one new token; past.{{i}}.* are buffers of capacity T >= P+1, bound as present.{{i}}.* "
-               f"too; {WRITE_INDEX} [B] = P; attention_mask [B, T] with 0 for the free rows",
+        "new_tokens": "any" if any_new_tokens else 1,
+        "use": f"{'any number of new tokens S' if any_new_tokens else 'one new token'}; past.{{i}}.* are buffers of "
+               f"capacity T >= P+{S}, bound as present.{{i}}.* too; {WRITE_INDEX} [B] = P; attention_mask [B, T] "
+               "with 0 for the free rows",
     }
 
 

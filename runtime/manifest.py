@@ -25,9 +25,11 @@ The manifest (written by `exporter/export.py`, read by every engine) records:
                      weight is a strided view of a tensor a graph stores in another layout: where
                      the torch engine reads the program's weights), inputs/outputs (name, dtype,
                      shape with symbolic dims as strings), passes (PassReport), lowering;
-                     decode may add "in_place" {file, opset, inputs, outputs, op_counts, use}: the
-                     same decode step writing its cache into capacity buffers (optional; engines
-                     that do not use it run the contract's decode graph)
+                     decode may add "in_place" {file, opset, inputs, outputs, op_counts, new_tokens,
+                     use}: the same decode step writing its cache into capacity buffers (optional;
+                     engines that do not use it run the contract's decode graph); new_tokens 1 (or
+                     absent): one new token per step, "any": any number (quantized CPU exports, whose
+                     one session runs every step through it)
     tokenizer        null, or what the checkpoint's tokenizer brought (copied into OUT, runtime/text.py):
                      files (tokenizer.json and those of tokenizer_config.json and
                      generation_config.json it shipped), bos_token_id, eos_token_ids (also

@@ -47,9 +47,23 @@ class CacheBuffers:
         self.tensors = [torch.from_dlpack(v._ortvalue) for v in values]
         self.readers: weakref.WeakSet = weakref.WeakSet()  # live OrtCapacityCaches over these buffers
 
-    def writable_at(self, row: int) -> bool:
-        """Row `row` exists and no live cache reads it (or anything after it)."""
-        return row < self.capacity and all(c.length <= row for c in self.readers)
+    @classmethod
+    def holding(cls, ort, rows: list[torch.Tensor], capacity: int, onnx_type: int) -> "CacheBuffers":
+        """New buffers of `capacity` rows (OrtValues of ONNX element type `onnx_type`, made by the
+        onnxruntime module `ort`) holding `rows` [B, P, dim] first; the free rows are zero (masked rows
+        still enter the products: no garbage, no NaN, there)."""
+        batch, P = int(rows[0].shape[0]), int(rows[0].shape[1])
+        values = [ort.OrtValue.ortvalue_from_shape_and_type([batch, capacity, int(t.shape[-1])], onnx_type)
+                  for t in rows]
+        buffers = cls(values, batch, capacity)
+        for buffer, t in zip(buffers.tensors, rows):
+            buffer[:, :P].copy_(t)
+            buffer[:, P:].zero_()
+        return buffers
+
+    def writable_at(self, row: int, count: int = 1) -> bool:
+        """Rows [row, row + count) exist and no live cache reads them (or anything after them)."""
+        return row + count <= self.capacity and all(c.length <= row for c in self.readers)
 
     def cache(self, length: int) -> "OrtCapacityCache":
         cache = OrtCapacityCache(self, length)

@@ -9,16 +9,17 @@ prefill graph otherwise, through IOBinding:
   they become torch tensors (zero-copy, DLPack) only when someone reads `cache.layers`;
 - logits come back as a float32 torch tensor (zero-copy view of ORT's output on CPU).
 
-In-place decode (CPU provider, exports that have `graphs.decode.in_place`, which then runs every
-decode step): the contract's decode graph copies the whole cache into a new `present` every step (Concat), and ORT allocates those
-outputs afresh. The in-place graph (lowering.in_place.in_place_decode) instead writes the new row into
+In-place steps (CPU provider, exports that have `graphs.decode.in_place`, which then runs every
+decode step, and every step where it takes any number of new tokens): the contract's decode graph
+copies the whole cache into a new `present` every step (Concat), and ORT allocates those outputs
+afresh. The in-place graph (lowering.in_place.in_place_decode) instead writes the S new rows into
 capacity buffers bound as both its cache inputs and outputs. The cache it returns is an
 `OrtCapacityCache`: rows [0, P) of `CacheBuffers` of capacity T (a multiple of CAPACITY_STEP).
-Stepping from a cache of length P writes row P of its buffers when no live cache reads that row
-(the usual chain: each step's cache replaces the previous one, or the returned cache is dropped);
-otherwise, or when the buffers are full, the rows are first copied into new buffers. So a cache
-never changes under whoever holds it, and a generation loop copies the cache once per
-CAPACITY_STEP tokens instead of every token. `own_cache` turns any cache into this form up front.
+Stepping from a cache of length P writes rows [P, P + S) of its buffers when no live cache reads
+them (the usual chain: each step's cache replaces the previous one, or the returned cache is
+dropped); otherwise, or when the buffers are too small, the rows are first copied into new
+buffers. So a cache never changes under whoever holds it, and a generation loop copies the cache
+once per CAPACITY_STEP tokens instead of every token. `own_cache` turns any cache into this form up front.
 
 Weights: one copy for all sessions. ONNX Runtime memory-maps external data stored at page-aligned
 offsets (lowering/weights.py save_models writes them so), and every session of OUT maps the same
@@ -40,11 +41,15 @@ through a half-precision decode graph are cut into chunks of `max_step_tokens` n
 
 Quantized engines (`export --weights int8|int4`): MatMulNBits and QMoE compute from a packed
 layout they build when the session is created (prepacking); without it they unpack every weight
-on every call. Two sessions would hold two packed copies, so ONE session, on the contract's decode
-graph (absorbed attention, any number of new tokens), runs prefill and decode steps; the in-place
-variant is not used. Measured on the bench config, int4 (705 MB weights.bin): proportional
-resident memory 0.86x weights.bin after a first step; decode at context 1024 in 18 ms, prefill of
-128 tokens in 0.92 s; with two prepacked sessions 1.4x.
+on every call. Two sessions would hold two packed copies, so ONE session runs prefill and decode
+steps: of the in-place graph made for any number of new tokens (`new_tokens` "any": the causal
+limit of new token j is write_index + j), so a prefill writes its rows into capacity buffers and
+each decode step writes one row, neither copying the cache (exports without it: the contract's
+decode graph, whose Concat copies it every step: 0.8 ms of an 18 ms int4 step at context 1024;
+in place, decode takes 0.95-0.97x the time at contexts 128 and 1024: benchmarks/in_place_steps.py).
+Measured on the bench config, int4 (705 MB weights.bin): proportional resident memory 0.86x
+weights.bin after a first step; decode at context 1024 in 18 ms, prefill of 128 tokens in 0.92 s;
+with two prepacked sessions 1.4x.
 
 Provider: "auto" picks CUDA when onnxruntime offers it and a CUDA GPU is present, else CPU;
 "cpu", "cuda" and "tensorrt" insist. ONNX Runtime itself never refuses a GPU provider: where its
@@ -77,7 +82,7 @@ import torch
 
 from dscompile.errors import EngineError, OptionError, first_line
 from dscompile.runtime.contract import (ATTENTION_MASK, DECODE, DECODE_IN_PLACE, INPUT_IDS, LOGITS, LOGITS_FROM, PAST,
-                                        POSITION_IDS, PRESENT, STEP_INPUTS, WRITE_INDEX, EngineInfo, KVCache,
+                                        POSITION_IDS, PREFILL, PRESENT, STEP_INPUTS, WRITE_INDEX, EngineInfo, KVCache,
                                         cache_names, choose_graph)
 from dscompile.runtime.engine import Engine, SlotCache
 from dscompile.runtime.ort_cache import CacheBuffers, OrtCapacityCache, OrtKVCache
@@ -216,10 +221,12 @@ class OrtEngine(Engine):
                              for name, s in sessions.items()}
         n = self.info.num_layers
         self._past, self._present = cache_names(PAST, n), cache_names(PRESENT, n)
+        # the in-place graph runs every step (quantized CPU engines: ort_sessions.session_graphs)
+        self._any_in_place = DECODE_IN_PLACE in sessions and sessions.get(PREFILL) is sessions[DECODE_IN_PLACE]
         for name, session in sessions.items():
             got = [i.name for i in session.get_inputs()]
             want = [*STEP_INPUTS, *self._past]
-            in_place = name == DECODE_IN_PLACE
+            in_place = name == DECODE_IN_PLACE or (name == PREFILL and self._any_in_place)
             graph = manifest["graphs"][DECODE]["in_place"] if in_place else manifest["graphs"][name]
             if got != (want + [WRITE_INDEX] if in_place else want):
                 raise EngineError(f"{out_dir / graph['file']}: inputs {got} do not follow the engine contract")
@@ -314,8 +321,8 @@ class OrtEngine(Engine):
         if self.max_step_tokens is not None and S > self.max_step_tokens:
             return self._step_in_chunks(input_ids, position_ids, attention_mask, cache, last_only)
         graph = choose_graph(S, P, in_place=DECODE_IN_PLACE in self.sessions)
-        if graph == DECODE_IN_PLACE:
-            return self._decode_in_place(input_ids, position_ids, attention_mask, cache)
+        if graph == DECODE_IN_PLACE or self._any_in_place:
+            return self._step_in_place(input_ids, position_ids, attention_mask, cache, last_only)
         session = self.sessions[graph]
         binding = session.io_binding()
         keep = []  # tensors whose memory is bound by pointer: alive until the run returns
@@ -369,77 +376,88 @@ class OrtEngine(Engine):
             return cache.buffers.cache(length)
         return super().truncated_cache(cache, length)
 
-    def _decode_in_place(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
-                         cache: KVCache) -> tuple[torch.Tensor, KVCache]:
-        """One new token through the in-place graph: row P of the cache buffers is written, nothing copied."""
-        B, P = int(input_ids.shape[0]), cache.length
-        if isinstance(cache, OrtCapacityCache) and cache.buffers.batch == B and cache.buffers.writable_at(P):
+    def _step_in_place(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       cache: KVCache | None, last_only: bool = False) -> tuple[torch.Tensor, KVCache]:
+        """S new tokens (1 unless the graph takes any) through the in-place graph: rows [P, P + S) of the
+        cache buffers are written, nothing copied (unless the buffers are shared or full: module docstring)."""
+        (B, S), P = input_ids.shape, cache.length if cache is not None else 0
+        if isinstance(cache, OrtCapacityCache) and cache.buffers.batch == B and cache.buffers.writable_at(P, S):
             buffers = cache.buffers
         else:
-            buffers = self._new_buffers(cache, B)
+            buffers = self._new_buffers(cache, B, S)
         mask = torch.zeros(B, buffers.capacity, dtype=torch.int64)  # the free rows are not attended
-        mask[:, : P + 1] = attention_mask
-        write_index = torch.full((B,), P, dtype=torch.int64)
-        binding = self.sessions[DECODE_IN_PLACE].io_binding()
+        mask[:, : P + S] = attention_mask
+        logits = self._run_in_place(input_ids, position_ids, mask, torch.full((B,), P, dtype=torch.int64),
+                                    buffers.values, last_only)
+        return (logits if not last_only or logits.shape[1] == 1 else logits[:, -1:]), buffers.cache(P + S)
+
+    def _run_in_place(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
+                      write_index: torch.Tensor, buffers, last_only: bool) -> torch.Tensor:
+        """One run of the in-place graph with `buffers` (OrtValues, or (shape, pointer) pairs of torch
+        memory) bound as both the cache inputs and outputs; float32 logits [B, S or 1, V]."""
+        (B, S), T = input_ids.shape, int(mask.shape[1])
+        session = self.sessions[DECODE_IN_PLACE]
+        binding = session.io_binding()
         keep = []
         for name, t in ((INPUT_IDS, input_ids), (POSITION_IDS, position_ids), (ATTENTION_MASK, mask),
                         (WRITE_INDEX, write_index)):
             keep.append(self._bind_tensor(binding, name, t.to(torch.int64)))
-        binding.bind_output(LOGITS, "cpu")
-        for past, present, value in zip(self._past, self._present, buffers.values):
-            binding.bind_ortvalue_input(past, value)
-            binding.bind_ortvalue_output(present, value)
-        self._run(self.sessions[DECODE_IN_PLACE], binding, B, 1, P)
-        logits = torch.from_dlpack(binding.get_outputs()[0]._ortvalue)
-        return logits.float(), buffers.cache(P + 1)
+        if last_only and S > 1 and self._logits_from[DECODE_IN_PLACE]:
+            keep.append(self._bind_tensor(binding, LOGITS_FROM, torch.tensor([S - 1])))
+        binding.bind_output(LOGITS, "cpu")  # first: get_outputs() follows the binding order
+        kind = _ONNX_TYPES[self.info.cache_dtype]
+        for past, present, value in zip(self._past, self._present, buffers):
+            if isinstance(value, tuple):  # torch memory by pointer
+                binding.bind_input(past, "cpu", 0, kind, *value)
+                binding.bind_output(present, "cpu", 0, kind, *value)
+            else:
+                binding.bind_ortvalue_input(past, value)
+                binding.bind_ortvalue_output(present, value)
+        self._run(session, binding, B, S, int(write_index.max()))
+        return torch.from_dlpack(binding.get_outputs()[0]._ortvalue).float()
 
     def prefill_slot(self, tokens, slots: SlotCache, slot: int, length: int) -> torch.Tensor:
-        """One token after a cached prefix runs as a one-row ragged step (in place); more through `step`."""
-        if len(tokens) == 1 and length > 0 and DECODE_IN_PLACE in self.sessions and slots.device == "cpu":
-            return self.step_ragged(torch.tensor([int(tokens[0])]), torch.tensor([length]), slots, slot)[0]
+        """In place into the slot's rows where the in-place graph takes the step (any number of tokens,
+        or one after a cached prefix); otherwise through `step`."""
+        S = len(tokens)
+        if DECODE_IN_PLACE in self.sessions and slots.device == "cpu" and length + S <= slots.capacity \
+                and (self._any_in_place or (S == 1 and length > 0)):
+            ids = torch.tensor([list(tokens)], dtype=torch.int64)
+            return self._ragged_in_place(ids, torch.tensor([length]), slots, slot)[0]
         return super().prefill_slot(tokens, slots, slot, length)
 
     def step_ragged(self, tokens: torch.Tensor, lengths: torch.Tensor, slots: SlotCache, first: int = 0
                     ) -> torch.Tensor:
-        """The ragged decode step in place (CPU, float32 exports): slots [first, first + B) of the
-        slot buffers are bound by pointer as both the cache inputs and outputs, each row writes its
-        new token at its own `write_index` (its length) and attends rows [0, length]; nothing is
-        copied. Elsewhere (quantized engines, GPU providers) the base's form through `step`."""
+        """The ragged decode step in place (CPU engines with the in-place graph): slots [first, first + B)
+        of the slot buffers are bound by pointer as both the cache inputs and outputs, each row writes
+        its new token at its own `write_index` (its length) and attends rows [0, length]; nothing is
+        copied. Elsewhere (GPU providers) the base's form through `step`."""
         if DECODE_IN_PLACE not in self.sessions or slots.device != "cpu":
             return super().step_ragged(tokens, lengths, slots, first)
-        B, T = int(tokens.shape[0]), slots.capacity
+        return self._ragged_in_place(tokens.reshape(-1, 1), lengths, slots, first)
+
+    def _ragged_in_place(self, ids: torch.Tensor, lengths: torch.Tensor, slots: SlotCache, first: int
+                         ) -> torch.Tensor:
+        """`ids` [B, S] after each slot's `lengths[b]` rows, in place in slots [first, first + B) (bound by
+        pointer); row b attends rows [0, lengths[b] + S). Float32 logits [B, V] of the last new token."""
+        (B, S), T = ids.shape, slots.capacity
         lengths = lengths.to(torch.int64)
-        if int(lengths.max()) >= T or int(lengths.min()) < 1:
-            raise EngineError(f"ragged step: lengths {lengths.tolist()} do not fit slots of capacity {T}")
+        if int(lengths.max()) + S > T or int(lengths.min()) < (0 if S > 1 or self._any_in_place else 1):
+            raise EngineError(f"ragged step: lengths {lengths.tolist()} + {S} do not fit slots of capacity {T}")
+        self.check_inputs(ids, 0)  # ids within the vocabulary (the slots' capacity bounds the lengths)
         if self.weights is not None:
             self.weights.check()
-        mask = (torch.arange(T).unsqueeze(0) <= lengths.unsqueeze(1)).to(torch.int64)  # own rows + the new one
-        binding = self.sessions[DECODE_IN_PLACE].io_binding()
-        keep = []
-        for name, t in ((INPUT_IDS, tokens.reshape(B, 1)), (POSITION_IDS, lengths.reshape(B, 1)),
-                        (ATTENTION_MASK, mask), (WRITE_INDEX, lengths)):
-            keep.append(self._bind_tensor(binding, name, t.to(torch.int64)))
-        binding.bind_output(LOGITS, "cpu")  # first: get_outputs() follows the binding order
-        kind = _ONNX_TYPES[self.info.cache_dtype]
-        for past, present, buffer in zip(self._past, self._present, slots.tensors):
-            shape, pointer = [B, T, int(buffer.shape[-1])], buffer[first].data_ptr()
-            binding.bind_input(past, "cpu", 0, kind, shape, pointer)
-            binding.bind_output(present, "cpu", 0, kind, shape, pointer)
-        self._run(self.sessions[DECODE_IN_PLACE], binding, B, 1, T)
-        return torch.from_dlpack(binding.get_outputs()[0]._ortvalue)[:, -1].float()
+        mask = (torch.arange(T).unsqueeze(0) < (lengths + S).unsqueeze(1)).to(torch.int64)  # own rows + the new
+        positions = lengths.unsqueeze(1) + torch.arange(S).unsqueeze(0)
+        memory = [([B, T, int(b.shape[-1])], b[first].data_ptr()) for b in slots.tensors]
+        return self._run_in_place(ids, positions, mask, lengths, memory, last_only=True)[:, -1]
 
-    def _new_buffers(self, cache: KVCache, batch: int) -> CacheBuffers:
-        """Buffers of capacity for the next step at least, holding `cache`'s rows; the free rows are zero."""
-        P = cache.length
-        capacity = (P + self.capacity_step) // self.capacity_step * self.capacity_step  # > P
-        ort, rows = _ort(), self._cache_rows(cache, batch, P)
-        values = [ort.OrtValue.ortvalue_from_shape_and_type([batch, capacity, int(t.shape[-1])],
-                                                           _ONNX_TYPES[self.info.cache_dtype]) for t in rows]
-        buffers = CacheBuffers(values, batch, capacity)
-        for buffer, t in zip(buffers.tensors, rows):
-            buffer[:, :P].copy_(t)
-            buffer[:, P:].zero_()  # masked rows still enter the products: no garbage (NaN) there
-        return buffers
+    def _new_buffers(self, cache: KVCache | None, batch: int, new_tokens: int = 1) -> CacheBuffers:
+        """Buffers with room for `new_tokens` more rows at least, holding `cache`'s rows (free rows zero)."""
+        P = cache.length if cache is not None else 0
+        capacity = (P + new_tokens + self.capacity_step - 1) // self.capacity_step * self.capacity_step
+        rows = self._cache_rows(cache, batch, P)
+        return CacheBuffers.holding(_ort(), rows, capacity, _ONNX_TYPES[self.info.cache_dtype])
 
     def _cache_rows(self, cache: KVCache | None, B: int, P: int) -> list[torch.Tensor]:
         """The cache as [B, P, dim] tensors in contract order (views where possible), or an EngineError."""

@@ -41,17 +41,20 @@ def session_graphs(manifest: dict[str, Any], provider: str) -> dict[str, str]:
 
     - CPU, float: prefill.onnx for prefill, the in-place decode graph (where OUT has it) for decode:
       both map the same weights.bin, so two sessions cost no second copy.
-    - CPU, quantized: the kernels prepack their weights per session, so one session of the contract's
-      decode graph (any S, any P) runs every step.
+    - CPU, quantized: the kernels prepack their weights per session, so one session runs every step:
+      of the in-place graph where it takes any number of new tokens (`new_tokens` "any"), else (an
+      export without it) of the contract's decode graph.
     - CUDA and TensorRT: each session copies its initializers to the device, so one session of the
       contract's decode graph runs every step: one device copy of the weights (two sessions would
       hold two: 63 GB for DeepSeek-V2-Lite in bfloat16).
     """
     graphs = manifest["graphs"]
     decode = graphs[DECODE]["file"]
+    in_place = graphs[DECODE].get("in_place") if provider == CPU else None
+    if in_place is not None and in_place.get("new_tokens") == "any":
+        return {PREFILL: in_place["file"], DECODE_IN_PLACE: in_place["file"]}
     if manifest.get("quantization") or provider != CPU:
         return {PREFILL: decode, DECODE: decode}
-    in_place = graphs[DECODE].get("in_place")
     if in_place is not None:
         return {PREFILL: graphs[PREFILL]["file"], DECODE_IN_PLACE: in_place["file"]}
     return {PREFILL: graphs[PREFILL]["file"], DECODE: decode}

@@ -74,9 +74,9 @@ def scheduler_of():
 @pytest.mark.parametrize("which", ["engine", "int4_engine", "torch_engine"])
 def test_ragged_step_matches_single_rows(which, request):
     """Rows at different lengths in one step give each row's logits of its own single-row step, in the
-    engine's own form (ONNX Runtime in place for float32) and the base's generic form through `step`
-    (ONNX Runtime's float32 in-place graph and the int4 engine's contract decode graph with a mask that
-    has holes; the torch programs)."""
+    engine's own form (ONNX Runtime in place, float32 and int4; the int4 engine also prefills its slots
+    in place) and the base's generic form through `step` (a mask that has holes, through the engines'
+    in-place graphs; the torch programs)."""
     engine = request.getfixturevalue(which)
     lengths = [5, 17, 40, 3]
     prompts = prompts_of(engine, lengths)

@@ -48,6 +48,13 @@ def test_one_session_on_gpu_two_on_cpu(manifest):
     assert session_graphs(plain, CPU) == {PREFILL: "prefill.onnx", DECODE: "decode.onnx"}
     quantized = dict(manifest, quantization={"scheme": "int4"})
     assert session_graphs(quantized, CPU) == {PREFILL: "decode.onnx", DECODE: "decode.onnx"}
+    # a quantized export's in-place graph takes any number of new tokens: its one CPU session runs every step
+    any_s = copy.deepcopy(quantized)
+    any_s["graphs"][DECODE]["in_place"]["new_tokens"] = "any"
+    assert session_graphs(any_s, CPU) == {PREFILL: in_place, DECODE_IN_PLACE: in_place}
+    assert max_step_tokens(any_s, CPU) is None
+    for provider in (CUDA, TRT):
+        assert session_graphs(any_s, provider) == {PREFILL: "decode.onnx", DECODE: "decode.onnx"}
 
 
 def test_engine_opens_what_the_plan_says(small_export):
