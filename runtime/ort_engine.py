@@ -395,7 +395,7 @@ class OrtEngine(Engine):
                       write_index: torch.Tensor, buffers, last_only: bool) -> torch.Tensor:
         """One run of the in-place graph with `buffers` (OrtValues, or (shape, pointer) pairs of torch
         memory) bound as both the cache inputs and outputs; float32 logits [B, S or 1, V]."""
-        (B, S), T = input_ids.shape, int(mask.shape[1])
+        B, S = input_ids.shape
         session = self.sessions[DECODE_IN_PLACE]
         binding = session.io_binding()
         keep = []
