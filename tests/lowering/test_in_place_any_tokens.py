@@ -107,6 +107,8 @@ def test_ragged_rows_write_and_attend_at_their_own_index(graphs):
         _close(got[0][b], want[0][0], f"logits of row {b}")
         for name, g, w in zip(past, got[1:], want[1:]):
             _close(g[b, : n + S], w[0], f"{name} rows of row {b}")
+            # nothing written past the row's own S new rows: the rest of its buffer is as it came in
+            assert np.array_equal(g[b, n + S:], buffers[name][b, n + S:]), f"{name}: row {b} wrote past {n + S}"
 
 
 def test_a_graph_reading_the_cache_shape_elsewhere_is_refused(graphs, tmp_path):
