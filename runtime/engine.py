@@ -22,10 +22,20 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 
 from dscompile.errors import EngineError
-from dscompile.runtime.contract import EngineInfo, KVCache
+from dscompile.runtime.contract import EngineInfo, KVCache, choose_graph
 
 if TYPE_CHECKING:
     from dscompile.runtime.weights import WeightsFile
+
+
+def step_plan(new_tokens: int, past_len: int, step_tokens: int) -> list[tuple[str, int, int]]:
+    """(graph, start, end) per run of one step of `new_tokens` against `past_len` cached tokens: the
+    new tokens [start, end) in consecutive chunks of at most `step_tokens`, each on the decode graph
+    (or profile) where it is one token against a non-empty cache (choose_graph), else on prefill."""
+    if new_tokens < 1 or step_tokens < 1:
+        raise EngineError(f"a step needs new tokens and a chunk size >= 1, got {new_tokens} and {step_tokens}")
+    return [(choose_graph(min(a + step_tokens, new_tokens) - a, past_len + a), a, min(a + step_tokens, new_tokens))
+            for a in range(0, new_tokens, step_tokens)]
 
 
 class Engine(ABC):
@@ -75,6 +85,20 @@ class Engine(ABC):
         cache: KVCache | None,
     ) -> tuple[torch.Tensor, KVCache]:
         """The backend's step, on inputs `step` has checked."""
+
+    def _step_planned(self, run: Callable[..., tuple[torch.Tensor, KVCache]], input_ids: torch.Tensor,
+                      position_ids: torch.Tensor, attention_mask: torch.Tensor, cache: KVCache | None, chunk: int,
+                      last_only: bool) -> tuple[torch.Tensor, KVCache]:
+        """A step of S new tokens as `step_plan` cuts it into chunks of at most `chunk`, each run as
+        `run(graph, ids, positions, mask, cache)` on the cache the one before returned: causal attention
+        makes it the same computation (each chunk attends to the cache and to itself), with bounded
+        transient memory. Logits of every new token, or of the last one only (`last_only`)."""
+        P = cache.length if cache is not None else 0
+        logits = []
+        for graph, a, b in step_plan(int(input_ids.shape[1]), P, chunk):
+            out, cache = run(graph, input_ids[:, a:b], position_ids[:, a:b], attention_mask[:, : P + b], cache)
+            logits = [out[:, -1:]] if last_only else logits + [out]
+        return (logits[0] if last_only else torch.cat(logits, dim=1)), cache
 
     def own_cache(self, cache: KVCache) -> KVCache:
         """`cache` in the form this engine steps from fastest (ONNX Runtime: in-place buffers);

@@ -349,16 +349,9 @@ class OrtEngine(Engine):
 
     def _step_in_chunks(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
                         cache: KVCache | None, last_only: bool = False) -> tuple[torch.Tensor, KVCache]:
-        """S new tokens as consecutive steps of at most max_step_tokens: causal attention makes it the
-        same computation (each chunk attends to the cache and to itself), with bounded transient memory."""
-        P, S, n = cache.length if cache is not None else 0, int(input_ids.shape[1]), self.max_step_tokens
-        logits = []
-        for a in range(0, S, n):
-            b = min(a + n, S)
-            out, cache = self._step(input_ids[:, a:b], position_ids[:, a:b], attention_mask[:, : P + b], cache,
-                                    last_only=last_only)
-            logits.append(out)
-        return (logits[-1] if last_only else torch.cat(logits, dim=1)), cache
+        """S new tokens as consecutive steps of at most max_step_tokens (Engine._step_planned)."""
+        return self._step_planned(lambda _graph, *step: self._step(*step, last_only=last_only), input_ids,
+                                  position_ids, attention_mask, cache, self.max_step_tokens, last_only)
 
     def end_profiling(self) -> list[str]:
         """Stop the profiler of every session (loaded with `profile_prefix`); the JSON files it wrote."""

@@ -26,12 +26,13 @@ several profiles TensorRT 10 names the IO tensors the same in each, and a contex
 the shape ranges it accepts). The two contexts share the engine's weights; each holds its own
 activation memory (sized for its profile by TensorRT).
 
-`step` plans a step with `step_plan`: new tokens beyond `step_tokens` run as consecutive chunks
-(causal attention: each chunk attends to the cache and to itself, the same computation as one
-step, as OrtEngine's chunked steps), each on the decode context where it is one token against a
-non-empty cache (S == 1, P > 0) and on the prefill context otherwise. Inputs and cache may live
-anywhere; they are copied to the GPU in the dtypes the engine declares. Outputs are fresh CUDA
-tensors: float32 logits and a `KVCache` of the `present.*` tensors (the next step's `past.*`).
+`step` plans a step with `runtime.engine.step_plan`: new tokens beyond `step_tokens` run as
+consecutive chunks (causal attention: each chunk attends to the cache and to itself, the same
+computation as one step, as OrtEngine's chunked steps), each on the decode context where it is one
+token against a non-empty cache (S == 1, P > 0) and on the prefill context otherwise. Inputs and
+cache may live anywhere; they are copied to the GPU in the dtypes the engine declares. Outputs are
+fresh CUDA tensors: float32 logits and a `KVCache` of the `present.*` tensors (the next step's
+`past.*`).
 
 `tensorrt` is imported only through `require_tensorrt()`, so this module imports everywhere; without
 TensorRT, `TrtEngine.load` raises `TensorRTUnavailable`.
@@ -50,7 +51,7 @@ import torch
 
 from dscompile.errors import DscompileError, EngineError
 from dscompile.runtime.contract import (CACHE_KINDS, DECODE, LOGITS, PAST, PREFILL, PRESENT, STEP_INPUTS, EngineInfo,
-                                        KVCache, cache_name, cache_names, choose_graph)
+                                        KVCache, cache_name, cache_names)
 from dscompile.runtime.engine import Engine
 from dscompile.runtime.manifest import load_manifest
 
@@ -149,16 +150,6 @@ def check_profile(profile: str, shapes: dict[str, tuple[int, ...]], ranges: dict
                 )
 
 
-def step_plan(new_tokens: int, past_len: int, step_tokens: int) -> list[tuple[str, int, int]]:
-    """(profile, start, end) per run of one step of `new_tokens` against `past_len` cached tokens: the
-    new tokens [start, end) in consecutive chunks of at most `step_tokens`, each on the decode profile
-    where it is one token against a non-empty cache (choose_graph), else on the prefill profile."""
-    if new_tokens < 1 or step_tokens < 1:
-        raise EngineError(f"a step needs new tokens and a chunk size >= 1, got {new_tokens} and {step_tokens}")
-    return [(choose_graph(min(a + step_tokens, new_tokens) - a, past_len + a), a, min(a + step_tokens, new_tokens))
-            for a in range(0, new_tokens, step_tokens)]
-
-
 def engine_info_from_io(io: dict[str, tuple[tuple[int, ...], torch.dtype]], max_context: int) -> EngineInfo:
     """EngineInfo from an engine's IO tensors (name -> (shape with -1 for dynamic dims, dtype))."""
     layers = sorted({int(m.group(1)) for n in io if (m := _PAST.match(n))})
@@ -253,14 +244,9 @@ class TrtEngine(Engine):
 
     def _run_plan(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
                   cache: KVCache | None, last_only: bool) -> tuple[torch.Tensor, KVCache]:
-        """The step as `step_plan` cuts it; logits of every new token, or of the last one (`last_only`)."""
-        P = cache.length if cache is not None else 0
-        logits = []
-        for name, a, b in step_plan(int(input_ids.shape[1]), P, self.max_step_tokens):
-            out, cache = self._run(self.profiles[name], input_ids[:, a:b], position_ids[:, a:b],
-                                   attention_mask[:, : P + b], cache)
-            logits = [out[:, -1:]] if last_only else logits + [out]
-        return (logits[0] if last_only else torch.cat(logits, dim=1)), cache
+        """The step as `step_plan` cuts it, each chunk on its profile's context (Engine._step_planned)."""
+        return self._step_planned(lambda profile, *step: self._run(self.profiles[profile], *step), input_ids,
+                                  position_ids, attention_mask, cache, self.max_step_tokens, last_only)
 
     def _run(self, profile: _Profile, input_ids: torch.Tensor, position_ids: torch.Tensor,
              attention_mask: torch.Tensor, cache: KVCache | None) -> tuple[torch.Tensor, KVCache]:

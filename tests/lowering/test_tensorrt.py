@@ -34,9 +34,9 @@ from dscompile.runtime.trt_engine import (
     engine_info_from_io,
     read_trt_section,
     require_tensorrt,
-    step_plan,
     torch_dtype,
 )
+from dscompile.runtime.engine import step_plan
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 SKIP_REASON = "TensorRT is not installed (needs NVIDIA's package index and a CUDA GPU)"
