@@ -162,13 +162,13 @@ def resident_estimate(out: Path, manifest: dict[str, Any]) -> dict[str, dict[str
                 for p in (g.get("program_weights") or {}).values()}
     ort_cpu = _covered(per_graph["prefill"] | cpu_decode)
     torch_bytes = _covered(programs)
-    if manifest.get("quantization"):  # one session of the decode graph, its kernels' packed copy (ort_engine.py)
-        return {"onnxruntime-cpu": {"bytes": _covered(cpu_decode if in_place and in_place.get("new_tokens") == "any"
-                                                      else per_graph["decode"]),
-                                    "how": "one session of the decode graph: quantized kernels hold a packed "
-                                           "copy of their weights (about their size), the rest is mapped"}}
     from dscompile.runtime.ort_sessions import session_graphs  # noqa: PLC0415 - the engine's own choice
 
+    if manifest.get("quantization"):  # one session of the decode graph, its kernels' packed copy (ort_engine.py)
+        (one,) = set(session_graphs(manifest, "CPUExecutionProvider").values())
+        return {"onnxruntime-cpu": {"bytes": _covered(regions_of(one)),
+                                    "how": "one session of the decode graph: quantized kernels hold a packed "
+                                           "copy of their weights (about their size), the rest is mapped"}}
     gpu_files = set(session_graphs(manifest, "CUDAExecutionProvider").values())
     gpu = _covered(set().union(*(regions_of(f) for f in gpu_files)))
     report = {
