@@ -19,7 +19,8 @@ the variant then runs any step (prefill, decode, a ragged step of rows at differ
 refuses (LoweringError) a graph where that chain is not found as described, or where anything else
 reads a cache input's sequence length. Against the contract's decode graph in ONNX Runtime it gave
 identical logits and cache rows (measured on tiny float32 and int4 exports, S 1/3/7 after P 0/5;
-tests/lowering/test_in_place_any_tokens.py checks them within the float32 bound). The weights stay where `decode_path` references them (same folder).
+tests/lowering/test_in_place_any_tokens.py checks them within the float32 bound). The weights stay
+where `decode_path` references them (same folder).
 """
 
 from __future__ import annotations
