@@ -51,16 +51,21 @@ def step_weight_params(a: ModelArgs, batch: int) -> dict[str, float]:
     }
 
 
+NATIVE_ABSORBED_BYTES = 1 + 4 / 32  # runtime/native's HeadsMatMulQ8: int8 and a float32 scale per 32 values
+
+
 def _absorbed_params(a: ModelArgs) -> int:
     """kv_b_proj's parameters: a decode step over the latent cache reads them as float32 W_UK/W_UV."""
     return a.num_hidden_layers * a.kv_lora_rank * a.num_attention_heads * (a.qk_nope_head_dim + a.v_head_dim)
 
 
 def step_weight_bytes(a: ModelArgs, batch: int, elt: int, bits_per_weight: float | None = None,
-                      absorbed: bool = True, head_bits_per_weight: float | None = None) -> float:
+                      absorbed: bool = True, head_bits_per_weight: float | None = None,
+                      absorbed_bytes: float = 4.0) -> float:
     """Bytes of weights one step of B tokens reads: every parameter at `elt` bytes, or for a quantized
     engine (`bits_per_weight`) the quantized parts at that rate (lm_head at `head_bits_per_weight`
-    where it differs) and the float32 ones at 4 bytes."""
+    where it differs) and the float32 ones at 4 bytes; the absorbed W_UK/W_UV at `absorbed_bytes`
+    per value (float32, or NATIVE_ABSORBED_BYTES with --native-kernels)."""
     params = step_weight_params(a, batch)
     if bits_per_weight is None:
         return sum(params.values()) * elt
@@ -69,19 +74,21 @@ def step_weight_bytes(a: ModelArgs, batch: int, elt: int, bits_per_weight: float
     if head_bits_per_weight is not None:
         rate["lm_head"] = head_bits_per_weight / 8
     total = sum(v * rate[k] for k, v in params.items())
-    if absorbed:  # kv_b_proj read as float32 absorbed matrices instead of quantized
-        total += _absorbed_params(a) * (4 - q)
+    if absorbed:  # kv_b_proj read as absorbed matrices (float32, or the native kernel's int8) instead of quantized
+        total += _absorbed_params(a) * (absorbed_bytes - q)
     return total
 
 
 def decode_floor(a: ModelArgs, batch: int, context: int, elt: int, bandwidth: float,
-                 bits_per_weight: float | None = None, head_bits_per_weight: float | None = None) -> dict[str, float]:
+                 bits_per_weight: float | None = None, head_bits_per_weight: float | None = None,
+                 absorbed_bytes: float = 4.0) -> dict[str, float]:
     """Bytes one decode step reads (weights of the active path + the latent cache) and the time at `bandwidth`.
 
     With `bits_per_weight` (a quantized engine) its weights count at that rate (step_weight_bytes);
     the cache stays at `elt` bytes a value.
     """
-    weights = step_weight_bytes(a, batch, elt, bits_per_weight, head_bits_per_weight=head_bits_per_weight)
+    weights = step_weight_bytes(a, batch, elt, bits_per_weight, head_bits_per_weight=head_bits_per_weight,
+                                absorbed_bytes=absorbed_bytes)
     cache = batch * context * a.num_hidden_layers * (a.kv_lora_rank + a.qk_rope_head_dim) * elt
     total = weights + cache
     return {"weight_bytes": weights, "cache_bytes": cache, "bytes": total, "ms": 1e3 * total / bandwidth}

@@ -48,7 +48,7 @@ import torch
 
 from dscompile.errors import OptionError
 from dscompile.bench.cache import Progress, bench_checkpoint, cached_export
-from dscompile.bench.floors import decode_floor, prefill_floor, step_weight_params
+from dscompile.bench.floors import NATIVE_ABSORBED_BYTES, decode_floor, prefill_floor, step_weight_params
 from dscompile.bench.memory import LOADERS, LoadMeasureError, measure_load
 from dscompile.bench.report import plot, table_lines, targets, to_json
 from dscompile.bench.systems import (HF_SYSTEMS, OUR_ENGINES, SYSTEMS, EngineSystem, System, against_for_llama,
@@ -135,6 +135,9 @@ def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progre
     # the manifest's "quantization" of each --engine exported with --weights
     quantizations = {name: q for name, folder in options.extra_engines.items()
                      if (q := json.loads((Path(folder) / "manifest.json").read_text()).get("quantization"))}
+    # engines exported with --native-kernels read the absorbed W_UK/W_UV in int8 (bench/floors.py)
+    native = {name for name, folder in options.extra_engines.items() if "HeadsMatMulQ8" in
+              (json.loads((Path(folder) / "manifest.json").read_text()).get("native_ops") or {}).get("ops", [])}
     result: dict[str, Any] = {
         "checkpoint": str(checkpoint), "model": args.to_config(), "dtype": "float32",
         "threads": options.threads, "repeats": options.repeats, "warmup": options.warmup,
@@ -345,7 +348,8 @@ def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progre
     def floor(r: dict, bandwidth: float, flops: float) -> dict:
         bpw, head = quantized_bits.get(r["system"]), head_bits.get(r["system"])
         if r["phase"] == "decode":
-            return decode_floor(args, r["batch"], r["context"], elt, bandwidth, bpw, head)
+            return decode_floor(args, r["batch"], r["context"], elt, bandwidth, bpw, head,
+                                NATIVE_ABSORBED_BYTES if r["system"] in native else 4.0)
         return prefill_floor(args, r["batch"], options.prefill_tokens, elt, bandwidth, flops, bpw, head)
 
     quantized_bits = {}  # system -> bits per weight, for engines exported with --weights

@@ -1,19 +1,17 @@
-"""MLA's absorbed W_UK / W_UV in int8 through a custom ONNX Runtime kernel, against today's float32 MatMul.
+"""MLA's absorbed W_UK / W_UV in int8 through dscompile's native kernel, against the float32 batched MatMul.
 
 Quantized engines keep the absorbed per-head products W_UK [H, nope, C] and W_UV [H, C, v] in
-float32 (lowering/quantize.py: MatMulNBits takes one 2-D weight, not a batch of heads), so an int4
-decode step of the bench model reads 34 MB of float32 for them, 11% of its bytes. This measures
-the route past that: `heads_kernel/heads_q8.cc`, a custom op (x [B, H, S, K] float32 against int8
-[H, N, K] with one float32 scale per 32 values) built as an ONNX Runtime custom-op library and
-registered with `SessionOptions.register_custom_ops_library`. No engine uses it yet.
+float32 unless exported with `--native-kernels` (MatMulNBits takes one 2-D weight, not a batch of
+heads): an int4 decode step of the bench model then reads 34 MB of float32 for them, 11% of its
+bytes. This measures the kernel that option runs, `ai.dscompile.HeadsMatMulQ8`
+(runtime/native/heads_q8.cc: x [B, H, S, K] float32 against int8 [H, N, K] with one float32 scale
+per 32 values), alone, against ONNX Runtime's float32 MatMul on the same weights.
 
-    python benchmarks/heads_kernel.py --ort-include DIR [--threads 2] [--rounds 7] [--json]
+    python benchmarks/heads_kernel.py [--threads 2] [--rounds 7] [--json]
 
-DIR holds ONNX Runtime's C/C++ API headers (onnxruntime_c_api.h, onnxruntime_cxx_api.h,
-onnxruntime_lite_custom_op.h). The PyPI wheels ship none; Debian 13's `libonnxruntime-dev` does
-(1.21: its API version 21 is served by later runtimes, e.g. the onnxruntime 1.31 wheel). Without apt
-on Debian 13, its .deb unpacks anywhere: `dpkg-deb -x libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb X`,
-then DIR = X/usr/include/onnxruntime. The kernel needs AVX-512 (F, BW) and g++.
+The library is built as engines build it (runtime/native: g++, ONNX Runtime's C/C++ API headers
+from $DSCOMPILE_ORT_INCLUDE or /usr/include/onnxruntime, an AVX-512 CPU); where it cannot be, the
+script says why in one line.
 
 Shapes are the bench config's (16 heads, nope 128, kv_lora_rank 512, v 128), one token (decode)
 and 128 (prefill), 16 copies of each matrix per graph so the weights come from memory, not cache.
@@ -27,9 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -39,33 +35,22 @@ from onnx import TensorProto as TP
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-SOURCE = Path(__file__).resolve().parent / "heads_kernel" / "heads_q8.cc"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dscompile.model.quant import Scheme, quantize  # noqa: E402
+from dscompile.runtime.native import DOMAIN, NativeKernelsUnavailable, library  # noqa: E402
+
 HEADS, NOPE, C, V = 16, 128, 512, 128
 COPIES = 16
 CASES = [("W_UK", NOPE, C, 1), ("W_UV", C, V, 1), ("W_UK", NOPE, C, 128), ("W_UV", C, V, 128)]
 
 
-def build(include: Path, out: Path) -> Path:
-    """Compile the kernel library; a one-line error where the headers or g++ are missing."""
-    if not (include / "onnxruntime_lite_custom_op.h").is_file():
-        sys.exit(f"error: {include} has no onnxruntime_lite_custom_op.h (ONNX Runtime's C/C++ API headers)")
-    lib = out / "libheads_q8.so"
-    cmd = ["g++", "-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", f"-I{include}", str(SOURCE), "-o", str(lib)]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True)
-    except FileNotFoundError:
-        sys.exit("error: g++ not found")
-    if done.returncode:
-        sys.exit(f"error: building {SOURCE.name} failed: {(done.stderr.strip().splitlines() or ['?'])[0]}")
-    return lib
-
-
 def quantize_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[H, N, K] float32 -> int8 values and float32 scales [H, N, K/32] (symmetric, round to nearest)."""
-    blocks = w.reshape(*w.shape[:-1], -1, 32)
-    scales = np.abs(blocks).max(-1) / 127
-    q = np.clip(np.round(blocks / np.maximum(scales, 1e-30)[..., None]), -127, 127).astype(np.int8)
-    return q.reshape(w.shape), scales.astype(np.float32)
+    """[H, N, K] float32 -> int8 [H, N, K] and float32 scales [H, N, K/32], as the export stores them."""
+    import torch
+
+    q, d = quantize(torch.from_numpy(w), Scheme(8, 32, search=False))
+    return q.reshape(w.shape).numpy(), d.numpy()
 
 
 def graphs(K: int, N: int, S: int, rng) -> tuple[bytes, bytes, np.ndarray, np.ndarray]:
@@ -76,7 +61,7 @@ def graphs(K: int, N: int, S: int, rng) -> tuple[bytes, bytes, np.ndarray, np.nd
     def model(nodes, inits) -> bytes:
         g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", TP.FLOAT, [1, HEADS, S, K])],
                          [h.make_tensor_value_info(f"y{i}", TP.FLOAT, None) for i in range(COPIES)], inits)
-        m = h.make_model(g, opset_imports=[h.make_opsetid("", 21), h.make_opsetid("dsc.bench", 1)])
+        m = h.make_model(g, opset_imports=[h.make_opsetid("", 21), h.make_opsetid(DOMAIN, 1)])
         m.ir_version = 10
         return m.SerializeToString()
 
@@ -86,13 +71,12 @@ def graphs(K: int, N: int, S: int, rng) -> tuple[bytes, bytes, np.ndarray, np.nd
     for i, w in enumerate(ws):
         q, s = quantize_rows(np.ascontiguousarray(w.transpose(0, 2, 1)))
         inits += [nh.from_array(q, f"q{i}"), nh.from_array(s, f"s{i}")]
-        nodes.append(h.make_node("HeadsMatMulQ8", ["x", f"q{i}", f"s{i}"], [f"y{i}"], domain="dsc.bench"))
+        nodes.append(h.make_node("HeadsMatMulQ8", ["x", f"q{i}", f"s{i}"], [f"y{i}"], domain=DOMAIN))
     return f32, model(nodes, inits), x, np.einsum("bhsk,hkn->bhsn", x, ws[0])
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--ort-include", type=Path, required=True, help="folder of ONNX Runtime's C/C++ API headers")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--runs", type=int, default=20, help="runs per block")
@@ -100,35 +84,37 @@ def main() -> int:
     a = ap.parse_args()
     rng = np.random.default_rng(0)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        lib = build(a.ort_include, Path(tmp))
-        for name, K, N, S in CASES:
-            f32, q8, x, ref = graphs(K, N, S, rng)
-            sessions = {}
-            for kind, model in (("float32", f32), ("int8", q8)):
-                so = ort.SessionOptions()
-                so.intra_op_num_threads = a.threads
-                if kind == "int8":
-                    so.register_custom_ops_library(str(lib))
-                sessions[kind] = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
-            err = {k: float(np.abs(s.run(["y0"], {"x": x})[0] - ref).max() / np.abs(ref).max())
-                   for k, s in sessions.items()}
-            rounds: dict[str, list[float]] = {k: [] for k in sessions}
-            for _ in range(a.rounds):
-                for kind, s in sessions.items():
+    try:
+        lib = library()
+    except NativeKernelsUnavailable as err:
+        sys.exit(f"error: {err}")
+    for name, K, N, S in CASES:
+        f32, q8, x, ref = graphs(K, N, S, rng)
+        sessions = {}
+        for kind, model in (("float32", f32), ("int8", q8)):
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = a.threads
+            if kind == "int8":
+                so.register_custom_ops_library(str(lib))
+            sessions[kind] = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+        err = {k: float(np.abs(s.run(["y0"], {"x": x})[0] - ref).max() / np.abs(ref).max())
+               for k, s in sessions.items()}
+        rounds: dict[str, list[float]] = {k: [] for k in sessions}
+        for _ in range(a.rounds):
+            for kind, s in sessions.items():
+                s.run(None, {"x": x})
+                ts = []
+                for _ in range(a.runs):
+                    t = time.perf_counter()
                     s.run(None, {"x": x})
-                    ts = []
-                    for _ in range(a.runs):
-                        t = time.perf_counter()
-                        s.run(None, {"x": x})
-                        ts.append(time.perf_counter() - t)
-                    rounds[kind].append(1e3 * statistics.median(ts) / COPIES)
-                    time.sleep(0.05)
-            ms = {k: statistics.median(v) for k, v in rounds.items()}
-            rows.append({"matrix": name, "K": K, "N": N, "tokens": S, "float32_ms": ms["float32"], "int8_ms": ms["int8"],
-                         "ratio": ms["int8"] / ms["float32"], "int8_rel_max_err": err["int8"],
-                         "float32_mb": HEADS * K * N * 4 / 1e6, "int8_mb": HEADS * K * N * (1 + 4 / 32) / 1e6})
-            del sessions
+                    ts.append(time.perf_counter() - t)
+                rounds[kind].append(1e3 * statistics.median(ts) / COPIES)
+                time.sleep(0.05)
+        ms = {k: statistics.median(v) for k, v in rounds.items()}
+        rows.append({"matrix": name, "K": K, "N": N, "tokens": S, "float32_ms": ms["float32"], "int8_ms": ms["int8"],
+                     "ratio": ms["int8"] / ms["float32"], "int8_rel_max_err": err["int8"],
+                     "float32_mb": HEADS * K * N * 4 / 1e6, "int8_mb": HEADS * K * N * (1 + 4 / 32) / 1e6})
+        del sessions
     if a.json:
         print(json.dumps(rows, indent=2))
         return 0

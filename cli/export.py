@@ -31,6 +31,10 @@ def export(
     calibration: Optional[Path] = typer.Option(_DEFAULT["calibration"], help="With --weights: choose each block's "
                                                "scale by the input activations the model sees on this text "
                                                "(importance-weighted error, as llama.cpp's imatrix)."),
+    native_kernels: bool = typer.Option(_DEFAULT["native_kernels"], "--native-kernels/--no-native-kernels",
+                                        help="With --weights on CPU: run MLA's absorbed per-head weights in int8 "
+                                        "through dscompile's own ONNX Runtime kernel (built with g++ on first use; "
+                                        "needs ONNX Runtime's C/C++ headers and an AVX-512 CPU)."),
     absorb: str = typer.Option(_DEFAULT["absorb"], help="MLA absorption: auto (cost model), fold, reassociate or none."),
     fuse_moe: bool = typer.Option(_DEFAULT["fuse_moe"], "--fuse-moe/--no-fuse-moe", help="Fuse MoE routing + dispatch into dsc.moe."),
     verify: bool = typer.Option(_DEFAULT["verify"], "--verify", help="Check each pass numerically on random inputs."),
@@ -79,7 +83,7 @@ def export(
         if checkpoint is None or out is None:
             raise OptionError("export needs CHECKPOINT and -o OUT")
         options = ExportOptions(dtype=dtype, weights=weights, block_size=block_size, lm_head_bits=lm_head_bits,
-                                calibration=calibration,
+                                calibration=calibration, native_kernels=native_kernels,
                                 absorb=absorb, fuse_moe=fuse_moe, verify=verify, opset=opset, target=target,
                                 device=device, precision=precision, tf32=tf32,
                                 max_batch=max_batch, max_prompt_tokens=max_prompt_tokens, max_context=max_context,

@@ -56,6 +56,10 @@ def report_lines(info: dict) -> list[str]:
                      f"per weight with scales); kernels {quant['accuracy_level']} (accuracy_level); float32 "
                      f"weights kept {_mb(quant['float_weight_bytes'])}"
                      + (f"; worst weight error {worst[1]['max_rel']:.3f} of its max |w| ({worst[0]})" if worst else ""))
+    native = info.get("native_ops")
+    if native:
+        lines.append(f"native   {', '.join(native['ops'])} ({native['domain']}, runtime/native): "
+                     + ("builds and loads here" if native["available"] else f"cannot run here: {native['unavailable']}"))
     for name, f in sorted(info["files"].items()):
         lines.append(f"file     {name:24s} {_mb(f['bytes'])}")
     for backend, r in info["resident_estimate"].items():

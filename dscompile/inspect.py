@@ -55,6 +55,11 @@ def inspect(out: str | Path, trt_compat: bool = False, plan: bool = False, ort_c
     }
     if manifest.get("quantization"):
         report["quantization"] = manifest["quantization"]
+    if manifest.get("native_ops"):  # exported with --native-kernels: can this machine build their library?
+        from dscompile.runtime.native import unavailable
+
+        why = unavailable()
+        report["native_ops"] = {**manifest["native_ops"], "available": why is None, "unavailable": why}
     if trt_compat:
         from dscompile.lowering.tensorrt.compat import check_out_dir
 

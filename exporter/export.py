@@ -68,6 +68,8 @@ from dscompile.passes import SHARDING, PassOptions, run_pipeline
 from dscompile.passes.shard import Sharded, check_plan
 from dscompile.runtime.contract import PHASES
 from dscompile.runtime.manifest import write_manifest
+from dscompile.runtime.native import DOMAIN as NATIVE_DOMAIN
+from dscompile.runtime.native import OPS as NATIVE_OPS
 from dscompile.runtime.text import copy_tokenizer
 from dscompile.runtime.weights import fingerprint
 from dscompile.verify.export_checks import passes_in_float32, quantized_engine
@@ -178,7 +180,7 @@ def _write(checkpoint, stage: Stage, programs, reports, args, options: ExportOpt
     importance (exporter/calibration.py) and the manifest."""
     scheme, graphs_only, dtype = options.scheme, options.graphs_only, options.dtype
     quantizer = GraphQuantizer(scheme, provider=options.device, accuracy_level=options.accuracy_level,
-                               dtype=DTYPES[dtype]) if scheme is not None else None
+                               dtype=DTYPES[dtype], native=options.native_kernels) if scheme is not None else None
     lowered, lowerings, quantized = {}, {}, {}
     for i, phase in enumerate(PHASES):
         lowerings[phase] = choose_moe_experts(phase, DTYPES[dtype], options.target, options.device)
@@ -239,6 +241,9 @@ def _write(checkpoint, stage: Stage, programs, reports, args, options: ExportOpt
             manifest["quantization"] = quantization_report(scheme, lowered, quant_errors, graphs_only, options.device)
             if calibration is not None:
                 manifest["quantization"]["calibration"] = calibration[1]
+        if options.native_kernels:  # every session opening these graphs registers runtime/native's library first
+            manifest["native_ops"] = {"domain": NATIVE_DOMAIN, "ops": sorted(
+                {op for phase in PHASES for op, n in quantized[phase].items() if n and op in NATIVE_OPS})}
         if not graphs_only:
             manifest["weights"]["fingerprint"] = fingerprint(tmp / WEIGHTS_FILE)
         else:

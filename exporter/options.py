@@ -44,6 +44,7 @@ class ExportOptions:
     lm_head_bits: int = 8  # lm_head's bits with `weights` (model/quant.py: 8, as llama.cpp keeps its output layer wider)
     accuracy_level: int | None = None  # None: the kernels' measured setting (lowering/quantize.py)
     calibration: str | None = None  # a text file: quantization scales chosen by the activations on it (model/calibration.py)
+    native_kernels: bool = False  # with `weights` on CPU: dscompile's own ONNX Runtime kernels (runtime/native)
     # passes
     absorb: str = "auto"  # MLA absorption: auto (cost model), fold, reassociate or none
     fuse_moe: bool = True
@@ -94,6 +95,7 @@ class ExportOptions:
         if self.accuracy_level is not None and self.accuracy_level not in ACCURACY_LEVELS:
             raise OptionError(f"accuracy level {self.accuracy_level} is not one of 0-4")
         self._check_calibration(scheme)
+        self._check_native(scheme)
         self._check_frontend(scheme)
         if self.graphs_only and self.verify:
             raise OptionError("--graphs-only and --verify: verifying the passes runs the model on its weights, "
@@ -163,6 +165,20 @@ class ExportOptions:
     def builds_tensorrt(self) -> bool:
         """Whether the export ends with TensorRT engines (they need the weights: not graph-only)."""
         return self.target == "tensorrt" and not self.graphs_only
+
+    def _check_native(self, scheme: Scheme | None) -> None:
+        if not self.native_kernels:
+            return
+        if scheme is None or self.device != "cpu" or self.target != "onnxruntime" or self.dtype != "float32" \
+                or self.tp > 1 or self.ep > 1:
+            raise OptionError("--native-kernels: dscompile's native kernels serve quantized float32 engines for ONNX "
+                              "Runtime's CPU provider on one device: use them with --weights int4|int8, --device cpu, "
+                              "--target onnxruntime, --dtype float32, no --tp/--ep")
+        from dscompile.runtime.native import unavailable  # noqa: PLC0415 - a file check, no ONNX Runtime
+
+        why = unavailable()
+        if why and not self.graphs_only:  # the export runs the engine (verification); graphs alone need no library
+            raise OptionError(f"--native-kernels: cannot build them here: {why}")
 
     def _check_calibration(self, scheme: Scheme | None) -> None:
         if self.calibration is None:

@@ -15,6 +15,11 @@ what the engine does. This pass then stores the quantizable weights as bits + sc
 
 Weights a pass computed (absorb_mla's W_UK/W_UV products, per head: [H, N, C] batched MatMuls that
 MatMulNBits cannot take) stay in float32, as do embeddings, the router and norms (model/quant.py).
+With `native=True` (`export --native-kernels`) those batched MatMuls become dscompile's own
+`ai.dscompile.HeadsMatMulQ8` (runtime/native): the product stored in int8, one float32 scale per 32
+values along its input dimension, activations left in float32. These integers are the product's
+own rounding, not the checkpoint's: the one place where the engine stores what the fake-quantized
+eager model does not compute, judged by the same quantized-engine bound.
 Quantizing the fake-quantized values again gives the same integers and scales (the block's largest
 value is on the grid), so the stored bits are those of the scheme on the checkpoint's weights.
 
@@ -55,6 +60,7 @@ from dscompile.lowering.weights import _MetaWeight, _fold_key, _origins, _unique
 from dscompile.lowering.ops import MSFT_DOMAIN
 from dscompile.model.quant import Scheme, pack, quantize
 from dscompile.lazy import derive
+from dscompile.runtime.native import DOMAIN as NATIVE_DOMAIN
 
 # accuracy_level per op and bits on ONNX Runtime's CPU provider, measured with
 # benchmarks/quant_kernels.py (ORT 1.31.1, 2 threads, 2026-12-01; ms, median of 9 alternating rounds):
@@ -130,6 +136,23 @@ def _register_schemas() -> None:
 _register_schemas()
 
 
+def _register_native_schema() -> None:
+    """The checker's schema of ai.dscompile.HeadsMatMulQ8 (runtime/native/heads_q8.cc)."""
+    P = onnx.defs.OpSchema.FormalParameter
+    try:
+        onnx.defs.get_schema("HeadsMatMulQ8", 1, NATIVE_DOMAIN)
+    except onnx.defs.SchemaError:
+        onnx.defs.register_schema(onnx.defs.OpSchema(
+            "HeadsMatMulQ8", NATIVE_DOMAIN, 1, doc="dscompile native op: per-head matmul with int8 weights.",
+            inputs=[P("x", "T"), P("w", "T8"), P("scales", "T")], outputs=[P("y", "T")],
+            type_constraints=[("T", ["tensor(float)"], "activations and scales"), ("T8", ["tensor(int8)"], "weights")]))
+
+
+_register_native_schema()
+HEADS_BLOCK = 32  # values per scale of the native per-head weights (runtime/native/heads_q8.cc)
+HEADS_MAX_K = 4096  # the kernel's row buffer
+
+
 class _Quantization:
     """One weight's quantization, shared by its two stored tensors (bits, scales).
 
@@ -177,6 +200,33 @@ class _Quantization:
         return self._take(w, "scales")
 
 
+class _HeadsInt8:
+    """A computed per-head weight [H, K, N] as HeadsMatMulQ8 stores it: int8 [H, N, K] (rows along K) and
+    float32 scales [H, N, K/32], each part one `derive` of the weight; quantized once (as _Quantization)."""
+
+    def __init__(self):
+        self._result: dict[str, torch.Tensor] | None = None
+
+    def _take(self, w: torch.Tensor, part: str) -> torch.Tensor:
+        H, K, N = (int(d) for d in w.shape)
+        if w.is_meta:
+            shape = [H, N, K] if part == "int8" else [H, N, K // HEADS_BLOCK]
+            return torch.empty(shape, dtype=torch.int8 if part == "int8" else torch.float32, device="meta")
+        if self._result is None:
+            q, d = quantize(w.transpose(-1, -2).float(), Scheme(8, HEADS_BLOCK, search=False))
+            self._result = {"int8": q.reshape(H, N, K).contiguous(), "scales": d.contiguous()}
+        out = self._result.pop(part)
+        if not self._result:
+            self._result = None
+        return out
+
+    def int8(self, w: torch.Tensor) -> torch.Tensor:
+        return self._take(w, "int8")
+
+    def scales(self, w: torch.Tensor) -> torch.Tensor:
+        return self._take(w, "scales")
+
+
 def _weight(value: ir.Value | None) -> torch.Tensor | None:
     if value is None or not value.is_initializer() or not isinstance(value.const_value, _MetaWeight):
         return None
@@ -204,13 +254,16 @@ class GraphQuantizer:
     """Rewrites graphs for one scheme; shares the quantized tensors between the graphs it rewrites."""
 
     def __init__(self, scheme: Scheme, provider: str = "cpu", accuracy_level: int | None = None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, native: bool = False):
         """`accuracy_level` overrides the provider's measured choice for every kernel (0: activations
         stay in their dtype, so the engine computes what the fake-quantized eager model does).
-        `dtype`: the activations' (the export's); scales are stored in it (module docstring)."""
+        `dtype`: the activations' (the export's); scales are stored in it (module docstring).
+        `native`: absorbed per-head MatMuls to ai.dscompile.HeadsMatMulQ8 (CPU, float32 only)."""
         if dtype not in SCALE_DTYPES:
             raise ValueError(f"quantized graphs compute in {', '.join(map(str, SCALE_DTYPES))}, not {dtype}")
-        self.scheme, self.provider, self.dtype = scheme, provider, dtype
+        if native and (provider != "cpu" or dtype != torch.float32):
+            raise ValueError("the native kernels run on ONNX Runtime's CPU provider in float32 only")
+        self.scheme, self.provider, self.dtype, self.native = scheme, provider, dtype, native
         self.levels = ACCURACY_LEVELS[provider]
         if accuracy_level is not None:
             self.levels = {op: {bits: accuracy_level for bits in per} for op, per in self.levels.items()}
@@ -247,10 +300,15 @@ class GraphQuantizer:
         """Rewrite `model` in place; returns counts of rewritten nodes."""
         graph = model.graph
         counts = {"MatMulNBits": 0, "QMoE": 0}
+        if self.native:
+            counts["HeadsMatMulQ8"] = 0
         for node in list(graph):
             if not node.domain and node.op_type == "MatMul":
                 b = node.inputs[1]
                 w = _weight(b)
+                if self.native and self._heads(graph, node, w):
+                    counts["HeadsMatMulQ8"] += 1
+                    continue
                 if w is None or w.dim() != 2 or not quantizable(w):
                     continue
                 K, N = (int(d) for d in w.shape)
@@ -281,7 +339,34 @@ class GraphQuantizer:
             self._replace(graph, node, new)
             counts["MatMulNBits"] += 1
         model.opset_imports.setdefault(MSFT_DOMAIN, 1)
+        if counts.get("HeadsMatMulQ8"):
+            model.opset_imports.setdefault(NATIVE_DOMAIN, 1)
         return counts
+
+    def _heads(self, graph: ir.Graph, node: ir.Node, w: torch.Tensor | None) -> bool:
+        """A batched MatMul of [B, H, S, K] activations over a computed per-head weight [H, K, N] ->
+        HeadsMatMulQ8 with the weight in int8; False (nothing done) for any other MatMul."""
+        x = node.inputs[0]
+        if w is None or w.dim() != 3 or quantizable(w) or x.shape is None or len(x.shape) != 4:
+            return False
+        H, K, _ = (int(d) for d in w.shape)
+        if K % HEADS_BLOCK or K > HEADS_MAX_K or x.shape[1] != H or x.shape[3] != K:
+            return False
+        key = ("heads", _fold_key(w))
+        if key not in self.memo:
+            q = _HeadsInt8()
+            self.memo[key] = (derive(q.int8, w), derive(q.scales, w))
+        values = []
+        for tensor, suffix, dtype in zip(self.memo[key], ("int8", "scales"), (ir.DataType.INT8, ir.DataType.FLOAT)):
+            vname = _unique_name(graph, f"{node.inputs[1].name}.{suffix}")
+            v = ir.Value(name=vname, shape=ir.Shape(list(tensor.shape)), type=ir.TensorType(dtype),
+                         const_value=_MetaWeight(tensor, vname))
+            graph.register_initializer(v)
+            values.append(v)
+        new = ir.node("HeadsMatMulQ8", [x, *values], domain=NATIVE_DOMAIN,
+                      name=f"{node.name}.q8" if node.name else None)
+        self._replace(graph, node, new)
+        return True
 
     def _moe(self, graph: ir.Graph, node: ir.Node) -> None:
         fc1, fc2 = node.inputs[2], node.inputs[4]

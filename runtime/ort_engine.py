@@ -87,6 +87,7 @@ from dscompile.runtime.contract import (ATTENTION_MASK, DECODE, DECODE_IN_PLACE,
 from dscompile.runtime.engine import Engine, SlotCache
 from dscompile.runtime.ort_cache import CacheBuffers, OrtCapacityCache, OrtKVCache
 from dscompile.runtime.manifest import read_manifest
+from dscompile.runtime.native import register_for as register_native
 from dscompile.runtime.ort_sessions import (max_step_tokens, session_graphs, tensorrt_cache_dir,
                                             tensorrt_provider_options)
 from dscompile.runtime.weights import WeightsFile
@@ -269,6 +270,7 @@ class OrtEngine(Engine):
             if threads < 1:
                 raise EngineError(f"threads must be >= 1, got {threads}")
             options.intra_op_num_threads = threads
+        register_native(manifest, options, out)  # engines exported with --native-kernels (runtime/native)
         if profile_prefix is not None:
             options.enable_profiling = True
             options.profile_file_prefix = profile_prefix

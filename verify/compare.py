@@ -25,6 +25,8 @@ from dscompile.model.quant import Scheme
 from dscompile.runtime.contract import (DECODE, PAST, PREFILL, STEP_INPUTS, EngineInfo, KVCache, StepInputs,
                                         cache_names, next_step_inputs, random_step_inputs)
 from dscompile.runtime.engine import Engine
+from dscompile.runtime.manifest import read_manifest
+from dscompile.runtime.native import register_for as register_native
 from dscompile.errors import EngineError, OptionError, first_line
 from dscompile.tolerance import QUANTIZED_ACTIVATIONS, TF32, TOLERANCE, quantized_activations_rms
 from dscompile.tolerance import bound as tolerance_bound
@@ -239,6 +241,7 @@ def _run_on_weights(model: onnx.ModelProto, out: Path, path: Path, names: list[s
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(out))
+    register_native(read_manifest(out), options, out)  # engines exported with --native-kernels
     flat = [ids, pos, mask, *(t for layer in empty.layers for t in layer)]
     feeds = {name: t.numpy() for name, t in zip([*STEP_INPUTS, *cache_names(PAST, len(empty.layers))], flat)}
     try:

@@ -1,0 +1,134 @@
+"""dscompile's own ONNX Runtime kernels: a custom-op library built here from C++ source, on demand.
+
+ONNX Runtime's CPU provider has no kernel for some of what a quantized engine computes; the one this
+library adds is `ai.dscompile.HeadsMatMulQ8` (heads_q8.cc): MLA's absorbed per-head W_UK / W_UV in
+int8, which quantized engines otherwise keep in float32 (MatMulNBits takes one 2-D weight, not a
+batch of heads). Engines exported with `--native-kernels` carry these nodes; the manifest lists the
+ops (`native_ops`), and every session that opens such a graph registers the library first
+(`register`).
+
+The library is compiled with g++ against ONNX Runtime's C/C++ API headers, which the onnxruntime
+wheels do not ship. Found, in order: $DSCOMPILE_ORT_INCLUDE, /usr/include/onnxruntime,
+/usr/local/include/onnxruntime (Debian 13 and Ubuntu 25.04's `libonnxruntime-dev` install them in
+the second). Any version from 1.16 on serves: the library asks the running ONNX Runtime for the API
+version of its headers, which later runtimes keep. It is built once per source, headers and
+compiler, into $DSCOMPILE_HOME (or ~/.cache/dscompile)/native/KEY/, written to a temporary name and
+renamed, so concurrent builds do not see each other's half-written file. The kernel is written with
+AVX-512 (F, BW) intrinsics; other CPUs are refused with that reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from dscompile.errors import DscompileError
+
+DOMAIN = "ai.dscompile"
+OPS = ("HeadsMatMulQ8",)
+SOURCE = Path(__file__).with_name("heads_q8.cc")
+LIBRARY = "libdscompile_native.so"
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mfma", "-shared", "-fPIC", "-std=c++17"]
+HEADER = "onnxruntime_lite_custom_op.h"
+INCLUDE_DIRS = ("/usr/include/onnxruntime", "/usr/local/include/onnxruntime")
+CPU_FLAGS = ("avx512f", "avx512bw")
+
+
+class NativeKernelsUnavailable(DscompileError):
+    """The native kernel library cannot be built or loaded here (the reason in one line)."""
+
+
+def ort_include() -> Path | None:
+    """The folder of ONNX Runtime's C/C++ API headers, or None."""
+    named = os.environ.get("DSCOMPILE_ORT_INCLUDE")
+    for folder in ([named] if named else []) + list(INCLUDE_DIRS):
+        if (Path(folder) / HEADER).is_file():
+            return Path(folder)
+    return None
+
+
+def _cpu_lacks() -> list[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return list(CPU_FLAGS)  # not Linux: nothing says the CPU has them
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return [f for f in CPU_FLAGS if f not in flags]
+
+
+def unavailable() -> str | None:
+    """Why the library cannot be built here, or None."""
+    lacks = _cpu_lacks()
+    if lacks:
+        return f"this CPU lacks {', '.join(lacks)} (the native kernels are written for AVX-512)"
+    if shutil.which("g++") is None:
+        return "g++ is not installed (the native kernels are compiled on first use)"
+    if ort_include() is None:
+        named = os.environ.get("DSCOMPILE_ORT_INCLUDE")
+        where = f"DSCOMPILE_ORT_INCLUDE={named} has no {HEADER}" if named else \
+            f"none in {' or '.join(INCLUDE_DIRS)} and DSCOMPILE_ORT_INCLUDE is not set"
+        return (f"ONNX Runtime's C/C++ API headers are needed to build the native kernels ({where}; "
+                "e.g. Debian 13's libonnxruntime-dev)")
+    return None
+
+
+def _home() -> Path:
+    return Path(os.environ.get("DSCOMPILE_HOME", Path.home() / ".cache" / "dscompile"))
+
+
+def library() -> Path:
+    """The built library (building it first where needed); NativeKernelsUnavailable says why not."""
+    why = unavailable()
+    if why:
+        raise NativeKernelsUnavailable(why)
+    include = ort_include()
+    compiler = subprocess.run(["g++", "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), (include / "onnxruntime_c_api.h").read_bytes(), " ".join(FLAGS + compiler).encode()):
+        key.update(hashlib.sha256(part).digest())
+    folder = _home() / "native" / key.hexdigest()[:16]
+    path = folder / LIBRARY
+    if path.is_file():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".build-", suffix=".so")
+    os.close(fd)
+    try:
+        done = subprocess.run(["g++", *FLAGS, f"-I{include}", str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if done.returncode:
+            lines = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.splitlines() or ["?"]
+            raise NativeKernelsUnavailable(f"building {SOURCE.name} against {include} failed: {lines[0].strip()}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def register(options) -> None:
+    """Register the library with ONNX Runtime SessionOptions `options`."""
+    path = library()
+    try:
+        options.register_custom_ops_library(str(path))
+    except Exception as err:  # ORT raises its own types
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise NativeKernelsUnavailable(f"ONNX Runtime could not load {path}: {first}") from None
+
+
+def register_for(manifest: dict, options, where) -> None:
+    """Register the library with `options` where the engine at `where` (its `manifest`) uses native ops;
+    an EngineError in one line where it cannot be built or loaded here."""
+    native = manifest.get("native_ops")
+    if not native:
+        return
+    from dscompile.errors import EngineError  # noqa: PLC0415
+
+    try:
+        register(options)
+    except NativeKernelsUnavailable as err:
+        raise EngineError(f"{where}: its graphs use dscompile's native kernels ({', '.join(native.get('ops', []))}), "
+                          f"which cannot be loaded here: {err}; or re-export it without --native-kernels") from None

@@ -1,0 +1,174 @@
+"""runtime/native: dscompile's own ONNX Runtime kernel (ai.dscompile.HeadsMatMulQ8) and `export --native-kernels`.
+
+The kernel and the engines that use it need the library built here: g++, ONNX Runtime's C/C++ API
+headers (DSCOMPILE_ORT_INCLUDE, or /usr/include/onnxruntime) and an AVX-512 CPU; those tests skip
+with `unavailable()`'s reason elsewhere. The refusals run everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from dscompile.errors import EngineError, OptionError
+from dscompile.exporter.export import export_checkpoint
+from dscompile.exporter.options import ExportOptions
+from dscompile.model.quant import Scheme, quantize
+from dscompile.runtime import native
+from dscompile.runtime.native import DOMAIN
+
+WHY = native.unavailable()
+needs_library = pytest.mark.skipif(WHY is not None, reason=f"the native kernel library cannot be built here: {WHY}")
+
+
+def _session(q: np.ndarray, s: np.ndarray, x_shape: list[int]):
+    import onnxruntime as ort
+    from onnx import TensorProto as TP
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    graph = h.make_graph([h.make_node("HeadsMatMulQ8", ["x", "q", "s"], ["y"], domain=DOMAIN)], "g",
+                         [h.make_tensor_value_info("x", TP.FLOAT, x_shape)],
+                         [h.make_tensor_value_info("y", TP.FLOAT, None)], [nh.from_array(q, "q"), nh.from_array(s, "s")])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 21), h.make_opsetid(DOMAIN, 1)])
+    model.ir_version = 10
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    native.register(options)
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+@needs_library
+@pytest.mark.parametrize("K,N,B,S", [(128, 512, 1, 1), (512, 128, 1, 1), (128, 512, 2, 3), (96, 40, 1, 5), (32, 16, 2, 1)])
+def test_kernel_equals_the_dequantized_product(K, N, B, S):
+    # one token (the widening path) and several (the panel path, with rows past a multiple of 16 and
+    # token groups short of 4), against float64 numpy on the very integers and scales the export stores
+    H = 4
+    rng = np.random.default_rng(K + N + S)
+    w = rng.standard_normal((H, N, K)).astype(np.float32)
+    q, d = quantize(torch.from_numpy(w), Scheme(8, 32, search=False))
+    q, d = q.reshape(H, N, K).numpy(), d.numpy()
+    x = rng.standard_normal((B, H, S, K)).astype(np.float32)
+    y = _session(q, d, [B, H, S, K]).run(None, {"x": x})[0]
+    dequantized = (q.reshape(H, N, K // 32, 32).astype(np.float64) * d[..., None]).reshape(H, N, K)
+    ref = np.einsum("bhsk,hnk->bhsn", x.astype(np.float64), dequantized)
+    assert y.shape == (B, H, S, N) and np.abs(ref).max() > 1
+    assert np.abs(y - ref).max() / np.abs(ref).max() < 1e-5
+    plain = np.einsum("bhsk,hnk->bhsn", x, w)  # against float32 weights: the int8 rounding, far from nothing
+    assert 1e-4 < np.abs(y - plain).max() / np.abs(plain).max() < 2e-2
+
+
+@needs_library
+def test_a_shape_the_kernel_does_not_take_is_refused_by_the_kernel():
+    q, d = np.ones((2, 64, 32), np.int8), np.ones((2, 64, 1), np.float32)
+    with pytest.raises(Exception, match="HeadsMatMulQ8: expected"):
+        _session(q, d, [1, 2, 1, 48]).run(None, {"x": np.ones((1, 2, 1, 48), np.float32)})
+
+
+# ---------------------------------------------------------------- engines exported with --native-kernels
+
+
+@pytest.fixture(scope="module")
+def engines(one_layer_ckpt, small_limits, tmp_path_factory):
+    """(int4 OUT with --native-kernels, the same export without)."""
+    if WHY is not None:
+        pytest.skip(f"the native kernel library cannot be built here: {WHY}")
+    outs = []
+    for flag in (True, False):
+        out = tmp_path_factory.mktemp("native") / f"int4-{flag}"
+        export_checkpoint(one_layer_ckpt, out, ExportOptions.within(small_limits, weights="int4", block_size=16,
+                                                                    native_kernels=flag))
+        outs.append(out)
+    return outs
+
+
+@needs_library
+def test_the_export_writes_the_absorbed_product_as_a_native_node(engines):
+    out, plain = engines
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["native_ops"] == {"domain": DOMAIN, "ops": ["HeadsMatMulQ8"]}
+    assert "native_ops" not in json.loads((plain / "manifest.json").read_text())
+    for name in ("decode.onnx", manifest["graphs"]["decode"]["in_place"]["file"]):
+        graph = onnx.load(str(out / name), load_external_data=False).graph
+        nodes = [n for n in graph.node if n.domain == DOMAIN]
+        # the tiny model: W_UV (kv_lora_rank 32 -> v 16) qualifies; W_UK's input (nope 16) is not a multiple of 32
+        assert [n.op_type for n in nodes] == ["HeadsMatMulQ8"]
+        weights = {t.name: t for t in graph.initializer}
+        assert weights[nodes[0].input[1]].data_type == onnx.TensorProto.INT8
+    assert manifest["graphs"]["decode"]["quantized_ops"]["HeadsMatMulQ8"] == 1
+
+
+@needs_library
+def test_a_native_engine_computes_what_the_plain_one_does_up_to_the_int8_product(engines):
+    from dscompile.runtime.contract import position_ids
+    from dscompile.runtime.ort_engine import OrtEngine
+
+    out, plain = engines
+    results = []
+    for folder in (out, plain):
+        engine = OrtEngine.load(folder, provider="cpu")
+        ids = torch.tensor([[5, 9, 2, 33, 7], [1, 4, 60, 8, 12]])
+        mask = torch.ones_like(ids)
+        logits, cache = engine.step(ids, position_ids(mask), mask, None)
+        steps = [logits]
+        for token in ([[3], [11]], [[21], [40]]):
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+            logits, cache = engine.step(torch.tensor(token), position_ids(mask)[:, -1:], mask, cache)
+            steps.append(logits)
+        results.append(torch.cat([s.reshape(-1) for s in steps]))
+    mine, theirs = results
+    rel = float((mine - theirs).norm() / theirs.norm())
+    assert 1e-7 < rel < 0.02, rel  # the product's int8 rounding: small, and there
+
+
+def test_a_native_engine_where_the_library_cannot_be_built_is_refused_in_one_line(one_layer_ckpt, small_limits,
+                                                                                 tmp_path, monkeypatch):
+    # writing the graphs needs no library (the export is told it could build one); loading does
+    from dscompile.runtime.ort_engine import OrtEngine
+
+    monkeypatch.setattr(native, "unavailable", lambda: None)
+    export_checkpoint(one_layer_ckpt, tmp_path / "out", ExportOptions.within(small_limits, weights="int8",
+                                                                              block_size=16, native_kernels=True))
+    monkeypatch.setattr(native, "unavailable", lambda: "no headers (patched)")
+    with pytest.raises(EngineError, match=r"native kernels \(HeadsMatMulQ8\), which cannot be loaded here: "
+                                          r"no headers \(patched\); or re-export it without --native-kernels"):
+        OrtEngine.load(tmp_path / "out", provider="cpu")
+
+
+# ---------------------------------------------------------------- refusals (everywhere)
+
+
+@pytest.mark.parametrize("options, what", [
+    (dict(native_kernels=True), "--weights int4|int8"),
+    (dict(native_kernels=True, weights="int4", device="cuda", dtype="float16"), "--device cpu"),
+    (dict(native_kernels=True, weights="int8", tp=2), "no --tp/--ep"),
+])
+def test_native_kernels_serve_quantized_float32_cpu_engines_only(options, what):
+    with pytest.raises(OptionError, match=f"--native-kernels: .*{what}"):
+        ExportOptions(**options)
+
+
+def test_native_kernels_that_cannot_be_built_are_refused_at_export(monkeypatch):
+    monkeypatch.setattr(native, "unavailable", lambda: "g++ is not installed (patched)")
+    with pytest.raises(OptionError, match=r"^--native-kernels: cannot build them here: g\+\+ is not installed"):
+        ExportOptions(weights="int4", native_kernels=True)
+    ExportOptions(weights="int4", native_kernels=True, graphs_only=True)  # graphs alone run nothing
+
+
+def test_unavailable_names_what_is_missing(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_cpu_lacks", lambda: [])
+    monkeypatch.setenv("DSCOMPILE_ORT_INCLUDE", str(tmp_path))
+    monkeypatch.setattr(native, "INCLUDE_DIRS", ())
+    why = native.unavailable()
+    if native.shutil.which("g++") is None:
+        assert why.startswith("g++ is not installed")
+    else:
+        assert why.startswith("ONNX Runtime's C/C++ API headers") and f"DSCOMPILE_ORT_INCLUDE={tmp_path} has no" in why
+    with pytest.raises(native.NativeKernelsUnavailable):
+        native.library()
+    monkeypatch.setattr(native, "_cpu_lacks", lambda: ["avx512bw"])
+    assert native.unavailable() == "this CPU lacks avx512bw (the native kernels are written for AVX-512)"
