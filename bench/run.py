@@ -53,12 +53,12 @@ from dscompile.bench.memory import LOADERS, LoadMeasureError, measure_load
 from dscompile.bench.report import plot, table_lines, targets, to_json
 from dscompile.bench.systems import (HF_SYSTEMS, OUR_ENGINES, SYSTEMS, EngineSystem, System, against_for_llama,
                                      llama_bench_rows,
-                                     parse_engines, parse_llama_cpp)
+                                     llama_cpp_against, parse_engines, parse_llama_cpp)
 from dscompile.bench.timing import (BANDWIDTH_BYTES, GEMM_SIZE, MachineProbe, compare_alternately,
                                              context_scaling, time_ms)
 from dscompile.model.args import ModelArgs
 
-__all__ = ["SYSTEMS", "BenchOptions", "parse_engines", "parse_ints", "parse_llama_cpp", "parse_systems", "plot",
+__all__ = ["SYSTEMS", "BenchOptions", "llama_cpp_against", "parse_engines", "parse_ints", "parse_llama_cpp", "parse_systems", "plot",
            "run_bench", "table_lines", "to_json"]
 
 DEFAULT_CONTEXTS = (128, 1024, 4096)
@@ -102,6 +102,7 @@ class BenchOptions:
     gemm_size: int = GEMM_SIZE
     extra_engines: dict[str, Path] = field(default_factory=dict)  # name -> an engine folder exported elsewhere
     llama_cpp: dict[str, tuple[Path, Path]] = field(default_factory=dict)  # name -> (llama-bench, GGUF)
+    llama_against: dict[str, str] = field(default_factory=dict)  # name -> our system run beside it (else nearest in bits)
     profile: bool = False  # per-op-type profile of each of our ONNX Runtime engines (profile.py)
 
     def check(self) -> None:
@@ -118,6 +119,11 @@ class BenchOptions:
             raise OptionError("--contexts: every value must be >= 1")
         if not self.batches or min(self.batches) < 1:
             raise OptionError("--batch: every value must be >= 1")
+        ours = [*(["ours"] if "ours" in self.systems else []), *self.extra_engines]
+        for name, system in self.llama_against.items():
+            if system not in ours:
+                raise OptionError(f"--llama-cpp {name}=...@{system}: {system} is not one of our systems measured here "
+                                  f"({', '.join(ours) or 'none'})")
 
 
 def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progress: Progress | None = None) -> dict:
@@ -308,7 +314,7 @@ def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progre
     every = step_weight_params(args, 1 << 20)  # every expert read
     parameters = sum(every.values()) - every["embeddings"] + args.vocab_size * args.hidden_size
     for i, (name, (binary, gguf)) in enumerate(options.llama_cpp.items()):
-        against_name = against_for_llama(name, gguf, ours_bits, parameters, None)
+        against_name = against_for_llama(name, gguf, ours_bits, parameters, options.llama_against.get(name))
         against = load(against_name) if against_name else None
         rows, pairs, why = llama_bench_rows(name, binary, gguf, options, probe.bandwidth, against=against)
         if against is not None:

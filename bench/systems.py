@@ -105,14 +105,29 @@ def parse_engines(items: list[str]) -> dict[str, Path]:
     return engines
 
 
+def _llama_item(item: str) -> tuple[str, str, str, str | None]:
+    """'NAME=LLAMA_BENCH:GGUF[@SYSTEM]' -> (name, binary, gguf, system or None)."""
+    name, _, rest = item.partition("=")
+    binary, _, gguf = rest.partition(":")
+    path, at, system = gguf.rpartition("@")
+    if at and system and "/" not in system:
+        return name, binary, path, system
+    return name, binary, gguf, None
+
+
+def llama_cpp_against(items: list[str]) -> dict[str, str]:
+    """{name: the system of ours named after '@'} for the --llama-cpp items that name one."""
+    return {name: system for name, _, _, system in map(_llama_item, items) if system}
+
+
 def parse_llama_cpp(items: list[str]) -> dict[str, tuple[Path, Path]]:
-    """['q4_0=/path/llama-bench:/path/model-q4_0.gguf', ...] -> {name: (binary, gguf)}."""
+    """['q4_0=/path/llama-bench:/path/model-q4_0.gguf', ...] -> {name: (binary, gguf)}; an item may end in
+    '@SYSTEM' (llama_cpp_against)."""
     found: dict[str, tuple[Path, Path]] = {}
     for item in items:
-        name, _, rest = item.partition("=")
-        binary, _, gguf = rest.partition(":")
+        name, binary, gguf, _ = _llama_item(item)
         if not name or not binary or not gguf or name in SYSTEMS or name in found:
-            raise OptionError(f"--llama-cpp {item!r}: expected NAME=LLAMA_BENCH:GGUF with a new name")
+            raise OptionError(f"--llama-cpp {item!r}: expected NAME=LLAMA_BENCH:GGUF[@SYSTEM] with a new name")
         for path, what in ((Path(binary), "llama-bench binary"), (Path(gguf), "GGUF file")):
             if not path.is_file():
                 raise OptionError(f"--llama-cpp {item!r}: {path}: {what} not found")

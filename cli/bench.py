@@ -29,8 +29,9 @@ def bench(
     threads: int = typer.Option(2, help="Threads for torch and ONNX Runtime (intra-op)."),
     engine: list[str] = typer.Option([], "--engine", help="NAME=FOLDER: also measure an engine folder exported elsewhere "
                                      "(each is also run alternately against ours, for the time ratio)."),
-    llama_cpp: list[str] = typer.Option([], "--llama-cpp", help="NAME=LLAMA_BENCH:GGUF: also measure llama.cpp's "
-                                        "llama-bench on a GGUF of the bench model."),
+    llama_cpp: list[str] = typer.Option([], "--llama-cpp", help="NAME=LLAMA_BENCH:GGUF[@SYSTEM]: also measure "
+                                        "llama.cpp's llama-bench on a GGUF of the bench model, in turns with SYSTEM "
+                                        "(default: our engine nearest in bits per weight)."),
     profile: bool = typer.Option(False, "--profile", help="Also profile each of our engines per op type "
                                  "(ONNX Runtime's profiler): time and weight bytes per op type against the floor."),
     plot: Optional[Path] = typer.Option(None, help="Write a PNG of decode latency vs context per system."),
@@ -44,8 +45,8 @@ def bench(
     """
     start = time.perf_counter()
     with guard():
-        from dscompile.bench.run import (BenchOptions, parse_engines, parse_ints, parse_llama_cpp, parse_systems,
-                                         plot as write_plot, run_bench, table_lines)
+        from dscompile.bench.run import (BenchOptions, llama_cpp_against, parse_engines, parse_ints, parse_llama_cpp,
+                                         parse_systems, plot as write_plot, run_bench, table_lines)
 
         if config is not None and config != "bench":
             raise OptionError(f"--config {config!r}: the only built-in config is 'bench'")
@@ -56,7 +57,8 @@ def bench(
         options = BenchOptions(contexts=parse_ints(contexts, "--contexts"), batches=parse_ints(batch, "--batch"),
                                repeats=repeats, warmup=warmup, prefill_tokens=prefill_tokens,
                                systems=parse_systems(systems), threads=threads, extra_engines=parse_engines(engine),
-                               llama_cpp=parse_llama_cpp(llama_cpp), profile=profile)
+                               llama_cpp=parse_llama_cpp(llama_cpp),
+                               llama_against=llama_cpp_against(llama_cpp), profile=profile)
         options.check()
         with Bars(not as_json) as bars:
             result = run_bench(checkpoint, cache_home(), options, progress=bars)

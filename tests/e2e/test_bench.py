@@ -138,6 +138,25 @@ def test_llama_gguf_runs_against_our_engine_nearest_in_bits(tmp_path):
     assert against_for_llama("f32", gguf, {}, 8000, None) is None
 
 
+def test_llama_gguf_runs_against_the_system_its_item_names(tmp_path):
+    # NAME=LLAMA_BENCH:GGUF@SYSTEM: one GGUF beside two engines of equal bits (e.g. with and without
+    # --native-kernels); a name that is not one of our measured systems is refused before anything runs
+    from dscompile.bench.run import llama_cpp_against, parse_llama_cpp
+    from dscompile.errors import OptionError
+
+    binary, gguf = tmp_path / "llama-bench", tmp_path / "m.gguf"
+    binary.write_text(""), gguf.write_bytes(b"\0" * 4700)
+    items = [f"q4_0={binary}:{gguf}@int4n", f"q4_0b={binary}:{gguf}"]
+    assert parse_llama_cpp(items) == {"q4_0": (binary, gguf), "q4_0b": (binary, gguf)}
+    assert llama_cpp_against(items) == {"q4_0": "int4n"}
+    assert against_for_llama("q4_0", gguf, {"int4": 5.0, "int4n": 5.0}, 8000, "int4n") == "int4n"
+    opts = dict(systems=["ours"], extra_engines={"int4n": tmp_path}, llama_cpp=parse_llama_cpp(items))
+    BenchOptions(llama_against={"q4_0": "int4n"}, **opts).check()
+    with pytest.raises(OptionError, match=r"--llama-cpp q4_0=\.\.\.@int5: int5 is not one of our systems measured "
+                                          r"here \(ours, int4n\)"):
+        BenchOptions(llama_against={"q4_0": "int5"}, **opts).check()
+
+
 LLAMA_BENCH, LLAMA_GGUF = os.environ.get("DSCOMPILE_LLAMA_BENCH"), os.environ.get("DSCOMPILE_LLAMA_GGUF")
 
 
