@@ -10,8 +10,8 @@ ops (`native_ops`), and every session that opens such a graph registers the libr
 The library is compiled with g++ against ONNX Runtime's C/C++ API headers, which the onnxruntime
 wheels do not ship. Found, in order: $DSCOMPILE_ORT_INCLUDE, /usr/include/onnxruntime,
 /usr/local/include/onnxruntime (Debian 13 and Ubuntu 25.04's `libonnxruntime-dev` install them in
-the second). Any version from 1.16 on serves: the library asks the running ONNX Runtime for the API
-version of its headers, which later runtimes keep. It is built once per source, headers and
+the second). Headers of any version up to the running ONNX Runtime's serve (checked): the library asks
+the runtime for its headers' API version, which later runtimes keep serving. It is built once per source, headers and
 compiler, into $DSCOMPILE_HOME (or ~/.cache/dscompile)/native/KEY/, written to a temporary name and
 renamed, so concurrent builds do not see each other's half-written file. The kernel is written with
 AVX-512 (F, BW) intrinsics; other CPUs are refused with that reason.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -67,13 +68,41 @@ def unavailable() -> str | None:
         return f"this CPU lacks {', '.join(lacks)} (the native kernels are written for AVX-512)"
     if shutil.which("g++") is None:
         return "g++ is not installed (the native kernels are compiled on first use)"
-    if ort_include() is None:
+    include = ort_include()
+    if include is not None:
+        headers, running = _api_version(include), _runtime_api_version()
+        if headers is None:
+            return f"{include / 'onnxruntime_c_api.h'} does not define ORT_API_VERSION"
+        if running is not None and headers > running:
+            return (f"the headers in {include} are of ONNX Runtime API version {headers}, newer than the running "
+                    f"ONNX Runtime's ({running}): use headers of version {running} or older")
+    if include is None:
         named = os.environ.get("DSCOMPILE_ORT_INCLUDE")
         where = f"DSCOMPILE_ORT_INCLUDE={named} has no {HEADER}" if named else \
             f"none in {' or '.join(INCLUDE_DIRS)} and DSCOMPILE_ORT_INCLUDE is not set"
         return (f"ONNX Runtime's C/C++ API headers are needed to build the native kernels ({where}; "
                 "e.g. Debian 13's libonnxruntime-dev)")
     return None
+
+
+def _api_version(include: Path) -> int | None:
+    """ORT_API_VERSION of the headers in `include`."""
+    try:
+        text = (include / "onnxruntime_c_api.h").read_text(errors="replace")
+    except OSError:
+        return None
+    found = re.search(r"^#define ORT_API_VERSION (\d+)", text, re.M)
+    return int(found.group(1)) if found else None
+
+
+def _runtime_api_version() -> int | None:
+    """The API version the installed ONNX Runtime serves at most (its minor version), or None."""
+    try:
+        import onnxruntime  # noqa: PLC0415 - only where a library is asked for
+    except ImportError:
+        return None
+    parts = onnxruntime.__version__.split(".")
+    return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
 
 
 def _home() -> Path:

@@ -137,7 +137,9 @@ std::unique_ptr<Ort::CustomOpDomain> g_domain;
 }  // namespace
 
 extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api) {
-  Ort::InitApi(api->GetApi(ORT_API_VERSION));
+  const OrtApi* ort = api->GetApi(ORT_API_VERSION);
+  if (ort == nullptr) return nullptr;  // a runtime older than the headers: nothing registered, the graph is refused
+  Ort::InitApi(ort);
   if (!g_domain) {
     g_op.reset(Ort::Custom::CreateLiteCustomOp("HeadsMatMulQ8", "CPUExecutionProvider", HeadsMatMulQ8));
     g_domain = std::make_unique<Ort::CustomOpDomain>(kDomain);

@@ -172,3 +172,17 @@ def test_unavailable_names_what_is_missing(monkeypatch, tmp_path):
         native.library()
     monkeypatch.setattr(native, "_cpu_lacks", lambda: ["avx512bw"])
     assert native.unavailable() == "this CPU lacks avx512bw (the native kernels are written for AVX-512)"
+
+
+def test_headers_newer_than_the_running_onnxruntime_are_refused(monkeypatch, tmp_path):
+    # the library asks the runtime for its headers' API version: a runtime older than them would have none
+    (tmp_path / "onnxruntime_lite_custom_op.h").write_text("")
+    (tmp_path / "onnxruntime_c_api.h").write_text("#define ORT_API_VERSION 21\n")
+    monkeypatch.setattr(native, "_cpu_lacks", lambda: [])
+    monkeypatch.setenv("DSCOMPILE_ORT_INCLUDE", str(tmp_path))
+    monkeypatch.setattr(native.shutil, "which", lambda name: "/usr/bin/g++")
+    monkeypatch.setattr(native, "_runtime_api_version", lambda: 20)
+    assert native.unavailable() == (f"the headers in {tmp_path} are of ONNX Runtime API version 21, newer than the "
+                                    "running ONNX Runtime's (20): use headers of version 20 or older")
+    monkeypatch.setattr(native, "_runtime_api_version", lambda: 31)
+    assert native.unavailable() is None
