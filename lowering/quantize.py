@@ -153,78 +153,85 @@ HEADS_BLOCK = 32  # values per scale of the native per-head weights (runtime/nat
 HEADS_MAX_K = 4096  # the kernel's row buffer
 
 
-class _Quantization:
-    """One weight's quantization, shared by its two stored tensors (bits, scales).
+class _Parts:
+    """One weight encoded once into two stored tensors (`part`s), each one `derive` of the weight.
 
-    `derive` calls the functions on meta tensors for shapes; on real values the first request
-    quantizes and keeps the result until the other one has taken it.
-    """
-
-    stores_weight = True  # its outputs are the weight it reads, encoded (lower._origins: not "computed")
-
-    def __init__(self, scheme: Scheme, transpose: bool, flat: bool, scale_dtype: torch.dtype = torch.float32):
-        # The weight arrives fake-quantized: quantizing it again needs no scale search (same result).
-        self.scheme = Scheme(scheme.bits, scheme.block_size, search=False)
-        self.scale_dtype = scale_dtype
-        self.transpose, self.flat = transpose, flat  # flat: bytes [..., rows, K·bits/8] (QMoE)
-        self._result: dict[str, torch.Tensor] | None = None
-
-    def _shapes(self, w: torch.Tensor) -> tuple[list[int], list[int]]:
-        lead = list(w.shape[:-2]) + [int(w.shape[-1] if self.transpose else w.shape[-2])]
-        K = int(w.shape[-2] if self.transpose else w.shape[-1])
-        blocks, block = K // self.scheme.block_size, self.scheme.block_size
-        packed = lead + ([blocks * block * self.scheme.bits // 8] if self.flat else [blocks, block * self.scheme.bits // 8])
-        return packed, lead + [blocks]
-
-    def _take(self, w: torch.Tensor, part: str) -> torch.Tensor:
-        if w.is_meta:
-            packed, scales = self._shapes(w)
-            return torch.empty(packed if part == "packed" else scales,
-                               dtype=torch.uint8 if part == "packed" else self.scale_dtype, device="meta")
-        if self._result is None:
-            rows = w.transpose(-1, -2) if self.transpose else w
-            q, d = quantize(rows, self.scheme)
-            packed = pack(q, self.scheme.bits)
-            if self.flat:
-                packed = packed.reshape(*packed.shape[:-2], -1)
-            self._result = {"packed": packed, "scales": d.to(self.scale_dtype)}
-        out = self._result.pop(part)
-        if not self._result:
-            self._result = None
-        return out
-
-    def packed(self, w: torch.Tensor) -> torch.Tensor:
-        return self._take(w, "packed")
-
-    def scales(self, w: torch.Tensor) -> torch.Tensor:
-        return self._take(w, "scales")
-
-
-class _HeadsInt8:
-    """A computed per-head weight [H, K, N] as HeadsMatMulQ8 stores it: int8 [H, N, K] (rows along K) and
-    float32 scales [H, N, K/32], each part one `derive` of the weight; quantized once (as _Quantization)."""
+    `derive` calls the functions on meta tensors for shapes (`_meta`); on real values the first
+    request encodes (`_encode`) and keeps the result until the other part has been taken."""
 
     def __init__(self):
         self._result: dict[str, torch.Tensor] | None = None
 
+    def _meta(self, w: torch.Tensor, part: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _encode(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
     def _take(self, w: torch.Tensor, part: str) -> torch.Tensor:
-        H, K, N = (int(d) for d in w.shape)
         if w.is_meta:
-            shape = [H, N, K] if part == "int8" else [H, N, K // HEADS_BLOCK]
-            return torch.empty(shape, dtype=torch.int8 if part == "int8" else torch.float32, device="meta")
+            return self._meta(w, part)
         if self._result is None:
-            q, d = quantize(w.transpose(-1, -2).float(), Scheme(8, HEADS_BLOCK, search=False))
-            self._result = {"int8": q.reshape(H, N, K).contiguous(), "scales": d.contiguous()}
+            self._result = self._encode(w)
         out = self._result.pop(part)
         if not self._result:
             self._result = None
         return out
 
-    def int8(self, w: torch.Tensor) -> torch.Tensor:
-        return self._take(w, "int8")
-
     def scales(self, w: torch.Tensor) -> torch.Tensor:
         return self._take(w, "scales")
+
+
+class _Quantization(_Parts):
+    """One checkpoint weight's quantization as MatMulNBits/QMoE store it: bits ("packed") and scales."""
+
+    stores_weight = True  # its outputs are the weight it reads, encoded (lower._origins: not "computed")
+
+    def __init__(self, scheme: Scheme, transpose: bool, flat: bool, scale_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        # The weight arrives fake-quantized: quantizing it again needs no scale search (same result).
+        self.scheme = Scheme(scheme.bits, scheme.block_size, search=False)
+        self.scale_dtype = scale_dtype
+        self.transpose, self.flat = transpose, flat  # flat: bytes [..., rows, K·bits/8] (QMoE)
+
+    def _meta(self, w: torch.Tensor, part: str) -> torch.Tensor:
+        lead = list(w.shape[:-2]) + [int(w.shape[-1] if self.transpose else w.shape[-2])]
+        K = int(w.shape[-2] if self.transpose else w.shape[-1])
+        blocks, block = K // self.scheme.block_size, self.scheme.block_size
+        if part == "scales":
+            return torch.empty(lead + [blocks], dtype=self.scale_dtype, device="meta")
+        packed = lead + ([blocks * block * self.scheme.bits // 8] if self.flat else [blocks, block * self.scheme.bits // 8])
+        return torch.empty(packed, dtype=torch.uint8, device="meta")
+
+    def _encode(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        rows = w.transpose(-1, -2) if self.transpose else w
+        q, d = quantize(rows, self.scheme)
+        packed = pack(q, self.scheme.bits)
+        if self.flat:
+            packed = packed.reshape(*packed.shape[:-2], -1)
+        return {"packed": packed, "scales": d.to(self.scale_dtype)}
+
+    def packed(self, w: torch.Tensor) -> torch.Tensor:
+        return self._take(w, "packed")
+
+
+class _HeadsInt8(_Parts):
+    """A computed per-head weight [H, K, N] as HeadsMatMulQ8 stores it: int8 [H, N, K] (rows along K) and
+    float32 scales [H, N, K/32]."""
+
+    def _meta(self, w: torch.Tensor, part: str) -> torch.Tensor:
+        H, K, N = (int(d) for d in w.shape)
+        if part == "scales":
+            return torch.empty([H, N, K // HEADS_BLOCK], dtype=torch.float32, device="meta")
+        return torch.empty([H, N, K], dtype=torch.int8, device="meta")
+
+    def _encode(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        H, K, N = (int(d) for d in w.shape)
+        q, d = quantize(w.transpose(-1, -2).float(), Scheme(8, HEADS_BLOCK, search=False))
+        return {"int8": q.reshape(H, N, K).contiguous(), "scales": d.contiguous()}
+
+    def int8(self, w: torch.Tensor) -> torch.Tensor:
+        return self._take(w, "int8")
 
 
 def _weight(value: ir.Value | None) -> torch.Tensor | None:
