@@ -20,16 +20,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shlex
 import sys
 import time
-from pathlib import Path
 from typing import Any, Iterator
 
 import typer
 
 from dscompile.errors import DscompileError, first_line
+from dscompile.runtime.home import cache_home  # noqa: F401 - the commands' cache folder
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0],
                   pretty_exceptions_enable=False)
@@ -92,10 +91,6 @@ def _emit(payload: dict, as_json: bool, lines: list[str]) -> None:
 def _status_line(ok: bool, start: float) -> str:
     cmd = "dscompile " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     return f"{'PASSED' if ok else 'FAILED'} | Runtime: {time.perf_counter() - start:.2f}s | Command: {cmd}"
-
-
-def cache_home() -> Path:
-    return Path(os.environ.get("DSCOMPILE_HOME", Path.home() / ".cache" / "dscompile"))
 
 
 def _mb(n: int) -> str:

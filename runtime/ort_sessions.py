@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from dscompile.errors import EngineError
+from dscompile.runtime.home import cache_home
 from dscompile.runtime.contract import ATTENTION_MASK, DECODE, DECODE_IN_PLACE, INPUT_IDS, POSITION_IDS, PREFILL
 
 CPU = "CPUExecutionProvider"
@@ -135,6 +136,6 @@ def tensorrt_provider_options(manifest: dict[str, Any], cache_dir: str | os.Path
 def tensorrt_cache_dir(out: Path) -> Path:
     """Where the TensorRT provider caches OUT's engines: $DSCOMPILE_HOME (or ~/.cache/dscompile)/ort-tensorrt/
     <a hash of OUT's manifest>, so a re-export never meets the engines of the one before."""
-    home = Path(os.environ.get("DSCOMPILE_HOME", Path.home() / ".cache" / "dscompile"))
+    home = cache_home()
     digest = hashlib.sha256((out / "manifest.json").read_bytes()).hexdigest()[:16]
     return home / "ort-tensorrt" / digest

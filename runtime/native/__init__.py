@@ -28,6 +28,7 @@ import tempfile
 from pathlib import Path
 
 from dscompile.errors import DscompileError
+from dscompile.runtime.home import cache_home
 
 DOMAIN = "ai.dscompile"
 OPS = ("HeadsMatMulQ8",)
@@ -105,10 +106,6 @@ def _runtime_api_version() -> int | None:
     return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
 
 
-def _home() -> Path:
-    return Path(os.environ.get("DSCOMPILE_HOME", Path.home() / ".cache" / "dscompile"))
-
-
 def library() -> Path:
     """The built library (building it first where needed); NativeKernelsUnavailable says why not."""
     why = unavailable()
@@ -119,7 +116,7 @@ def library() -> Path:
     key = hashlib.sha256()
     for part in (SOURCE.read_bytes(), (include / "onnxruntime_c_api.h").read_bytes(), " ".join(FLAGS + compiler).encode()):
         key.update(hashlib.sha256(part).digest())
-    folder = _home() / "native" / key.hexdigest()[:16]
+    folder = cache_home() / "native" / key.hexdigest()[:16]
     path = folder / LIBRARY
     if path.is_file():
         return path
