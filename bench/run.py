@@ -139,11 +139,11 @@ def run_bench(checkpoint: Path | None, home: Path, options: BenchOptions, progre
     args = ModelArgs.from_json(checkpoint / "config.json")
     elt = 4  # float32: the dtype every system here runs in
     # the manifest's "quantization" of each --engine exported with --weights
-    quantizations = {name: q for name, folder in options.extra_engines.items()
-                     if (q := json.loads((Path(folder) / "manifest.json").read_text()).get("quantization"))}
+    manifests = {name: json.loads((Path(folder) / "manifest.json").read_text())
+                 for name, folder in options.extra_engines.items()}
+    quantizations = {name: m["quantization"] for name, m in manifests.items() if m.get("quantization")}
     # engines exported with --native-kernels read the absorbed W_UK/W_UV in int8 (bench/floors.py)
-    native = {name for name, folder in options.extra_engines.items() if "HeadsMatMulQ8" in
-              (json.loads((Path(folder) / "manifest.json").read_text()).get("native_ops") or {}).get("ops", [])}
+    native = {name for name, m in manifests.items() if "HeadsMatMulQ8" in (m.get("native_ops") or {}).get("ops", [])}
     result: dict[str, Any] = {
         "checkpoint": str(checkpoint), "model": args.to_config(), "dtype": "float32",
         "threads": options.threads, "repeats": options.repeats, "warmup": options.warmup,

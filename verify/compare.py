@@ -25,7 +25,6 @@ from dscompile.model.quant import Scheme
 from dscompile.runtime.contract import (DECODE, PAST, PREFILL, STEP_INPUTS, EngineInfo, KVCache, StepInputs,
                                         cache_names, next_step_inputs, random_step_inputs)
 from dscompile.runtime.engine import Engine
-from dscompile.runtime.manifest import read_manifest
 from dscompile.runtime.native import register_for as register_native
 from dscompile.errors import EngineError, OptionError, first_line
 from dscompile.tolerance import QUANTIZED_ACTIVATIONS, TF32, TOLERANCE, quantized_activations_rms
@@ -170,7 +169,7 @@ def locate_divergence(
     model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in hidden)
     batch, prompt = report["steps"][0]["batch"], report["steps"][0]["new_tokens"]
     ids, pos, mask = _inputs(eager.info.vocab_size, batch, prompt, report["seed"])
-    got = _run_on_weights(model, out, path, hidden, ids, pos, mask,
+    got = _run_on_weights(model, out, manifest, path, hidden, ids, pos, mask,
                           KVCache.empty(EngineInfo.from_manifest(manifest), batch))
     ref = eager.hidden_states(ids, pos, mask, None)
     real = mask.bool()
@@ -232,16 +231,16 @@ def _embedding(graph: onnx.GraphProto) -> str | None:
     return gathers[0].output[0] if len(gathers) == 1 else None
 
 
-def _run_on_weights(model: onnx.ModelProto, out: Path, path: Path, names: list[str], ids: torch.Tensor,
-                    pos: torch.Tensor, mask: torch.Tensor, empty: KVCache) -> list[torch.Tensor]:
-    """Run `model` (a graph of OUT, edited in memory) with ONNX Runtime on CPU, its external data
-    read from OUT; returns the outputs `names`."""
+def _run_on_weights(model: onnx.ModelProto, out: Path, manifest: dict[str, Any], path: Path, names: list[str],
+                    ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, empty: KVCache) -> list[torch.Tensor]:
+    """Run `model` (a graph of OUT, edited in memory; OUT's `manifest`) with ONNX Runtime on CPU, its
+    external data read from OUT; returns the outputs `names`."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(out))
-    register_native(read_manifest(out), options, out)  # engines exported with --native-kernels
+    register_native(manifest, options, out)  # engines exported with --native-kernels
     flat = [ids, pos, mask, *(t for layer in empty.layers for t in layer)]
     feeds = {name: t.numpy() for name, t in zip([*STEP_INPUTS, *cache_names(PAST, len(empty.layers))], flat)}
     try:
