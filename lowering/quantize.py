@@ -79,6 +79,7 @@ ACCURACY_LEVELS = {"cpu": {"MatMulNBits": {4: 4, 8: 4}, "QMoE": {4: 4, 8: 4}},
                    "cuda": {"MatMulNBits": {4: 0, 8: 0}, "QMoE": {4: 0, 8: 0}}}
 SCALE_DTYPES = {torch.float32: ir.DataType.FLOAT, torch.float16: ir.DataType.FLOAT16,
                 torch.bfloat16: ir.DataType.BFLOAT16}  # scales are stored in the activation dtype
+STORED_DTYPES = {torch.uint8: ir.DataType.UINT8, torch.int8: ir.DataType.INT8, **SCALE_DTYPES}  # bits, int8, scales
 
 
 def quantizes_activations(op: str, bits: int, level: int, provider: str = "cpu") -> bool:
@@ -289,19 +290,26 @@ class GraphQuantizer:
         weight = value.const_value.weight
         scheme = weight_scheme(weight)
         flat = weight.dim() == 3
-        key = (_fold_key(weight), transpose, flat, scale_dtype)
+        packed, scales = self._encoded(graph, (_fold_key(weight), transpose, flat, scale_dtype),
+                                       lambda: _Quantization(scheme, transpose, flat, scale_dtype), weight,
+                                       ("packed", "scales"), (f"{name}.int{scheme.bits}", f"{name}.scales"))
+        return packed, scales, scheme
+
+    def _encoded(self, graph: ir.Graph, key: Any, encoding, weight: torch.Tensor, parts: tuple[str, str],
+                 names: tuple[str, str]) -> list[ir.Value]:
+        """Initializers of `graph` holding the two `parts` of `weight` as `encoding()` (a _Parts) stores them,
+        lazy, derived once per `key` for every graph this quantizer rewrites."""
         if key not in self.memo:
-            q = _Quantization(scheme, transpose, flat, scale_dtype)
-            self.memo[key] = (derive(q.packed, weight), derive(q.scales, weight))
+            e = encoding()
+            self.memo[key] = tuple(derive(getattr(e, part), weight) for part in parts)
         values = []
-        for tensor, suffix in zip(self.memo[key], (f"int{scheme.bits}", "scales")):
-            vname = _unique_name(graph, f"{name}.{suffix}")
-            v = ir.Value(name=vname, shape=ir.Shape(list(tensor.shape)), type=ir.TensorType(
-                ir.DataType.UINT8 if tensor.dtype == torch.uint8 else SCALE_DTYPES[tensor.dtype]),
-                const_value=_MetaWeight(tensor, vname))
+        for tensor, name in zip(self.memo[key], names):
+            vname = _unique_name(graph, name)
+            v = ir.Value(name=vname, shape=ir.Shape(list(tensor.shape)), type=ir.TensorType(STORED_DTYPES[tensor.dtype]),
+                         const_value=_MetaWeight(tensor, vname))
             graph.register_initializer(v)
             values.append(v)
-        return values[0], values[1], scheme
+        return values
 
     def __call__(self, model: ir.Model) -> dict[str, int]:
         """Rewrite `model` in place; returns counts of rewritten nodes."""
@@ -359,17 +367,9 @@ class GraphQuantizer:
         H, K, _ = (int(d) for d in w.shape)
         if K % HEADS_BLOCK or K > HEADS_MAX_K or x.shape[1] != H or x.shape[3] != K:
             return False
-        key = ("heads", _fold_key(w))
-        if key not in self.memo:
-            q = _HeadsInt8()
-            self.memo[key] = (derive(q.int8, w), derive(q.scales, w))
-        values = []
-        for tensor, suffix, dtype in zip(self.memo[key], ("int8", "scales"), (ir.DataType.INT8, ir.DataType.FLOAT)):
-            vname = _unique_name(graph, f"{node.inputs[1].name}.{suffix}")
-            v = ir.Value(name=vname, shape=ir.Shape(list(tensor.shape)), type=ir.TensorType(dtype),
-                         const_value=_MetaWeight(tensor, vname))
-            graph.register_initializer(v)
-            values.append(v)
+        name = node.inputs[1].name
+        values = self._encoded(graph, ("heads", _fold_key(w)), _HeadsInt8, w, ("int8", "scales"),
+                               (f"{name}.int8", f"{name}.scales"))
         new = ir.node("HeadsMatMulQ8", [x, *values], domain=NATIVE_DOMAIN,
                       name=f"{node.name}.q8" if node.name else None)
         self._replace(graph, node, new)
