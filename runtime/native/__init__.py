@@ -19,6 +19,7 @@ AVX-512 (F, BW) intrinsics; other CPUs are refused with that reason.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -27,7 +28,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from dscompile.errors import DscompileError
+from dscompile.errors import DscompileError, EngineError, first_line
 from dscompile.runtime.home import cache_home
 
 DOMAIN = "ai.dscompile"
@@ -70,19 +71,18 @@ def unavailable() -> str | None:
     if shutil.which("g++") is None:
         return "g++ is not installed (the native kernels are compiled on first use)"
     include = ort_include()
-    if include is not None:
-        headers, running = _api_version(include), _runtime_api_version()
-        if headers is None:
-            return f"{include / 'onnxruntime_c_api.h'} does not define ORT_API_VERSION"
-        if running is not None and headers > running:
-            return (f"the headers in {include} are of ONNX Runtime API version {headers}, newer than the running "
-                    f"ONNX Runtime's ({running}): use headers of version {running} or older")
     if include is None:
         named = os.environ.get("DSCOMPILE_ORT_INCLUDE")
         where = f"DSCOMPILE_ORT_INCLUDE={named} has no {HEADER}" if named else \
             f"none in {' or '.join(INCLUDE_DIRS)} and DSCOMPILE_ORT_INCLUDE is not set"
         return (f"ONNX Runtime's C/C++ API headers are needed to build the native kernels ({where}; "
                 "e.g. Debian 13's libonnxruntime-dev)")
+    headers, running = _api_version(include), _runtime_api_version()
+    if headers is None:
+        return f"{include / 'onnxruntime_c_api.h'} does not define ORT_API_VERSION"
+    if running is not None and headers > running:
+        return (f"the headers in {include} are of ONNX Runtime API version {headers}, newer than the running "
+                f"ONNX Runtime's ({running}): use headers of version {running} or older")
     return None
 
 
@@ -106,17 +106,24 @@ def _runtime_api_version() -> int | None:
     return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
 
 
+@functools.cache
+def _build_key(include: Path) -> str:
+    """What the library is built from, hashed (source, headers, compiler, flags): its cache folder's name.
+    Once per process and header folder: engine loads do not run g++ --version again."""
+    compiler = subprocess.run(["g++", "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), (include / "onnxruntime_c_api.h").read_bytes(), " ".join(FLAGS + compiler).encode()):
+        key.update(hashlib.sha256(part).digest())
+    return key.hexdigest()[:16]
+
+
 def library() -> Path:
     """The built library (building it first where needed); NativeKernelsUnavailable says why not."""
     why = unavailable()
     if why:
         raise NativeKernelsUnavailable(why)
     include = ort_include()
-    compiler = subprocess.run(["g++", "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), (include / "onnxruntime_c_api.h").read_bytes(), " ".join(FLAGS + compiler).encode()):
-        key.update(hashlib.sha256(part).digest())
-    folder = cache_home() / "native" / key.hexdigest()[:16]
+    folder = cache_home() / "native" / _build_key(include)
     path = folder / LIBRARY
     if path.is_file():
         return path
@@ -141,8 +148,7 @@ def register(options) -> None:
     try:
         options.register_custom_ops_library(str(path))
     except Exception as err:  # ORT raises its own types
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise NativeKernelsUnavailable(f"ONNX Runtime could not load {path}: {first}") from None
+        raise NativeKernelsUnavailable(f"ONNX Runtime could not load {path}: {first_line(err)}") from None
 
 
 def register_for(manifest: dict, options, where) -> None:
@@ -151,8 +157,6 @@ def register_for(manifest: dict, options, where) -> None:
     native = manifest.get("native_ops")
     if not native:
         return
-    from dscompile.errors import EngineError  # noqa: PLC0415
-
     try:
         register(options)
     except NativeKernelsUnavailable as err:
