@@ -39,17 +39,18 @@ inline __m512 Block(const int8_t* w, const float* x) {
   return _mm512_fmadd_ps(_mm512_loadu_ps(x + 16), hi, _mm512_mul_ps(_mm512_loadu_ps(x), lo));
 }
 
+// One int8 row (`blocks` blocks of 32, scales s) dotted with x, widened as it is read.
+inline float RowDot(const int8_t* w, const float* s, const float* x, int64_t blocks) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) acc = _mm512_fmadd_ps(_mm512_set1_ps(s[b]), Block(w + 32 * b, x + 32 * b), acc);
+  return _mm512_reduce_add_ps(acc);
+}
+
 // One token: rows [first, last) of head h, each dotted with x as its int8 blocks are widened.
 void OneToken(const Job& j, int64_t h, int64_t first, int64_t last) {
   const int64_t blocks = j.K / 32;
-  const float* x = j.x + h * j.K;
-  for (int64_t n = first; n < last; ++n) {
-    const int8_t* w = j.w + (h * j.N + n) * j.K;
-    const float* s = j.s + (h * j.N + n) * blocks;
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t b = 0; b < blocks; ++b) acc = _mm512_fmadd_ps(_mm512_set1_ps(s[b]), Block(w + 32 * b, x + 32 * b), acc);
-    j.y[h * j.N + n] = _mm512_reduce_add_ps(acc);
-  }
+  for (int64_t n = first; n < last; ++n)
+    j.y[h * j.N + n] = RowDot(j.w + (h * j.N + n) * j.K, j.s + (h * j.N + n) * blocks, j.x + h * j.K, blocks);
 }
 
 // Several tokens: 16 rows at a time dequantized into a [K][16] buffer (transposed), then each group of
@@ -90,16 +91,9 @@ void Tokens(const Job& j, int64_t h, int64_t first, int64_t last) {
         for (int r = 0; r < 16; ++r) out(t + i, n + r) = acc[i][r];
     }
   }
-  for (; n < last; ++n) {
-    const int8_t* w = j.w + (h * j.N + n) * j.K;
-    const float* s = j.s + (h * j.N + n) * blocks;
-    for (int64_t t = 0; t < tokens; ++t) {
-      const float* x = xrow(t);
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t b = 0; b < blocks; ++b) acc = _mm512_fmadd_ps(_mm512_set1_ps(s[b]), Block(w + 32 * b, x + 32 * b), acc);
-      out(t, n) = _mm512_reduce_add_ps(acc);
-    }
-  }
+  for (; n < last; ++n)
+    for (int64_t t = 0; t < tokens; ++t)
+      out(t, n) = RowDot(j.w + (h * j.N + n) * j.K, j.s + (h * j.N + n) * blocks, xrow(t), blocks);
 }
 
 void Task(void* data, size_t index) {
