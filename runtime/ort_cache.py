@@ -39,6 +39,13 @@ class OrtKVCache(KVCache):
         raise AttributeError("OrtKVCache is read-only: build a KVCache from torch tensors instead")
 
 
+def _bytes(t: torch.Tensor):
+    """A numpy view of `t`'s bytes (any dtype, bfloat16 included: numpy has none), the last dim made
+    contiguous first where it is not."""
+    t = t if t.stride(-1) == 1 else t.contiguous()
+    return t.view(torch.uint8).numpy()
+
+
 class CacheBuffers:
     """Capacity buffers [B, T, dim] for every cache tensor, as OrtValues and torch views of them."""
 
@@ -57,8 +64,14 @@ class CacheBuffers:
                   for t in rows]
         buffers = cls(values, batch, capacity)
         for buffer, t in zip(buffers.tensors, rows):
-            buffer[:, :P].copy_(t)
-            buffer[:, P:].zero_()
+            # Through numpy: one thread. torch's copy_/zero_ split these sizes over its intra-op threads,
+            # which must then wait for the cores ONNX Runtime's threads still spin on after the step
+            # before (measured: a 128-token prefill's fresh buffers took 27-34 ms instead of 1 ms,
+            # in stretches of minutes, on 2 cores).
+            out = _bytes(buffer)
+            out[:, P:] = 0
+            if P:
+                out[:, :P] = _bytes(t.to(buffer.dtype))
         return buffers
 
     def writable_at(self, row: int, count: int = 1) -> bool:

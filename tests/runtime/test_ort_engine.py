@@ -379,3 +379,22 @@ def test_compare_with_tf32_judges_with_the_tf32_tolerance(exported, exported_ckp
     ratio = TF32[torch.float32] / TOLERANCE[torch.float32]
     for p, t in zip(plain["steps"], tf32["steps"]):
         assert t["atol"] == pytest.approx(p["atol"] * ratio), (p["atol"], t["atol"])
+
+
+@pytest.mark.parametrize("dtype,onnx_type", [(torch.float32, 1), (torch.bfloat16, 16)])
+def test_capacity_buffers_hold_the_rows_then_zeros(dtype, onnx_type):
+    # CacheBuffers.holding copies through numpy byte views (one thread: runtime/ort_cache.py); bfloat16
+    # has no numpy dtype, and a cache row may come strided (a slice of a wider tensor)
+    import onnxruntime as ort
+
+    from dscompile.runtime.ort_cache import CacheBuffers
+
+    gen = torch.Generator().manual_seed(0)
+    wide = torch.randn(2, 5, 24, generator=gen).to(dtype)
+    rows = [wide[:, :, :16], torch.randn(2, 5, 8, generator=gen).to(dtype)]  # the first strided
+    buffers = CacheBuffers.holding(ort, rows, 12, onnx_type)
+    for buffer, t in zip(buffers.tensors, rows):
+        assert buffer.shape == (2, 12, t.shape[-1]) and buffer.dtype == dtype
+        assert torch.equal(buffer[:, :5], t) and not buffer[:, 5:].any()
+    empty = CacheBuffers.holding(ort, [r[:, :0] for r in rows], 4, onnx_type)
+    assert all(not b.any() and b.shape[1] == 4 for b in empty.tensors)
