@@ -18,8 +18,8 @@ Exports for ONNX Runtime on CPU get it (exporter/export.py): how ONNX Runtime's 
 would profile such an input is unchecked without a GPU, so exports for CUDA keep the contract's
 inputs only for now.
 
-What it matches: the graph output `logits`, produced (through Casts) by a MatMul, Gemm or
-com.microsoft.MatMulNBits whose first input is the output of one RMSNormalization used by that
+What it matches: the graph output `logits`, produced (through Casts) by a MatMul, Gemm,
+com.microsoft.MatMulNBits or ai.dscompile.MatMulQ4 whose first input is the output of one RMSNormalization used by that
 node alone. A graph of another form is left as it is (returns False), and its engine slices the
 logits after the step instead.
 """
@@ -32,7 +32,7 @@ import onnx_ir as ir
 from dscompile.lowering._ir import int64_initializer
 from dscompile.runtime.contract import LOGITS, LOGITS_FROM
 
-_HEADS = {("", "MatMul"), ("", "Gemm"), ("com.microsoft", "MatMulNBits")}
+_HEADS = {("", "MatMul"), ("", "Gemm"), ("com.microsoft", "MatMulNBits"), ("ai.dscompile", "MatMulQ4")}
 
 
 def add_logits_from(model: ir.Model) -> bool:

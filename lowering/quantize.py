@@ -138,8 +138,9 @@ _register_schemas()
 
 
 def _register_native_schema() -> None:
-    """The checker's schema of ai.dscompile.HeadsMatMulQ8 (runtime/native/heads_q8.cc)."""
+    """The checker's schemas of ai.dscompile.HeadsMatMulQ8 and MatMulQ4 (runtime/native/)."""
     P = onnx.defs.OpSchema.FormalParameter
+    A, AT = onnx.defs.OpSchema.Attribute, onnx.defs.OpSchema.AttrType
     try:
         onnx.defs.get_schema("HeadsMatMulQ8", 1, NATIVE_DOMAIN)
     except onnx.defs.SchemaError:
@@ -147,10 +148,20 @@ def _register_native_schema() -> None:
             "HeadsMatMulQ8", NATIVE_DOMAIN, 1, doc="dscompile native op: per-head matmul with int8 weights.",
             inputs=[P("x", "T"), P("w", "T8"), P("scales", "T")], outputs=[P("y", "T")],
             type_constraints=[("T", ["tensor(float)"], "activations and scales"), ("T8", ["tensor(int8)"], "weights")]))
+    try:
+        onnx.defs.get_schema("MatMulQ4", 1, NATIVE_DOMAIN)
+    except onnx.defs.SchemaError:
+        onnx.defs.register_schema(onnx.defs.OpSchema(
+            "MatMulQ4", NATIVE_DOMAIN, 1, doc="dscompile native op: linear layer with int4 weights in row panels.",
+            inputs=[P("x", "T"), P("w", "TW"), P("scales", "TS")], outputs=[P("y", "T")],
+            type_constraints=[("T", ["tensor(float)"], "activations"), ("TW", ["tensor(uint8)"], "int4 panels"),
+                              ("TS", ["tensor(float16)"], "scales")],
+            attributes=[A("K", AT.INT, "input features"), A("N", AT.INT, "output features")]))
 
 
 _register_native_schema()
 HEADS_BLOCK = 32  # values per scale of the native per-head weights (runtime/native/heads_q8.cc)
+PANEL_BLOCK = 32  # values per scale of MatMulQ4's int4 weights (runtime/native/matmul_q4.cc)
 HEADS_MAX_K = 4096  # the kernel's row buffer
 
 
@@ -214,6 +225,51 @@ class _Quantization(_Parts):
 
     def packed(self, w: torch.Tensor) -> torch.Tensor:
         return self._take(w, "packed")
+
+
+class _PanelsInt4(_Parts):
+    """A checkpoint weight [N, K] (rows = outputs; `transpose`: stored [K, N]) as MatMulQ4 stores it: int4 in
+    panels of 16 rows, uint8 [N16, K/32, 256], and float16 scales [N16, K/32, 16] (runtime/native/matmul_q4.cc
+    gives the layout). The integers are the scheme's (int4, blocks of 32); each scale is the scheme's
+    float32 scale rounded once to float16."""
+
+    def __init__(self, scheme: Scheme, transpose: bool):
+        super().__init__()
+        self.scheme = Scheme(scheme.bits, scheme.block_size, search=False)
+        self.transpose = transpose
+
+    def _dims(self, w: torch.Tensor) -> tuple[int, int]:
+        N, K = (int(d) for d in w.shape)
+        return (K, N) if self.transpose else (N, K)
+
+    def _meta(self, w: torch.Tensor, part: str) -> torch.Tensor:
+        N, K = self._dims(w)
+        panels, blocks = (N + 15) // 16, K // 32
+        if part == "scales":
+            return torch.empty([panels, blocks, 16], dtype=torch.float16, device="meta")
+        return torch.empty([panels, blocks, 256], dtype=torch.uint8, device="meta")
+
+    def _encode(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        return dict(zip(("panels", "scales"), panels_int4(*quantize(w.T if self.transpose else w, self.scheme))))
+
+    def panels(self, w: torch.Tensor) -> torch.Tensor:
+        return self._take(w, "panels")
+
+
+def panels_int4(q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int4 values q [N, K/32, 32] (quantize's, in [-8, 7]) and float32 scales d [N, K/32] in MatMulQ4's
+    layout: (uint8 [N16, K/32, 256], float16 [N16, K/32, 16]); rows padded to a multiple of 16 with zeros."""
+    q = q.reshape(q.shape[0], -1)
+    N, K = q.shape
+    panels, blocks = (N + 15) // 16, K // 32
+    u = torch.full((panels * 16, K), 8, dtype=torch.uint8)
+    u[:N] = (q.to(torch.int16) + 8).to(torch.uint8)
+    # [p, r, b, j, e] -> [p, b, j, r, e]: V_j of block b holds row r's values 4j..4j+3 at bytes 4r..4r+3
+    v = u.reshape(panels, 16, blocks, 8, 4).permute(0, 2, 3, 1, 4).reshape(panels, blocks, 8, 64)
+    packed = (v[:, :, :4] | (v[:, :, 4:] << 4)).reshape(panels, blocks, 256)
+    scales = torch.zeros(panels * 16, blocks, dtype=torch.float32)
+    scales[:N] = d.reshape(N, blocks)
+    return packed.contiguous(), scales.reshape(panels, 16, blocks).permute(0, 2, 1).to(torch.float16).contiguous()
 
 
 class _HeadsInt8(_Parts):
@@ -316,7 +372,7 @@ class GraphQuantizer:
         graph = model.graph
         counts = {"MatMulNBits": 0, "QMoE": 0}
         if self.native:
-            counts["HeadsMatMulQ8"] = 0
+            counts["HeadsMatMulQ8"] = counts["MatMulQ4"] = 0
         for node in list(graph):
             if not node.domain and node.op_type == "MatMul":
                 b = node.inputs[1]
@@ -346,6 +402,9 @@ class GraphQuantizer:
                 continue
             else:
                 continue
+            if self.native and self._panels(graph, node, b, transpose, name):
+                counts["MatMulQ4"] += 1
+                continue
             packed, scales, scheme = self._stored(graph, b, transpose, name, self._scale_dtype(node.inputs[0]))
             new = ir.node("MatMulNBits", [node.inputs[0], packed, scales], domain=MSFT_DOMAIN,
                           attributes={"K": K, "N": N, "bits": scheme.bits, "block_size": scheme.block_size,
@@ -354,9 +413,24 @@ class GraphQuantizer:
             self._replace(graph, node, new)
             counts["MatMulNBits"] += 1
         model.opset_imports.setdefault(MSFT_DOMAIN, 1)
-        if counts.get("HeadsMatMulQ8"):
+        if counts.get("HeadsMatMulQ8") or counts.get("MatMulQ4"):
             model.opset_imports.setdefault(NATIVE_DOMAIN, 1)
         return counts
+
+    def _panels(self, graph: ir.Graph, node: ir.Node, b: ir.Value, transpose: bool, name: str) -> bool:
+        """A linear layer whose weight's scheme is int4 in blocks of 32 -> MatMulQ4 (its int4 in panels of 16
+        rows, float16 scales); False (nothing done) for other schemes (lm_head's 8 bits: MatMulNBits)."""
+        weight = b.const_value.weight
+        scheme = weight_scheme(weight)
+        if scheme.bits != 4 or scheme.block_size != PANEL_BLOCK:
+            return False
+        N, K = (int(d) for d in (weight.shape[::-1] if transpose else weight.shape))
+        values = self._encoded(graph, ("panels", _fold_key(weight), transpose), lambda: _PanelsInt4(scheme, transpose),
+                               weight, ("panels", "scales"), (f"{name}.int4_panels", f"{name}.scales"))
+        new = ir.node("MatMulQ4", [node.inputs[0], *values], domain=NATIVE_DOMAIN, attributes={"K": K, "N": N},
+                      name=f"{node.name}.q4" if node.name else None)
+        self._replace(graph, node, new)
+        return True
 
     def _heads(self, graph: ir.Graph, node: ir.Node, w: torch.Tensor | None) -> bool:
         """A batched MatMul of [B, H, S, K] activations over a computed per-head weight [H, K, N] ->

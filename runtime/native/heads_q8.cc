@@ -9,18 +9,15 @@
 // are read. Several tokens: 16 rows at a time are dequantized into a float panel, then every token's
 // 16 outputs accumulate as one vector (Tokens). Activations stay float32 (nothing is rounded but the weights). Tasks of kRows output rows
 // of one head run on ONNX Runtime's intra-op thread pool (KernelContext::ParallelFor).
-#define ORT_API_MANUAL_INIT
-#include <onnxruntime_cxx_api.h>
-#include <onnxruntime_lite_custom_op.h>
+#include "native.h"
+
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <memory>
 
 namespace {
 
-constexpr const char* kDomain = "ai.dscompile";
 constexpr int64_t kRows = 64;     // output rows per task
 constexpr int64_t kMaxK = 4096;   // the dequantized row buffer
 
@@ -109,8 +106,8 @@ void Task(void* data, size_t index) {
   }
 }
 
-void HeadsMatMulQ8(OrtKernelContext* context, const Ort::Custom::Tensor<float>& x, const Ort::Custom::Tensor<int8_t>& w,
-                   const Ort::Custom::Tensor<float>& s, Ort::Custom::Tensor<float>& y) {
+void HeadsMatMul(OrtKernelContext* context, const Ort::Custom::Tensor<float>& x, const Ort::Custom::Tensor<int8_t>& w,
+                 const Ort::Custom::Tensor<float>& s, Ort::Custom::Tensor<float>& y) {
   const auto xs = x.Shape();
   const auto ws = w.Shape();
   if (xs.size() != 4 || ws.size() != 3 || ws[0] != xs[1] || ws[2] != xs[3] || xs[3] % 32 != 0 || xs[3] > kMaxK ||
@@ -124,21 +121,8 @@ void HeadsMatMulQ8(OrtKernelContext* context, const Ort::Custom::Tensor<float>& 
   Ort::KernelContext(context).ParallelFor(Task, static_cast<size_t>(job.H * ((job.N + kRows - 1) / kRows)), 0, &job);
 }
 
-// Made once per process: every session the library is registered with shares the op and its domain.
-std::unique_ptr<Ort::Custom::OrtLiteCustomOp> g_op;
-std::unique_ptr<Ort::CustomOpDomain> g_domain;
-
 }  // namespace
 
-extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api) {
-  const OrtApi* ort = api->GetApi(ORT_API_VERSION);
-  if (ort == nullptr) return nullptr;  // a runtime older than the headers: nothing registered, the graph is refused
-  Ort::InitApi(ort);
-  if (!g_domain) {
-    g_op.reset(Ort::Custom::CreateLiteCustomOp("HeadsMatMulQ8", "CPUExecutionProvider", HeadsMatMulQ8));
-    g_domain = std::make_unique<Ort::CustomOpDomain>(kDomain);
-    g_domain->Add(g_op.get());
-  }
-  Ort::UnownedSessionOptions(options).Add(*g_domain);
-  return nullptr;
+Ort::Custom::OrtLiteCustomOp* NewHeadsMatMulQ8() {
+  return Ort::Custom::CreateLiteCustomOp("HeadsMatMulQ8", "CPUExecutionProvider", HeadsMatMul);
 }

@@ -1,0 +1,10 @@
+// What the files of dscompile's native kernel library share: ONNX Runtime's C++ API (initialized by
+// RegisterCustomOps in register.cc) and each kernel file's constructor of its op.
+#pragma once
+
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime_cxx_api.h>
+#include <onnxruntime_lite_custom_op.h>
+
+Ort::Custom::OrtLiteCustomOp* NewHeadsMatMulQ8();  // heads_q8.cc
+Ort::Custom::OrtLiteCustomOp* NewMatMulQ4();       // matmul_q4.cc
