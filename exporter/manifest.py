@@ -133,10 +133,11 @@ def quantization_report(scheme: Scheme, models: dict[str, ir.Model], errors: dic
     floats = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
     for model in models.values():
         for node in model.graph:
-            if node.op_type in ("MatMulNBits", "QMoE", "MatMulQ4"):
-                # MatMulQ4 (runtime/native) quantizes activations to int8 per block, as accuracy_level 4 does
-                levels[node.op_type] = 4 if node.op_type == "MatMulQ4" else node.attributes["accuracy_level"].value
-                scale_type = node.inputs[3 if node.op_type == "QMoE" else 2].dtype
+            if node.op_type in ("MatMulNBits", "QMoE", "MatMulQ4", "MoEQ4"):
+                # MatMulQ4 and MoEQ4 (runtime/native) quantize activations to int8 per block, as accuracy_level 4
+                native = node.op_type in ("MatMulQ4", "MoEQ4")
+                levels[node.op_type] = 4 if native else node.attributes["accuracy_level"].value
+                scale_type = node.inputs[3 if node.op_type in ("QMoE", "MoEQ4") else 2].dtype
                 scale_types.add({ir.DataType.FLOAT: "float32"}.get(scale_type, scale_type.name.lower()))
         for value in model.graph.initializers.values():
             t = value.const_value

@@ -138,7 +138,7 @@ _register_schemas()
 
 
 def _register_native_schema() -> None:
-    """The checker's schemas of ai.dscompile.HeadsMatMulQ8 and MatMulQ4 (runtime/native/)."""
+    """The checker's schemas of ai.dscompile.HeadsMatMulQ8, MatMulQ4 and MoEQ4 (runtime/native/)."""
     P = onnx.defs.OpSchema.FormalParameter
     A, AT = onnx.defs.OpSchema.Attribute, onnx.defs.OpSchema.AttrType
     try:
@@ -157,6 +157,16 @@ def _register_native_schema() -> None:
             type_constraints=[("T", ["tensor(float)"], "activations"), ("TW", ["tensor(uint8)"], "int4 panels"),
                               ("TS", ["tensor(float16)"], "scales")],
             attributes=[A("K", AT.INT, "input features"), A("N", AT.INT, "output features")]))
+    try:
+        onnx.defs.get_schema("MoEQ4", 1, NATIVE_DOMAIN)
+    except onnx.defs.SchemaError:
+        onnx.defs.register_schema(onnx.defs.OpSchema(
+            "MoEQ4", NATIVE_DOMAIN, 1, doc="dscompile native op: routed experts with int4 weights in row panels.",
+            inputs=[P("x", "T"), P("router", "T"), P("fc1", "TW"), P("fc1_scales", "TS"), P("fc2", "TW"),
+                    P("fc2_scales", "TS")], outputs=[P("y", "T")],
+            type_constraints=[("T", ["tensor(float)"], "activations"), ("TW", ["tensor(uint8)"], "int4 panels"),
+                              ("TS", ["tensor(float16)"], "scales")],
+            attributes=[A("k", AT.INT, "experts per token"), A("I", AT.INT, "expert intermediate size")]))
 
 
 _register_native_schema()
@@ -228,9 +238,9 @@ class _Quantization(_Parts):
 
 
 class _PanelsInt4(_Parts):
-    """A checkpoint weight [N, K] (rows = outputs; `transpose`: stored [K, N]) as MatMulQ4 stores it: int4 in
-    panels of 16 rows, uint8 [N16, K/32, 256], and float16 scales [N16, K/32, 16] (runtime/native/matmul_q4.cc
-    gives the layout). The integers are the scheme's (int4, blocks of 32); each scale is the scheme's
+    """A checkpoint weight [..., N, K] (rows = outputs; `transpose`: stored [K, N]; leading dims: stacked
+    experts) as MatMulQ4 and MoEQ4 store it: int4 in panels of 16 rows, uint8 [..., N16, K/32, 256], and
+    float16 scales [..., N16, K/32, 16] (runtime/native/matmul_q4.cc gives the layout). The integers are the scheme's (int4, blocks of 32); each scale is the scheme's
     float32 scale rounded once to float16."""
 
     def __init__(self, scheme: Scheme, transpose: bool):
@@ -238,38 +248,37 @@ class _PanelsInt4(_Parts):
         self.scheme = Scheme(scheme.bits, scheme.block_size, search=False)
         self.transpose = transpose
 
-    def _dims(self, w: torch.Tensor) -> tuple[int, int]:
-        N, K = (int(d) for d in w.shape)
-        return (K, N) if self.transpose else (N, K)
-
     def _meta(self, w: torch.Tensor, part: str) -> torch.Tensor:
-        N, K = self._dims(w)
+        lead, (N, K) = list(w.shape[:-2]), (int(d) for d in (w.shape[-2:][::-1] if self.transpose else w.shape[-2:]))
         panels, blocks = (N + 15) // 16, K // 32
         if part == "scales":
-            return torch.empty([panels, blocks, 16], dtype=torch.float16, device="meta")
-        return torch.empty([panels, blocks, 256], dtype=torch.uint8, device="meta")
+            return torch.empty(lead + [panels, blocks, 16], dtype=torch.float16, device="meta")
+        return torch.empty(lead + [panels, blocks, 256], dtype=torch.uint8, device="meta")
 
     def _encode(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
-        return dict(zip(("panels", "scales"), panels_int4(*quantize(w.T if self.transpose else w, self.scheme))))
+        rows = w.transpose(-1, -2) if self.transpose else w
+        return dict(zip(("panels", "scales"), panels_int4(*quantize(rows, self.scheme))))
 
     def panels(self, w: torch.Tensor) -> torch.Tensor:
         return self._take(w, "panels")
 
 
 def panels_int4(q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int4 values q [N, K/32, 32] (quantize's, in [-8, 7]) and float32 scales d [N, K/32] in MatMulQ4's
-    layout: (uint8 [N16, K/32, 256], float16 [N16, K/32, 16]); rows padded to a multiple of 16 with zeros."""
-    q = q.reshape(q.shape[0], -1)
-    N, K = q.shape
-    panels, blocks = (N + 15) // 16, K // 32
-    u = torch.full((panels * 16, K), 8, dtype=torch.uint8)
-    u[:N] = (q.to(torch.int16) + 8).to(torch.uint8)
-    # [p, r, b, j, e] -> [p, b, j, r, e]: V_j of block b holds row r's values 4j..4j+3 at bytes 4r..4r+3
-    v = u.reshape(panels, 16, blocks, 8, 4).permute(0, 2, 3, 1, 4).reshape(panels, blocks, 8, 64)
-    packed = (v[:, :, :4] | (v[:, :, 4:] << 4)).reshape(panels, blocks, 256)
-    scales = torch.zeros(panels * 16, blocks, dtype=torch.float32)
-    scales[:N] = d.reshape(N, blocks)
-    return packed.contiguous(), scales.reshape(panels, 16, blocks).permute(0, 2, 1).to(torch.float16).contiguous()
+    """int4 values q [..., N, K/32, 32] (quantize's, in [-8, 7]) and float32 scales d [..., N, K/32] in
+    MatMulQ4's layout: (uint8 [..., N16, K/32, 256], float16 [..., N16, K/32, 16]); each matrix's rows
+    padded to a multiple of 16 with zeros (leading dims: stacked matrices, e.g. experts)."""
+    lead, N, blocks = tuple(q.shape[:-3]), int(q.shape[-3]), int(q.shape[-2])
+    q, d = q.reshape(-1, N, blocks * 32), d.reshape(-1, N, blocks)
+    G, panels = q.shape[0], (N + 15) // 16
+    u = torch.full((G, panels * 16, blocks * 32), 8, dtype=torch.uint8)
+    u[:, :N] = (q.to(torch.int16) + 8).to(torch.uint8)
+    # [g, p, r, b, j, e] -> [g, p, b, j, r, e]: V_j of block b holds row r's values 4j..4j+3 at bytes 4r..4r+3
+    v = u.reshape(G, panels, 16, blocks, 8, 4).permute(0, 1, 3, 4, 2, 5).reshape(G, panels, blocks, 8, 64)
+    packed = (v[:, :, :, :4] | (v[:, :, :, 4:] << 4)).reshape(*lead, panels, blocks, 256)
+    scales = torch.zeros(G, panels * 16, blocks, dtype=torch.float32)
+    scales[:, :N] = d
+    scales = scales.reshape(G, panels, 16, blocks).permute(0, 1, 3, 2).reshape(*lead, panels, blocks, 16)
+    return packed.contiguous(), scales.to(torch.float16).contiguous()
 
 
 class _HeadsInt8(_Parts):
@@ -372,7 +381,7 @@ class GraphQuantizer:
         graph = model.graph
         counts = {"MatMulNBits": 0, "QMoE": 0}
         if self.native:
-            counts["HeadsMatMulQ8"] = counts["MatMulQ4"] = 0
+            counts["HeadsMatMulQ8"] = counts["MatMulQ4"] = counts["MoEQ4"] = 0
         for node in list(graph):
             if not node.domain and node.op_type == "MatMul":
                 b = node.inputs[1]
@@ -397,8 +406,7 @@ class GraphQuantizer:
                 fc1, fc2 = node.inputs[2], node.inputs[4]
                 if not (quantizable(_weight(fc1)) and quantizable(_weight(fc2))):
                     continue
-                self._moe(graph, node)
-                counts["QMoE"] += 1
+                counts[self._moe(graph, node)] += 1
                 continue
             else:
                 continue
@@ -413,7 +421,7 @@ class GraphQuantizer:
             self._replace(graph, node, new)
             counts["MatMulNBits"] += 1
         model.opset_imports.setdefault(MSFT_DOMAIN, 1)
-        if counts.get("HeadsMatMulQ8") or counts.get("MatMulQ4"):
+        if counts.get("HeadsMatMulQ8") or counts.get("MatMulQ4") or counts.get("MoEQ4"):
             model.opset_imports.setdefault(NATIVE_DOMAIN, 1)
         return counts
 
@@ -449,8 +457,11 @@ class GraphQuantizer:
         self._replace(graph, node, new)
         return True
 
-    def _moe(self, graph: ir.Graph, node: ir.Node) -> None:
+    def _moe(self, graph: ir.Graph, node: ir.Node) -> str:
+        """com.microsoft.MoE -> QMoE, or with native kernels and int4 in blocks of 32, MoEQ4; the op written."""
         fc1, fc2 = node.inputs[2], node.inputs[4]
+        if self.native and self._moe_panels(graph, node):
+            return "MoEQ4"
         prefix = fc2.name.rsplit(".", 1)[0] if fc2.name else node.name
         scale_dtype = self._scale_dtype(node.inputs[0])
         q1, s1, _ = self._stored(graph, fc1, False, f"{prefix}.gate_up_interleaved", scale_dtype)
@@ -466,6 +477,27 @@ class GraphQuantizer:
         inputs = [node.inputs[0], router, q1, s1, None, q2, s2] + [None] * 7 + [mix.outputs[0]]
         new = ir.node("QMoE", inputs, domain=MSFT_DOMAIN, attributes=attrs, name=f"{node.name}.q")
         self._replace(graph, node, new)
+        return "QMoE"
+
+    def _moe_panels(self, graph: ir.Graph, node: ir.Node) -> bool:
+        """com.microsoft.MoE whose experts are int4 in blocks of 32 -> MoEQ4 (runtime/native/moe_q4.cc: the
+        same routing input and sum, each expert's matrices as MatMulQ4's panels); False for other schemes."""
+        fc1, fc2 = node.inputs[2], node.inputs[4]
+        w1, w2 = fc1.const_value.weight, fc2.const_value.weight
+        schemes = {weight_scheme(w1), weight_scheme(w2)}
+        if any(sc.bits != 4 or sc.block_size != PANEL_BLOCK for sc in schemes):
+            return False
+        prefix = fc2.name.rsplit(".", 1)[0] if fc2.name else node.name
+        values = []
+        for w, name in ((w1, f"{prefix}.gate_up_interleaved"), (w2, fc2.name or f"{prefix}.down_proj")):
+            scheme = weight_scheme(w)
+            values += self._encoded(graph, ("panels", _fold_key(w), False), lambda s=scheme: _PanelsInt4(s, False), w,
+                                    ("panels", "scales"), (f"{name}.int4_panels", f"{name}.scales"))
+        attrs = {k: a.value for k, a in node.attributes.items()}
+        new = ir.node("MoEQ4", [node.inputs[0], node.inputs[1], *values], domain=NATIVE_DOMAIN,
+                      attributes={"k": attrs["k"], "I": int(w2.shape[-1])}, name=f"{node.name}.q4")
+        self._replace(graph, node, new)
+        return True
 
     @staticmethod
     def _replace(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:

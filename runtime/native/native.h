@@ -8,3 +8,4 @@
 
 Ort::Custom::OrtLiteCustomOp* NewHeadsMatMulQ8();  // heads_q8.cc
 Ort::Custom::OrtLiteCustomOp* NewMatMulQ4();       // matmul_q4.cc
+Ort::Custom::OrtLiteCustomOp* NewMoEQ4();          // moe_q4.cc

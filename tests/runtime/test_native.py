@@ -90,6 +90,63 @@ def test_matmul_q4_equals_the_integer_product_it_defines(N, K, x_shape):
     assert 1e-2 < np.abs(y - plain).max() / np.abs(plain).max() < 0.3
 
 
+def _int8_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows [M, K] as the native kernels quantize them: int8 per block of 32, and each block's scale."""
+    blocks = x.reshape(x.shape[0], -1, 32)
+    top = np.abs(blocks).max(-1, keepdims=True)
+    q = np.rint(blocks * np.where(top > 0, np.float32(127) / top, 0).astype(np.float32))
+    return q.astype(np.float64), (top[..., 0] / 127).astype(np.float64)
+
+
+def _int4_product(x: np.ndarray, q: torch.Tensor, d: torch.Tensor) -> np.ndarray:
+    """x [M, K] through int4 q [N, K/32, 32] with scales d [N, K/32] (rounded to float16), in float64."""
+    xq, xs = _int8_rows(x)
+    dots = np.einsum("mbk,nbk->mnb", xq, q.numpy().astype(np.float64))
+    return np.einsum("mnb,mb,nb->mn", dots, xs, d.to(torch.float16).double().numpy())
+
+
+@needs_library
+@pytest.mark.parametrize("T,E,k,D,I", [(1, 16, 6, 256, 96), (9, 4, 2, 64, 32), (5, 8, 8, 32, 64)])
+def test_moe_q4_sums_the_chosen_experts_as_it_defines(T, E, k, D, I):
+    # one token and several, every expert chosen (k = E), slots grouped per expert in any number; against
+    # float64 numpy on the same integers: each expert's int4 and float16 scales, activations rounded to
+    # int8 per block before fc1 and again before fc2, the mixing weights softmax(router) over the chosen
+    import onnxruntime as ort
+    from onnx import TensorProto as TP
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    rng = np.random.default_rng(T + E + D)
+    w1 = torch.from_numpy(rng.standard_normal((E, 2 * I, D)).astype(np.float32))  # rows g0 u0 g1 u1 ...
+    w2 = torch.from_numpy(rng.standard_normal((E, D, I)).astype(np.float32) / 4)
+    (q1, d1), (q2, d2) = quantize(w1, Scheme(4, 32, search=False)), quantize(w2, Scheme(4, 32, search=False))
+    (p1, s1), (p2, s2) = panels_int4(q1, d1), panels_int4(q2, d2)
+    x = rng.standard_normal((T, D)).astype(np.float32)
+    router = np.full((T, E), -1e30, np.float32)
+    chosen = np.stack([rng.permutation(E)[:k] for _ in range(T)])
+    np.put_along_axis(router, chosen, np.log(rng.random((T, k)).astype(np.float32) + 0.1), axis=1)
+    names = ["x", "router", "w1", "s1", "w2", "s2"]
+    graph = h.make_graph([h.make_node("MoEQ4", names, ["y"], domain=DOMAIN, k=k, I=I)], "g",
+                         [h.make_tensor_value_info(n, TP.FLOAT, None) for n in names[:2]],
+                         [h.make_tensor_value_info("y", TP.FLOAT, None)],
+                         [nh.from_array(t.numpy(), n) for t, n in zip((p1, s1, p2, s2), names[2:])])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 21), h.make_opsetid(DOMAIN, 1)])
+    model.ir_version = 10
+    options = ort.SessionOptions()
+    native.register(options)
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    y = session.run(None, {"x": x, "router": router})[0]
+    ref = np.zeros((T, D))
+    for t in range(T):
+        mix = np.exp(router[t, chosen[t]].astype(np.float64) - router[t, chosen[t]].max())
+        for e, weight in zip(chosen[t], mix / mix.sum()):
+            gu = _int4_product(x[t:t + 1], q1[e], d1[e])[0]
+            a = (gu[0::2] / (1 + np.exp(-gu[0::2])) * gu[1::2]).astype(np.float32)
+            ref[t] += weight * _int4_product(a[None], q2[e], d2[e])[0]
+    assert y.shape == (T, D) and np.abs(ref).max() > 0.1
+    assert np.abs(y - ref).max() / np.abs(ref).max() < 1e-4
+
+
 @needs_library
 def test_a_shape_the_kernel_does_not_take_is_refused_by_the_kernel():
     q, d = np.ones((2, 64, 32), np.int8), np.ones((2, 64, 1), np.float32)
@@ -120,7 +177,7 @@ def engines(make_ckpt, small_limits, tmp_path_factory):
 def test_the_export_writes_the_absorbed_product_as_a_native_node(engines):
     out, plain = engines
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["native_ops"] == {"domain": DOMAIN, "ops": ["HeadsMatMulQ8", "MatMulQ4"]}
+    assert manifest["native_ops"] == {"domain": DOMAIN, "ops": ["HeadsMatMulQ8", "MatMulQ4", "MoEQ4"]}
     assert "native_ops" not in json.loads((plain / "manifest.json").read_text())
     plain_ops = json.loads((plain / "manifest.json").read_text())["graphs"]["decode"]["quantized_ops"]
     for name in ("decode.onnx", manifest["graphs"]["decode"]["in_place"]["file"]):
@@ -136,8 +193,11 @@ def test_the_export_writes_the_absorbed_product_as_a_native_node(engines):
         for n in linears:
             assert weights[n.input[1]].data_type == onnx.TensorProto.UINT8
             assert weights[n.input[2]].data_type == onnx.TensorProto.FLOAT16
-    assert manifest["graphs"]["decode"]["quantized_ops"]["HeadsMatMulQ8"] == 1
-    assert manifest["quantization"]["quantized_activations"]["MatMulQ4"] is True
+        # the routed experts: MoEQ4 where the plain engine has QMoE
+        assert [n.op_type for n in graph.node if n.op_type in ("QMoE", "MoEQ4")] == ["MoEQ4"] * plain_ops["QMoE"]
+    ops = manifest["graphs"]["decode"]["quantized_ops"]
+    assert ops["HeadsMatMulQ8"] == 1 and ops["MoEQ4"] == plain_ops["QMoE"] and ops["QMoE"] == 0
+    assert manifest["quantization"]["quantized_activations"] == {"MatMulNBits": True, "MatMulQ4": True, "MoEQ4": True}
 
 
 @needs_library

@@ -1,0 +1,86 @@
+// The int4 panel primitives MatMulQ4 (matmul_q4.cc) and MoEQ4 (moe_q4.cc) share. Weights of an [N, K]
+// matrix: panels of 16 output rows, ceil(N/16) of them, each [K/32 blocks][256 bytes] with float16
+// scales [K/32][16]; matmul_q4.cc's header gives the byte layout. Activations: int8 per block of 32
+// (Quantize).
+#pragma once
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace q4 {
+
+// One row of activations quantized per block of 32: q = round(x * 127 / max|x|) (nearest, ties to even),
+// its scale max|x| / 127, and -8 * the block's sum of q (the weights' offset of 8).
+inline void Quantize(const float* x, int64_t K, int8_t* q, float* scale, int32_t* off) {
+  for (int64_t b = 0; b < K / 32; ++b) {
+    const __m512 lo = _mm512_loadu_ps(x + 32 * b), hi = _mm512_loadu_ps(x + 32 * b + 16);
+    const float top = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+    const float inv = top > 0.0f ? 127.0f / top : 0.0f;
+    const __m512i a = _mm512_cvtps_epi32(_mm512_mul_ps(lo, _mm512_set1_ps(inv)));
+    const __m512i c = _mm512_cvtps_epi32(_mm512_mul_ps(hi, _mm512_set1_ps(inv)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32 * b), _mm512_cvtsepi32_epi8(a));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32 * b + 16), _mm512_cvtsepi32_epi8(c));
+    scale[b] = top / 127.0f;
+    off[b] = -8 * _mm512_reduce_add_epi32(_mm512_add_epi32(a, c));
+  }
+}
+
+// Quantized activation rows: row m at q + m*K, scale + m*K/32, off + m*K/32.
+struct Rows {
+  const int8_t* q;
+  const float* scale;
+  const int32_t* off;
+  int64_t K;
+};
+
+// One block of one row against the panel's unpacked block v[0..7]: acc + (dots - 8 sum) * s * xs.
+inline __m512 Token(const __m512i v[8], const int8_t* xq, float xs, int32_t off, __m512 s, __m512 acc) {
+  const int32_t* x4 = reinterpret_cast<const int32_t*>(xq);
+  __m512i d = _mm512_set1_epi32(off);
+  d = _mm512_dpbusd_epi32(d, v[0], _mm512_set1_epi32(x4[0]));
+  d = _mm512_dpbusd_epi32(d, v[1], _mm512_set1_epi32(x4[1]));
+  d = _mm512_dpbusd_epi32(d, v[2], _mm512_set1_epi32(x4[2]));
+  d = _mm512_dpbusd_epi32(d, v[3], _mm512_set1_epi32(x4[3]));
+  d = _mm512_dpbusd_epi32(d, v[4], _mm512_set1_epi32(x4[4]));
+  d = _mm512_dpbusd_epi32(d, v[5], _mm512_set1_epi32(x4[5]));
+  d = _mm512_dpbusd_epi32(d, v[6], _mm512_set1_epi32(x4[6]));
+  d = _mm512_dpbusd_epi32(d, v[7], _mm512_set1_epi32(x4[7]));
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(s, _mm512_set1_ps(xs)), acc);
+}
+
+// Panel p (of N rows) of weights w, scales s against activation rows m0 .. m0+3 (fewer where count
+// ends first: the last one is repeated, stored once): y[m][16p .. 16p+15] for row m at y + m*ldy.
+inline void Panel(const uint8_t* w, const uint16_t* s, int64_t N, int64_t p, const Rows& x, int64_t m0,
+                  int64_t count, float* y, int64_t ldy) {
+  const int64_t blocks = x.K / 32, last = std::min<int64_t>(4, count - m0);
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  w += p * blocks * 256;
+  s += p * blocks * 16;
+  int64_t m[4];
+  for (int64_t i = 0; i < 4; ++i) m[i] = m0 + std::min(i, last - 1);
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m512i v[8];
+    for (int c = 0; c < 4; ++c) {
+      const __m512i chunk = _mm512_loadu_si512(w + 256 * b + 64 * c);
+      v[c] = _mm512_and_si512(chunk, low);
+      v[c + 4] = _mm512_and_si512(_mm512_srli_epi16(chunk, 4), low);
+    }
+    const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + 16 * b)));
+    const int64_t at0 = m[0] * blocks + b, at1 = m[1] * blocks + b, at2 = m[2] * blocks + b, at3 = m[3] * blocks + b;
+    a0 = Token(v, x.q + m[0] * x.K + 32 * b, x.scale[at0], x.off[at0], scale, a0);
+    if (last > 1) {
+      a1 = Token(v, x.q + m[1] * x.K + 32 * b, x.scale[at1], x.off[at1], scale, a1);
+      a2 = Token(v, x.q + m[2] * x.K + 32 * b, x.scale[at2], x.off[at2], scale, a2);
+      a3 = Token(v, x.q + m[3] * x.K + 32 * b, x.scale[at3], x.off[at3], scale, a3);
+    }
+  }
+  const int64_t rows = std::min<int64_t>(16, N - 16 * p);
+  const __mmask16 keep = static_cast<__mmask16>((1u << rows) - 1);
+  const __m512 out[4] = {a0, a1, a2, a3};
+  for (int64_t i = 0; i < last; ++i) _mm512_mask_storeu_ps(y + (m0 + i) * ldy + 16 * p, keep, out[i]);
+}
+
+}  // namespace q4
