@@ -19,7 +19,7 @@ would profile such an input is unchecked without a GPU, so exports for CUDA keep
 inputs only for now.
 
 What it matches: the graph output `logits`, produced (through Casts) by a MatMul, Gemm,
-com.microsoft.MatMulNBits or ai.dscompile.MatMulQ4 whose first input is the output of one RMSNormalization used by that
+com.microsoft.MatMulNBits or ai.dscompile.MatMulQ4/Q8 whose first input is the output of one RMSNormalization used by that
 node alone. A graph of another form is left as it is (returns False), and its engine slices the
 logits after the step instead.
 """
@@ -32,7 +32,8 @@ import onnx_ir as ir
 from dscompile.lowering._ir import int64_initializer
 from dscompile.runtime.contract import LOGITS, LOGITS_FROM
 
-_HEADS = {("", "MatMul"), ("", "Gemm"), ("com.microsoft", "MatMulNBits"), ("ai.dscompile", "MatMulQ4")}
+_HEADS = {("", "MatMul"), ("", "Gemm"), ("com.microsoft", "MatMulNBits"), ("ai.dscompile", "MatMulQ4"),
+          ("ai.dscompile", "MatMulQ8")}
 
 
 def add_logits_from(model: ir.Model) -> bool:

@@ -138,7 +138,7 @@ _register_schemas()
 
 
 def _register_native_schema() -> None:
-    """The checker's schemas of ai.dscompile.HeadsMatMulQ8, MatMulQ4 and MoEQ4 (runtime/native/)."""
+    """The checker's schemas of ai.dscompile.HeadsMatMulQ8, MatMulQ4/Q8 and MoEQ4/Q8 (runtime/native/)."""
     P = onnx.defs.OpSchema.FormalParameter
     A, AT = onnx.defs.OpSchema.Attribute, onnx.defs.OpSchema.AttrType
     try:
@@ -148,30 +148,33 @@ def _register_native_schema() -> None:
             "HeadsMatMulQ8", NATIVE_DOMAIN, 1, doc="dscompile native op: per-head matmul with int8 weights.",
             inputs=[P("x", "T"), P("w", "T8"), P("scales", "T")], outputs=[P("y", "T")],
             type_constraints=[("T", ["tensor(float)"], "activations and scales"), ("T8", ["tensor(int8)"], "weights")]))
-    try:
-        onnx.defs.get_schema("MatMulQ4", 1, NATIVE_DOMAIN)
-    except onnx.defs.SchemaError:
-        onnx.defs.register_schema(onnx.defs.OpSchema(
-            "MatMulQ4", NATIVE_DOMAIN, 1, doc="dscompile native op: linear layer with int4 weights in row panels.",
-            inputs=[P("x", "T"), P("w", "TW"), P("scales", "TS")], outputs=[P("y", "T")],
-            type_constraints=[("T", ["tensor(float)"], "activations"), ("TW", ["tensor(uint8)"], "int4 panels"),
-                              ("TS", ["tensor(float16)"], "scales")],
-            attributes=[A("K", AT.INT, "input features"), A("N", AT.INT, "output features")]))
-    try:
-        onnx.defs.get_schema("MoEQ4", 1, NATIVE_DOMAIN)
-    except onnx.defs.SchemaError:
-        onnx.defs.register_schema(onnx.defs.OpSchema(
-            "MoEQ4", NATIVE_DOMAIN, 1, doc="dscompile native op: routed experts with int4 weights in row panels.",
-            inputs=[P("x", "T"), P("router", "T"), P("fc1", "TW"), P("fc1_scales", "TS"), P("fc2", "TW"),
-                    P("fc2_scales", "TS")], outputs=[P("y", "T")],
-            type_constraints=[("T", ["tensor(float)"], "activations"), ("TW", ["tensor(uint8)"], "int4 panels"),
-                              ("TS", ["tensor(float16)"], "scales")],
-            attributes=[A("k", AT.INT, "experts per token"), A("I", AT.INT, "expert intermediate size")]))
+    for bits in (4, 8):
+        try:
+            onnx.defs.get_schema(f"MatMulQ{bits}", 1, NATIVE_DOMAIN)
+        except onnx.defs.SchemaError:
+            onnx.defs.register_schema(onnx.defs.OpSchema(
+                f"MatMulQ{bits}", NATIVE_DOMAIN, 1, doc=f"dscompile native op: linear layer with int{bits} weights in "
+                "row panels.", inputs=[P("x", "T"), P("w", "TW"), P("scales", "TS")], outputs=[P("y", "T")],
+                type_constraints=[("T", ["tensor(float)"], "activations"), ("TW", ["tensor(uint8)"], "panels"),
+                                  ("TS", ["tensor(float16)"], "scales")],
+                attributes=[A("K", AT.INT, "input features"), A("N", AT.INT, "output features")]))
+        try:
+            onnx.defs.get_schema(f"MoEQ{bits}", 1, NATIVE_DOMAIN)
+        except onnx.defs.SchemaError:
+            onnx.defs.register_schema(onnx.defs.OpSchema(
+                f"MoEQ{bits}", NATIVE_DOMAIN, 1, doc=f"dscompile native op: routed experts with int{bits} weights in "
+                "row panels.", inputs=[P("x", "T"), P("router", "T"), P("fc1", "TW"), P("fc1_scales", "TS"),
+                                       P("fc2", "TW"), P("fc2_scales", "TS")], outputs=[P("y", "T")],
+                type_constraints=[("T", ["tensor(float)"], "activations"), ("TW", ["tensor(uint8)"], "panels"),
+                                  ("TS", ["tensor(float16)"], "scales")],
+                attributes=[A("k", AT.INT, "experts per token"), A("I", AT.INT, "expert intermediate size")]))
 
 
 _register_native_schema()
 HEADS_BLOCK = 32  # values per scale of the native per-head weights (runtime/native/heads_q8.cc)
-PANEL_BLOCK = 32  # values per scale of MatMulQ4's int4 weights (runtime/native/matmul_q4.cc)
+PANEL_BLOCK = 32  # values per scale of the native linear layers' and experts' weights (runtime/native/matmul.cc)
+PANEL_BITS = (4, 8)
+NATIVE_PANEL_OPS = ("MatMulQ4", "MatMulQ8", "MoEQ4", "MoEQ8")  # they quantize activations to int8 per block
 HEADS_MAX_K = 4096  # the kernel's row buffer
 
 
@@ -237,11 +240,12 @@ class _Quantization(_Parts):
         return self._take(w, "packed")
 
 
-class _PanelsInt4(_Parts):
+class _Panels(_Parts):
     """A checkpoint weight [..., N, K] (rows = outputs; `transpose`: stored [K, N]; leading dims: stacked
-    experts) as MatMulQ4 and MoEQ4 store it: int4 in panels of 16 rows, uint8 [..., N16, K/32, 256], and
-    float16 scales [..., N16, K/32, 16] (runtime/native/matmul_q4.cc gives the layout). The integers are the scheme's (int4, blocks of 32); each scale is the scheme's
-    float32 scale rounded once to float16."""
+    experts) as the native MatMulQ4/Q8 and MoEQ4/Q8 store it: its scheme's integers (4 or 8 bits, blocks of
+    32) in panels of 16 rows, uint8 [..., N16, K/32, bits * 64], and float16 scales [..., N16, K/32, 16]
+    (runtime/native/matmul.cc gives the layout): each scale is the scheme's float32 scale rounded once to
+    float16."""
 
     def __init__(self, scheme: Scheme, transpose: bool):
         super().__init__()
@@ -253,31 +257,34 @@ class _PanelsInt4(_Parts):
         panels, blocks = (N + 15) // 16, K // 32
         if part == "scales":
             return torch.empty(lead + [panels, blocks, 16], dtype=torch.float16, device="meta")
-        return torch.empty(lead + [panels, blocks, 256], dtype=torch.uint8, device="meta")
+        return torch.empty(lead + [panels, blocks, self.scheme.bits * 64], dtype=torch.uint8, device="meta")
 
     def _encode(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         rows = w.transpose(-1, -2) if self.transpose else w
-        return dict(zip(("panels", "scales"), panels_int4(*quantize(rows, self.scheme))))
+        return dict(zip(("panels", "scales"), panels(*quantize(rows, self.scheme), self.scheme.bits)))
 
     def panels(self, w: torch.Tensor) -> torch.Tensor:
         return self._take(w, "panels")
 
 
-def panels_int4(q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int4 values q [..., N, K/32, 32] (quantize's, in [-8, 7]) and float32 scales d [..., N, K/32] in
-    MatMulQ4's layout: (uint8 [..., N16, K/32, 256], float16 [..., N16, K/32, 16]); each matrix's rows
-    padded to a multiple of 16 with zeros (leading dims: stacked matrices, e.g. experts)."""
+def panels(q: torch.Tensor, d: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`bits` (4 or 8) values q [..., N, K/32, 32] (quantize's) and float32 scales d [..., N, K/32] in the
+    native kernels' layout (runtime/native/matmul.cc): (uint8 [..., N16, K/32, bits * 64], float16
+    [..., N16, K/32, 16]); each matrix's rows padded to a multiple of 16 with zeros (leading dims:
+    stacked matrices, e.g. experts)."""
     lead, N, blocks = tuple(q.shape[:-3]), int(q.shape[-3]), int(q.shape[-2])
     q, d = q.reshape(-1, N, blocks * 32), d.reshape(-1, N, blocks)
-    G, panels = q.shape[0], (N + 15) // 16
-    u = torch.full((G, panels * 16, blocks * 32), 8, dtype=torch.uint8)
-    u[:, :N] = (q.to(torch.int16) + 8).to(torch.uint8)
+    G, count, zero = q.shape[0], (N + 15) // 16, 1 << (bits - 1)
+    u = torch.full((G, count * 16, blocks * 32), zero, dtype=torch.uint8)
+    u[:, :N] = (q.to(torch.int16) + zero).to(torch.uint8)
     # [g, p, r, b, j, e] -> [g, p, b, j, r, e]: V_j of block b holds row r's values 4j..4j+3 at bytes 4r..4r+3
-    v = u.reshape(G, panels, 16, blocks, 8, 4).permute(0, 1, 3, 4, 2, 5).reshape(G, panels, blocks, 8, 64)
-    packed = (v[:, :, :, :4] | (v[:, :, :, 4:] << 4)).reshape(*lead, panels, blocks, 256)
-    scales = torch.zeros(G, panels * 16, blocks, dtype=torch.float32)
+    v = u.reshape(G, count, 16, blocks, 8, 4).permute(0, 1, 3, 4, 2, 5).reshape(G, count, blocks, 8, 64)
+    if bits == 4:  # V_c in the low nibbles, V_{c+4} in the high ones
+        v = v[:, :, :, :4] | (v[:, :, :, 4:] << 4)
+    packed = v.reshape(*lead, count, blocks, bits * 64)
+    scales = torch.zeros(G, count * 16, blocks, dtype=torch.float32)
     scales[:, :N] = d
-    scales = scales.reshape(G, panels, 16, blocks).permute(0, 1, 3, 2).reshape(*lead, panels, blocks, 16)
+    scales = scales.reshape(G, count, 16, blocks).permute(0, 1, 3, 2).reshape(*lead, count, blocks, 16)
     return packed.contiguous(), scales.to(torch.float16).contiguous()
 
 
@@ -381,7 +388,7 @@ class GraphQuantizer:
         graph = model.graph
         counts = {"MatMulNBits": 0, "QMoE": 0}
         if self.native:
-            counts["HeadsMatMulQ8"] = counts["MatMulQ4"] = counts["MoEQ4"] = 0
+            counts.update({op: 0 for op in ("HeadsMatMulQ8",) + NATIVE_PANEL_OPS})
         for node in list(graph):
             if not node.domain and node.op_type == "MatMul":
                 b = node.inputs[1]
@@ -410,8 +417,9 @@ class GraphQuantizer:
                 continue
             else:
                 continue
-            if self.native and self._panels(graph, node, b, transpose, name):
-                counts["MatMulQ4"] += 1
+            op = self._panels(graph, node, b, transpose, name) if self.native else None
+            if op is not None:
+                counts[op] += 1
                 continue
             packed, scales, scheme = self._stored(graph, b, transpose, name, self._scale_dtype(node.inputs[0]))
             new = ir.node("MatMulNBits", [node.inputs[0], packed, scales], domain=MSFT_DOMAIN,
@@ -421,24 +429,25 @@ class GraphQuantizer:
             self._replace(graph, node, new)
             counts["MatMulNBits"] += 1
         model.opset_imports.setdefault(MSFT_DOMAIN, 1)
-        if counts.get("HeadsMatMulQ8") or counts.get("MatMulQ4") or counts.get("MoEQ4"):
+        if any(counts.get(op) for op in ("HeadsMatMulQ8",) + NATIVE_PANEL_OPS):
             model.opset_imports.setdefault(NATIVE_DOMAIN, 1)
         return counts
 
-    def _panels(self, graph: ir.Graph, node: ir.Node, b: ir.Value, transpose: bool, name: str) -> bool:
-        """A linear layer whose weight's scheme is int4 in blocks of 32 -> MatMulQ4 (its int4 in panels of 16
-        rows, float16 scales); False (nothing done) for other schemes (lm_head's 8 bits: MatMulNBits)."""
+    def _panels(self, graph: ir.Graph, node: ir.Node, b: ir.Value, transpose: bool, name: str) -> str | None:
+        """A linear layer whose weight's scheme is 4 or 8 bits in blocks of 32 -> MatMulQ4 or MatMulQ8 (its
+        integers in panels of 16 rows, float16 scales); the op written, or None (nothing done) for others."""
         weight = b.const_value.weight
         scheme = weight_scheme(weight)
-        if scheme.bits != 4 or scheme.block_size != PANEL_BLOCK:
-            return False
+        if scheme.bits not in PANEL_BITS or scheme.block_size != PANEL_BLOCK:
+            return None
         N, K = (int(d) for d in (weight.shape[::-1] if transpose else weight.shape))
-        values = self._encoded(graph, ("panels", _fold_key(weight), transpose), lambda: _PanelsInt4(scheme, transpose),
-                               weight, ("panels", "scales"), (f"{name}.int4_panels", f"{name}.scales"))
-        new = ir.node("MatMulQ4", [node.inputs[0], *values], domain=NATIVE_DOMAIN, attributes={"K": K, "N": N},
-                      name=f"{node.name}.q4" if node.name else None)
+        values = self._encoded(graph, ("panels", _fold_key(weight), transpose), lambda: _Panels(scheme, transpose),
+                               weight, ("panels", "scales"), (f"{name}.int{scheme.bits}_panels", f"{name}.scales"))
+        op = f"MatMulQ{scheme.bits}"
+        new = ir.node(op, [node.inputs[0], *values], domain=NATIVE_DOMAIN, attributes={"K": K, "N": N},
+                      name=f"{node.name}.q{scheme.bits}" if node.name else None)
         self._replace(graph, node, new)
-        return True
+        return op
 
     def _heads(self, graph: ir.Graph, node: ir.Node, w: torch.Tensor | None) -> bool:
         """A batched MatMul of [B, H, S, K] activations over a computed per-head weight [H, K, N] ->
@@ -458,10 +467,12 @@ class GraphQuantizer:
         return True
 
     def _moe(self, graph: ir.Graph, node: ir.Node) -> str:
-        """com.microsoft.MoE -> QMoE, or with native kernels and int4 in blocks of 32, MoEQ4; the op written."""
+        """com.microsoft.MoE -> QMoE, or with native kernels and 4 or 8 bits in blocks of 32, MoEQ4/MoEQ8; the op
+        written."""
         fc1, fc2 = node.inputs[2], node.inputs[4]
-        if self.native and self._moe_panels(graph, node):
-            return "MoEQ4"
+        op = self._moe_panels(graph, node) if self.native else None
+        if op is not None:
+            return op
         prefix = fc2.name.rsplit(".", 1)[0] if fc2.name else node.name
         scale_dtype = self._scale_dtype(node.inputs[0])
         q1, s1, _ = self._stored(graph, fc1, False, f"{prefix}.gate_up_interleaved", scale_dtype)
@@ -479,25 +490,28 @@ class GraphQuantizer:
         self._replace(graph, node, new)
         return "QMoE"
 
-    def _moe_panels(self, graph: ir.Graph, node: ir.Node) -> bool:
-        """com.microsoft.MoE whose experts are int4 in blocks of 32 -> MoEQ4 (runtime/native/moe_q4.cc: the
-        same routing input and sum, each expert's matrices as MatMulQ4's panels); False for other schemes."""
+    def _moe_panels(self, graph: ir.Graph, node: ir.Node) -> str | None:
+        """com.microsoft.MoE whose experts are 4 or 8 bits in blocks of 32 -> MoEQ4 or MoEQ8
+        (runtime/native/moe.cc: the same routing input and sum, each expert's matrices in panels); the op
+        written, or None for other schemes."""
         fc1, fc2 = node.inputs[2], node.inputs[4]
         w1, w2 = fc1.const_value.weight, fc2.const_value.weight
         schemes = {weight_scheme(w1), weight_scheme(w2)}
-        if any(sc.bits != 4 or sc.block_size != PANEL_BLOCK for sc in schemes):
-            return False
+        if len({sc.bits for sc in schemes}) != 1 or any(sc.bits not in PANEL_BITS or sc.block_size != PANEL_BLOCK
+                                                         for sc in schemes):
+            return None
+        bits = schemes.pop().bits
         prefix = fc2.name.rsplit(".", 1)[0] if fc2.name else node.name
         values = []
         for w, name in ((w1, f"{prefix}.gate_up_interleaved"), (w2, fc2.name or f"{prefix}.down_proj")):
-            scheme = weight_scheme(w)
-            values += self._encoded(graph, ("panels", _fold_key(w), False), lambda s=scheme: _PanelsInt4(s, False), w,
-                                    ("panels", "scales"), (f"{name}.int4_panels", f"{name}.scales"))
+            values += self._encoded(graph, ("panels", _fold_key(w), False), lambda w=w: _Panels(weight_scheme(w), False),
+                                    w, ("panels", "scales"), (f"{name}.int{bits}_panels", f"{name}.scales"))
         attrs = {k: a.value for k, a in node.attributes.items()}
-        new = ir.node("MoEQ4", [node.inputs[0], node.inputs[1], *values], domain=NATIVE_DOMAIN,
-                      attributes={"k": attrs["k"], "I": int(w2.shape[-1])}, name=f"{node.name}.q4")
+        op = f"MoEQ{bits}"
+        new = ir.node(op, [node.inputs[0], node.inputs[1], *values], domain=NATIVE_DOMAIN,
+                      attributes={"k": attrs["k"], "I": int(w2.shape[-1])}, name=f"{node.name}.q{bits}")
         self._replace(graph, node, new)
-        return True
+        return op
 
     @staticmethod
     def _replace(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:

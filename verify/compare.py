@@ -343,12 +343,14 @@ def lowering_table(manifest: dict[str, Any], tf32: bool = False) -> dict | None:
 def lowering_rms_bound(manifest: dict[str, Any]) -> float | None:
     """For an engine whose quantized kernels quantize activations, the relative RMS error its steps are
     judged by (tolerance.quantized_activations_rms of its block size and quantized matrix products:
-    MatMulNBits and MatMulQ4 nodes, two per QMoE or MoEQ4, in the decode graph its steps run); None otherwise."""
+    MatMulNBits and native MatMulQ4/Q8 nodes, two per QMoE or MoEQ4/Q8, in the decode graph its steps run);
+    None otherwise."""
     quantization = manifest.get("quantization") or {}
     if not any((quantization.get("quantized_activations") or {}).values()):
         return None
     ops = manifest["graphs"][DECODE].get("quantized_ops") or {}
-    products = ops.get("MatMulNBits", 0) + ops.get("MatMulQ4", 0) + 2 * (ops.get("QMoE", 0) + ops.get("MoEQ4", 0))
+    linears = sum(ops.get(op, 0) for op in ("MatMulNBits", "MatMulQ4", "MatMulQ8"))
+    products = linears + 2 * sum(ops.get(op, 0) for op in ("QMoE", "MoEQ4", "MoEQ8"))
     return quantized_activations_rms(int(quantization["block_size"]), products)
 
 

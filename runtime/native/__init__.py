@@ -37,10 +37,10 @@ from dscompile.errors import DscompileError, EngineError, first_line
 from dscompile.runtime.home import cache_home
 
 DOMAIN = "ai.dscompile"
-OPS = ("HeadsMatMulQ8", "MatMulQ4", "MoEQ4")
+OPS = ("HeadsMatMulQ8", "MatMulQ4", "MatMulQ8", "MoEQ4", "MoEQ8")
 # The library's files: register.cc adds every op; native.h is what they share.
-SOURCES = tuple(Path(__file__).with_name(f) for f in ("register.cc", "heads_q8.cc", "matmul_q4.cc", "moe_q4.cc"))
-HEADERS = tuple(Path(__file__).with_name(f) for f in ("native.h", "q4.h"))
+SOURCES = tuple(Path(__file__).with_name(f) for f in ("register.cc", "heads_q8.cc", "matmul.cc", "moe.cc"))
+HEADERS = tuple(Path(__file__).with_name(f) for f in ("native.h", "panels.h"))
 LIBRARY = "libdscompile_native.so"
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-mf16c", "-mfma", "-shared", "-fPIC", "-std=c++17"]
 HEADER = "onnxruntime_lite_custom_op.h"

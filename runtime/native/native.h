@@ -7,5 +7,7 @@
 #include <onnxruntime_lite_custom_op.h>
 
 Ort::Custom::OrtLiteCustomOp* NewHeadsMatMulQ8();  // heads_q8.cc
-Ort::Custom::OrtLiteCustomOp* NewMatMulQ4();       // matmul_q4.cc
-Ort::Custom::OrtLiteCustomOp* NewMoEQ4();          // moe_q4.cc
+Ort::Custom::OrtLiteCustomOp* NewMatMulQ4();       // matmul.cc
+Ort::Custom::OrtLiteCustomOp* NewMatMulQ8();       // matmul.cc
+Ort::Custom::OrtLiteCustomOp* NewMoEQ4();          // moe.cc
+Ort::Custom::OrtLiteCustomOp* NewMoEQ8();          // moe.cc

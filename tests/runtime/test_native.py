@@ -18,7 +18,7 @@ import torch
 from dscompile.errors import EngineError, OptionError
 from dscompile.exporter.export import export_checkpoint
 from dscompile.exporter.options import ExportOptions
-from dscompile.lowering.quantize import panels_int4
+from dscompile.lowering.quantize import panels
 from dscompile.model.quant import Scheme, quantize
 from dscompile.runtime import native
 from dscompile.runtime.native import DOMAIN
@@ -64,32 +64,6 @@ def test_kernel_equals_the_dequantized_product(K, N, B, S):
     assert 1e-4 < np.abs(y - plain).max() / np.abs(plain).max() < 2e-2
 
 
-@needs_library
-@pytest.mark.parametrize("N,K,x_shape", [(40, 64, (1, 64)), (2048, 1024, (1, 1, 1024)), (37, 96, (3, 5, 96)),
-                                         (512, 1408, (7, 1408)), (16, 32, (130, 32))])
-def test_matmul_q4_equals_the_integer_product_it_defines(N, K, x_shape):
-    # one token (panels per task) and many (token groups of 4, a short last group), rows past a multiple
-    # of 16, inputs of rank 2 and 3; against float64 numpy on the same integers: the weights' int4 and
-    # float16 scales, and the activations rounded to int8 per block of 32 as the kernel defines them
-    rng = np.random.default_rng(N + K)
-    w = torch.from_numpy(rng.standard_normal((N, K)).astype(np.float32))
-    q, d = quantize(w, Scheme(4, 32, search=False))
-    panels, scales = panels_int4(q, d)
-    assert panels.shape == ((N + 15) // 16, K // 32, 256) and scales.dtype == torch.float16
-    x = rng.standard_normal(x_shape).astype(np.float32) * np.linspace(0.1, 3, K, dtype=np.float32)
-    y = _session(panels.numpy(), scales.numpy(), list(x_shape), "MatMulQ4", K=K, N=N).run(None, {"x": x})[0]
-    blocks = x.reshape(-1, K // 32, 32)
-    top = np.abs(blocks).max(-1, keepdims=True)
-    xq = np.rint(blocks * np.where(top > 0, np.float32(127) / top, 0).astype(np.float32))
-    dots = np.einsum("mbk,nbk->mnb", xq.astype(np.float64), q.reshape(N, K // 32, 32).numpy().astype(np.float64))
-    ref = np.einsum("mnb,mb,nb->mn", dots, (top[..., 0] / 127).astype(np.float64),
-                    d.to(torch.float16).double().numpy()).reshape(*x_shape[:-1], N)
-    assert y.shape == ref.shape
-    assert np.abs(y - ref).max() / np.abs(ref).max() < 1e-5
-    plain = x @ w.numpy().T  # against the float weights and activations: int4's error, far from nothing
-    assert 1e-2 < np.abs(y - plain).max() / np.abs(plain).max() < 0.3
-
-
 def _int8_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rows [M, K] as the native kernels quantize them: int8 per block of 32, and each block's scale."""
     blocks = x.reshape(x.shape[0], -1, 32)
@@ -98,18 +72,42 @@ def _int8_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q.astype(np.float64), (top[..., 0] / 127).astype(np.float64)
 
 
-def _int4_product(x: np.ndarray, q: torch.Tensor, d: torch.Tensor) -> np.ndarray:
-    """x [M, K] through int4 q [N, K/32, 32] with scales d [N, K/32] (rounded to float16), in float64."""
+def _product(x: np.ndarray, q: torch.Tensor, d: torch.Tensor) -> np.ndarray:
+    """x [M, K] (rounded to int8 per block) through integers q [N, K/32, 32] with scales d [N, K/32] (rounded
+    to float16), in float64."""
     xq, xs = _int8_rows(x)
     dots = np.einsum("mbk,nbk->mnb", xq, q.numpy().astype(np.float64))
     return np.einsum("mnb,mb,nb->mn", dots, xs, d.to(torch.float16).double().numpy())
 
 
 @needs_library
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("N,K,x_shape", [(40, 64, (1, 64)), (2048, 1024, (1, 1, 1024)), (37, 96, (3, 5, 96)),
+                                         (512, 1408, (7, 1408)), (16, 32, (130, 32))])
+def test_matmul_q_equals_the_integer_product_it_defines(bits, N, K, x_shape):
+    # one token (panels per task) and many (token groups of 4, a short last group), rows past a multiple
+    # of 16, inputs of rank 2 and 3; against float64 numpy on the same integers: the weights' int4/int8 and
+    # float16 scales, and the activations rounded to int8 per block of 32 as the kernels define them
+    rng = np.random.default_rng(N + K)
+    w = torch.from_numpy(rng.standard_normal((N, K)).astype(np.float32))
+    q, d = quantize(w, Scheme(bits, 32, search=False))
+    packed, scales = panels(q, d, bits)
+    assert packed.shape == ((N + 15) // 16, K // 32, bits * 64) and scales.dtype == torch.float16
+    x = rng.standard_normal(x_shape).astype(np.float32) * np.linspace(0.1, 3, K, dtype=np.float32)
+    y = _session(packed.numpy(), scales.numpy(), list(x_shape), f"MatMulQ{bits}", K=K, N=N).run(None, {"x": x})[0]
+    ref = _product(x.reshape(-1, K), q, d).reshape(*x_shape[:-1], N)
+    assert y.shape == ref.shape
+    assert np.abs(y - ref).max() / np.abs(ref).max() < 1e-5
+    plain = x @ w.numpy().T  # against the float weights and activations: the rounding's error, far from nothing
+    assert {4: 1e-2, 8: 1e-3}[bits] < np.abs(y - plain).max() / np.abs(plain).max() < {4: 0.3, 8: 0.05}[bits]
+
+
+@needs_library
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("T,E,k,D,I", [(1, 16, 6, 256, 96), (9, 4, 2, 64, 32), (5, 8, 8, 32, 64)])
-def test_moe_q4_sums_the_chosen_experts_as_it_defines(T, E, k, D, I):
+def test_moe_q_sums_the_chosen_experts_as_it_defines(bits, T, E, k, D, I):
     # one token and several, every expert chosen (k = E), slots grouped per expert in any number; against
-    # float64 numpy on the same integers: each expert's int4 and float16 scales, activations rounded to
+    # float64 numpy on the same integers: each expert's int4/int8 and float16 scales, activations rounded to
     # int8 per block before fc1 and again before fc2, the mixing weights softmax(router) over the chosen
     import onnxruntime as ort
     from onnx import TensorProto as TP
@@ -119,14 +117,14 @@ def test_moe_q4_sums_the_chosen_experts_as_it_defines(T, E, k, D, I):
     rng = np.random.default_rng(T + E + D)
     w1 = torch.from_numpy(rng.standard_normal((E, 2 * I, D)).astype(np.float32))  # rows g0 u0 g1 u1 ...
     w2 = torch.from_numpy(rng.standard_normal((E, D, I)).astype(np.float32) / 4)
-    (q1, d1), (q2, d2) = quantize(w1, Scheme(4, 32, search=False)), quantize(w2, Scheme(4, 32, search=False))
-    (p1, s1), (p2, s2) = panels_int4(q1, d1), panels_int4(q2, d2)
+    (q1, d1), (q2, d2) = quantize(w1, Scheme(bits, 32, search=False)), quantize(w2, Scheme(bits, 32, search=False))
+    (p1, s1), (p2, s2) = panels(q1, d1, bits), panels(q2, d2, bits)
     x = rng.standard_normal((T, D)).astype(np.float32)
     router = np.full((T, E), -1e30, np.float32)
     chosen = np.stack([rng.permutation(E)[:k] for _ in range(T)])
     np.put_along_axis(router, chosen, np.log(rng.random((T, k)).astype(np.float32) + 0.1), axis=1)
     names = ["x", "router", "w1", "s1", "w2", "s2"]
-    graph = h.make_graph([h.make_node("MoEQ4", names, ["y"], domain=DOMAIN, k=k, I=I)], "g",
+    graph = h.make_graph([h.make_node(f"MoEQ{bits}", names, ["y"], domain=DOMAIN, k=k, I=I)], "g",
                          [h.make_tensor_value_info(n, TP.FLOAT, None) for n in names[:2]],
                          [h.make_tensor_value_info("y", TP.FLOAT, None)],
                          [nh.from_array(t.numpy(), n) for t, n in zip((p1, s1, p2, s2), names[2:])])
@@ -140,9 +138,9 @@ def test_moe_q4_sums_the_chosen_experts_as_it_defines(T, E, k, D, I):
     for t in range(T):
         mix = np.exp(router[t, chosen[t]].astype(np.float64) - router[t, chosen[t]].max())
         for e, weight in zip(chosen[t], mix / mix.sum()):
-            gu = _int4_product(x[t:t + 1], q1[e], d1[e])[0]
+            gu = _product(x[t:t + 1], q1[e], d1[e])[0]
             a = (gu[0::2] / (1 + np.exp(-gu[0::2])) * gu[1::2]).astype(np.float32)
-            ref[t] += weight * _int4_product(a[None], q2[e], d2[e])[0]
+            ref[t] += weight * _product(a[None], q2[e], d2[e])[0]
     assert y.shape == (T, D) and np.abs(ref).max() > 0.1
     assert np.abs(y - ref).max() / np.abs(ref).max() < 1e-4
 
@@ -177,7 +175,7 @@ def engines(make_ckpt, small_limits, tmp_path_factory):
 def test_the_export_writes_the_absorbed_product_as_a_native_node(engines):
     out, plain = engines
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["native_ops"] == {"domain": DOMAIN, "ops": ["HeadsMatMulQ8", "MatMulQ4", "MoEQ4"]}
+    assert manifest["native_ops"] == {"domain": DOMAIN, "ops": ["HeadsMatMulQ8", "MatMulQ4", "MatMulQ8", "MoEQ4"]}
     assert "native_ops" not in json.loads((plain / "manifest.json").read_text())
     plain_ops = json.loads((plain / "manifest.json").read_text())["graphs"]["decode"]["quantized_ops"]
     for name in ("decode.onnx", manifest["graphs"]["decode"]["in_place"]["file"]):
@@ -186,10 +184,10 @@ def test_the_export_writes_the_absorbed_product_as_a_native_node(engines):
         # the tiny model: W_UV (kv_lora_rank 32 -> v 16) qualifies; W_UK's input (nope 16) is not a multiple of 32
         heads = [n for n in graph.node if n.op_type == "HeadsMatMulQ8" and n.domain == DOMAIN]
         assert len(heads) == 1 and weights[heads[0].input[1]].data_type == onnx.TensorProto.INT8
-        # every int4 linear layer (lm_head keeps its 8 bits: MatMulNBits)
-        linears = [n for n in graph.node if n.op_type == "MatMulQ4" and n.domain == DOMAIN]
-        assert len(linears) == plain_ops["MatMulNBits"] - 1
-        assert [n.op_type for n in graph.node if n.op_type == "MatMulNBits"] == ["MatMulNBits"]
+        # every linear layer: the int4 ones, and lm_head in its 8 bits
+        linears = [n for n in graph.node if n.op_type in ("MatMulQ4", "MatMulQ8") and n.domain == DOMAIN]
+        assert [n.op_type for n in linears].count("MatMulQ8") == 1 and len(linears) == plain_ops["MatMulNBits"]
+        assert not [n for n in graph.node if n.op_type == "MatMulNBits"]
         for n in linears:
             assert weights[n.input[1]].data_type == onnx.TensorProto.UINT8
             assert weights[n.input[2]].data_type == onnx.TensorProto.FLOAT16
@@ -197,7 +195,7 @@ def test_the_export_writes_the_absorbed_product_as_a_native_node(engines):
         assert [n.op_type for n in graph.node if n.op_type in ("QMoE", "MoEQ4")] == ["MoEQ4"] * plain_ops["QMoE"]
     ops = manifest["graphs"]["decode"]["quantized_ops"]
     assert ops["HeadsMatMulQ8"] == 1 and ops["MoEQ4"] == plain_ops["QMoE"] and ops["QMoE"] == 0
-    assert manifest["quantization"]["quantized_activations"] == {"MatMulNBits": True, "MatMulQ4": True, "MoEQ4": True}
+    assert manifest["quantization"]["quantized_activations"] == {"MatMulQ4": True, "MatMulQ8": True, "MoEQ4": True}
 
 
 @needs_library

@@ -1,20 +1,21 @@
-// The routed experts of a DeepSeekMoE layer in int4: ONNX Runtime custom op MoEQ4, domain ai.dscompile,
-// in the place of com.microsoft.QMoE (lowering/quantize.py writes it for --weights int4 --native-kernels).
+// The routed experts of a DeepSeekMoE layer in int4 or int8: ONNX Runtime custom ops MoEQ4 and MoEQ8,
+// domain ai.dscompile, in the place of com.microsoft.QMoE (lowering/quantize.py writes them for
+// --weights int4|int8 --native-kernels).
 //
 //   x [T, D] float32, router [T, E] float32 (the chosen experts' log weights, a very negative value
-//   elsewhere, as lowering/ops.py builds QMoE's input), fc1 uint8 [E, ceil(2I/16), D/32, 256] and float16
-//   scales [E, ceil(2I/16), D/32, 16] (gate and up rows interleaved: g0 u0 g1 u1 ...), fc2 uint8
-//   [E, ceil(D/16), I/32, 256] and scales [E, ceil(D/16), I/32, 16]; attributes k, I
+//   elsewhere, as lowering/ops.py builds QMoE's input), fc1 uint8 [E, ceil(2I/16), D/32, Bits * 64] and
+//   float16 scales [E, ceil(2I/16), D/32, 16] (gate and up rows interleaved: g0 u0 g1 u1 ...), fc2 uint8
+//   [E, ceil(D/16), I/32, Bits * 64] and scales [E, ceil(D/16), I/32, 16]; attributes k, I
 //   -> y [T, D] = sum over each token's k chosen experts e of softmax(router[t])_e * fc2_e(silu(g) * u)
 //
 // The same sum QMoE computes with normalize_routing_weights=0 and swiglu (alpha 1, beta 0). Each weight
-// matrix is MatMulQ4's panels (q4.h), one per expert. A token's k choices become k slots, ordered by
+// matrix is MatMulQ4's or MatMulQ8's panels (matmul.cc, panels.h), one per expert. A token's k choices become k slots, ordered by
 // expert; the slots' activations are quantized to int8 per block of 32 (as MatMulQ4 and QMoE at
 // accuracy_level 4 do), then fc1 runs as tasks of (expert, panel of 16 rows) over the expert's slots,
 // silu(g) * u is quantized again, fc2 runs the same way, and each token sums its slots. Only the chosen
 // experts' weights are read.
 #include "native.h"
-#include "q4.h"
+#include "panels.h"
 
 #include <algorithm>
 #include <cmath>
@@ -24,11 +25,11 @@
 namespace {
 
 struct Matrix {
-  const uint8_t* w;  // [E, panels, K/32, 256]
-  const uint16_t* s;  // [E, panels, K/32, 16]
-  int64_t N, K, panels;
-  const uint8_t* weights(int64_t e) const { return w + e * panels * (K / 32) * 256; }
-  const uint16_t* scales(int64_t e) const { return s + e * panels * (K / 32) * 16; }
+  const uint8_t* w;   // [E, count, K/32, bits * 64]
+  const uint16_t* s;  // [E, count, K/32, 16]
+  int64_t N, K, count, block_bytes;
+  const uint8_t* weights(int64_t e) const { return w + e * count * (K / 32) * block_bytes; }
+  const uint16_t* scales(int64_t e) const { return s + e * count * (K / 32) * 16; }
 };
 
 struct Job {
@@ -41,34 +42,37 @@ struct Job {
   std::vector<std::pair<int64_t, int64_t>> tasks;  // (expert, panel)
   std::vector<int8_t> q;              // slot rows quantized: x for fc1 (K = D), then the activation (K = I)
   std::vector<float> scale, h, out;
-  std::vector<int32_t> off;
+  std::vector<int32_t> sum;
   float* y;
 };
 
 void QuantizeInput(void* data, size_t slot) {
   Job& j = *static_cast<Job*>(data);
   const int64_t blocks = j.D / 32;
-  q4::Quantize(j.x + j.token[slot] * j.D, j.D, j.q.data() + slot * j.D, j.scale.data() + slot * blocks,
-               j.off.data() + slot * blocks);
+  panels::Quantize(j.x + j.token[slot] * j.D, j.D, j.q.data() + slot * j.D, j.scale.data() + slot * blocks,
+               j.sum.data() + slot * blocks);
 }
 
 // Rows of `m` for expert e: its slots' quantized rows (K values each), outputs at `out` + slot * ldy.
+template <int Bits>
 void Run(const Job& j, const Matrix& m, size_t index, float* out, int64_t ldy) {
   const auto [e, p] = j.tasks[index];
   const int64_t first = j.first[e], count = j.first[e + 1] - first, blocks = m.K / 32;
-  const q4::Rows rows{j.q.data() + first * m.K, j.scale.data() + first * blocks, j.off.data() + first * blocks, m.K};
+  const panels::Rows rows{j.q.data() + first * m.K, j.scale.data() + first * blocks, j.sum.data() + first * blocks, m.K};
   for (int64_t m0 = 0; m0 < count; m0 += 4)
-    q4::Panel(m.weights(e), m.scales(e), m.N, p, rows, m0, count, out + first * ldy, ldy);
+    panels::Panel<Bits>(m.weights(e), m.scales(e), m.N, p, rows, m0, count, out + first * ldy, ldy);
 }
 
+template <int Bits>
 void Fc1(void* data, size_t index) {
   Job& j = *static_cast<Job*>(data);
-  Run(j, j.fc1, index, j.h.data(), 2 * j.I);
+  Run<Bits>(j, j.fc1, index, j.h.data(), 2 * j.I);
 }
 
+template <int Bits>
 void Fc2(void* data, size_t index) {
   Job& j = *static_cast<Job*>(data);
-  Run(j, j.fc2, index, j.out.data(), j.D);
+  Run<Bits>(j, j.fc2, index, j.out.data(), j.D);
 }
 
 // silu(g) * u of one slot (g, u interleaved in h), quantized for fc2.
@@ -81,7 +85,7 @@ void Activate(void* data, size_t slot) {
     a[i] = g / (1.0f + std::exp(-g)) * u;
   }
   const int64_t blocks = j.I / 32;
-  q4::Quantize(a.data(), j.I, j.q.data() + slot * j.I, j.scale.data() + slot * blocks, j.off.data() + slot * blocks);
+  panels::Quantize(a.data(), j.I, j.q.data() + slot * j.I, j.scale.data() + slot * blocks, j.sum.data() + slot * blocks);
 }
 
 void Combine(void* data, size_t t) {
@@ -101,12 +105,13 @@ std::vector<std::pair<int64_t, int64_t>> Tasks(const Job& j, const Matrix& m, in
   std::vector<std::pair<int64_t, int64_t>> tasks;
   for (int64_t e = 0; e < E; ++e)
     if (j.first[e + 1] > j.first[e])
-      for (int64_t p = 0; p < m.panels; ++p) tasks.emplace_back(e, p);
+      for (int64_t p = 0; p < m.count; ++p) tasks.emplace_back(e, p);
   return tasks;
 }
 
-struct MoEQ4 {
-  MoEQ4(const OrtApi*, const OrtKernelInfo* info) {
+template <int Bits>
+struct MoEQ {
+  MoEQ(const OrtApi*, const OrtKernelInfo* info) {
     Ort::ConstKernelInfo k(info);
     k_ = k.GetAttribute<int64_t>("k");
     I_ = k.GetAttribute<int64_t>("I");
@@ -124,13 +129,17 @@ struct MoEQ4 {
     Job j;
     j.x = x.Data();
     j.T = T, j.D = D, j.I = I, j.k = std::min(k_, E);
-    j.fc1 = Matrix{w1.Data(), reinterpret_cast<const uint16_t*>(s1.Data()), 2 * I, D, (2 * I + 15) / 16};
-    j.fc2 = Matrix{w2.Data(), reinterpret_cast<const uint16_t*>(s2.Data()), D, I, (D + 15) / 16};
-    if (D % 32 || I % 32 || j.k < 1 || w1.NumberOfElement() != E * j.fc1.panels * (D / 32) * 256 ||
-        s1.NumberOfElement() != E * j.fc1.panels * (D / 32) * 16 || w2.NumberOfElement() != E * j.fc2.panels * (I / 32) * 256 ||
-        s2.NumberOfElement() != E * j.fc2.panels * (I / 32) * 16) {
-      ORT_CXX_API_THROW("MoEQ4: expected fc1 [E, ceil(2I/16), D/32, 256], fc2 [E, ceil(D/16), I/32, 256] and their "
-                        "scales [..., 16], with D and I multiples of 32 and k >= 1", ORT_INVALID_ARGUMENT);
+    constexpr int64_t kBytes = Bits * 64;
+    j.fc1 = Matrix{w1.Data(), reinterpret_cast<const uint16_t*>(s1.Data()), 2 * I, D, (2 * I + 15) / 16, kBytes};
+    j.fc2 = Matrix{w2.Data(), reinterpret_cast<const uint16_t*>(s2.Data()), D, I, (D + 15) / 16, kBytes};
+    if (D % 32 || I % 32 || j.k < 1 || w1.NumberOfElement() != E * j.fc1.count * (D / 32) * kBytes ||
+        s1.NumberOfElement() != E * j.fc1.count * (D / 32) * 16 || w2.NumberOfElement() != E * j.fc2.count * (I / 32) * kBytes ||
+        s2.NumberOfElement() != E * j.fc2.count * (I / 32) * 16) {
+      ORT_CXX_API_THROW(Bits == 4 ? "MoEQ4: expected fc1 [E, ceil(2I/16), D/32, 256], fc2 [E, ceil(D/16), I/32, 256] "
+                                    "and their scales [..., 16], with D and I multiples of 32 and k >= 1"
+                                  : "MoEQ8: expected fc1 [E, ceil(2I/16), D/32, 512], fc2 [E, ceil(D/16), I/32, 512] "
+                                    "and their scales [..., 16], with D and I multiples of 32 and k >= 1",
+                        ORT_INVALID_ARGUMENT);
     }
     j.y = y.Allocate({T, D});
     if (T == 0) return;
@@ -165,15 +174,15 @@ struct MoEQ4 {
         j.token[slot] = t, j.mix[slot] = weight[t * j.k + c], j.slots[t * j.k + c] = slot;
       }
     const int64_t widest = std::max(D, I);
-    j.q.resize(S * widest), j.scale.resize(S * widest / 32), j.off.resize(S * widest / 32);
+    j.q.resize(S * widest), j.scale.resize(S * widest / 32), j.sum.resize(S * widest / 32);
     j.h.resize(S * 2 * I), j.out.resize(S * D);
     Ort::KernelContext ctx(context);
     ctx.ParallelFor(QuantizeInput, static_cast<size_t>(S), 0, &j);
     j.tasks = Tasks(j, j.fc1, E);
-    ctx.ParallelFor(Fc1, j.tasks.size(), 0, &j);
+    ctx.ParallelFor(Fc1<Bits>, j.tasks.size(), 0, &j);
     ctx.ParallelFor(Activate, static_cast<size_t>(S), 0, &j);
     j.tasks = Tasks(j, j.fc2, E);
-    ctx.ParallelFor(Fc2, j.tasks.size(), 0, &j);
+    ctx.ParallelFor(Fc2<Bits>, j.tasks.size(), 0, &j);
     ctx.ParallelFor(Combine, static_cast<size_t>(T), 0, &j);
   }
 
@@ -183,5 +192,9 @@ struct MoEQ4 {
 }  // namespace
 
 Ort::Custom::OrtLiteCustomOp* NewMoEQ4() {
-  return Ort::Custom::CreateLiteCustomOp<MoEQ4>("MoEQ4", "CPUExecutionProvider");
+  return Ort::Custom::CreateLiteCustomOp<MoEQ<4>>("MoEQ4", "CPUExecutionProvider");
+}
+
+Ort::Custom::OrtLiteCustomOp* NewMoEQ8() {
+  return Ort::Custom::CreateLiteCustomOp<MoEQ<8>>("MoEQ8", "CPUExecutionProvider");
 }

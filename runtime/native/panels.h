@@ -1,7 +1,7 @@
-// The int4 panel primitives MatMulQ4 (matmul_q4.cc) and MoEQ4 (moe_q4.cc) share. Weights of an [N, K]
-// matrix: panels of 16 output rows, ceil(N/16) of them, each [K/32 blocks][256 bytes] with float16
-// scales [K/32][16]; matmul_q4.cc's header gives the byte layout. Activations: int8 per block of 32
-// (Quantize).
+// The panel primitives the int4 and int8 linear layers (matmul_q4.cc) and routed experts (moe_q4.cc)
+// share. Weights of an [N, K] matrix: panels of 16 output rows, ceil(N/16) of them, each [K/32 blocks]
+// [Bits * 64 bytes] with float16 scales [K/32][16]; matmul_q4.cc's header gives the byte layout.
+// Activations: int8 per block of 32 (Quantize).
 #pragma once
 
 #include <immintrin.h>
@@ -9,11 +9,11 @@
 #include <algorithm>
 #include <cstdint>
 
-namespace q4 {
+namespace panels {
 
 // One row of activations quantized per block of 32: q = round(x * 127 / max|x|) (nearest, ties to even),
-// its scale max|x| / 127, and -8 * the block's sum of q (the weights' offset of 8).
-inline void Quantize(const float* x, int64_t K, int8_t* q, float* scale, int32_t* off) {
+// its scale max|x| / 127, and the block's sum of q (times the weights' offset, in Token).
+inline void Quantize(const float* x, int64_t K, int8_t* q, float* scale, int32_t* sum) {
   for (int64_t b = 0; b < K / 32; ++b) {
     const __m512 lo = _mm512_loadu_ps(x + 32 * b), hi = _mm512_loadu_ps(x + 32 * b + 16);
     const float top = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
@@ -23,22 +23,23 @@ inline void Quantize(const float* x, int64_t K, int8_t* q, float* scale, int32_t
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32 * b), _mm512_cvtsepi32_epi8(a));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32 * b + 16), _mm512_cvtsepi32_epi8(c));
     scale[b] = top / 127.0f;
-    off[b] = -8 * _mm512_reduce_add_epi32(_mm512_add_epi32(a, c));
+    sum[b] = _mm512_reduce_add_epi32(_mm512_add_epi32(a, c));
   }
 }
 
-// Quantized activation rows: row m at q + m*K, scale + m*K/32, off + m*K/32.
+// Quantized activation rows: row m at q + m*K, scale + m*K/32, sum + m*K/32.
 struct Rows {
   const int8_t* q;
   const float* scale;
-  const int32_t* off;
+  const int32_t* sum;
   int64_t K;
 };
 
-// One block of one row against the panel's unpacked block v[0..7]: acc + (dots - 8 sum) * s * xs.
-inline __m512 Token(const __m512i v[8], const int8_t* xq, float xs, int32_t off, __m512 s, __m512 acc) {
+// One block of one row against the panel's unpacked block v[0..7] (weights + zero, unsigned):
+// acc + (dots - zero * sum) * s * xs.
+inline __m512 Token(const __m512i v[8], const int8_t* xq, float xs, int32_t zero_sum, __m512 s, __m512 acc) {
   const int32_t* x4 = reinterpret_cast<const int32_t*>(xq);
-  __m512i d = _mm512_set1_epi32(off);
+  __m512i d = _mm512_set1_epi32(-zero_sum);
   d = _mm512_dpbusd_epi32(d, v[0], _mm512_set1_epi32(x4[0]));
   d = _mm512_dpbusd_epi32(d, v[1], _mm512_set1_epi32(x4[1]));
   d = _mm512_dpbusd_epi32(d, v[2], _mm512_set1_epi32(x4[2]));
@@ -52,29 +53,39 @@ inline __m512 Token(const __m512i v[8], const int8_t* xq, float xs, int32_t off,
 
 // Panel p (of N rows) of weights w, scales s against activation rows m0 .. m0+3 (fewer where count
 // ends first: the last one is repeated, stored once): y[m][16p .. 16p+15] for row m at y + m*ldy.
+// Bits 4: a block's 8 vectors are the low and high nibbles of 4 chunks of 64 bytes (zero 8); bits 8:
+// 8 chunks of 64 bytes as they are (zero 128).
+template <int Bits>
 inline void Panel(const uint8_t* w, const uint16_t* s, int64_t N, int64_t p, const Rows& x, int64_t m0,
                   int64_t count, float* y, int64_t ldy) {
+  static_assert(Bits == 4 || Bits == 8, "int4 or int8 panels");
+  constexpr int64_t kBlock = Bits * 64;  // bytes per block of a panel
+  constexpr int32_t kZero = 1 << (Bits - 1);
   const int64_t blocks = x.K / 32, last = std::min<int64_t>(4, count - m0);
   const __m512i low = _mm512_set1_epi8(0x0F);
-  w += p * blocks * 256;
+  w += p * blocks * kBlock;
   s += p * blocks * 16;
   int64_t m[4];
   for (int64_t i = 0; i < 4; ++i) m[i] = m0 + std::min(i, last - 1);
   __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
     __m512i v[8];
-    for (int c = 0; c < 4; ++c) {
-      const __m512i chunk = _mm512_loadu_si512(w + 256 * b + 64 * c);
-      v[c] = _mm512_and_si512(chunk, low);
-      v[c + 4] = _mm512_and_si512(_mm512_srli_epi16(chunk, 4), low);
+    if constexpr (Bits == 4) {
+      for (int c = 0; c < 4; ++c) {
+        const __m512i chunk = _mm512_loadu_si512(w + kBlock * b + 64 * c);
+        v[c] = _mm512_and_si512(chunk, low);
+        v[c + 4] = _mm512_and_si512(_mm512_srli_epi16(chunk, 4), low);
+      }
+    } else {
+      for (int c = 0; c < 8; ++c) v[c] = _mm512_loadu_si512(w + kBlock * b + 64 * c);
     }
     const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + 16 * b)));
     const int64_t at0 = m[0] * blocks + b, at1 = m[1] * blocks + b, at2 = m[2] * blocks + b, at3 = m[3] * blocks + b;
-    a0 = Token(v, x.q + m[0] * x.K + 32 * b, x.scale[at0], x.off[at0], scale, a0);
+    a0 = Token(v, x.q + m[0] * x.K + 32 * b, x.scale[at0], kZero * x.sum[at0], scale, a0);
     if (last > 1) {
-      a1 = Token(v, x.q + m[1] * x.K + 32 * b, x.scale[at1], x.off[at1], scale, a1);
-      a2 = Token(v, x.q + m[2] * x.K + 32 * b, x.scale[at2], x.off[at2], scale, a2);
-      a3 = Token(v, x.q + m[3] * x.K + 32 * b, x.scale[at3], x.off[at3], scale, a3);
+      a1 = Token(v, x.q + m[1] * x.K + 32 * b, x.scale[at1], kZero * x.sum[at1], scale, a1);
+      a2 = Token(v, x.q + m[2] * x.K + 32 * b, x.scale[at2], kZero * x.sum[at2], scale, a2);
+      a3 = Token(v, x.q + m[3] * x.K + 32 * b, x.scale[at3], kZero * x.sum[at3], scale, a3);
     }
   }
   const int64_t rows = std::min<int64_t>(16, N - 16 * p);
@@ -83,4 +94,4 @@ inline void Panel(const uint8_t* w, const uint16_t* s, int64_t N, int64_t p, con
   for (int64_t i = 0; i < last; ++i) _mm512_mask_storeu_ps(y + (m0 + i) * ldy + 16 * p, keep, out[i]);
 }
 
-}  // namespace q4
+}  // namespace panels

@@ -1,0 +1,115 @@
+// Linear layers with int4 or int8 weights and VNNI dot products: ONNX Runtime custom ops MatMulQ4 and
+// MatMulQ8, domain ai.dscompile. lowering/quantize.py writes the nodes (and the weights' layout) for
+// engines exported with --weights int4|int8 --native-kernels.
+//
+//   x [..., K] float32, w uint8 [N16, K/32, Bits * 64], s float16 [N16, K/32, 16], attributes K, N
+//   -> y [..., N] float32, y[m, n] = sum_k x[m, k] * (q[n, k] * s[n, k/32]),  q in [-2^(Bits-1), 2^(Bits-1))
+//
+// Weights come in panels of 16 output rows (N16 = ceil(N/16); rows past N are zero). A panel's block of
+// 32 values along K is 8 vectors V_j (j = 0..7) of 16 rows x 4 values (q + 2^(Bits-1), unsigned), V_j
+// for values 4j..4j+3 of the block, byte 4r+e = row r, value e. int8: the 8 vectors one after another
+// (512 bytes); int4: 256 bytes, byte i of chunk c (c = 0..3, 64 bytes) holding V_c's byte i in its low
+// nibble and V_{c+4}'s in its high nibble. One scale per row and block, float16 (4.5 and 8.5 bits per
+// weight in all, as llama.cpp's q4_0 and q8_0).
+//
+// Activations are quantized to int8 per block of 32 values (scale = max |x| / 127, rounded to nearest
+// even), as MatMulNBits does at accuracy_level 4. Each lane of a 16-lane vector is one output row, so a
+// block is 8 VPDPBUSD (unsigned weights x signed activations, 4 products per lane each) into int32
+// lanes, started at -2^(Bits-1) * sum(x_q) (the weights' offset), then one conversion and one FMA with
+// the rows' scales times the activations' scale: no horizontal sums, and the instruction count per
+// weight byte is low enough that one thread streams weights at about the machine's read bandwidth
+// (panels.h). Tasks of kPanels panels (one token) or of one panel and every token run on ONNX Runtime's
+// intra-op thread pool.
+#include "native.h"
+#include "panels.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kPanels = 4;  // panels per task with one token
+
+struct Job {
+  const uint8_t* w;
+  const uint16_t* s;
+  float* y;
+  int64_t M, K, N, count;  // count: panels
+  panels::Rows x;
+  const float* input;
+};
+
+void QuantizeTask(void* data, size_t m) {
+  const Job& j = *static_cast<const Job*>(data);
+  const int64_t blocks = j.K / 32;
+  panels::Quantize(j.input + m * j.K, j.K, const_cast<int8_t*>(j.x.q) + m * j.K, const_cast<float*>(j.x.scale) + m * blocks,
+               const_cast<int32_t*>(j.x.sum) + m * blocks);
+}
+
+template <int Bits>
+void OneTokenTask(void* data, size_t index) {
+  const Job& j = *static_cast<const Job*>(data);
+  const int64_t first = static_cast<int64_t>(index) * kPanels, end = std::min(first + kPanels, j.count);
+  for (int64_t p = first; p < end; ++p) panels::Panel<Bits>(j.w, j.s, j.N, p, j.x, 0, 1, j.y, j.N);
+}
+
+template <int Bits>
+void TokensTask(void* data, size_t index) {
+  const Job& j = *static_cast<const Job*>(data);
+  for (int64_t m0 = 0; m0 < j.M; m0 += 4)
+    panels::Panel<Bits>(j.w, j.s, j.N, static_cast<int64_t>(index), j.x, m0, j.M, j.y, j.N);
+}
+
+template <int Bits>
+struct MatMulQ {
+  MatMulQ(const OrtApi*, const OrtKernelInfo* info) {
+    Ort::ConstKernelInfo k(info);
+    K_ = k.GetAttribute<int64_t>("K");
+    N_ = k.GetAttribute<int64_t>("N");
+  }
+
+  void Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& x, const Ort::Custom::Tensor<uint8_t>& w,
+               const Ort::Custom::Tensor<Ort::Float16_t>& s, Ort::Custom::Tensor<float>& y) {
+    const auto xs = x.Shape();
+    const int64_t count = (N_ + 15) / 16, blocks = K_ / 32;
+    if (xs.empty() || xs.back() != K_ || K_ % 32 != 0 || w.NumberOfElement() != count * blocks * Bits * 64 ||
+        s.NumberOfElement() != count * blocks * 16) {
+      ORT_CXX_API_THROW(Bits == 4 ? "MatMulQ4: expected x [..., K], w [ceil(N/16), K/32, 256] and scales "
+                                    "[ceil(N/16), K/32, 16] with K a multiple of 32"
+                                  : "MatMulQ8: expected x [..., K], w [ceil(N/16), K/32, 512] and scales "
+                                    "[ceil(N/16), K/32, 16] with K a multiple of 32", ORT_INVALID_ARGUMENT);
+    }
+    std::vector<int64_t> out_shape(xs.begin(), xs.end());
+    out_shape.back() = N_;
+    float* out = y.Allocate(out_shape);
+    const int64_t M = x.NumberOfElement() / K_;
+    if (M == 0 || N_ == 0) return;
+    std::vector<int8_t> q(M * K_);
+    std::vector<float> scales(M * blocks);
+    std::vector<int32_t> sums(M * blocks);
+    Job job{w.Data(), reinterpret_cast<const uint16_t*>(s.Data()), out, M, K_, N_, count,
+            panels::Rows{q.data(), scales.data(), sums.data(), K_}, x.Data()};
+    Ort::KernelContext ctx(context);
+    if (M == 1) {
+      panels::Quantize(x.Data(), K_, q.data(), scales.data(), sums.data());
+      ctx.ParallelFor(OneTokenTask<Bits>, static_cast<size_t>((count + kPanels - 1) / kPanels), 0, &job);
+    } else {
+      ctx.ParallelFor(QuantizeTask, static_cast<size_t>(M), 0, &job);
+      ctx.ParallelFor(TokensTask<Bits>, static_cast<size_t>(count), 0, &job);
+    }
+  }
+
+  int64_t K_, N_;
+};
+
+}  // namespace
+
+Ort::Custom::OrtLiteCustomOp* NewMatMulQ4() {
+  return Ort::Custom::CreateLiteCustomOp<MatMulQ<4>>("MatMulQ4", "CPUExecutionProvider");
+}
+
+Ort::Custom::OrtLiteCustomOp* NewMatMulQ8() {
+  return Ort::Custom::CreateLiteCustomOp<MatMulQ<8>>("MatMulQ8", "CPUExecutionProvider");
+}
