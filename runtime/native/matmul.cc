@@ -68,6 +68,7 @@ struct MatMulQ {
     Ort::ConstKernelInfo k(info);
     K_ = k.GetAttribute<int64_t>("K");
     N_ = k.GetAttribute<int64_t>("N");
+    weights_ = panels::CopyWeights(info, 1, 2);
   }
 
   void Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& x, const Ort::Custom::Tensor<uint8_t>& w,
@@ -89,7 +90,10 @@ struct MatMulQ {
     std::vector<int8_t> q(M * K_);
     std::vector<float> scales(M * blocks);
     std::vector<int32_t> sums(M * blocks);
-    Job job{w.Data(), reinterpret_cast<const uint16_t*>(s.Data()), out, M, K_, N_, count,
+    const uint8_t* wp = weights_[0] ? weights_[0]->Or(w.Data(), w.NumberOfElement()) : w.Data();
+    const auto* sp = reinterpret_cast<const uint16_t*>(s.Data());
+    sp = weights_[1] ? weights_[1]->Or(sp, 2 * s.NumberOfElement()) : sp;
+    Job job{wp, sp, out, M, K_, N_, count,
             panels::Rows{q.data(), scales.data(), sums.data(), K_}, x.Data()};
     Ort::KernelContext ctx(context);
     if (M == 1) {
@@ -102,6 +106,7 @@ struct MatMulQ {
   }
 
   int64_t K_, N_;
+  std::vector<std::unique_ptr<panels::HugeCopy>> weights_;  // w and s, copied onto huge pages
 };
 
 }  // namespace

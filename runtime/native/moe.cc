@@ -115,6 +115,7 @@ struct MoEQ {
     Ort::ConstKernelInfo k(info);
     k_ = k.GetAttribute<int64_t>("k");
     I_ = k.GetAttribute<int64_t>("I");
+    weights_ = panels::CopyWeights(info, 2, 5);
   }
 
   void Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& x, const Ort::Custom::Tensor<float>& router,
@@ -130,8 +131,12 @@ struct MoEQ {
     j.x = x.Data();
     j.T = T, j.D = D, j.I = I, j.k = std::min(k_, E);
     constexpr int64_t kBytes = Bits * 64;
-    j.fc1 = Matrix{w1.Data(), reinterpret_cast<const uint16_t*>(s1.Data()), 2 * I, D, (2 * I + 15) / 16, kBytes};
-    j.fc2 = Matrix{w2.Data(), reinterpret_cast<const uint16_t*>(s2.Data()), D, I, (D + 15) / 16, kBytes};
+    j.fc1 = Matrix{Copy(0, w1.Data(), w1.NumberOfElement()),
+                   Copy(1, reinterpret_cast<const uint16_t*>(s1.Data()), 2 * s1.NumberOfElement()), 2 * I, D,
+                   (2 * I + 15) / 16, kBytes};
+    j.fc2 = Matrix{Copy(2, w2.Data(), w2.NumberOfElement()),
+                   Copy(3, reinterpret_cast<const uint16_t*>(s2.Data()), 2 * s2.NumberOfElement()), D, I,
+                   (D + 15) / 16, kBytes};
     if (D % 32 || I % 32 || j.k < 1 || w1.NumberOfElement() != E * j.fc1.count * (D / 32) * kBytes ||
         s1.NumberOfElement() != E * j.fc1.count * (D / 32) * 16 || w2.NumberOfElement() != E * j.fc2.count * (I / 32) * kBytes ||
         s2.NumberOfElement() != E * j.fc2.count * (I / 32) * 16) {
@@ -186,7 +191,14 @@ struct MoEQ {
     ctx.ParallelFor(Combine, static_cast<size_t>(T), 0, &j);
   }
 
+  // Weight input i's huge-page copy where one was made, else `given`.
+  template <typename T>
+  const T* Copy(size_t i, const T* given, size_t bytes) const {
+    return weights_[i] ? weights_[i]->Or(given, bytes) : given;
+  }
+
   int64_t k_, I_;
+  std::vector<std::unique_ptr<panels::HugeCopy>> weights_;  // fc1, its scales, fc2, its scales on huge pages
 };
 
 }  // namespace
