@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import onnx
 
-_EXPERT_OPS = ("MoE", "QMoE")
+_EXPERT_OPS = ("MoE", "QMoE", "MoEQ4", "MoEQ8")  # MoEQ4/Q8: runtime/native's routed experts
 _ELT = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2,
         onnx.TensorProto.UINT8: 1, onnx.TensorProto.INT8: 1, onnx.TensorProto.INT64: 8, onnx.TensorProto.INT32: 4,
         onnx.TensorProto.BOOL: 1}
@@ -43,7 +43,8 @@ def _numel(dims) -> int:
 
 def weight_bytes_per_op_type(model_path: Path, tokens: int, experts_read: float, experts: int) -> dict[str, float]:
     """Bytes of constant tensors each op type's nodes read in a step of `tokens` tokens (graph of `model_path`,
-    weights not loaded): MoE/QMoE expert tensors (first dim = `experts`) at `experts_read` / `experts`,
+    weights not loaded): routed-expert tensors (MoE, QMoE, native MoEQ4/Q8; first dim = `experts`) at
+    `experts_read` / `experts`,
     embedding Gathers at one row per token."""
     model = onnx.load(os.fspath(model_path), load_external_data=False)
     sizes = {t.name: (list(t.dims), _ELT.get(t.data_type, 4)) for t in model.graph.initializer}

@@ -1,4 +1,4 @@
-"""dscompile's MatMulQ4 (runtime/native/matmul_q4.cc) against ONNX Runtime's MatMulNBits, both int4.
+"""dscompile's MatMulQ4 (runtime/native/matmul.cc) against ONNX Runtime's MatMulNBits, both int4.
 
 One graph per kernel holds `--layers` linear layers D=2048 -> 10944 (the bench model's dense MLP up
 projection) on the same input, each with its own random weights, so the weights (252-280 MB) stream

@@ -2,11 +2,13 @@
 
 ONNX Runtime's CPU provider has no kernel, or a slower one, for some of what a quantized engine
 computes. The library (domain ai.dscompile) adds:
-- `MatMulQ4` (matmul_q4.cc): int4 linear layers with VNNI dot products, weights in panels of 16 rows
-  with float16 scales (4.5 bits per weight, as llama.cpp's q4_0). Measured against MatMulNBits (int4,
+- `MatMulQ4`/`MatMulQ8` (matmul.cc) and `MoEQ4`/`MoEQ8` (moe.cc, in QMoE's place): int4/int8 linear
+  layers and routed experts with VNNI dot products, weights in panels of 16 rows with float16 scales
+  (4.5 and 8.5 bits per weight, as llama.cpp's q4_0 and q8_0; panels.h holds what they share, their
+  weights copied onto huge pages at session creation included). MatMulQ4 against MatMulNBits (int4,
   blocks of 32, float32 scales, accuracy_level 4), 20 layers 2048 -> 10944 in one graph, 2 threads:
-  7.3-7.7 against 10.5-11.2 ms for one token (33-34 against 25-27 GB/s of weights), 189-197 against
-  428-448 ms for 128 tokens (benchmarks/native_q4.py);
+  7.3-7.7 against 10.5-11.2 ms for one token (33-34 against 25-27 GB/s of weights), 185-197 against
+  416-448 ms for 128 tokens (benchmarks/native_q4.py);
 - `HeadsMatMulQ8` (heads_q8.cc): MLA's absorbed per-head W_UK / W_UV in int8, which quantized engines
   otherwise keep in float32 (MatMulNBits takes one 2-D weight, not a batch of heads).
 Engines exported with `--native-kernels` carry these nodes; the manifest lists the ops (`native_ops`),

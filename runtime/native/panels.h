@@ -1,6 +1,6 @@
-// The panel primitives the int4 and int8 linear layers (matmul_q4.cc) and routed experts (moe_q4.cc)
-// share. Weights of an [N, K] matrix: panels of 16 output rows, ceil(N/16) of them, each [K/32 blocks]
-// [Bits * 64 bytes] with float16 scales [K/32][16]; matmul_q4.cc's header gives the byte layout.
+// The panel primitives the int4 and int8 linear layers (matmul.cc) and routed experts (moe.cc) share.
+// Weights of an [N, K] matrix: panels of 16 output rows, ceil(N/16) of them, each [K/32 blocks]
+// [Bits * 64 bytes] with float16 scales [K/32][16]; matmul.cc's header gives the byte layout.
 // Activations: int8 per block of 32 (Quantize).
 #pragma once
 
