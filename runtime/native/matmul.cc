@@ -90,10 +90,9 @@ struct MatMulQ {
     std::vector<int8_t> q(M * K_);
     std::vector<float> scales(M * blocks);
     std::vector<int32_t> sums(M * blocks);
-    const uint8_t* wp = weights_[0] ? weights_[0]->Or(w.Data(), w.NumberOfElement()) : w.Data();
-    const auto* sp = reinterpret_cast<const uint16_t*>(s.Data());
-    sp = weights_[1] ? weights_[1]->Or(sp, 2 * s.NumberOfElement()) : sp;
-    Job job{wp, sp, out, M, K_, N_, count,
+    Job job{panels::Weight(weights_, 0, w.Data(), w.NumberOfElement()),
+            panels::Weight(weights_, 1, reinterpret_cast<const uint16_t*>(s.Data()), 2 * s.NumberOfElement()),
+            out, M, K_, N_, count,
             panels::Rows{q.data(), scales.data(), sums.data(), K_}, x.Data()};
     Ort::KernelContext ctx(context);
     if (M == 1) {

@@ -131,11 +131,11 @@ struct MoEQ {
     j.x = x.Data();
     j.T = T, j.D = D, j.I = I, j.k = std::min(k_, E);
     constexpr int64_t kBytes = Bits * 64;
-    j.fc1 = Matrix{Copy(0, w1.Data(), w1.NumberOfElement()),
-                   Copy(1, reinterpret_cast<const uint16_t*>(s1.Data()), 2 * s1.NumberOfElement()), 2 * I, D,
+    j.fc1 = Matrix{panels::Weight(weights_, 0, w1.Data(), w1.NumberOfElement()),
+                   panels::Weight(weights_, 1, reinterpret_cast<const uint16_t*>(s1.Data()), 2 * s1.NumberOfElement()), 2 * I, D,
                    (2 * I + 15) / 16, kBytes};
-    j.fc2 = Matrix{Copy(2, w2.Data(), w2.NumberOfElement()),
-                   Copy(3, reinterpret_cast<const uint16_t*>(s2.Data()), 2 * s2.NumberOfElement()), D, I,
+    j.fc2 = Matrix{panels::Weight(weights_, 2, w2.Data(), w2.NumberOfElement()),
+                   panels::Weight(weights_, 3, reinterpret_cast<const uint16_t*>(s2.Data()), 2 * s2.NumberOfElement()), D, I,
                    (D + 15) / 16, kBytes};
     if (D % 32 || I % 32 || j.k < 1 || w1.NumberOfElement() != E * j.fc1.count * (D / 32) * kBytes ||
         s1.NumberOfElement() != E * j.fc1.count * (D / 32) * 16 || w2.NumberOfElement() != E * j.fc2.count * (I / 32) * kBytes ||
@@ -189,12 +189,6 @@ struct MoEQ {
     j.tasks = Tasks(j, j.fc2, E);
     ctx.ParallelFor(Fc2<Bits>, j.tasks.size(), 0, &j);
     ctx.ParallelFor(Combine, static_cast<size_t>(T), 0, &j);
-  }
-
-  // Weight input i's huge-page copy where one was made, else `given`.
-  template <typename T>
-  const T* Copy(size_t i, const T* given, size_t bytes) const {
-    return weights_[i] ? weights_[i]->Or(given, bytes) : given;
   }
 
   int64_t k_, I_;

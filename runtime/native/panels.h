@@ -60,6 +60,12 @@ class HugeCopy {
   size_t bytes_, size_ = 0;
 };
 
+// Input i's weights as a kernel reads them: its HugeCopy where one was made (CopyWeights), else `given`.
+template <typename T>
+const T* Weight(const std::vector<std::unique_ptr<HugeCopy>>& copies, size_t i, const T* given, size_t bytes) {
+  return copies[i] ? copies[i]->Or(given, bytes) : given;
+}
+
 // HugeCopy of each of a kernel's inputs `first` .. `last` that is a constant initializer (its weights;
 // nullptr for the others), made at session creation.
 inline std::vector<std::unique_ptr<HugeCopy>> CopyWeights(const OrtKernelInfo* info, size_t first, size_t last) {
