@@ -19,7 +19,8 @@ import torch
 from dscompile.capture import Limits
 from dscompile.capture.frontends.transformers import transformers_version
 from dscompile.dtypes import DTYPES, TABLE
-from dscompile.lowering.quantize import NATIVE_PANEL_OPS, quantizes_activations
+from dscompile.lowering.encodings import NATIVE_PANEL_OPS
+from dscompile.lowering.quantize import quantizes_activations
 from dscompile.model.quant import Scheme
 from dscompile.passes.shard import Plan
 from dscompile.runtime.contract import LOGITS_FROM, WRITE_INDEX

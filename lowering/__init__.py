@@ -4,7 +4,9 @@
     ops.py       the translations of dsc::latent_attention and dsc::moe (standard ONNX or ORT contrib ops)
     weights.py   lazy weights, weight folds, and writing graphs with one shared weights file
     in_place.py  the decode graph's variant that writes its cache into capacity buffers
-    quantize.py  int8/int4: MatMul/Gemm -> MatMulNBits, MoE -> QMoE over the lowered graphs
+    quantize.py  int8/int4: MatMul/Gemm -> MatMulNBits, MoE -> QMoE over the lowered graphs (with
+                 --native-kernels: dscompile's MatMulQ4/Q8, MoEQ4/Q8, HeadsMatMulQ8)
+    encodings.py how those kernels store each weight (bits and scales, the native panels)
     fuse_rope.py, static_reshapes.py   fewer small nodes: RotaryEmbedding, constant Reshape targets
     logits.py    the optional logits_from input (the last tokens' logits only)
     _ir.py       small onnx-ir helpers the rewrites share

@@ -18,7 +18,7 @@ import torch
 from dscompile.errors import EngineError, OptionError
 from dscompile.exporter.export import export_checkpoint
 from dscompile.exporter.options import ExportOptions
-from dscompile.lowering.quantize import panels
+from dscompile.lowering.encodings import panels
 from dscompile.model.quant import Scheme, quantize
 from dscompile.runtime import native
 from dscompile.runtime.native import DOMAIN

@@ -1,0 +1,188 @@
+"""How quantized weights are stored: each weight encoded once into the two tensors a kernel reads.
+
+- `_Parts`: the base: one weight, two stored tensors, each a lazy `derive` of the weight (computed when
+  written, once for both).
+- `_Quantization`: ONNX Runtime's MatMulNBits/QMoE layout: packed bits and scales.
+- `_Panels` / `panels`: dscompile's native MatMulQ4/Q8 and MoEQ4/Q8 (runtime/native/matmul.cc gives the
+  layout): the scheme's integers in panels of 16 output rows, float16 scales.
+- `_HeadsInt8`: the native HeadsMatMulQ8's absorbed per-head products in int8.
+The checker's schemas of the native ops are registered here too. lowering/quantize.py writes the nodes.
+"""
+
+from __future__ import annotations
+
+import onnx
+import torch
+
+from dscompile.model.quant import Scheme, pack, quantize
+from dscompile.runtime.native import DOMAIN as NATIVE_DOMAIN
+
+
+def _register_native_schema() -> None:
+    """The checker's schemas of ai.dscompile.HeadsMatMulQ8, MatMulQ4/Q8 and MoEQ4/Q8 (runtime/native/)."""
+    P = onnx.defs.OpSchema.FormalParameter
+    A, AT = onnx.defs.OpSchema.Attribute, onnx.defs.OpSchema.AttrType
+    try:
+        onnx.defs.get_schema("HeadsMatMulQ8", 1, NATIVE_DOMAIN)
+    except onnx.defs.SchemaError:
+        onnx.defs.register_schema(onnx.defs.OpSchema(
+            "HeadsMatMulQ8", NATIVE_DOMAIN, 1, doc="dscompile native op: per-head matmul with int8 weights.",
+            inputs=[P("x", "T"), P("w", "T8"), P("scales", "T")], outputs=[P("y", "T")],
+            type_constraints=[("T", ["tensor(float)"], "activations and scales"), ("T8", ["tensor(int8)"], "weights")]))
+    for bits in (4, 8):
+        try:
+            onnx.defs.get_schema(f"MatMulQ{bits}", 1, NATIVE_DOMAIN)
+        except onnx.defs.SchemaError:
+            onnx.defs.register_schema(onnx.defs.OpSchema(
+                f"MatMulQ{bits}", NATIVE_DOMAIN, 1, doc=f"dscompile native op: linear layer with int{bits} weights in "
+                "row panels.", inputs=[P("x", "T"), P("w", "TW"), P("scales", "TS")], outputs=[P("y", "T")],
+                type_constraints=[("T", ["tensor(float)"], "activations"), ("TW", ["tensor(uint8)"], "panels"),
+                                  ("TS", ["tensor(float16)"], "scales")],
+                attributes=[A("K", AT.INT, "input features"), A("N", AT.INT, "output features")]))
+        try:
+            onnx.defs.get_schema(f"MoEQ{bits}", 1, NATIVE_DOMAIN)
+        except onnx.defs.SchemaError:
+            onnx.defs.register_schema(onnx.defs.OpSchema(
+                f"MoEQ{bits}", NATIVE_DOMAIN, 1, doc=f"dscompile native op: routed experts with int{bits} weights in "
+                "row panels.", inputs=[P("x", "T"), P("router", "T"), P("fc1", "TW"), P("fc1_scales", "TS"),
+                                       P("fc2", "TW"), P("fc2_scales", "TS")], outputs=[P("y", "T")],
+                type_constraints=[("T", ["tensor(float)"], "activations"), ("TW", ["tensor(uint8)"], "panels"),
+                                  ("TS", ["tensor(float16)"], "scales")],
+                attributes=[A("k", AT.INT, "experts per token"), A("I", AT.INT, "expert intermediate size")]))
+
+
+_register_native_schema()
+HEADS_BLOCK = 32  # values per scale of the native per-head weights (runtime/native/heads_q8.cc)
+PANEL_BLOCK = 32  # values per scale of the native linear layers' and experts' weights (runtime/native/matmul.cc)
+PANEL_BITS = (4, 8)
+NATIVE_PANEL_OPS = ("MatMulQ4", "MatMulQ8", "MoEQ4", "MoEQ8")  # they quantize activations to int8 per block
+HEADS_MAX_K = 4096  # the kernel's row buffer
+
+
+class _Parts:
+    """One weight encoded once into two stored tensors (`part`s), each one `derive` of the weight.
+
+    `derive` calls the functions on meta tensors for shapes (`_meta`); on real values the first
+    request encodes (`_encode`) and keeps the result until the other part has been taken."""
+
+    def __init__(self):
+        self._result: dict[str, torch.Tensor] | None = None
+
+    def _meta(self, w: torch.Tensor, part: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _encode(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _take(self, w: torch.Tensor, part: str) -> torch.Tensor:
+        if w.is_meta:
+            return self._meta(w, part)
+        if self._result is None:
+            self._result = self._encode(w)
+        out = self._result.pop(part)
+        if not self._result:
+            self._result = None
+        return out
+
+    def scales(self, w: torch.Tensor) -> torch.Tensor:
+        return self._take(w, "scales")
+
+
+class _Quantization(_Parts):
+    """One checkpoint weight's quantization as MatMulNBits/QMoE store it: bits ("packed") and scales."""
+
+    stores_weight = True  # its outputs are the weight it reads, encoded (lower._origins: not "computed")
+
+    def __init__(self, scheme: Scheme, transpose: bool, flat: bool, scale_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        # The weight arrives fake-quantized: quantizing it again needs no scale search (same result).
+        self.scheme = Scheme(scheme.bits, scheme.block_size, search=False)
+        self.scale_dtype = scale_dtype
+        self.transpose, self.flat = transpose, flat  # flat: bytes [..., rows, K·bits/8] (QMoE)
+
+    def _meta(self, w: torch.Tensor, part: str) -> torch.Tensor:
+        lead = list(w.shape[:-2]) + [int(w.shape[-1] if self.transpose else w.shape[-2])]
+        K = int(w.shape[-2] if self.transpose else w.shape[-1])
+        blocks, block = K // self.scheme.block_size, self.scheme.block_size
+        if part == "scales":
+            return torch.empty(lead + [blocks], dtype=self.scale_dtype, device="meta")
+        packed = lead + ([blocks * block * self.scheme.bits // 8] if self.flat else [blocks, block * self.scheme.bits // 8])
+        return torch.empty(packed, dtype=torch.uint8, device="meta")
+
+    def _encode(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        rows = w.transpose(-1, -2) if self.transpose else w
+        q, d = quantize(rows, self.scheme)
+        packed = pack(q, self.scheme.bits)
+        if self.flat:
+            packed = packed.reshape(*packed.shape[:-2], -1)
+        return {"packed": packed, "scales": d.to(self.scale_dtype)}
+
+    def packed(self, w: torch.Tensor) -> torch.Tensor:
+        return self._take(w, "packed")
+
+
+class _Panels(_Parts):
+    """A checkpoint weight [..., N, K] (rows = outputs; `transpose`: stored [K, N]; leading dims: stacked
+    experts) as the native MatMulQ4/Q8 and MoEQ4/Q8 store it: its scheme's integers (4 or 8 bits, blocks of
+    32) in panels of 16 rows, uint8 [..., N16, K/32, bits * 64], and float16 scales [..., N16, K/32, 16]
+    (runtime/native/matmul.cc gives the layout): each scale is the scheme's float32 scale rounded once to
+    float16."""
+
+    def __init__(self, scheme: Scheme, transpose: bool):
+        super().__init__()
+        self.scheme = Scheme(scheme.bits, scheme.block_size, search=False)
+        self.transpose = transpose
+
+    def _meta(self, w: torch.Tensor, part: str) -> torch.Tensor:
+        lead, (N, K) = list(w.shape[:-2]), (int(d) for d in (w.shape[-2:][::-1] if self.transpose else w.shape[-2:]))
+        panels, blocks = (N + 15) // 16, K // 32
+        if part == "scales":
+            return torch.empty(lead + [panels, blocks, 16], dtype=torch.float16, device="meta")
+        return torch.empty(lead + [panels, blocks, self.scheme.bits * 64], dtype=torch.uint8, device="meta")
+
+    def _encode(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        rows = w.transpose(-1, -2) if self.transpose else w
+        return dict(zip(("panels", "scales"), panels(*quantize(rows, self.scheme), self.scheme.bits)))
+
+    def panels(self, w: torch.Tensor) -> torch.Tensor:
+        return self._take(w, "panels")
+
+
+def panels(q: torch.Tensor, d: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`bits` (4 or 8) values q [..., N, K/32, 32] (quantize's) and float32 scales d [..., N, K/32] in the
+    native kernels' layout (runtime/native/matmul.cc): (uint8 [..., N16, K/32, bits * 64], float16
+    [..., N16, K/32, 16]); each matrix's rows padded to a multiple of 16 with zeros (leading dims:
+    stacked matrices, e.g. experts)."""
+    lead, N, blocks = tuple(q.shape[:-3]), int(q.shape[-3]), int(q.shape[-2])
+    q, d = q.reshape(-1, N, blocks * 32), d.reshape(-1, N, blocks)
+    G, count, zero = q.shape[0], (N + 15) // 16, 1 << (bits - 1)
+    u = torch.full((G, count * 16, blocks * 32), zero, dtype=torch.uint8)
+    u[:, :N] = (q.to(torch.int16) + zero).to(torch.uint8)
+    # [g, p, r, b, j, e] -> [g, p, b, j, r, e]: V_j of block b holds row r's values 4j..4j+3 at bytes 4r..4r+3
+    v = u.reshape(G, count, 16, blocks, 8, 4).permute(0, 1, 3, 4, 2, 5).reshape(G, count, blocks, 8, 64)
+    if bits == 4:  # V_c in the low nibbles, V_{c+4} in the high ones
+        v = v[:, :, :, :4] | (v[:, :, :, 4:] << 4)
+    packed = v.reshape(*lead, count, blocks, bits * 64)
+    scales = torch.zeros(G, count * 16, blocks, dtype=torch.float32)
+    scales[:, :N] = d
+    scales = scales.reshape(G, count, 16, blocks).permute(0, 1, 3, 2).reshape(*lead, count, blocks, 16)
+    return packed.contiguous(), scales.to(torch.float16).contiguous()
+
+
+class _HeadsInt8(_Parts):
+    """A computed per-head weight [H, K, N] as HeadsMatMulQ8 stores it: int8 [H, N, K] (rows along K) and
+    float32 scales [H, N, K/32]."""
+
+    def _meta(self, w: torch.Tensor, part: str) -> torch.Tensor:
+        H, K, N = (int(d) for d in w.shape)
+        if part == "scales":
+            return torch.empty([H, N, K // HEADS_BLOCK], dtype=torch.float32, device="meta")
+        return torch.empty([H, N, K], dtype=torch.int8, device="meta")
+
+    def _encode(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        H, K, N = (int(d) for d in w.shape)
+        q, d = quantize(w.transpose(-1, -2).float(), Scheme(8, HEADS_BLOCK, search=False))
+        return {"int8": q.reshape(H, N, K).contiguous(), "scales": d.contiguous()}
+
+    def int8(self, w: torch.Tensor) -> torch.Tensor:
+        return self._take(w, "int8")
