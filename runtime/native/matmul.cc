@@ -36,30 +36,27 @@ struct Job {
   const uint8_t* w;
   const uint16_t* s;
   float* y;
-  int64_t M, K, N, count;  // count: panels
-  panels::Rows x;
-  const float* input;
+  int64_t M, N, count;  // count: panels
+  const float* input;   // x [M, K]
+  panels::Activations x;
 };
 
 void QuantizeTask(void* data, size_t m) {
-  const Job& j = *static_cast<const Job*>(data);
-  const int64_t blocks = j.K / 32;
-  panels::Quantize(j.input + m * j.K, j.K, const_cast<int8_t*>(j.x.q) + m * j.K, const_cast<float*>(j.x.scale) + m * blocks,
-               const_cast<int32_t*>(j.x.sum) + m * blocks);
+  Job& j = *static_cast<Job*>(data);
+  j.x.Quantize(j.input + m * j.x.rows().K, static_cast<int64_t>(m));
 }
 
 template <int Bits>
 void OneTokenTask(void* data, size_t index) {
   const Job& j = *static_cast<const Job*>(data);
   const int64_t first = static_cast<int64_t>(index) * kPanels, end = std::min(first + kPanels, j.count);
-  for (int64_t p = first; p < end; ++p) panels::Panel<Bits>(j.w, j.s, j.N, p, j.x, 0, 1, j.y, j.N);
+  for (int64_t p = first; p < end; ++p) panels::PanelRows<Bits>(j.w, j.s, j.N, p, j.x.rows(), 1, j.y, j.N);
 }
 
 template <int Bits>
 void TokensTask(void* data, size_t index) {
   const Job& j = *static_cast<const Job*>(data);
-  for (int64_t m0 = 0; m0 < j.M; m0 += 4)
-    panels::Panel<Bits>(j.w, j.s, j.N, static_cast<int64_t>(index), j.x, m0, j.M, j.y, j.N);
+  panels::PanelRows<Bits>(j.w, j.s, j.N, static_cast<int64_t>(index), j.x.rows(), j.M, j.y, j.N);
 }
 
 template <int Bits>
@@ -87,16 +84,13 @@ struct MatMulQ {
     float* out = y.Allocate(out_shape);
     const int64_t M = x.NumberOfElement() / K_;
     if (M == 0 || N_ == 0) return;
-    std::vector<int8_t> q(M * K_);
-    std::vector<float> scales(M * blocks);
-    std::vector<int32_t> sums(M * blocks);
     Job job{panels::Weight(weights_, 0, w.Data(), w.NumberOfElement()),
             panels::Weight(weights_, 1, reinterpret_cast<const uint16_t*>(s.Data()), 2 * s.NumberOfElement()),
-            out, M, K_, N_, count,
-            panels::Rows{q.data(), scales.data(), sums.data(), K_}, x.Data()};
+            out, M, N_, count, x.Data(), {}};
+    job.x.Reset(M, K_);
     Ort::KernelContext ctx(context);
     if (M == 1) {
-      panels::Quantize(x.Data(), K_, q.data(), scales.data(), sums.data());
+      QuantizeTask(&job, 0);
       ctx.ParallelFor(OneTokenTask<Bits>, static_cast<size_t>((count + kPanels - 1) / kPanels), 0, &job);
     } else {
       ctx.ParallelFor(QuantizeTask, static_cast<size_t>(M), 0, &job);

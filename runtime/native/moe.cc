@@ -40,27 +40,22 @@ struct Job {
   std::vector<float> mix;             // slot -> its weight
   std::vector<int64_t> slots;         // token t's k slots at t * k
   std::vector<std::pair<int64_t, int64_t>> tasks;  // (expert, panel)
-  std::vector<int8_t> q;              // slot rows quantized: x for fc1 (K = D), then the activation (K = I)
-  std::vector<float> scale, h, out;
-  std::vector<int32_t> sum;
+  panels::Activations rows;           // slot rows quantized: x for fc1 (K = D), then the activation (K = I)
+  std::vector<float> h, out;
   float* y;
 };
 
 void QuantizeInput(void* data, size_t slot) {
   Job& j = *static_cast<Job*>(data);
-  const int64_t blocks = j.D / 32;
-  panels::Quantize(j.x + j.token[slot] * j.D, j.D, j.q.data() + slot * j.D, j.scale.data() + slot * blocks,
-               j.sum.data() + slot * blocks);
+  j.rows.Quantize(j.x + j.token[slot] * j.D, static_cast<int64_t>(slot));
 }
 
-// Rows of `m` for expert e: its slots' quantized rows (K values each), outputs at `out` + slot * ldy.
+// Task `index` of `m` (expert e, panel p) over e's slots' quantized rows; outputs at `out` + slot * ldy.
 template <int Bits>
 void Run(const Job& j, const Matrix& m, size_t index, float* out, int64_t ldy) {
   const auto [e, p] = j.tasks[index];
-  const int64_t first = j.first[e], count = j.first[e + 1] - first, blocks = m.K / 32;
-  const panels::Rows rows{j.q.data() + first * m.K, j.scale.data() + first * blocks, j.sum.data() + first * blocks, m.K};
-  for (int64_t m0 = 0; m0 < count; m0 += 4)
-    panels::Panel<Bits>(m.weights(e), m.scales(e), m.N, p, rows, m0, count, out + first * ldy, ldy);
+  const int64_t first = j.first[e], count = j.first[e + 1] - first;
+  panels::PanelRows<Bits>(m.weights(e), m.scales(e), m.N, p, j.rows.rows().From(first), count, out + first * ldy, ldy);
 }
 
 template <int Bits>
@@ -78,14 +73,14 @@ void Fc2(void* data, size_t index) {
 // silu(g) * u of one slot (g, u interleaved in h), quantized for fc2.
 void Activate(void* data, size_t slot) {
   Job& j = *static_cast<Job*>(data);
-  std::vector<float> a(j.I);
+  static thread_local std::vector<float> a;
+  a.resize(j.I);
   const float* h = j.h.data() + slot * 2 * j.I;
   for (int64_t i = 0; i < j.I; ++i) {
     const float g = h[2 * i], u = h[2 * i + 1];
     a[i] = g / (1.0f + std::exp(-g)) * u;
   }
-  const int64_t blocks = j.I / 32;
-  panels::Quantize(a.data(), j.I, j.q.data() + slot * j.I, j.scale.data() + slot * blocks, j.sum.data() + slot * blocks);
+  j.rows.Quantize(a.data(), static_cast<int64_t>(slot));
 }
 
 void Combine(void* data, size_t t) {
@@ -124,7 +119,8 @@ struct MoEQ {
                Ort::Custom::Tensor<float>& y) {
     const auto xs = x.Shape(), rs = router.Shape();
     if (xs.size() != 2 || rs.size() != 2 || rs[0] != xs[0]) {
-      ORT_CXX_API_THROW("MoEQ4: expected x [T, D] and router [T, E]", ORT_INVALID_ARGUMENT);
+      ORT_CXX_API_THROW(Bits == 4 ? "MoEQ4: expected x [T, D] and router [T, E]"
+                                  : "MoEQ8: expected x [T, D] and router [T, E]", ORT_INVALID_ARGUMENT);
     }
     const int64_t T = xs[0], D = xs[1], E = rs[1], I = I_;
     Job j;
@@ -178,13 +174,13 @@ struct MoEQ {
         const int64_t slot = next[chosen[t * j.k + c]]++;
         j.token[slot] = t, j.mix[slot] = weight[t * j.k + c], j.slots[t * j.k + c] = slot;
       }
-    const int64_t widest = std::max(D, I);
-    j.q.resize(S * widest), j.scale.resize(S * widest / 32), j.sum.resize(S * widest / 32);
     j.h.resize(S * 2 * I), j.out.resize(S * D);
     Ort::KernelContext ctx(context);
+    j.rows.Reset(S, D);
     ctx.ParallelFor(QuantizeInput, static_cast<size_t>(S), 0, &j);
     j.tasks = Tasks(j, j.fc1, E);
     ctx.ParallelFor(Fc1<Bits>, j.tasks.size(), 0, &j);
+    j.rows.Reset(S, I);
     ctx.ParallelFor(Activate, static_cast<size_t>(S), 0, &j);
     j.tasks = Tasks(j, j.fc2, E);
     ctx.ParallelFor(Fc2<Bits>, j.tasks.size(), 0, &j);

@@ -107,6 +107,29 @@ struct Rows {
   const float* scale;
   const int32_t* sum;
   int64_t K;
+
+  // The rows from row `first` on.
+  Rows From(int64_t first) const { return Rows{q + first * K, scale + first * (K / 32), sum + first * (K / 32), K}; }
+};
+
+// Room for `count` rows of K activations quantized (Quantize); each row is written by one task.
+class Activations {
+ public:
+  void Reset(int64_t count, int64_t K) {
+    K_ = K;
+    q_.resize(count * K), scale_.resize(count * K / 32), sum_.resize(count * K / 32);
+  }
+  // Row m quantized from x [K].
+  void Quantize(const float* x, int64_t m) {
+    panels::Quantize(x, K_, q_.data() + m * K_, scale_.data() + m * (K_ / 32), sum_.data() + m * (K_ / 32));
+  }
+  Rows rows() const { return Rows{q_.data(), scale_.data(), sum_.data(), K_}; }
+
+ private:
+  int64_t K_ = 0;
+  std::vector<int8_t> q_;
+  std::vector<float> scale_;
+  std::vector<int32_t> sum_;
 };
 
 // One block of one row against the panel's unpacked block v[0..7] (weights + zero, unsigned):
@@ -166,6 +189,13 @@ inline void Panel(const uint8_t* w, const uint16_t* s, int64_t N, int64_t p, con
   const __mmask16 keep = static_cast<__mmask16>((1u << rows) - 1);
   const __m512 out[4] = {a0, a1, a2, a3};
   for (int64_t i = 0; i < last; ++i) _mm512_mask_storeu_ps(y + (m0 + i) * ldy + 16 * p, keep, out[i]);
+}
+
+// Panel p against rows 0 .. count-1 of x, 4 at a time.
+template <int Bits>
+inline void PanelRows(const uint8_t* w, const uint16_t* s, int64_t N, int64_t p, const Rows& x, int64_t count,
+                      float* y, int64_t ldy) {
+  for (int64_t m0 = 0; m0 < count; m0 += 4) Panel<Bits>(w, s, N, p, x, m0, count, y, ldy);
 }
 
 }  // namespace panels
