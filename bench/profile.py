@@ -28,7 +28,9 @@ from typing import Any, Callable
 
 import onnx
 
-_EXPERT_OPS = ("MoE", "QMoE", "MoEQ4", "MoEQ8")  # MoEQ4/Q8: runtime/native's routed experts
+from dscompile.lowering.encodings import NATIVE_EXPERT_OPS
+
+_EXPERT_OPS = ("MoE", "QMoE") + NATIVE_EXPERT_OPS  # the last: runtime/native's routed experts
 _ELT = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2,
         onnx.TensorProto.UINT8: 1, onnx.TensorProto.INT8: 1, onnx.TensorProto.INT64: 8, onnx.TensorProto.INT32: 4,
         onnx.TensorProto.BOOL: 1}

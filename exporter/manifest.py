@@ -19,7 +19,7 @@ import torch
 from dscompile.capture import Limits
 from dscompile.capture.frontends.transformers import transformers_version
 from dscompile.dtypes import DTYPES, TABLE
-from dscompile.lowering.encodings import NATIVE_PANEL_OPS
+from dscompile.lowering.encodings import NATIVE_EXPERT_OPS, NATIVE_PANEL_OPS
 from dscompile.lowering.quantize import quantizes_activations
 from dscompile.model.quant import Scheme
 from dscompile.passes.shard import Plan
@@ -136,9 +136,8 @@ def quantization_report(scheme: Scheme, models: dict[str, ir.Model], errors: dic
         for node in model.graph:
             if node.op_type in ("MatMulNBits", "QMoE") + NATIVE_PANEL_OPS:
                 # the native panel kernels (runtime/native) quantize activations to int8 per block, as level 4
-                native = node.op_type in NATIVE_PANEL_OPS
-                levels[node.op_type] = 4 if native else node.attributes["accuracy_level"].value
-                scale_type = node.inputs[3 if node.op_type in ("QMoE", "MoEQ4", "MoEQ8") else 2].dtype
+                levels[node.op_type] = 4 if node.op_type in NATIVE_PANEL_OPS else node.attributes["accuracy_level"].value
+                scale_type = node.inputs[3 if node.op_type in ("QMoE",) + NATIVE_EXPERT_OPS else 2].dtype
                 scale_types.add({ir.DataType.FLOAT: "float32"}.get(scale_type, scale_type.name.lower()))
         for value in model.graph.initializers.values():
             t = value.const_value

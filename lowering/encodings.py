@@ -55,7 +55,11 @@ _register_native_schema()
 HEADS_BLOCK = 32  # values per scale of the native per-head weights (runtime/native/heads_q8.cc)
 PANEL_BLOCK = 32  # values per scale of the native linear layers' and experts' weights (runtime/native/matmul.cc)
 PANEL_BITS = (4, 8)
-NATIVE_PANEL_OPS = ("MatMulQ4", "MatMulQ8", "MoEQ4", "MoEQ8")  # they quantize activations to int8 per block
+# The native panel ops (they quantize activations to int8 per block): linear layers, and routed experts
+# (QMoE's inputs and sum).
+NATIVE_LINEAR_OPS = tuple(f"MatMulQ{bits}" for bits in PANEL_BITS)
+NATIVE_EXPERT_OPS = tuple(f"MoEQ{bits}" for bits in PANEL_BITS)
+NATIVE_PANEL_OPS = NATIVE_LINEAR_OPS + NATIVE_EXPERT_OPS
 HEADS_MAX_K = 4096  # the kernel's row buffer
 
 

@@ -30,10 +30,12 @@ import numpy as np
 import onnx_ir as ir
 
 from dscompile.lowering._ir import int64_initializer
+from dscompile.lowering.encodings import NATIVE_LINEAR_OPS
+from dscompile.runtime.native import DOMAIN as NATIVE_DOMAIN
 from dscompile.runtime.contract import LOGITS, LOGITS_FROM
 
-_HEADS = {("", "MatMul"), ("", "Gemm"), ("com.microsoft", "MatMulNBits"), ("ai.dscompile", "MatMulQ4"),
-          ("ai.dscompile", "MatMulQ8")}
+_HEADS = {("", "MatMul"), ("", "Gemm"), ("com.microsoft", "MatMulNBits"),
+          *((NATIVE_DOMAIN, op) for op in NATIVE_LINEAR_OPS)}
 
 
 def add_logits_from(model: ir.Model) -> bool:

@@ -328,15 +328,14 @@ class GraphQuantizer:
         written, or None for other schemes."""
         fc1, fc2 = node.inputs[2], node.inputs[4]
         w1, w2 = fc1.const_value.weight, fc2.const_value.weight
-        schemes = {weight_scheme(w1), weight_scheme(w2)}
-        if len({sc.bits for sc in schemes}) != 1 or any(sc.bits not in PANEL_BITS or sc.block_size != PANEL_BLOCK
-                                                         for sc in schemes):
+        s1, s2 = weight_scheme(w1), weight_scheme(w2)
+        if s1.bits != s2.bits or any(sc.bits not in PANEL_BITS or sc.block_size != PANEL_BLOCK for sc in (s1, s2)):
             return None
-        bits = schemes.pop().bits
+        bits = s1.bits
         prefix = fc2.name.rsplit(".", 1)[0] if fc2.name else node.name
         values = []
-        for w, name in ((w1, f"{prefix}.gate_up_interleaved"), (w2, fc2.name or f"{prefix}.down_proj")):
-            values += self._encoded(graph, ("panels", _fold_key(w), False), lambda w=w: _Panels(weight_scheme(w), False),
+        for w, scheme, name in ((w1, s1, f"{prefix}.gate_up_interleaved"), (w2, s2, fc2.name or f"{prefix}.down_proj")):
+            values += self._encoded(graph, ("panels", _fold_key(w), False), lambda s=scheme: _Panels(s, False),
                                     w, ("panels", "scales"), (f"{name}.int{bits}_panels", f"{name}.scales"))
         attrs = {k: a.value for k, a in node.attributes.items()}
         op = f"MoEQ{bits}"

@@ -21,6 +21,7 @@ import torch
 
 from dscompile.verify.eager import EagerEngine, TransformersEagerEngine
 from dscompile.model.checkpoint import load_checkpoint
+from dscompile.lowering.encodings import NATIVE_EXPERT_OPS, NATIVE_LINEAR_OPS
 from dscompile.model.quant import Scheme
 from dscompile.runtime.contract import (DECODE, PAST, PREFILL, STEP_INPUTS, EngineInfo, KVCache, StepInputs,
                                         cache_names, next_step_inputs, random_step_inputs)
@@ -349,8 +350,8 @@ def lowering_rms_bound(manifest: dict[str, Any]) -> float | None:
     if not any((quantization.get("quantized_activations") or {}).values()):
         return None
     ops = manifest["graphs"][DECODE].get("quantized_ops") or {}
-    linears = sum(ops.get(op, 0) for op in ("MatMulNBits", "MatMulQ4", "MatMulQ8"))
-    products = linears + 2 * sum(ops.get(op, 0) for op in ("QMoE", "MoEQ4", "MoEQ8"))
+    linears = sum(ops.get(op, 0) for op in ("MatMulNBits",) + NATIVE_LINEAR_OPS)
+    products = linears + 2 * sum(ops.get(op, 0) for op in ("QMoE",) + NATIVE_EXPERT_OPS)
     return quantized_activations_rms(int(quantization["block_size"]), products)
 
 
