@@ -27,15 +27,18 @@ WHY = native.unavailable()
 needs_library = pytest.mark.skipif(WHY is not None, reason=f"the native kernel library cannot be built here: {WHY}")
 
 
-def _session(q: np.ndarray, s: np.ndarray, x_shape: list[int], op: str = "HeadsMatMulQ8", **attrs):
+def _session(op: str, inputs: dict[str, list[int] | None], weights: dict[str, np.ndarray], **attrs):
+    """An ONNX Runtime session (2 threads, the library registered) of one `op` node over float32 `inputs`
+    (name: shape) and the constant `weights`, output "y"."""
     import onnxruntime as ort
     from onnx import TensorProto as TP
     from onnx import helper as h
     from onnx import numpy_helper as nh
 
-    graph = h.make_graph([h.make_node(op, ["x", "q", "s"], ["y"], domain=DOMAIN, **attrs)], "g",
-                         [h.make_tensor_value_info("x", TP.FLOAT, x_shape)],
-                         [h.make_tensor_value_info("y", TP.FLOAT, None)], [nh.from_array(q, "q"), nh.from_array(s, "s")])
+    graph = h.make_graph([h.make_node(op, [*inputs, *weights], ["y"], domain=DOMAIN, **attrs)], "g",
+                         [h.make_tensor_value_info(n, TP.FLOAT, shape) for n, shape in inputs.items()],
+                         [h.make_tensor_value_info("y", TP.FLOAT, None)],
+                         [nh.from_array(a, n) for n, a in weights.items()])
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", 21), h.make_opsetid(DOMAIN, 1)])
     model.ir_version = 10
     options = ort.SessionOptions()
@@ -55,7 +58,7 @@ def test_kernel_equals_the_dequantized_product(K, N, B, S):
     q, d = quantize(torch.from_numpy(w), Scheme(8, 32, search=False))
     q, d = q.reshape(H, N, K).numpy(), d.numpy()
     x = rng.standard_normal((B, H, S, K)).astype(np.float32)
-    y = _session(q, d, [B, H, S, K]).run(None, {"x": x})[0]
+    y = _session("HeadsMatMulQ8", {"x": [B, H, S, K]}, {"q": q, "s": d}).run(None, {"x": x})[0]
     dequantized = (q.reshape(H, N, K // 32, 32).astype(np.float64) * d[..., None]).reshape(H, N, K)
     ref = np.einsum("bhsk,hnk->bhsn", x.astype(np.float64), dequantized)
     assert y.shape == (B, H, S, N) and np.abs(ref).max() > 1
@@ -94,7 +97,8 @@ def test_matmul_q_equals_the_integer_product_it_defines(bits, N, K, x_shape):
     packed, scales = panels(q, d, bits)
     assert packed.shape == ((N + 15) // 16, K // 32, bits * 64) and scales.dtype == torch.float16
     x = rng.standard_normal(x_shape).astype(np.float32) * np.linspace(0.1, 3, K, dtype=np.float32)
-    y = _session(packed.numpy(), scales.numpy(), list(x_shape), f"MatMulQ{bits}", K=K, N=N).run(None, {"x": x})[0]
+    y = _session(f"MatMulQ{bits}", {"x": list(x_shape)}, {"q": packed.numpy(), "s": scales.numpy()}, K=K,
+                 N=N).run(None, {"x": x})[0]
     ref = _product(x.reshape(-1, K), q, d).reshape(*x_shape[:-1], N)
     assert y.shape == ref.shape
     assert np.abs(y - ref).max() / np.abs(ref).max() < 1e-5
@@ -109,11 +113,6 @@ def test_moe_q_sums_the_chosen_experts_as_it_defines(bits, T, E, k, D, I):
     # one token and several, every expert chosen (k = E), slots grouped per expert in any number; against
     # float64 numpy on the same integers: each expert's int4/int8 and float16 scales, activations rounded to
     # int8 per block before fc1 and again before fc2, the mixing weights softmax(router) over the chosen
-    import onnxruntime as ort
-    from onnx import TensorProto as TP
-    from onnx import helper as h
-    from onnx import numpy_helper as nh
-
     rng = np.random.default_rng(T + E + D)
     w1 = torch.from_numpy(rng.standard_normal((E, 2 * I, D)).astype(np.float32))  # rows g0 u0 g1 u1 ...
     w2 = torch.from_numpy(rng.standard_normal((E, D, I)).astype(np.float32) / 4)
@@ -123,16 +122,8 @@ def test_moe_q_sums_the_chosen_experts_as_it_defines(bits, T, E, k, D, I):
     router = np.full((T, E), -1e30, np.float32)
     chosen = np.stack([rng.permutation(E)[:k] for _ in range(T)])
     np.put_along_axis(router, chosen, np.log(rng.random((T, k)).astype(np.float32) + 0.1), axis=1)
-    names = ["x", "router", "w1", "s1", "w2", "s2"]
-    graph = h.make_graph([h.make_node(f"MoEQ{bits}", names, ["y"], domain=DOMAIN, k=k, I=I)], "g",
-                         [h.make_tensor_value_info(n, TP.FLOAT, None) for n in names[:2]],
-                         [h.make_tensor_value_info("y", TP.FLOAT, None)],
-                         [nh.from_array(t.numpy(), n) for t, n in zip((p1, s1, p2, s2), names[2:])])
-    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 21), h.make_opsetid(DOMAIN, 1)])
-    model.ir_version = 10
-    options = ort.SessionOptions()
-    native.register(options)
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    weights = {n: t.numpy() for n, t in zip(("w1", "s1", "w2", "s2"), (p1, s1, p2, s2))}
+    session = _session(f"MoEQ{bits}", {"x": None, "router": None}, weights, k=k, I=I)
     y = session.run(None, {"x": x, "router": router})[0]
     ref = np.zeros((T, D))
     for t in range(T):
@@ -149,7 +140,8 @@ def test_moe_q_sums_the_chosen_experts_as_it_defines(bits, T, E, k, D, I):
 def test_a_shape_the_kernel_does_not_take_is_refused_by_the_kernel():
     q, d = np.ones((2, 64, 32), np.int8), np.ones((2, 64, 1), np.float32)
     with pytest.raises(Exception, match="HeadsMatMulQ8: expected"):
-        _session(q, d, [1, 2, 1, 48]).run(None, {"x": np.ones((1, 2, 1, 48), np.float32)})
+        session = _session("HeadsMatMulQ8", {"x": [1, 2, 1, 48]}, {"q": q, "s": d})
+        session.run(None, {"x": np.ones((1, 2, 1, 48), np.float32)})
 
 
 # ---------------------------------------------------------------- engines exported with --native-kernels
