@@ -20,6 +20,8 @@ them (the usual chain: each step's cache replaces the previous one, or the retur
 dropped); otherwise, or when the buffers are too small, the rows are first copied into new
 buffers. So a cache never changes under whoever holds it, and a generation loop copies the cache
 once per CAPACITY_STEP tokens instead of every token. `own_cache` turns any cache into this form up front.
+The in-place graph's IOBinding is kept with the buffers it binds and reused while the step's shapes stay
+(ort_cache.InPlaceBindings): a step fills its inputs and runs.
 
 Weights: one copy for all sessions. ONNX Runtime memory-maps external data stored at page-aligned
 offsets (lowering/weights.py save_models writes them so), and every session of OUT maps the same
@@ -74,6 +76,7 @@ Shape legend: B batch, S new tokens, P past tokens, V vocab, C kv_lora_rank, R r
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -85,7 +88,7 @@ from dscompile.runtime.contract import (ATTENTION_MASK, DECODE, DECODE_IN_PLACE,
                                         POSITION_IDS, PREFILL, PRESENT, STEP_INPUTS, WRITE_INDEX, EngineInfo, KVCache,
                                         cache_names, choose_graph)
 from dscompile.runtime.engine import Engine, SlotCache
-from dscompile.runtime.ort_cache import CacheBuffers, OrtCapacityCache, OrtKVCache
+from dscompile.runtime.ort_cache import CacheBuffers, InPlaceBindings, OrtCapacityCache, OrtKVCache
 from dscompile.runtime.manifest import read_manifest
 from dscompile.runtime.native import register_for as register_native
 from dscompile.runtime.ort_sessions import (max_step_tokens, session_graphs, tensorrt_cache_dir,
@@ -224,6 +227,9 @@ class OrtEngine(Engine):
         self._past, self._present = cache_names(PAST, n), cache_names(PRESENT, n)
         # the in-place graph runs every step (quantized CPU engines: ort_sessions.session_graphs)
         self._any_in_place = DECODE_IN_PLACE in sessions and sessions.get(PREFILL) is sessions[DECODE_IN_PLACE]
+        if DECODE_IN_PLACE in sessions:
+            self._in_place = InPlaceBindings(sessions[DECODE_IN_PLACE], self._past, self._present,
+                                             _ONNX_TYPES[self.info.cache_dtype])
         for name, session in sessions.items():
             got = [i.name for i in session.get_inputs()]
             want = [*STEP_INPUTS, *self._past]
@@ -344,7 +350,7 @@ class OrtEngine(Engine):
         binding.bind_output(LOGITS, "cpu")
         for name in self._present:
             binding.bind_output(name, self.device)
-        self._run(session, binding, B, S, P)
+        self._run(session, binding, B=B, S=S, P=P)
         outputs = binding.get_outputs()
         logits = torch.from_dlpack(outputs[0]._ortvalue)
         return (logits if sliced or not last_only else logits[:, -1:]).float(), OrtKVCache(list(outputs[1:]), P + S)
@@ -383,33 +389,18 @@ class OrtEngine(Engine):
         mask = torch.zeros(B, buffers.capacity, dtype=torch.int64)  # the free rows are not attended
         mask[:, : P + S] = attention_mask
         logits = self._run_in_place(input_ids, position_ids, mask, torch.full((B,), P, dtype=torch.int64),
-                                    buffers.values, last_only)
+                                    buffers.values, last_only, buffers)
         return (logits if not last_only or logits.shape[1] == 1 else logits[:, -1:]), buffers.cache(P + S)
 
     def _run_in_place(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
-                      write_index: torch.Tensor, buffers, last_only: bool) -> torch.Tensor:
+                      write_index: torch.Tensor, buffers, last_only: bool, owner: Any) -> torch.Tensor:
         """One run of the in-place graph with `buffers` (OrtValues, or (shape, pointer) pairs of torch
-        memory) bound as both the cache inputs and outputs; float32 logits [B, S or 1, V]."""
+        memory, both owned by `owner`) bound as both the cache inputs and outputs, through the binding
+        kept for `owner` (ort_cache.InPlaceBindings); float32 logits [B, S or 1, V]."""
         B, S = input_ids.shape
-        session = self.sessions[DECODE_IN_PLACE]
-        binding = session.io_binding()
-        keep = []
-        for name, t in ((INPUT_IDS, input_ids), (POSITION_IDS, position_ids), (ATTENTION_MASK, mask),
-                        (WRITE_INDEX, write_index)):
-            keep.append(self._bind_tensor(binding, name, t.to(torch.int64)))
-        if last_only and S > 1 and self._logits_from[DECODE_IN_PLACE]:
-            keep.append(self._bind_tensor(binding, LOGITS_FROM, torch.tensor([S - 1])))
-        binding.bind_output(LOGITS, "cpu")  # first: get_outputs() follows the binding order
-        kind = _ONNX_TYPES[self.info.cache_dtype]
-        for past, present, value in zip(self._past, self._present, buffers):
-            if isinstance(value, tuple):  # torch memory by pointer
-                binding.bind_input(past, "cpu", 0, kind, *value)
-                binding.bind_output(present, "cpu", 0, kind, *value)
-            else:
-                binding.bind_ortvalue_input(past, value)
-                binding.bind_ortvalue_output(present, value)
-        self._run(session, binding, B, S, int(write_index.max()))
-        return torch.from_dlpack(binding.get_outputs()[0]._ortvalue).float()
+        steps = {INPUT_IDS: input_ids, POSITION_IDS: position_ids, ATTENTION_MASK: mask, WRITE_INDEX: write_index}
+        run = functools.partial(self._run, self.sessions[DECODE_IN_PLACE], B=B, S=S, P=int(write_index.max()))
+        return self._in_place.run(owner, run, buffers, steps, last_only and S > 1 and self._logits_from[DECODE_IN_PLACE])
 
     def prefill_slot(self, tokens, slots: SlotCache, slot: int, length: int) -> torch.Tensor:
         """In place into the slot's rows where the in-place graph takes the step (any number of tokens,
@@ -445,7 +436,7 @@ class OrtEngine(Engine):
         mask = (torch.arange(T).unsqueeze(0) < (lengths + S).unsqueeze(1)).to(torch.int64)  # own rows + the new
         positions = lengths.unsqueeze(1) + torch.arange(S).unsqueeze(0)
         memory = [([B, T, int(b.shape[-1])], b[first].data_ptr()) for b in slots.tensors]
-        return self._run_in_place(ids, positions, mask, lengths, memory, last_only=True)[:, -1]
+        return self._run_in_place(ids, positions, mask, lengths, memory, True, slots)[:, -1]
 
     def _new_buffers(self, cache: KVCache | None, batch: int, new_tokens: int = 1) -> CacheBuffers:
         """Buffers with room for `new_tokens` more rows at least, holding `cache`'s rows (free rows zero)."""
@@ -475,7 +466,7 @@ class OrtEngine(Engine):
         return rows
 
     @staticmethod
-    def _run(session, binding, B: int, S: int, P: int) -> None:
+    def _run(session, binding, *, B: int, S: int, P: int) -> None:
         try:
             session.run_with_iobinding(binding)
         except Exception as err:

@@ -11,6 +11,7 @@ Shapes: B batch, S new tokens, P past, V vocab.
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 
@@ -205,6 +206,37 @@ def test_in_place_step_never_changes_a_held_cache(pair):
     lc, cc = engine.step(torch.tensor([[11]]), torch.tensor([[3]]), mask, cache)
     assert cc.buffers is cache.buffers
     assert torch.equal(lc, la)
+
+
+def test_in_place_binding_is_kept_with_its_buffers(pair):
+    """Steps over the same buffers reuse one IOBinding (ort_cache.InPlaceBindings) and still give
+    eager's logits; logits a step returned are never written by a later run of that binding; a step
+    that finds the binding busy runs on one of its own; the binding goes when its buffers do."""
+    _, engine, model = pair
+    bindings = engine._in_place
+    ids, pos = torch.tensor([[5, 6, 7]]), torch.tensor([[0, 1, 2]])
+    _, prefilled = engine.step(ids, pos, torch.ones(1, 3, dtype=torch.int64), None)
+    cache = engine.own_cache(prefilled)
+    la, ca = engine.step(torch.tensor([[11]]), torch.tensor([[3]]), torch.ones(1, 4, dtype=torch.int64), cache)
+    kept = bindings._kept[cache.buffers][1]
+    first = la.clone()
+    mask = torch.ones(1, 5, dtype=torch.int64)
+    lb, cb = engine.step(torch.tensor([[12]]), torch.tensor([[4]]), mask, ca)
+    assert cb.buffers is cache.buffers and bindings._kept[cache.buffers][1] is kept, "the binding was not reused"
+    assert torch.equal(la, first), "a later run wrote into logits returned before"
+    with torch.no_grad():
+        _, past = model(ids, pos, torch.ones(1, 3, dtype=torch.int64))
+        _, past = model(torch.tensor([[11]]), torch.tensor([[3]]), torch.ones(1, 4, dtype=torch.int64), past)
+        want, _ = model(torch.tensor([[12]]), torch.tensor([[4]]), mask, past)
+    assert_close(lb, want, what="logits of a step through the kept binding")
+    del cb
+    with kept.lock:  # another thread's step in flight: this one binds on its own
+        busy, _ = engine.step(torch.tensor([[12]]), torch.tensor([[4]]), mask, ca)
+    assert torch.equal(busy, lb) and bindings._kept[cache.buffers][1] is kept
+    count = len(bindings._kept)
+    del prefilled, cache, ca, _
+    gc.collect()
+    assert len(bindings._kept) == count - 1, "the binding outlived its buffers"
 
 
 # ---------------------------------------------------------------- errors
