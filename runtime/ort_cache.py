@@ -156,10 +156,11 @@ class InPlaceBindings:
     """The in-place graph's IOBindings, one per owner of the cache buffers it binds (CacheBuffers,
     SlotCache: held weakly, so a binding goes with its buffers), reused while the step's shapes and
     buffers stay the same: a generation loop binds its cache once per CAPACITY_STEP tokens instead of
-    every step. Making and binding a new IOBinding every step cost 0.3-0.6 ms of a 9-10 ms int4 decode
-    step on 2 cores (the interpreter's objects are cold after a step streams the weights): the step took
-    9.1-9.2 ms against 9.5-10.0 with a binding reused. A run that finds the binding busy (another thread's
-    step) makes one of its own."""
+    every step. What a step does outside ONNX Runtime is slow because a step streams the weights through
+    the caches: the interpreter's code and objects are cold (a small torch op takes 75-160 us then, 3-8 us
+    warm). Measured on the int4 bench engine, decode at context 128, 2 cores, processes alternated: the
+    time outside the run fell from 0.74-0.85 to 0.59-0.77 ms, and the step's median from 9.5-10.0 to
+    9.2-9.6 ms. A run that finds the binding busy (another thread's step) makes one of its own."""
 
     def __init__(self, session, past: list[str], present: list[str], kind: int):
         self.session, self.past, self.present, self.kind = session, past, present, kind
