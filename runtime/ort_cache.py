@@ -7,6 +7,7 @@ in-place graph's IOBindings kept from step to step over the same buffers.
 
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 from typing import Any, Callable
@@ -142,11 +143,16 @@ class _Binding:
                 binding.bind_ortvalue_output(output, value)
 
     def run(self, run: Callable[[Any], None], steps: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Fill the step inputs from `steps` (name -> tensor of the bound shape), run (`run(binding)`);
-        the logits, a fresh output of this run (LOGITS is bound anew: ONNX Runtime would otherwise write
-        the next run's logits into the tensor returned now)."""
+        """Fill the step inputs from `steps` (name -> tensor of the bound shape; the mask may cover the
+        first rows only: the rest are set to 0, not attended), run (`run(binding)`); the logits, a fresh
+        output of this run (LOGITS is bound anew: ONNX Runtime would otherwise write the next run's
+        logits into the tensor returned now)."""
         for name, t in steps.items():
-            np.copyto(self.inputs[name], t.numpy(), casting="same_kind")
+            into = self.inputs[name]
+            if name == ATTENTION_MASK:
+                into[:, t.shape[1]:] = 0
+                into = into[:, : t.shape[1]]
+            np.copyto(into, t.numpy(), casting="unsafe")  # as .to(torch.int64) did
         self.binding.bind_output(LOGITS, "cpu")
         run(self.binding)
         return torch.from_dlpack(self.binding.get_outputs()[0]._ortvalue)
@@ -167,19 +173,21 @@ class InPlaceBindings:
         self._kept: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # owner -> (key, _Binding)
 
     def run(self, owner: Any, run: Callable[[Any], None], values: list[Any], steps: dict[str, torch.Tensor],
-            logits_from: bool) -> torch.Tensor:
-        """One run of the graph over cache `values`, step inputs `steps` (INPUT_IDS, POSITION_IDS,
-        ATTENTION_MASK, WRITE_INDEX); float32 logits [B, S or 1 (`logits_from`), V]."""
-        (B, S), T = steps[INPUT_IDS].shape, int(steps[ATTENTION_MASK].shape[1])
+            capacity: int, logits_from: bool) -> torch.Tensor:
+        """One run of the graph over cache `values` of `capacity` rows, step inputs `steps` (INPUT_IDS,
+        POSITION_IDS, ATTENTION_MASK of the first rows, WRITE_INDEX); float32 logits [B, S or 1
+        (`logits_from`), V]."""
+        B, S = steps[INPUT_IDS].shape
         pointers = tuple(v[1] if isinstance(v, tuple) else v.data_ptr() for v in values)
-        key = (B, S, T, logits_from, pointers)
+        key = (B, S, capacity, logits_from, pointers)
+        new = functools.partial(_Binding, self.session, self.past, self.present, self.kind, values, B, S, capacity,
+                                logits_from)
         kept = self._kept.get(owner)
         if kept is None or kept[0] != key:
-            kept = (key, _Binding(self.session, self.past, self.present, self.kind, values, B, S, T, logits_from))
-            self._kept[owner] = kept
+            kept = self._kept[owner] = (key, new())
         binding = kept[1]
         if not binding.lock.acquire(blocking=False):
-            binding = _Binding(self.session, self.past, self.present, self.kind, values, B, S, T, logits_from)
+            binding = new()
             binding.lock.acquire()
         try:
             return binding.run(run, steps).float()

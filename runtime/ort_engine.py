@@ -386,21 +386,21 @@ class OrtEngine(Engine):
             buffers = cache.buffers
         else:
             buffers = self._new_buffers(cache, B, S)
-        mask = torch.zeros(B, buffers.capacity, dtype=torch.int64)  # the free rows are not attended
-        mask[:, : P + S] = attention_mask
-        logits = self._run_in_place(input_ids, position_ids, mask, torch.full((B,), P, dtype=torch.int64),
+        logits = self._run_in_place(input_ids, position_ids, attention_mask, torch.full((B,), P, dtype=torch.int64),
                                     buffers.values, last_only, buffers)
         return (logits if not last_only or logits.shape[1] == 1 else logits[:, -1:]), buffers.cache(P + S)
 
     def _run_in_place(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
                       write_index: torch.Tensor, buffers, last_only: bool, owner: Any) -> torch.Tensor:
         """One run of the in-place graph with `buffers` (OrtValues, or (shape, pointer) pairs of torch
-        memory, both owned by `owner`) bound as both the cache inputs and outputs, through the binding
-        kept for `owner` (ort_cache.InPlaceBindings); float32 logits [B, S or 1, V]."""
+        memory, both owned by `owner`: CacheBuffers or SlotCache, of `capacity` rows) bound as both the
+        cache inputs and outputs, through the binding kept for `owner` (ort_cache.InPlaceBindings); `mask`
+        covers the first rows, the rows after it are not attended; float32 logits [B, S or 1, V]."""
         B, S = input_ids.shape
         steps = {INPUT_IDS: input_ids, POSITION_IDS: position_ids, ATTENTION_MASK: mask, WRITE_INDEX: write_index}
-        run = functools.partial(self._run, self.sessions[DECODE_IN_PLACE], B=B, S=S, P=int(write_index.max()))
-        return self._in_place.run(owner, run, buffers, steps, last_only and S > 1 and self._logits_from[DECODE_IN_PLACE])
+        run = functools.partial(self._run, self.sessions[DECODE_IN_PLACE], B=B, S=S, P=write_index)
+        return self._in_place.run(owner, run, buffers, steps, owner.capacity,
+                                  last_only and S > 1 and self._logits_from[DECODE_IN_PLACE])
 
     def prefill_slot(self, tokens, slots: SlotCache, slot: int, length: int) -> torch.Tensor:
         """In place into the slot's rows where the in-place graph takes the step (any number of tokens,
@@ -466,11 +466,14 @@ class OrtEngine(Engine):
         return rows
 
     @staticmethod
-    def _run(session, binding, *, B: int, S: int, P: int) -> None:
+    def _run(session, binding, *, B: int, S: int, P: int | torch.Tensor) -> None:
+        """Run `binding`; an EngineError naming the step's B, S and P (P: past tokens, or each row's
+        write_index, the largest named: read only on failure) where ONNX Runtime fails."""
         try:
             session.run_with_iobinding(binding)
         except Exception as err:
             first = first_line(err)
+            P = int(P.max()) if isinstance(P, torch.Tensor) else P
             raise EngineError(f"ONNX Runtime failed on a step with B={B}, S={S}, P={P}: {first}") from None
 
     def _bind_tensor(self, binding, name: str, t: torch.Tensor) -> torch.Tensor:
