@@ -30,7 +30,7 @@ import onnx
 
 from dscompile.lowering.encodings import NATIVE_EXPERT_OPS
 
-_EXPERT_OPS = ("MoE", "QMoE") + NATIVE_EXPERT_OPS  # the last: runtime/native's routed experts
+_EXPERT_OPS = ("MoE", "QMoE", "MoEF32") + NATIVE_EXPERT_OPS  # the last two: runtime/native's routed experts
 _ELT = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2,
         onnx.TensorProto.UINT8: 1, onnx.TensorProto.INT8: 1, onnx.TensorProto.INT64: 8, onnx.TensorProto.INT32: 4,
         onnx.TensorProto.BOOL: 1}
@@ -45,7 +45,7 @@ def _numel(dims) -> int:
 
 def weight_bytes_per_op_type(model_path: Path, tokens: int, experts_read: float, experts: int) -> dict[str, float]:
     """Bytes of constant tensors each op type's nodes read in a step of `tokens` tokens (graph of `model_path`,
-    weights not loaded): routed-expert tensors (MoE, QMoE, native MoEQ4/Q8; first dim = `experts`) at
+    weights not loaded): routed-expert tensors (MoE, QMoE, native MoEF32/Q4/Q8; first dim = `experts`) at
     `experts_read` / `experts`,
     embedding Gathers at one row per token."""
     model = onnx.load(os.fspath(model_path), load_external_data=False)

@@ -32,10 +32,11 @@ def export(
                                                "scale by the input activations the model sees on this text "
                                                "(importance-weighted error, as llama.cpp's imatrix)."),
     native_kernels: bool = typer.Option(_DEFAULT["native_kernels"], "--native-kernels/--no-native-kernels",
-                                        help="With --weights on CPU: dscompile's own ONNX Runtime kernels for int4 "
-                                        "linear layers (VNNI, float16 scales) and MLA's absorbed per-head weights "
-                                        "in int8 (built with g++ on first use; needs ONNX Runtime's C/C++ headers "
-                                        "and an AVX-512 VNNI CPU)."),
+                                        help="float32 on CPU: dscompile's own ONNX Runtime kernels; with --weights, "
+                                        "for int4/int8 linear layers and experts (VNNI, float16 scales) and MLA's "
+                                        "absorbed per-head weights in int8; without, for the decode step's float32 "
+                                        "linear layers and experts (the prefill keeps ONNX Runtime's). Built with "
+                                        "g++ on first use; needs ONNX Runtime's C/C++ headers and an AVX-512 VNNI CPU."),
     absorb: str = typer.Option(_DEFAULT["absorb"], help="MLA absorption: auto (cost model), fold, reassociate or none."),
     fuse_moe: bool = typer.Option(_DEFAULT["fuse_moe"], "--fuse-moe/--no-fuse-moe", help="Fuse MoE routing + dispatch into dsc.moe."),
     verify: bool = typer.Option(_DEFAULT["verify"], "--verify", help="Check each pass numerically on random inputs."),

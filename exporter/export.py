@@ -59,6 +59,7 @@ from dscompile.exporter.output import Stage, staged
 from dscompile.lowering.graph import check_model, lower
 from dscompile.lowering.in_place import in_place_decode
 from dscompile.lowering.logits import add_logits_from
+from dscompile.lowering.native_f32 import native_float32
 from dscompile.lowering.ops import choose_moe_experts
 from dscompile.lowering.quantize import GraphQuantizer
 from dscompile.lowering.weights import save_models
@@ -189,6 +190,8 @@ def _write(checkpoint, stage: Stage, programs, reports, args, options: ExportOpt
         if quantizer is not None:
             quantized[phase] = quantizer(lowered[phase])
             ir_passes.RemoveUnusedNodesPass()(lowered[phase])
+        elif options.native_kernels and phase == "decode":  # float32: decode reads weights once (native_f32)
+            quantized[phase] = native_float32(lowered[phase])
         # logits_from: an input ONNX Runtime may leave unfed (an initializer of its name). On CPU only for
         # now: how ONNX Runtime's TensorRT provider profiles such an input is not checked without a GPU.
         if options.target == "onnxruntime" and options.device == "cpu":
@@ -208,6 +211,8 @@ def _write(checkpoint, stage: Stage, programs, reports, args, options: ExportOpt
                                         lowerings[phase] if args.num_moe_layers else None)
             if scheme is not None:
                 graphs[phase]["quantized_ops"] = quantized[phase]
+            elif phase in quantized:
+                graphs[phase]["native_ops"] = quantized[phase]
             if has_programs:
                 stage.what = f"{phase}.pt2"
                 _save_program(programs[phase], tmp / stage.what)
@@ -243,7 +248,7 @@ def _write(checkpoint, stage: Stage, programs, reports, args, options: ExportOpt
                 manifest["quantization"]["calibration"] = calibration[1]
         if options.native_kernels:  # every session opening these graphs registers runtime/native's library first
             manifest["native_ops"] = {"domain": NATIVE_DOMAIN, "ops": sorted(
-                {op for phase in PHASES for op, n in quantized[phase].items() if n and op in NATIVE_OPS})}
+                {op for counts in quantized.values() for op, n in counts.items() if n and op in NATIVE_OPS})}
         if not graphs_only:
             manifest["weights"]["fingerprint"] = fingerprint(tmp / WEIGHTS_FILE)
         else:

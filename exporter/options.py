@@ -44,7 +44,7 @@ class ExportOptions:
     lm_head_bits: int = 8  # lm_head's bits with `weights` (model/quant.py: 8, as llama.cpp keeps its output layer wider)
     accuracy_level: int | None = None  # None: the kernels' measured setting (lowering/quantize.py)
     calibration: str | None = None  # a text file: quantization scales chosen by the activations on it (model/calibration.py)
-    native_kernels: bool = False  # with `weights` on CPU: dscompile's own ONNX Runtime kernels (runtime/native)
+    native_kernels: bool = False  # float32 on CPU: dscompile's own ONNX Runtime kernels (runtime/native)
     # passes
     absorb: str = "auto"  # MLA absorption: auto (cost model), fold, reassociate or none
     fuse_moe: bool = True
@@ -169,11 +169,10 @@ class ExportOptions:
     def _check_native(self, scheme: Scheme | None) -> None:
         if not self.native_kernels:
             return
-        if scheme is None or self.device != "cpu" or self.target != "onnxruntime" or self.dtype != "float32" \
-                or self.tp > 1 or self.ep > 1:
-            raise OptionError("--native-kernels: dscompile's native kernels serve quantized float32 engines for ONNX "
-                              "Runtime's CPU provider on one device: use them with --weights int4|int8, --device cpu, "
-                              "--target onnxruntime, --dtype float32, no --tp/--ep")
+        if self.device != "cpu" or self.target != "onnxruntime" or self.dtype != "float32" or self.tp > 1 or self.ep > 1:
+            raise OptionError("--native-kernels: dscompile's native kernels serve float32 engines (quantized or not) "
+                              "for ONNX Runtime's CPU provider on one device: use them with --device cpu, --target "
+                              "onnxruntime, --dtype float32, no --tp/--ep")
         from dscompile.runtime.native import unavailable  # noqa: PLC0415 - a file check, no ONNX Runtime
 
         why = unavailable()

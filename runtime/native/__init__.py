@@ -10,7 +10,10 @@ computes. The library (domain ai.dscompile) adds:
   7.3-7.7 against 10.5-11.2 ms for one token (33-34 against 25-27 GB/s of weights), 185-197 against
   416-448 ms for 128 tokens (benchmarks/native_q4.py);
 - `HeadsMatMulQ8` (heads_q8.cc): MLA's absorbed per-head W_UK / W_UV in int8, which quantized engines
-  otherwise keep in float32 (MatMulNBits takes one 2-D weight, not a batch of heads).
+  otherwise keep in float32 (MatMulNBits takes one 2-D weight, not a batch of heads);
+- `MatMulF32`/`LinearF32` (f32.cc) and `MoEF32` (moe.cc): a float32 engine's decode step (its linear
+  layers and routed experts, lowering/native_f32.py), reading the weights where ONNX Runtime maps them
+  (floats.h), so the prefill graph's MatMul/Gemm/MoE share them.
 Engines exported with `--native-kernels` carry these nodes; the manifest lists the ops (`native_ops`),
 and every session that opens such a graph registers the library first (`register`).
 
@@ -39,10 +42,10 @@ from dscompile.errors import DscompileError, EngineError, first_line
 from dscompile.runtime.home import cache_home
 
 DOMAIN = "ai.dscompile"
-OPS = ("HeadsMatMulQ8", "MatMulQ4", "MatMulQ8", "MoEQ4", "MoEQ8")
+OPS = ("HeadsMatMulQ8", "LinearF32", "MatMulF32", "MatMulQ4", "MatMulQ8", "MoEF32", "MoEQ4", "MoEQ8")
 # The library's files: register.cc adds every op; native.h is what they share.
-SOURCES = tuple(Path(__file__).with_name(f) for f in ("register.cc", "heads_q8.cc", "matmul.cc", "moe.cc"))
-HEADERS = tuple(Path(__file__).with_name(f) for f in ("native.h", "panels.h"))
+SOURCES = tuple(Path(__file__).with_name(f) for f in ("register.cc", "f32.cc", "heads_q8.cc", "matmul.cc", "moe.cc"))
+HEADERS = tuple(Path(__file__).with_name(f) for f in ("floats.h", "native.h", "panels.h"))
 LIBRARY = "libdscompile_native.so"
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-mf16c", "-mfma", "-shared", "-fPIC", "-std=c++17"]
 HEADER = "onnxruntime_lite_custom_op.h"

@@ -14,6 +14,12 @@
 // accuracy_level 4 do), then fc1 runs as tasks of (expert, panel of 16 rows) over the expert's slots,
 // silu(g) * u is quantized again, fc2 runs the same way, and each token sums its slots. Only the chosen
 // experts' weights are read.
+//
+// MoEF32 (lowering/native_f32.py, the decode graphs of float32 engines exported with --native-kernels) is
+// com.microsoft.MoE's float32 experts with the same routing, read where they lie (floats.h):
+//   x [T, D], router [T, E], fc1 float32 [E, 2I, D] (gate and up rows interleaved), fc2 float32 [E, D, I];
+//   attribute k -> y [T, D] as above, with the slots' rows in float32 and tasks of (expert, kRows rows).
+#include "floats.h"
 #include "native.h"
 #include "panels.h"
 
@@ -23,6 +29,8 @@
 #include <vector>
 
 namespace {
+
+constexpr int64_t kRows = 16;  // MoEF32: weight rows per task
 
 struct Matrix {
   const uint8_t* w;   // [E, count, K/32, bits * 64]
@@ -43,6 +51,8 @@ struct Job {
   panels::Activations rows;           // slot rows quantized: x for fc1 (K = D), then the activation (K = I)
   std::vector<float> h, out;
   float* y;
+  const float *f1 = nullptr, *f2 = nullptr;  // MoEF32: fc1 [E, 2I, D], fc2 [E, D, I]
+  std::vector<float> a;                      // MoEF32: the slots' rows: x for fc1 (D), then silu(g) * u (I)
 };
 
 void QuantizeInput(void* data, size_t slot) {
@@ -95,13 +105,77 @@ void Combine(void* data, size_t t) {
   }
 }
 
-// (expert, panel) tasks of `m` for every expert with slots.
-std::vector<std::pair<int64_t, int64_t>> Tasks(const Job& j, const Matrix& m, int64_t E) {
+// (expert, part) tasks, `parts` per expert (a matrix's panels or groups of rows), for every expert with slots.
+std::vector<std::pair<int64_t, int64_t>> Tasks(const Job& j, int64_t parts, int64_t E) {
   std::vector<std::pair<int64_t, int64_t>> tasks;
   for (int64_t e = 0; e < E; ++e)
     if (j.first[e + 1] > j.first[e])
-      for (int64_t p = 0; p < m.count; ++p) tasks.emplace_back(e, p);
+      for (int64_t p = 0; p < parts; ++p) tasks.emplace_back(e, p);
   return tasks;
+}
+
+// Routing: each token's k largest router values [T, E], their softmax; slots ordered by expert (j.k set).
+void Route(const float* r, int64_t T, int64_t E, Job& j) {
+  std::vector<int64_t> chosen(T * j.k), order(E);
+  std::vector<float> weight(T * j.k);
+  std::vector<int64_t> count(E + 1, 0);
+  for (int64_t t = 0; t < T; ++t) {
+    const float* row = r + t * E;
+    for (int64_t e = 0; e < E; ++e) order[e] = e;
+    std::partial_sort(order.begin(), order.begin() + j.k, order.end(),
+                      [row](int64_t a, int64_t b) { return row[a] > row[b] || (row[a] == row[b] && a < b); });
+    const float top = row[order[0]];
+    float total = 0.0f;
+    for (int64_t c = 0; c < j.k; ++c) {
+      chosen[t * j.k + c] = order[c];
+      weight[t * j.k + c] = std::exp(row[order[c]] - top);
+      total += weight[t * j.k + c];
+      ++count[order[c] + 1];
+    }
+    for (int64_t c = 0; c < j.k; ++c) weight[t * j.k + c] /= total;
+  }
+  j.first.assign(E + 1, 0);
+  for (int64_t e = 0; e < E; ++e) j.first[e + 1] = j.first[e] + count[e + 1];
+  const int64_t S = T * j.k;
+  j.token.resize(S), j.mix.resize(S), j.slots.resize(S);
+  std::vector<int64_t> next(j.first.begin(), j.first.end() - 1);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t c = 0; c < j.k; ++c) {
+      const int64_t slot = next[chosen[t * j.k + c]]++;
+      j.token[slot] = t, j.mix[slot] = weight[t * j.k + c], j.slots[t * j.k + c] = slot;
+    }
+}
+
+// MoEF32's steps: gather x per slot; fc1 and fc2 tasks of (expert, kRows rows); silu(g) * u per slot.
+void GatherInput(void* data, size_t slot) {
+  Job& j = *static_cast<Job*>(data);
+  std::copy_n(j.x + j.token[slot] * j.D, j.D, j.a.data() + slot * j.D);
+}
+
+void Fc1F32(void* data, size_t index) {
+  Job& j = *static_cast<Job*>(data);
+  const auto [e, c] = j.tasks[index];
+  const int64_t first = j.first[e], count = j.first[e + 1] - first, n0 = c * kRows;
+  floats::Rows(j.f1 + e * 2 * j.I * j.D, j.D, n0, std::min(n0 + kRows, 2 * j.I), j.a.data() + first * j.D, j.D, count,
+               j.h.data() + first * 2 * j.I, 2 * j.I);
+}
+
+void ActivateF32(void* data, size_t slot) {
+  Job& j = *static_cast<Job*>(data);
+  const float* h = j.h.data() + slot * 2 * j.I;
+  float* a = j.a.data() + slot * j.I;
+  for (int64_t i = 0; i < j.I; ++i) {
+    const float g = h[2 * i], u = h[2 * i + 1];
+    a[i] = g / (1.0f + std::exp(-g)) * u;
+  }
+}
+
+void Fc2F32(void* data, size_t index) {
+  Job& j = *static_cast<Job*>(data);
+  const auto [e, c] = j.tasks[index];
+  const int64_t first = j.first[e], count = j.first[e + 1] - first, n0 = c * kRows;
+  floats::Rows(j.f2 + e * j.D * j.I, j.I, n0, std::min(n0 + kRows, j.D), j.a.data() + first * j.I, j.I, count,
+               j.out.data() + first * j.D, j.D);
 }
 
 template <int Bits>
@@ -144,45 +218,17 @@ struct MoEQ {
     }
     j.y = y.Allocate({T, D});
     if (T == 0) return;
-    // Routing: each token's k largest router values, their softmax; slots ordered by expert.
-    const float* r = router.Data();
-    std::vector<int64_t> chosen(T * j.k), order(E);
-    std::vector<float> weight(T * j.k);
-    std::vector<int64_t> count(E + 1, 0);
-    for (int64_t t = 0; t < T; ++t) {
-      const float* row = r + t * E;
-      for (int64_t e = 0; e < E; ++e) order[e] = e;
-      std::partial_sort(order.begin(), order.begin() + j.k, order.end(),
-                        [row](int64_t a, int64_t b) { return row[a] > row[b] || (row[a] == row[b] && a < b); });
-      const float top = row[order[0]];
-      float total = 0.0f;
-      for (int64_t c = 0; c < j.k; ++c) {
-        chosen[t * j.k + c] = order[c];
-        weight[t * j.k + c] = std::exp(row[order[c]] - top);
-        total += weight[t * j.k + c];
-        ++count[order[c] + 1];
-      }
-      for (int64_t c = 0; c < j.k; ++c) weight[t * j.k + c] /= total;
-    }
-    j.first.assign(E + 1, 0);
-    for (int64_t e = 0; e < E; ++e) j.first[e + 1] = j.first[e] + count[e + 1];
+    Route(router.Data(), T, E, j);
     const int64_t S = T * j.k;
-    j.token.resize(S), j.mix.resize(S), j.slots.resize(S);
-    std::vector<int64_t> next(j.first.begin(), j.first.end() - 1);
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t c = 0; c < j.k; ++c) {
-        const int64_t slot = next[chosen[t * j.k + c]]++;
-        j.token[slot] = t, j.mix[slot] = weight[t * j.k + c], j.slots[t * j.k + c] = slot;
-      }
     j.h.resize(S * 2 * I), j.out.resize(S * D);
     Ort::KernelContext ctx(context);
     j.rows.Reset(S, D);
     ctx.ParallelFor(QuantizeInput, static_cast<size_t>(S), 0, &j);
-    j.tasks = Tasks(j, j.fc1, E);
+    j.tasks = Tasks(j, j.fc1.count, E);
     ctx.ParallelFor(Fc1<Bits>, j.tasks.size(), 0, &j);
     j.rows.Reset(S, I);
     ctx.ParallelFor(Activate, static_cast<size_t>(S), 0, &j);
-    j.tasks = Tasks(j, j.fc2, E);
+    j.tasks = Tasks(j, j.fc2.count, E);
     ctx.ParallelFor(Fc2<Bits>, j.tasks.size(), 0, &j);
     ctx.ParallelFor(Combine, static_cast<size_t>(T), 0, &j);
   }
@@ -191,7 +237,44 @@ struct MoEQ {
   std::vector<std::unique_ptr<panels::HugeCopy>> weights_;  // fc1, its scales, fc2, its scales on huge pages
 };
 
+struct MoEF32 {
+  MoEF32(const OrtApi*, const OrtKernelInfo* info) { k_ = Ort::ConstKernelInfo(info).GetAttribute<int64_t>("k"); }
+
+  void Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& x, const Ort::Custom::Tensor<float>& router,
+               const Ort::Custom::Tensor<float>& w1, const Ort::Custom::Tensor<float>& w2, Ort::Custom::Tensor<float>& y) {
+    const auto xs = x.Shape(), rs = router.Shape(), s1 = w1.Shape(), s2 = w2.Shape();
+    if (xs.size() != 2 || rs.size() != 2 || rs[0] != xs[0] || s1.size() != 3 || s2.size() != 3 || s1[0] != rs[1] ||
+        s2[0] != rs[1] || s1[2] != xs[1] || s2[1] != xs[1] || s1[1] != 2 * s2[2] || k_ < 1) {
+      ORT_CXX_API_THROW("MoEF32: expected x [T, D], router [T, E], fc1 [E, 2I, D], fc2 [E, D, I] and k >= 1",
+                        ORT_INVALID_ARGUMENT);
+    }
+    const int64_t T = xs[0], D = xs[1], E = rs[1], I = s2[2];
+    Job j;
+    j.x = x.Data(), j.f1 = w1.Data(), j.f2 = w2.Data();
+    j.T = T, j.D = D, j.I = I, j.k = std::min(k_, E);
+    j.y = y.Allocate({T, D});
+    if (T == 0) return;
+    Route(router.Data(), T, E, j);
+    const int64_t S = T * j.k;
+    j.a.resize(S * std::max(D, I)), j.h.resize(S * 2 * I), j.out.resize(S * D);
+    Ort::KernelContext ctx(context);
+    ctx.ParallelFor(GatherInput, static_cast<size_t>(S), 0, &j);
+    j.tasks = Tasks(j, (2 * I + kRows - 1) / kRows, E);
+    ctx.ParallelFor(Fc1F32, j.tasks.size(), 0, &j);
+    ctx.ParallelFor(ActivateF32, static_cast<size_t>(S), 0, &j);
+    j.tasks = Tasks(j, (D + kRows - 1) / kRows, E);
+    ctx.ParallelFor(Fc2F32, j.tasks.size(), 0, &j);
+    ctx.ParallelFor(Combine, static_cast<size_t>(T), 0, &j);
+  }
+
+  int64_t k_;
+};
+
 }  // namespace
+
+Ort::Custom::OrtLiteCustomOp* NewMoEF32() {
+  return Ort::Custom::CreateLiteCustomOp<MoEF32>("MoEF32", "CPUExecutionProvider");
+}
 
 Ort::Custom::OrtLiteCustomOp* NewMoEQ4() {
   return Ort::Custom::CreateLiteCustomOp<MoEQ<4>>("MoEQ4", "CPUExecutionProvider");

@@ -7,7 +7,10 @@
 #include <onnxruntime_lite_custom_op.h>
 
 Ort::Custom::OrtLiteCustomOp* NewHeadsMatMulQ8();  // heads_q8.cc
+Ort::Custom::OrtLiteCustomOp* NewLinearF32();      // f32.cc
+Ort::Custom::OrtLiteCustomOp* NewMatMulF32();      // f32.cc
 Ort::Custom::OrtLiteCustomOp* NewMatMulQ4();       // matmul.cc
 Ort::Custom::OrtLiteCustomOp* NewMatMulQ8();       // matmul.cc
+Ort::Custom::OrtLiteCustomOp* NewMoEF32();         // moe.cc
 Ort::Custom::OrtLiteCustomOp* NewMoEQ4();          // moe.cc
 Ort::Custom::OrtLiteCustomOp* NewMoEQ8();          // moe.cc

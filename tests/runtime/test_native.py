@@ -1,5 +1,5 @@
-"""runtime/native: dscompile's own ONNX Runtime kernels (ai.dscompile.HeadsMatMulQ8, MatMulQ4) and
-`export --native-kernels`.
+"""runtime/native: dscompile's own ONNX Runtime kernels (ai.dscompile: the quantized HeadsMatMulQ8,
+MatMulQ4/Q8 and MoEQ4/Q8; the float32 MatMulF32, LinearF32 and MoEF32) and `export --native-kernels`.
 
 The kernel and the engines that use it need the library built here: g++, ONNX Runtime's C/C++ API
 headers (DSCOMPILE_ORT_INCLUDE, or /usr/include/onnxruntime) and an AVX-512 CPU; those tests skip
@@ -144,6 +144,68 @@ def test_a_shape_the_kernel_does_not_take_is_refused_by_the_kernel():
         session.run(None, {"x": np.ones((1, 2, 1, 48), np.float32)})
 
 
+@needs_library
+@pytest.mark.parametrize("op", ["MatMulF32", "LinearF32"])
+@pytest.mark.parametrize("K,N,x_shape", [(64, 40, (1, 64)), (2048, 576, (1, 1, 2048)), (1037, 100, (3, 5, 1037)),
+                                         (130, 7, (7, 130)), (16, 3, (2, 16)), (512, 33, (0, 512))])
+def test_float32_linear_kernels_equal_the_product(op, K, N, x_shape):
+    # one row and several; K in one part and in several (MatMulF32 splits it into parts of 128 rows or more,
+    # summed after), K and N not multiples of 16 or 4 (the kernels' masked tails and groups of 4 weight
+    # rows), inputs of rank 2 and 3, and no rows at all; against float64 numpy
+    rng = np.random.default_rng(K + N)
+    w = (rng.standard_normal((K, N)) * np.linspace(0.1, 2, N)).astype(np.float32)  # MatMulF32's [K, N]
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    weight = w if op == "MatMulF32" else np.ascontiguousarray(w.T)  # LinearF32's [N, K]
+    y = _session(op, {"x": list(x_shape)}, {"w": weight}).run(None, {"x": x})[0]
+    ref = x.astype(np.float64) @ w.astype(np.float64)
+    assert y.shape == (*x_shape[:-1], N)
+    if x.size:
+        assert np.abs(ref).max() > 1
+        assert np.abs(y - ref).max() / np.abs(ref).max() < 1e-5
+
+
+@needs_library
+@pytest.mark.parametrize("op, weight, what", [("MatMulF32", (48, 8), r"MatMulF32: expected x \[\.\.\., K\] and w \[K, N\]"),
+                                             ("LinearF32", (8, 48), r"LinearF32: expected x \[\.\.\., K\] and w \[N, K\]"),
+                                             ("MatMulF32", (2, 24, 8), r"MatMulF32: expected w \[K, N\]")])
+def test_float32_linear_kernels_refuse_shapes_they_do_not_take(op, weight, what):
+    with pytest.raises(Exception, match=what):
+        session = _session(op, {"x": [1, 24]}, {"w": np.ones(weight, np.float32)})
+        session.run(None, {"x": np.ones((1, 24), np.float32)})
+
+
+@needs_library
+@pytest.mark.parametrize("T,E,k,D,I", [(1, 16, 6, 256, 96), (9, 4, 2, 72, 40), (5, 8, 8, 32, 20)])
+def test_moe_f32_computes_what_onnxruntime_moe_does(T, E, k, D, I):
+    # com.microsoft.MoE as lowering/ops.py writes it (swiglu, interleaved fc1, routing weights as given) is
+    # the reference MoEF32 takes its place for; one token and several, every expert chosen (k = E), widths
+    # not multiples of 16
+    import onnxruntime as ort
+    from onnx import TensorProto as TP
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    rng = np.random.default_rng(T + E + D)
+    w1 = (rng.standard_normal((E, 2 * I, D)) / np.sqrt(D)).astype(np.float32)
+    w2 = (rng.standard_normal((E, D, I)) / np.sqrt(I)).astype(np.float32)
+    x = rng.standard_normal((T, D)).astype(np.float32)
+    router = np.full((T, E), -1e30, np.float32)
+    chosen = np.stack([rng.permutation(E)[:k] for _ in range(T)])
+    np.put_along_axis(router, chosen, np.log(rng.random((T, k)).astype(np.float32) + 0.1), axis=1)
+    y = _session("MoEF32", {"x": None, "router": None}, {"w1": w1, "w2": w2}, k=k).run(None, {"x": x, "router": router})[0]
+    node = h.make_node("MoE", ["x", "router", "w1", "", "w2"], ["y"], domain="com.microsoft", k=k,
+                       activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
+                       normalize_routing_weights=0)
+    graph = h.make_graph([node], "g", [h.make_tensor_value_info(n, TP.FLOAT, None) for n in ("x", "router")],
+                         [h.make_tensor_value_info("y", TP.FLOAT, None)], [nh.from_array(w1, "w1"), nh.from_array(w2, "w2")])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 21), h.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x, "router": router})[0]
+    assert y.shape == (T, D) and np.abs(ref).max() > 0.1
+    assert np.abs(y - ref).max() / np.abs(ref).max() < 1e-5
+
+
 # ---------------------------------------------------------------- engines exported with --native-kernels
 
 
@@ -213,6 +275,71 @@ def test_a_native_engine_computes_what_the_plain_one_does_up_to_the_int8_product
     assert 1e-7 < rel < 0.05, rel  # the product's int8 rounding and float16 scales: small, and there
 
 
+@pytest.fixture(scope="module")
+def float_engines(make_ckpt, small_limits, tmp_path_factory):
+    """(float32 OUT with --native-kernels, the same export without), of the one-layer V2-Lite-like checkpoint."""
+    ckpt = make_ckpt("v2-lite", layers=1, experts=4, hidden=32, vocab=64)
+    if WHY is not None:
+        pytest.skip(f"the native kernel library cannot be built here: {WHY}")
+    outs = []
+    for flag in (True, False):
+        out = tmp_path_factory.mktemp("native") / f"float32-{flag}"
+        export_checkpoint(ckpt, out, ExportOptions.within(small_limits, native_kernels=flag))
+        outs.append(out)
+    return outs
+
+
+def _ops(path) -> list[tuple[str, str]]:
+    return [(n.domain, n.op_type) for n in onnx.load(str(path), load_external_data=False).graph.node]
+
+
+@needs_library
+def test_a_float32_export_puts_the_decode_steps_weights_on_native_kernels_and_keeps_one_copy(float_engines):
+    out, plain = float_engines
+    manifest, theirs = (json.loads((o / "manifest.json").read_text()) for o in (out, plain))
+    assert manifest["native_ops"] == {"domain": DOMAIN, "ops": ["LinearF32", "MatMulF32", "MoEF32"]}
+    counts = manifest["graphs"]["decode"]["native_ops"]
+    plain_decode = _ops(plain / "decode.onnx")
+    assert counts["MoEF32"] == plain_decode.count(("com.microsoft", "MoE")) >= 1
+    assert counts["LinearF32"] >= 1 and counts["MatMulF32"] >= 3
+    for name in ("decode.onnx", manifest["graphs"]["decode"]["in_place"]["file"]):
+        graph = onnx.load(str(out / name), load_external_data=False).graph
+        weights = {t.name for t in graph.initializer}
+        # every 2-D weight's MatMul and Gemm and the experts moved; the absorbed per-head (3-D) MatMuls stay
+        left = [n for n in graph.node if n.op_type in ("Gemm", "MoE") or (n.op_type == "MatMul" and n.input[1] in weights
+                and len(next(t for t in graph.initializer if t.name == n.input[1]).dims) == 2)]
+        assert not left, [n.name for n in left]
+        assert sum(n.domain == DOMAIN for n in graph.node) == sum(counts.values())
+    # prefill keeps ONNX Runtime's kernels; the native nodes read the same initializers: one weights.bin
+    assert (DOMAIN, "MatMulF32") not in _ops(out / "prefill.onnx") and "native_ops" not in manifest["graphs"]["prefill"]
+    assert manifest["weights"]["bytes"] == theirs["weights"]["bytes"]
+    assert (out / "weights.bin").stat().st_size == (plain / "weights.bin").stat().st_size
+    assert "native_ops" not in theirs
+
+
+@needs_library
+def test_a_float32_native_engine_computes_what_the_plain_one_does(float_engines):
+    from dscompile.runtime.contract import position_ids
+    from dscompile.runtime.ort_engine import OrtEngine
+
+    out, plain = float_engines
+    results = []
+    for folder in (out, plain):
+        engine = OrtEngine.load(folder, provider="cpu")
+        ids = torch.tensor([[5, 9, 2, 33, 7], [1, 4, 60, 8, 12]])
+        mask = torch.ones_like(ids)
+        logits, cache = engine.step(ids, position_ids(mask), mask, None)
+        steps = [logits]
+        for token in ([[3], [11]], [[21], [40]]):  # decode steps of batch 2: the native kernels
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+            logits, cache = engine.step(torch.tensor(token), position_ids(mask)[:, -1:], mask, cache)
+            steps.append(logits)
+        results.append(torch.cat([s.reshape(-1) for s in steps]))
+    mine, theirs = results
+    assert float(theirs.abs().max()) > 0.1
+    assert float((mine - theirs).abs().max() / theirs.abs().max()) < 1e-5  # float32 both: the sums' order only
+
+
 def test_a_native_engine_where_the_library_cannot_be_built_is_refused_in_one_line(one_layer_ckpt, small_limits,
                                                                                  tmp_path, monkeypatch):
     # writing the graphs needs no library (the export is told it could build one); loading does
@@ -231,11 +358,11 @@ def test_a_native_engine_where_the_library_cannot_be_built_is_refused_in_one_lin
 
 
 @pytest.mark.parametrize("options, what", [
-    (dict(native_kernels=True), "--weights int4|int8"),
     (dict(native_kernels=True, weights="int4", device="cuda", dtype="float16"), "--device cpu"),
+    (dict(native_kernels=True, dtype="bfloat16"), "--dtype float32"),
     (dict(native_kernels=True, weights="int8", tp=2), "no --tp/--ep"),
 ])
-def test_native_kernels_serve_quantized_float32_cpu_engines_only(options, what):
+def test_native_kernels_serve_float32_cpu_engines_only(options, what):
     with pytest.raises(OptionError, match=f"--native-kernels: .*{what}"):
         ExportOptions(**options)
 
