@@ -229,7 +229,7 @@ class OrtEngine(Engine):
         self._any_in_place = DECODE_IN_PLACE in sessions and sessions.get(PREFILL) is sessions[DECODE_IN_PLACE]
         if DECODE_IN_PLACE in sessions:
             self._in_place = InPlaceBindings(sessions[DECODE_IN_PLACE], self._past, self._present,
-                                             _ONNX_TYPES[self.info.cache_dtype])
+                                             _ONNX_TYPES[self.info.cache_dtype], self.info.vocab_size)
         for name, session in sessions.items():
             got = [i.name for i in session.get_inputs()]
             want = [*STEP_INPUTS, *self._past]
