@@ -19,6 +19,11 @@ namespace floats {
 // 2048, 29-30 against 27-28 GB/s, a plain read 28-29; columns of 2048 x 10944, 31-39 against 30-34).
 constexpr int64_t kStreams = 8;
 
+// The kStreams rows of `w` (each `width` floats) read together from row `first`, the last of `count` repeated.
+inline void Streams(const float* w, int64_t width, int64_t first, int64_t count, const float* r[kStreams]) {
+  for (int64_t i = 0; i < kStreams; ++i) r[i] = w + (first + std::min(i, count - 1)) * width;
+}
+
 // Row form, w [N, K] (y = x wᵀ): y[m * ldy + n] = sum_k w[n * K + k] * x[m * ldx + k] for the rows n in
 // [n0, n1) and m < M. kStreams weight rows at a time (the last group repeats its last row, stored once),
 // each group held while every m is computed (from the second m on, they come from the caches).
@@ -29,7 +34,7 @@ inline void Rows(const float* w, int64_t K, int64_t n0, int64_t n1, const float*
   for (int64_t n = n0; n < n1; n += kStreams) {
     const int64_t count = std::min(kStreams, n1 - n);
     const float* r[kStreams];
-    for (int64_t i = 0; i < kStreams; ++i) r[i] = w + (n + std::min(i, count - 1)) * K;
+    Streams(w, K, n, count, r);
     for (int64_t m = 0; m < M; ++m) {
       const float* xm = x + m * ldx;
       __m512 s[kStreams];
@@ -58,7 +63,7 @@ inline void Columns(const float* w, int64_t K, int64_t N, int64_t k0, int64_t k1
   for (int64_t k = k0; k < k1; k += kStreams) {
     const int64_t count = std::min(kStreams, k1 - k);
     const float* r[kStreams];
-    for (int64_t i = 0; i < kStreams; ++i) r[i] = w + (k + std::min(i, count - 1)) * N;
+    Streams(w, N, k, count, r);
     const bool first = k == k0;
     for (int64_t m = 0; m < M; ++m) {
       const float* xm = x + m * K;

@@ -252,25 +252,27 @@ def test_the_export_writes_the_absorbed_product_as_a_native_node(engines):
     assert manifest["quantization"]["quantized_activations"] == {"MatMulQ4": True, "MatMulQ8": True, "MoEQ4": True}
 
 
-@needs_library
-def test_a_native_engine_computes_what_the_plain_one_does_up_to_the_int8_product(engines):
+def _generated(folder) -> torch.Tensor:
+    """The logits of a prefill of 2 rows of 5 tokens and two decode steps of batch 2 through the engine at
+    `folder`, flattened."""
     from dscompile.runtime.contract import position_ids
     from dscompile.runtime.ort_engine import OrtEngine
 
-    out, plain = engines
-    results = []
-    for folder in (out, plain):
-        engine = OrtEngine.load(folder, provider="cpu")
-        ids = torch.tensor([[5, 9, 2, 33, 7], [1, 4, 60, 8, 12]])
-        mask = torch.ones_like(ids)
-        logits, cache = engine.step(ids, position_ids(mask), mask, None)
-        steps = [logits]
-        for token in ([[3], [11]], [[21], [40]]):
-            mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
-            logits, cache = engine.step(torch.tensor(token), position_ids(mask)[:, -1:], mask, cache)
-            steps.append(logits)
-        results.append(torch.cat([s.reshape(-1) for s in steps]))
-    mine, theirs = results
+    engine = OrtEngine.load(folder, provider="cpu")
+    ids = torch.tensor([[5, 9, 2, 33, 7], [1, 4, 60, 8, 12]])
+    mask = torch.ones_like(ids)
+    logits, cache = engine.step(ids, position_ids(mask), mask, None)
+    steps = [logits]
+    for token in ([[3], [11]], [[21], [40]]):
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+        logits, cache = engine.step(torch.tensor(token), position_ids(mask)[:, -1:], mask, cache)
+        steps.append(logits)
+    return torch.cat([s.reshape(-1) for s in steps])
+
+
+@needs_library
+def test_a_native_engine_computes_what_the_plain_one_does_up_to_the_int8_product(engines):
+    mine, theirs = (_generated(folder) for folder in engines)
     rel = float((mine - theirs).norm() / theirs.norm())
     assert 1e-7 < rel < 0.05, rel  # the product's int8 rounding and float16 scales: small, and there
 
@@ -319,23 +321,7 @@ def test_a_float32_export_puts_the_decode_steps_weights_on_native_kernels_and_ke
 
 @needs_library
 def test_a_float32_native_engine_computes_what_the_plain_one_does(float_engines):
-    from dscompile.runtime.contract import position_ids
-    from dscompile.runtime.ort_engine import OrtEngine
-
-    out, plain = float_engines
-    results = []
-    for folder in (out, plain):
-        engine = OrtEngine.load(folder, provider="cpu")
-        ids = torch.tensor([[5, 9, 2, 33, 7], [1, 4, 60, 8, 12]])
-        mask = torch.ones_like(ids)
-        logits, cache = engine.step(ids, position_ids(mask), mask, None)
-        steps = [logits]
-        for token in ([[3], [11]], [[21], [40]]):  # decode steps of batch 2: the native kernels
-            mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
-            logits, cache = engine.step(torch.tensor(token), position_ids(mask)[:, -1:], mask, cache)
-            steps.append(logits)
-        results.append(torch.cat([s.reshape(-1) for s in steps]))
-    mine, theirs = results
+    mine, theirs = (_generated(folder) for folder in float_engines)  # its decode steps: the native kernels
     assert float(theirs.abs().max()) > 0.1
     assert float((mine - theirs).abs().max() / theirs.abs().max()) < 1e-5  # float32 both: the sums' order only
 
