@@ -209,20 +209,24 @@ def test_moe_f32_computes_what_onnxruntime_moe_does(T, E, k, D, I):
 # ---------------------------------------------------------------- engines exported with --native-kernels
 
 
-@pytest.fixture(scope="module")
-def engines(make_ckpt, small_limits, tmp_path_factory):
-    """(int4 OUT with --native-kernels, the same export without), of a one-layer V2-Lite-like checkpoint (no
-    q_lora: its dims are multiples of MatMulQ4's blocks of 32)."""
+def _with_and_without(make_ckpt, small_limits, tmp_path_factory, name: str, **options) -> list:
+    """(OUT exported with --native-kernels, the same export without) of a one-layer V2-Lite-like checkpoint (no
+    q_lora: its dims are multiples of MatMulQ4's blocks of 32), with the export `options`."""
     ckpt = make_ckpt("v2-lite", layers=1, experts=4, hidden=32, vocab=64)
     if WHY is not None:
         pytest.skip(f"the native kernel library cannot be built here: {WHY}")
     outs = []
     for flag in (True, False):
-        out = tmp_path_factory.mktemp("native") / f"int4-{flag}"
-        export_checkpoint(ckpt, out, ExportOptions.within(small_limits, weights="int4", block_size=32,
-                                                                    native_kernels=flag))
+        out = tmp_path_factory.mktemp("native") / f"{name}-{flag}"
+        export_checkpoint(ckpt, out, ExportOptions.within(small_limits, native_kernels=flag, **options))
         outs.append(out)
     return outs
+
+
+@pytest.fixture(scope="module")
+def engines(make_ckpt, small_limits, tmp_path_factory):
+    """int4 (with and without --native-kernels)."""
+    return _with_and_without(make_ckpt, small_limits, tmp_path_factory, "int4", weights="int4", block_size=32)
 
 
 @needs_library
@@ -279,16 +283,8 @@ def test_a_native_engine_computes_what_the_plain_one_does_up_to_the_int8_product
 
 @pytest.fixture(scope="module")
 def float_engines(make_ckpt, small_limits, tmp_path_factory):
-    """(float32 OUT with --native-kernels, the same export without), of the one-layer V2-Lite-like checkpoint."""
-    ckpt = make_ckpt("v2-lite", layers=1, experts=4, hidden=32, vocab=64)
-    if WHY is not None:
-        pytest.skip(f"the native kernel library cannot be built here: {WHY}")
-    outs = []
-    for flag in (True, False):
-        out = tmp_path_factory.mktemp("native") / f"float32-{flag}"
-        export_checkpoint(ckpt, out, ExportOptions.within(small_limits, native_kernels=flag))
-        outs.append(out)
-    return outs
+    """float32 (with and without --native-kernels)."""
+    return _with_and_without(make_ckpt, small_limits, tmp_path_factory, "float32")
 
 
 def _ops(path) -> list[tuple[str, str]]:
