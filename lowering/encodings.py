@@ -6,7 +6,8 @@
 - `_Panels` / `panels`: dscompile's native MatMulQ4/Q8 and MoEQ4/Q8 (runtime/native/matmul.cc gives the
   layout): the scheme's integers in panels of 16 output rows, float16 scales.
 - `_HeadsInt8`: the native HeadsMatMulQ8's absorbed per-head products in int8.
-The checker's schemas of the native ops are registered here too. lowering/quantize.py writes the nodes.
+The checker's schemas of the native ops are registered here too (float32 ones included). lowering/quantize.py
+and lowering/native_f32.py write the nodes.
 """
 
 from __future__ import annotations
@@ -19,36 +20,36 @@ from dscompile.runtime.native import DOMAIN as NATIVE_DOMAIN
 
 
 def _register_native_schema() -> None:
-    """The checker's schemas of ai.dscompile.HeadsMatMulQ8, MatMulQ4/Q8 and MoEQ4/Q8 (runtime/native/)."""
+    """The checker's schemas of ai.dscompile's ops (runtime/native/): HeadsMatMulQ8, MatMulQ4/Q8 and MoEQ4/Q8
+    (lowering/quantize.py writes them), MatMulF32, LinearF32 and MoEF32 (lowering/native_f32.py)."""
     P = onnx.defs.OpSchema.FormalParameter
     A, AT = onnx.defs.OpSchema.Attribute, onnx.defs.OpSchema.AttrType
-    try:
-        onnx.defs.get_schema("HeadsMatMulQ8", 1, NATIVE_DOMAIN)
-    except onnx.defs.SchemaError:
-        onnx.defs.register_schema(onnx.defs.OpSchema(
-            "HeadsMatMulQ8", NATIVE_DOMAIN, 1, doc="dscompile native op: per-head matmul with int8 weights.",
-            inputs=[P("x", "T"), P("w", "T8"), P("scales", "T")], outputs=[P("y", "T")],
-            type_constraints=[("T", ["tensor(float)"], "activations and scales"), ("T8", ["tensor(int8)"], "weights")]))
+    float_only = [("T", ["tensor(float)"], "activations and weights")]
+    panel_types = [("T", ["tensor(float)"], "activations"), ("TW", ["tensor(uint8)"], "panels"),
+                   ("TS", ["tensor(float16)"], "scales")]
+
+    def register(op: str, doc: str, inputs: list[str], types: list, attributes=()) -> None:
+        """`inputs`: "name:T" each; output y of type T."""
+        try:
+            onnx.defs.get_schema(op, 1, NATIVE_DOMAIN)
+        except onnx.defs.SchemaError:
+            onnx.defs.register_schema(onnx.defs.OpSchema(
+                op, NATIVE_DOMAIN, 1, doc=f"dscompile native op: {doc}.",
+                inputs=[P(*i.split(":")) for i in inputs], outputs=[P("y", "T")], type_constraints=types,
+                attributes=list(attributes)))
+
+    register("HeadsMatMulQ8", "per-head matmul with int8 weights", ["x:T", "w:T8", "scales:T"],
+             [("T", ["tensor(float)"], "activations and scales"), ("T8", ["tensor(int8)"], "weights")])
     for bits in (4, 8):
-        try:
-            onnx.defs.get_schema(f"MatMulQ{bits}", 1, NATIVE_DOMAIN)
-        except onnx.defs.SchemaError:
-            onnx.defs.register_schema(onnx.defs.OpSchema(
-                f"MatMulQ{bits}", NATIVE_DOMAIN, 1, doc=f"dscompile native op: linear layer with int{bits} weights in "
-                "row panels.", inputs=[P("x", "T"), P("w", "TW"), P("scales", "TS")], outputs=[P("y", "T")],
-                type_constraints=[("T", ["tensor(float)"], "activations"), ("TW", ["tensor(uint8)"], "panels"),
-                                  ("TS", ["tensor(float16)"], "scales")],
-                attributes=[A("K", AT.INT, "input features"), A("N", AT.INT, "output features")]))
-        try:
-            onnx.defs.get_schema(f"MoEQ{bits}", 1, NATIVE_DOMAIN)
-        except onnx.defs.SchemaError:
-            onnx.defs.register_schema(onnx.defs.OpSchema(
-                f"MoEQ{bits}", NATIVE_DOMAIN, 1, doc=f"dscompile native op: routed experts with int{bits} weights in "
-                "row panels.", inputs=[P("x", "T"), P("router", "T"), P("fc1", "TW"), P("fc1_scales", "TS"),
-                                       P("fc2", "TW"), P("fc2_scales", "TS")], outputs=[P("y", "T")],
-                type_constraints=[("T", ["tensor(float)"], "activations"), ("TW", ["tensor(uint8)"], "panels"),
-                                  ("TS", ["tensor(float16)"], "scales")],
-                attributes=[A("k", AT.INT, "experts per token"), A("I", AT.INT, "expert intermediate size")]))
+        register(f"MatMulQ{bits}", f"linear layer with int{bits} weights in row panels", ["x:T", "w:TW", "scales:TS"],
+                 panel_types, [A("K", AT.INT, "input features"), A("N", AT.INT, "output features")])
+        register(f"MoEQ{bits}", f"routed experts with int{bits} weights in row panels",
+                 ["x:T", "router:T", "fc1:TW", "fc1_scales:TS", "fc2:TW", "fc2_scales:TS"], panel_types,
+                 [A("k", AT.INT, "experts per token"), A("I", AT.INT, "expert intermediate size")])
+    register("MatMulF32", "linear layer over a float32 weight [K, N]", ["x:T", "w:T"], float_only)
+    register("LinearF32", "linear layer over a float32 weight [N, K]", ["x:T", "w:T"], float_only)
+    register("MoEF32", "routed experts with float32 weights", ["x:T", "router:T", "fc1:T", "fc2:T"], float_only,
+             [A("k", AT.INT, "experts per token")])
 
 
 _register_native_schema()

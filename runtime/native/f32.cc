@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace {
@@ -26,19 +27,33 @@ constexpr int64_t kPartRows = 128;  // each of this many rows at least
 constexpr int64_t kSumWidth = 1024;  // MatMulF32: columns per task of the parts' sum
 constexpr int64_t kRows = 16;       // LinearF32: output rows per task
 
-// Output shape: x's with the last dimension N; refuses x whose last dimension is not K.
-std::vector<int64_t> OutShape(const std::vector<int64_t>& xs, int64_t K, int64_t N, const char* error) {
-  if (xs.empty() || xs.back() != K) ORT_CXX_API_THROW(error, ORT_INVALID_ARGUMENT);
-  std::vector<int64_t> shape(xs.begin(), xs.end());
-  shape.back() = N;
-  return shape;
-}
+// Op `op`'s x [..., K] against w ([K, N], or [N, K] with `rows`), y allocated as [..., N]: M (x's rows), K, N
+// and y's data, which is nullptr where nothing is left to compute (no rows or outputs; K = 0: y set to 0).
+struct Product {
+  int64_t M, K, N;
+  float* y;
+};
 
-// The rows of x [..., K]: the product of its leading dimensions.
-int64_t Leading(const std::vector<int64_t>& xs) {
-  int64_t M = 1;
-  for (size_t i = 0; i + 1 < xs.size(); ++i) M *= xs[i];
-  return M;
+Product Prepare(const Ort::Custom::Tensor<float>& x, const Ort::Custom::Tensor<float>& w, Ort::Custom::Tensor<float>& y,
+                bool rows, const std::string& op) {
+  const auto xs = x.Shape(), ws = w.Shape();
+  const std::string layout = rows ? "w [N, K]" : "w [K, N]";
+  if (ws.size() != 2) ORT_CXX_API_THROW(op + ": expected " + layout, ORT_INVALID_ARGUMENT);
+  if (xs.empty() || xs.back() != ws[rows ? 1 : 0]) {
+    ORT_CXX_API_THROW(op + ": expected x [..., K] and " + layout, ORT_INVALID_ARGUMENT);
+  }
+  Product p{1, xs.back(), ws[rows ? 0 : 1], nullptr};
+  std::vector<int64_t> shape(xs.begin(), xs.end());
+  shape.back() = p.N;
+  float* out = y.Allocate(shape);
+  for (size_t i = 0; i + 1 < xs.size(); ++i) p.M *= xs[i];
+  if (p.M == 0 || p.N == 0) return p;
+  if (p.K == 0) {
+    std::fill(out, out + p.M * p.N, 0.0f);
+    return p;
+  }
+  p.y = out;
+  return p;
 }
 
 struct ColumnsJob {
@@ -75,23 +90,18 @@ struct MatMulF32 {
 
   void Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& x, const Ort::Custom::Tensor<float>& w,
                Ort::Custom::Tensor<float>& y) {
-    const auto ws = w.Shape();
-    if (ws.size() != 2) ORT_CXX_API_THROW("MatMulF32: expected w [K, N]", ORT_INVALID_ARGUMENT);
-    const int64_t K = ws[0], N = ws[1];
-    float* out = y.Allocate(OutShape(x.Shape(), K, N, "MatMulF32: expected x [..., K] and w [K, N]"));
-    const int64_t M = Leading(x.Shape());
-    if (M == 0 || N == 0) return;
-    if (K == 0) return std::fill(out, out + M * N, 0.0f);
+    const Product p = Prepare(x, w, y, false, "MatMulF32");
+    if (p.y == nullptr) return;
     // Each calling thread's parts: kept between calls (a decode step runs the op tens of times).
     static thread_local std::vector<float> partial;
-    ColumnsJob job{x.Data(), w.Data(), M, K, N, std::clamp<int64_t>(K / kPartRows, 1, kParts), nullptr, out};
+    ColumnsJob job{x.Data(), w.Data(), p.M, p.K, p.N, std::clamp<int64_t>(p.K / kPartRows, 1, kParts), nullptr, p.y};
     if (job.parts > 1) {
-      partial.resize(job.parts * M * N);
+      partial.resize(job.parts * p.M * p.N);
       job.partial = partial.data();
     }
     Ort::KernelContext ctx(context);
     ctx.ParallelFor(ColumnsPart, static_cast<size_t>(job.parts), 0, &job);
-    if (job.parts > 1) ctx.ParallelFor(SumParts, static_cast<size_t>((N + kSumWidth - 1) / kSumWidth), 0, &job);
+    if (job.parts > 1) ctx.ParallelFor(SumParts, static_cast<size_t>((p.N + kSumWidth - 1) / kSumWidth), 0, &job);
   }
 };
 
@@ -112,15 +122,10 @@ struct LinearF32 {
 
   void Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& x, const Ort::Custom::Tensor<float>& w,
                Ort::Custom::Tensor<float>& y) {
-    const auto ws = w.Shape();
-    if (ws.size() != 2) ORT_CXX_API_THROW("LinearF32: expected w [N, K]", ORT_INVALID_ARGUMENT);
-    const int64_t N = ws[0], K = ws[1];
-    float* out = y.Allocate(OutShape(x.Shape(), K, N, "LinearF32: expected x [..., K] and w [N, K]"));
-    const int64_t M = Leading(x.Shape());
-    if (M == 0 || N == 0) return;
-    if (K == 0) return std::fill(out, out + M * N, 0.0f);
-    RowsJob job{x.Data(), w.Data(), M, K, N, out};
-    Ort::KernelContext(context).ParallelFor(RowsTask, static_cast<size_t>((N + kRows - 1) / kRows), 0, &job);
+    const Product p = Prepare(x, w, y, true, "LinearF32");
+    if (p.y == nullptr) return;
+    RowsJob job{x.Data(), w.Data(), p.M, p.K, p.N, p.y};
+    Ort::KernelContext(context).ParallelFor(RowsTask, static_cast<size_t>((p.N + kRows - 1) / kRows), 0, &job);
   }
 };
 

@@ -80,16 +80,20 @@ void Fc2(void* data, size_t index) {
   Run<Bits>(j, j.fc2, index, j.out.data(), j.D);
 }
 
-// silu(g) * u of one slot (g, u interleaved in h), quantized for fc2.
+// a[i] = silu(g_i) * u_i of one slot's fc1 outputs h (g, u interleaved), I of them.
+void SwiGlu(const float* h, int64_t I, float* a) {
+  for (int64_t i = 0; i < I; ++i) {
+    const float g = h[2 * i], u = h[2 * i + 1];
+    a[i] = g / (1.0f + std::exp(-g)) * u;
+  }
+}
+
+// silu(g) * u of one slot, quantized for fc2.
 void Activate(void* data, size_t slot) {
   Job& j = *static_cast<Job*>(data);
   static thread_local std::vector<float> a;
   a.resize(j.I);
-  const float* h = j.h.data() + slot * 2 * j.I;
-  for (int64_t i = 0; i < j.I; ++i) {
-    const float g = h[2 * i], u = h[2 * i + 1];
-    a[i] = g / (1.0f + std::exp(-g)) * u;
-  }
+  SwiGlu(j.h.data() + slot * 2 * j.I, j.I, a.data());
   j.rows.Quantize(a.data(), static_cast<int64_t>(slot));
 }
 
@@ -152,30 +156,27 @@ void GatherInput(void* data, size_t slot) {
   std::copy_n(j.x + j.token[slot] * j.D, j.D, j.a.data() + slot * j.D);
 }
 
-void Fc1F32(void* data, size_t index) {
-  Job& j = *static_cast<Job*>(data);
+// Task `index` of a float32 stack w [E, N, K] (expert e, rows kRows * c on) over e's slots' rows of `in`
+// (K values each); outputs at `out` + slot * N.
+void RunF32(const Job& j, const float* w, int64_t N, int64_t K, size_t index, const float* in, float* out) {
   const auto [e, c] = j.tasks[index];
   const int64_t first = j.first[e], count = j.first[e + 1] - first, n0 = c * kRows;
-  floats::Rows(j.f1 + e * 2 * j.I * j.D, j.D, n0, std::min(n0 + kRows, 2 * j.I), j.a.data() + first * j.D, j.D, count,
-               j.h.data() + first * 2 * j.I, 2 * j.I);
+  floats::Rows(w + e * N * K, K, n0, std::min(n0 + kRows, N), in + first * K, K, count, out + first * N, N);
+}
+
+void Fc1F32(void* data, size_t index) {
+  Job& j = *static_cast<Job*>(data);
+  RunF32(j, j.f1, 2 * j.I, j.D, index, j.a.data(), j.h.data());
 }
 
 void ActivateF32(void* data, size_t slot) {
   Job& j = *static_cast<Job*>(data);
-  const float* h = j.h.data() + slot * 2 * j.I;
-  float* a = j.a.data() + slot * j.I;
-  for (int64_t i = 0; i < j.I; ++i) {
-    const float g = h[2 * i], u = h[2 * i + 1];
-    a[i] = g / (1.0f + std::exp(-g)) * u;
-  }
+  SwiGlu(j.h.data() + slot * 2 * j.I, j.I, j.a.data() + slot * j.I);
 }
 
 void Fc2F32(void* data, size_t index) {
   Job& j = *static_cast<Job*>(data);
-  const auto [e, c] = j.tasks[index];
-  const int64_t first = j.first[e], count = j.first[e + 1] - first, n0 = c * kRows;
-  floats::Rows(j.f2 + e * j.D * j.I, j.I, n0, std::min(n0 + kRows, j.D), j.a.data() + first * j.I, j.I, count,
-               j.out.data() + first * j.D, j.D);
+  RunF32(j, j.f2, j.D, j.I, index, j.a.data(), j.out.data());
 }
 
 template <int Bits>
