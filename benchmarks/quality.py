@@ -2,8 +2,9 @@
 
 Exports a checkpoint as float32, float16, int8 and int4 (block 32 and 128, each also calibrated with
 `--calibration` when a calibration text is given) and runs `dscompile eval` on each with the
-checkpoint as the reference: the README's "Quality on real text" table. A variant whose export is
-refused (a block size that does not divide a weight) is reported with the reason. With
+checkpoint as the reference: the README's "Quality on real text" table; int4 also through the native
+kernels, with the 8-bit and the 6-bit lm_head. A variant whose export is refused (a block size that does
+not divide a weight, native kernels this machine cannot build) is reported with the reason. With
 `--llama-perplexity BIN --gguf F32.gguf --gguf-quant Q4_0.gguf`, llama.cpp's own KL divergence of the
 quantized GGUF against the float32 one on the same text is added (`llama-perplexity
 --kl-divergence-base` then `--kl-divergence`, its default non-overlapping chunks of `--context`
@@ -35,6 +36,9 @@ VARIANTS = {  # name: export options
     "int8 (block 32)": {"weights": "int8", "block_size": 32},
     "int4 block 32": {"weights": "int4", "block_size": 32},
     "int4 block 32, 4-bit lm_head": {"weights": "int4", "block_size": 32, "lm_head_bits": 4},
+    "int4 block 32, native kernels": {"weights": "int4", "block_size": 32, "native_kernels": True},
+    "int4 block 32, native kernels, 6-bit lm_head": {"weights": "int4", "block_size": 32, "native_kernels": True,
+                                                     "lm_head_bits": 6},
     "int4 block 128": {"weights": "int4", "block_size": 128},
     "int4 block 32 + calibration": {"weights": "int4", "block_size": 32, "calibration": True},
     "int4 block 128 + calibration": {"weights": "int4", "block_size": 128, "calibration": True},

@@ -27,7 +27,8 @@ def export(
                                           "default: the export dtype)."),
     block_size: int = typer.Option(_DEFAULT["block_size"], help="Values per quantization scale with --weights: 16, 32, 64 or 128."),
     lm_head_bits: int = typer.Option(_DEFAULT["lm_head_bits"], help="Bits of lm_head with --weights: 8 (default: its "
-                                     "error goes straight into the logits) or 4."),
+                                     "error goes straight into the logits), 6 (with --native-kernels; as llama.cpp's "
+                                     "Q6_K output layer) or 4."),
     calibration: Optional[Path] = typer.Option(_DEFAULT["calibration"], help="With --weights: choose each block's "
                                                "scale by the input activations the model sees on this text "
                                                "(importance-weighted error, as llama.cpp's imatrix)."),

@@ -126,7 +126,7 @@ class ExportOptions:
     @property
     def scheme(self) -> Scheme | None:
         """The quantization scheme of `weights` / `block_size`, or None (weights stored at the dtype)."""
-        from dscompile.model.quant import BLOCK_SIZES, Scheme  # noqa: PLC0415 - module docstring
+        from dscompile.model.quant import BLOCK_SIZES, HEAD_BITS, Scheme  # noqa: PLC0415 - module docstring
 
         if self.weights is None or self.weights == self.dtype:
             return None
@@ -150,9 +150,11 @@ class ExportOptions:
             raise OptionError(f"--weights {self.weights} with --dtype {self.dtype}: quantized engines for CPU compute "
                               "in float32 (ONNX Runtime's CPU MatMulNBits/QMoE kernels); drop --dtype, or export "
                               "for the GPU with --device cuda")
-        if self.lm_head_bits not in WEIGHT_FORMATS.values():
-            raise OptionError(f"--lm-head-bits {self.lm_head_bits} is not one of "
-                              f"{', '.join(str(b) for b in sorted(WEIGHT_FORMATS.values()))}")
+        if self.lm_head_bits not in HEAD_BITS:
+            raise OptionError(f"--lm-head-bits {self.lm_head_bits} is not one of {', '.join(map(str, HEAD_BITS))}")
+        if self.lm_head_bits == 6 and not (self.native_kernels and self.block_size == 32):
+            raise OptionError("--lm-head-bits 6 is stored for dscompile's native kernels only (ONNX Runtime's "
+                              "MatMulNBits has no 6-bit form): add --native-kernels, with --block-size 32")
         return Scheme(WEIGHT_FORMATS[self.weights], self.block_size, head_bits=self.lm_head_bits)
 
     @property

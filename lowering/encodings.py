@@ -3,8 +3,8 @@
 - `_Parts`: the base: one weight, two stored tensors, each a lazy `derive` of the weight (computed when
   written, once for both).
 - `_Quantization`: ONNX Runtime's MatMulNBits/QMoE layout: packed bits and scales.
-- `_Panels` / `panels`: dscompile's native MatMulQ4/Q8 and MoEQ4/Q8 (runtime/native/matmul.cc gives the
-  layout): the scheme's integers in panels of 16 output rows, float16 scales.
+- `_Panels` / `panels`: dscompile's native MatMulQ4/Q6/Q8 and MoEQ4/Q8 (runtime/native/matmul.cc gives
+  the layout): the scheme's integers in panels of 16 output rows, float16 scales.
 - `_HeadsInt8`: the native HeadsMatMulQ8's absorbed per-head products in int8.
 The checker's schemas of the native ops are registered here too (float32 ones included). lowering/quantize.py
 and lowering/native_f32.py write the nodes.
@@ -20,7 +20,7 @@ from dscompile.runtime.native import DOMAIN as NATIVE_DOMAIN
 
 
 def _register_native_schema() -> None:
-    """The checker's schemas of ai.dscompile's ops (runtime/native/): HeadsMatMulQ8, MatMulQ4/Q8 and MoEQ4/Q8
+    """The checker's schemas of ai.dscompile's ops (runtime/native/): HeadsMatMulQ8, MatMulQ4/Q6/Q8 and MoEQ4/Q8
     (lowering/quantize.py writes them), MatMulF32, LinearF32 and MoEF32 (lowering/native_f32.py)."""
     P = onnx.defs.OpSchema.FormalParameter
     A, AT = onnx.defs.OpSchema.Attribute, onnx.defs.OpSchema.AttrType
@@ -40,9 +40,10 @@ def _register_native_schema() -> None:
 
     register("HeadsMatMulQ8", "per-head matmul with int8 weights", ["x:T", "w:T8", "scales:T"],
              [("T", ["tensor(float)"], "activations and scales"), ("T8", ["tensor(int8)"], "weights")])
-    for bits in (4, 8):
+    for bits in PANEL_BITS:
         register(f"MatMulQ{bits}", f"linear layer with int{bits} weights in row panels", ["x:T", "w:TW", "scales:TS"],
                  panel_types, [A("K", AT.INT, "input features"), A("N", AT.INT, "output features")])
+    for bits in EXPERT_BITS:
         register(f"MoEQ{bits}", f"routed experts with int{bits} weights in row panels",
                  ["x:T", "router:T", "fc1:TW", "fc1_scales:TS", "fc2:TW", "fc2_scales:TS"], panel_types,
                  [A("k", AT.INT, "experts per token"), A("I", AT.INT, "expert intermediate size")])
@@ -52,16 +53,17 @@ def _register_native_schema() -> None:
              [A("k", AT.INT, "experts per token")])
 
 
-_register_native_schema()
 HEADS_BLOCK = 32  # values per scale of the native per-head weights (runtime/native/heads_q8.cc)
 PANEL_BLOCK = 32  # values per scale of the native linear layers' and experts' weights (runtime/native/matmul.cc)
-PANEL_BITS = (4, 8)
+PANEL_BITS = (4, 6, 8)  # linear layers (6: lm_head's own bits, model/quant.py)
+EXPERT_BITS = (4, 8)  # routed experts
 # The native panel ops (they quantize activations to int8 per block): linear layers, and routed experts
 # (QMoE's inputs and sum).
 NATIVE_LINEAR_OPS = tuple(f"MatMulQ{bits}" for bits in PANEL_BITS)
-NATIVE_EXPERT_OPS = tuple(f"MoEQ{bits}" for bits in PANEL_BITS)
+NATIVE_EXPERT_OPS = tuple(f"MoEQ{bits}" for bits in EXPERT_BITS)
 NATIVE_PANEL_OPS = NATIVE_LINEAR_OPS + NATIVE_EXPERT_OPS
 HEADS_MAX_K = 4096  # the kernel's row buffer
+_register_native_schema()
 
 
 class _Parts:
@@ -128,8 +130,8 @@ class _Quantization(_Parts):
 
 class _Panels(_Parts):
     """A checkpoint weight [..., N, K] (rows = outputs; `transpose`: stored [K, N]; leading dims: stacked
-    experts) as the native MatMulQ4/Q8 and MoEQ4/Q8 store it: its scheme's integers (4 or 8 bits, blocks of
-    32) in panels of 16 rows, uint8 [..., N16, K/32, bits * 64], and float16 scales [..., N16, K/32, 16]
+    experts) as the native MatMulQ4/Q6/Q8 and MoEQ4/Q8 store it: its scheme's integers (4, 6 or 8 bits, blocks
+    of 32) in panels of 16 rows, uint8 [..., N16, K/32, bits * 64], and float16 scales [..., N16, K/32, 16]
     (runtime/native/matmul.cc gives the layout): each scale is the scheme's float32 scale rounded once to
     float16."""
 
@@ -154,7 +156,7 @@ class _Panels(_Parts):
 
 
 def panels(q: torch.Tensor, d: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`bits` (4 or 8) values q [..., N, K/32, 32] (quantize's) and float32 scales d [..., N, K/32] in the
+    """`bits` (4, 6 or 8) values q [..., N, K/32, 32] (quantize's) and float32 scales d [..., N, K/32] in the
     native kernels' layout (runtime/native/matmul.cc): (uint8 [..., N16, K/32, bits * 64], float16
     [..., N16, K/32, 16]); each matrix's rows padded to a multiple of 16 with zeros (leading dims:
     stacked matrices, e.g. experts)."""
@@ -167,6 +169,11 @@ def panels(q: torch.Tensor, d: torch.Tensor, bits: int) -> tuple[torch.Tensor, t
     v = u.reshape(G, count, 16, blocks, 8, 4).permute(0, 1, 3, 4, 2, 5).reshape(G, count, blocks, 8, 64)
     if bits == 4:  # V_c in the low nibbles, V_{c+4} in the high ones
         v = v[:, :, :, :4] | (v[:, :, :, 4:] << 4)
+    elif bits == 6:  # the low 4 bits as int4's, then each V_j's top 2 bits at bits 2(j%4) of chunk j//4
+        low, top = v & 0x0F, v >> 4
+        v = torch.cat([low[:, :, :, :4] | (low[:, :, :, 4:] << 4),
+                       top[:, :, :, 0::4] | (top[:, :, :, 1::4] << 2) | (top[:, :, :, 2::4] << 4) | (top[:, :, :, 3::4] << 6)],
+                      dim=3)
     packed = v.reshape(*lead, count, blocks, bits * 64)
     scales = torch.zeros(G, count * 16, blocks, dtype=torch.float32)
     scales[:, :N] = d

@@ -56,8 +56,8 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from dscompile.lowering.encodings import (HEADS_BLOCK, HEADS_MAX_K, NATIVE_PANEL_OPS, PANEL_BITS, PANEL_BLOCK,
-                                          _HeadsInt8, _Panels, _Quantization)
+from dscompile.lowering.encodings import (EXPERT_BITS, HEADS_BLOCK, HEADS_MAX_K, NATIVE_PANEL_OPS, PANEL_BITS,
+                                          PANEL_BLOCK, _HeadsInt8, _Panels, _Quantization)
 from dscompile.lowering.weights import _MetaWeight, _fold_key, _origins, _unique_name
 from dscompile.lowering.ops import MSFT_DOMAIN
 from dscompile.model.quant import Scheme
@@ -266,7 +266,7 @@ class GraphQuantizer:
         return counts
 
     def _panels(self, graph: ir.Graph, node: ir.Node, b: ir.Value, transpose: bool, name: str) -> str | None:
-        """A linear layer whose weight's scheme is 4 or 8 bits in blocks of 32 -> MatMulQ4 or MatMulQ8 (its
+        """A linear layer whose weight's scheme is 4, 6 or 8 bits in blocks of 32 -> MatMulQ4, Q6 or Q8 (its
         integers in panels of 16 rows, float16 scales); the op written, or None (nothing done) for others."""
         weight = b.const_value.weight
         scheme = weight_scheme(weight)
@@ -329,7 +329,7 @@ class GraphQuantizer:
         fc1, fc2 = node.inputs[2], node.inputs[4]
         w1, w2 = fc1.const_value.weight, fc2.const_value.weight
         s1, s2 = weight_scheme(w1), weight_scheme(w2)
-        if s1.bits != s2.bits or any(sc.bits not in PANEL_BITS or sc.block_size != PANEL_BLOCK for sc in (s1, s2)):
+        if s1.bits != s2.bits or any(sc.bits not in EXPERT_BITS or sc.block_size != PANEL_BLOCK for sc in (s1, s2)):
             return None
         bits = s1.bits
         prefix = fc2.name.rsplit(".", 1)[0] if fc2.name else node.name

@@ -344,7 +344,7 @@ def lowering_table(manifest: dict[str, Any], tf32: bool = False) -> dict | None:
 def lowering_rms_bound(manifest: dict[str, Any]) -> float | None:
     """For an engine whose quantized kernels quantize activations, the relative RMS error its steps are
     judged by (tolerance.quantized_activations_rms of its block size and quantized matrix products:
-    MatMulNBits and native MatMulQ4/Q8 nodes, two per QMoE or MoEQ4/Q8, in the decode graph its steps run);
+    MatMulNBits and native MatMulQ4/Q6/Q8 nodes, two per QMoE or MoEQ4/Q8, in the decode graph its steps run);
     None otherwise."""
     quantization = manifest.get("quantization") or {}
     if not any((quantization.get("quantized_activations") or {}).values()):

@@ -3,7 +3,8 @@
 ONNX Runtime's CPU provider has no kernel, or a slower one, for some of what a quantized engine
 computes. The library (domain ai.dscompile) adds:
 - `MatMulQ4`/`MatMulQ8` (matmul.cc) and `MoEQ4`/`MoEQ8` (moe.cc, in QMoE's place): int4/int8 linear
-  layers and routed experts with VNNI dot products, weights in panels of 16 rows with float16 scales
+  layers and routed experts with VNNI dot products (and `MatMulQ6`: lm_head in 6 bits, as llama.cpp's
+  Q4_0 files keep their output layer in Q6_K), weights in panels of 16 rows with float16 scales
   (4.5 and 8.5 bits per weight, as llama.cpp's q4_0 and q8_0; panels.h holds what they share, their
   weights copied onto huge pages at session creation included). MatMulQ4 against MatMulNBits (int4,
   blocks of 32, float32 scales, accuracy_level 4), 20 layers 2048 -> 10944 in one graph, 2 threads:
@@ -42,7 +43,7 @@ from dscompile.errors import DscompileError, EngineError, first_line
 from dscompile.runtime.home import cache_home
 
 DOMAIN = "ai.dscompile"
-OPS = ("HeadsMatMulQ8", "LinearF32", "MatMulF32", "MatMulQ4", "MatMulQ8", "MoEF32", "MoEQ4", "MoEQ8")
+OPS = ("HeadsMatMulQ8", "LinearF32", "MatMulF32", "MatMulQ4", "MatMulQ6", "MatMulQ8", "MoEF32", "MoEQ4", "MoEQ8")
 # The library's files: register.cc adds every op; native.h is what they share.
 SOURCES = tuple(Path(__file__).with_name(f) for f in ("register.cc", "f32.cc", "heads_q8.cc", "matmul.cc", "moe.cc"))
 HEADERS = tuple(Path(__file__).with_name(f) for f in ("floats.h", "native.h", "panels.h"))

@@ -1,6 +1,7 @@
-// Linear layers with int4 or int8 weights and VNNI dot products: ONNX Runtime custom ops MatMulQ4 and
-// MatMulQ8, domain ai.dscompile. lowering/quantize.py writes the nodes (and the weights' layout) for
-// engines exported with --weights int4|int8 --native-kernels.
+// Linear layers with int4, int6 or int8 weights and VNNI dot products: ONNX Runtime custom ops MatMulQ4,
+// MatMulQ6 and MatMulQ8, domain ai.dscompile. lowering/quantize.py writes the nodes (and the weights'
+// layout) for engines exported with --weights int4|int8 --native-kernels (6 bits: lm_head with
+// --lm-head-bits 6).
 //
 //   x [..., K] float32, w uint8 [N16, K/32, Bits * 64], s float16 [N16, K/32, 16], attributes K, N
 //   -> y [..., N] float32, y[m, n] = sum_k x[m, k] * (q[n, k] * s[n, k/32]),  q in [-2^(Bits-1), 2^(Bits-1))
@@ -9,8 +10,10 @@
 // 32 values along K is 8 vectors V_j (j = 0..7) of 16 rows x 4 values (q + 2^(Bits-1), unsigned), V_j
 // for values 4j..4j+3 of the block, byte 4r+e = row r, value e. int8: the 8 vectors one after another
 // (512 bytes); int4: 256 bytes, byte i of chunk c (c = 0..3, 64 bytes) holding V_c's byte i in its low
-// nibble and V_{c+4}'s in its high nibble. One scale per row and block, float16 (4.5 and 8.5 bits per
-// weight in all, as llama.cpp's q4_0 and q8_0).
+// nibble and V_{c+4}'s in its high nibble; int6: those 256 bytes hold the low 4 bits, then 2 chunks of
+// 64 bytes the top 2 bits, byte i of chunk h holding V_{4h+j}'s at bits 2j, 2j+1 (384 bytes). One scale
+// per row and block, float16 (4.5, 6.5 and 8.5 bits per weight in all, as llama.cpp's q4_0, about its
+// q6_K's 6.56, and q8_0).
 //
 // Activations are quantized to int8 per block of 32 values (scale = max |x| / 127, rounded to nearest
 // even), as MatMulNBits does at accuracy_level 4. Each lane of a 16-lane vector is one output row, so a
@@ -74,10 +77,12 @@ struct MatMulQ {
     const int64_t count = (N_ + 15) / 16, blocks = K_ / 32;
     if (xs.empty() || xs.back() != K_ || K_ % 32 != 0 || w.NumberOfElement() != count * blocks * Bits * 64 ||
         s.NumberOfElement() != count * blocks * 16) {
-      ORT_CXX_API_THROW(Bits == 4 ? "MatMulQ4: expected x [..., K], w [ceil(N/16), K/32, 256] and scales "
-                                    "[ceil(N/16), K/32, 16] with K a multiple of 32"
-                                  : "MatMulQ8: expected x [..., K], w [ceil(N/16), K/32, 512] and scales "
-                                    "[ceil(N/16), K/32, 16] with K a multiple of 32", ORT_INVALID_ARGUMENT);
+      ORT_CXX_API_THROW(Bits == 4   ? "MatMulQ4: expected x [..., K], w [ceil(N/16), K/32, 256] and scales "
+                                      "[ceil(N/16), K/32, 16] with K a multiple of 32"
+                        : Bits == 6 ? "MatMulQ6: expected x [..., K], w [ceil(N/16), K/32, 384] and scales "
+                                      "[ceil(N/16), K/32, 16] with K a multiple of 32"
+                                    : "MatMulQ8: expected x [..., K], w [ceil(N/16), K/32, 512] and scales "
+                                      "[ceil(N/16), K/32, 16] with K a multiple of 32", ORT_INVALID_ARGUMENT);
     }
     std::vector<int64_t> out_shape(xs.begin(), xs.end());
     out_shape.back() = N_;
@@ -106,6 +111,10 @@ struct MatMulQ {
 
 Ort::Custom::OrtLiteCustomOp* NewMatMulQ4() {
   return Ort::Custom::CreateLiteCustomOp<MatMulQ<4>>("MatMulQ4", "CPUExecutionProvider");
+}
+
+Ort::Custom::OrtLiteCustomOp* NewMatMulQ6() {
+  return Ort::Custom::CreateLiteCustomOp<MatMulQ<6>>("MatMulQ6", "CPUExecutionProvider");
 }
 
 Ort::Custom::OrtLiteCustomOp* NewMatMulQ8() {

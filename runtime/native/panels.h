@@ -160,12 +160,13 @@ constexpr int64_t kAhead = 16;
 // ends first: the last one is repeated, stored once): y[m][16p .. 16p+15] for row m at y + m*ldy; `once`:
 // the panel is read once (no other rows), and streamed with non-temporal prefetches kAhead blocks ahead
 // (a prefetch past the weights' end is harmless: prefetches do not fault).
-// Bits 4: a block's 8 vectors are the low and high nibbles of 4 chunks of 64 bytes (zero 8); bits 8:
-// 8 chunks of 64 bytes as they are (zero 128).
+// Bits 4: a block's 8 vectors are the low and high nibbles of 4 chunks of 64 bytes (zero 8); bits 6:
+// those 4 chunks hold the low 4 bits, and 2 more chunks the top 2 bits, V_j's at bits 2(j%4) of chunk
+// 4 + j/4 (zero 32); bits 8: 8 chunks of 64 bytes as they are (zero 128).
 template <int Bits>
 inline void Panel(const uint8_t* w, const uint16_t* s, int64_t N, int64_t p, const Rows& x, int64_t m0,
                   int64_t count, float* y, int64_t ldy, bool once) {
-  static_assert(Bits == 4 || Bits == 8, "int4 or int8 panels");
+  static_assert(Bits == 4 || Bits == 6 || Bits == 8, "int4, int6 or int8 panels");
   constexpr int64_t kBlock = Bits * 64;  // bytes per block of a panel
   constexpr int32_t kZero = 1 << (Bits - 1);
   const int64_t blocks = x.K / 32, last = std::min<int64_t>(4, count - m0);
@@ -180,11 +181,21 @@ inline void Panel(const uint8_t* w, const uint16_t* s, int64_t N, int64_t p, con
       for (int i = 0; i < Bits; ++i) _mm_prefetch(reinterpret_cast<const char*>(w + kBlock * (b + kAhead) + 64 * i), _MM_HINT_NTA);
     }
     __m512i v[8];
-    if constexpr (Bits == 4) {
+    if constexpr (Bits == 4 || Bits == 6) {
       for (int c = 0; c < 4; ++c) {
         const __m512i chunk = _mm512_loadu_si512(w + kBlock * b + 64 * c);
         v[c] = _mm512_and_si512(chunk, low);
         v[c + 4] = _mm512_and_si512(_mm512_srli_epi16(chunk, 4), low);
+      }
+      if constexpr (Bits == 6) {  // top 2 bits of V_j to bits 4-5 of its bytes (shifts of 16-bit lanes, masked)
+        const __m512i top = _mm512_set1_epi8(0x30);
+        for (int h = 0; h < 2; ++h) {  // v | (shifted & top): one ternary-logic op (0xF8: A | (B & C))
+          const __m512i chunk = _mm512_loadu_si512(w + kBlock * b + 256 + 64 * h);
+          v[4 * h] = _mm512_ternarylogic_epi32(v[4 * h], _mm512_slli_epi16(chunk, 4), top, 0xF8);
+          v[4 * h + 1] = _mm512_ternarylogic_epi32(v[4 * h + 1], _mm512_slli_epi16(chunk, 2), top, 0xF8);
+          v[4 * h + 2] = _mm512_ternarylogic_epi32(v[4 * h + 2], chunk, top, 0xF8);
+          v[4 * h + 3] = _mm512_ternarylogic_epi32(v[4 * h + 3], _mm512_srli_epi16(chunk, 2), top, 0xF8);
+        }
       }
     } else {
       for (int c = 0; c < 8; ++c) v[c] = _mm512_loadu_si512(w + kBlock * b + 64 * c);

@@ -57,7 +57,7 @@ BAD = [  # (options, what the one-line error says)
     (dict(max_prompt_tokens=64, max_context=32), "--max-batch/--max-prompt-tokens/--max-context: need max_batch"),
     (dict(weights="int3"), "--weights 'int3' is not one of int8, int4"),
     (dict(weights="int4", block_size=24), "--block-size 24 is not one of 16, 32, 64, 128"),
-    (dict(weights="int4", lm_head_bits=3), "--lm-head-bits 3 is not one of 4, 8"),
+    (dict(weights="int4", lm_head_bits=3), "--lm-head-bits 3 is not one of 4, 6, 8"),
     (dict(weights="int8", target="tensorrt"), "--weights int8 with --target tensorrt"),
     (dict(weights="int4", dtype="float16"), "--weights int4 with --dtype float16"),
     (dict(accuracy_level=7), "accuracy level 7 is not one of 0-4"),

@@ -17,7 +17,9 @@ import torch
 
 from dscompile.errors import EngineError, OptionError
 from dscompile.exporter.export import export_checkpoint
+from dscompile.cli.inspect import report_lines
 from dscompile.exporter.options import ExportOptions
+from dscompile.inspect import inspect
 from dscompile.lowering.encodings import panels
 from dscompile.model.quant import Scheme, quantize
 from dscompile.runtime import native
@@ -84,12 +86,12 @@ def _product(x: np.ndarray, q: torch.Tensor, d: torch.Tensor) -> np.ndarray:
 
 
 @needs_library
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 6, 8])
 @pytest.mark.parametrize("N,K,x_shape", [(40, 64, (1, 64)), (2048, 1024, (1, 1, 1024)), (37, 96, (3, 5, 96)),
                                          (512, 1408, (7, 1408)), (16, 32, (130, 32))])
 def test_matmul_q_equals_the_integer_product_it_defines(bits, N, K, x_shape):
     # one token (panels per task) and many (token groups of 4, a short last group), rows past a multiple
-    # of 16, inputs of rank 2 and 3; against float64 numpy on the same integers: the weights' int4/int8 and
+    # of 16, inputs of rank 2 and 3; against float64 numpy on the same integers: the weights' int4/6/8 and
     # float16 scales, and the activations rounded to int8 per block of 32 as the kernels define them
     rng = np.random.default_rng(N + K)
     w = torch.from_numpy(rng.standard_normal((N, K)).astype(np.float32))
@@ -103,7 +105,8 @@ def test_matmul_q_equals_the_integer_product_it_defines(bits, N, K, x_shape):
     assert y.shape == ref.shape
     assert np.abs(y - ref).max() / np.abs(ref).max() < 1e-5
     plain = x @ w.numpy().T  # against the float weights and activations: the rounding's error, far from nothing
-    assert {4: 1e-2, 8: 1e-3}[bits] < np.abs(y - plain).max() / np.abs(plain).max() < {4: 0.3, 8: 0.05}[bits]
+    error = np.abs(y - plain).max() / np.abs(plain).max()
+    assert {4: 1e-2, 6: 3e-3, 8: 1e-3}[bits] < error < {4: 0.3, 6: 0.1, 8: 0.05}[bits], error
 
 
 @needs_library
@@ -320,6 +323,32 @@ def test_a_float32_native_engine_computes_what_the_plain_one_does(float_engines)
     mine, theirs = (_generated(folder) for folder in float_engines)  # its decode steps: the native kernels
     assert float(theirs.abs().max()) > 0.1
     assert float((mine - theirs).abs().max() / theirs.abs().max()) < 1e-5  # float32 both: the sums' order only
+
+
+@needs_library
+def test_a_six_bit_lm_head_runs_as_matmul_q6_and_verifies_against_eager(make_ckpt, small_limits, tmp_path):
+    # --lm-head-bits 6: lm_head's panels in 6 bits (384 bytes a block), checked by the export against eager
+    # with the same fake-quantized weights (lm_head's in 6 bits)
+    ckpt = make_ckpt("v2-lite", layers=1, experts=4, hidden=32, vocab=64)
+    out = tmp_path / "int4-head6"
+    export_checkpoint(ckpt, out, ExportOptions.within(small_limits, weights="int4", block_size=32, native_kernels=True,
+                                                      lm_head_bits=6, verify=True))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["native_ops"]["ops"] == ["HeadsMatMulQ8", "MatMulQ4", "MatMulQ6", "MoEQ4"]
+    assert manifest["quantization"]["lm_head_bits"] == 6 and manifest["quantization"]["verified"]["passed"]
+    graph = onnx.load(str(out / "decode.onnx"), load_external_data=False).graph
+    weights = {t.name: t for t in graph.initializer}
+    (head,) = [n for n in graph.node if n.op_type == "MatMulQ6"]
+    assert list(weights[head.input[1]].dims) == [64 // 16, 32 // 32, 6 * 64]
+    quant_line = next(line for line in report_lines(inspect(out)) if line.startswith("quant"))
+    assert "4.5 bits per weight with scales), lm_head 6 bits;" in quant_line
+
+
+def test_a_six_bit_lm_head_needs_the_native_kernels():
+    with pytest.raises(OptionError, match=r"^--lm-head-bits 6 is stored for dscompile's native kernels only"):
+        ExportOptions(weights="int4", lm_head_bits=6)
+    with pytest.raises(OptionError, match=r"^--lm-head-bits 5 is not one of 4, 6, 8"):
+        ExportOptions(weights="int4", lm_head_bits=5)
 
 
 def test_a_native_engine_where_the_library_cannot_be_built_is_refused_in_one_line(one_layer_ckpt, small_limits,
