@@ -386,16 +386,16 @@ class OrtEngine(Engine):
             buffers = cache.buffers
         else:
             buffers = self._new_buffers(cache, B, S)
-        logits = self._run_in_place(input_ids, position_ids, attention_mask, torch.full((B,), P, dtype=torch.int64),
-                                    buffers.values, last_only, buffers)
+        logits = self._run_in_place(input_ids, position_ids, attention_mask, P, buffers.values, last_only, buffers)
         return (logits if not last_only or logits.shape[1] == 1 else logits[:, -1:]), buffers.cache(P + S)
 
     def _run_in_place(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
-                      write_index: torch.Tensor, buffers, last_only: bool, owner: Any) -> torch.Tensor:
+                      write_index: torch.Tensor | int, buffers, last_only: bool, owner: Any) -> torch.Tensor:
         """One run of the in-place graph with `buffers` (OrtValues, or (shape, pointer) pairs of torch
         memory, both owned by `owner`: CacheBuffers or SlotCache, of `capacity` rows) bound as both the
         cache inputs and outputs, through the binding kept for `owner` (ort_cache.InPlaceBindings); `mask`
-        covers the first rows, the rows after it are not attended; float32 logits [B, S or 1, V]."""
+        covers the first rows, the rows after it are not attended; `write_index`: each row's, or one int
+        for every row; float32 logits [B, S or 1, V]."""
         B, S = input_ids.shape
         steps = {INPUT_IDS: input_ids, POSITION_IDS: position_ids, ATTENTION_MASK: mask, WRITE_INDEX: write_index}
         run = functools.partial(self._run, self.sessions[DECODE_IN_PLACE], B=B, S=S, P=write_index)
