@@ -45,6 +45,20 @@ VARIANTS = {  # name: export options
 }
 
 
+def _variants(only: str) -> list[str]:
+    """The variant names in `only`, comma-separated (a name holding commas itself is matched whole, the
+    longest name first)."""
+    pieces = [p.strip() for p in only.split(",")]
+    names, i = [], 0
+    while i < len(pieces):
+        j = next((j for j in range(len(pieces), i, -1) if ", ".join(pieces[i:j]) in VARIANTS), None)
+        if j is None:
+            sys.exit(f"quality: --only: no variant {pieces[i]!r} (variants: {'; '.join(VARIANTS)})")
+        names.append(", ".join(pieces[i:j]))
+        i = j
+    return names
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", type=Path)
@@ -72,7 +86,7 @@ def main() -> None:
         a.calibration.write_text(sample_text(a.calibration_from.read_text(encoding="utf-8"), a.calibration_pieces),
                                  encoding="utf-8")
     rows = {}
-    names = a.only.split(",") if a.only else list(VARIANTS)
+    names = _variants(a.only) if a.only else list(VARIANTS)
     for name in names:
         options = dict(VARIANTS[name])
         if options.pop("calibration", False):
