@@ -31,27 +31,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dscompile.lowering.encodings import PANEL_BLOCK, panels  # noqa: E402
 from dscompile.model.quant import Scheme, quantize  # noqa: E402
 from dscompile.runtime import native  # noqa: E402
+from native_f32 import _session as native_session  # noqa: E402  (benchmarks/native_f32.py)
 
 D, V = 2048, 32000
 
 
-def _session(bits: int, weights: list[torch.Tensor], threads: int) -> tuple[ort.InferenceSession, int]:
+def _lm_heads(bits: int, weights: list[torch.Tensor], threads: int) -> tuple[ort.InferenceSession, int]:
+    """One session running MatMulQ{bits} over each weight (its panels, as the export stores them); the bytes."""
     nodes, inits = [], []
     for i, w in enumerate(weights):
         q, d = quantize(w, Scheme(bits, PANEL_BLOCK, head_bits=None))
         packed, scales = panels(q.reshape(V, D // PANEL_BLOCK, PANEL_BLOCK), d.reshape(V, D // PANEL_BLOCK), bits)
         inits += [numpy_helper.from_array(packed.numpy(), f"w{i}"), numpy_helper.from_array(scales.numpy(), f"s{i}")]
         nodes.append(h.make_node(f"MatMulQ{bits}", ["x", f"w{i}", f"s{i}"], [f"y{i}"], domain=native.DOMAIN, K=D, N=V))
-    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", TP.FLOAT, [1, D])],
-                         [h.make_tensor_value_info(f"y{i}", TP.FLOAT, None) for i in range(len(weights))], inits)
-    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 23), h.make_opsetid(native.DOMAIN, 1)],
-                         ir_version=10)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.disable_prepacking", "1")
-    native.register(options)
-    return (ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]),
-            sum(len(t.raw_data) for t in inits))
+    session = native_session(nodes, inits, [h.make_tensor_value_info("x", TP.FLOAT, [1, D])],
+                             [f"y{i}" for i in range(len(weights))], threads)
+    return session, sum(len(t.raw_data) for t in inits)
 
 
 def main() -> None:
@@ -67,7 +62,7 @@ def main() -> None:
     torch.manual_seed(0)
     weights = [torch.randn(V, D) * 0.02 for _ in range(args.copies)]
     x = np.random.default_rng(1).standard_normal((1, D)).astype(np.float32)
-    sessions = {bits: _session(bits, weights, args.threads) for bits in (6, 8)}
+    sessions = {bits: _lm_heads(bits, weights, args.threads) for bits in (6, 8)}
     exact = [x.astype(np.float64) @ w.double().numpy().T for w in weights]
     errors = {}
     for bits, (session, _) in sessions.items():
