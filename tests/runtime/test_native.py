@@ -111,9 +111,11 @@ def test_matmul_q_equals_the_integer_product_it_defines(bits, N, K, x_shape):
 
 @needs_library
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("T,E,k,D,I", [(1, 16, 6, 256, 96), (9, 4, 2, 64, 32), (5, 8, 8, 32, 64)])
+@pytest.mark.parametrize("T,E,k,D,I", [(1, 16, 6, 256, 96), (1, 8, 3, 64, 32), (1, 4, 1, 64, 32), (9, 4, 2, 64, 32),
+                                         (5, 8, 8, 32, 64)])
 def test_moe_q_sums_the_chosen_experts_as_it_defines(bits, T, E, k, D, I):
-    # one token and several, every expert chosen (k = E), slots grouped per expert in any number; against
+    # one token (a task per chosen expert; with k = 1 the stepwise path) and several, every expert chosen
+    # (k = E), slots grouped per expert in any number; against
     # float64 numpy on the same integers: each expert's int4/int8 and float16 scales, activations rounded to
     # int8 per block before fc1 and again before fc2, the mixing weights softmax(router) over the chosen
     rng = np.random.default_rng(T + E + D)
