@@ -129,7 +129,7 @@ class Engine(ABC):
             ids = input_ids.flatten().tolist() if input_ids.numel() <= 4096 else None
             lo, hi = (min(ids), max(ids)) if ids is not None else (int(input_ids.min()), int(input_ids.max()))
             if lo < 0 or hi >= self.info.vocab_size:
-                bad = hi if hi >= self.info.vocab_size else lo
+                bad = int(hi if hi >= self.info.vocab_size else lo)
                 raise EngineError(f"input id {bad} is outside the vocabulary [0, {self.info.vocab_size})")
         total = past_len + int(input_ids.shape[1])
         if total > self.info.max_positions:
