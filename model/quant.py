@@ -36,8 +36,8 @@ trained model (model/pretrained, held-out text) an int4 engine's KL from float32
 vocab x hidden bytes once per token. A 6-bit head (6.5 bits per weight with the native panels'
 float16 scales, where llama.cpp's Q6_K takes 6.56: KL 0.0011, top-1 agreement 0.968) is stored for
 the native kernels only (runtime/native: MatMulQ6). Kept in the compute dtype: the embeddings (a
-lookup reads one row), the MoE router (`mlp.gate.weight`, tiny, and routing decisions flip under its error), norms
-and the routing bias.
+lookup reads one row), the MoE router (`mlp.gate.weight`, tiny, and routing decisions flip under
+its error), norms and the routing bias.
 """
 
 from __future__ import annotations
