@@ -53,7 +53,8 @@ def report_lines(info: dict) -> list[str]:
         errors = quant.get("weights_error") or {}
         worst = max(errors.items(), key=lambda kv: kv[1]["max_rel"], default=None)
         lines.append(f"quant    {quant['scheme']}, block {quant['block_size']} ({quant['bits_per_weight']:g} bits "
-                     f"per weight with scales), lm_head {quant.get('lm_head_bits') or quant['bits']} bits; kernels {quant['accuracy_level']} (accuracy_level); float32 "
+                     f"per weight with scales), lm_head {quant.get('lm_head_bits') or quant['bits']} bits; kernels "
+                     f"{quant['accuracy_level']} (accuracy_level); float32 "
                      f"weights kept {_mb(quant['float_weight_bytes'])}"
                      + (f"; worst weight error {worst[1]['max_rel']:.3f} of its max |w| ({worst[0]})" if worst else ""))
     native = info.get("native_ops")

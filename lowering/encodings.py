@@ -171,9 +171,8 @@ def panels(q: torch.Tensor, d: torch.Tensor, bits: int) -> tuple[torch.Tensor, t
         v = v[:, :, :, :4] | (v[:, :, :, 4:] << 4)
     elif bits == 6:  # the low 4 bits as int4's, then each V_j's top 2 bits at bits 2(j%4) of chunk j//4
         low, top = v & 0x0F, v >> 4
-        v = torch.cat([low[:, :, :, :4] | (low[:, :, :, 4:] << 4),
-                       top[:, :, :, 0::4] | (top[:, :, :, 1::4] << 2) | (top[:, :, :, 2::4] << 4) | (top[:, :, :, 3::4] << 6)],
-                      dim=3)
+        tops = top[:, :, :, 0::4] | (top[:, :, :, 1::4] << 2) | (top[:, :, :, 2::4] << 4) | (top[:, :, :, 3::4] << 6)
+        v = torch.cat([low[:, :, :, :4] | (low[:, :, :, 4:] << 4), tops], dim=3)
     packed = v.reshape(*lead, count, blocks, bits * 64)
     scales = torch.zeros(G, count * 16, blocks, dtype=torch.float32)
     scales[:, :N] = d

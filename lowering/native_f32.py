@@ -20,7 +20,7 @@ import onnx_ir as ir
 import torch
 
 from dscompile.lowering.ops import MSFT_DOMAIN
-from dscompile.lowering.quantize import GraphQuantizer, _weight
+from dscompile.lowering.quantize import _weight, replace_node
 from dscompile.runtime.native import DOMAIN as NATIVE_DOMAIN
 
 OPS = ("LinearF32", "MatMulF32", "MoEF32")
@@ -52,7 +52,7 @@ def native_float32(model: ir.Model) -> dict[str, int]:
             continue
         new = ir.node(op, inputs, domain=NATIVE_DOMAIN, attributes=out_attrs,
                       name=f"{node.name}.f32" if node.name else None)
-        GraphQuantizer._replace(graph, node, new)
+        replace_node(graph, node, new)
         counts[op] += 1
     if any(counts.values()):
         model.opset_imports.setdefault(NATIVE_DOMAIN, 1)

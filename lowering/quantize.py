@@ -162,6 +162,17 @@ def quantizable(weight: torch.Tensor | None) -> bool:
     return not computed and len(leaves) >= 1 and all(getattr(t, "dsc_quantize", None) is not None for t in leaves)
 
 
+def replace_node(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
+    """Put `new` in `old`'s place: its one output takes the old output's uses, shape, type and name."""
+    graph.insert_before(old, new)
+    out, got = old.outputs[0], new.outputs[0]
+    got.shape, got.type = out.shape, out.type
+    name = out.name
+    out.replace_all_uses_with(got, replace_graph_outputs=True)
+    graph.remove(old, safe=True)
+    got.name = name
+
+
 class GraphQuantizer:
     """Rewrites graphs for one scheme; shares the quantized tensors between the graphs it rewrites."""
 
@@ -258,7 +269,7 @@ class GraphQuantizer:
                           attributes={"K": K, "N": N, "bits": scheme.bits, "block_size": scheme.block_size,
                                       "accuracy_level": self.levels["MatMulNBits"][scheme.bits]},
                           name=f"{node.name}.nbits" if node.name else None)
-            self._replace(graph, node, new)
+            replace_node(graph, node, new)
             counts["MatMulNBits"] += 1
         model.opset_imports.setdefault(MSFT_DOMAIN, 1)
         if any(counts.get(op) for op in ("HeadsMatMulQ8",) + NATIVE_PANEL_OPS):
@@ -278,7 +289,7 @@ class GraphQuantizer:
         op = f"MatMulQ{scheme.bits}"
         new = ir.node(op, [node.inputs[0], *values], domain=NATIVE_DOMAIN, attributes={"K": K, "N": N},
                       name=f"{node.name}.q{scheme.bits}" if node.name else None)
-        self._replace(graph, node, new)
+        replace_node(graph, node, new)
         return op
 
     def _heads(self, graph: ir.Graph, node: ir.Node, w: torch.Tensor | None) -> bool:
@@ -295,7 +306,7 @@ class GraphQuantizer:
                                (f"{name}.int8", f"{name}.scales"))
         new = ir.node("HeadsMatMulQ8", [x, *values], domain=NATIVE_DOMAIN,
                       name=f"{node.name}.q8" if node.name else None)
-        self._replace(graph, node, new)
+        replace_node(graph, node, new)
         return True
 
     def _moe(self, graph: ir.Graph, node: ir.Node) -> str:
@@ -319,7 +330,7 @@ class GraphQuantizer:
             attrs["weights_prepacked"] = 0
         inputs = [node.inputs[0], router, q1, s1, None, q2, s2] + [None] * 7 + [mix.outputs[0]]
         new = ir.node("QMoE", inputs, domain=MSFT_DOMAIN, attributes=attrs, name=f"{node.name}.q")
-        self._replace(graph, node, new)
+        replace_node(graph, node, new)
         return "QMoE"
 
     def _moe_panels(self, graph: ir.Graph, node: ir.Node) -> str | None:
@@ -341,15 +352,5 @@ class GraphQuantizer:
         op = f"MoEQ{bits}"
         new = ir.node(op, [node.inputs[0], node.inputs[1], *values], domain=NATIVE_DOMAIN,
                       attributes={"k": attrs["k"], "I": int(w2.shape[-1])}, name=f"{node.name}.q{bits}")
-        self._replace(graph, node, new)
+        replace_node(graph, node, new)
         return op
-
-    @staticmethod
-    def _replace(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
-        graph.insert_before(old, new)
-        out, got = old.outputs[0], new.outputs[0]
-        got.shape, got.type = out.shape, out.type
-        name = out.name
-        out.replace_all_uses_with(got, replace_graph_outputs=True)
-        graph.remove(old, safe=True)
-        got.name = name

@@ -123,11 +123,12 @@ class Engine(ABC):
             raise EngineError(f"attention_mask has shape {list(attention_mask.shape)}, expected [B, P+S] = "
                               f"{[B, past_len + S]}")
         if input_ids.numel():
-            # a decode step's few ids as Python ints: torch reductions are slow on the caches a step leaves
-            # cold (ort_cache.InPlaceBindings); with the write index bound as an int instead of a torch.full,
-            # the int4 bench step's time outside ONNX Runtime fell from 0.52-0.59 to 0.40-0.55 ms (4 rounds)
-            ids = input_ids.flatten().tolist() if input_ids.numel() <= 4096 else None
-            lo, hi = (min(ids), max(ids)) if ids is not None else (int(input_ids.min()), int(input_ids.max()))
+            # the ids as Python ints (a long prompt's list costs milliseconds beside its prefill): torch
+            # reductions are slow on the caches a decode step leaves cold (ort_cache.InPlaceBindings); with the
+            # write index bound as an int instead of a torch.full, the int4 bench step's time outside ONNX
+            # Runtime fell from 0.52-0.59 to 0.40-0.55 ms (4 rounds)
+            ids = input_ids.flatten().tolist()
+            lo, hi = min(ids), max(ids)
             if lo < 0 or hi >= self.info.vocab_size:
                 bad = int(hi if hi >= self.info.vocab_size else lo)
                 raise EngineError(f"input id {bad} is outside the vocabulary [0, {self.info.vocab_size})")

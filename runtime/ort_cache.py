@@ -145,9 +145,9 @@ class _Binding:
     def run(self, run: Callable[[Any], None], steps: dict[str, torch.Tensor]) -> torch.Tensor:
         """Fill the step inputs from `steps` (name -> tensor of the bound shape, or an int for all of it;
         the mask may cover the first rows only: the rest are set to 0, not attended), run (`run(binding)`);
-        the logits, float32 [B, S or 1, V]: a new torch tensor each run, which ONNX Runtime writes by pointer (LOGITS is bound
-        anew, so a tensor returned before is never written again; reading ONNX Runtime's own output
-        back through get_outputs cost 40-100 us more per int4 step, its caches cold)."""
+        the logits, float32 [B, S or 1, V]: a new torch tensor each run, which ONNX Runtime writes by
+        pointer (LOGITS is bound anew, so a tensor returned before is never written again; reading ONNX
+        Runtime's own output back through get_outputs cost 40-100 us more per int4 step, its caches cold)."""
         for name, t in steps.items():
             into = self.inputs[name]
             if isinstance(t, int):  # one value for every row (the write index of a uniform batch)

@@ -45,13 +45,12 @@ struct Job {
   const float* x;
   int64_t T, D, I, k;
   Matrix fc1, fc2;
-  std::vector<int64_t> token, first;  // slot -> token; expert -> its first slot (E + 1 entries)
+  std::vector<int64_t> token, expert, first;  // slot -> token, slot -> expert; expert -> its first slot (E + 1)
   std::vector<float> mix;             // slot -> its weight
   std::vector<int64_t> slots;         // token t's k slots at t * k
   std::vector<std::pair<int64_t, int64_t>> tasks;  // (expert, panel)
   panels::Activations rows;           // slot rows quantized: x for fc1 (K = D), then the activation (K = I)
   panels::Activations act;            // one token: the slots' activations (K = I); rows holds x once
-  std::vector<int64_t> expert;        // one token: slot -> its expert
   std::vector<float> h, out;
   float* y;
   const float *f1 = nullptr, *f2 = nullptr;  // MoEF32: fc1 [E, 2I, D], fc2 [E, D, I]
@@ -163,12 +162,12 @@ void Route(const float* r, int64_t T, int64_t E, Job& j) {
   j.first.assign(E + 1, 0);
   for (int64_t e = 0; e < E; ++e) j.first[e + 1] = j.first[e] + count[e + 1];
   const int64_t S = T * j.k;
-  j.token.resize(S), j.mix.resize(S), j.slots.resize(S);
+  j.token.resize(S), j.expert.resize(S), j.mix.resize(S), j.slots.resize(S);
   std::vector<int64_t> next(j.first.begin(), j.first.end() - 1);
   for (int64_t t = 0; t < T; ++t)
     for (int64_t c = 0; c < j.k; ++c) {
-      const int64_t slot = next[chosen[t * j.k + c]]++;
-      j.token[slot] = t, j.mix[slot] = weight[t * j.k + c], j.slots[t * j.k + c] = slot;
+      const int64_t e = chosen[t * j.k + c], slot = next[e]++;
+      j.token[slot] = t, j.expert[slot] = e, j.mix[slot] = weight[t * j.k + c], j.slots[t * j.k + c] = slot;
     }
 }
 
@@ -253,9 +252,6 @@ struct MoEQ {
       j.rows.Reset(1, D);
       j.rows.Quantize(j.x, 0);
       j.act.Reset(S, I);
-      j.expert.resize(S);
-      for (int64_t e = 0; e < E; ++e)
-        for (int64_t slot = j.first[e]; slot < j.first[e + 1]; ++slot) j.expert[slot] = e;
       ctx.ParallelFor(Expert<Bits>, static_cast<size_t>(S), 0, &j);
       Combine(&j, 0);
       return;
