@@ -21,21 +21,28 @@ from dscompile.runtime.native import DOMAIN as NATIVE_DOMAIN
 
 def _register_native_schema() -> None:
     """The checker's schemas of ai.dscompile's ops (runtime/native/): HeadsMatMulQ8, MatMulQ4/Q6/Q8 and MoEQ4/Q8
-    (lowering/quantize.py writes them), MatMulF32, LinearF32 and MoEF32 (lowering/native_f32.py)."""
+    (lowering/quantize.py writes them), ExpertsQ4/Q8 (lowering/fuse_experts.py), MatMulF32, LinearF32 and MoEF32 (lowering/native_f32.py)."""
     P = onnx.defs.OpSchema.FormalParameter
     A, AT = onnx.defs.OpSchema.Attribute, onnx.defs.OpSchema.AttrType
     float_only = [("T", ["tensor(float)"], "activations and weights")]
     panel_types = [("T", ["tensor(float)"], "activations"), ("TW", ["tensor(uint8)"], "panels"),
                    ("TS", ["tensor(float16)"], "scales")]
 
+    def parameter(spec: str):
+        """"name:T", or "name:T?" for an optional input."""
+        name, type_str = spec.rstrip("?").split(":")
+        options = onnx.defs.OpSchema.FormalParameterOption
+        option = options.Optional if spec.endswith("?") else options.Single
+        return P(name, type_str, param_option=option)
+
     def register(op: str, doc: str, inputs: list[str], types: list, attributes=()) -> None:
-        """`inputs`: "name:T" each; output y of type T."""
+        """`inputs`: "name:T" each (optional: "name:T?"); output y of type T."""
         try:
             onnx.defs.get_schema(op, 1, NATIVE_DOMAIN)
         except onnx.defs.SchemaError:
             onnx.defs.register_schema(onnx.defs.OpSchema(
                 op, NATIVE_DOMAIN, 1, doc=f"dscompile native op: {doc}.",
-                inputs=[P(*i.split(":")) for i in inputs], outputs=[P("y", "T")], type_constraints=types,
+                inputs=[parameter(i) for i in inputs], outputs=[P("y", "T")], type_constraints=types,
                 attributes=list(attributes)))
 
     register("HeadsMatMulQ8", "per-head matmul with int8 weights", ["x:T", "w:T8", "scales:T"],
@@ -47,6 +54,15 @@ def _register_native_schema() -> None:
         register(f"MoEQ{bits}", f"routed experts with int{bits} weights in row panels",
                  ["x:T", "router:T", "fc1:TW", "fc1_scales:TS", "fc2:TW", "fc2_scales:TS"], panel_types,
                  [A("k", AT.INT, "experts per token"), A("I", AT.INT, "expert intermediate size")])
+        register(f"ExpertsQ{bits}", f"a MoE layer's chosen routed experts and shared MLP with int{bits} weights in row "
+                 "panels", ["x:T", "weights:T", "experts:TI", "fc1:TW", "fc1_scales:TS", "fc2:TW", "fc2_scales:TS",
+                            "shared_gate:TW?", "shared_gate_scales:TS?", "shared_up:TW?", "shared_up_scales:TS?",
+                            "shared_down:TW?", "shared_down_scales:TS?"],
+                 panel_types + [("TI", ["tensor(int64)"], "expert indices")],
+                 [A("I", AT.INT, "expert intermediate size"), A("shared_I", AT.INT, "shared MLP width (0: none)")])
+    register("LatentAttention", "MLA attention over the compressed cache",
+             ["q_latent:T", "q_rope:T", "kv_latent:T", "k_rope:T", "mask:T"], float_only,
+             [A("scale", AT.FLOAT, "score scale")])
     register("MatMulF32", "linear layer over a float32 weight [K, N]", ["x:T", "w:T"], float_only)
     register("LinearF32", "linear layer over a float32 weight [N, K]", ["x:T", "w:T"], float_only)
     register("MoEF32", "routed experts with float32 weights", ["x:T", "router:T", "fc1:T", "fc2:T"], float_only,
@@ -60,7 +76,8 @@ EXPERT_BITS = (4, 8)  # routed experts
 # The native panel ops (they quantize activations to int8 per block): linear layers, and routed experts
 # (QMoE's inputs and sum).
 NATIVE_LINEAR_OPS = tuple(f"MatMulQ{bits}" for bits in PANEL_BITS)
-NATIVE_EXPERT_OPS = tuple(f"MoEQ{bits}" for bits in EXPERT_BITS)
+# MoEQ4/Q8 take QMoE's router input; ExpertsQ4/Q8 (lowering/fuse_experts.py) TopK's choice and the shared MLP.
+NATIVE_EXPERT_OPS = tuple(f"MoEQ{bits}" for bits in EXPERT_BITS) + tuple(f"ExpertsQ{bits}" for bits in EXPERT_BITS)
 NATIVE_PANEL_OPS = NATIVE_LINEAR_OPS + NATIVE_EXPERT_OPS
 HEADS_MAX_K = 4096  # the kernel's row buffer
 _register_native_schema()

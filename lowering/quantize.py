@@ -50,14 +50,16 @@ CUDA has no float32 QMoE kernel, so float32 quantized exports for CUDA are refus
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import onnx
 import onnx_ir as ir
 import torch
 
-from dscompile.lowering.encodings import (EXPERT_BITS, HEADS_BLOCK, HEADS_MAX_K, NATIVE_PANEL_OPS, PANEL_BITS,
-                                          PANEL_BLOCK, _HeadsInt8, _Panels, _Quantization)
+from dscompile.lowering import fuse_experts
+from dscompile.lowering.encodings import (EXPERT_BITS, HEADS_BLOCK, HEADS_MAX_K, NATIVE_EXPERT_OPS, NATIVE_PANEL_OPS,
+                                          PANEL_BITS, PANEL_BLOCK, _HeadsInt8, _Panels, _Quantization)
 from dscompile.lowering.weights import _MetaWeight, _fold_key, _origins, _unique_name
 from dscompile.lowering.ops import MSFT_DOMAIN
 from dscompile.model.quant import Scheme
@@ -274,6 +276,11 @@ class GraphQuantizer:
         model.opset_imports.setdefault(MSFT_DOMAIN, 1)
         if any(counts.get(op) for op in ("HeadsMatMulQ8",) + NATIVE_PANEL_OPS):
             model.opset_imports.setdefault(NATIVE_DOMAIN, 1)
+        if self.native and any(counts.get(op) for op in NATIVE_EXPERT_OPS):
+            fused = fuse_experts.run(model)
+            if any(fused[op] for op in fuse_experts.OPS):  # the counts of what the graph now holds
+                held = Counter(n.op_type for n in graph if n.domain in (MSFT_DOMAIN, NATIVE_DOMAIN))
+                counts = {op: held[op] for op in counts} | fused
         return counts
 
     def _panels(self, graph: ir.Graph, node: ir.Node, b: ir.Value, transpose: bool, name: str) -> str | None:

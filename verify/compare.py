@@ -22,6 +22,7 @@ import torch
 from dscompile.verify.eager import EagerEngine, TransformersEagerEngine
 from dscompile.model.checkpoint import load_checkpoint
 from dscompile.lowering.encodings import NATIVE_EXPERT_OPS, NATIVE_LINEAR_OPS
+from dscompile.lowering.fuse_experts import SHARED_MLPS
 from dscompile.model.quant import Scheme
 from dscompile.runtime.contract import (DECODE, PAST, PREFILL, STEP_INPUTS, EngineInfo, KVCache, StepInputs,
                                         cache_names, next_step_inputs, random_step_inputs)
@@ -344,14 +345,17 @@ def lowering_table(manifest: dict[str, Any], tf32: bool = False) -> dict | None:
 def lowering_rms_bound(manifest: dict[str, Any]) -> float | None:
     """For an engine whose quantized kernels quantize activations, the relative RMS error its steps are
     judged by (tolerance.quantized_activations_rms of its block size and quantized matrix products:
-    MatMulNBits and native MatMulQ4/Q6/Q8 nodes, two per QMoE or MoEQ4/Q8, in the decode graph its steps run);
+    MatMulNBits and native MatMulQ4/Q6/Q8 nodes, two per QMoE, MoEQ4/Q8 or ExpertsQ4/Q8 and three per shared
+    MLP an ExpertsQ4/Q8 holds, in the decode graph its steps run);
     None otherwise."""
     quantization = manifest.get("quantization") or {}
     if not any((quantization.get("quantized_activations") or {}).values()):
         return None
     ops = manifest["graphs"][DECODE].get("quantized_ops") or {}
     linears = sum(ops.get(op, 0) for op in ("MatMulNBits",) + NATIVE_LINEAR_OPS)
-    products = linears + 2 * sum(ops.get(op, 0) for op in ("QMoE",) + NATIVE_EXPERT_OPS)
+    # a shared MLP inside ExpertsQ4/Q8 (lowering/fuse_experts.py) is three more: its gate, up and down
+    products = (linears + 2 * sum(ops.get(op, 0) for op in ("QMoE",) + NATIVE_EXPERT_OPS)
+                + 3 * ops.get(SHARED_MLPS, 0))
     return quantized_activations_rms(int(quantization["block_size"]), products)
 
 

@@ -12,6 +12,10 @@ computes. The library (domain ai.dscompile) adds:
   416-448 ms for 128 tokens (benchmarks/native_q4.py);
 - `HeadsMatMulQ8` (heads_q8.cc): MLA's absorbed per-head W_UK / W_UV in int8, which quantized engines
   otherwise keep in float32 (MatMulNBits takes one 2-D weight, not a batch of heads);
+- `ExpertsQ4`/`ExpertsQ8` (moe.cc, lowering/fuse_experts.py): a MoE layer's experts as one op, TopK's
+  choice taken as given and the shared MLP run as one more task beside the chosen experts;
+- `LatentAttention` (attention.cc, lowering/fuse_attention.py): MLA's attention over the compressed cache
+  in the decode graphs of native exports, each cached token read once per use;
 - `MatMulF32`/`LinearF32` (f32.cc) and `MoEF32` (moe.cc): a float32 engine's decode step (its linear
   layers and routed experts, lowering/native_f32.py), reading the weights where ONNX Runtime maps them
   (floats.h), so the prefill graph's MatMul/Gemm/MoE share them.
@@ -43,9 +47,11 @@ from dscompile.errors import DscompileError, EngineError, first_line
 from dscompile.runtime.home import cache_home
 
 DOMAIN = "ai.dscompile"
-OPS = ("HeadsMatMulQ8", "LinearF32", "MatMulF32", "MatMulQ4", "MatMulQ6", "MatMulQ8", "MoEF32", "MoEQ4", "MoEQ8")
+OPS = ("ExpertsQ4", "ExpertsQ8", "HeadsMatMulQ8", "LatentAttention", "LinearF32", "MatMulF32", "MatMulQ4", "MatMulQ6",
+       "MatMulQ8", "MoEF32", "MoEQ4", "MoEQ8")
 # The library's files: register.cc adds every op; native.h is what they share.
-SOURCES = tuple(Path(__file__).with_name(f) for f in ("register.cc", "f32.cc", "heads_q8.cc", "matmul.cc", "moe.cc"))
+SOURCES = tuple(Path(__file__).with_name(f) for f in ("register.cc", "attention.cc", "f32.cc", "heads_q8.cc", "matmul.cc",
+                                                         "moe.cc"))
 HEADERS = tuple(Path(__file__).with_name(f) for f in ("floats.h", "native.h", "panels.h"))
 LIBRARY = "libdscompile_native.so"
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-mf16c", "-mfma", "-shared", "-fPIC", "-std=c++17"]

@@ -92,8 +92,9 @@ struct MatMulQ {
     Job job{panels::Weight(weights_, 0, w.Data(), w.NumberOfElement()),
             panels::Weight(weights_, 1, reinterpret_cast<const uint16_t*>(s.Data()), 2 * s.NumberOfElement()),
             out, M, N_, count, x.Data(), {}};
-    job.x.Reset(M, K_);
     Ort::KernelContext ctx(context);
+    panels::Scratch scratch(ctx);
+    job.x.Reset(M, K_, scratch);
     if (M == 1) {
       QuantizeTask(&job, 0);
       ctx.ParallelFor(OneTokenTask<Bits>, static_cast<size_t>((count + kPanels - 1) / kPanels), 0, &job);

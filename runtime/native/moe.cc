@@ -16,6 +16,11 @@
 // k > 1 (a decode step) runs each chosen expert as one task instead, fc1 to fc2 (Expert). Only the chosen
 // experts' weights are read.
 //
+// ExpertsQ4/ExpertsQ8 (lowering/fuse_experts.py) are the same experts with TopK's choice given (each token's
+// chosen experts and weights, summed as given) and the layer's shared MLP in the op: one more task of the
+// decode step's loop, handed out first, so a MoE layer is one node instead of fifteen. Working memory comes
+// from the session's arena (panels.h, Scratch).
+//
 // MoEF32 (lowering/native_f32.py, the decode graphs of float32 engines exported with --native-kernels) is
 // com.microsoft.MoE's float32 experts with the same routing, read where they lie (floats.h):
 //   x [T, D], router [T, E], fc1 float32 [E, 2I, D] (gate and up rows interleaved), fc2 float32 [E, D, I];
@@ -27,6 +32,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -51,10 +57,16 @@ struct Job {
   std::vector<std::pair<int64_t, int64_t>> tasks;  // (expert, panel)
   panels::Activations rows;           // slot rows quantized: x for fc1 (K = D), then the activation (K = I)
   panels::Activations act;            // one token: the slots' activations (K = I); rows holds x once
-  std::vector<float> h, out;
+  float *h = nullptr, *out = nullptr;  // [S, 2I] fc1's outputs, [S, D] fc2's (from scratch)
   float* y;
+  panels::Scratch* scratch = nullptr;  // this Compute's working memory
   const float *f1 = nullptr, *f2 = nullptr;  // MoEF32: fc1 [E, 2I, D], fc2 [E, D, I]
-  std::vector<float> a;                      // MoEF32: the slots' rows: x for fc1 (D), then silu(g) * u (I)
+  float* a = nullptr;                        // MoEF32: the slots' rows: x for fc1 (D), then silu(g) * u (I)
+  // ExpertsQ4/Q8's shared experts (Is = 0: none): one MLP of width Is, gate and up [Is, D], down [D, Is].
+  Matrix gate, up, down;
+  int64_t Is = 0;
+  panels::Activations tokens, shared_act;  // x per token (K = D); silu(g) * u per token (K = Is)
+  float *g = nullptr, *u = nullptr, *sh = nullptr;  // [T, Is], [T, Is], [T, D]
 };
 
 void QuantizeInput(void* data, size_t slot) {
@@ -73,13 +85,13 @@ void Run(const Job& j, const Matrix& m, size_t index, float* out, int64_t ldy) {
 template <int Bits>
 void Fc1(void* data, size_t index) {
   Job& j = *static_cast<Job*>(data);
-  Run<Bits>(j, j.fc1, index, j.h.data(), 2 * j.I);
+  Run<Bits>(j, j.fc1, index, j.h, 2 * j.I);
 }
 
 template <int Bits>
 void Fc2(void* data, size_t index) {
   Job& j = *static_cast<Job*>(data);
-  Run<Bits>(j, j.fc2, index, j.out.data(), j.D);
+  Run<Bits>(j, j.fc2, index, j.out, j.D);
 }
 
 // a[i] = silu(g_i) * u_i of one slot's fc1 outputs h (g, u interleaved), I of them.
@@ -90,22 +102,37 @@ void SwiGlu(const float* h, int64_t I, float* a) {
   }
 }
 
+// silu(g) * u of token t's shared MLP, quantized for its down projection.
+void SharedActivate(void* data, size_t t) {
+  Job& j = *static_cast<Job*>(data);
+  static thread_local std::vector<float> a;
+  a.resize(j.Is);
+  const float *g = j.g + t * j.Is, *u = j.u + t * j.Is;
+  for (int64_t i = 0; i < j.Is; ++i) a[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+  j.shared_act.Quantize(a.data(), static_cast<int64_t>(t));
+}
+
 // silu(g) * u of one slot, quantized for fc2.
 void Activate(void* data, size_t slot) {
   Job& j = *static_cast<Job*>(data);
   static thread_local std::vector<float> a;
   a.resize(j.I);
-  SwiGlu(j.h.data() + slot * 2 * j.I, j.I, a.data());
+  SwiGlu(j.h + slot * 2 * j.I, j.I, a.data());
   j.rows.Quantize(a.data(), static_cast<int64_t>(slot));
 }
 
 // One token, slot `slot` (one chosen expert) start to end: fc1 over x (quantized once, rows' row 0), silu(g) * u
 // quantized, fc2; so the experts stream without a barrier between fc1 and fc2.
 template <int Bits>
-void Expert(void* data, size_t slot) {
+void SharedOne(Job& j);
+
+template <int Bits>
+void Expert(void* data, size_t index) {
   Job& j = *static_cast<Job*>(data);
+  if (j.Is > 0 && index == 0) return SharedOne<Bits>(j);
+  const size_t slot = index - (j.Is > 0 ? 1 : 0);
   const int64_t e = j.expert[slot], s = static_cast<int64_t>(slot);
-  float* h = j.h.data() + s * 2 * j.I;
+  float* h = j.h + s * 2 * j.I;
   const panels::Rows x = j.rows.rows();
   for (int64_t p = 0; p < j.fc1.count; ++p)
     panels::PanelRows<Bits>(j.fc1.weights(e), j.fc1.scales(e), j.fc1.N, p, x, 1, h, 2 * j.I);
@@ -115,17 +142,34 @@ void Expert(void* data, size_t slot) {
   j.act.Quantize(a.data(), s);
   const panels::Rows in = j.act.rows().From(s);
   for (int64_t p = 0; p < j.fc2.count; ++p)
-    panels::PanelRows<Bits>(j.fc2.weights(e), j.fc2.scales(e), j.fc2.N, p, in, 1, j.out.data() + s * j.D, j.D);
+    panels::PanelRows<Bits>(j.fc2.weights(e), j.fc2.scales(e), j.fc2.N, p, in, 1, j.out + s * j.D, j.D);
+}
+
+// The shared MLP of one token (x quantized once, rows' row 0), start to end, into sh: the task that runs it
+// is twice a routed expert's (Is = 2I in DeepSeek-V2-Lite), and is handed out first.
+template <int Bits>
+void SharedOne(Job& j) {
+  const panels::Rows x = j.rows.rows();
+  for (int64_t p = 0; p < j.gate.count; ++p) {
+    panels::PanelRows<Bits>(j.gate.weights(0), j.gate.scales(0), j.Is, p, x, 1, j.g, j.Is);
+    panels::PanelRows<Bits>(j.up.weights(0), j.up.scales(0), j.Is, p, x, 1, j.u, j.Is);
+  }
+  SharedActivate(&j, 0);
+  for (int64_t p = 0; p < j.down.count; ++p)
+    panels::PanelRows<Bits>(j.down.weights(0), j.down.scales(0), j.D, p, j.shared_act.rows(), 1, j.sh, j.D);
 }
 
 void Combine(void* data, size_t t) {
   Job& j = *static_cast<Job*>(data);
   float* y = j.y + t * j.D;
-  std::fill(y, y + j.D, 0.0f);
+  if (j.Is > 0)
+    std::copy_n(j.sh + t * j.D, j.D, y);
+  else
+    std::fill(y, y + j.D, 0.0f);
   for (int64_t c = 0; c < j.k; ++c) {
     const int64_t slot = j.slots[t * j.k + c];
     const float w = j.mix[slot];
-    const float* o = j.out.data() + slot * j.D;
+    const float* o = j.out + slot * j.D;
     for (int64_t d = 0; d < j.D; ++d) y[d] += w * o[d];
   }
 }
@@ -139,26 +183,11 @@ std::vector<std::pair<int64_t, int64_t>> Tasks(const Job& j, int64_t parts, int6
   return tasks;
 }
 
-// Routing: each token's k largest router values [T, E], their softmax; slots ordered by expert (j.k set).
-void Route(const float* r, int64_t T, int64_t E, Job& j) {
-  std::vector<int64_t> chosen(T * j.k), order(E);
-  std::vector<float> weight(T * j.k);
+// Slots from each token's k chosen experts `chosen` [T, k] and their mixing weights `weight` [T, k]: ordered by
+// expert (j.k set; every chosen expert in [0, E)).
+void Assign(const int64_t* chosen, const float* weight, int64_t T, int64_t E, Job& j) {
   std::vector<int64_t> count(E + 1, 0);
-  for (int64_t t = 0; t < T; ++t) {
-    const float* row = r + t * E;
-    for (int64_t e = 0; e < E; ++e) order[e] = e;
-    std::partial_sort(order.begin(), order.begin() + j.k, order.end(),
-                      [row](int64_t a, int64_t b) { return row[a] > row[b] || (row[a] == row[b] && a < b); });
-    const float top = row[order[0]];
-    float total = 0.0f;
-    for (int64_t c = 0; c < j.k; ++c) {
-      chosen[t * j.k + c] = order[c];
-      weight[t * j.k + c] = std::exp(row[order[c]] - top);
-      total += weight[t * j.k + c];
-      ++count[order[c] + 1];
-    }
-    for (int64_t c = 0; c < j.k; ++c) weight[t * j.k + c] /= total;
-  }
+  for (int64_t i = 0; i < T * j.k; ++i) ++count[chosen[i] + 1];
   j.first.assign(E + 1, 0);
   for (int64_t e = 0; e < E; ++e) j.first[e + 1] = j.first[e] + count[e + 1];
   const int64_t S = T * j.k;
@@ -171,10 +200,95 @@ void Route(const float* r, int64_t T, int64_t E, Job& j) {
     }
 }
 
+// Routing: each token's k largest router values [T, E], their softmax; slots ordered by expert (j.k set).
+void Route(const float* r, int64_t T, int64_t E, Job& j) {
+  std::vector<int64_t> chosen(T * j.k), order(E);
+  std::vector<float> weight(T * j.k);
+  for (int64_t t = 0; t < T; ++t) {
+    const float* row = r + t * E;
+    for (int64_t e = 0; e < E; ++e) order[e] = e;
+    std::partial_sort(order.begin(), order.begin() + j.k, order.end(),
+                      [row](int64_t a, int64_t b) { return row[a] > row[b] || (row[a] == row[b] && a < b); });
+    const float top = row[order[0]];
+    float total = 0.0f;
+    for (int64_t c = 0; c < j.k; ++c) {
+      chosen[t * j.k + c] = order[c];
+      weight[t * j.k + c] = std::exp(row[order[c]] - top);
+      total += weight[t * j.k + c];
+    }
+    for (int64_t c = 0; c < j.k; ++c) weight[t * j.k + c] /= total;
+  }
+  Assign(chosen.data(), weight.data(), T, E, j);
+}
+
+// The shared MLP of T > 1 tokens into sh: x quantized per token, gate and up by panel, silu(g) * u
+// quantized per token, down by panel.
+template <int Bits>
+void SharedGateUp(void* data, size_t index) {
+  Job& j = *static_cast<Job*>(data);
+  const bool gate = static_cast<int64_t>(index) < j.gate.count;
+  const Matrix& m = gate ? j.gate : j.up;
+  const int64_t p = gate ? static_cast<int64_t>(index) : static_cast<int64_t>(index) - j.gate.count;
+  panels::PanelRows<Bits>(m.weights(0), m.scales(0), j.Is, p, j.tokens.rows(), j.T, gate ? j.g : j.u, j.Is);
+}
+
+template <int Bits>
+void SharedDown(void* data, size_t p) {
+  Job& j = *static_cast<Job*>(data);
+  panels::PanelRows<Bits>(j.down.weights(0), j.down.scales(0), j.D, static_cast<int64_t>(p), j.shared_act.rows(), j.T,
+                          j.sh, j.D);
+}
+
+void QuantizeToken(void* data, size_t t) {
+  Job& j = *static_cast<Job*>(data);
+  j.tokens.Quantize(j.x + t * j.D, static_cast<int64_t>(t));
+}
+
+// The routed experts of the assigned slots (and the shared MLP where j.Is > 0) into j.y: MoEQ4/Q8 and
+// ExpertsQ4/Q8 after their routing.
+template <int Bits>
+void RunExperts(Job& j, int64_t E, Ort::KernelContext& ctx) {
+  const int64_t T = j.T, D = j.D, I = j.I, S = T * j.k, Is = j.Is;
+  panels::Scratch& scratch = *j.scratch;
+  j.h = scratch.Get<float>(S * 2 * I), j.out = scratch.Get<float>(S * D);
+  if (Is > 0) {
+    j.g = scratch.Get<float>(T * Is), j.u = scratch.Get<float>(T * Is), j.sh = scratch.Get<float>(T * D);
+    j.shared_act.Reset(T, Is, scratch);
+  }
+  if (T == 1 && S > 1) {
+    // Decode: x quantized once, one task per chosen expert (fc1, silu(g) * u, fc2), the shared MLP first as
+    // one more, the token's sum here. Against the steps below (a task per panel, a barrier after each
+    // step): 0.92-0.96 of the time for 8 layers of the bench model's experts (16 of 2048 x 1408, k = 6) on
+    // 2 threads, 27-34 GB/s. With one expert, the steps below keep every thread busy.
+    j.rows.Reset(1, D, scratch);
+    j.rows.Quantize(j.x, 0);
+    j.act.Reset(S, I, scratch);
+    ctx.ParallelFor(Expert<Bits>, static_cast<size_t>(S + (Is > 0 ? 1 : 0)), 0, &j);
+    Combine(&j, 0);
+    return;
+  }
+  if (Is > 0) {
+    j.tokens.Reset(T, D, scratch);
+    ctx.ParallelFor(QuantizeToken, static_cast<size_t>(T), 0, &j);
+    ctx.ParallelFor(SharedGateUp<Bits>, static_cast<size_t>(j.gate.count + j.up.count), 0, &j);
+    ctx.ParallelFor(SharedActivate, static_cast<size_t>(T), 0, &j);
+    ctx.ParallelFor(SharedDown<Bits>, static_cast<size_t>(j.down.count), 0, &j);
+  }
+  j.rows.Reset(S, D, scratch);
+  ctx.ParallelFor(QuantizeInput, static_cast<size_t>(S), 0, &j);
+  j.tasks = Tasks(j, j.fc1.count, E);
+  ctx.ParallelFor(Fc1<Bits>, j.tasks.size(), 0, &j);
+  j.rows.Reset(S, I, scratch);
+  ctx.ParallelFor(Activate, static_cast<size_t>(S), 0, &j);
+  j.tasks = Tasks(j, j.fc2.count, E);
+  ctx.ParallelFor(Fc2<Bits>, j.tasks.size(), 0, &j);
+  ctx.ParallelFor(Combine, static_cast<size_t>(T), 0, &j);
+}
+
 // MoEF32's steps: gather x per slot; fc1 and fc2 tasks of (expert, kRows rows); silu(g) * u per slot.
 void GatherInput(void* data, size_t slot) {
   Job& j = *static_cast<Job*>(data);
-  std::copy_n(j.x + j.token[slot] * j.D, j.D, j.a.data() + slot * j.D);
+  std::copy_n(j.x + j.token[slot] * j.D, j.D, j.a + slot * j.D);
 }
 
 // Task `index` of a float32 stack w [E, N, K] (expert e, rows kRows * c on) over e's slots' rows of `in`
@@ -187,17 +301,17 @@ void RunF32(const Job& j, const float* w, int64_t N, int64_t K, size_t index, co
 
 void Fc1F32(void* data, size_t index) {
   Job& j = *static_cast<Job*>(data);
-  RunF32(j, j.f1, 2 * j.I, j.D, index, j.a.data(), j.h.data());
+  RunF32(j, j.f1, 2 * j.I, j.D, index, j.a, j.h);
 }
 
 void ActivateF32(void* data, size_t slot) {
   Job& j = *static_cast<Job*>(data);
-  SwiGlu(j.h.data() + slot * 2 * j.I, j.I, j.a.data() + slot * j.I);
+  SwiGlu(j.h + slot * 2 * j.I, j.I, j.a + slot * j.I);
 }
 
 void Fc2F32(void* data, size_t index) {
   Job& j = *static_cast<Job*>(data);
-  RunF32(j, j.f2, j.D, j.I, index, j.a.data(), j.out.data());
+  RunF32(j, j.f2, j.D, j.I, index, j.a, j.out);
 }
 
 template <int Bits>
@@ -241,34 +355,101 @@ struct MoEQ {
     j.y = y.Allocate({T, D});
     if (T == 0) return;
     Route(router.Data(), T, E, j);
-    const int64_t S = T * j.k;
-    j.h.resize(S * 2 * I), j.out.resize(S * D);
     Ort::KernelContext ctx(context);
-    if (T == 1 && S > 1) {
-      // Decode: x quantized once, one task per chosen expert (fc1, silu(g) * u, fc2), the token's sum here.
-      // Against the steps below (a task per panel, a barrier after each step): 0.92-0.96 of the time for
-      // 8 layers of the bench model's experts (16 of 2048 x 1408, k = 6) on 2 threads, 27-34 GB/s. With one
-      // expert, the steps below keep every thread busy.
-      j.rows.Reset(1, D);
-      j.rows.Quantize(j.x, 0);
-      j.act.Reset(S, I);
-      ctx.ParallelFor(Expert<Bits>, static_cast<size_t>(S), 0, &j);
-      Combine(&j, 0);
-      return;
-    }
-    j.rows.Reset(S, D);
-    ctx.ParallelFor(QuantizeInput, static_cast<size_t>(S), 0, &j);
-    j.tasks = Tasks(j, j.fc1.count, E);
-    ctx.ParallelFor(Fc1<Bits>, j.tasks.size(), 0, &j);
-    j.rows.Reset(S, I);
-    ctx.ParallelFor(Activate, static_cast<size_t>(S), 0, &j);
-    j.tasks = Tasks(j, j.fc2.count, E);
-    ctx.ParallelFor(Fc2<Bits>, j.tasks.size(), 0, &j);
-    ctx.ParallelFor(Combine, static_cast<size_t>(T), 0, &j);
+    panels::Scratch scratch(ctx);
+    j.scratch = &scratch;
+    RunExperts<Bits>(j, E, ctx);
   }
 
   int64_t k_, I_;
   std::vector<std::unique_ptr<panels::HugeCopy>> weights_;  // fc1, its scales, fc2, its scales on huge pages
+};
+
+// ExpertsQ4/Q8: MoEQ4/Q8's experts with the routing given as each token's chosen experts and their weights
+// (TopK's), and the shared experts in the same op.
+//   x [T, D] float32, weights [T, k] float32, experts [T, k] int64 (each in [0, E)), fc1/fc2 and their scales as
+//   MoEQ4/Q8's; optional: the shared MLP's gate and up [Is, D] and down [D, Is] in MatMulQ4/Q8's panels, each
+//   with its scales; attributes I, shared_I (Is; 0: none)
+//   -> y [T, D] = sum over c of weights[t, c] * fc2_e(silu(g) * u) for e = experts[t, c], + shared(x[t])
+template <int Bits>
+struct ExpertsQ {
+  using Panels = Ort::Custom::Tensor<uint8_t>;
+  using Scales = Ort::Custom::Tensor<Ort::Float16_t>;
+  using Optional = std::optional<const Panels*>;
+  using OptionalScales = std::optional<const Scales*>;
+
+  ExpertsQ(const OrtApi*, const OrtKernelInfo* info) {
+    Ort::ConstKernelInfo k(info);
+    I_ = k.GetAttribute<int64_t>("I");
+    Is_ = k.GetAttribute<int64_t>("shared_I");
+    weights_ = panels::CopyWeights(info, 3, k.GetInputCount() - 1);
+  }
+
+  const uint8_t* W(size_t i, const Panels& t) const { return panels::Weight(weights_, i, t.Data(), t.NumberOfElement()); }
+  const uint16_t* S(size_t i, const Scales& t) const {
+    return panels::Weight(weights_, i, reinterpret_cast<const uint16_t*>(t.Data()), 2 * t.NumberOfElement());
+  }
+
+  void Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& x, const Ort::Custom::Tensor<float>& weights,
+               const Ort::Custom::Tensor<int64_t>& experts, const Panels& w1, const Scales& s1, const Panels& w2,
+               const Scales& s2, Optional gate, OptionalScales gs, Optional up, OptionalScales us, Optional down,
+               OptionalScales ds, Ort::Custom::Tensor<float>& y) {
+    const char* what = Bits == 4 ? "ExpertsQ4: expected x [T, D], weights and experts [T, k], fc1 [E, ceil(2I/16), D/32, 256], "
+                                   "fc2 [E, ceil(D/16), I/32, 256], their scales [..., 16], with D and I multiples of 32, "
+                                   "and shared gate, up [ceil(Is/16), D/32, 256], down [ceil(D/16), Is/32, 256] and "
+                                   "their scales where shared_I > 0"
+                                 : "ExpertsQ8: expected x [T, D], weights and experts [T, k], fc1 [E, ceil(2I/16), D/32, 512], "
+                                   "fc2 [E, ceil(D/16), I/32, 512], their scales [..., 16], with D and I multiples of 32, "
+                                   "and shared gate, up [ceil(Is/16), D/32, 512], down [ceil(D/16), Is/32, 512] and "
+                                   "their scales where shared_I > 0";
+    const auto xs = x.Shape(), ws = weights.Shape(), es = experts.Shape();
+    if (xs.size() != 2 || ws.size() != 2 || ws != es || ws[0] != xs[0] || ws[1] < 1) ORT_CXX_API_THROW(what, ORT_INVALID_ARGUMENT);
+    const int64_t T = xs[0], D = xs[1], I = I_, Is = Is_;
+    constexpr int64_t kBytes = Bits * 64;
+    Job j;
+    j.x = x.Data();
+    j.T = T, j.D = D, j.I = I, j.k = ws[1], j.Is = Is;
+    j.fc1 = Matrix{W(0, w1), S(1, s1), 2 * I, D, (2 * I + 15) / 16, kBytes};
+    j.fc2 = Matrix{W(2, w2), S(3, s2), D, I, (D + 15) / 16, kBytes};
+    const int64_t per_expert = j.fc1.count * (D / 32) * kBytes;
+    const int64_t E = D % 32 || I % 32 || per_expert == 0 ? 0 : w1.NumberOfElement() / per_expert;
+    bool ok = E > 0 && w1.NumberOfElement() == E * per_expert && s1.NumberOfElement() == E * j.fc1.count * (D / 32) * 16 &&
+              w2.NumberOfElement() == E * j.fc2.count * (I / 32) * kBytes &&
+              s2.NumberOfElement() == E * j.fc2.count * (I / 32) * 16;
+    const bool shared = gate && gs && up && us && down && ds;
+    if (Is > 0) {
+      const int64_t rows = (Is + 15) / 16, cols = (D + 15) / 16;
+      ok = ok && shared && Is % 32 == 0 && (*gate)->NumberOfElement() == rows * (D / 32) * kBytes &&
+           (*up)->NumberOfElement() == rows * (D / 32) * kBytes && (*gs)->NumberOfElement() == rows * (D / 32) * 16 &&
+           (*us)->NumberOfElement() == rows * (D / 32) * 16 && (*down)->NumberOfElement() == cols * (Is / 32) * kBytes &&
+           (*ds)->NumberOfElement() == cols * (Is / 32) * 16;
+      if (ok) {
+        j.gate = Matrix{W(4, **gate), S(5, **gs), Is, D, rows, kBytes};
+        j.up = Matrix{W(6, **up), S(7, **us), Is, D, rows, kBytes};
+        j.down = Matrix{W(8, **down), S(9, **ds), D, Is, cols, kBytes};
+      }
+    } else {
+      ok = ok && Is == 0 && !gate && !up && !down;
+    }
+    if (!ok) ORT_CXX_API_THROW(what, ORT_INVALID_ARGUMENT);
+    const int64_t* chosen = experts.Data();
+    for (int64_t i = 0; i < T * j.k; ++i)
+      if (chosen[i] < 0 || chosen[i] >= E) ORT_CXX_API_THROW(Bits == 4 ? "ExpertsQ4: an expert index is out of range"
+                                                                         : "ExpertsQ8: an expert index is out of range",
+                                                               ORT_INVALID_ARGUMENT);
+    j.y = y.Allocate({T, D});
+    if (T == 0) return;
+    Assign(chosen, weights.Data(), T, E, j);
+    Ort::KernelContext ctx(context);
+    panels::Scratch scratch(ctx);
+    j.scratch = &scratch;
+    RunExperts<Bits>(j, E, ctx);
+  }
+
+  int64_t I_, Is_;
+  // fc1, its scales, fc2, its scales, then the shared gate, up and down with theirs, on huge pages (indices from 0
+  // at fc1)
+  std::vector<std::unique_ptr<panels::HugeCopy>> weights_;
 };
 
 struct MoEF32 {
@@ -290,8 +471,9 @@ struct MoEF32 {
     if (T == 0) return;
     Route(router.Data(), T, E, j);
     const int64_t S = T * j.k;
-    j.a.resize(S * std::max(D, I)), j.h.resize(S * 2 * I), j.out.resize(S * D);
     Ort::KernelContext ctx(context);
+    panels::Scratch scratch(ctx);
+    j.a = scratch.Get<float>(S * std::max(D, I)), j.h = scratch.Get<float>(S * 2 * I), j.out = scratch.Get<float>(S * D);
     ctx.ParallelFor(GatherInput, static_cast<size_t>(S), 0, &j);
     j.tasks = Tasks(j, (2 * I + kRows - 1) / kRows, E);
     ctx.ParallelFor(Fc1F32, j.tasks.size(), 0, &j);
@@ -316,4 +498,12 @@ Ort::Custom::OrtLiteCustomOp* NewMoEQ4() {
 
 Ort::Custom::OrtLiteCustomOp* NewMoEQ8() {
   return Ort::Custom::CreateLiteCustomOp<MoEQ<8>>("MoEQ8", "CPUExecutionProvider");
+}
+
+Ort::Custom::OrtLiteCustomOp* NewExpertsQ4() {
+  return Ort::Custom::CreateLiteCustomOp<ExpertsQ<4>>("ExpertsQ4", "CPUExecutionProvider");
+}
+
+Ort::Custom::OrtLiteCustomOp* NewExpertsQ8() {
+  return Ort::Custom::CreateLiteCustomOp<ExpertsQ<8>>("ExpertsQ8", "CPUExecutionProvider");
 }

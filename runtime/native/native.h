@@ -6,7 +6,10 @@
 #include <onnxruntime_cxx_api.h>
 #include <onnxruntime_lite_custom_op.h>
 
+Ort::Custom::OrtLiteCustomOp* NewExpertsQ4();      // moe.cc
+Ort::Custom::OrtLiteCustomOp* NewExpertsQ8();      // moe.cc
 Ort::Custom::OrtLiteCustomOp* NewHeadsMatMulQ8();  // heads_q8.cc
+Ort::Custom::OrtLiteCustomOp* NewLatentAttention();  // attention.cc
 Ort::Custom::OrtLiteCustomOp* NewLinearF32();      // f32.cc
 Ort::Custom::OrtLiteCustomOp* NewMatMulF32();      // f32.cc
 Ort::Custom::OrtLiteCustomOp* NewMatMulQ4();       // matmul.cc

@@ -112,24 +112,58 @@ struct Rows {
   Rows From(int64_t first) const { return Rows{q + first * K, scale + first * (K / 32), sum + first * (K / 32), K}; }
 };
 
-// Room for `count` rows of K activations quantized (Quantize); each row is written by one task.
+// Working memory of one Compute, from the session's CPU allocator (ONNX Runtime's arena, on by default),
+// which keeps its blocks from run to run. From the heap, a buffer above malloc's mmap threshold is
+// unmapped when freed and faulted in again, zeroed, on the next call: measured, a 128-token MoE layer of
+// the bench model (15 MB of buffers) spent 7.6-10 ms of its 45 in std::vector resizes.
+class Scratch {
+ public:
+  explicit Scratch(const Ort::KernelContext& ctx) {
+    const Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
+    const OrtMemoryInfo* info = cpu;
+    allocator_ = ctx.GetAllocator(*info);
+  }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  ~Scratch() {
+    for (void* p : blocks_) allocator_->Free(allocator_, p);
+    Ort::GetApi().ReleaseAllocator(allocator_);
+  }
+
+  // Room for n values of T, contents undefined, held until the Scratch goes.
+  template <typename T>
+  T* Get(int64_t n) {
+    void* p = allocator_->Alloc(allocator_, std::max<size_t>(1, static_cast<size_t>(n) * sizeof(T)));
+    if (p == nullptr) ORT_CXX_API_THROW("dscompile native kernels: out of memory", ORT_FAIL);
+    blocks_.push_back(p);
+    return static_cast<T*>(p);
+  }
+
+ private:
+  OrtAllocator* allocator_;
+  std::vector<void*> blocks_;
+};
+
+// Room for `count` rows of K activations quantized (Quantize), from a Compute's Scratch; each row is
+// written by one task.
 class Activations {
  public:
-  void Reset(int64_t count, int64_t K) {
+  void Reset(int64_t count, int64_t K, Scratch& scratch) {
     K_ = K;
-    q_.resize(count * K), scale_.resize(count * K / 32), sum_.resize(count * K / 32);
+    q_ = scratch.Get<int8_t>(count * K), scale_ = scratch.Get<float>(count * K / 32);
+    sum_ = scratch.Get<int32_t>(count * K / 32);
   }
   // Row m quantized from x [K].
   void Quantize(const float* x, int64_t m) {
-    panels::Quantize(x, K_, q_.data() + m * K_, scale_.data() + m * (K_ / 32), sum_.data() + m * (K_ / 32));
+    panels::Quantize(x, K_, q_ + m * K_, scale_ + m * (K_ / 32), sum_ + m * (K_ / 32));
   }
-  Rows rows() const { return Rows{q_.data(), scale_.data(), sum_.data(), K_}; }
+  Rows rows() const { return Rows{q_, scale_, sum_, K_}; }
 
  private:
   int64_t K_ = 0;
-  std::vector<int8_t> q_;
-  std::vector<float> scale_;
-  std::vector<int32_t> sum_;
+  int8_t* q_ = nullptr;
+  float* scale_ = nullptr;
+  int32_t* sum_ = nullptr;
 };
 
 // One block of one row against the panel's unpacked block v[0..7] (weights + zero, unsigned):

@@ -21,6 +21,7 @@ from dscompile.cli.inspect import report_lines
 from dscompile.exporter.options import ExportOptions
 from dscompile.inspect import inspect
 from dscompile.lowering.encodings import panels
+from dscompile.lowering.fuse_experts import SHARED_MLPS
 from dscompile.model.quant import Scheme, quantize
 from dscompile.runtime import native
 from dscompile.runtime.native import DOMAIN
@@ -29,16 +30,17 @@ WHY = native.unavailable()
 needs_library = pytest.mark.skipif(WHY is not None, reason=f"the native kernel library cannot be built here: {WHY}")
 
 
-def _session(op: str, inputs: dict[str, list[int] | None], weights: dict[str, np.ndarray], **attrs):
-    """An ONNX Runtime session (2 threads, the library registered) of one `op` node over float32 `inputs`
-    (name: shape) and the constant `weights`, output "y"."""
+def _session(op: str, inputs: dict[str, list[int] | None], weights: dict[str, np.ndarray], types=None, **attrs):
+    """An ONNX Runtime session (2 threads, the library registered) of one `op` node over `inputs` (name:
+    shape; float32 unless `types` names another TensorProto type) and the constant `weights`, output "y"."""
     import onnxruntime as ort
     from onnx import TensorProto as TP
     from onnx import helper as h
     from onnx import numpy_helper as nh
 
+    types = types or {}
     graph = h.make_graph([h.make_node(op, [*inputs, *weights], ["y"], domain=DOMAIN, **attrs)], "g",
-                         [h.make_tensor_value_info(n, TP.FLOAT, shape) for n, shape in inputs.items()],
+                         [h.make_tensor_value_info(n, types.get(n, TP.FLOAT), shape) for n, shape in inputs.items()],
                          [h.make_tensor_value_info("y", TP.FLOAT, None)],
                          [nh.from_array(a, n) for n, a in weights.items()])
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", 21), h.make_opsetid(DOMAIN, 1)])
@@ -134,11 +136,95 @@ def test_moe_q_sums_the_chosen_experts_as_it_defines(bits, T, E, k, D, I):
     for t in range(T):
         mix = np.exp(router[t, chosen[t]].astype(np.float64) - router[t, chosen[t]].max())
         for e, weight in zip(chosen[t], mix / mix.sum()):
-            gu = _product(x[t:t + 1], q1[e], d1[e])[0]
-            a = (gu[0::2] / (1 + np.exp(-gu[0::2])) * gu[1::2]).astype(np.float32)
+            a = _swiglu(_product(x[t:t + 1], q1[e], d1[e])[0])
             ref[t] += weight * _product(a[None], q2[e], d2[e])[0]
     assert y.shape == (T, D) and np.abs(ref).max() > 0.1
     assert np.abs(y - ref).max() / np.abs(ref).max() < 1e-4
+
+
+def _swiglu(gu: np.ndarray) -> np.ndarray:
+    """silu(g) * u of gate and up values interleaved (g0 u0 g1 u1 ...), rounded to float32 as the kernels keep it."""
+    return (gu[0::2] / (1 + np.exp(-gu[0::2])) * gu[1::2]).astype(np.float32)
+
+
+@needs_library
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("T,E,k,D,I,Is", [(1, 16, 6, 256, 96, 192), (1, 8, 3, 64, 32, 0), (1, 4, 1, 64, 32, 64),
+                                            (9, 4, 2, 64, 32, 64), (5, 8, 8, 32, 64, 0), (3, 8, 2, 96, 64, 128)])
+def test_experts_q_sums_the_given_experts_and_the_shared_mlp_as_it_defines(bits, T, E, k, D, I, Is):
+    # ExpertsQ4/Q8 take TopK's choice (experts and weights, summed as given) and the shared MLP's three panel
+    # matrices: one token (a task per chosen expert, the shared MLP one more; k = 1 the stepwise path) and
+    # several; against float64 numpy on the same integers, activations rounded to int8 per block as the
+    # kernels define them
+    from onnx import TensorProto as TP
+
+    rng = np.random.default_rng(T + E + D + Is)
+    scheme = Scheme(bits, 32, search=False)
+    w1 = torch.from_numpy(rng.standard_normal((E, 2 * I, D)).astype(np.float32))  # rows g0 u0 g1 u1 ...
+    w2 = torch.from_numpy(rng.standard_normal((E, D, I)).astype(np.float32) / 4)
+    (q1, d1), (q2, d2) = quantize(w1, scheme), quantize(w2, scheme)
+    weights = dict(zip(("w1", "s1", "w2", "s2"), (t.numpy() for t in (*panels(q1, d1, bits), *panels(q2, d2, bits)))))
+    shared = {}
+    for name, shape in (("gate", (Is, D)), ("up", (Is, D)), ("down", (D, Is))) if Is else ():
+        q, d = quantize(torch.from_numpy(rng.standard_normal(shape).astype(np.float32) / 2), scheme)
+        shared[name] = q, d
+        weights[name], weights[f"{name}_scales"] = (t.numpy() for t in panels(q, d, bits))
+    x = rng.standard_normal((T, D)).astype(np.float32)
+    chosen = np.stack([rng.permutation(E)[:k] for _ in range(T)]).astype(np.int64)
+    mix = (rng.random((T, k)) + 0.1).astype(np.float32)
+    session = _session(f"ExpertsQ{bits}", {"x": None, "weights": None, "experts": None}, weights,
+                       types={"experts": TP.INT64}, I=I, shared_I=Is)
+    y = session.run(None, {"x": x, "weights": mix, "experts": chosen})[0]
+    ref = np.zeros((T, D))
+    for t in range(T):
+        for e, weight in zip(chosen[t], mix[t].astype(np.float64)):
+            a = _swiglu(_product(x[t:t + 1], q1[e], d1[e])[0])
+            ref[t] += weight * _product(a[None], q2[e], d2[e])[0]
+        if Is:
+            g, u = (_product(x[t:t + 1], *shared[n])[0] for n in ("gate", "up"))
+            gu = np.stack([g, u], 1).reshape(-1)
+            ref[t] += _product(_swiglu(gu)[None], *shared["down"])[0]
+    assert y.shape == (T, D) and np.abs(ref).max() > 0.1
+    assert np.abs(y - ref).max() / np.abs(ref).max() < 1e-4
+    bad = chosen.copy()
+    bad[-1, -1] = E  # an expert the stacks do not hold
+    with pytest.raises(Exception, match="expert index is out of range"):
+        session.run(None, {"x": x, "weights": mix, "experts": bad})
+
+
+@needs_library
+@pytest.mark.parametrize("B,H,S,C,R,T,mask_shape", [(1, 16, 1, 512, 64, 1030, "b1st"), (2, 4, 3, 64, 16, 70, "bhst"),
+                                                     (3, 16, 1, 32, 8, 5, "11st"), (1, 40, 2, 96, 32, 300, "b1st")])
+def test_latent_attention_is_the_softmax_over_the_compressed_cache(B, H, S, C, R, T, mask_shape):
+    # one new token and several, a cache of one chunk and many (merged), more rows than a task takes
+    # (H * S > 16), masks broadcast over heads or batch rows, padding masked with the dtype's most negative
+    # value (as the model masks); against float64 numpy
+    rng = np.random.default_rng(B + H + S + T)
+    q, qr = rng.standard_normal((B, H, S, C)).astype(np.float32), rng.standard_normal((B, H, S, R)).astype(np.float32)
+    kv, kr = rng.standard_normal((B, T, C)).astype(np.float32), rng.standard_normal((B, T, R)).astype(np.float32)
+    shape = [{"b": B, "h": H, "1": 1, "s": S, "t": T}[d] for d in mask_shape]
+    mask = np.zeros(shape, np.float32)
+    mask[..., : T // 3] = np.finfo(np.float32).min  # left padding
+    mask[..., -1] = rng.standard_normal(shape[:-1]).astype(np.float32)  # any additive value
+    scale = 0.07
+    session = _session("LatentAttention", {n: None for n in ("q", "qr", "kv", "kr", "mask")}, {}, scale=scale)
+    y = session.run(None, {"q": q, "qr": qr, "kv": kv, "kr": kr, "mask": mask})[0]
+    d = np.float64
+    scores = (np.einsum("bhsc,btc->bhst", q.astype(d), kv.astype(d))
+              + np.einsum("bhsr,btr->bhst", qr.astype(d), kr.astype(d))) * scale + mask.astype(d)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    ref = np.einsum("bhst,btc->bhsc", p / p.sum(-1, keepdims=True), kv.astype(d))
+    assert y.shape == (B, H, S, C) and np.abs(ref).max() > 0.1
+    assert np.abs(y - ref).max() / np.abs(ref).max() < 1e-5
+
+
+@needs_library
+def test_latent_attention_refuses_a_cache_that_does_not_match_the_query():
+    session = _session("LatentAttention", {n: None for n in ("q", "qr", "kv", "kr", "mask")}, {}, scale=1.0)
+    x = {"q": np.ones((1, 2, 1, 32), np.float32), "qr": np.ones((1, 2, 1, 8), np.float32),
+         "kv": np.ones((1, 5, 16), np.float32), "kr": np.ones((1, 5, 8), np.float32), "mask": np.zeros((1, 1, 1, 5), np.float32)}
+    with pytest.raises(Exception, match="LatentAttention: expected q_latent"):
+        session.run(None, x)
 
 
 @needs_library
@@ -238,27 +324,44 @@ def engines(make_ckpt, small_limits, tmp_path_factory):
 def test_the_export_writes_the_absorbed_product_as_a_native_node(engines):
     out, plain = engines
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["native_ops"] == {"domain": DOMAIN, "ops": ["HeadsMatMulQ8", "MatMulQ4", "MatMulQ8", "MoEQ4"]}
+    assert manifest["native_ops"] == {"domain": DOMAIN, "ops": ["ExpertsQ4", "HeadsMatMulQ8", "LatentAttention", "MatMulQ4",
+                                                                 "MatMulQ8"]}
     assert "native_ops" not in json.loads((plain / "manifest.json").read_text())
     plain_ops = json.loads((plain / "manifest.json").read_text())["graphs"]["decode"]["quantized_ops"]
+    ops = manifest["graphs"]["decode"]["quantized_ops"]
+    layers = plain_ops["QMoE"]
+    assert layers >= 1 and ops["ExpertsQ4"] == layers and ops[SHARED_MLPS] == layers
     for name in ("decode.onnx", manifest["graphs"]["decode"]["in_place"]["file"]):
         graph = onnx.load(str(out / name), load_external_data=False).graph
         weights = {t.name: t for t in graph.initializer}
         # the tiny model: W_UV (kv_lora_rank 32 -> v 16) qualifies; W_UK's input (nope 16) is not a multiple of 32
         heads = [n for n in graph.node if n.op_type == "HeadsMatMulQ8" and n.domain == DOMAIN]
         assert len(heads) == 1 and weights[heads[0].input[1]].data_type == onnx.TensorProto.INT8
-        # every linear layer: the int4 ones, and lm_head in its 8 bits
+        # every linear layer but the shared experts' (in ExpertsQ4): the int4 ones, and lm_head in its 8 bits
         linears = [n for n in graph.node if n.op_type in ("MatMulQ4", "MatMulQ8") and n.domain == DOMAIN]
-        assert [n.op_type for n in linears].count("MatMulQ8") == 1 and len(linears) == plain_ops["MatMulNBits"]
-        assert not [n for n in graph.node if n.op_type == "MatMulNBits"]
+        assert [n.op_type for n in linears].count("MatMulQ8") == 1
+        assert len(linears) == plain_ops["MatMulNBits"] - 3 * layers
+        assert not [n for n in graph.node if n.op_type in ("MatMulNBits", "QMoE", "MoEQ4", "Log", "ScatterElements")]
         for n in linears:
             assert weights[n.input[1]].data_type == onnx.TensorProto.UINT8
             assert weights[n.input[2]].data_type == onnx.TensorProto.FLOAT16
-        # the routed experts: MoEQ4 where the plain engine has QMoE
-        assert [n.op_type for n in graph.node if n.op_type in ("QMoE", "MoEQ4")] == ["MoEQ4"] * plain_ops["QMoE"]
-    ops = manifest["graphs"]["decode"]["quantized_ops"]
-    assert ops["HeadsMatMulQ8"] == 1 and ops["MoEQ4"] == plain_ops["QMoE"] and ops["QMoE"] == 0
-    assert manifest["quantization"]["quantized_activations"] == {"MatMulQ4": True, "MatMulQ8": True, "MoEQ4": True}
+        # each MoE layer's experts: one ExpertsQ4 over TopK's choice, its routed stacks and its shared MLP's panels
+        experts = [n for n in graph.node if n.op_type == "ExpertsQ4"]
+        assert len(experts) == layers
+        for n in experts:
+            producers = {o: m.op_type for m in graph.node for o in m.output}
+            assert producers[n.input[2]] == "TopK" and len(n.input) == 13
+            assert [weights[i].data_type for i in n.input[3:]] == [onnx.TensorProto.UINT8, onnx.TensorProto.FLOAT16] * 5
+            width = next(onnx.helper.get_attribute_value(a) for a in n.attribute if a.name == "shared_I")
+            assert "shared_experts" in n.input[7] and width > 0 and weights[n.input[11]].dims[1] * 32 == width
+        # each layer's attention over the cache: one LatentAttention over the cache buffers; the only Softmax
+        # left is the MoE router's
+        attention = [n for n in graph.node if n.op_type == "LatentAttention" and n.domain == DOMAIN]
+        assert len(attention) == ops["LatentAttention"] >= 1
+        assert [n.op_type for n in graph.node].count("Softmax") == layers
+        assert all(n.input[2].startswith("present.") and n.input[3].startswith("present.") for n in attention)
+    assert ops["HeadsMatMulQ8"] == 1 and ops["QMoE"] == ops["MoEQ4"] == 0
+    assert manifest["quantization"]["quantized_activations"] == {"ExpertsQ4": True, "MatMulQ4": True, "MatMulQ8": True}
 
 
 def _generated(folder) -> torch.Tensor:
@@ -300,10 +403,12 @@ def _ops(path) -> list[tuple[str, str]]:
 def test_a_float32_export_puts_the_decode_steps_weights_on_native_kernels_and_keeps_one_copy(float_engines):
     out, plain = float_engines
     manifest, theirs = (json.loads((o / "manifest.json").read_text()) for o in (out, plain))
-    assert manifest["native_ops"] == {"domain": DOMAIN, "ops": ["LinearF32", "MatMulF32", "MoEF32"]}
+    assert manifest["native_ops"] == {"domain": DOMAIN, "ops": ["LatentAttention", "LinearF32", "MatMulF32", "MoEF32"]}
     counts = manifest["graphs"]["decode"]["native_ops"]
     plain_decode = _ops(plain / "decode.onnx")
     assert counts["MoEF32"] == plain_decode.count(("com.microsoft", "MoE")) >= 1
+    # each layer's attention over the cache: one LatentAttention, where the plain graph has its Softmax
+    assert counts["LatentAttention"] == plain_decode.count(("", "Softmax")) - counts["MoEF32"] >= 1
     assert counts["LinearF32"] >= 1 and counts["MatMulF32"] >= 3
     for name in ("decode.onnx", manifest["graphs"]["decode"]["in_place"]["file"]):
         graph = onnx.load(str(out / name), load_external_data=False).graph
@@ -336,7 +441,7 @@ def test_a_six_bit_lm_head_runs_as_matmul_q6_and_verifies_against_eager(make_ckp
     export_checkpoint(ckpt, out, ExportOptions.within(small_limits, weights="int4", block_size=32, native_kernels=True,
                                                       lm_head_bits=6, verify=True))
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["native_ops"]["ops"] == ["HeadsMatMulQ8", "MatMulQ4", "MatMulQ6", "MoEQ4"]
+    assert manifest["native_ops"]["ops"] == ["ExpertsQ4", "HeadsMatMulQ8", "LatentAttention", "MatMulQ4", "MatMulQ6"]
     assert manifest["quantization"]["lm_head_bits"] == 6 and manifest["quantization"]["verified"]["passed"]
     graph = onnx.load(str(out / "decode.onnx"), load_external_data=False).graph
     weights = {t.name: t for t in graph.initializer}
@@ -362,7 +467,7 @@ def test_a_native_engine_where_the_library_cannot_be_built_is_refused_in_one_lin
     export_checkpoint(one_layer_ckpt, tmp_path / "out", ExportOptions.within(small_limits, weights="int8",
                                                                               block_size=16, native_kernels=True))
     monkeypatch.setattr(native, "unavailable", lambda: "no headers (patched)")
-    with pytest.raises(EngineError, match=r"native kernels \(HeadsMatMulQ8\), which cannot be loaded here: "
+    with pytest.raises(EngineError, match=r"native kernels \(HeadsMatMulQ8, LatentAttention\), which cannot be loaded here: "
                                           r"no headers \(patched\); or re-export it without --native-kernels"):
         OrtEngine.load(tmp_path / "out", provider="cpu")
 
