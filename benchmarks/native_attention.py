@@ -36,24 +36,23 @@ H, C, R, SCALE = 16, 512, 64, 0.07
 
 def _composite(layer: int) -> list:
     """lowering/ops.py's latent_attention (static heads) over layer `layer`'s cache."""
-    def n(name: str) -> str:
-        return f"{name}{layer}"
-    return [h.make_node("Reshape", ["q", "to_rows_c"], [n("q4")]), h.make_node("Mul", [n("q4"), "scale"], [n("qs")]),
-            h.make_node("Reshape", ["qr", "to_rows_r"], [n("qr4")]), h.make_node("Mul", [n("qr4"), "scale"], [n("qrs")]),
-            h.make_node("Unsqueeze", [n("kv"), "axis1"], [n("kv4")]), h.make_node("Unsqueeze", [n("kr"), "axis1"], [n("kr4")]),
-            h.make_node("Transpose", [n("kv4")], [n("kvt")], perm=[0, 1, 3, 2]),
-            h.make_node("Transpose", [n("kr4")], [n("krt")], perm=[0, 1, 3, 2]),
-            h.make_node("MatMul", [n("qs"), n("kvt")], [n("s1")]), h.make_node("MatMul", [n("qrs"), n("krt")], [n("s2")]),
-            h.make_node("Add", [n("s1"), n("s2")], [n("s")]), h.make_node("Reshape", [n("s"), "to_heads"], [n("s4")]),
-            h.make_node("Add", [n("s4"), "mask"], [n("sm")]), h.make_node("Softmax", [n("sm")], [n("p")], axis=-1),
-            h.make_node("Reshape", [n("p"), "to_rows"], [n("p1")]), h.make_node("MatMul", [n("p1"), n("kv4")], [n("o")]),
-            h.make_node("Reshape", [n("o"), "to_heads"], [n("y")])]
+    rows = [("Reshape", ["q", "to_rows_c"], "q4"), ("Mul", ["@q4", "scale"], "qs"),
+            ("Reshape", ["qr", "to_rows_r"], "qr4"), ("Mul", ["@qr4", "scale"], "qrs"),
+            ("Unsqueeze", ["@kv", "axis1"], "kv4"), ("Unsqueeze", ["@kr", "axis1"], "kr4"),
+            ("Transpose", ["@kv4"], "kvt"), ("Transpose", ["@kr4"], "krt"),
+            ("MatMul", ["@qs", "@kvt"], "s1"), ("MatMul", ["@qrs", "@krt"], "s2"), ("Add", ["@s1", "@s2"], "s"),
+            ("Reshape", ["@s", "to_heads"], "s4"), ("Add", ["@s4", "mask"], "sm"), ("Softmax", ["@sm"], "p"),
+            ("Reshape", ["@p", "to_rows"], "p1"), ("MatMul", ["@p1", "@kv4"], "o"), ("Reshape", ["@o", "to_heads"], "y")]
+    attributes = {"Transpose": {"perm": [0, 1, 3, 2]}, "Softmax": {"axis": -1}}
+    return [h.make_node(op, [f"{i[1:]}{layer}" if i.startswith("@") else i for i in inputs], [f"{out}{layer}"],
+                        **attributes.get(op, {})) for op, inputs, out in rows]
 
 
 def _sessions(layers: int, threads: int) -> dict:
-    inits = [numpy_helper.from_array(np.array(v, np.int64), name) for name, v in
-             (("to_rows_c", [0, 1, -1, C]), ("to_rows_r", [0, 1, -1, R]), ("to_heads", [0, H, -1, 0]),
-              ("to_rows", [0, 1, -1, 0]), ("axis1", [1]))] + [numpy_helper.from_array(np.array(SCALE, np.float32), "scale")]
+    targets = {"to_rows_c": [0, 1, -1, C], "to_rows_r": [0, 1, -1, R], "to_heads": [0, H, -1, 0],
+               "to_rows": [0, 1, -1, 0], "axis1": [1]}
+    inits = [numpy_helper.from_array(np.array(v, np.int64), name) for name, v in targets.items()]
+    inits.append(numpy_helper.from_array(np.array(SCALE, np.float32), "scale"))
     names = ["q", "qr", "mask"] + [f"{c}{i}" for c in ("kv", "kr") for i in range(layers)]
     inputs = [h.make_tensor_value_info(name, TP.FLOAT, None) for name in names]
     outputs = [f"y{i}" for i in range(layers)]
@@ -99,7 +98,8 @@ def main() -> None:
     if args.json:
         print(json.dumps({"layers": args.layers, "threads": args.threads, "rows": rows}, indent=2))
         return
-    print(f"{args.layers} layers, {H} heads, C {C}, R {R}, one token, {args.threads} threads (medians of {args.rounds})")
+    print(f"{args.layers} layers, {H} heads, C {C}, R {R}, one token, {args.threads} threads "
+          f"(medians of {args.rounds})")
     for r in rows:
         print(f"  context {r['context']:5d}: composite {r['onnxruntime_ms']:.3f} ms, LatentAttention "
               f"{r['native_ms']:.3f} ms, ratio {r['ratio']:.2f}, max |difference| {r['max_rel_difference']:.1e}")

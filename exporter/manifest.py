@@ -139,8 +139,8 @@ def quantization_report(scheme: Scheme, models: dict[str, ir.Model], errors: dic
                 levels[node.op_type] = 4 if node.op_type in NATIVE_PANEL_OPS else node.attributes["accuracy_level"].value
                 # the first scales: after x and the weights (MatMulNBits, MatMulQb), the router or the routing
                 # (QMoE, MoEQb; ExpertsQb's weights and indices) and fc1
-                first = 4 if node.op_type.startswith("ExpertsQ") else 3 if node.op_type in ("QMoE",) + NATIVE_EXPERT_OPS \
-                    else 2
+                first = (4 if node.op_type.startswith("ExpertsQ")
+                         else 3 if node.op_type in ("QMoE",) + NATIVE_EXPERT_OPS else 2)
                 scale_type = node.inputs[first].dtype
                 scale_types.add({ir.DataType.FLOAT: "float32"}.get(scale_type, scale_type.name.lower()))
         for value in model.graph.initializers.values():

@@ -26,3 +26,21 @@ def standard_nodes(graph: ir.Graph, op_type: str, inputs: int) -> list[ir.Node]:
     """The graph's nodes of ONNX op `op_type` (default domain) with `inputs` inputs, listed up front so a
     rewrite may insert and remove nodes while it walks them."""
     return [n for n in graph if n.op_type == op_type and n.domain == "" and len(n.inputs) == inputs]
+
+
+def constant_array(value: ir.Value | None) -> np.ndarray | None:
+    """The value of an initializer or of a Constant node's output (value, value_float(s), value_int(s)), else
+    None."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    node = value.producer()
+    if node is None or node.op_type != "Constant" or node.domain != "":
+        return None
+    for name, dtype in (("value", None), ("value_float", np.float32), ("value_floats", np.float32),
+                        ("value_int", np.int64), ("value_ints", np.int64)):
+        if name in node.attributes:
+            held = node.attributes[name].value
+            return held.numpy() if dtype is None else np.array(held, dtype=dtype)
+    return None

@@ -21,7 +21,8 @@ from dscompile.runtime.native import DOMAIN as NATIVE_DOMAIN
 
 def _register_native_schema() -> None:
     """The checker's schemas of ai.dscompile's ops (runtime/native/): HeadsMatMulQ8, MatMulQ4/Q6/Q8 and MoEQ4/Q8
-    (lowering/quantize.py writes them), ExpertsQ4/Q8 (lowering/fuse_experts.py), MatMulF32, LinearF32 and MoEF32 (lowering/native_f32.py)."""
+    (lowering/quantize.py writes them), ExpertsQ4/Q8 (lowering/fuse_experts.py), LatentAttention
+    (lowering/fuse_attention.py), MatMulF32, LinearF32 and MoEF32 (lowering/native_f32.py)."""
     P = onnx.defs.OpSchema.FormalParameter
     A, AT = onnx.defs.OpSchema.Attribute, onnx.defs.OpSchema.AttrType
     float_only = [("T", ["tensor(float)"], "activations and weights")]

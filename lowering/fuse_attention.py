@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 
+from dscompile.lowering._ir import constant_array
 from dscompile.runtime.native import DOMAIN as NATIVE_DOMAIN
 
 log = logging.getLogger(__name__)
@@ -37,22 +37,6 @@ def _node(value: ir.Value | None, op_type: str) -> ir.Node | None:
     return node if node is not None and node.op_type == op_type and node.domain == "" else None
 
 
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    """An initializer's or a Constant node's value."""
-    if value is None:
-        return None
-    if value.const_value is not None:
-        return value.const_value.numpy()
-    node = value.producer()
-    if node is None or node.op_type != "Constant" or node.domain != "":
-        return None
-    if "value" in node.attributes:
-        return node.attributes["value"].value.numpy()
-    if "value_float" in node.attributes:
-        return np.array([node.attributes["value_float"].value], np.float32)
-    return None
-
-
 def _attr(node: ir.Node, name: str, default=None):
     a = node.attributes.get(name)
     return default if a is None else a.value
@@ -61,7 +45,7 @@ def _attr(node: ir.Node, name: str, default=None):
 def _reshaped(value: ir.Value | None, target: list[int]) -> ir.Value | None:
     """x where `value` = Reshape(x, target), else None."""
     node = _node(value, "Reshape")
-    shape = None if node is None else _const(node.inputs[1])
+    shape = None if node is None else constant_array(node.inputs[1])
     if shape is None or shape.reshape(-1).tolist() != target or _attr(node, "allowzero", 0):
         return None
     return node.inputs[0]
@@ -73,7 +57,7 @@ def _query(value: ir.Value | None) -> tuple[ir.Value, float] | None:
     if mul is None:
         return None
     for x, s in (mul.inputs, mul.inputs[::-1]):
-        scale = _const(s)
+        scale = constant_array(s)
         q = None if scale is None or scale.size != 1 else x.producer()
         if q is None or q.op_type != "Reshape" or q.domain != "" or q.inputs[0].shape is None:
             continue
@@ -90,7 +74,7 @@ def _key(value: ir.Value | None) -> tuple[ir.Value, ir.Value] | None:
     if transpose is None or list(_attr(transpose, "perm", [])) != [0, 1, 3, 2]:
         return None
     unsqueeze = _node(transpose.inputs[0], "Unsqueeze")
-    axes = None if unsqueeze is None else _const(unsqueeze.inputs[1])
+    axes = None if unsqueeze is None else constant_array(unsqueeze.inputs[1])
     if axes is None or axes.reshape(-1).tolist() != [1]:
         return None
     return unsqueeze.inputs[0], transpose.inputs[0]
@@ -105,7 +89,7 @@ def _match(softmax: ir.Node) -> tuple[list[ir.Value], float, ir.Value] | None:
         return None
     for scores, mask in (add.inputs, add.inputs[::-1]):
         reshape = _node(scores, "Reshape")
-        heads = None if reshape is None else _const(reshape.inputs[1])
+        heads = None if reshape is None else constant_array(reshape.inputs[1])
         target = None if heads is None else heads.reshape(-1).tolist()
         if target is None or len(target) != 4 or target[0] != 0 or target[2:] != [-1, 0]:
             continue
@@ -130,7 +114,8 @@ def _match(softmax: ir.Node) -> tuple[list[ir.Value], float, ir.Value] | None:
         # the values: y = Reshape(MatMul(Reshape(p, [0, 1, -1, 0]), kv), [0, H, -1, 0]), kv the latent part
         uses = softmax.outputs[0].uses()
         flat = uses[0].node if len(uses) == 1 else None
-        if flat is None or flat.op_type != "Reshape" or _reshaped(flat.outputs[0], [0, 1, -1, 0]) is not softmax.outputs[0]:
+        if (flat is None or flat.op_type != "Reshape"
+                or _reshaped(flat.outputs[0], [0, 1, -1, 0]) is not softmax.outputs[0]):
             continue
         uses = flat.outputs[0].uses()
         values = uses[0].node if len(uses) == 1 else None

@@ -23,7 +23,9 @@ import logging
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 
+from dscompile.lowering._ir import constant_array
 from dscompile.lowering.encodings import EXPERT_BITS
+from dscompile.lowering.ops import NOT_CHOSEN
 from dscompile.runtime.native import DOMAIN as NATIVE_DOMAIN
 
 log = logging.getLogger(__name__)
@@ -58,9 +60,8 @@ def _attr(node: ir.Node, name: str, default=None):
 
 
 def _ints(value: ir.Value | None) -> list[int] | None:
-    if value is None or value.const_value is None:
-        return None
-    return [int(v) for v in value.const_value.numpy().reshape(-1)]
+    held = constant_array(value)
+    return None if held is None else [int(v) for v in held.reshape(-1)]
 
 
 def _other(node: ir.Node, value: ir.Value) -> ir.Value | None:
@@ -74,6 +75,11 @@ def _routing(moe: ir.Node) -> tuple[ir.Value, ir.Value, ir.Node] | None:
     lowering/ops.py writes its router, or None."""
     scatter = _producer(moe.inputs[1], "ScatterElements")
     if scatter is None or _attr(scatter, "axis") != 1 or _attr(scatter, "reduction", "none") != "none":
+        return None
+    # everything but the chosen experts filled with NOT_CHOSEN, which MoEQb's softmax turns into 0
+    fill = _producer(scatter.inputs[0], "Expand")
+    value = None if fill is None else constant_array(fill.inputs[0])
+    if value is None or value.size != 1 or float(value.reshape(-1)[0]) > NOT_CHOSEN:
         return None
     log_node = _producer(scatter.inputs[2], "Log")
     if log_node is None:

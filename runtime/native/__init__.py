@@ -50,8 +50,8 @@ DOMAIN = "ai.dscompile"
 OPS = ("ExpertsQ4", "ExpertsQ8", "HeadsMatMulQ8", "LatentAttention", "LinearF32", "MatMulF32", "MatMulQ4", "MatMulQ6",
        "MatMulQ8", "MoEF32", "MoEQ4", "MoEQ8")
 # The library's files: register.cc adds every op; native.h is what they share.
-SOURCES = tuple(Path(__file__).with_name(f) for f in ("register.cc", "attention.cc", "f32.cc", "heads_q8.cc", "matmul.cc",
-                                                         "moe.cc"))
+SOURCES = tuple(Path(__file__).with_name(f)
+                for f in ("register.cc", "attention.cc", "f32.cc", "heads_q8.cc", "matmul.cc", "moe.cc"))
 HEADERS = tuple(Path(__file__).with_name(f) for f in ("floats.h", "native.h", "panels.h"))
 LIBRARY = "libdscompile_native.so"
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-mf16c", "-mfma", "-shared", "-fPIC", "-std=c++17"]

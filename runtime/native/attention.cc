@@ -47,6 +47,11 @@ struct Job {
   float* y;
 };
 
+// The lanes of a vector of the last `left` values (all 16 where as many are left).
+inline __mmask16 Tail(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+}
+
 // exp(x) of 16 lanes: 2^(x log2 e) as 2^n (scalef) times a degree-6 polynomial of 2^f, |f| <= 1/2 (relative error
 // below 3e-7); x below -87 (the mask's padding) gives about 1e-38 or less, which adds nothing beside the row's
 // largest term, 1.
@@ -149,7 +154,7 @@ void Chunk(void* data, size_t index) {
   }
   // the values, 16 at a time: the block's rows' sums in registers over the chunk's tokens
   for (int64_t v0 = 0; v0 < j.C; v0 += 16) {
-    const __mmask16 m = j.C - v0 >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (j.C - v0)) - 1);
+    const __mmask16 m = Tail(j.C - v0);
     __m512 acc[kRows];
     for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_ps();
     for (t = 0; t < n; ++t) {
@@ -177,10 +182,11 @@ void Merge(void* data, size_t index) {
   for (int64_t c = 0; c < j.chunks; ++c) total += st[2 * c + 1] * (weight[c] = std::exp(st[2 * c] - top));
   float* y = j.y + br * j.C;
   for (int64_t v0 = 0; v0 < j.C; v0 += 16) {
-    const __mmask16 m = j.C - v0 >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (j.C - v0)) - 1);
+    const __mmask16 m = Tail(j.C - v0);
     __m512 acc = _mm512_setzero_ps();
     for (int64_t c = 0; c < j.chunks; ++c)
-      acc = _mm512_fmadd_ps(_mm512_set1_ps(weight[c]), _mm512_maskz_loadu_ps(m, j.part + (br * j.chunks + c) * j.C + v0), acc);
+      acc = _mm512_fmadd_ps(_mm512_set1_ps(weight[c]),
+                            _mm512_maskz_loadu_ps(m, j.part + (br * j.chunks + c) * j.C + v0), acc);
     _mm512_mask_storeu_ps(y + v0, m, _mm512_div_ps(acc, _mm512_set1_ps(total)));
   }
 }

@@ -385,53 +385,56 @@ struct ExpertsQ {
     weights_ = panels::CopyWeights(info, 3, k.GetInputCount() - 1);
   }
 
-  const uint8_t* W(size_t i, const Panels& t) const { return panels::Weight(weights_, i, t.Data(), t.NumberOfElement()); }
+  const uint8_t* W(size_t i, const Panels& t) const {
+    return panels::Weight(weights_, i, t.Data(), t.NumberOfElement());
+  }
   const uint16_t* S(size_t i, const Scales& t) const {
     return panels::Weight(weights_, i, reinterpret_cast<const uint16_t*>(t.Data()), 2 * t.NumberOfElement());
   }
+  // Whether panels p and scales s hold `count` [N, K] matrices.
+  static bool Holds(const Panels& p, const Scales& s, int64_t count, int64_t N, int64_t K) {
+    const int64_t blocks = count * ((N + 15) / 16) * (K / 32);
+    return N > 0 && K > 0 && K % 32 == 0 && p.NumberOfElement() == blocks * Bits * 64 &&
+           s.NumberOfElement() == blocks * 16;
+  }
 
-  void Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& x, const Ort::Custom::Tensor<float>& weights,
-               const Ort::Custom::Tensor<int64_t>& experts, const Panels& w1, const Scales& s1, const Panels& w2,
-               const Scales& s2, Optional gate, OptionalScales gs, Optional up, OptionalScales us, Optional down,
-               OptionalScales ds, Ort::Custom::Tensor<float>& y) {
-    const char* what = Bits == 4 ? "ExpertsQ4: expected x [T, D], weights and experts [T, k], fc1 [E, ceil(2I/16), D/32, 256], "
-                                   "fc2 [E, ceil(D/16), I/32, 256], their scales [..., 16], with D and I multiples of 32, "
-                                   "and shared gate, up [ceil(Is/16), D/32, 256], down [ceil(D/16), Is/32, 256] and "
-                                   "their scales where shared_I > 0"
-                                 : "ExpertsQ8: expected x [T, D], weights and experts [T, k], fc1 [E, ceil(2I/16), D/32, 512], "
-                                   "fc2 [E, ceil(D/16), I/32, 512], their scales [..., 16], with D and I multiples of 32, "
-                                   "and shared gate, up [ceil(Is/16), D/32, 512], down [ceil(D/16), Is/32, 512] and "
-                                   "their scales where shared_I > 0";
+  void Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& x,
+               const Ort::Custom::Tensor<float>& weights, const Ort::Custom::Tensor<int64_t>& experts,
+               const Panels& w1, const Scales& s1, const Panels& w2, const Scales& s2, Optional gate,
+               OptionalScales gs, Optional up, OptionalScales us, Optional down, OptionalScales ds,
+               Ort::Custom::Tensor<float>& y) {
+    const char* what = Bits == 4 ? "ExpertsQ4: expected x [T, D], weights and experts [T, k], the experts' fc1 and "
+                                   "fc2 and (shared_I > 0) the shared MLP's gate, up and down in MatMulQ4's panels, "
+                                   "with D, I and shared_I multiples of 32"
+                                 : "ExpertsQ8: expected x [T, D], weights and experts [T, k], the experts' fc1 and "
+                                   "fc2 and (shared_I > 0) the shared MLP's gate, up and down in MatMulQ8's panels, "
+                                   "with D, I and shared_I multiples of 32";
     const auto xs = x.Shape(), ws = weights.Shape(), es = experts.Shape();
-    if (xs.size() != 2 || ws.size() != 2 || ws != es || ws[0] != xs[0] || ws[1] < 1) ORT_CXX_API_THROW(what, ORT_INVALID_ARGUMENT);
+    if (xs.size() != 2 || ws.size() != 2 || ws != es || ws[0] != xs[0] || ws[1] < 1 || xs[1] % 32) {
+      ORT_CXX_API_THROW(what, ORT_INVALID_ARGUMENT);
+    }
     const int64_t T = xs[0], D = xs[1], I = I_, Is = Is_;
-    constexpr int64_t kBytes = Bits * 64;
-    Job j;
-    j.x = x.Data();
-    j.T = T, j.D = D, j.I = I, j.k = ws[1], j.Is = Is;
-    j.fc1 = Matrix{W(0, w1), S(1, s1), 2 * I, D, (2 * I + 15) / 16, kBytes};
-    j.fc2 = Matrix{W(2, w2), S(3, s2), D, I, (D + 15) / 16, kBytes};
-    const int64_t per_expert = j.fc1.count * (D / 32) * kBytes;
-    const int64_t E = D % 32 || I % 32 || per_expert == 0 ? 0 : w1.NumberOfElement() / per_expert;
-    bool ok = E > 0 && w1.NumberOfElement() == E * per_expert && s1.NumberOfElement() == E * j.fc1.count * (D / 32) * 16 &&
-              w2.NumberOfElement() == E * j.fc2.count * (I / 32) * kBytes &&
-              s2.NumberOfElement() == E * j.fc2.count * (I / 32) * 16;
-    const bool shared = gate && gs && up && us && down && ds;
+    const int64_t per_expert = (2 * I + 15) / 16 * (D / 32) * Bits * 64;
+    const int64_t E = per_expert > 0 ? w1.NumberOfElement() / per_expert : 0;
+    bool ok = E > 0 && Holds(w1, s1, E, 2 * I, D) && Holds(w2, s2, E, D, I);
     if (Is > 0) {
-      const int64_t rows = (Is + 15) / 16, cols = (D + 15) / 16;
-      ok = ok && shared && Is % 32 == 0 && (*gate)->NumberOfElement() == rows * (D / 32) * kBytes &&
-           (*up)->NumberOfElement() == rows * (D / 32) * kBytes && (*gs)->NumberOfElement() == rows * (D / 32) * 16 &&
-           (*us)->NumberOfElement() == rows * (D / 32) * 16 && (*down)->NumberOfElement() == cols * (Is / 32) * kBytes &&
-           (*ds)->NumberOfElement() == cols * (Is / 32) * 16;
-      if (ok) {
-        j.gate = Matrix{W(4, **gate), S(5, **gs), Is, D, rows, kBytes};
-        j.up = Matrix{W(6, **up), S(7, **us), Is, D, rows, kBytes};
-        j.down = Matrix{W(8, **down), S(9, **ds), D, Is, cols, kBytes};
-      }
+      ok = ok && gate && gs && up && us && down && ds && Holds(**gate, **gs, 1, Is, D) && Holds(**up, **us, 1, Is, D) &&
+           Holds(**down, **ds, 1, D, Is);
     } else {
       ok = ok && Is == 0 && !gate && !up && !down;
     }
     if (!ok) ORT_CXX_API_THROW(what, ORT_INVALID_ARGUMENT);
+    Job j;
+    j.x = x.Data();
+    j.T = T, j.D = D, j.I = I, j.k = ws[1], j.Is = Is;
+    constexpr int64_t kBytes = Bits * 64;
+    j.fc1 = Matrix{W(0, w1), S(1, s1), 2 * I, D, (2 * I + 15) / 16, kBytes};
+    j.fc2 = Matrix{W(2, w2), S(3, s2), D, I, (D + 15) / 16, kBytes};
+    if (Is > 0) {
+      j.gate = Matrix{W(4, **gate), S(5, **gs), Is, D, (Is + 15) / 16, kBytes};
+      j.up = Matrix{W(6, **up), S(7, **us), Is, D, (Is + 15) / 16, kBytes};
+      j.down = Matrix{W(8, **down), S(9, **ds), D, Is, (D + 15) / 16, kBytes};
+    }
     const int64_t* chosen = experts.Data();
     for (int64_t i = 0; i < T * j.k; ++i)
       if (chosen[i] < 0 || chosen[i] >= E) ORT_CXX_API_THROW(Bits == 4 ? "ExpertsQ4: an expert index is out of range"
@@ -473,7 +476,8 @@ struct MoEF32 {
     const int64_t S = T * j.k;
     Ort::KernelContext ctx(context);
     panels::Scratch scratch(ctx);
-    j.a = scratch.Get<float>(S * std::max(D, I)), j.h = scratch.Get<float>(S * 2 * I), j.out = scratch.Get<float>(S * D);
+    j.a = scratch.Get<float>(S * std::max(D, I)), j.h = scratch.Get<float>(S * 2 * I);
+    j.out = scratch.Get<float>(S * D);
     ctx.ParallelFor(GatherInput, static_cast<size_t>(S), 0, &j);
     j.tasks = Tasks(j, (2 * I + kRows - 1) / kRows, E);
     ctx.ParallelFor(Fc1F32, j.tasks.size(), 0, &j);

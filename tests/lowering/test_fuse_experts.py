@@ -29,7 +29,8 @@ def _layer(shared: bool, shared_bits: int = 4) -> onnx.ModelProto:
     rng = np.random.default_rng(0)
 
     def stored(shape, bits=4):
-        q, d = quantize(torch.from_numpy(rng.standard_normal(shape).astype(np.float32) / 4), Scheme(bits, 32, search=False))
+        w = torch.from_numpy(rng.standard_normal(shape).astype(np.float32) / 4)
+        q, d = quantize(w, Scheme(bits, 32, search=False))
         return [t.numpy() for t in panels(q, d, bits)]
 
     (fc1, s1), (fc2, s2) = stored((E, 2 * I, D)), stored((E, D, I))
@@ -39,11 +40,13 @@ def _layer(shared: bool, shared_bits: int = 4) -> onnx.ModelProto:
     nodes = [h.make_node("Gemm", ["x", "gate_w"], ["logits"], transB=1), h.make_node("Softmax", ["logits"], ["scores"]),
              h.make_node("TopK", ["scores", "k"], ["top", "idx"]),
              h.make_node("GatherElements", ["scores", "idx"], ["w"], axis=1), h.make_node("Log", ["w"], ["logw"]),
-             h.make_node("Shape", ["x"], ["rows"], start=0, end=1), h.make_node("Concat", ["rows", "e"], ["shape"], axis=0),
+             h.make_node("Shape", ["x"], ["rows"], start=0, end=1),
+             h.make_node("Concat", ["rows", "e"], ["shape"], axis=0),
              h.make_node("Expand", ["fill", "shape"], ["filled"]),
              h.make_node("ScatterElements", ["filled", "idx", "logw"], ["router"], axis=1),
              h.make_node("MoEQ4", ["x", "router", "fc1", "s1", "fc2", "s2"], ["y"], domain=DOMAIN, k=K, I=I),
-             h.make_node("ReduceSum", ["w", "axes"], ["total"], keepdims=1), h.make_node("Mul", ["y", "total"], ["routed"])]
+             h.make_node("ReduceSum", ["w", "axes"], ["total"], keepdims=1),
+             h.make_node("Mul", ["y", "total"], ["routed"])]
     out = "routed"
     if shared:
         width = 2 * I
@@ -58,7 +61,8 @@ def _layer(shared: bool, shared_bits: int = 4) -> onnx.ModelProto:
                   h.make_node("Add", ["routed", "sh"], ["out"])]
         out = "out"
     graph = h.make_graph(nodes, "moe", [h.make_tensor_value_info("x", TP.FLOAT, [T, D])],
-                         [h.make_tensor_value_info(out, TP.FLOAT, [T, D])], [nh.from_array(v, n) for n, v in inits.items()])
+                         [h.make_tensor_value_info(out, TP.FLOAT, [T, D])],
+                         [nh.from_array(v, n) for n, v in inits.items()])
     return h.make_model(graph, opset_imports=[h.make_opsetid("", 21), h.make_opsetid(DOMAIN, 1)], ir_version=10)
 
 

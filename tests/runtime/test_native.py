@@ -221,8 +221,8 @@ def test_latent_attention_is_the_softmax_over_the_compressed_cache(B, H, S, C, R
 @needs_library
 def test_latent_attention_refuses_a_cache_that_does_not_match_the_query():
     session = _session("LatentAttention", {n: None for n in ("q", "qr", "kv", "kr", "mask")}, {}, scale=1.0)
-    x = {"q": np.ones((1, 2, 1, 32), np.float32), "qr": np.ones((1, 2, 1, 8), np.float32),
-         "kv": np.ones((1, 5, 16), np.float32), "kr": np.ones((1, 5, 8), np.float32), "mask": np.zeros((1, 1, 1, 5), np.float32)}
+    shapes = {"q": (1, 2, 1, 32), "qr": (1, 2, 1, 8), "kv": (1, 5, 16), "kr": (1, 5, 8), "mask": (1, 1, 1, 5)}
+    x = {name: np.ones(shape, np.float32) for name, shape in shapes.items()}  # kv's 16 against q_latent's 32
     with pytest.raises(Exception, match="LatentAttention: expected q_latent"):
         session.run(None, x)
 
@@ -324,8 +324,8 @@ def engines(make_ckpt, small_limits, tmp_path_factory):
 def test_the_export_writes_the_absorbed_product_as_a_native_node(engines):
     out, plain = engines
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["native_ops"] == {"domain": DOMAIN, "ops": ["ExpertsQ4", "HeadsMatMulQ8", "LatentAttention", "MatMulQ4",
-                                                                 "MatMulQ8"]}
+    written = ["ExpertsQ4", "HeadsMatMulQ8", "LatentAttention", "MatMulQ4", "MatMulQ8"]
+    assert manifest["native_ops"] == {"domain": DOMAIN, "ops": written}
     assert "native_ops" not in json.loads((plain / "manifest.json").read_text())
     plain_ops = json.loads((plain / "manifest.json").read_text())["graphs"]["decode"]["quantized_ops"]
     ops = manifest["graphs"]["decode"]["quantized_ops"]
@@ -403,7 +403,8 @@ def _ops(path) -> list[tuple[str, str]]:
 def test_a_float32_export_puts_the_decode_steps_weights_on_native_kernels_and_keeps_one_copy(float_engines):
     out, plain = float_engines
     manifest, theirs = (json.loads((o / "manifest.json").read_text()) for o in (out, plain))
-    assert manifest["native_ops"] == {"domain": DOMAIN, "ops": ["LatentAttention", "LinearF32", "MatMulF32", "MoEF32"]}
+    assert manifest["native_ops"] == {"domain": DOMAIN,
+                                      "ops": ["LatentAttention", "LinearF32", "MatMulF32", "MoEF32"]}
     counts = manifest["graphs"]["decode"]["native_ops"]
     plain_decode = _ops(plain / "decode.onnx")
     assert counts["MoEF32"] == plain_decode.count(("com.microsoft", "MoE")) >= 1
@@ -467,8 +468,9 @@ def test_a_native_engine_where_the_library_cannot_be_built_is_refused_in_one_lin
     export_checkpoint(one_layer_ckpt, tmp_path / "out", ExportOptions.within(small_limits, weights="int8",
                                                                               block_size=16, native_kernels=True))
     monkeypatch.setattr(native, "unavailable", lambda: "no headers (patched)")
-    with pytest.raises(EngineError, match=r"native kernels \(HeadsMatMulQ8, LatentAttention\), which cannot be loaded here: "
-                                          r"no headers \(patched\); or re-export it without --native-kernels"):
+    with pytest.raises(EngineError, match=r"native kernels \(HeadsMatMulQ8, LatentAttention\), which cannot be "
+                                          r"loaded here: no headers \(patched\); or re-export it without "
+                                          r"--native-kernels"):
         OrtEngine.load(tmp_path / "out", provider="cpu")
 
 
