@@ -9,7 +9,7 @@ lowering/ops.py's `latent_attention` writes, for a static number of heads H,
     p = Softmax(Add(scores, mask), axis=-1)
     y = Reshape(MatMul(Reshape(p, [0, 1, -1, 0]), kv), [0, H, -1, 0])
 
-sixteen nodes a layer, whose MatMuls pack the whole cache for each product every step. Each match becomes
+seventeen nodes a layer, whose MatMuls pack the whole cache for each product every step. Each match becomes
 `LatentAttention(q_latent, q_rope, kv_latent, k_rope, mask, scale)`, which reads each cached token once
 per use. Only the decode graphs of `--native-kernels` exports (float32 activations) are rewritten: a
 prefill's thousands of query rows are GEMM work, where ONNX Runtime's MatMuls are the faster. Matched only

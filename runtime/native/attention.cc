@@ -14,8 +14,8 @@
 // cache, for the values. Each chunk keeps its rows' maximum, sum of exponentials and weighted sum of
 // values; the chunks are then merged as in flash-decoding, each rescaled by exp(its maximum - the row's).
 // The FMAs are those of the MatMuls it replaces (on this 2-core EPYC attention at long contexts is
-// compute-bound); what goes is the packing of the cache for each MatMul, the transposes and twelve
-// small nodes a layer. benchmarks/native_attention.py: 4 layers of 16 heads, C 512, R 64, one token, 2
+// compute-bound); what goes is the packing of the cache for each MatMul, and the fourteen other
+// nodes a layer. benchmarks/native_attention.py: 4 layers of 16 heads, C 512, R 64, one token, 2
 // threads: 0.16 against 0.20-0.27 ms at 129 cached tokens, 0.8-1.1 against 1.5-1.8 at 1025, 3.8-4.1 against
 // 7.9-9.5 at 4097.
 #include "native.h"
