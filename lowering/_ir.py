@@ -22,6 +22,38 @@ def int64_initializer(graph: ir.Graph, name: str, values: list[int]) -> ir.Value
     return value
 
 
+def replace_node(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
+    """Put `new` in `old`'s place: its one output takes the old output's uses, shape, type and name."""
+    graph.insert_before(old, new)
+    out, got = old.outputs[0], new.outputs[0]
+    got.shape, got.type = out.shape, out.type
+    name = out.name
+    out.replace_all_uses_with(got, replace_graph_outputs=True)
+    graph.remove(old, safe=True)
+    got.name = name
+
+
+def producer(value: ir.Value | None, op_type: str, domain: str = "") -> ir.Node | None:
+    """The node of `op_type` (in `domain`, the default one unless given) that makes `value`, or None."""
+    node = value.producer() if value is not None else None
+    return node if node is not None and node.op_type == op_type and node.domain == domain else None
+
+
+def only_use(value: ir.Value, op_type: str, index: int | None = None) -> ir.Node | None:
+    """The one node that reads `value`, where it is a default-domain `op_type` (reading it as input `index`)."""
+    uses = list(value.uses())
+    if (len(uses) != 1 or uses[0][0].op_type != op_type or uses[0][0].domain
+            or (index is not None and uses[0][1] != index)):
+        return None
+    return uses[0][0]
+
+
+def attribute(node: ir.Node, name: str, default=None):
+    """The value of `node`'s attribute `name`, or `default` where it has none."""
+    held = node.attributes.get(name)
+    return default if held is None else held.value
+
+
 def standard_nodes(graph: ir.Graph, op_type: str, inputs: int) -> list[ir.Node]:
     """The graph's nodes of ONNX op `op_type` (default domain) with `inputs` inputs, listed up front so a
     rewrite may insert and remove nodes while it walks them."""

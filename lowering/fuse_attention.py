@@ -23,7 +23,7 @@ import logging
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 
-from dscompile.lowering._ir import constant_array
+from dscompile.lowering._ir import attribute, constant_array, only_use, producer, replace_node
 from dscompile.runtime.native import DOMAIN as NATIVE_DOMAIN
 
 log = logging.getLogger(__name__)
@@ -31,29 +31,18 @@ log = logging.getLogger(__name__)
 OP = "LatentAttention"
 
 
-def _node(value: ir.Value | None, op_type: str) -> ir.Node | None:
-    """The default-domain node of `op_type` that makes `value`, or None."""
-    node = None if value is None else value.producer()
-    return node if node is not None and node.op_type == op_type and node.domain == "" else None
-
-
-def _attr(node: ir.Node, name: str, default=None):
-    a = node.attributes.get(name)
-    return default if a is None else a.value
-
-
 def _reshaped(value: ir.Value | None, target: list[int]) -> ir.Value | None:
     """x where `value` = Reshape(x, target), else None."""
-    node = _node(value, "Reshape")
+    node = producer(value, "Reshape")
     shape = None if node is None else constant_array(node.inputs[1])
-    if shape is None or shape.reshape(-1).tolist() != target or _attr(node, "allowzero", 0):
+    if shape is None or shape.reshape(-1).tolist() != target or attribute(node, "allowzero", 0):
         return None
     return node.inputs[0]
 
 
 def _query(value: ir.Value | None) -> tuple[ir.Value, float] | None:
     """(q, scale) where `value` = Mul(Reshape(q, [0, 1, -1, last]), scale) (a scalar constant)."""
-    mul = _node(value, "Mul")
+    mul = producer(value, "Mul")
     if mul is None:
         return None
     for x, s in (mul.inputs, mul.inputs[::-1]):
@@ -70,36 +59,36 @@ def _query(value: ir.Value | None) -> tuple[ir.Value, float] | None:
 
 def _key(value: ir.Value | None) -> tuple[ir.Value, ir.Value] | None:
     """(cache, Unsqueeze(cache, [1])) where `value` = Transpose(Unsqueeze(cache, [1]), [0, 1, 3, 2])."""
-    transpose = _node(value, "Transpose")
-    if transpose is None or list(_attr(transpose, "perm", [])) != [0, 1, 3, 2]:
+    transpose = producer(value, "Transpose")
+    if transpose is None or list(attribute(transpose, "perm", [])) != [0, 1, 3, 2]:
         return None
-    unsqueeze = _node(transpose.inputs[0], "Unsqueeze")
+    unsqueeze = producer(transpose.inputs[0], "Unsqueeze")
     axes = None if unsqueeze is None else constant_array(unsqueeze.inputs[1])
     if axes is None or axes.reshape(-1).tolist() != [1]:
         return None
     return unsqueeze.inputs[0], transpose.inputs[0]
 
 
-def _match(softmax: ir.Node) -> tuple[list[ir.Value], float, ir.Value] | None:
-    """([q_latent, q_rope, kv_latent, k_rope, mask], scale, the attention's output) around `softmax`."""
-    if _attr(softmax, "axis", -1) not in (-1, 3):
+def _match(softmax: ir.Node) -> tuple[list[ir.Value], float, ir.Node] | None:
+    """([q_latent, q_rope, kv_latent, k_rope, mask], scale, the attention's last node) around `softmax`."""
+    if attribute(softmax, "axis", -1) not in (-1, 3):
         return None
-    add = _node(softmax.inputs[0], "Add")
+    add = producer(softmax.inputs[0], "Add")
     if add is None:
         return None
     for scores, mask in (add.inputs, add.inputs[::-1]):
-        reshape = _node(scores, "Reshape")
+        reshape = producer(scores, "Reshape")
         heads = None if reshape is None else constant_array(reshape.inputs[1])
         target = None if heads is None else heads.reshape(-1).tolist()
         if target is None or len(target) != 4 or target[0] != 0 or target[2:] != [-1, 0]:
             continue
         H = int(target[1])
-        total = _node(reshape.inputs[0], "Add")
+        total = producer(reshape.inputs[0], "Add")
         if total is None or mask.shape is None or len(mask.shape) != 4:
             continue
         parts = []
         for product in total.inputs:
-            matmul = _node(product, "MatMul")
+            matmul = producer(product, "MatMul")
             query = None if matmul is None else _query(matmul.inputs[0])
             key = None if matmul is None else _key(matmul.inputs[1])
             if query is None or key is None:
@@ -112,29 +101,25 @@ def _match(softmax: ir.Node) -> tuple[list[ir.Value], float, ir.Value] | None:
         if s_a != s_b:
             continue
         # the values: y = Reshape(MatMul(Reshape(p, [0, 1, -1, 0]), kv), [0, H, -1, 0]), kv the latent part
-        uses = softmax.outputs[0].uses()
-        flat = uses[0].node if len(uses) == 1 else None
-        if (flat is None or flat.op_type != "Reshape"
-                or _reshaped(flat.outputs[0], [0, 1, -1, 0]) is not softmax.outputs[0]):
+        flat = only_use(softmax.outputs[0], "Reshape", index=0)
+        if flat is None or _reshaped(flat.outputs[0], [0, 1, -1, 0]) is not softmax.outputs[0]:
             continue
-        uses = flat.outputs[0].uses()
-        values = uses[0].node if len(uses) == 1 else None
-        if values is None or values.op_type != "MatMul" or values.inputs[0] is not flat.outputs[0]:
+        values = only_use(flat.outputs[0], "MatMul", index=0)
+        if values is None:
             continue
         latent = [(q, k) for (q, k, k4) in ((q_a, ka, ka4), (q_b, kb, kb4)) if values.inputs[1] is k4]
         rope = [(q, k) for (q, k, k4) in ((q_a, ka, ka4), (q_b, kb, kb4)) if values.inputs[1] is not k4]
         if len(latent) != 1 or len(rope) != 1:
             continue
-        uses = values.outputs[0].uses()
-        out = uses[0].node if len(uses) == 1 else None
-        if out is None or out.op_type != "Reshape" or _reshaped(out.outputs[0], [0, H, -1, 0]) is not values.outputs[0]:
+        out = only_use(values.outputs[0], "Reshape", index=0)
+        if out is None or _reshaped(out.outputs[0], [0, H, -1, 0]) is not values.outputs[0]:
             continue
         (q_latent, kv_latent), (q_rope, k_rope) = latent[0], rope[0]
         if any(v.dtype != ir.DataType.FLOAT for v in (q_latent, q_rope, kv_latent, k_rope, mask)):
             continue
         if q_latent.shape is None or len(q_latent.shape) != 4 or q_latent.shape[1] != H:
             continue
-        return [q_latent, q_rope, kv_latent, k_rope, mask], s_a, out.outputs[0]
+        return [q_latent, q_rope, kv_latent, k_rope, mask], s_a, out
     return None
 
 
@@ -146,15 +131,10 @@ def run(model: ir.Model) -> int:
         match = _match(softmax)
         if match is None:
             continue
-        inputs, scale, out = match
+        inputs, scale, last = match
         node = ir.node(OP, inputs, domain=NATIVE_DOMAIN, attributes={"scale": scale},
-                       name=f"{out.producer().name}.latent_attention" if out.producer().name else None)
-        graph.insert_before(out.producer(), node)
-        got = node.outputs[0]
-        got.shape, got.type = out.shape, out.type
-        name = out.name
-        out.replace_all_uses_with(got, replace_graph_outputs=True)
-        got.name = name
+                       name=f"{last.name}.latent_attention" if last.name else None)
+        replace_node(graph, last, node)
         count += 1
     if count:
         ir_passes.RemoveUnusedNodesPass()(model)

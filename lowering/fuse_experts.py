@@ -23,7 +23,7 @@ import logging
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 
-from dscompile.lowering._ir import constant_array
+from dscompile.lowering._ir import attribute, constant_array, only_use, producer, replace_node
 from dscompile.lowering.encodings import EXPERT_BITS
 from dscompile.lowering.ops import NOT_CHOSEN
 from dscompile.runtime.native import DOMAIN as NATIVE_DOMAIN
@@ -38,25 +38,13 @@ SHARED_MLPS = "shared_mlps_in_experts_q"
 
 def _producer(value: ir.Value | None, op_type: str, domain: str = "") -> ir.Node | None:
     """The node of `op_type` (in `domain`) that makes `value`, where it does and `value` has no other use."""
-    node = None if value is None else value.producer()
-    if (node is None or node.op_type != op_type or node.domain != domain or len(value.uses()) != 1
-            or value.is_graph_output()):
-        return None
-    return node
+    node = producer(value, op_type, domain)
+    return node if node is not None and len(value.uses()) == 1 and not value.is_graph_output() else None
 
 
 def _only_use(value: ir.Value, op_type: str) -> ir.Node | None:
     """The one node of `op_type` (default domain) that uses `value`, where it has exactly one use."""
-    uses = value.uses()
-    if len(uses) != 1 or value.is_graph_output():
-        return None
-    node = uses[0].node
-    return node if node.op_type == op_type and node.domain == "" else None
-
-
-def _attr(node: ir.Node, name: str, default=None):
-    a = node.attributes.get(name)
-    return default if a is None else a.value
+    return None if value.is_graph_output() else only_use(value, op_type)
 
 
 def _ints(value: ir.Value | None) -> list[int] | None:
@@ -74,7 +62,7 @@ def _routing(moe: ir.Node) -> tuple[ir.Value, ir.Value, ir.Node] | None:
     """(weights, idx, the Mul by Σweights whose output is the routed experts' sum) of a MoEQb node as
     lowering/ops.py writes its router, or None."""
     scatter = _producer(moe.inputs[1], "ScatterElements")
-    if scatter is None or _attr(scatter, "axis") != 1 or _attr(scatter, "reduction", "none") != "none":
+    if scatter is None or attribute(scatter, "axis") != 1 or attribute(scatter, "reduction", "none") != "none":
         return None
     # everything but the chosen experts filled with NOT_CHOSEN, which MoEQb's softmax turns into 0
     fill = _producer(scatter.inputs[0], "Expand")
@@ -90,7 +78,7 @@ def _routing(moe: ir.Node) -> tuple[ir.Value, ir.Value, ir.Node] | None:
         return None
     total = _producer(_other(mul, moe.outputs[0]), "ReduceSum")
     if (total is None or total.inputs[0] is not weights or _ints(total.inputs[1]) not in ([-1], [1])
-            or _attr(total, "keepdims", 1) != 1):
+            or attribute(total, "keepdims", 1) != 1):
         return None
     return weights, idx, mul
 
@@ -117,8 +105,8 @@ def _shared(routed: ir.Node, x2d: ir.Value, op: str) -> tuple[ir.Node, list[ir.V
                 or gate.domain != NATIVE_DOMAIN or len(g.uses()) != 2 or up.inputs[0] is not x2d
                 or gate.inputs[0] is not x2d):
             continue
-        width = _attr(gate, "N")
-        if width != _attr(up, "N") or width != _attr(down, "K"):
+        width = attribute(gate, "N")
+        if width != attribute(up, "N") or width != attribute(down, "K"):
             continue
         return add, [*gate.inputs[1:], *up.inputs[1:], *down.inputs[1:]], int(width)
     return None
@@ -140,14 +128,9 @@ def run(model: ir.Model) -> dict[str, int]:
         last, extra, width = shared if shared is not None else (routed, [], 0)
         op = f"ExpertsQ{bits}"
         new = ir.node(op, [x2d, weights, idx, *moe.inputs[2:6], *extra], domain=NATIVE_DOMAIN,
-                      attributes={"I": _attr(moe, "I"), "shared_I": width},
+                      attributes={"I": attribute(moe, "I"), "shared_I": width},
                       name=moe.name.replace(f".q{bits}", f".experts_q{bits}") if moe.name else None)
-        graph.insert_before(last, new)
-        out, got = last.outputs[0], new.outputs[0]
-        got.shape, got.type = out.shape, out.type
-        name = out.name
-        out.replace_all_uses_with(got, replace_graph_outputs=True)
-        got.name = name
+        replace_node(graph, last, new)
         counts[op] += 1
         counts[SHARED_MLPS] += bool(extra)
     if any(counts[op] for op in OPS):

@@ -33,7 +33,7 @@ import logging
 
 import onnx_ir as ir
 
-from dscompile.lowering._ir import int64_initializer, standard_nodes
+from dscompile.lowering._ir import int64_initializer, producer, standard_nodes
 
 log = logging.getLogger(__name__)
 
@@ -60,18 +60,13 @@ def _ints(value: ir.Value | None) -> list[int] | None:
     return [int(v) for v in value.const_value.numpy().reshape(-1)]
 
 
-def _producer(value: ir.Value | None, op_type: str) -> ir.Node | None:
-    node = value.producer() if value is not None else None
-    return node if node is not None and node.op_type == op_type and node.domain == "" else None
-
-
 def _last_axis(axis: int, rank: int) -> bool:
     return axis in (-1, rank - 1)
 
 
 def _halves(x1: ir.Value, x2: ir.Value) -> tuple[ir.Value, bool] | None:
     """(x, interleaved) when x1, x2 are the two halves or the even/odd pairs of x's last axis."""
-    split = _producer(x1, "Split")
+    split = producer(x1, "Split")
     if split is not None and x2.producer() is split and len(split.outputs) == 2 and split.outputs[0] is x1:
         x = split.inputs[0]
         rank, R = len(x.shape) if x.shape else 0, x.shape[-1] if x.shape else None
@@ -81,7 +76,7 @@ def _halves(x1: ir.Value, x2: ir.Value) -> tuple[ir.Value, bool] | None:
         if isinstance(R, int) and _last_axis(split.attributes.get_int("axis", 0), rank) and sizes == [R // 2, R // 2]:
             return x, False
         return None
-    s1, s2 = _producer(x1, "Slice"), _producer(x2, "Slice")
+    s1, s2 = producer(x1, "Slice"), producer(x2, "Slice")
     if s1 is None or s2 is None or s1.inputs[0] is not s2.inputs[0] or len(s1.inputs) < 4 or len(s2.inputs) < 4:
         return None
     x = s1.inputs[0]
@@ -105,7 +100,7 @@ def _operands(node: ir.Node | None) -> tuple[ir.Value, ir.Value] | None:
 
 def _product(value: ir.Value, x: ir.Value) -> ir.Value | None:
     """The other factor when value = Mul(x, f) or Mul(f, x)."""
-    pair = _operands(_producer(value, "Mul"))
+    pair = _operands(producer(value, "Mul"))
     if pair is None:
         return None
     return pair[1] if pair[0] is x else pair[0] if pair[1] is x else None
@@ -116,10 +111,10 @@ def _match(concat: ir.Node) -> tuple[ir.Value, bool, ir.Value, ir.Value] | None:
     out = concat.outputs[0]
     if out.shape is None or not _last_axis(concat.attributes.get_int("axis", 0), len(out.shape)):
         return None
-    sub, add = _operands(_producer(concat.inputs[0], "Sub")), _operands(_producer(concat.inputs[1], "Add"))
+    sub, add = _operands(producer(concat.inputs[0], "Sub")), _operands(producer(concat.inputs[1], "Add"))
     if sub is None or add is None:
         return None
-    m1, m2 = _producer(sub[0], "Mul"), _producer(sub[1], "Mul")
+    m1, m2 = producer(sub[0], "Mul"), producer(sub[1], "Mul")
     if m1 is None or m2 is None:
         return None
     for x1, cos in (m1.inputs, m1.inputs[::-1]):
@@ -146,7 +141,7 @@ def _cos_sin(value: ir.Value, x: ir.Value) -> ir.Value | None:
     """value as the [B, S, R/2] table it broadcasts from, when it fits x [B, S, (H,) R]."""
     rank = len(x.shape)
     if rank == 4:
-        unsqueeze = _producer(value, "Unsqueeze")
+        unsqueeze = producer(value, "Unsqueeze")
         if unsqueeze is None or _ints(unsqueeze.inputs[1]) not in ([2], [-2]):
             return None
         value = unsqueeze.inputs[0]

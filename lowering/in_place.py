@@ -30,7 +30,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from dscompile.lowering import LoweringError
-from dscompile.lowering._ir import int64_initializer
+from dscompile.lowering._ir import int64_initializer, only_use
 from dscompile.runtime.contract import PAST, WRITE_INDEX
 
 
@@ -92,14 +92,6 @@ def _other_axes(node: ir.Node) -> bool:
     return end is not None and (0 <= end <= 1 or start >= 2)
 
 
-def _only_use(value: ir.Value, op_type: str, index: int | None = None) -> ir.Node | None:
-    """The one node that reads `value`, where it is a default-domain `op_type` (reading it as input `index`)."""
-    uses = list(value.uses())
-    if len(uses) != 1 or uses[0][0].op_type != op_type or uses[0][0].domain or (index is not None and uses[0][1] != index):
-        return None
-    return uses[0][0]
-
-
 def _causal_limit_from_write_index(graph: ir.Graph, write_index: ir.Value, where) -> None:
     """Rewrite the causal limit `Range(0, S) + Shape(past)[1]` to `Range(0, S) + write_index[:, None]`
     ([B, S]) and keep the causal mask [B, S, T] (module docstring); LoweringError where the chain differs."""
@@ -114,20 +106,20 @@ def _causal_limit_from_write_index(graph: ir.Graph, write_index: ir.Value, where
                 or shape.attributes.get_int("end") != 2:
             raise LoweringError(f"{what} reads a cache input other than as its length (Shape, start 1, end 2): "
                                 "the in-place graph cannot take several new tokens")
-        squeeze = _only_use(shape.outputs[0], "Squeeze")
-        add = squeeze and _only_use(squeeze.outputs[0], "Add")
+        squeeze = only_use(shape.outputs[0], "Squeeze")
+        add = squeeze and only_use(squeeze.outputs[0], "Add")
         steps = add and add.inputs[1 - add.inputs.index(squeeze.outputs[0])]
         start = steps and steps.producer() and steps.producer().op_type == "Range" and steps.producer().inputs[0]
         if not start or start.const_value is None or start.const_value.numpy().reshape(-1).tolist() != [0]:
             raise LoweringError(f"{what}: its length is not added to Range(0, S) alone (the causal limit of the "
                                 "new tokens): the in-place graph cannot take several new tokens")
-        column = _only_use(add.outputs[0], "Unsqueeze")
+        column = only_use(add.outputs[0], "Unsqueeze")
         if column is None or _axes(column) not in ([1], [-1]):
             raise LoweringError(f"{what}: the causal limit is not unsqueezed to a column [S, 1]")
-        compare = _only_use(column.outputs[0], "LessOrEqual", index=1)
+        compare = only_use(column.outputs[0], "LessOrEqual", index=1)
         if compare is None:
             raise LoweringError(f"{what}: the causal limit is not compared by one LessOrEqual(keys, limit)")
-        lift = _only_use(compare.outputs[0], "Unsqueeze")
+        lift = only_use(compare.outputs[0], "Unsqueeze")
         if lift is None or _axes(lift) != [0] or not lift.outputs[0].uses() \
                 or any(n.op_type != "And" for n, _ in lift.outputs[0].uses()):
             raise LoweringError(f"{what}: the causal comparison is not unsqueezed on axis 0 into And with the "

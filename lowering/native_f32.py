@@ -20,7 +20,8 @@ import onnx_ir as ir
 import torch
 
 from dscompile.lowering.ops import MSFT_DOMAIN
-from dscompile.lowering.quantize import _weight, replace_node
+from dscompile.lowering._ir import replace_node
+from dscompile.lowering.quantize import _weight
 from dscompile.runtime.native import DOMAIN as NATIVE_DOMAIN
 
 OPS = ("LinearF32", "MatMulF32", "MoEF32")

@@ -58,6 +58,7 @@ import onnx_ir as ir
 import torch
 
 from dscompile.lowering import fuse_experts
+from dscompile.lowering._ir import replace_node
 from dscompile.lowering.encodings import (EXPERT_BITS, HEADS_BLOCK, HEADS_MAX_K, NATIVE_EXPERT_OPS, NATIVE_PANEL_OPS,
                                           PANEL_BITS, PANEL_BLOCK, _HeadsInt8, _Panels, _Quantization)
 from dscompile.lowering.weights import _MetaWeight, _fold_key, _origins, _unique_name
@@ -162,17 +163,6 @@ def quantizable(weight: torch.Tensor | None) -> bool:
         return False
     leaves, computed = _origins(weight)
     return not computed and len(leaves) >= 1 and all(getattr(t, "dsc_quantize", None) is not None for t in leaves)
-
-
-def replace_node(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
-    """Put `new` in `old`'s place: its one output takes the old output's uses, shape, type and name."""
-    graph.insert_before(old, new)
-    out, got = old.outputs[0], new.outputs[0]
-    got.shape, got.type = out.shape, out.type
-    name = out.name
-    out.replace_all_uses_with(got, replace_graph_outputs=True)
-    graph.remove(old, safe=True)
-    got.name = name
 
 
 class GraphQuantizer:

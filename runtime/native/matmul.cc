@@ -89,9 +89,7 @@ struct MatMulQ {
     float* out = y.Allocate(out_shape);
     const int64_t M = x.NumberOfElement() / K_;
     if (M == 0 || N_ == 0) return;
-    Job job{panels::Weight(weights_, 0, w.Data(), w.NumberOfElement()),
-            panels::Weight(weights_, 1, reinterpret_cast<const uint16_t*>(s.Data()), 2 * s.NumberOfElement()),
-            out, M, N_, count, x.Data(), {}};
+    Job job{panels::Weight(weights_, 0, w), panels::Weight(weights_, 1, s), out, M, N_, count, x.Data(), {}};
     Ort::KernelContext ctx(context);
     panels::Scratch scratch(ctx);
     job.x.Reset(M, K_, scratch);

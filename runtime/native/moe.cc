@@ -47,6 +47,15 @@ struct Matrix {
   const uint16_t* scales(int64_t e) const { return s + e * count * (K / 32) * 16; }
 };
 
+// The [N, K] matrices (one per expert, or one) of input i's panels and input i + 1's scales, read where
+// CopyWeights put them.
+template <int Bits>
+Matrix Stored(const std::vector<std::unique_ptr<panels::HugeCopy>>& copies, size_t i,
+              const Ort::Custom::Tensor<uint8_t>& w, const Ort::Custom::Tensor<Ort::Float16_t>& s, int64_t N,
+              int64_t K) {
+  return Matrix{panels::Weight(copies, i, w), panels::Weight(copies, i + 1, s), N, K, (N + 15) / 16, Bits * 64};
+}
+
 struct Job {
   const float* x;
   int64_t T, D, I, k;
@@ -59,7 +68,6 @@ struct Job {
   panels::Activations act;            // one token: the slots' activations (K = I); rows holds x once
   float *h = nullptr, *out = nullptr;  // [S, 2I] fc1's outputs, [S, D] fc2's (from scratch)
   float* y;
-  panels::Scratch* scratch = nullptr;  // this Compute's working memory
   const float *f1 = nullptr, *f2 = nullptr;  // MoEF32: fc1 [E, 2I, D], fc2 [E, D, I]
   float* a = nullptr;                        // MoEF32: the slots' rows: x for fc1 (D), then silu(g) * u (I)
   // ExpertsQ4/Q8's shared experts (Is = 0: none): one MLP of width Is, gate and up [Is, D], down [D, Is].
@@ -94,12 +102,10 @@ void Fc2(void* data, size_t index) {
   Run<Bits>(j, j.fc2, index, j.out, j.D);
 }
 
-// a[i] = silu(g_i) * u_i of one slot's fc1 outputs h (g, u interleaved), I of them.
-void SwiGlu(const float* h, int64_t I, float* a) {
-  for (int64_t i = 0; i < I; ++i) {
-    const float g = h[2 * i], u = h[2 * i + 1];
-    a[i] = g / (1.0f + std::exp(-g)) * u;
-  }
+// a[i] = silu(g_i) * u_i, n of them, g_i at g + i * stride and u_i at u + i * stride (fc1's outputs: g and u
+// interleaved, stride 2; the shared MLP's gate and up: stride 1).
+void SwiGlu(const float* g, const float* u, int64_t stride, int64_t n, float* a) {
+  for (int64_t i = 0; i < n; ++i) a[i] = g[i * stride] / (1.0f + std::exp(-g[i * stride])) * u[i * stride];
 }
 
 // silu(g) * u of token t's shared MLP, quantized for its down projection.
@@ -107,8 +113,7 @@ void SharedActivate(void* data, size_t t) {
   Job& j = *static_cast<Job*>(data);
   static thread_local std::vector<float> a;
   a.resize(j.Is);
-  const float *g = j.g + t * j.Is, *u = j.u + t * j.Is;
-  for (int64_t i = 0; i < j.Is; ++i) a[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+  SwiGlu(j.g + t * j.Is, j.u + t * j.Is, 1, j.Is, a.data());
   j.shared_act.Quantize(a.data(), static_cast<int64_t>(t));
 }
 
@@ -117,32 +122,9 @@ void Activate(void* data, size_t slot) {
   Job& j = *static_cast<Job*>(data);
   static thread_local std::vector<float> a;
   a.resize(j.I);
-  SwiGlu(j.h + slot * 2 * j.I, j.I, a.data());
+  const float* h = j.h + slot * 2 * j.I;
+  SwiGlu(h, h + 1, 2, j.I, a.data());
   j.rows.Quantize(a.data(), static_cast<int64_t>(slot));
-}
-
-// One token, slot `slot` (one chosen expert) start to end: fc1 over x (quantized once, rows' row 0), silu(g) * u
-// quantized, fc2; so the experts stream without a barrier between fc1 and fc2.
-template <int Bits>
-void SharedOne(Job& j);
-
-template <int Bits>
-void Expert(void* data, size_t index) {
-  Job& j = *static_cast<Job*>(data);
-  if (j.Is > 0 && index == 0) return SharedOne<Bits>(j);
-  const size_t slot = index - (j.Is > 0 ? 1 : 0);
-  const int64_t e = j.expert[slot], s = static_cast<int64_t>(slot);
-  float* h = j.h + s * 2 * j.I;
-  const panels::Rows x = j.rows.rows();
-  for (int64_t p = 0; p < j.fc1.count; ++p)
-    panels::PanelRows<Bits>(j.fc1.weights(e), j.fc1.scales(e), j.fc1.N, p, x, 1, h, 2 * j.I);
-  static thread_local std::vector<float> a;
-  a.resize(j.I);
-  SwiGlu(h, j.I, a.data());
-  j.act.Quantize(a.data(), s);
-  const panels::Rows in = j.act.rows().From(s);
-  for (int64_t p = 0; p < j.fc2.count; ++p)
-    panels::PanelRows<Bits>(j.fc2.weights(e), j.fc2.scales(e), j.fc2.N, p, in, 1, j.out + s * j.D, j.D);
 }
 
 // The shared MLP of one token (x quantized once, rows' row 0), start to end, into sh: the task that runs it
@@ -157,6 +139,28 @@ void SharedOne(Job& j) {
   SharedActivate(&j, 0);
   for (int64_t p = 0; p < j.down.count; ++p)
     panels::PanelRows<Bits>(j.down.weights(0), j.down.scales(0), j.D, p, j.shared_act.rows(), 1, j.sh, j.D);
+}
+
+// One token, task `index`: the shared MLP (SharedOne) where there is one as task 0, else chosen expert (slot)
+// `index` (less one after a shared MLP) start to end: fc1 over x (quantized once, rows' row 0), silu(g) * u
+// quantized, fc2; so the experts stream without a barrier between fc1 and fc2.
+template <int Bits>
+void Expert(void* data, size_t index) {
+  Job& j = *static_cast<Job*>(data);
+  if (j.Is > 0 && index == 0) return SharedOne<Bits>(j);
+  const size_t slot = index - (j.Is > 0 ? 1 : 0);
+  const int64_t e = j.expert[slot], s = static_cast<int64_t>(slot);
+  float* h = j.h + s * 2 * j.I;
+  const panels::Rows x = j.rows.rows();
+  for (int64_t p = 0; p < j.fc1.count; ++p)
+    panels::PanelRows<Bits>(j.fc1.weights(e), j.fc1.scales(e), j.fc1.N, p, x, 1, h, 2 * j.I);
+  static thread_local std::vector<float> a;
+  a.resize(j.I);
+  SwiGlu(h, h + 1, 2, j.I, a.data());
+  j.act.Quantize(a.data(), s);
+  const panels::Rows in = j.act.rows().From(s);
+  for (int64_t p = 0; p < j.fc2.count; ++p)
+    panels::PanelRows<Bits>(j.fc2.weights(e), j.fc2.scales(e), j.fc2.N, p, in, 1, j.out + s * j.D, j.D);
 }
 
 void Combine(void* data, size_t t) {
@@ -247,9 +251,8 @@ void QuantizeToken(void* data, size_t t) {
 // The routed experts of the assigned slots (and the shared MLP where j.Is > 0) into j.y: MoEQ4/Q8 and
 // ExpertsQ4/Q8 after their routing.
 template <int Bits>
-void RunExperts(Job& j, int64_t E, Ort::KernelContext& ctx) {
+void RunExperts(Job& j, int64_t E, Ort::KernelContext& ctx, panels::Scratch& scratch) {
   const int64_t T = j.T, D = j.D, I = j.I, S = T * j.k, Is = j.Is;
-  panels::Scratch& scratch = *j.scratch;
   j.h = scratch.Get<float>(S * 2 * I), j.out = scratch.Get<float>(S * D);
   if (Is > 0) {
     j.g = scratch.Get<float>(T * Is), j.u = scratch.Get<float>(T * Is), j.sh = scratch.Get<float>(T * D);
@@ -306,7 +309,8 @@ void Fc1F32(void* data, size_t index) {
 
 void ActivateF32(void* data, size_t slot) {
   Job& j = *static_cast<Job*>(data);
-  SwiGlu(j.h + slot * 2 * j.I, j.I, j.a + slot * j.I);
+  const float* h = j.h + slot * 2 * j.I;
+  SwiGlu(h, h + 1, 2, j.I, j.a + slot * j.I);
 }
 
 void Fc2F32(void* data, size_t index) {
@@ -336,16 +340,9 @@ struct MoEQ {
     Job j;
     j.x = x.Data();
     j.T = T, j.D = D, j.I = I, j.k = std::min(k_, E);
-    constexpr int64_t kBytes = Bits * 64;
-    j.fc1 = Matrix{panels::Weight(weights_, 0, w1.Data(), w1.NumberOfElement()),
-                   panels::Weight(weights_, 1, reinterpret_cast<const uint16_t*>(s1.Data()), 2 * s1.NumberOfElement()), 2 * I, D,
-                   (2 * I + 15) / 16, kBytes};
-    j.fc2 = Matrix{panels::Weight(weights_, 2, w2.Data(), w2.NumberOfElement()),
-                   panels::Weight(weights_, 3, reinterpret_cast<const uint16_t*>(s2.Data()), 2 * s2.NumberOfElement()), D, I,
-                   (D + 15) / 16, kBytes};
-    if (D % 32 || I % 32 || j.k < 1 || w1.NumberOfElement() != E * j.fc1.count * (D / 32) * kBytes ||
-        s1.NumberOfElement() != E * j.fc1.count * (D / 32) * 16 || w2.NumberOfElement() != E * j.fc2.count * (I / 32) * kBytes ||
-        s2.NumberOfElement() != E * j.fc2.count * (I / 32) * 16) {
+    j.fc1 = Stored<Bits>(weights_, 0, w1, s1, 2 * I, D);
+    j.fc2 = Stored<Bits>(weights_, 2, w2, s2, D, I);
+    if (j.k < 1 || !panels::Holds<Bits>(w1, s1, E, 2 * I, D) || !panels::Holds<Bits>(w2, s2, E, D, I)) {
       ORT_CXX_API_THROW(Bits == 4 ? "MoEQ4: expected fc1 [E, ceil(2I/16), D/32, 256], fc2 [E, ceil(D/16), I/32, 256] "
                                     "and their scales [..., 16], with D and I multiples of 32 and k >= 1"
                                   : "MoEQ8: expected fc1 [E, ceil(2I/16), D/32, 512], fc2 [E, ceil(D/16), I/32, 512] "
@@ -357,8 +354,7 @@ struct MoEQ {
     Route(router.Data(), T, E, j);
     Ort::KernelContext ctx(context);
     panels::Scratch scratch(ctx);
-    j.scratch = &scratch;
-    RunExperts<Bits>(j, E, ctx);
+    RunExperts<Bits>(j, E, ctx, scratch);
   }
 
   int64_t k_, I_;
@@ -385,19 +381,6 @@ struct ExpertsQ {
     weights_ = panels::CopyWeights(info, 3, k.GetInputCount() - 1);
   }
 
-  const uint8_t* W(size_t i, const Panels& t) const {
-    return panels::Weight(weights_, i, t.Data(), t.NumberOfElement());
-  }
-  const uint16_t* S(size_t i, const Scales& t) const {
-    return panels::Weight(weights_, i, reinterpret_cast<const uint16_t*>(t.Data()), 2 * t.NumberOfElement());
-  }
-  // Whether panels p and scales s hold `count` [N, K] matrices.
-  static bool Holds(const Panels& p, const Scales& s, int64_t count, int64_t N, int64_t K) {
-    const int64_t blocks = count * ((N + 15) / 16) * (K / 32);
-    return N > 0 && K > 0 && K % 32 == 0 && p.NumberOfElement() == blocks * Bits * 64 &&
-           s.NumberOfElement() == blocks * 16;
-  }
-
   void Compute(OrtKernelContext* context, const Ort::Custom::Tensor<float>& x,
                const Ort::Custom::Tensor<float>& weights, const Ort::Custom::Tensor<int64_t>& experts,
                const Panels& w1, const Scales& s1, const Panels& w2, const Scales& s2, Optional gate,
@@ -416,10 +399,10 @@ struct ExpertsQ {
     const int64_t T = xs[0], D = xs[1], I = I_, Is = Is_;
     const int64_t per_expert = (2 * I + 15) / 16 * (D / 32) * Bits * 64;
     const int64_t E = per_expert > 0 ? w1.NumberOfElement() / per_expert : 0;
-    bool ok = E > 0 && Holds(w1, s1, E, 2 * I, D) && Holds(w2, s2, E, D, I);
+    bool ok = E > 0 && panels::Holds<Bits>(w1, s1, E, 2 * I, D) && panels::Holds<Bits>(w2, s2, E, D, I);
     if (Is > 0) {
-      ok = ok && gate && gs && up && us && down && ds && Holds(**gate, **gs, 1, Is, D) && Holds(**up, **us, 1, Is, D) &&
-           Holds(**down, **ds, 1, D, Is);
+      ok = ok && gate && gs && up && us && down && ds && panels::Holds<Bits>(**gate, **gs, 1, Is, D) &&
+           panels::Holds<Bits>(**up, **us, 1, Is, D) && panels::Holds<Bits>(**down, **ds, 1, D, Is);
     } else {
       ok = ok && Is == 0 && !gate && !up && !down;
     }
@@ -427,13 +410,12 @@ struct ExpertsQ {
     Job j;
     j.x = x.Data();
     j.T = T, j.D = D, j.I = I, j.k = ws[1], j.Is = Is;
-    constexpr int64_t kBytes = Bits * 64;
-    j.fc1 = Matrix{W(0, w1), S(1, s1), 2 * I, D, (2 * I + 15) / 16, kBytes};
-    j.fc2 = Matrix{W(2, w2), S(3, s2), D, I, (D + 15) / 16, kBytes};
+    j.fc1 = Stored<Bits>(weights_, 0, w1, s1, 2 * I, D);
+    j.fc2 = Stored<Bits>(weights_, 2, w2, s2, D, I);
     if (Is > 0) {
-      j.gate = Matrix{W(4, **gate), S(5, **gs), Is, D, (Is + 15) / 16, kBytes};
-      j.up = Matrix{W(6, **up), S(7, **us), Is, D, (Is + 15) / 16, kBytes};
-      j.down = Matrix{W(8, **down), S(9, **ds), D, Is, (D + 15) / 16, kBytes};
+      j.gate = Stored<Bits>(weights_, 4, **gate, **gs, Is, D);
+      j.up = Stored<Bits>(weights_, 6, **up, **us, Is, D);
+      j.down = Stored<Bits>(weights_, 8, **down, **ds, D, Is);
     }
     const int64_t* chosen = experts.Data();
     for (int64_t i = 0; i < T * j.k; ++i)
@@ -445,8 +427,7 @@ struct ExpertsQ {
     Assign(chosen, weights.Data(), T, E, j);
     Ort::KernelContext ctx(context);
     panels::Scratch scratch(ctx);
-    j.scratch = &scratch;
-    RunExperts<Bits>(j, E, ctx);
+    RunExperts<Bits>(j, E, ctx, scratch);
   }
 
   int64_t I_, Is_;

@@ -66,6 +66,24 @@ const T* Weight(const std::vector<std::unique_ptr<HugeCopy>>& copies, size_t i, 
   return copies[i] ? copies[i]->Or(given, bytes) : given;
 }
 
+// Input i's panels or float16 scales, as Weight (the scales read as their uint16_t bits).
+inline const uint8_t* Weight(const std::vector<std::unique_ptr<HugeCopy>>& copies, size_t i,
+                             const Ort::Custom::Tensor<uint8_t>& t) {
+  return Weight(copies, i, t.Data(), t.NumberOfElement());
+}
+inline const uint16_t* Weight(const std::vector<std::unique_ptr<HugeCopy>>& copies, size_t i,
+                              const Ort::Custom::Tensor<Ort::Float16_t>& t) {
+  return Weight(copies, i, reinterpret_cast<const uint16_t*>(t.Data()), 2 * t.NumberOfElement());
+}
+
+// Whether panels p and scales s hold `count` [N, K] matrices of Bits-bit weights (K a multiple of 32).
+template <int Bits>
+bool Holds(const Ort::Custom::Tensor<uint8_t>& p, const Ort::Custom::Tensor<Ort::Float16_t>& s, int64_t count,
+           int64_t N, int64_t K) {
+  const int64_t blocks = count * ((N + 15) / 16) * (K / 32);
+  return K % 32 == 0 && p.NumberOfElement() == blocks * Bits * 64 && s.NumberOfElement() == blocks * 16;
+}
+
 // HugeCopy of each of a kernel's inputs `first` .. `last` that is a constant initializer (its weights;
 // nullptr for the others), made at session creation.
 inline std::vector<std::unique_ptr<HugeCopy>> CopyWeights(const OrtKernelInfo* info, size_t first, size_t last) {
