@@ -56,7 +56,7 @@ from dscompile.exporter.manifest import (file_hashes, graph_entry, in_place_entr
 from dscompile.exporter.calibration import calibrate, save_importance
 from dscompile.exporter.options import ExportOptions
 from dscompile.exporter.output import Stage, staged
-from dscompile.lowering import fuse_attention
+from dscompile.lowering import fuse_attention, fuse_query_key
 from dscompile.lowering.graph import check_model, lower
 from dscompile.lowering.in_place import in_place_decode
 from dscompile.lowering.logits import add_logits_from
@@ -195,6 +195,7 @@ def _write(checkpoint, stage: Stage, programs, reports, args, options: ExportOpt
             quantized[phase] = native_float32(lowered[phase])
         if options.native_kernels and phase == "decode":  # the attention over the cache: one native op a layer
             quantized[phase][fuse_attention.OP] = fuse_attention.run(lowered[phase])
+            quantized[phase].update(fuse_query_key.run(lowered[phase]))  # and its inputs: two native ops a layer
         # logits_from: an input ONNX Runtime may leave unfed (an initializer of its name). On CPU only for
         # now: how ONNX Runtime's TensorRT provider profiles such an input is not checked without a GPU.
         if options.target == "onnxruntime" and options.device == "cpu":

@@ -7,8 +7,9 @@
     quantize.py  int8/int4: MatMul/Gemm -> MatMulNBits, MoE -> QMoE over the lowered graphs (with
                  --native-kernels: dscompile's MatMulQ4/Q8, MoEQ4/Q8, HeadsMatMulQ8)
     encodings.py how those kernels store each weight (bits and scales, the native panels)
-    fuse_experts.py, fuse_attention.py   with --native-kernels: a MoE layer's experts (TopK's choice and
-                 the shared MLP) as one ExpertsQ4/Q8, the decode graph's attention as one LatentAttention
+    fuse_experts.py, fuse_attention.py, fuse_query_key.py   with --native-kernels: a MoE layer's experts
+                 (TopK's choice and the shared MLP) as one ExpertsQ4/Q8, the decode graph's attention as one
+                 LatentAttention, and its inputs as one QueryRope and one LatentKey
     fuse_rope.py, static_reshapes.py   fewer small nodes: RotaryEmbedding, constant Reshape targets
     logits.py    the optional logits_from input (the last tokens' logits only)
     _ir.py       small onnx-ir helpers the rewrites share

@@ -22,7 +22,8 @@ from dscompile.runtime.native import DOMAIN as NATIVE_DOMAIN
 def _register_native_schema() -> None:
     """The checker's schemas of ai.dscompile's ops (runtime/native/): HeadsMatMulQ8, MatMulQ4/Q6/Q8 and MoEQ4/Q8
     (lowering/quantize.py writes them), ExpertsQ4/Q8 (lowering/fuse_experts.py), LatentAttention
-    (lowering/fuse_attention.py), MatMulF32, LinearF32 and MoEF32 (lowering/native_f32.py)."""
+    (lowering/fuse_attention.py), QueryRope and LatentKey (lowering/fuse_query_key.py), MatMulF32, LinearF32 and
+    MoEF32 (lowering/native_f32.py)."""
     P = onnx.defs.OpSchema.FormalParameter
     A, AT = onnx.defs.OpSchema.Attribute, onnx.defs.OpSchema.AttrType
     float_only = [("T", ["tensor(float)"], "activations and weights")]
@@ -36,14 +37,14 @@ def _register_native_schema() -> None:
         option = options.Optional if spec.endswith("?") else options.Single
         return P(name, type_str, param_option=option)
 
-    def register(op: str, doc: str, inputs: list[str], types: list, attributes=()) -> None:
-        """`inputs`: "name:T" each (optional: "name:T?"); output y of type T."""
+    def register(op: str, doc: str, inputs: list[str], types: list, attributes=(), outputs=("y",)) -> None:
+        """`inputs`: "name:T" each (optional: "name:T?"); `outputs` of type T."""
         try:
             onnx.defs.get_schema(op, 1, NATIVE_DOMAIN)
         except onnx.defs.SchemaError:
             onnx.defs.register_schema(onnx.defs.OpSchema(
                 op, NATIVE_DOMAIN, 1, doc=f"dscompile native op: {doc}.",
-                inputs=[parameter(i) for i in inputs], outputs=[P("y", "T")], type_constraints=types,
+                inputs=[parameter(i) for i in inputs], outputs=[P(o, "T") for o in outputs], type_constraints=types,
                 attributes=list(attributes)))
 
     register("HeadsMatMulQ8", "per-head matmul with int8 weights", ["x:T", "w:T8", "scales:T"],
@@ -64,6 +65,13 @@ def _register_native_schema() -> None:
     register("LatentAttention", "MLA attention over the compressed cache",
              ["q_latent:T", "q_rope:T", "kv_latent:T", "k_rope:T", "mask:T"], float_only,
              [A("scale", AT.FLOAT, "score scale")])
+    register("QueryRope", "MLA query split into its parts, the rotary part rotated, heads first",
+             ["q:T", "cos:T", "sin:T"], float_only, [A("heads", AT.INT, "heads"), A("nope", AT.INT, "unrotated part"),
+                                                     A("interleaved", AT.INT, "rotary pairs interleaved")],
+             outputs=("q_nope", "q_rope"))
+    register("LatentKey", "MLA latent RMS-normalized and shared key rotated", ["kv:T", "scale:T", "cos:T", "sin:T"],
+             float_only, [A("epsilon", AT.FLOAT, "normalization epsilon"),
+                          A("interleaved", AT.INT, "rotary pairs interleaved")], outputs=("kv_latent", "k_rope"))
     register("MatMulF32", "linear layer over a float32 weight [K, N]", ["x:T", "w:T"], float_only)
     register("LinearF32", "linear layer over a float32 weight [N, K]", ["x:T", "w:T"], float_only)
     register("MoEF32", "routed experts with float32 weights", ["x:T", "router:T", "fc1:T", "fc2:T"], float_only,

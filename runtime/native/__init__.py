@@ -16,6 +16,9 @@ computes. The library (domain ai.dscompile) adds:
   choice taken as given and the shared MLP run as one more task beside the chosen experts;
 - `LatentAttention` (attention.cc, lowering/fuse_attention.py): MLA's attention over the compressed cache
   in the decode graphs of native exports, each cached token read once per use;
+- `QueryRope`/`LatentKey` (rope.cc, lowering/fuse_query_key.py): the attention's inputs from its projections
+  (the query split, rotated and transposed; the latent normalized and the key rotated), in the place of
+  twelve small nodes a layer in the same decode graphs;
 - `MatMulF32`/`LinearF32` (f32.cc) and `MoEF32` (moe.cc): a float32 engine's decode step (its linear
   layers and routed experts, lowering/native_f32.py), reading the weights where ONNX Runtime maps them
   (floats.h), so the prefill graph's MatMul/Gemm/MoE share them.
@@ -47,11 +50,11 @@ from dscompile.errors import DscompileError, EngineError, first_line
 from dscompile.runtime.home import cache_home
 
 DOMAIN = "ai.dscompile"
-OPS = ("ExpertsQ4", "ExpertsQ8", "HeadsMatMulQ8", "LatentAttention", "LinearF32", "MatMulF32", "MatMulQ4", "MatMulQ6",
-       "MatMulQ8", "MoEF32", "MoEQ4", "MoEQ8")
+OPS = ("ExpertsQ4", "ExpertsQ8", "HeadsMatMulQ8", "LatentAttention", "LatentKey", "LinearF32", "MatMulF32", "MatMulQ4",
+       "MatMulQ6", "MatMulQ8", "MoEF32", "MoEQ4", "MoEQ8", "QueryRope")
 # The library's files: register.cc adds every op; native.h is what they share.
 SOURCES = tuple(Path(__file__).with_name(f)
-                for f in ("register.cc", "attention.cc", "f32.cc", "heads_q8.cc", "matmul.cc", "moe.cc"))
+                for f in ("register.cc", "attention.cc", "f32.cc", "heads_q8.cc", "matmul.cc", "moe.cc", "rope.cc"))
 HEADERS = tuple(Path(__file__).with_name(f) for f in ("floats.h", "native.h", "panels.h"))
 LIBRARY = "libdscompile_native.so"
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-mf16c", "-mfma", "-shared", "-fPIC", "-std=c++17"]

@@ -10,6 +10,7 @@ Ort::Custom::OrtLiteCustomOp* NewExpertsQ4();      // moe.cc
 Ort::Custom::OrtLiteCustomOp* NewExpertsQ8();      // moe.cc
 Ort::Custom::OrtLiteCustomOp* NewHeadsMatMulQ8();  // heads_q8.cc
 Ort::Custom::OrtLiteCustomOp* NewLatentAttention();  // attention.cc
+Ort::Custom::OrtLiteCustomOp* NewLatentKey();      // rope.cc
 Ort::Custom::OrtLiteCustomOp* NewLinearF32();      // f32.cc
 Ort::Custom::OrtLiteCustomOp* NewMatMulF32();      // f32.cc
 Ort::Custom::OrtLiteCustomOp* NewMatMulQ4();       // matmul.cc
@@ -18,3 +19,4 @@ Ort::Custom::OrtLiteCustomOp* NewMatMulQ8();       // matmul.cc
 Ort::Custom::OrtLiteCustomOp* NewMoEF32();         // moe.cc
 Ort::Custom::OrtLiteCustomOp* NewMoEQ4();          // moe.cc
 Ort::Custom::OrtLiteCustomOp* NewMoEQ8();          // moe.cc
+Ort::Custom::OrtLiteCustomOp* NewQueryRope();      // rope.cc

@@ -22,7 +22,8 @@ extern "C" OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
   if (!g_domain) {
     g_domain = std::make_unique<Ort::CustomOpDomain>(kDomain);
     for (auto* make : {NewExpertsQ4, NewExpertsQ8, NewHeadsMatMulQ8, NewLatentAttention, NewLinearF32, NewMatMulF32,
-                       NewMatMulQ4, NewMatMulQ6, NewMatMulQ8, NewMoEF32, NewMoEQ4, NewMoEQ8}) {
+                       NewMatMulQ4, NewMatMulQ6, NewMatMulQ8, NewMoEF32, NewMoEQ4, NewMoEQ8,
+                       NewQueryRope, NewLatentKey}) {
       g_ops.emplace_back(make());
       g_domain->Add(g_ops.back().get());
     }

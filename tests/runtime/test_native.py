@@ -324,7 +324,7 @@ def engines(make_ckpt, small_limits, tmp_path_factory):
 def test_the_export_writes_the_absorbed_product_as_a_native_node(engines):
     out, plain = engines
     manifest = json.loads((out / "manifest.json").read_text())
-    written = ["ExpertsQ4", "HeadsMatMulQ8", "LatentAttention", "MatMulQ4", "MatMulQ8"]
+    written = ["ExpertsQ4", "HeadsMatMulQ8", "LatentAttention", "LatentKey", "MatMulQ4", "MatMulQ8", "QueryRope"]
     assert manifest["native_ops"] == {"domain": DOMAIN, "ops": written}
     assert "native_ops" not in json.loads((plain / "manifest.json").read_text())
     plain_ops = json.loads((plain / "manifest.json").read_text())["graphs"]["decode"]["quantized_ops"]
@@ -360,8 +360,20 @@ def test_the_export_writes_the_absorbed_product_as_a_native_node(engines):
         assert len(attention) == ops["LatentAttention"] >= 1
         assert [n.op_type for n in graph.node].count("Softmax") == layers
         assert all(n.input[2].startswith("present.") and n.input[3].startswith("present.") for n in attention)
+        # and its inputs: one QueryRope and one LatentKey a layer, no rotation or normalization of them left
+        assert ops["QueryRope"] == ops["LatentKey"] == len(attention)
+        assert [n.op_type for n in graph.node].count("QueryRope") == len(attention)
+        assert not [n for n in graph.node if n.op_type == "RotaryEmbedding" or _deinterleaves(n)]
+    # (the plain graph de-interleaves both rotations' input: the checkpoint's rotary pairs are interleaved)
+    assert sum(map(_deinterleaves, onnx.load(str(plain / "decode.onnx"), load_external_data=False).graph.node)) \
+        == 2 * ops["QueryRope"]
     assert ops["HeadsMatMulQ8"] == 1 and ops["QMoE"] == ops["MoEQ4"] == 0
     assert manifest["quantization"]["quantized_activations"] == {"ExpertsQ4": True, "MatMulQ4": True, "MatMulQ8": True}
+
+
+def _deinterleaves(node) -> bool:
+    """Whether `node` is lowering/fuse_rope.py's Gather of a rotation's interleaved pairs."""
+    return node.op_type == "Gather" and node.input[1].startswith("rope.deinterleave")
 
 
 def _generated(folder) -> torch.Tensor:
@@ -404,12 +416,15 @@ def test_a_float32_export_puts_the_decode_steps_weights_on_native_kernels_and_ke
     out, plain = float_engines
     manifest, theirs = (json.loads((o / "manifest.json").read_text()) for o in (out, plain))
     assert manifest["native_ops"] == {"domain": DOMAIN,
-                                      "ops": ["LatentAttention", "LinearF32", "MatMulF32", "MoEF32"]}
+                                      "ops": ["LatentAttention", "LatentKey", "LinearF32", "MatMulF32", "MoEF32",
+                                              "QueryRope"]}
     counts = manifest["graphs"]["decode"]["native_ops"]
     plain_decode = _ops(plain / "decode.onnx")
     assert counts["MoEF32"] == plain_decode.count(("com.microsoft", "MoE")) >= 1
     # each layer's attention over the cache: one LatentAttention, where the plain graph has its Softmax
     assert counts["LatentAttention"] == plain_decode.count(("", "Softmax")) - counts["MoEF32"] >= 1
+    # and its inputs: a QueryRope and a LatentKey where the plain graph has its two rotations
+    assert counts["QueryRope"] == counts["LatentKey"] == plain_decode.count(("", "RotaryEmbedding")) // 2 >= 1
     assert counts["LinearF32"] >= 1 and counts["MatMulF32"] >= 3
     for name in ("decode.onnx", manifest["graphs"]["decode"]["in_place"]["file"]):
         graph = onnx.load(str(out / name), load_external_data=False).graph
@@ -442,7 +457,8 @@ def test_a_six_bit_lm_head_runs_as_matmul_q6_and_verifies_against_eager(make_ckp
     export_checkpoint(ckpt, out, ExportOptions.within(small_limits, weights="int4", block_size=32, native_kernels=True,
                                                       lm_head_bits=6, verify=True))
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["native_ops"]["ops"] == ["ExpertsQ4", "HeadsMatMulQ8", "LatentAttention", "MatMulQ4", "MatMulQ6"]
+    assert manifest["native_ops"]["ops"] == ["ExpertsQ4", "HeadsMatMulQ8", "LatentAttention", "LatentKey", "MatMulQ4",
+                                            "MatMulQ6", "QueryRope"]
     assert manifest["quantization"]["lm_head_bits"] == 6 and manifest["quantization"]["verified"]["passed"]
     graph = onnx.load(str(out / "decode.onnx"), load_external_data=False).graph
     weights = {t.name: t for t in graph.initializer}
@@ -468,7 +484,8 @@ def test_a_native_engine_where_the_library_cannot_be_built_is_refused_in_one_lin
     export_checkpoint(one_layer_ckpt, tmp_path / "out", ExportOptions.within(small_limits, weights="int8",
                                                                               block_size=16, native_kernels=True))
     monkeypatch.setattr(native, "unavailable", lambda: "no headers (patched)")
-    with pytest.raises(EngineError, match=r"native kernels \(HeadsMatMulQ8, LatentAttention\), which cannot be "
+    with pytest.raises(EngineError, match=r"native kernels \(HeadsMatMulQ8, LatentAttention, LatentKey, QueryRope\), "
+                                          r"which cannot be "
                                           r"loaded here: no headers \(patched\); or re-export it without "
                                           r"--native-kernels"):
         OrtEngine.load(tmp_path / "out", provider="cpu")
