@@ -74,7 +74,7 @@ from dscompile.runtime.native import DOMAIN as NATIVE_DOMAIN
 from dscompile.runtime.native import OPS as NATIVE_OPS
 from dscompile.runtime.text import copy_tokenizer
 from dscompile.runtime.weights import fingerprint
-from dscompile.verify.export_checks import passes_in_float32, quantized_engine
+from dscompile.verify.export_checks import finished_engine, passes_in_float32
 
 WEIGHTS_FILE = "weights.bin"
 RANK_WEIGHTS_FILE = "weights-rank{rank}.bin"  # a sharded export's: rank r's slices and the replicated weights
@@ -268,8 +268,12 @@ def _write(checkpoint, stage: Stage, programs, reports, args, options: ExportOpt
                                            "with `dscompile compare --provider cuda` (benchmarks/gpu_check.py)"}
             write_manifest(tmp, manifest)
         elif options.verify and scheme is not None:  # the quantized lowering, run, against eager with the same weights
-            manifest["quantization"]["verified"] = quantized_engine(checkpoint, tmp, manifest, scheme,
-                                                                    options.allow_nonfinite)
+            manifest["quantization"]["verified"] = finished_engine(checkpoint, tmp, manifest, scheme,
+                                                                   options.allow_nonfinite)
+            write_manifest(tmp, manifest)
+        elif options.verify and options.native_kernels:  # float32 on dscompile's kernels, run, against eager
+            manifest["native_ops"]["verified"] = finished_engine(checkpoint, tmp, manifest, None,
+                                                                 options.allow_nonfinite)
             write_manifest(tmp, manifest)
         if not graphs_only:  # engines map the file: read-only makes writing into it under one deliberate
             os.chmod(tmp / WEIGHTS_FILE, 0o444)

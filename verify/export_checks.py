@@ -2,8 +2,8 @@
 
 - `passes_in_float32`: every pass run on a float32 copy of the model, in memory, each rewrite
   checked against the program it was given (the export itself runs on meta weights: nothing to run);
-- `quantized_engine`: the finished quantized engine against eager with the same fake-quantized
-  weights.
+- `finished_engine`: the finished quantized engine against eager with the same fake-quantized
+  weights, and a float32 engine on dscompile's native kernels against the float32 eager model.
 
 The passes are the exporter's to run (verify/ does not import passes/): it hands them in as a
 function of (program, phase, model args) that returns the pass report.
@@ -47,11 +47,12 @@ def passes_in_float32(checkpoint, limits: Limits, run_passes: RunPasses, *, fron
     return {phase: run_passes(traced, phase, args) for phase in PHASES}
 
 
-def quantized_engine(checkpoint, folder: Path, manifest: dict[str, Any], scheme: Scheme,
-                     allow_nonfinite: bool) -> dict[str, Any]:
-    """The finished engine (ONNX Runtime, CPU) against the eager model with the same fake-quantized
-    weights: a prefill and two decode steps of a left-padded batch, within the tolerance `compare`
-    uses for it (verify.compare.lowering_table). A LoweringError if it is outside."""
+def finished_engine(checkpoint, folder: Path, manifest: dict[str, Any], scheme: Scheme | None,
+                    allow_nonfinite: bool) -> dict[str, Any]:
+    """The finished engine (ONNX Runtime, CPU) against the eager model: with `scheme`, the same fake-quantized
+    weights; without (a float32 engine whose decode graph runs dscompile's native kernels), the float32 model.
+    A prefill and two decode steps of a left-padded batch, within the tolerance `compare` uses for it
+    (verify.compare.lowering_table). A LoweringError if it is outside."""
     engine = OrtEngine.load(folder, provider="cpu")
     eager = EagerEngine(load_checkpoint(checkpoint, torch.float32, allow_nonfinite=allow_nonfinite, quantize=scheme,
                                         importance=importance_of(folder, manifest)))
@@ -61,16 +62,17 @@ def quantized_engine(checkpoint, folder: Path, manifest: dict[str, Any], scheme:
     worst = max(report["steps"], key=lambda s: s["logits"]["max_abs"] / max(s["atol"], 1e-30))
     if bound is not None:
         worst = max(report["steps"], key=lambda s: max(s["logits"]["rel_rms"], s["cache_rel_rms"]))
+    weights = f"the same {scheme.name} weights (fake-quantized)" if scheme is not None else "float32 weights"
     result = {"passed": report["passed"], "steps": len(report["steps"]), "worst_step": worst["step"],
-              "max_abs": worst["logits"]["max_abs"], "atol": worst["atol"],
-              "against": f"eager with the same {scheme.name} weights (fake-quantized)"}
+              "max_abs": worst["logits"]["max_abs"], "atol": worst["atol"], "against": f"eager with {weights}"}
     if bound is not None:
         result.update(rel_rms=max(worst["logits"]["rel_rms"], worst["cache_rel_rms"]), rel_rms_bound=bound)
     del engine
+    what = f"the {scheme.name} engine differs from eager with the same quantized weights" if scheme is not None \
+        else "the engine's native kernels differ from eager"
     if not report["passed"] and bound is not None:
-        raise LoweringError(f"the {scheme.name} engine differs from eager with the same quantized weights: relative "
-                            f"RMS error {result['rel_rms']:.3g} > {bound:.3g} at step {worst['step']}")
+        raise LoweringError(f"{what}: relative RMS error {result['rel_rms']:.3g} > {bound:.3g} at step {worst['step']}")
     if not report["passed"]:
-        raise LoweringError(f"the {scheme.name} engine differs from eager with the same quantized weights: max |Δ| "
-                            f"{worst['logits']['max_abs']:.3g} > {worst['atol']:.3g} at step {worst['step']}")
+        raise LoweringError(f"{what}: max |Δ| {worst['logits']['max_abs']:.3g} > {worst['atol']:.3g} at step "
+                            f"{worst['step']}")
     return result

@@ -442,6 +442,29 @@ def test_a_float32_export_puts_the_decode_steps_weights_on_native_kernels_and_ke
 
 
 @needs_library
+def test_verify_runs_a_float32_native_engine_against_eager_and_stops_a_wrong_one(make_ckpt, small_limits, tmp_path,
+                                                                               monkeypatch):
+    from dscompile.lowering import LoweringError, fuse_query_key
+
+    ckpt = make_ckpt("v2-lite", layers=1, experts=4, hidden=32, vocab=64)
+    options = ExportOptions.within(small_limits, native_kernels=True, verify=True)
+    manifest = export_checkpoint(ckpt, tmp_path / "good", options)
+    verified = manifest["native_ops"]["verified"]
+    assert verified["passed"] and verified["steps"] == 3 and 0 < verified["max_abs"] <= verified["atol"]
+    assert json.loads((tmp_path / "good" / "manifest.json").read_text())["native_ops"]["verified"] == verified
+    # the key rotated as halves where the checkpoint's pairs are interleaved: the engine runs, and is wrong
+    replace = fuse_query_key._replace
+
+    def wrong(graph, op, inputs, attrs, outputs, nodes):
+        replace(graph, op, inputs, {**attrs, "interleaved": 0} if op == "LatentKey" else attrs, outputs, nodes)
+
+    monkeypatch.setattr(fuse_query_key, "_replace", wrong)
+    with pytest.raises(LoweringError, match="the engine's native kernels differ from eager: max"):
+        export_checkpoint(ckpt, tmp_path / "bad", options)
+    assert not (tmp_path / "bad").exists()
+
+
+@needs_library
 def test_a_float32_native_engine_computes_what_the_plain_one_does(float_engines):
     mine, theirs = (_generated(folder) for folder in float_engines)  # its decode steps: the native kernels
     assert float(theirs.abs().max()) > 0.1
