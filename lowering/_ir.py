@@ -22,15 +22,21 @@ def int64_initializer(graph: ir.Graph, name: str, values: list[int]) -> ir.Value
     return value
 
 
+def hand_over(old: ir.Value, new: ir.Value) -> None:
+    """`new` takes `old`'s uses (as a graph output too) and its name."""
+    name = old.name
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    old.name = None
+    new.name = name
+
+
 def replace_node(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
     """Put `new` in `old`'s place: its one output takes the old output's uses, shape, type and name."""
     graph.insert_before(old, new)
     out, got = old.outputs[0], new.outputs[0]
     got.shape, got.type = out.shape, out.type
-    name = out.name
-    out.replace_all_uses_with(got, replace_graph_outputs=True)
+    hand_over(out, got)
     graph.remove(old, safe=True)
-    got.name = name
 
 
 def producer(value: ir.Value | None, op_type: str, domain: str = "") -> ir.Node | None:
@@ -76,3 +82,9 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
             held = node.attributes[name].value
             return held.numpy() if dtype is None else np.array(held, dtype=dtype)
     return None
+
+
+def constant_ints(value: ir.Value | None) -> list[int] | None:
+    """constant_array's values as a flat list of Python ints, or None."""
+    held = constant_array(value)
+    return None if held is None else [int(v) for v in held.reshape(-1)]

@@ -23,7 +23,7 @@ import logging
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 
-from dscompile.lowering._ir import attribute, constant_array, only_use, producer, replace_node
+from dscompile.lowering._ir import attribute, constant_array, constant_ints as _ints, only_use, producer, replace_node
 from dscompile.lowering.encodings import EXPERT_BITS
 from dscompile.lowering.ops import NOT_CHOSEN
 from dscompile.runtime.native import DOMAIN as NATIVE_DOMAIN
@@ -45,11 +45,6 @@ def _producer(value: ir.Value | None, op_type: str, domain: str = "") -> ir.Node
 def _only_use(value: ir.Value, op_type: str) -> ir.Node | None:
     """The one node of `op_type` (default domain) that uses `value`, where it has exactly one use."""
     return None if value.is_graph_output() else only_use(value, op_type)
-
-
-def _ints(value: ir.Value | None) -> list[int] | None:
-    held = constant_array(value)
-    return None if held is None else [int(v) for v in held.reshape(-1)]
 
 
 def _other(node: ir.Node, value: ir.Value) -> ir.Value | None:

@@ -26,18 +26,14 @@ import logging
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 
-from dscompile.lowering._ir import attribute, constant_array, only_use, producer
+from dscompile.lowering._ir import attribute, constant_ints as _ints, hand_over, only_use, producer
+from dscompile.lowering.fuse_rope import deinterleaving
 from dscompile.runtime.native import DOMAIN as NATIVE_DOMAIN
 
 log = logging.getLogger(__name__)
 
 OPS = ("QueryRope", "LatentKey")
 _HEADS_FIRST = [0, 2, 1, 3]
-
-
-def _ints(value: ir.Value | None) -> list[int] | None:
-    array = constant_array(value)
-    return None if array is None else [int(v) for v in array.reshape(-1)]
 
 
 def _single(value: ir.Value) -> bool:
@@ -64,8 +60,8 @@ def _deinterleaved(value: ir.Value, axis: int) -> tuple[ir.Value, ir.Node | None
     if gather is None:
         return value, None
     R = gather.inputs[0].shape[-1] if gather.inputs[0].shape is not None else None
-    want = list(range(0, R, 2)) + list(range(1, R, 2)) if isinstance(R, int) else None
-    if attribute(gather, "axis", 0) not in (axis, -1) or _ints(gather.inputs[1]) != want or not _single(value):
+    if not isinstance(R, int) or attribute(gather, "axis", 0) not in (axis, -1) \
+            or _ints(gather.inputs[1]) != deinterleaving(R) or not _single(value):
         return None
     return gather.inputs[0], gather
 
@@ -104,8 +100,9 @@ def _query(rotary: ir.Node) -> tuple[list[ir.Value], dict, list[ir.Value], list[
     N, R = _ints(split.inputs[1])
     view = producer(split.inputs[0], "Reshape")
     q = view.inputs[0] if view is not None else None
-    if q is None or q.shape is None or len(q.shape) != 3 or _ints(view.inputs[1]) != [0, 0, H, N + R] or _ints(flat.inputs[1]) != [0, 0, H * R] \
-            or attribute(view, "allowzero", 0) or attribute(flat, "allowzero", 0) or not _single(split.inputs[0]):
+    if q is None or q.shape is None or len(q.shape) != 3 or _ints(view.inputs[1]) != [0, 0, H, N + R] \
+            or _ints(flat.inputs[1]) != [0, 0, H * R] or attribute(view, "allowzero", 0) \
+            or attribute(flat, "allowzero", 0) or not _single(split.inputs[0]):
         return None
     back = only_use(rotary.outputs[0], "Reshape", 0)
     if back is None or _ints(back.inputs[1]) != [0, 0, H, R] or attribute(back, "allowzero", 0):
@@ -153,10 +150,7 @@ def _replace(graph: ir.Graph, op: str, inputs: list[ir.Value], attrs: dict, outp
     graph.insert_before(nodes[0], new)
     for old, got in zip(outputs, new.outputs):
         got.shape, got.type = old.shape, old.type
-        name = old.name
-        old.replace_all_uses_with(got, replace_graph_outputs=True)
-        old.name = None
-        got.name = name
+        hand_over(old, got)
 
 
 def run(model: ir.Model) -> dict[str, int]:

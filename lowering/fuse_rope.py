@@ -33,7 +33,7 @@ import logging
 
 import onnx_ir as ir
 
-from dscompile.lowering._ir import int64_initializer, producer, standard_nodes
+from dscompile.lowering._ir import hand_over, int64_initializer, producer, standard_nodes
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,11 @@ def _ints(value: ir.Value | None) -> list[int] | None:
     if value is None or value.const_value is None:
         return None
     return [int(v) for v in value.const_value.numpy().reshape(-1)]
+
+
+def deinterleaving(R: int) -> list[int]:
+    """The Gather indices that put a last axis of R interleaved pairs in rotate-half order: [0, 2, ..., 1, 3, ...]."""
+    return list(range(0, R, 2)) + list(range(1, R, 2))
 
 
 def _last_axis(axis: int, rank: int) -> bool:
@@ -181,7 +186,7 @@ def _rewrite(graph: ir.Graph, concat: ir.Node, x: ir.Value, interleaved: bool, c
         return node.outputs[0]
 
     if interleaved:
-        pairs = _const(graph, "rope.deinterleave", list(range(0, R, 2)) + list(range(1, R, 2)))
+        pairs = _const(graph, "rope.deinterleave", deinterleaving(R))
         x = add("Gather", [x, pairs], {"axis": len(shape) - 1}, list(shape))
     y = x
     if len(shape) == 4:
@@ -190,7 +195,5 @@ def _rewrite(graph: ir.Graph, concat: ir.Node, x: ir.Value, interleaved: bool, c
     if len(shape) == 4:
         y = add("Reshape", [y, _const(graph, "rope.heads", [0, 0, heads, R])], None, list(shape))
     graph.insert_before(concat, new)
-    name = out.name
-    out.replace_all_uses_with(y, replace_graph_outputs=True)
+    hand_over(out, y)
     graph.remove(concat, safe=True)
-    y.name = name
